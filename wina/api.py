@@ -1,0 +1,12 @@
+"""The public API in one import: ``from wina.api import load, transform, sparsify, perplexity``."""
+from .accounting import FlopCount, SparsityReport, flops_per_token, report
+from .adapters import ADAPTERS, SUPPORTED, adapter_for
+from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, PlanError,
+                     TransformError, UnsupportedArchitecture, WinaError)
+from .events import CancelToken, Progress, Reporter
+from .models import EMBEDDED, Loaded, load
+from .perplexity import PerplexityResult, perplexity, read_text
+from .sparsify import GATINGS, METHODS, Sparsifier, sparsify
+from .transform import is_transformed, shortcuts, transform
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,193 @@
+"""The column-orthogonalising transform (computational invariance).
+
+Steps, all exact in real arithmetic (the outputs of the model do not change):
+
+1. Untie the embeddings from the LM head if they are tied (SmolLM2 ties them): rotating one would
+   silently rotate the other.
+2. Fold every RMSNorm gain into the weights that consume the norm's output (W ← W·diag(g), g ← 1).
+3. Give each block (attention, MLP) of each layer its own orthogonal basis Q of the residual stream:
+   Q = V from the SVD W = UΣVᵀ of the block's key matrix (k_proj / gate_proj; qkv_proj /
+   gate_up_proj for phi3), so that W·Q = UΣ has orthogonal columns, which is where WINA's error
+   bound holds. Inputs of the block's projections become W·Q; the block's output projection writes
+   straight into the next block's basis (W_out ← Q_nextᵀ·W_out); the residual stream is carried
+   from one basis to the next by a d×d shortcut S = Q_nextᵀ·Q. RMSNorm with unit gain commutes with
+   an orthogonal Q, so every layer computes ``h = h·Sᵀ + block(norm(h))``.
+4. Embeddings become E·Q_first; the last block keeps its own basis (no shortcut) and the LM head
+   becomes W_head·diag(g_final)·Q_last.
+
+What the official code did differently, fixed here: no subtraction of the embedding mean (it breaks
+invariance for RMSNorm models), tied embeddings are untied first, SVD in float64 with the result
+cast to the model's dtype.
+
+GQA: k_proj is kv_dim×d, so after the rotation only kv_dim of its d columns are non-zero. Those
+dead columns are dropped by every gate for free (see :mod:`wina.sparsify`).
+
+The shortcuts are stored as buffers ``wina_shortcut`` on each block module (self_attn, mlp) and
+applied by forward hooks; :func:`shortcuts` returns them for the decode engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for, decoder_layers
+from .errors import TransformError
+
+SHORTCUT = "wina_shortcut"
+
+
+@dataclass
+class TransformInfo:
+    n_shortcuts: int
+    hidden_size: int
+    untied: bool
+
+    @property
+    def shortcut_macs_per_token(self) -> int:
+        return self.n_shortcuts * self.hidden_size * self.hidden_size
+
+
+def is_transformed(model) -> bool:
+    return getattr(model, "_wina_transform", None) is not None
+
+
+def _is_rmsnorm(mod) -> bool:
+    return (type(mod).__name__.endswith("RMSNorm") and isinstance(getattr(mod, "weight", None), torch.Tensor)
+            and getattr(mod, "bias", None) is None)
+
+
+def _check(model, adapter: Adapter) -> None:
+    norms = [model.get_submodule(adapter.final_norm)]
+    for layer in decoder_layers(model, adapter):
+        norms += [layer.get_submodule(adapter.attn_norm), layer.get_submodule(adapter.mlp_norm)]
+    bad = [type(n).__name__ for n in norms if not _is_rmsnorm(n)]
+    if bad:
+        raise TransformError(f"the transform needs RMSNorm layers; this model has {bad[0]}")
+    if is_transformed(model):
+        raise TransformError("this model is already transformed")
+    if getattr(model, "_wina_sparsifier", None) is not None:
+        raise TransformError("transform the model before attaching a sparsifier")
+
+
+def _fold(linears, gain64: torch.Tensor) -> None:
+    for lin in linears:
+        w = lin.weight.data
+        lin.weight.data = (w.double() * gain64.to(w.device)).to(w.dtype)
+
+
+def _basis(weight: torch.Tensor) -> torch.Tensor:
+    """V of the full SVD W = UΣVᵀ (float64, d×d): W·V has orthogonal columns."""
+    _, _, vh = torch.linalg.svd(weight.double(), full_matrices=True)
+    return vh.transpose(0, 1).contiguous()
+
+
+def _rotate_inputs(lin: nn.Linear, q: torch.Tensor) -> None:
+    w = lin.weight.data
+    lin.weight.data = (w.double() @ q.to(w.device)).to(w.dtype)
+
+
+def _rotate_outputs(lin: nn.Linear, q: torch.Tensor) -> None:
+    """Output written in basis q: W ← qᵀ·W, b ← qᵀ·b."""
+    w = lin.weight.data
+    qt = q.to(w.device).transpose(0, 1)
+    lin.weight.data = (qt @ w.double()).to(w.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (qt @ lin.bias.data.double()).to(lin.bias.dtype)
+
+
+def _shortcut_hooks(block: nn.Module, norm: nn.Module) -> list:
+    """Make ``h + block(norm(h))`` compute ``h·Sᵀ + block(norm(h))`` (S is the block's buffer)."""
+    stash: dict[str, torch.Tensor] = {}
+
+    def remember_residual(module, args):
+        stash["r"] = args[0]
+
+    def add_shortcut(module, args, output):
+        s = getattr(module, SHORTCUT)
+        r = stash.pop("r")
+        out = output[0] if isinstance(output, tuple) else output
+        out = out + (r @ s.transpose(0, 1).to(r.dtype) - r)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return [norm.register_forward_pre_hook(remember_residual), block.register_forward_hook(add_shortcut)]
+
+
+@torch.no_grad()
+def transform(model) -> TransformInfo:
+    """Apply the transform in place; returns what it added. Logits are unchanged up to rounding."""
+    adapter = adapter_for(model)
+    _check(model, adapter)
+    layers = list(decoder_layers(model, adapter))
+    emb = model.get_submodule(adapter.embed)
+    head = model.get_submodule(adapter.lm_head)
+    d = emb.weight.shape[1]
+
+    untied = head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()
+    if untied:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            try:
+                model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
+            except Exception:
+                pass
+
+    def lin(layer, name):
+        return layer.get_submodule(f"{adapter.module_of(name)}.{name}")
+
+    # 1. fold norm gains
+    for layer in layers:
+        for norm_name, inputs in ((adapter.attn_norm, adapter.attn_inputs), (adapter.mlp_norm, adapter.mlp_inputs)):
+            norm = layer.get_submodule(norm_name)
+            _fold([lin(layer, p) for p in inputs], norm.weight.data.double())
+            norm.weight.data.fill_(1.0)
+    final_norm = model.get_submodule(adapter.final_norm)
+    _fold([head], final_norm.weight.data.double())
+    final_norm.weight.data.fill_(1.0)
+
+    # 2. one basis per block, from the key matrix after folding
+    bases: list[torch.Tensor] = []
+    for layer in layers:
+        bases.append(_basis(lin(layer, adapter.attn_key).weight.data))
+        bases.append(_basis(lin(layer, adapter.mlp_key).weight.data))
+
+    # 3. rotate, block by block
+    n_short = 0
+    for i, layer in enumerate(layers):
+        for j, (block_name, norm_name, inputs, output) in enumerate((
+                (adapter.attn, adapter.attn_norm, adapter.attn_inputs, adapter.attn_output),
+                (adapter.mlp, adapter.mlp_norm, adapter.mlp_inputs, adapter.mlp_output))):
+            b = 2 * i + j
+            q = bases[b]
+            q_next = bases[b + 1] if b + 1 < len(bases) else q
+            for p in inputs:
+                _rotate_inputs(lin(layer, p), q)
+            _rotate_outputs(lin(layer, output), q_next)
+            block = layer.get_submodule(block_name)
+            if b + 1 < len(bases):
+                dev = lin(layer, output).weight.device
+                dtype = lin(layer, output).weight.dtype
+                block.register_buffer(SHORTCUT, (q_next.transpose(0, 1) @ q).to(device=dev, dtype=dtype),
+                                      persistent=False)
+                _shortcut_hooks(block, layer.get_submodule(norm_name))
+                n_short += 1
+
+    emb.weight.data = (emb.weight.data.double() @ bases[0].to(emb.weight.device)).to(emb.weight.dtype)
+    _rotate_inputs(head, bases[-1])
+
+    info = TransformInfo(n_shortcuts=n_short, hidden_size=d, untied=untied)
+    model._wina_transform = info
+    return info
+
+
+def shortcuts(model) -> dict[tuple[int, str], Optional[torch.Tensor]]:
+    """{(layer, "attn"|"mlp"): S or None (identity)} for a transformed model (all None otherwise)."""
+    adapter = adapter_for(model)
+    out = {}
+    for i, layer in enumerate(decoder_layers(model, adapter)):
+        for tag, name in (("attn", adapter.attn), ("mlp", adapter.mlp)):
+            out[(i, tag)] = getattr(layer.get_submodule(name), SHORTCUT, None)
+    return out
