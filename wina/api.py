@@ -10,3 +10,6 @@ from .sparsify import GATINGS, METHODS, Sparsifier, sparsify
 from .transform import is_transformed, shortcuts, transform
 
 __all__ = [n for n in dir() if not n.startswith("_")]
+from .generate import Generation, chat_input_ids, stream_generate  # noqa: E402
+from .pipeline import SparseOptions, prepare  # noqa: E402
+__all__ = [n for n in dir() if not n.startswith("_")]
