@@ -1,0 +1,389 @@
+"""Evaluation through lm-evaluation-harness (as a library) and the fast perplexity path.
+
+:func:`evaluate` runs ``lm_eval.simple_evaluate`` on an already loaded (and possibly transformed
+and sparsified) model through lm-eval's own HF model class (:class:`lm_eval.models.huggingface.HFLM`,
+given the model and tokenizer objects). A thin subclass splits each batch of requests into chunks
+so that progress (requests done / total, per task) goes out as :class:`wina.events.Progress` events
+with stage ``"evaluate"`` and a :class:`wina.events.CancelToken` is honoured between chunks.
+
+With ``data_dir`` every task is read from local files (``wina/tasks``; nothing touches the hub:
+the HF offline switches are set for the duration); without it, lm-eval's own task configs and hub
+datasets are used as usual.
+
+:func:`run_evaluation` does a whole run: checks the tasks and their files before any work, runs
+lm-eval and/or perplexity, measures the sparsity actually applied, and writes one results file
+(:mod:`wina.results`). The headline metric of a task follows the seed: ``acc_norm`` where it exists,
+else ``exact_match`` (flexible-extract), else ``acc``; perplexity tasks report ``word_perplexity``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from .errors import DataError, InvalidArgument
+from .events import CancelToken, ProgressCallback, Reporter
+from . import tasks as _tasks
+
+DEFAULT_BATCH_SIZE = 8
+STAGE = "evaluate"
+
+# (metric, filter) in order of preference, as the seed's eval.py reports them
+HEADLINE_ORDER = (("acc_norm", "none"), ("exact_match", "flexible-extract"), ("acc", "none"),
+                  ("exact_match", "strict-match"), ("word_perplexity", "none"))
+LOWER_IS_BETTER = {"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity"}
+
+
+# --- headline metric --------------------------------------------------------------------------------
+
+def headline_metric(task_result: dict) -> Optional[dict]:
+    """The headline of one task's entry in lm-eval's ``results``: metric, value, stderr, direction."""
+    for metric, filt in HEADLINE_ORDER:
+        key = f"{metric},{filt}"
+        if key in task_result and isinstance(task_result[key], (int, float)):
+            se = task_result.get(f"{metric}_stderr,{filt}")
+            return {"metric": metric, "filter": filt, "value": float(task_result[key]),
+                    "stderr": float(se) if isinstance(se, (int, float)) else None,
+                    "higher_is_better": metric not in LOWER_IS_BETTER}
+    return None
+
+
+def headlines(lm_results: dict, tasks: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    """Headline metric per requested task (a group such as mmlu: its aggregate) from lm-eval's output."""
+    res = lm_results.get("results", {})
+    names = list(tasks) if tasks is not None else [
+        n for n in res if n not in _subtask_names(lm_results)]
+    out = {}
+    for n in names:
+        h = headline_metric(res.get(n, {}))
+        if h is not None:
+            out[n] = h
+    return out
+
+
+def _subtask_names(lm_results: dict) -> set[str]:
+    subs: set[str] = set()
+    for children in (lm_results.get("group_subtasks") or {}).values():
+        subs.update(children)
+    return subs
+
+
+# --- offline switches -----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def offline():
+    """HF hub and datasets offline for the duration (environment and the already-imported flags)."""
+    saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    patched = []
+    for k in saved_env:
+        os.environ[k] = "1"
+    for mod_name, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+                           ("datasets.config", "HF_DATASETS_OFFLINE"),
+                           ("datasets.config", "HF_HUB_OFFLINE")):
+        try:
+            mod = __import__(mod_name, fromlist=[attr])
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            patched.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, True)
+    try:
+        yield
+    finally:
+        for mod, attr, old in patched:
+            setattr(mod, attr, old)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _quiet(level: str):
+    lg = logging.getLogger("lm_eval")
+    old = lg.level
+    lg.setLevel(getattr(logging, level.upper(), logging.ERROR))
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+# --- lm-eval glue ---------------------------------------------------------------------------------
+
+_CLASSES: dict[str, Any] = {}
+
+
+def _classes():
+    """Subclasses of lm-eval's HFLM and TaskManager, built on first use (lm-eval imports slowly)."""
+    if _CLASSES:
+        return _CLASSES["lm"], _CLASSES["tm"]
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    class WinaTaskManager(TaskManager):
+        """Remembers what it loaded (for request totals) and applies wina's few-shot defaults."""
+
+        def __init__(self, *a, fewshot_defaults: Optional[dict[str, int]] = None, **kw):
+            super().__init__(*a, **kw)
+            self.fewshot_defaults = fewshot_defaults or {}
+            self.loaded: Optional[dict] = None
+            self.top_of: dict[str, str] = {}      # leaf task -> the name the caller asked for
+
+        def load(self, task_list):
+            out = super().load(task_list)
+            self.loaded = out
+            gmap = out.get("group_map", {}) or {}
+
+            def leaves(name):
+                if name in gmap:
+                    for child in gmap[name]:
+                        yield from leaves(child)
+                else:
+                    yield name
+
+            asked = task_list if isinstance(task_list, list) else [task_list]
+            for top in asked:
+                if isinstance(top, str):
+                    for leaf in leaves(top):
+                        self.top_of.setdefault(leaf, top)
+            for top, n in self.fewshot_defaults.items():
+                for leaf in leaves(top):
+                    task = out["tasks"].get(leaf)
+                    if task is not None and task.get_config("num_fewshot") is None:
+                        task.set_config(key="num_fewshot", value=n)
+            return out
+
+    class ProgressHFLM(HFLM):
+        """lm-eval's HFLM, fed in chunks so that progress and cancellation work per chunk."""
+
+        def __init__(self, *a, on_event=None, cancel=None, task_manager=None, chunk=32, **kw):
+            super().__init__(*a, **kw)
+            self._on_event, self._cancel, self._tm, self._chunk = on_event, cancel, task_manager, chunk
+            self._rep: Optional[Reporter] = None
+            self._per_task: dict[str, list[int]] = {}
+
+        def get_model_info(self) -> dict:       # the parent asks the hub for the model's sha
+            m = self._model
+            return {"model_num_parameters": sum(p.numel() for p in m.parameters()),
+                    "model_dtype": str(getattr(m, "dtype", "")), "model_revision": None,
+                    "model_sha": ""}
+
+        def _totals(self) -> Reporter:
+            if self._rep is None:
+                per: dict[str, list[int]] = {}
+                loaded = getattr(self._tm, "loaded", None) or {}
+                top_of = getattr(self._tm, "top_of", {})
+                for name, task in (loaded.get("tasks") or {}).items():
+                    n = sum(int(getattr(i, "repeats", 1) or 1) for i in (task.instances or []))
+                    per.setdefault(top_of.get(name, name), [0, 0])[1] += n
+                self._top_of = top_of
+                self._per_task = per
+                self._rep = Reporter(STAGE, sum(v[1] for v in per.values()), self._on_event, self._cancel)
+            return self._rep
+
+        def _chunked(self, method, requests, disable_tqdm):
+            rep = self._totals()
+            out: list = []
+            for i in range(0, len(requests), self._chunk):
+                part = requests[i:i + self._chunk]
+                cur = self._top(getattr(part[0], "task_name", None))
+                rep.emit(message=cur, **self._metrics(cur))          # raises Cancelled if asked
+                out.extend(method(part, disable_tqdm=True))
+                for r in part:
+                    name = self._top(getattr(r, "task_name", None))
+                    if name in self._per_task:
+                        self._per_task[name][0] += 1
+                rep.done += len(part)
+            last = self._top(getattr(requests[-1], "task_name", None)) if requests else ""
+            rep.emit(message=last, **self._metrics(last))
+            return out
+
+        def _top(self, name: Optional[str]) -> str:
+            return getattr(self, "_top_of", {}).get(name, name) if name else ""
+
+        def _metrics(self, task: str) -> dict:
+            d, t = self._per_task.get(task, [0, 0])
+            return {"task": task, "task_done": d, "task_total": t,
+                    "tasks": {k: (v[0], v[1]) for k, v in self._per_task.items()}}
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return self._chunked(super().loglikelihood, requests, disable_tqdm)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return self._chunked(super().generate_until, requests, disable_tqdm)
+
+    _CLASSES["lm"], _CLASSES["tm"] = ProgressHFLM, WinaTaskManager
+    return ProgressHFLM, WinaTaskManager
+
+
+def _check_limit(limit) -> Optional[Union[int, float]]:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+        raise InvalidArgument(f"limit must be a number, got {limit!r}")
+    if isinstance(limit, float) and not limit.is_integer():
+        if not 0.0 < limit < 1.0:
+            raise InvalidArgument(f"a fractional limit must be in (0, 1), got {limit}")
+        return limit
+    if limit < 1:
+        raise InvalidArgument(f"limit must be at least 1, got {limit}")
+    return int(limit)
+
+
+def check_tasks(tasks: Union[str, Sequence[str]], data_dir=None, *, task_manager=None) -> list[str]:
+    """Parse and validate task names (and, with ``data_dir``, their files) before any work.
+
+    Raises :class:`InvalidArgument` for an unknown task (listing the known ones) and
+    :class:`DataError` for a missing file (naming the path expected).
+    """
+    names = _tasks.parse_tasks(tasks)
+    if data_dir is not None:
+        _tasks.check_local(names, data_dir)
+        return names
+    unknown = [n for n in names if n not in _tasks.TASKS]
+    if unknown:
+        tm = task_manager
+        if tm is None:
+            from lm_eval.tasks import TaskManager
+            with _quiet("ERROR"):
+                tm = TaskManager()
+        for n in unknown:
+            if n not in tm.all_tasks:
+                raise _tasks.unknown_task_error(n, hub=True)
+    return names
+
+
+def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, data_dir=None,
+             num_fewshot: Optional[int] = None, batch_size: int = DEFAULT_BATCH_SIZE,
+             max_length: Optional[int] = None, on_event: Optional[ProgressCallback] = None,
+             cancel: Optional[CancelToken] = None, log_samples: bool = False,
+             bootstrap_iters: int = 1000, chunk: Optional[int] = None,
+             verbosity: str = "ERROR") -> dict:
+    """Run lm-eval's ``simple_evaluate`` on a loaded model; returns lm-eval's results (JSON-safe).
+
+    ``tasks``: names (list or comma-separated), e.g. ``["piqa", "arc_easy"]``; see
+    :func:`wina.tasks.known_tasks`. ``limit``: documents per task (an int, or a fraction < 1).
+    ``data_dir``: read every task from local files (offline); ``None``: the hub. ``num_fewshot``:
+    overrides every task's default (wina's defaults: mmlu 5, gsm8k 5, others 0).
+    Progress: ``Progress(stage="evaluate", done, total, message=<task>, metrics={"task",
+    "task_done", "task_total", "tasks": {name: (done, total)}})`` per chunk of requests.
+    """
+    limit = _check_limit(limit)
+    if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
+        raise InvalidArgument(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+    if data_dir is not None:
+        data_dir = str(Path(data_dir).expanduser().resolve())
+    Reporter(STAGE, 0, on_event, cancel).emit(0, message="loading tasks")
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet(verbosity))
+        if data_dir is not None:
+            stack.enter_context(offline())
+        import lm_eval
+        from lm_eval.utils import handle_non_serializable
+        LM, TM = _classes()
+        fewshot = {n: s.fewshot for n, s in _tasks.TASKS.items() if s.fewshot is not None}
+        if data_dir is not None:
+            tm = TM(include_path=str(_tasks.LOCAL_DIR), include_defaults=False,
+                    metadata={"data_dir": data_dir}, fewshot_defaults=fewshot)
+        else:
+            tm = TM(fewshot_defaults=fewshot)
+        names = check_tasks(tasks, data_dir, task_manager=tm)
+        lm = LM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                on_event=on_event, cancel=cancel, task_manager=tm,
+                chunk=chunk or max(16, 2 * batch_size))
+        t0 = time.perf_counter()
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                      task_manager=tm, log_samples=log_samples,
+                                      bootstrap_iters=bootstrap_iters, verbosity=verbosity.upper())
+        elapsed = time.perf_counter() - t0
+        if res is None:
+            raise DataError("lm-eval returned no results")
+        res = json.loads(json.dumps(res, default=handle_non_serializable))
+    res["wina_eval"] = {"tasks": names, "limit": limit, "data_dir": data_dir, "num_fewshot": num_fewshot,
+                        "batch_size": batch_size, "elapsed_s": elapsed,
+                        "offline": data_dir is not None}
+    return res
+
+
+# --- a whole run: eval and/or perplexity, then one results file -------------------------------------
+
+def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = None, *, model_id: str,
+                   sparsifier=None, method: Optional[str] = None, sparsity: Optional[float] = None,
+                   allocation: Optional[str] = None, plan: Optional[str] = None,
+                   out: Union[str, Path, None] = None, ppl_file: Union[str, Path, None] = None,
+                   ppl_max_tokens: Optional[int] = None, ppl_context: int = 512,
+                   limit=None, data_dir=None, num_fewshot: Optional[int] = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, on_event: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None, extra: Optional[dict] = None) -> "Any":
+    """Evaluate a prepared model (transformed/sparsified by the caller) and write one results file.
+
+    ``tasks``: lm-eval tasks (may be empty when only ``ppl_file`` is given). ``sparsifier``: the
+    :class:`wina.sparsify.Sparsifier` attached to ``model`` (None: dense); its counters are reset
+    here and the measured sparsity is read after the run. ``ppl_file``: also compute the fast
+    perplexity (:func:`wina.perplexity.perplexity`) on that text. ``out``: a file path or a folder
+    (a name is made up); None writes nothing. Everything is checked before any work; on any error
+    nothing is written. Returns a :class:`wina.results.Run`.
+    """
+    from . import results as _results
+    names = _tasks.parse_tasks(tasks) if tasks else []
+    if not names and ppl_file is None:
+        raise InvalidArgument("nothing to evaluate: give tasks and/or a perplexity text file")
+    _check_limit(limit)
+    if names and data_dir is not None:
+        _tasks.check_local(names, data_dir)
+    text = None
+    if ppl_file is not None:
+        from .perplexity import read_text
+        text = read_text(ppl_file)
+    if out is not None:
+        _results.check_writable(out)
+
+    lm_res, ppl_block = None, None
+    measured_ppl = measured_eval = None
+    t0 = time.perf_counter()
+    if text is not None:
+        from .perplexity import perplexity
+        if sparsifier is not None:
+            sparsifier.reset_counters()
+        r = perplexity(model, tokenizer, text, context=ppl_context, max_tokens=ppl_max_tokens,
+                       on_event=on_event, cancel=cancel)
+        measured_ppl = _measured(sparsifier)
+        ppl_block = {"file": str(ppl_file), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
+                     "windows": r.windows, "context": r.context, "max_tokens": ppl_max_tokens,
+                     "measured_sparsity": measured_ppl}
+    if names:
+        if sparsifier is not None:
+            sparsifier.reset_counters()
+        lm_res = evaluate(model, tokenizer, names, limit=limit, data_dir=data_dir, num_fewshot=num_fewshot,
+                          batch_size=batch_size, on_event=on_event, cancel=cancel)
+        measured_eval = _measured(sparsifier)
+    wina = _results.make_wina_block(
+        model_id=model_id, model=model, sparsifier=sparsifier, method=method, sparsity=sparsity,
+        allocation=allocation, plan=plan,
+        measured=measured_eval if measured_eval is not None else measured_ppl,
+        eval_info=(lm_res or {}).pop("wina_eval", None) if lm_res else
+        {"tasks": [], "limit": None, "data_dir": None, "num_fewshot": None},
+        headline=headlines(lm_res, names) if lm_res else {},
+        perplexity=ppl_block, elapsed_s=time.perf_counter() - t0, extra=extra)
+    record = _results.make_record(lm_res, wina)
+    return _results.write_run(record, out) if out is not None else _results.Run(None, record)
+
+
+def _measured(sparsifier) -> Optional[float]:
+    if sparsifier is None:
+        return 0.0
+    m = sparsifier.measured_sparsity()
+    return None if m is None or (isinstance(m, float) and math.isnan(m)) else float(m)

@@ -1,0 +1,303 @@
+"""The results store: one JSON file per run.
+
+A run file is lm-eval's own results dictionary (``results``, ``groups``, ``configs``, ``versions``,
+``n-shot``, ``n-samples``, ``config``, ...; absent for a perplexity-only run) plus a ``wina`` block::
+
+    "wina": {
+      "schema": 1,
+      "model": "smollm2-135m",             # what the user asked for
+      "model_type": "llama", "n_params": 134515008,
+      "method": "dense" | "teal" | "wina",
+      "transform": false,                  # column-orthogonal transform applied
+      "allocation": "uniform" | "greedy" | ... | null,
+      "plan": null | "path/to/plan",
+      "gating": "topk" | "threshold" | null, "weighted": "default" | "all" | null,
+      "nominal_sparsity": 0.5,             # size-weighted, what was asked
+      "measured_sparsity": 0.4951,         # size-weighted, inputs actually dropped during the run
+      "flops": {"dense": ..., "sparse": ..., "shortcut": ..., "lm_head": ..., "sparse_total": ..., "fraction": ...},
+      "headline": {"piqa": {"metric": "acc_norm", "filter": "none", "value": 0.61, "stderr": 0.01,
+                            "higher_is_better": true}, ...},
+      "perplexity": null | {"file": ..., "perplexity": ..., "tokens": ..., "context": ..., ...},
+      "eval": {"tasks": [...], "limit": 100, "data_dir": "...", "num_fewshot": null, ...},
+      "versions": {"wina": ..., "torch": ..., "transformers": ..., "lm_eval": ..., "python": ...},
+      "date": "2026-11-29T00:10:00+00:00",
+      "machine": {"platform": ..., "cpu": ..., "cpu_count": 2, "gpu": null, "device": "cpu", ...},
+      "elapsed_s": 123.4
+    }
+
+Files are written atomically (a temporary file in the same folder, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+from .errors import DataError, InvalidArgument
+
+SCHEMA = 1
+REQUIRED = ("schema", "model", "method", "transform", "allocation", "nominal_sparsity",
+            "measured_sparsity", "flops", "versions", "date", "machine")
+METHOD_LABELS = {"dense": "dense", "teal": "TEAL", "wina": "WINA"}
+
+
+@dataclass
+class Run:
+    path: Optional[Path]
+    data: dict
+
+    @property
+    def wina(self) -> dict:
+        return self.data["wina"]
+
+    @property
+    def method(self) -> str:
+        return self.wina.get("method") or "dense"
+
+    @property
+    def transform(self) -> bool:
+        return bool(self.wina.get("transform"))
+
+    @property
+    def sparsity(self) -> float:
+        """Nominal sparsity (0 for dense)."""
+        s = self.wina.get("nominal_sparsity")
+        return 0.0 if self.method == "dense" or s is None else float(s)
+
+    @property
+    def label(self) -> str:
+        """Method label as in the paper's tables: dense, TEAL, TEAL-transform, WINA, WINA-transform."""
+        return method_label(self.wina)
+
+    @property
+    def headline(self) -> dict[str, dict]:
+        return self.wina.get("headline") or {}
+
+    @property
+    def perplexity(self) -> Optional[float]:
+        p = self.wina.get("perplexity")
+        return None if not p else p.get("perplexity")
+
+
+def method_label(wina: dict) -> str:
+    method = wina.get("method") or "dense"
+    if method == "dense":
+        return "dense"
+    label = METHOD_LABELS.get(method, method)
+    if wina.get("transform"):
+        label += "-transform"
+    alloc = wina.get("allocation")
+    if alloc and alloc != "uniform":
+        label += f" ({alloc})"
+    return label
+
+
+# --- the wina block -------------------------------------------------------------------------------
+
+def versions() -> dict[str, Optional[str]]:
+    from importlib import metadata
+    out: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for dist, key in (("wina-tui", "wina"), ("torch", "torch"), ("transformers", "transformers"),
+                      ("lm_eval", "lm_eval"), ("datasets", "datasets")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = None
+    if out["wina"] is None:
+        try:
+            from . import __version__
+            out["wina"] = __version__
+        except ImportError:
+            pass
+    return out
+
+
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def machine_info(device: Optional[str] = None) -> dict[str, Any]:
+    info: dict[str, Any] = {"hostname": platform.node(), "platform": platform.platform(),
+                            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "gpu": None,
+                            "device": device}
+    try:
+        info["cpu_count_usable"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    try:
+        import torch
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    return info
+
+
+def _finite(x) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def make_wina_block(*, model_id: str, model=None, sparsifier=None, method: Optional[str] = None,
+                    sparsity: Optional[float] = None, transform: Optional[bool] = None,
+                    allocation: Optional[str] = None, plan: Optional[str] = None,
+                    measured: Optional[float] = None, headline: Optional[dict] = None,
+                    eval_info: Optional[dict] = None, perplexity: Optional[dict] = None,
+                    elapsed_s: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+    """Build the ``wina`` block. What a sparsifier or model knows is taken from them; the keyword
+    arguments fill in (or override) the rest."""
+    gating = weighted = None
+    nominal = sparsity
+    flops = None
+    if sparsifier is not None:
+        method = method or sparsifier.method
+        gating, weighted = sparsifier.gating, sparsifier.weighted
+        if nominal is None:
+            nominal = sparsifier.nominal_sparsity()
+        if measured is None:
+            measured = sparsifier.measured_sparsity()
+        model = model if model is not None else sparsifier.model
+    method = method or "dense"
+    if method == "dense":
+        nominal = 0.0 if nominal is None else nominal
+        measured = 0.0 if measured is None else measured
+    if model is not None and transform is None:
+        transform = getattr(model, "_wina_transform", None) is not None
+    device = None
+    model_type = n_params = None
+    if model is not None:
+        try:
+            p = next(model.parameters())
+            device = str(p.device)
+            n_params = sum(q.numel() for q in model.parameters())
+        except (StopIteration, AttributeError):
+            pass
+        cfg = getattr(model, "config", None)
+        model_type = getattr(cfg, "model_type", None)
+        if cfg is not None:
+            try:
+                from .accounting import flops_per_token
+                if sparsifier is not None:
+                    fl = flops_per_token(cfg, sparsifier.sparsities, transform=bool(transform))
+                else:
+                    fl = flops_per_token(cfg, float(nominal or 0.0), transform=bool(transform))
+                flops = fl.as_dict()
+            except Exception:      # an architecture the accountant does not know: no FLOPs
+                flops = None
+    block = {
+        "schema": SCHEMA, "model": model_id, "model_type": model_type, "n_params": n_params,
+        "method": method, "transform": bool(transform), "allocation": allocation, "plan": plan,
+        "gating": gating, "weighted": weighted,
+        "nominal_sparsity": _finite(nominal), "measured_sparsity": _finite(measured),
+        "flops": flops, "headline": headline or {}, "perplexity": perplexity,
+        "eval": eval_info or {}, "versions": versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device), "elapsed_s": elapsed_s,
+    }
+    if extra:
+        block["extra"] = extra
+    return block
+
+
+def make_record(lm_results: Optional[dict], wina: dict) -> dict:
+    rec = dict(lm_results or {})
+    rec.pop("wina_eval", None)
+    rec["wina"] = wina
+    return rec
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+def default_filename(wina: dict) -> str:
+    date = re.sub(r"[^0-9T]", "", (wina.get("date") or "")[:19]) or "run"
+    model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(wina.get("model", "model"))).name)[:40]
+    method = wina.get("method") or "dense"
+    s = wina.get("nominal_sparsity") or 0.0
+    tag = f"{method}{'-tr' if wina.get('transform') else ''}-s{round(100 * s):02d}"
+    return f"{date}_{model}_{tag}.json"
+
+
+def check_writable(out: Union[str, Path]) -> None:
+    """Raise before any work if ``out`` (a file or a folder) cannot be written."""
+    p = Path(out).expanduser()
+    folder = p if (p.is_dir() or p.suffix == "") else p.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise InvalidArgument(f"cannot write results to {out}: {probe} is not a writable folder")
+
+
+def write_run(record: dict, out: Union[str, Path]) -> Run:
+    """Write one run file atomically. ``out``: a ``.json`` path, or a folder (a name is made up)."""
+    if "wina" not in record:
+        raise InvalidArgument("a run record needs a 'wina' block")
+    p = Path(out).expanduser()
+    if p.is_dir() or p.suffix == "":
+        p = p / default_filename(record["wina"])
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=1, sort_keys=False, default=str, allow_nan=True)
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Run(p, record)
+
+
+def load_run(path: Union[str, Path]) -> Run:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"results file not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{p} is not a JSON results file: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("wina"), dict):
+        raise DataError(f"{p} has no 'wina' block (not a wina results file)")
+    missing = [k for k in REQUIRED if k not in data["wina"]]
+    if missing:
+        raise DataError(f"{p}: the 'wina' block lacks {', '.join(missing)}")
+    return Run(p, data)
+
+
+def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
+    """Load run files; a folder stands for every ``*.json`` in it (sorted)."""
+    runs: list[Run] = []
+    for path in paths:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            files = sorted(p.glob("*.json"))
+            if not files:
+                raise DataError(f"no results files (*.json) in {p}")
+            runs.extend(load_run(f) for f in files)
+        else:
+            runs.append(load_run(p))
+    if not runs:
+        raise InvalidArgument("no results files given")
+    return runs
