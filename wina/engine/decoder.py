@@ -1,0 +1,607 @@
+"""A short static-cache decoder built from a transformers model's weights (gpt-fast style).
+
+:class:`Engine` copies the weights of a loaded (optionally transformed) llama / mistral / qwen2 /
+phi3 model into the layout the kernels want (input-channel-major, RMSNorm gains folded into the
+consuming weights, q/k/v and gate/up concatenated), keeps a static KV cache, and runs
+
+* prefill: the whole prompt in one forward (masked cuBLAS matmuls on the GPU),
+* decode: one token per step through :mod:`wina.kernels` — six launches per layer (q/k/v GEMV
+  with the RMSNorm fused in, RoPE + cache write, flash-decoding attention, o GEMV + residual,
+  gate/up GEMV, SiLU·up + down GEMV + residual) — captured once in a CUDA graph and replayed.
+
+Sparsity: per projection a score scale c (WINA column norms, ones for TEAL) and a threshold t; an
+input is kept iff ``|x_i|·c_i > t`` — the same rule as :mod:`wina.sparsify`'s threshold gating, and
+the first ``dense_prefix`` of a prompt stays dense as there. Thresholds live in device buffers, so
+:meth:`Engine.set_sparsity` changes them without a new capture.
+
+After :func:`wina.transform.transform`, each layer computes ``h = h·Sᵀ + block(norm(h))``; the
+engine applies the shortcuts S as dense GEMVs (fused with the residual add).
+
+On a CPU everything runs through the kernels' plain-torch references (fp32 logits equal the
+transformers forward to rounding). The engine never imports transformers' internals beyond reading
+weights, the config and the model's rotary-embedding module (for the exact RoPE tables).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from ..adapters import adapter_for, decoder_layers
+from ..errors import Cancelled, InvalidArgument
+from ..kernels import ACT_SILU_MUL, gemv, rope_cache, attn_decode, reserve_workspace, use_triton
+
+Key = tuple[int, str]
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Group:
+    """One fused launch: projections sharing an input, concatenated along the output."""
+    name: str
+    projs: tuple[str, ...]
+    wt: torch.Tensor                      # [K, N], input-channel-major
+    bias: Optional[torch.Tensor]
+    bounds: list[int]                     # output offsets where segments 2, 3 start
+    gain: Optional[torch.Tensor]          # |RMSNorm gain| folded into wt (scales are multiplied by it)
+    scales: torch.Tensor                  # [S, K] fp32: c_eff = c * |gain| (0 on dead columns)
+    thresholds: torch.Tensor              # [S] fp32, -inf = keep everything
+    live: Optional[list] = None           # per segment: [K] bool (False: W[:, i] == 0) or None
+
+    @property
+    def sparse(self) -> bool:
+        return bool(torch.isfinite(self.thresholds).any())
+
+
+@dataclass
+class Layer:
+    attn_in: Group
+    o: Group
+    mlp_in: Group
+    down: Group
+    s_attn: Optional[torch.Tensor]        # shortcut Sᵀ [d, d] (wt layout), None = identity
+    s_mlp: Optional[torch.Tensor]
+    window: int
+    k_cache: torch.Tensor                 # [1, n_kv, S, hd]
+    v_cache: torch.Tensor
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]                     # new tokens (stop token excluded)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    stopped: str                          # "stop", "length" or "cancelled"
+    sparse: bool
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode loop (the first token comes from the prefill)."""
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        t = self.prefill_s + self.decode_s
+        return len(self.tokens) / t if t > 0 else 0.0
+
+
+def _as_ids(prompt_ids) -> list[int]:
+    if isinstance(prompt_ids, torch.Tensor):
+        if prompt_ids.dim() == 2:
+            if prompt_ids.shape[0] != 1:
+                raise InvalidArgument("the engine decodes one sequence at a time (batch 1)")
+            prompt_ids = prompt_ids[0]
+        return [int(t) for t in prompt_ids.tolist()]
+    return [int(t) for t in prompt_ids]
+
+
+def _rope_tables(model, config, head_dim: int, s_max: int, device, dtype):
+    """cos, sin [s_max, rot] fp32, as the model's own rotary embedding computes them."""
+    rot_mod = None
+    for name in ("model.rotary_emb", "rotary_emb"):
+        try:
+            rot_mod = model.get_submodule(name)
+            break
+        except AttributeError:
+            continue
+    if rot_mod is not None:
+        try:
+            x = torch.zeros(1, 1, head_dim, dtype=dtype, device=device)
+            pos = torch.arange(s_max, device=device)[None]
+            with torch.no_grad():
+                cos, sin = rot_mod(x, pos)
+            return cos[0].float().contiguous(), sin[0].float().contiguous()
+        except Exception:  # fall back to the plain formula below
+            pass
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rot = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+    inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+    f = torch.arange(s_max, dtype=torch.float32, device=device)[:, None] * inv[None]
+    emb = torch.cat((f, f), dim=-1)
+    return emb.cos().to(dtype).float().contiguous(), emb.sin().to(dtype).float().contiguous()
+
+
+def _eos_from(model) -> set[int]:
+    out = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        e = getattr(src, "eos_token_id", None)
+        if isinstance(e, int):
+            out.add(e)
+        elif isinstance(e, (list, tuple)):
+            out.update(int(v) for v in e)
+    return out
+
+
+class Engine:
+    """Static-cache decoder over a model's weights. Build with :meth:`Engine.from_model`."""
+
+    def __init__(self) -> None:  # use from_model
+        self.layers: list[Layer] = []
+        self._graphs: dict = {}
+        self._static_logits: dict = {}
+
+    # --------------------------------------------------------------------------------------------
+    # construction
+    # --------------------------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def from_model(cls, model, *, thresholds: Optional[Mapping[Key, float]] = None,
+                   scales: Optional[Mapping[Key, Optional[torch.Tensor]]] = None,
+                   shortcuts: Optional[Mapping[tuple[int, str], Optional[torch.Tensor]]] = None,
+                   max_seq_len: Optional[int] = None, dense_prefix: Optional[float] = None,
+                   use_sparsifier: bool = True, use_graphs: bool = True) -> "Engine":
+        """Copy ``model``'s weights into a decode engine on the model's device and dtype.
+
+        ``thresholds`` {(layer, proj): t} and ``scales`` {(layer, proj): c [in_features] or None}
+        give the gating (absent = dense); when omitted and the model carries a threshold-gated
+        :class:`wina.sparsify.Sparsifier`, its thresholds and scales are used. ``shortcuts``
+        defaults to :func:`wina.transform.shortcuts` of a transformed model.
+        """
+        eng = cls()
+        a = adapter_for(model)
+        cfg = model.config
+        eng.adapter, eng.config = a, cfg
+        emb = model.get_submodule(a.embed).weight
+        dev, dt = emb.device, emb.dtype
+        eng.device, eng.dtype = dev, dt
+        d = cfg.hidden_size
+        nh = cfg.num_attention_heads
+        hd = getattr(cfg, "head_dim", None) or d // nh
+        n_kv = getattr(cfg, "num_key_value_heads", None) or nh
+        eng.d, eng.n_heads, eng.head_dim, eng.n_kv = d, nh, hd, n_kv
+        eng.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        limit = int(getattr(cfg, "max_position_embeddings", 4096) or 4096)
+        eng.max_seq_len = int(max_seq_len or min(limit, 4096))
+        eng.eos_ids = _eos_from(model)
+        eng.use_graphs = use_graphs
+
+        sp = getattr(model, "_wina_sparsifier", None) if use_sparsifier else None
+        if sp is not None and (not sp.enabled or sp.method == "dense" or not sp._handles):
+            sp = None
+        if thresholds is None and sp is not None:
+            if sp.gating != "threshold":
+                raise InvalidArgument("the decode engine needs threshold gating (a calibrated plan); "
+                                      "this model's sparsifier uses top-k")
+            thresholds = {k: g.threshold for k, g in sp.gates.items()
+                          if g.sparsity > 0 and g.threshold is not None}
+            scales = sp.scales if scales is None else scales
+            if dense_prefix is None:
+                dense_prefix = sp.dense_prefix
+        eng.dense_prefix = 0.01 if dense_prefix is None else float(dense_prefix)
+        thresholds = dict(thresholds or {})
+        scales = dict(scales or {})
+
+        if shortcuts is None:
+            try:
+                from .. import transform as _tr
+                shortcuts = _tr.shortcuts(model) if _tr.is_transformed(model) else {}
+            except Exception:
+                shortcuts = {}
+
+        layers = list(decoder_layers(model, a))
+        eng.n_layers = len(layers)
+        s = eng.max_seq_len
+        layer_types = getattr(cfg, "layer_types", None)
+        sw = getattr(cfg, "sliding_window", None) or 0
+        for i, block in enumerate(layers):
+            def lin(p, _b=block):
+                return _b.get_submodule(f"{a.module_of(p)}.{p}")
+            g1 = block.get_submodule(a.attn_norm).weight
+            g2 = block.get_submodule(a.mlp_norm).weight
+            if a.model_type == "qwen2":
+                window = sw if (layer_types and layer_types[i] == "sliding_attention") else 0
+            else:
+                window = sw
+            shortcut_a = shortcuts.get((i, "attn")) if shortcuts else None
+            shortcut_m = shortcuts.get((i, "mlp")) if shortcuts else None
+            layer = Layer(
+                attn_in=eng._group("attn_in", i, [lin(p) for p in a.attn_inputs], a.attn_inputs, g1,
+                                   thresholds, scales),
+                o=eng._group("o", i, [lin(a.attn_output)], (a.attn_output,), None, thresholds, scales),
+                mlp_in=eng._group("mlp_in", i, [lin(p) for p in a.mlp_inputs], a.mlp_inputs, g2,
+                                  thresholds, scales),
+                down=eng._group("down", i, [lin(a.mlp_output)], (a.mlp_output,), None, thresholds,
+                                scales),
+                s_attn=None if shortcut_a is None else shortcut_a.detach().to(dev, dt).t().contiguous(),
+                s_mlp=None if shortcut_m is None else shortcut_m.detach().to(dev, dt).t().contiguous(),
+                window=int(window),
+                k_cache=torch.zeros(1, n_kv, s, hd, dtype=dt, device=dev),
+                v_cache=torch.zeros(1, n_kv, s, hd, dtype=dt, device=dev))
+            eng.layers.append(layer)
+        unknown = [k for k in thresholds if not (0 <= k[0] < eng.n_layers and k[1] in a.projections)]
+        if unknown:
+            raise InvalidArgument(f"no projection {unknown[0]} in this model")
+
+        eng.embed = emb.detach()
+        gf = model.get_submodule(a.final_norm).weight.detach().float()
+        head = model.get_submodule(a.lm_head)
+        eng.head = (head.weight.detach().float() * gf[None, :]).to(dt).t().contiguous()
+        eng.head_bias = None if getattr(head, "bias", None) is None else head.bias.detach()
+        eng.vocab = eng.head.shape[1]
+        eng.cos, eng.sin = _rope_tables(model, cfg, hd, s, dev, dt)
+
+        eng.fast = use_triton(eng.embed)
+        eng._tok = torch.zeros(1, dtype=torch.long, device=dev)
+        eng._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        eng._temp = torch.ones(1, dtype=torch.float32, device=dev)
+        eng._top_p = torch.ones(1, dtype=torch.float32, device=dev)
+        if dev.type == "cuda":
+            n = max([eng.vocab] + [g.wt.shape[1] for L in eng.layers for g in (L.attn_in, L.mlp_in)])
+            reserve_workspace(dev, 64 * n)
+        return eng
+
+    def _group(self, name, layer, linears, projs, gain, thresholds, scales) -> Group:
+        dev, dt = self.device, self.dtype
+        ws = [l.weight.detach() for l in linears]
+        gain_f = None if gain is None else gain.detach().float().to(dev)
+        w = torch.cat(ws, 0) if len(ws) > 1 else ws[0]
+        wf = w.float() if gain_f is not None else w
+        if gain_f is not None:
+            wf = wf * gain_f[None, :]
+        wt = wf.to(dt).t().contiguous()
+        del wf
+        biases = [getattr(l, "bias", None) for l in linears]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else torch.zeros(l.weight.shape[0], dtype=dt, device=dev)
+                              for b, l in zip(biases, linears)]).to(dt)
+        outs = [l.weight.shape[0] for l in linears]
+        bounds = [sum(outs[:j]) for j in range(1, len(outs))]
+        k = wt.shape[0]
+        live = []
+        for wj in ws:
+            lj = wj.abs().amax(0) > 0
+            live.append(None if bool(lj.all()) else lj)
+        g = Group(name, tuple(projs), wt, bias, bounds, None if gain_f is None else gain_f.abs(),
+                  torch.ones(len(projs), k, dtype=torch.float32, device=dev),
+                  torch.full((len(projs),), NEG_INF, dtype=torch.float32, device=dev), live)
+        g.layer = layer
+        self._set_group(g, thresholds, scales)
+        return g
+
+    def _set_group(self, g: Group, thresholds, scales) -> None:
+        for j, p in enumerate(g.projs):
+            c = scales.get((g.layer, p)) if scales else None
+            c = torch.ones(g.wt.shape[0], device=self.device) if c is None else c.detach().float().to(self.device)
+            if c.numel() != g.wt.shape[0]:
+                raise InvalidArgument(f"scale of {(g.layer, p)} has {c.numel()} entries, expected {g.wt.shape[0]}")
+            if g.gain is not None:
+                c = c * g.gain
+            if g.live[j] is not None:
+                c = c * g.live[j]
+            g.scales[j].copy_(c)
+            t = thresholds.get((g.layer, p)) if thresholds else None
+            g.thresholds[j] = NEG_INF if t is None else float(t)
+
+    def groups(self):
+        """Yield ((layer, group name), Group) over the sparsifiable launches."""
+        for i, L in enumerate(self.layers):
+            for g in (L.attn_in, L.o, L.mlp_in, L.down):
+                yield (i, g.name), g
+
+    @torch.no_grad()
+    def set_sparsity(self, thresholds: Optional[Mapping[Key, float]],
+                     scales: Optional[Mapping[Key, Optional[torch.Tensor]]] = None) -> None:
+        """New thresholds (and optionally scales); ``None`` or {} makes the engine dense.
+        Captured graphs stay valid (the values live in device buffers)."""
+        thresholds = dict(thresholds or {})
+        for _, g in self.groups():
+            if scales is not None:
+                self._set_group(g, thresholds, scales)
+            else:
+                for j, p in enumerate(g.projs):
+                    t = thresholds.get((g.layer, p))
+                    g.thresholds[j] = NEG_INF if t is None else float(t)
+
+    @property
+    def sparse(self) -> bool:
+        return any(g.sparse for _, g in self.groups())
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights one decode step reads when dense (embedding row excluded)."""
+        n = self.head.numel()
+        for L in self.layers:
+            n += sum(g.wt.numel() for g in (L.attn_in, L.o, L.mlp_in, L.down))
+            n += sum(s.numel() for s in (L.s_attn, L.s_mlp) if s is not None)
+        return n * self.head.element_size()
+
+    # --------------------------------------------------------------------------------------------
+    # the forward: T tokens at positions pos .. pos+T-1 (prefill: T = prompt, decode: T = 1)
+    # --------------------------------------------------------------------------------------------
+    def _lin(self, x, g: Group, sparse: bool, dense_rows: int, *, ssq_in=None, res=None, act=0,
+             want_ssq=False, record=None):
+        if record is not None:
+            record(g, x, ssq_in, act)
+        sp = sparse and g.sparse
+        kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq)
+        if sp and dense_rows > 0:
+            d = dense_rows
+            y1, s1 = gemv(x[:d], g.wt, ssq_in=None if ssq_in is None else ssq_in[:d],
+                          res=None if res is None else res[:d], **kw)
+            if d >= x.shape[0]:
+                return y1, s1
+            y2, s2 = gemv(x[d:], g.wt, scales=g.scales, thresholds=g.thresholds, sparse=True,
+                          ssq_in=None if ssq_in is None else ssq_in[d:],
+                          res=None if res is None else res[d:], **kw)
+            if want_ssq and s1.shape[1] != s2.shape[1]:
+                s1, s2 = s1.sum(-1, keepdim=True), s2.sum(-1, keepdim=True)
+            return torch.cat([y1, y2]), torch.cat([s1, s2])
+        return gemv(x, g.wt, scales=g.scales, thresholds=g.thresholds, sparse=sp, ssq_in=ssq_in,
+                    res=res, **kw)
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
+                 record=None) -> torch.Tensor:
+        h = self.embed.index_select(0, ids)
+        ssq = h.float().pow(2).sum(-1, keepdim=True)
+        for L in self.layers:
+            qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record)
+            q = rope_cache(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads, self.n_kv,
+                           self.head_dim)
+            att = attn_decode(q, L.k_cache, L.v_cache, pos, L.window)
+            if L.s_attn is None:
+                h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, record=record)
+            else:
+                delta, _ = self._lin(att, L.o, sparse, dense_rows, record=record)
+                h, ssq = gemv(h, L.s_attn, res=delta, want_ssq=True)
+            gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, record=record)
+            if L.s_mlp is None:
+                h, ssq = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, res=h, want_ssq=True,
+                                   record=record)
+            else:
+                delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, record=record)
+                h, ssq = gemv(h, L.s_mlp, res=delta, want_ssq=True)
+        logits, _ = gemv(h, self.head, ssq_in=ssq, bias=self.head_bias, eps=self.eps)
+        return logits
+
+    def _dense_rows(self, t: int) -> int:
+        if t <= 1 or self.dense_prefix <= 0:
+            return 0
+        return t - int((1.0 - self.dense_prefix) * t)
+
+    @torch.no_grad()
+    def prefill(self, ids: Sequence[int], sparse: Optional[bool] = None, start: int = 0) -> torch.Tensor:
+        """Run the prompt through the model from position ``start``; returns logits [T, V]."""
+        sparse = self.sparse if sparse is None else bool(sparse)
+        t = len(ids)
+        if t == 0:
+            raise InvalidArgument("the prompt is empty")
+        if start + t > self.max_seq_len:
+            raise InvalidArgument(f"{start + t} tokens do not fit the engine's cache of {self.max_seq_len}")
+        x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        pos = torch.tensor([start], dtype=torch.long, device=self.device)
+        return self._forward(x, pos, sparse, self._dense_rows(t))
+
+    # --------------------------------------------------------------------------------------------
+    # decode step, CUDA graph
+    # --------------------------------------------------------------------------------------------
+    def _select(self, logits: torch.Tensor, sampled: bool) -> torch.Tensor:
+        """Next token [1] from logits [1, V]: argmax, or temperature + top-p through Gumbel-max
+        (graph-safe: no host sync, temperature/top-p read from device buffers)."""
+        if not sampled:
+            return logits.argmax(-1)
+        lf = logits.float() / self._temp
+        srt, idx = lf.sort(dim=-1, descending=True)
+        probs = torch.softmax(srt, dim=-1)
+        cum = probs.cumsum(-1)
+        srt = srt.masked_fill((cum - probs) > self._top_p, NEG_INF)
+        u = torch.rand_like(srt).clamp_(min=1e-20)
+        choice = (srt - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
+        return idx.gather(-1, choice).reshape(1)
+
+    def _step_body(self, sparse: bool, sampled: bool) -> torch.Tensor:
+        logits = self._forward(self._tok, self._pos, sparse)
+        nxt = self._select(logits, sampled)
+        self._tok.copy_(nxt)
+        self._pos.add_(1)
+        return logits
+
+    def _graph(self, sparse: bool, sampled: bool):
+        key = (sparse, sampled)
+        if key in self._graphs:
+            return self._graphs[key]
+        tok, pos = self._tok.clone(), self._pos.clone()
+        s = torch.cuda.Stream(device=self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._tok.zero_()
+                self._pos.zero_()
+                self._step_body(sparse, sampled)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self._tok.zero_()
+        self._pos.zero_()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = self._step_body(sparse, sampled)
+        self._tok.copy_(tok)
+        self._pos.copy_(pos)
+        self._graphs[key] = g
+        self._static_logits[key] = out
+        return g
+
+    def _graphable(self) -> bool:
+        return self.use_graphs and self.device.type == "cuda"
+
+    def capture(self, sparse: Optional[bool] = None, sampled: bool = False) -> None:
+        """Capture the decode step now (otherwise the first generate does it)."""
+        if self._graphable():
+            self._graph(self.sparse if sparse is None else bool(sparse), sampled)
+
+    @torch.no_grad()
+    def step(self, token: int, position: int, sparse: Optional[bool] = None) -> torch.Tensor:
+        """One decode step for ``token`` at ``position`` (teacher forcing); returns logits [V]."""
+        sparse = self.sparse if sparse is None else bool(sparse)
+        if position >= self.max_seq_len:
+            raise InvalidArgument(f"position {position} is outside the engine's cache of {self.max_seq_len}")
+        self._tok.fill_(int(token))
+        self._pos.fill_(int(position))
+        if self._graphable():
+            self._graph(sparse, False).replay()
+            return self._static_logits[(sparse, False)][0].clone()
+        return self._step_body(sparse, False)[0]
+
+    @torch.no_grad()
+    def forward_logits(self, ids: Sequence[int], prefill_len: Optional[int] = None,
+                       sparse: Optional[bool] = None) -> torch.Tensor:
+        """Logits [T, V] for ``ids``: the first ``prefill_len`` positions from one prefill, the rest
+        from single decode steps (teacher forcing). Used to check the engine against transformers."""
+        ids = _as_ids(ids)
+        p = len(ids) if prefill_len is None else int(prefill_len)
+        out = [self.prefill(ids[:p], sparse).float()]
+        for j in range(p, len(ids)):
+            out.append(self.step(ids[j], j, sparse).float()[None])
+        return torch.cat(out)
+
+    # --------------------------------------------------------------------------------------------
+    # generation
+    # --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int = 256, *, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: Optional[int] = None,
+                 on_token: Optional[Callable[[int], None]] = None,
+                 stop: Optional[Iterable[int]] = None, sparse: Optional[bool] = None,
+                 cancel=None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt_ids`` (list or [1, T] tensor).
+
+        Greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling.
+        ``on_token(id)`` is called for every new token as soon as it is known (raise
+        :class:`wina.errors.Cancelled` from it, or trigger ``cancel`` (a CancelToken), to stop);
+        ``stop``: token ids that end generation (default: the model's eos ids; ``()`` for none).
+        ``sparse``: None = sparse iff thresholds are set."""
+        ids = _as_ids(prompt_ids)
+        if max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens must be at least 1")
+        if temperature < 0 or not (0.0 < top_p <= 1.0):
+            raise InvalidArgument("temperature must be >= 0 and top_p in (0, 1]")
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise InvalidArgument(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the engine's "
+                                  f"cache of {self.max_seq_len} (build it with a larger max_seq_len)")
+        sparse = self.sparse if sparse is None else bool(sparse)
+        stops = set(self.eos_ids if stop is None else (int(s) for s in stop))
+        sampled = temperature > 0
+        if seed is not None:
+            torch.manual_seed(seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(seed)
+        self._temp.fill_(max(float(temperature), 1e-6))
+        self._top_p.fill_(float(top_p))
+        graph = self._graph(sparse, sampled) if self._graphable() else None
+
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        logits = self.prefill(ids, sparse)
+        first = self._select(logits[-1:], sampled)
+        tokens: list[int] = []
+        stopped = "length"
+
+        def emit(tok: int) -> bool:
+            nonlocal stopped
+            if tok in stops:
+                stopped = "stop"
+                return False
+            tokens.append(tok)
+            try:
+                if on_token is not None:
+                    on_token(tok)
+            except Cancelled:
+                stopped = "cancelled"
+                return False
+            if cancel is not None and getattr(cancel, "cancelled", False):
+                stopped = "cancelled"
+                return False
+            return True
+
+        first_tok = int(first)
+        t1 = time.perf_counter()
+        go = emit(first_tok)
+        n_steps = max_new_tokens - 1
+        if go and n_steps > 0:
+            self._tok.fill_(first_tok)
+            self._pos.fill_(len(ids))
+            if graph is not None:
+                self._decode_graph(graph, n_steps, emit)
+            else:
+                for _ in range(n_steps):
+                    self._step_body(sparse, sampled)
+                    if not emit(int(self._tok[0])):
+                        break
+        sync()
+        t2 = time.perf_counter()
+        return GenerationResult(tokens, len(ids), t1 - t0, t2 - t1, stopped, sparse)
+
+    def _decode_graph(self, graph, n_steps: int, emit) -> None:
+        """Replay the graph n_steps times, one step ahead of the host: the token of step i is
+        read (and streamed) while step i+1 already runs."""
+        host = [torch.empty(1, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        events = [torch.cuda.Event(), torch.cuda.Event()]
+        pending = None
+        for i in range(n_steps):
+            graph.replay()
+            j = i % 2
+            host[j].copy_(self._tok, non_blocking=True)
+            events[j].record()
+            if pending is not None:
+                events[pending].synchronize()
+                if not emit(int(host[pending][0])):
+                    return
+            pending = j
+        if pending is not None:
+            events[pending].synchronize()
+            emit(int(host[pending][0]))
+
+    # --------------------------------------------------------------------------------------------
+    # calibration (for benchmarks on random weights): thresholds that reach a target sparsity
+    # --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, ids: Sequence[int], sparsity: float) -> dict[Key, float]:
+        """Per-matrix thresholds such that a fraction ``sparsity`` of the scores |x_i|·c_i seen
+        in a dense forward of ``ids`` falls at or below them (uniform sparsity)."""
+        if not 0.0 <= sparsity < 1.0:
+            raise InvalidArgument(f"sparsity must be in [0, 1), got {sparsity}")
+        from ..kernels.kernels import _prepare_input
+        out: dict[Key, float] = {}
+
+        def record(g: Group, x, ssq_in, act):
+            xf = _prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
+            for j, p in enumerate(g.projs):
+                sc = xf.abs() * g.scales[j]
+                sc = (sc if g.live[j] is None else sc[:, g.live[j]]).flatten()
+                if sc.numel() > 8_000_000:
+                    sc = sc[torch.randperm(sc.numel(), device=sc.device)[:8_000_000]]
+                out[(g.layer, p)] = float(torch.quantile(sc.float(), sparsity)) if sparsity > 0 else NEG_INF
+
+        x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._forward(x, pos, False, 0, record=record)
+        return {k: v for k, v in out.items() if v != NEG_INF}
