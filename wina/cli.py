@@ -1,0 +1,786 @@
+"""The ``wina`` command line: a thin typer layer over the public API (:mod:`wina.api`).
+
+Every command imports torch / transformers / lm-eval / textual inside its body, so ``wina --help``
+answers at once. User errors (:class:`wina.errors.WinaError`, bad options) print one red line on
+stderr and exit with code 2; ``--debug`` (anywhere on the line, or ``WINA_DEBUG=1``) shows the
+traceback instead. Long steps report :class:`wina.events.Progress` events, drawn by one small
+renderer (:class:`ProgressRenderer`) shared by every command.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, List, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
+
+from .errors import Cancelled, WinaError
+
+_STATE = {"debug": False}
+out = Console(highlight=False)                  # results (stdout)
+err = Console(stderr=True, highlight=False)     # progress, notes and errors (stderr)
+
+EPILOG_MODEL = ("MODEL: smollm2-135m (the embedded default), a .gguf file, a local transformers "
+                "folder, or a hub id such as meta-llama/Llama-2-7b-hf.")
+
+
+# --- error boundary ---------------------------------------------------------------------------------
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def fail(msg: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] [red]{escape(_one_line(msg))}[/]", soft_wrap=True)
+    raise SystemExit(code)
+
+
+class WinaGroup(TyperGroup):
+    """Runs the app in non-standalone mode and turns every error into one red line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        cut = argv.index("--") if "--" in argv else len(argv)
+        if "--debug" in argv[:cut]:
+            argv = [a for i, a in enumerate(argv) if not (a == "--debug" and i < cut)]
+            _STATE["debug"] = True
+        else:
+            _STATE["debug"] = os.environ.get("WINA_DEBUG", "") not in ("", "0")
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "wina", complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:       # pragma: no cover - not used
+            out.print(e.ctx.get_help() if e.ctx else str(e))
+            sys.exit(0)
+        except click.UsageError as e:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            hint = ""
+            if e.ctx is not None and e.ctx.command_path:
+                hint = f" (see {e.ctx.command_path} --help)"
+            _red_line(e.format_message() + hint)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            _red_line("aborted")
+            sys.exit(130)
+        except KeyboardInterrupt:
+            _red_line("interrupted")
+            sys.exit(130)
+        except Cancelled as e:
+            _red_line(str(e) or "cancelled")
+            sys.exit(130)
+        except WinaError as e:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            _red_line(str(e) or type(e).__name__)
+            sys.exit(2)
+        except click.ClickException as e:
+            _red_line(e.format_message())
+            sys.exit(e.exit_code)
+        except SystemExit:
+            raise
+        except Exception as e:  # a bug, not a user error: say so, traceback with --debug
+            if _STATE["debug"]:
+                traceback.print_exc()
+            else:
+                _red_line(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _red_line(msg: str) -> None:
+    err.print(f"[bold red]error:[/] [red]{escape(_one_line(msg))}[/]", soft_wrap=True)
+
+
+app = typer.Typer(
+    cls=WinaGroup, name="wina", add_completion=False, rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="WINA and TEAL training-free activation sparsity for LLM decoding: calibrate, allocate, "
+         "evaluate, chat, benchmark, compare.\n\n"
+         "Quick start: [bold]wina run smollm2-quick[/]  ·  [bold]wina ppl smollm2-135m --text FILE "
+         "--method wina --sparsity 0.5[/]  ·  [bold]wina chat smollm2-135m[/]",
+    epilog="Add --debug anywhere to see the traceback of an error.")
+
+
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    if version:
+        from . import __version__
+        out.print(f"wina {__version__}")
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(0)
+
+
+# --- progress rendering -----------------------------------------------------------------------------
+
+def _fmt_metric(v: Any) -> Optional[str]:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}"
+    if isinstance(v, str):
+        return v if len(v) <= 40 else v[:39] + "…"
+    return None          # nested structures are for the TUI
+
+
+def _fmt_eta(s: Optional[float]) -> str:
+    if s is None or s < 0 or math.isinf(s) or math.isnan(s):
+        return ""
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"eta {h}:{m:02d}:{sec:02d}" if h else f"eta {m}:{sec:02d}"
+
+
+class ProgressRenderer:
+    """Draws library :class:`~wina.events.Progress` events as rich progress bars, one bar per stage.
+
+    Use as a context manager and pass the instance as ``on_event``. ``steps`` (optional) adds an
+    overall bar for multi-step commands (``wina run``). Writes to stderr, so that stdout stays clean
+    for ``--json`` output.
+    """
+
+    def __init__(self, console: Optional[Console] = None, steps: Optional[int] = None,
+                 transient: bool = False) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeElapsedColumn)
+        self.console = console or err
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("[cyan]{task.fields[eta]}"), TextColumn("[dim]{task.fields[info]}"),
+                                 console=self.console, transient=transient, refresh_per_second=8)
+        self.tasks: dict[str, Any] = {}
+        self.steps_task = None
+        if steps is not None:
+            self.steps_task = self.progress.add_task("[bold]steps", total=steps, eta="", info="")
+
+    def __enter__(self) -> "ProgressRenderer":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, ev) -> None:
+        tid = self.tasks.get(ev.stage)
+        if tid is None:
+            tid = self.progress.add_task(ev.stage, total=ev.total or None, eta="", info="")
+            self.tasks[ev.stage] = tid
+        desc = ev.stage
+        if ev.layer is not None and ev.n_layers:
+            desc += f" [dim]layer {ev.layer + 1}/{ev.n_layers}[/]"
+        parts = [escape(ev.message)] if ev.message else []
+        for k, v in (ev.metrics or {}).items():
+            f = _fmt_metric(v)
+            if f is not None and k not in ("task",):
+                parts.append(f"{k}={escape(f)}")
+        self.progress.update(tid, completed=ev.done, total=ev.total or None, description=desc,
+                             eta=_fmt_eta(ev.eta_s), info=" ".join(parts))
+
+    def note(self, stage: str, message: str = "") -> None:
+        """An indeterminate bar (a spinner) for work without events, e.g. loading a model."""
+        tid = self.tasks.get(stage)
+        if tid is None:
+            self.tasks[stage] = self.progress.add_task(stage, total=None, eta="", info=escape(message))
+        else:
+            self.progress.update(tid, info=escape(message))
+
+    def done(self, stage: str, message: str = "") -> None:
+        tid = self.tasks.pop(stage, None)
+        if tid is not None:
+            t = self.progress.tasks[[x.id for x in self.progress.tasks].index(tid)]
+            total = t.total if t.total is not None else 1
+            self.progress.update(tid, total=total, completed=total, eta="", info=escape(message))
+            self.progress.stop_task(tid)
+
+    def step(self, title: str, advance: bool = False) -> None:
+        if self.steps_task is not None:
+            self.progress.update(self.steps_task, description=f"[bold]steps[/] {escape(title)}",
+                                 advance=1 if advance else 0)
+
+    def print(self, *a, **kw) -> None:
+        self.progress.console.print(*a, **kw)
+
+
+# --- shared helpers ---------------------------------------------------------------------------------
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(spec: str, device: str, dtype: str, r: Optional[ProgressRenderer] = None):
+    from .models import load, resolve_source
+    resolve_source(spec)                     # a bad path fails before any slow import
+    dev = _device(device)
+    if r is not None:
+        r.note("load", f"{spec} on {dev}")
+    loaded = load(spec, dtype=None if dtype == "auto" else dtype, device=dev)
+    if r is not None:
+        r.done("load", f"{spec} on {dev}")
+    return loaded
+
+
+def _limit(v: Optional[float]):
+    if v is None:
+        return None
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _opts(method: Optional[str], sparsity: Optional[float], transform: bool, plan: Optional[str],
+          gating: str, weighted: str = "default"):
+    """Build and check SparseOptions before anything slow. Method defaults: dense unless a sparsity
+    or a plan is given (then wina, or the plan's own method)."""
+    from .pipeline import SparseOptions
+    if plan is not None:
+        meta = _plan_meta(plan)
+        pm = meta.get("method")
+        if method is not None and pm and method != pm:
+            from .errors import InvalidArgument
+            raise InvalidArgument(f"--method {method} does not match the plan's method {pm} ({plan})")
+        method = method or pm or "wina"
+        if meta.get("transform") and not transform:
+            transform = True
+    if method is None:
+        method = "wina" if sparsity is not None else "dense"
+    opts = SparseOptions(method=method, sparsity=0.5 if sparsity is None else sparsity,
+                         transform=transform, gating=gating, weighted=weighted, plan=plan)
+    if method == "dense":
+        opts.sparsity = 0.0 if sparsity is None else sparsity
+    return opts.validate()
+
+
+def _plan_meta(plan: str) -> dict:
+    """The plan's metadata, read from its JSON file (cheap; the full plan is loaded later)."""
+    from .errors import PlanError
+    p = Path(plan).expanduser()
+    if not p.exists():
+        raise PlanError(f"plan not found: {plan}")
+    f = p / "plan.json" if p.is_dir() else p
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise PlanError(f"{plan} is not a calibration plan: {e}") from None
+    if not isinstance(data, dict):
+        raise PlanError(f"{plan} is not a calibration plan")
+    meta = data.get("meta", data)
+    return meta if isinstance(meta, dict) else {}
+
+
+def _prepare(loaded, opts):
+    from .pipeline import prepare
+    return prepare(loaded.model, opts)
+
+
+def _sparsity_line(sp, opts) -> str:
+    if sp is None:
+        return "dense (no sparsity)"
+    m = sp.measured_sparsity()
+    ms = "n/a" if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:.1%}"
+    return f"{opts.label}: nominal {sp.nominal_sparsity():.1%}, measured {ms}"
+
+
+# Reusable option declarations (typer.Option objects are immutable descriptions: safe to share)
+O_METHOD = typer.Option(None, "--method", "-m", help="dense | teal | wina (default: dense, or wina when "
+                                                     "--sparsity is given, or the plan's method).")
+O_SPARSITY = typer.Option(None, "--sparsity", "-s", help="Target sparsity in [0, 1), e.g. 0.5.")
+O_TRANSFORM = typer.Option(False, "--transform/--no-transform",
+                           help="Apply the column-orthogonal transform first (exact; the seed's --transform).")
+O_PLAN = typer.Option(None, "--plan", "-p", help="A calibration plan (from wina calibrate / allocate).")
+O_GATING = typer.Option("topk", "--gating", help="topk (exact per-token top-k) | threshold (needs --plan).")
+O_WEIGHTED = typer.Option("default", "--weighted",
+                          help="default (k/gate projections weight-informed, as the seed) | all.")
+O_DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+O_DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16.")
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+@app.command("models")
+def models_cmd(as_json: bool = typer.Option(False, "--json", help="One JSON object on stdout.")) -> None:
+    """Supported architectures, the embedded default model and the presets.
+
+    Example: [bold]wina models[/]
+    """
+    from rich.table import Table
+    from .adapters import ADAPTERS
+    from .models import EMBEDDED, EMBEDDED_PACKAGE, embedded_gguf
+    from .presets import list_presets
+    examples = {"llama": "Llama-2, Llama-3, SmolLM2", "mistral": "Mistral", "qwen2": "Qwen-2.5",
+                "phi3": "Phi-3, Phi-4"}
+    try:
+        gguf = str(embedded_gguf())
+    except WinaError as e:
+        gguf = None
+        gguf_note = str(e)
+    presets = list_presets()
+    if as_json:
+        print(json.dumps({
+            "architectures": {k: {"projections": list(a.projections), "examples": examples.get(k, "")}
+                              for k, a in ADAPTERS.items()},
+            "embedded": {"name": EMBEDDED, "package": EMBEDDED_PACKAGE, "gguf": gguf},
+            "presets": [{"name": p.name, "model": p.model, "description": p.description,
+                         "path": str(p.path)} for p in presets]}, indent=1))
+        return
+    t = Table(title="Supported architectures (config.model_type)", title_justify="left")
+    t.add_column("model_type", style="bold")
+    t.add_column("projections sparsified per layer")
+    t.add_column("examples", style="dim")
+    for k, a in ADAPTERS.items():
+        t.add_row(k, ", ".join(a.projections), examples.get(k, ""))
+    out.print(t)
+    out.print(f"\n[bold]Embedded default:[/] {EMBEDDED} — SmolLM2-135M-Instruct (GGUF from the PyPI package "
+              f"{EMBEDDED_PACKAGE}==0.1.2)")
+    out.print(f"  {'[green]installed[/]: ' + escape(gguf) if gguf else '[yellow]' + escape(gguf_note) + '[/]'}",
+              soft_wrap=True)
+    pt = Table(title="\nPresets (wina run NAME)", title_justify="left")
+    pt.add_column("name", style="bold")
+    pt.add_column("model")
+    pt.add_column("description", style="dim")
+    for p in presets:
+        pt.add_row(p.name, p.model, p.description)
+    out.print(pt)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help=EPILOG_MODEL),
+    method: str = typer.Option("wina", "--method", "-m", help="teal | wina: the gating score to record."),
+    transform: bool = O_TRANSFORM,
+    data: str = typer.Option("self", "--data", help="Calibration text: 'self' (model-generated, offline), "
+                                                    "a .txt/.jsonl file, or a hub dataset such as tatsu-lab/alpaca."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Sequences (default: 16 for small "
+                                                                  "models, 20 for large ones as the seed)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 512 / 2048)."),
+    weighted: str = O_WEIGHTED,
+    out_plan: Path = typer.Option(..., "--out", "-o", help="Plan directory to write (resumed if interrupted)."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """Record the gating-score histograms of every projection, layer by layer, into a plan.
+
+    Example: [bold]wina calibrate smollm2-135m --method wina --transform --out plans/smol-wina[/]
+    """
+    from .errors import InvalidArgument
+    if method not in ("teal", "wina"):
+        raise InvalidArgument(f"unknown calibration method {method!r}; choose teal or wina")
+    if samples is not None and samples < 1:
+        raise InvalidArgument(f"--samples must be at least 1, got {samples}")
+    if seq_len is not None and seq_len < 8:
+        raise InvalidArgument(f"--seq-len must be at least 8, got {seq_len}")
+    with ProgressRenderer() as r:
+        loaded = _load(model, device, dtype, r)
+        if transform:
+            from .transform import transform as do_transform
+            r.note("transform", "column-orthogonal transform")
+            do_transform(loaded.model)
+            r.done("transform")
+        from .calibrate import calibrate
+        plan = calibrate(loaded.model, loaded.tokenizer, method=method, source=data, samples=samples,
+                         seq_len=seq_len, out=str(out_plan), weighted=weighted, model_id=model,
+                         on_event=r)
+    n = getattr(plan, "n_calibrated", None)
+    out.print(f"[green]plan written:[/] {escape(str(out_plan))}" + (f" ({n} layers calibrated)" if n else ""))
+    out.print(f"next: wina allocate {escape(str(out_plan))}   or   "
+              f"wina eval {escape(model)} --plan {escape(str(out_plan))} --sparsity 0.5 --tasks piqa")
+
+
+@app.command("allocate")
+def allocate_cmd(
+    plan: Path = typer.Argument(..., help="A calibrated plan directory (from wina calibrate)."),
+    max_sparsity: float = typer.Option(0.9, "--max-sparsity", help="Highest sparsity allocated to any matrix."),
+    step: float = typer.Option(0.025, "--step", help="Greedy step (the seed's base_step_size)."),
+    mode: str = typer.Option("layer", "--mode", help="layer (greedy within each layer, as the seed) | "
+                                                     "global (greedy across layers)."),
+    out_plan: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the allocated plan here "
+                                                                     "(default: update PLAN in place)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load this model instead of the plan's own."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """Greedy allocation of per-matrix sparsities (the seed's greedyopt.py) for a calibrated plan.
+
+    Example: [bold]wina allocate plans/smol-wina --mode layer --step 0.025[/]
+    """
+    from .errors import InvalidArgument
+    if mode not in ("layer", "global"):
+        raise InvalidArgument(f"unknown allocation mode {mode!r}; choose layer or global")
+    for name, v in (("--max-sparsity", max_sparsity), ("--step", step)):
+        if not (0.0 < v < 1.0):
+            raise InvalidArgument(f"{name} must be in (0, 1), got {v}")
+    meta = _plan_meta(str(plan))
+    spec = model or meta.get("model_id") or meta.get("model")
+    if not spec:
+        raise InvalidArgument(f"{plan} does not name its model; give --model")
+    with ProgressRenderer() as r:
+        loaded = _load(spec, device, dtype, r)
+        from .plan import Plan
+        p = Plan.load(str(plan))
+        if meta.get("transform"):
+            from .transform import transform as do_transform
+            r.note("transform", "column-orthogonal transform (as calibrated)")
+            do_transform(loaded.model)
+            r.done("transform")
+        from .allocate import allocate
+        new = allocate(loaded.model, loaded.tokenizer, p, max_sparsity=max_sparsity, step=step, mode=mode,
+                       on_event=r)
+        target = out_plan or plan
+        if getattr(new, "path", None) is None or Path(new.path).resolve() != Path(target).resolve():
+            new.save(str(target))
+    out.print(f"[green]allocated plan written:[/] {escape(str(target))}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help=EPILOG_MODEL),
+    method: Optional[str] = O_METHOD, sparsity: Optional[float] = O_SPARSITY,
+    transform: bool = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
+    weighted: str = O_WEIGHTED,
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Comma-separated lm-eval tasks, e.g. "
+                                                                    "piqa,winogrande,hellaswag,arc_challenge,mmlu,gsm8k."),
+    limit: Optional[float] = typer.Option(None, "--limit", "-l", help="Documents per task (or a fraction < 1)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Read the tasks from local files "
+                                                                     "(e.g. ../shared/data); default: the hub."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Override every task's few-shot count."),
+    batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size."),
+    ppl_text: Optional[Path] = typer.Option(None, "--ppl-text", help="Also the fast perplexity on this text file."),
+    ppl_max_tokens: Optional[int] = typer.Option(None, "--ppl-max-tokens", help="Cut the perplexity text to N tokens."),
+    output: Path = typer.Option(Path("runs"), "--output", "-o", help="Results file (.json) or folder."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """Evaluate a (sparsified) model with lm-evaluation-harness and write one results file.
+
+    Example: [bold]wina eval smollm2-135m --method wina --sparsity 0.5 --tasks piqa,arc_easy --limit 100
+    --data-dir ../shared/data --output runs/smol-wina50.json[/]
+    """
+    from .errors import InvalidArgument
+    opts = _opts(method, sparsity, transform, plan, gating, weighted)
+    if not tasks and ppl_text is None:
+        raise InvalidArgument("nothing to evaluate: give --tasks and/or --ppl-text")
+    from .evaluate import run_evaluation
+    from .results import check_writable
+    from .tasks import check_local, parse_tasks
+    names = parse_tasks(tasks) if tasks else []
+    if names and data_dir is not None:
+        check_local(names, data_dir)
+    if ppl_text is not None and not ppl_text.is_file():
+        from .errors import DataError
+        raise DataError(f"text file not found: {ppl_text}")
+    check_writable(output)
+    with ProgressRenderer() as r:
+        loaded = _load(model, device, dtype, r)
+        sp = _prepare(loaded, opts)
+        run = run_evaluation(loaded.model, loaded.tokenizer, names, model_id=model, sparsifier=sp,
+                             method=opts.method, sparsity=opts.sparsity if opts.method != "dense" else 0.0,
+                             allocation=("greedy" if plan else "uniform") if opts.method != "dense" else None,
+                             plan=plan, out=output, ppl_file=ppl_text, ppl_max_tokens=ppl_max_tokens,
+                             limit=_limit(limit), data_dir=data_dir, num_fewshot=num_fewshot,
+                             batch_size=batch_size, on_event=r)
+    _print_run(run)
+
+
+def _print_run(run) -> None:
+    from rich.table import Table
+    w = run.wina
+    t = Table(title=f"{w.get('model')} — {run.label}"
+                    + ("" if run.method == "dense" else f" {run.sparsity:.0%}"), title_justify="left")
+    t.add_column("task")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("± stderr", justify="right", style="dim")
+    for task, h in (w.get("headline") or {}).items():
+        v, se = h.get("value"), h.get("stderr")
+        pct = h.get("higher_is_better", True)
+        t.add_row(task, h.get("metric", ""), "—" if v is None else (f"{100 * v:.2f}" if pct else f"{v:.3f}"),
+                  "" if se is None else (f"{100 * se:.2f}" if pct else f"{se:.3f}"))
+    ppl = w.get("perplexity")
+    if ppl:
+        t.add_row("perplexity", Path(str(ppl.get("file", ""))).name, f"{ppl['perplexity']:.3f}",
+                  f"{ppl.get('tokens')} tokens")
+    out.print(t)
+    m = w.get("measured_sparsity")
+    out.print(f"measured sparsity: {'n/a' if m is None else f'{m:.1%}'}"
+              f"  (nominal {w.get('nominal_sparsity') or 0:.1%})")
+    if run.path is not None:
+        out.print(f"[green]results written:[/] {escape(str(run.path))}", soft_wrap=True)
+
+
+@app.command("ppl")
+def ppl_cmd(
+    model: str = typer.Argument(..., help=EPILOG_MODEL),
+    text: Path = typer.Option(..., "--text", help="A UTF-8 text file, e.g. ../shared/data/wikitext2/wiki.test.raw."),
+    method: Optional[str] = O_METHOD, sparsity: Optional[float] = O_SPARSITY,
+    transform: bool = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
+    weighted: str = O_WEIGHTED,
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
+    context: int = typer.Option(512, "--context", help="Window length in tokens (non-overlapping windows)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """Perplexity of a text with the model dense or sparsified, and the sparsity actually measured.
+
+    Example: [bold]wina ppl smollm2-135m --method wina --sparsity 0.5 --text
+    ../shared/data/wikitext2/wiki.test.raw --max-tokens 8192[/]
+    """
+    opts = _opts(method, sparsity, transform, plan, gating, weighted)
+    from .perplexity import perplexity, read_text
+    body = read_text(text)
+    with ProgressRenderer(transient=as_json) as r:
+        loaded = _load(model, device, dtype, r)
+        sp = _prepare(loaded, opts)
+        if sp is not None:
+            sp.reset_counters()
+        res = perplexity(loaded.model, loaded.tokenizer, body, context=context, max_tokens=max_tokens,
+                         on_event=r)
+    measured = 0.0 if sp is None else sp.measured_sparsity()
+    if measured is not None and isinstance(measured, float) and math.isnan(measured):
+        measured = None
+    nominal = 0.0 if sp is None else sp.nominal_sparsity()
+    if as_json:
+        print(json.dumps({"model": model, "method": opts.method, "transform": opts.transform,
+                          "plan": plan, "gating": opts.gating if sp is not None else None,
+                          "sparsity": opts.sparsity if opts.method != "dense" else 0.0,
+                          "perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens,
+                          "windows": res.windows, "context": res.context,
+                          "measured_sparsity": measured, "nominal_sparsity": nominal,
+                          "text": str(text)}))
+        return
+    out.print(f"perplexity [bold]{res.perplexity:.3f}[/] over {res.tokens} predicted tokens "
+              f"({res.windows} windows of {res.context})")
+    out.print(f"sparsity: {_sparsity_line(sp, opts)}")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: List[Path] = typer.Argument(..., help="Results files (wina eval / wina run), or folders of them."),
+    plot: bool = typer.Option(False, "--plot", help="Also draw quality vs sparsity (plotext)."),
+    y: str = typer.Option("avg", "--y", help="What --plot draws: avg, a task name, or ppl."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as GitHub markdown."),
+) -> None:
+    """The paper-shaped table (method × sparsity, tasks, average) from results files.
+
+    Example: [bold]wina compare runs/smollm2-quick/runs --plot[/]
+    """
+    from .compare import comparison_markdown, comparison_table, quality_chart
+    from .results import load_runs
+    loaded = load_runs(runs)
+    if markdown:
+        print(comparison_markdown(loaded))
+    else:
+        out.print(comparison_table(loaded))
+    if plot:
+        chart = quality_chart(loaded, y=y, width=min(100, max(60, out.width)), color=out.is_terminal)
+        if out.is_terminal:
+            from rich.text import Text
+            out.print(Text.from_ansi(chart))
+        else:
+            print(chart)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: str = typer.Argument("smollm2-135m", help=EPILOG_MODEL),
+    method: Optional[str] = O_METHOD, sparsity: Optional[float] = O_SPARSITY,
+    transform: bool = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
+    weighted: str = O_WEIGHTED,
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one message and exit."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest reply in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """A plain streaming chat in the terminal (works over ssh). /reset clears, /exit or Ctrl-D quits.
+
+    Example: [bold]wina chat smollm2-135m --method wina --sparsity 0.5[/]
+    """
+    from .errors import InvalidArgument
+    opts = _opts(method, sparsity, transform, plan, gating, weighted)
+    if max_new_tokens < 1:
+        raise InvalidArgument(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not (0 < top_p <= 1):
+        raise InvalidArgument("--temperature must be >= 0 and --top-p in (0, 1]")
+    with ProgressRenderer(transient=True) as r:
+        loaded = _load(model, device, dtype, r)
+        sp = _prepare(loaded, opts)
+    from .events import CancelToken
+    from .generate import chat_input_ids, stream_generate
+    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))}. /reset clears the conversation, "
+              f"/exit or Ctrl-D quits.[/]", soft_wrap=True)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def turn(user: str) -> None:
+        history.append({"role": "user", "content": user})
+        ids = chat_input_ids(loaded.tokenizer, history)
+        if sp is not None:
+            sp.reset_counters()
+        cancel = CancelToken()
+
+        def emit(delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        try:
+            g = stream_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, on_text=emit, cancel=cancel)
+        except KeyboardInterrupt:
+            cancel.cancel()
+            sys.stdout.write("\n")
+            err.print("[dim](interrupted)[/]")
+            history.pop()
+            return
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": g.text})
+        m = None if sp is None else sp.measured_sparsity()
+        ms = "" if m is None or (isinstance(m, float) and math.isnan(m)) else f", measured sparsity {m:.1%}"
+        err.print(f"[dim][{g.tokens} tokens, {g.tokens_per_s:.1f} tokens/s, stop: {g.stopped}{ms}][/]")
+
+    if prompt is not None:
+        turn(prompt)
+        return
+    while True:
+        sys.stdout.write("you> ")
+        sys.stdout.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            sys.stdout.write("\n")
+            return
+        if not line:                          # EOF (Ctrl-D)
+            sys.stdout.write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "/q"):
+            return
+        if line == "/reset":
+            history[:] = [{"role": "system", "content": system}] if system else []
+            err.print("[dim](conversation cleared)[/]")
+            continue
+        sys.stdout.write("bot> ")
+        sys.stdout.flush()
+        turn(line)
+
+
+@app.command("run")
+def run_cmd(
+    preset: str = typer.Argument(..., help="A preset name (wina models lists them) or a .toml file."),
+    limit: Optional[float] = typer.Option(None, "--limit", "-l", help="Documents per task, overriding the "
+                                                                      "preset (outputs go to a -limitN folder)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<preset>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the preset, print the steps, exit."),
+    device: str = O_DEVICE,
+) -> None:
+    """The whole pipeline of a preset: calibrate → allocate → evaluate each sparsity → compare.
+
+    Steps whose outputs exist are skipped, so an interrupted run resumes where it stopped.
+
+    Example: [bold]wina run smollm2-quick[/]   ·   [bold]wina run llama2-7b --dry-run[/]
+    """
+    from .presets import load_preset
+    from .runner import default_out_dir, plan_steps, run_preset
+    p = load_preset(preset)
+    lim = _limit(limit)
+    if lim is not None:
+        from .evaluate import _check_limit
+        _check_limit(lim)
+    folder = out_dir or default_out_dir(p, lim)
+    steps = plan_steps(p, folder, limit=lim)
+    if dry_run:
+        _print_steps(p, folder, steps, lim)
+        return
+    todo = [s for s in steps if not s.done()]
+    err.print(f"[bold]{escape(p.name)}[/]: {escape(p.model)} → {escape(str(folder))} "
+              f"({len(steps)} steps, {len(steps) - len(todo)} already done)", soft_wrap=True)
+    with ProgressRenderer(steps=len(steps)) as r:
+        def on_step(step, status: str) -> None:
+            if status == "start":
+                r.step(step.title)
+                for stage in list(r.tasks):
+                    if stage != "load":
+                        r.done(stage)
+            elif status in ("skip", "done"):
+                mark = "[dim]skip[/]" if status == "skip" else "[green]done[/]"
+                r.print(f"{mark} {escape(step.title)}", soft_wrap=True)
+                r.step(step.title, advance=True)
+
+        summary = run_preset(p, folder, limit=lim, device=None if device == "auto" else device,
+                             on_step=on_step, on_event=r, renderer=r)
+    if summary.runs:
+        from .compare import comparison_table
+        out.print(comparison_table(summary.runs, title=f"{p.name}: {p.model}"))
+    out.print(f"[green]finished:[/] {len(summary.ran)} steps run, {len(summary.skipped)} skipped; "
+              f"outputs in {escape(str(folder))}", soft_wrap=True)
+
+
+def _print_steps(p, folder: Path, steps, limit) -> None:
+    from rich.table import Table
+    from .runner import describe
+    info = describe(p, limit)
+    out.print(f"[bold]preset[/] {escape(p.name)} ({escape(str(p.path))})", soft_wrap=True)
+    for k, v in info.items():
+        out.print(f"  {k}: {escape(str(v))}", soft_wrap=True)
+    out.print(f"  output: {escape(str(folder))}", soft_wrap=True)
+    t = Table(title=f"{len(steps)} steps", title_justify="left")
+    t.add_column("#", justify="right")
+    t.add_column("step")
+    t.add_column("output")
+    t.add_column("status")
+    for i, s in enumerate(steps, 1):
+        t.add_row(str(i), s.title, str(s.output.relative_to(folder)) if s.output.is_relative_to(folder)
+                  else str(s.output), "[dim]done, skipped[/]" if s.done() else "to run")
+    out.print(t)
+    out.print("dry run: nothing was executed")
+
+
+@app.command("tui")
+def tui_cmd(ctx: typer.Context,
+            args: Optional[List[str]] = typer.Argument(None, help="Passed on to the TUI (see wina-tui --help).")) -> None:
+    """The Textual app: set up a model, calibrate, chat side by side, evaluate. Same as [bold]wina-tui[/].
+
+    Example: [bold]wina tui[/]
+    """
+    try:
+        from wina_tui import app as tui_app
+    except ImportError as e:
+        from .errors import WinaError as _W
+        raise _W(f"the TUI is not available: {e}") from None
+    entry = getattr(tui_app, "main", None) or getattr(tui_app, "run", None)
+    if entry is None:
+        raise WinaError("the TUI is not available: wina_tui.app has no main()")
+    saved = sys.argv
+    sys.argv = ["wina-tui", *(args or [])]
+    try:
+        rv = entry()
+    finally:
+        sys.argv = saved
+    if isinstance(rv, int) and rv:
+        raise typer.Exit(rv)
+
+
+def main() -> None:
+    """Console-script entry point (``wina``)."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

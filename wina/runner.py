@@ -1,0 +1,364 @@
+"""``wina run``: the whole pipeline a preset describes, resumable.
+
+Steps, in order (variants without the transform first, so that one loaded model serves every step:
+it is transformed in place once, when the first transformed variant needs it)::
+
+    calibrate <variant>          -> plans/<variant>/              (greedy variants)
+    allocate <variant>           -> plans/<variant>/ (same plan, allocation added)
+    eval <variant> @ <sparsity>  -> runs/<variant>-s<NN>.json     (dense: runs/<variant>.json)
+    compare                      -> compare.md (the paper-shaped table of every run file)
+
+A step whose output exists (and is complete) is skipped, so an interrupted run resumes: results
+files are written atomically (temporary file + rename), and a plan records which layers are
+calibrated / allocated (``plan.json``), which calibrate and allocate resume from. The model is
+loaded only when a step has to run. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
+that quick checks never mix with full results. Nothing here draws anything: the CLI passes
+``on_step`` and ``on_event`` callbacks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from .errors import InvalidArgument, PlanError
+from .events import CancelToken, ProgressCallback
+from .presets import Preset, Variant
+
+CALIBRATE, ALLOCATE, EVAL, COMPARE = "calibrate", "allocate", "eval", "compare"
+
+
+@dataclass
+class Step:
+    kind: str                                # calibrate | allocate | eval | compare
+    output: Path
+    variant: Optional[Variant] = None
+    sparsity: Optional[float] = None
+    inputs: list[Path] = field(default_factory=list)
+    preset: Optional[Preset] = None
+
+    @property
+    def title(self) -> str:
+        if self.kind == COMPARE:
+            return "compare all runs"
+        v = self.variant
+        tr = ""
+        if self.kind == EVAL:
+            if v.method == "dense":
+                return f"eval {v.name}{tr}"
+            return f"eval {v.name}{tr} @ {self.sparsity:.0%}"
+        return f"{self.kind} {v.name}{tr}"
+
+    def done(self) -> bool:
+        """Whether the output exists and is complete (cheap: reads JSON only, never torch)."""
+        if self.kind == CALIBRATE:
+            meta = _plan_json(self.output)
+            return meta is not None and _calibrated(meta)
+        if self.kind == ALLOCATE:
+            meta = _plan_json(self.output)
+            return meta is not None and _calibrated(meta) and _allocated(meta, self.preset)
+        if self.kind == EVAL:
+            return self.output.is_file()
+        if self.kind == COMPARE:
+            if not self.output.is_file():
+                return False
+            t = self.output.stat().st_mtime
+            return all(p.is_file() and p.stat().st_mtime <= t for p in self.inputs)
+        return False
+
+
+@dataclass
+class Summary:
+    out_dir: Path
+    ran: list[Step] = field(default_factory=list)
+    skipped: list[Step] = field(default_factory=list)
+    runs: list[Any] = field(default_factory=list)          # wina.results.Run of every eval output
+    compare_path: Optional[Path] = None
+
+
+# --- plan.json reading (no torch) ------------------------------------------------------------------
+
+def _plan_json(path: Path) -> Optional[dict]:
+    f = path / "plan.json"
+    if not f.is_file():
+        return None
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def _calibrated(meta: dict) -> bool:
+    try:
+        return int(meta["status"]["calibrated_layers"]) == int(meta["n_layers"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _allocated(meta: dict, preset: Optional[Preset]) -> bool:
+    alloc = meta.get("allocation")
+    try:
+        done = alloc is not None and int(meta["status"].get("allocated_layers", 0)) == int(meta["n_layers"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    if not done:
+        return False
+    if alloc.get("mode") == "global" and "global.safetensors" not in (meta.get("files") or {}):
+        return False
+    if preset is not None:
+        want = {"mode": preset.allocation.mode, "max_sparsity": preset.allocation.max_sparsity,
+                "step": preset.allocation.step}
+        for k, v in want.items():
+            if k in alloc and alloc[k] != v:
+                return False
+    return True
+
+
+# --- planning ------------------------------------------------------------------------------------
+
+def default_out_dir(preset: Preset, limit=None) -> Path:
+    name = preset.name + (f"-limit{limit:g}" if limit is not None else "")
+    return Path("runs") / name
+
+
+def _tag(s: float) -> str:
+    pct = round(100 * s, 2)
+    return f"s{int(pct):02d}" if float(pct).is_integer() else f"s{pct:05.2f}".replace(".", "p")
+
+
+def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list[Step]:
+    """The steps of a preset, in execution order (untransformed variants first)."""
+    out = Path(out_dir)
+    steps: list[Step] = []
+    evals: list[Path] = []
+    ordered = [v for v in preset.variants if not v.transform] + [v for v in preset.variants if v.transform]
+    for v in ordered:
+        plan_dir = out / "plans" / v.name
+        if v.needs_plan:
+            steps.append(Step(CALIBRATE, plan_dir, v, preset=preset))
+            steps.append(Step(ALLOCATE, plan_dir, v, inputs=[plan_dir], preset=preset))
+        if v.method == "dense":
+            targets = [None]
+        else:
+            targets = list(preset.eval.sparsities)
+        for s in targets:
+            name = f"{v.name}.json" if s is None else f"{v.name}-{_tag(s)}.json"
+            p = out / "runs" / name
+            evals.append(p)
+            steps.append(Step(EVAL, p, v, s, inputs=[plan_dir] if v.needs_plan else [], preset=preset))
+    steps.append(Step(COMPARE, out / "compare.md", inputs=evals, preset=preset))
+    return steps
+
+
+def describe(preset: Preset, limit=None) -> dict[str, str]:
+    """What a dry run shows about a preset, after resolving and checking what can be checked cheaply
+    (model spec, data folder, task names and files, calibration file, perplexity text)."""
+    from . import tasks as _tasks
+    from .models import resolve_source
+    kind, path = resolve_source(preset.model)
+    info: dict[str, str] = {"model": f"{preset.model} ({kind})"}
+    if preset.description:
+        info["description"] = preset.description
+    greedy = [v for v in preset.variants if v.needs_plan]
+    if greedy:
+        src = preset.resolved_source()
+        c = preset.calibration
+        if src.endswith((".txt", ".jsonl")) and not Path(src).is_file():
+            raise PlanError(f"{preset.where}: calibration.source: file not found: {src}")
+        info["calibration"] = (f"{src}, {c.samples} samples × {c.seq_len or 'default'} tokens, "
+                               f"weighted={c.weighted}")
+        a = preset.allocation
+        info["allocation"] = f"greedy, mode={a.mode}, step={a.step}, max_sparsity={a.max_sparsity}"
+    info["variants"] = ", ".join(
+        f"{v.name} ({v.method}{', transform' if v.transform else ''}"
+        f"{', ' + v.allocation if v.method != 'dense' else ''})" for v in preset.variants)
+    e = preset.eval
+    info["sparsities"] = ", ".join(f"{s:g}" for s in e.sparsities)
+    info["gating"] = e.gating
+    data_dir = preset.resolved_data_dir()
+    if e.tasks:
+        names = _tasks.parse_tasks(e.tasks)
+        if data_dir is not None:
+            if not data_dir.is_dir():
+                raise PlanError(f"{preset.where}: eval.data_dir: folder not found: {data_dir}")
+            _tasks.check_local(names, data_dir)
+            where = f"local files in {data_dir}"
+        else:
+            hub = [n for n in names if n not in _tasks.TASKS]
+            where = "lm-eval hub datasets" + (f" ({', '.join(hub)}: checked when run)" if hub else "")
+        info["tasks"] = f"{', '.join(names)} from {where}"
+    lim = limit if limit is not None else e.limit
+    info["limit"] = "all documents" if lim is None else f"{lim:g} per task"
+    ppl = preset.resolved_ppl_text()
+    if ppl is not None:
+        if not ppl.is_file():
+            raise PlanError(f"{preset.where}: eval.ppl_text: file not found: {ppl}")
+        info["perplexity"] = f"{ppl} ({e.ppl_max_tokens or 'all'} tokens)"
+    return info
+
+
+# --- execution -----------------------------------------------------------------------------------
+
+class _Model:
+    """The one loaded model, transformed in place on first need; reloaded only if a step needs the
+    untransformed model after the transform (which the step order avoids)."""
+
+    def __init__(self, preset: Preset, device: Optional[str], renderer=None) -> None:
+        self.preset, self.device, self.r = preset, device, renderer
+        self.loaded = None
+
+    def get(self, transform: bool):
+        from .transform import is_transformed
+        if self.loaded is not None and not transform and is_transformed(self.loaded.model):
+            self.loaded = None
+        if self.loaded is None:
+            import torch
+            from .models import load
+            dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            if self.r is not None:
+                self.r.note("load", f"{self.preset.model} on {dev}")
+            dtype = None if self.preset.dtype == "auto" else self.preset.dtype
+            self.loaded = load(self.preset.model, dtype=dtype, device=dev)
+            if self.r is not None:
+                self.r.done("load", f"{self.preset.model} on {dev}")
+        if transform and not is_transformed(self.loaded.model):
+            from .transform import transform as do_transform
+            sp = getattr(self.loaded.model, "_wina_sparsifier", None)
+            if sp is not None:
+                sp.remove()
+            if self.r is not None:
+                self.r.note("transform", "column-orthogonal transform")
+            do_transform(self.loaded.model)
+            if self.r is not None:
+                self.r.done("transform")
+        return self.loaded
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=None,
+               device: Optional[str] = None, on_step: Optional[Callable[[Step, str], None]] = None,
+               on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+               renderer=None) -> Summary:
+    """Run every step of a preset that is not done yet; returns what ran and the loaded runs.
+
+    ``on_step(step, status)`` is called with status "start", "done" or "skip". ``renderer``
+    (optional, the CLI's) gets ``note``/``done`` calls for work without progress events.
+    """
+    if limit is not None:
+        from .evaluate import _check_limit
+        limit = _check_limit(limit)
+    out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
+    describe(preset, limit)                          # fail early on a bad path / task / data folder
+    steps = plan_steps(preset, out, limit=limit)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
+    summary = Summary(out)
+    holder = _Model(preset, device, renderer)
+    notify = on_step or (lambda s, st: None)
+    ran_eval = False
+    for step in steps:
+        if cancel is not None:
+            cancel.check()
+        if step.kind == COMPARE and ran_eval and step.output.exists():
+            pass                                     # new results: always redo the comparison
+        elif step.done():
+            summary.skipped.append(step)
+            notify(step, "skip")
+            continue
+        notify(step, "start")
+        if step.kind == CALIBRATE:
+            _calibrate(step, preset, holder, on_event, cancel)
+        elif step.kind == ALLOCATE:
+            _allocate(step, preset, holder, on_event, cancel)
+        elif step.kind == EVAL:
+            _evaluate(step, preset, holder, limit, on_event, cancel)
+            ran_eval = True
+        elif step.kind == COMPARE:
+            _compare(step, preset)
+        summary.ran.append(step)
+        notify(step, "done")
+    from .results import load_run
+    compare = next(s for s in steps if s.kind == COMPARE)
+    summary.runs = [load_run(p) for p in compare.inputs if p.is_file()]
+    summary.compare_path = compare.output if compare.output.is_file() else None
+    return summary
+
+
+def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
+    from .calibrate import calibrate
+    v = step.variant
+    loaded = holder.get(v.transform)
+    c = preset.calibration
+    calibrate(loaded.model, loaded.tokenizer, method=v.method, source=preset.resolved_source(),
+              samples=c.samples, seq_len=c.seq_len, out=str(step.output), weighted=c.weighted,
+              model_id=preset.model, on_event=on_event, cancel=cancel)
+
+
+def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
+    from .allocate import allocate
+    from .plan import Plan
+    v = step.variant
+    loaded = holder.get(v.transform)
+    plan = Plan.load(str(step.output), allow_partial=True)
+    if not plan.calibrated:
+        raise PlanError(f"{step.output}: calibration is not finished; run the calibrate step first")
+    a = preset.allocation
+    new = allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=a.max_sparsity, step=a.step,
+                   mode=a.mode, on_event=on_event, cancel=cancel)
+    if new is not None and getattr(new, "path", None) is None:
+        new.save(str(step.output))
+    elif new is not None and Path(new.path).resolve() != step.output.resolve():
+        new.save(str(step.output))
+
+
+def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:
+    from .evaluate import run_evaluation
+    from .pipeline import SparseOptions, prepare
+    v = step.variant
+    e = preset.eval
+    loaded = holder.get(v.transform)
+    plan = str(step.inputs[0]) if v.needs_plan else None
+    opts = SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
+                         gating=e.gating if v.method != "dense" else "topk",
+                         weighted=preset.calibration.weighted, plan=plan)
+    sp = prepare(loaded.model, opts)
+    try:
+        run_evaluation(
+            loaded.model, loaded.tokenizer, e.tasks or None, model_id=preset.model, sparsifier=sp,
+            method=v.method, sparsity=step.sparsity or 0.0,
+            allocation=None if v.method == "dense" else v.allocation, plan=plan, out=step.output,
+            ppl_file=preset.resolved_ppl_text(), ppl_max_tokens=e.ppl_max_tokens,
+            limit=limit if limit is not None else e.limit, data_dir=preset.resolved_data_dir(),
+            num_fewshot=e.num_fewshot, batch_size=e.batch_size, on_event=on_event, cancel=cancel,
+            extra={"preset": preset.name, "variant": v.name,
+                   "preset_file": str(preset.path) if preset.path else None})
+    finally:
+        if sp is not None:
+            sp.remove()
+
+
+def _compare(step: Step, preset: Preset) -> None:
+    from .compare import comparison_markdown
+    from .results import load_run
+    runs = [load_run(p) for p in step.inputs if p.is_file()]
+    if not runs:
+        raise InvalidArgument("nothing to compare: no results files")
+    head = f"# {preset.name}: {preset.model}\n\n"
+    _atomic_text(step.output, head + comparison_markdown(runs) + "\n")
