@@ -1,0 +1,422 @@
+"""Greedy per-matrix sparsity allocation (TEAL's greedy, as the seed's greedyopt step) and a
+cross-layer extension.
+
+Within-layer greedy (``mode="layer"``, the seed's recipe), for every decoder layer independently, on
+dense inputs: start with every matrix at sparsity 0 (at its dead-column floor after the transform,
+``1 − kv_dim/d`` for k_proj of a GQA model); the step of a matrix is ``step / weight``, its weight
+being its parameter count relative to the layer's first attention projection (q_proj; qkv_proj for
+phi3), from :func:`wina.adapters.projection_shapes`; at every step each matrix's next step is tried
+and the one with the smallest layer-output error is committed; the error is the L2 norm of the
+difference from the dense layer output, averaged over the positions in the last 25 % of each
+sequence. Every committed step raises the layer's parameter-weighted sparsity by
+``step / Σ weights`` (less where a matrix hits the 0.99 cap). The whole trajectory up to
+``max_sparsity`` is recorded; a target ``s`` later picks, per layer, the row nearest ``s``.
+
+Trials use the plan's histogram thresholds (threshold gating, as deployed). They are batched: the
+attention-side trials run the attention block once on stacked copies of the layer input (and are
+cached until an attention matrix is committed); the MLP, being position-wise, runs only on the last
+25 % of positions, for all trials at once.
+
+Cross-layer (``mode="global"``): after the within-layer trajectories, the model-level cost of each
+layer's rows is estimated: for a few grid sparsities (default 0.5 and 0.8), layer l alone is set to
+its trajectory row and the rest of the model runs dense; the KL divergence of the next-token
+distribution from the dense model's (last 25 % of positions) gives a per-layer factor
+``ρ_l = KL / error²`` (interpolated in sparsity), so the cost of row r of layer l is
+``ρ_l · error_l(r)²``. A greedy over all layers then repeatedly advances the layer whose next rows
+add the least cost per step (lower convex hull slope, so a noisy bump does not block a layer), and
+records that order; a target ``s`` takes the prefix whose average sparsity is nearest ``s``.
+Every layer has the same shapes, so a step in any layer drops the same number of weights.
+
+Resuming: with a plan directory, each finished layer's trajectory is written atomically;
+re-running with the same arguments resumes at the first unfinished layer (dense inputs are
+re-propagated, deterministically) and gives the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .adapters import adapter_for, decoder_layers, projection
+from .calibrate import LayerRunner, _nullctx, default_sizes, gate_scale_and_live, is_weighted, prefix_start
+from .errors import InvalidArgument, PlanError
+from .events import CancelToken, ProgressCallback, Reporter
+from .plan import MAX_MATRIX_SPARSITY, Plan, TrajectoryRow
+
+TAIL_FRACTION = 0.25
+
+
+def tail_start(seq_len: int) -> int:
+    return seq_len - max(1, int(round(seq_len * TAIL_FRACTION)))
+
+
+class _CopyGates:
+    """Threshold gates on one layer's projections, with one threshold per stacked copy of the batch.
+
+    ``thr[proj]`` is a float tensor (n_copies,) or None (the projection runs dense). Inputs arrive as
+    (n_copies·b, L, d); positions before ``start`` stay dense (the sparsifier's dense prefix).
+    """
+
+    def __init__(self, model, layer: int, plan: Plan) -> None:
+        a = adapter_for(model)
+        self.thr: dict[str, Optional[torch.Tensor]] = {}
+        self.start = 0
+        self.handles = []
+        for p in plan.projections:
+            lin = projection(model, layer, p, a)
+            scale, live = gate_scale_and_live(lin, is_weighted(plan.method, plan.meta["weighted"], p, a))
+            self.thr[p] = None
+            self.handles.append(lin.register_forward_pre_hook(self._hook(p, scale, live)))
+
+    def _hook(self, p, scale, live):
+        def hook(module, args):
+            t = self.thr[p]
+            if t is None:
+                return None
+            x = args[0]
+            n = t.numel()
+            L, d = x.shape[-2], x.shape[-1]
+            xs = x.reshape(n, -1, L, d)
+            score = xs.abs()
+            if scale is not None:
+                score = score * scale.to(dtype=score.dtype, device=score.device)
+            mask = score > t.to(device=x.device, dtype=score.dtype).view(n, 1, 1, 1)
+            if live is not None:
+                mask &= live.to(mask.device)
+            if self.start > 0:
+                mask[:, :, :self.start] = True
+            return ((xs * mask.to(xs.dtype)).reshape(x.shape), *args[1:])
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+class LayerTrials:
+    """Evaluates per-matrix sparsity configurations of one layer against its dense output."""
+
+    def __init__(self, model, plan: Plan, runner: LayerRunner, layer: int, h: torch.Tensor,
+                 y_dense: torch.Tensor, dense_prefix: float) -> None:
+        self.model, self.plan, self.runner, self.layer = model, plan, runner, layer
+        self.a = adapter_for(model)
+        block = decoder_layers(model, self.a)[layer]
+        self.attn = block.get_submodule(self.a.attn)
+        self.mlp = block.get_submodule(self.a.mlp)
+        self.attn_norm = block.get_submodule(self.a.attn_norm)
+        self.mlp_norm = block.get_submodule(self.a.mlp_norm)
+        self.attn_side = set(self.a.attn_inputs) | {self.a.attn_output}
+        self.h = h
+        L = h.shape[1]
+        self.t0 = tail_start(L)
+        self.y_tail = y_dense[:, self.t0:]
+        self.prefix = prefix_start(L, dense_prefix)
+        self.gates = _CopyGates(model, layer, plan)
+        self._thr_cache: dict[tuple[str, float], float] = {}
+        self.tokens = max(1, runner.chunk_tokens)
+
+    def close(self) -> None:
+        self.gates.remove()
+
+    def thr(self, p: str, s: float) -> float:
+        key = (p, round(s, 12))
+        if key not in self._thr_cache:
+            self._thr_cache[key] = self.plan.threshold(self.layer, p, s)
+        return self._thr_cache[key]
+
+    def _set(self, configs: list[dict[str, float]], projs) -> None:
+        for p in self.plan.projections:
+            self.gates.thr[p] = None
+        for p in projs:
+            vals = [self.thr(p, c[p]) if c[p] > 0 else -1.0 for c in configs]
+            self.gates.thr[p] = torch.tensor(vals, dtype=torch.float32)
+
+    @torch.no_grad()
+    def attn_tails(self, configs: list[dict[str, float]]) -> torch.Tensor:
+        """Residual stream after the attention block, last 25 % of positions: (n, B, L4, d)."""
+        n = len(configs)
+        B, L, _ = self.h.shape
+        self._set(configs, [p for p in self.plan.projections if p in self.attn_side])
+        self.gates.start = self.prefix
+        b = max(1, self.tokens // (n * L))
+        outs = []
+        try:
+            for s0 in range(0, B, b):
+                hc = self.h[s0:s0 + b]
+                hrep = hc.unsqueeze(0).expand(n, *hc.shape).reshape(n * hc.shape[0], L, -1)
+                x = self.attn_norm(hrep)
+                o = self.attn(hidden_states=x, **self.runner.kwargs)
+                o = o[0] if isinstance(o, tuple) else o
+                h1 = hrep + o
+                outs.append(h1[:, self.t0:].reshape(n, hc.shape[0], L - self.t0, -1))
+        finally:
+            self.gates.start = 0
+        return torch.cat(outs, 1)
+
+    @torch.no_grad()
+    def mlp_errors(self, h1: torch.Tensor, configs: list[dict[str, float]]) -> list[float]:
+        """Layer-output error for n (attention-tail, MLP config) pairs; h1: (n, B, L4, d)."""
+        n, B, L4, d = h1.shape
+        self._set(configs, [p for p in self.plan.projections if p not in self.attn_side])
+        self.gates.start = 0
+        b = max(1, self.tokens // (n * L4))
+        err = torch.zeros(n, dtype=torch.float64)
+        for s0 in range(0, B, b):
+            hc = h1[:, s0:s0 + b]
+            nb = hc.shape[1]
+            flat = hc.reshape(n * nb, L4, d)
+            x = self.mlp_norm(flat)
+            y = flat + self.mlp(x)
+            diff = y.reshape(n, nb, L4, d).float() - self.y_tail[s0:s0 + nb].float().unsqueeze(0)
+            err += diff.norm(dim=-1).sum(dim=(1, 2)).double().cpu()
+        return (err / (B * L4)).tolist()
+
+    def errors(self, configs: list[dict[str, float]]) -> list[float]:
+        """Full evaluation of n whole-layer configurations."""
+        h1 = self.attn_tails(configs)
+        return self.mlp_errors(h1, configs)
+
+
+def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_sparsity: float,
+                  emit) -> tuple[list[TrajectoryRow], list[Optional[str]]]:
+    P = plan.projections
+    w = plan.weights
+    cur = {p: plan.floor(layer, p) for p in P}
+    attn_side = trials.attn_side
+    h1c = trials.attn_tails([cur])[0]
+    err0 = trials.mlp_errors(h1c.unsqueeze(0), [cur])[0]
+    rows = [TrajectoryRow(dict(cur), plan.effective(layer, cur), err0)]
+    steps: list[Optional[str]] = [None]
+    emit(rows[-1], None)
+    attn_cache: Optional[dict[str, torch.Tensor]] = None
+    while rows[-1].effective < max_sparsity - 1e-9:
+        cands = [p for p in P if cur[p] < MAX_MATRIX_SPARSITY - 1e-9]
+        if not cands:
+            break
+        trial = {p: min(cur[p] + step / w[p], MAX_MATRIX_SPARSITY) for p in cands}
+        a_c = [p for p in cands if p in attn_side]
+        if attn_cache is None and a_c:
+            tails = trials.attn_tails([{**cur, p: trial[p]} for p in a_c])
+            attn_cache = {p: tails[j] for j, p in enumerate(a_c)}
+        h_list, cfgs = [], []
+        for p in cands:
+            if p in attn_side:
+                h_list.append(attn_cache[p])
+                cfgs.append(dict(cur))
+            else:
+                h_list.append(h1c)
+                cfgs.append({**cur, p: trial[p]})
+        errs = trials.mlp_errors(torch.stack(h_list), cfgs)
+        j = min(range(len(cands)), key=lambda k: (errs[k], k))
+        best = cands[j]
+        cur[best] = trial[best]
+        if best in attn_side:
+            h1c = attn_cache[best]
+            attn_cache = None
+        rows.append(TrajectoryRow(dict(cur), plan.effective(layer, cur), errs[j]))
+        steps.append(best)
+        emit(rows[-1], best)
+    return rows, steps
+
+
+def expected_steps(plan: Plan, layer: int, step: float, max_sparsity: float) -> int:
+    w = plan.weights
+    eff0 = plan.effective(layer, {p: plan.floor(layer, p) for p in plan.projections})
+    return max(0, math.ceil((max_sparsity - eff0) * sum(w.values()) / step - 1e-9))
+
+
+@torch.no_grad()
+def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: float = 0.025,
+             mode: str = "layer", on_event: Optional[ProgressCallback] = None,
+             cancel: Optional[CancelToken] = None, samples: Optional[int] = None,
+             seq_len: Optional[int] = None, grid: tuple[float, ...] = (0.5, 0.8),
+             chunk_tokens: int = 16384) -> Plan:
+    """Greedy per-matrix sparsity allocation; stores the trajectories in ``plan`` (and saves it).
+
+    ``samples``/``seq_len``: how much of the plan's calibration data the greedy uses (the first
+    samples, each cut to its first seq_len tokens); default all of it for models of 1 B parameters
+    and more (the seed's recipe), 4 × 256 tokens for smaller ones (see docs/calibration.md).
+    ``mode="global"`` adds the cross-layer allocation (module docstring). Events:
+    ``stage="allocate"`` with ``layer``, ``n_layers`` and metrics ``sparsity`` (the layer's effective
+    sparsity), ``error``, ``matrix`` (the projection just committed; None for the first row), ``row``.
+    """
+    from .transform import is_transformed, transform
+    if mode not in ("layer", "global"):
+        raise InvalidArgument(f"unknown allocation mode {mode!r}; choose layer or global")
+    if not (0.0 < step < 1.0):
+        raise InvalidArgument(f"step must be in (0, 1), got {step}")
+    if not (0.0 < max_sparsity < 1.0):
+        raise InvalidArgument(f"max_sparsity must be in (0, 1), got {max_sparsity}")
+    if not isinstance(plan, Plan):
+        raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
+    plan._require_calibrated()
+    plan.check_model(model)
+    if plan.meta["transform"] and not is_transformed(model):
+        sp = getattr(model, "_wina_sparsifier", None)
+        if sp is not None:
+            sp.remove()
+        transform(model)
+    elif not plan.meta["transform"] and is_transformed(model):
+        raise PlanError("this plan was calibrated on the untransformed model, but the model is transformed")
+    d = default_sizes(model.config)
+    ids = plan.calib_ids
+    samples = int(samples or d["alloc_samples"] or ids.shape[0])
+    seq_len = int(seq_len or d["alloc_seq_len"] or ids.shape[1])
+    samples, seq_len = min(samples, ids.shape[0]), min(seq_len, ids.shape[1])
+    ids = ids[:samples, :seq_len]
+    traj_args = {"max_sparsity": max_sparsity, "step": step, "samples": samples, "seq_len": seq_len,
+                 "error": "mean L2 of layer output, last 25% of positions", "gating": "threshold"}
+    old = plan.meta.get("allocation") or {}
+    if {k: v for k, v in old.items() if k not in ("mode", "grid")} != traj_args:
+        plan.reset_allocation({**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None})
+    else:
+        if old.get("mode") != mode or (mode == "global" and old.get("grid") != list(grid)):
+            plan.global_order = None
+            plan.sensitivity = None
+        plan.meta["allocation"] = {**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None}
+    N = plan.n_layers
+    dense_prefix = float(plan.meta["calibration"].get("dense_prefix", 0.01))
+    per_layer = [expected_steps(plan, i, step, max_sparsity) + 1 for i in range(N)]
+    total = sum(per_layer) + (N if mode == "global" else 0)
+    rep = Reporter("allocate", total, on_event, cancel, n_layers=N)
+    sp = getattr(model, "_wina_sparsifier", None)
+    ctx = sp.paused() if sp is not None else _nullctx()
+    with ctx:
+        need_layers = plan.n_allocated < N
+        need_global = mode == "global" and plan.global_order is None
+        if not (need_layers or need_global):
+            rep.emit(total, message="allocation complete")
+            return plan
+        runner = LayerRunner(model, chunk_tokens)
+        h = runner.inputs(ids)
+        inputs_for_global = [] if need_global else None
+        done = sum(per_layer[:plan.n_allocated])
+        for i in range(N):
+            y = runner.run(i, h)
+            if inputs_for_global is not None:
+                inputs_for_global.append(h.cpu() if h.is_cuda else h)
+            if i < plan.n_allocated:
+                h = y
+                continue
+            rep.emit(done, layer=i, message=f"layer {i + 1}/{N}")
+            trials = LayerTrials(model, plan, runner, i, h, y, dense_prefix)
+            counter = {"row": 0}
+
+            def emit(row: TrajectoryRow, matrix, _i=i, _c=counter):
+                _c["row"] += 1
+                rep.emit(min(done + _c["row"], total), layer=_i, message=f"layer {_i + 1}/{N}",
+                         sparsity=row.effective, error=row.error, matrix=matrix, row=_c["row"] - 1)
+
+            try:
+                rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit)
+            finally:
+                trials.close()
+            done += per_layer[i]
+            plan.set_layer_trajectory(i, rows, steps)
+            if plan.path is not None:
+                plan.save_layer_trajectory(i)
+            h = y
+        del h
+        if need_global:
+            _global(model, plan, runner, inputs_for_global, tuple(grid), dense_prefix, rep, done)
+        if plan.path is not None:
+            plan.save_allocation_done()
+    rep.emit(total, message="allocation complete")
+    return plan
+
+
+# ---- cross-layer ---------------------------------------------------------------------------------
+@torch.no_grad()
+def _global(model, plan: Plan, runner: LayerRunner, inputs: list[torch.Tensor], grid: tuple[float, ...],
+            dense_prefix: float, rep: Reporter, done: int) -> None:
+    a = adapter_for(model)
+    layers = decoder_layers(model, a)
+    norm = model.get_submodule(a.final_norm)
+    head = model.get_submodule(a.lm_head)
+    N = plan.n_layers
+    dev = runner.device
+    B, L, _ = inputs[0].shape
+    t0 = tail_start(L)
+
+    def run_from(l: int, h: torch.Tensor) -> torch.Tensor:
+        for j in range(l, N):
+            y = layers[j](h, **runner.kwargs)
+            h = y[0] if isinstance(y, tuple) else y
+        return h
+
+    # dense log-probs of the tail
+    dense_tail = []
+    for s0 in range(B):
+        hf = run_from(0, inputs[0][s0:s0 + 1].to(dev))
+        dense_tail.append(torch.log_softmax(head(norm(hf[:, t0:])).float(), -1).cpu())
+    G = len(grid)
+    kl = torch.zeros(N, G, dtype=torch.float64)
+    lerr = torch.zeros(N, G, dtype=torch.float64)
+    geff = torch.zeros(N, G, dtype=torch.float64)
+    for l in range(N):
+        rep.emit(done + l, layer=l, message=f"cross-layer sensitivity, layer {l + 1}/{N}")
+        traj = plan.trajectories[l]
+        picks = [min(range(len(traj)), key=lambda r: (abs(traj[r].effective - g), r)) for g in grid]
+        gates = _CopyGates(model, l, plan)          # only layer l's projections are gated
+        try:
+            for p in plan.projections:
+                vals = [plan.threshold(l, p, traj[r].sparsities[p]) if traj[r].sparsities[p] > 0 else -1.0
+                        for r in picks]
+                gates.thr[p] = torch.tensor(vals, dtype=torch.float32)
+            gates.start = prefix_start(L, dense_prefix)
+            for s0 in range(B):
+                hc = inputs[l][s0:s0 + 1].to(dev)
+                hf = run_from(l, hc.expand(G, *hc.shape[1:]).contiguous())
+                lp = torch.log_softmax(head(norm(hf[:, t0:])).float(), -1).cpu()
+                ref = dense_tail[s0]
+                kl[l] += (ref.exp() * (ref - lp)).sum(-1).mean(-1).double()
+        finally:
+            gates.remove()
+        kl[l] /= B
+        for k, r in enumerate(picks):
+            lerr[l, k] = traj[r].error
+            geff[l, k] = traj[r].effective
+    plan.sensitivity = torch.stack([geff, kl, lerr], 0)      # [3, N, G]: sparsity, KL, layer error
+    plan.global_order = global_order(plan)
+
+
+def _rho(plan: Plan, l: int, eff: float) -> float:
+    geff, kl, lerr = plan.sensitivity[0, l], plan.sensitivity[1, l], plan.sensitivity[2, l]
+    r = (kl / lerr.clamp_min(1e-12) ** 2).tolist()
+    xs = geff.tolist()
+    if eff <= xs[0]:
+        return r[0]
+    for k in range(1, len(xs)):
+        if eff <= xs[k]:
+            f = (eff - xs[k - 1]) / max(xs[k] - xs[k - 1], 1e-12)
+            return r[k - 1] + f * (r[k] - r[k - 1])
+    return r[-1]
+
+
+def global_order(plan: Plan, lookahead: int = 20) -> torch.Tensor:
+    """Order in which the cross-layer greedy advances layers along their trajectories."""
+    N = plan.n_layers
+    cost = []
+    for l in range(N):
+        t = plan.trajectories[l]
+        cost.append([_rho(plan, l, row.effective) * row.error ** 2 for row in t])
+    pos = [0] * N
+    order: list[int] = []
+    while True:
+        best = None
+        for l in range(N):
+            c = cost[l]
+            r = pos[l]
+            if r + 1 >= len(c):
+                continue
+            slope, k_best = min(((c[r + k] - c[r]) / k, k) for k in range(1, min(lookahead, len(c) - 1 - r) + 1))
+            if best is None or (slope, l) < (best[0], best[1]):
+                best = (slope, l, k_best)
+        if best is None:
+            break
+        _, l, k = best
+        order.extend([l] * k)
+        pos[l] += k
+    return torch.tensor(order, dtype=torch.int64)

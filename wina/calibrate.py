@@ -1,0 +1,488 @@
+"""Calibration: data sources and layer-by-layer histograms of the gating score of every projection.
+
+Data sources (``source=``):
+
+- ``"self"`` (default, works offline, no data needed): text sampled from the model itself. Each
+  sample starts from the tokenizer's BOS token (EOS if it has none) and continues by ancestral
+  sampling with temperature 1.0 and nucleus top-p 0.95 (``SELF_TEMPERATURE``, ``SELF_TOP_P``), EOS
+  suppressed, a fixed seed (``seed=0``), until ``seq_len`` tokens.
+- a local file: ``.txt``/``.raw``/``.md`` (the whole text) or ``.jsonl`` (one JSON object a line; the
+  ``field`` option names the text field, default ``"text"``). Documents are joined with the EOS
+  token, tokenised without special tokens, and ``samples`` windows of ``seq_len`` tokens are taken
+  evenly spaced over the token stream.
+- ``"hub:<name>"`` or a bare hub dataset name such as ``"tatsu-lab/alpaca"`` (needs the
+  ``datasets`` package and network; the seed's recipe is alpaca, 20 samples × 2048 tokens; its
+  ``text`` field is used). Offline this fails with a :class:`~wina.errors.DataError`.
+- ``"random"``: uniformly random token ids (tests and shape-only benchmarks on random weights).
+
+Default sizes (``samples``/``seq_len`` left as ``None``), from the model's projection parameter count:
+models under 1 B parameters (the embedded SmolLM2-135M) use 16 × 512 tokens; larger ones the seed's
+20 × 2048. See :data:`SIZE_DEFAULTS` and docs/calibration.md.
+
+Collection keeps one decoder layer's activations in memory at a time: the inputs of layer 0 are
+captured with a forward pre-hook (``with_kwargs``) on the layer (hidden states plus the position
+embeddings / mask keyword arguments), then each layer is run alone on the dense hidden states
+(dense propagation) while pre-hooks on its projections accumulate a histogram of the gating score
+(TEAL ``|x|``, WINA ``|x|·c``, the same rule as :class:`wina.sparsify.Sparsifier`). A transformed
+model works unchanged: the transform's shortcut hooks live on the layer's modules.
+
+Histograms: log-spaced bins, 256 per octave from 2^-24 to 2^24 (plus under/overflow bins), so a
+threshold read from a histogram (log-linear interpolation inside the bin) is within 0.28 % of the
+empirical quantile's value. Only live input columns are counted (after the transform k_proj has
+only kv_dim non-zero columns; the dead ones are dropped for free, so such a matrix's sparsity starts
+at ``1 − n_live/d``), and only positions the sparsifier gates (after the dense prefix).
+
+Resuming: with ``out=``, the calibration ids and each finished layer's histograms are written
+atomically as soon as they exist; re-running with the same arguments resumes at the first
+unfinished layer (layers before it are re-propagated densely, which is deterministic), and the
+result is identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .adapters import adapter_for, decoder_layers, projection, projection_shapes
+from .errors import DataError, InvalidArgument, PlanError
+from .events import CancelToken, ProgressCallback, Reporter
+
+# ---- histogram binning ---------------------------------------------------------------------------
+LO_EXP = -24
+HI_EXP = 24
+BINS_PER_OCTAVE = 256
+N_BINS = (HI_EXP - LO_EXP) * BINS_PER_OCTAVE + 2      # + underflow (incl. exact zeros) + overflow
+
+SELF_TEMPERATURE = 1.0
+SELF_TOP_P = 0.95
+
+SIZE_DEFAULTS = {
+    # name: (max projection params, calibration samples, seq_len, allocation samples, allocation seq_len)
+    "small": (1e9, 16, 512, 4, 256),
+    "large": (float("inf"), 20, 2048, None, None),      # None: all calibration data (the seed)
+}
+
+
+def size_class(config) -> str:
+    n = projection_params(config)
+    for name, (limit, *_rest) in SIZE_DEFAULTS.items():
+        if n < limit:
+            return name
+    return "large"
+
+
+def projection_params(config) -> int:
+    shapes = projection_shapes(config)
+    return config.num_hidden_layers * sum(o * i for o, i in shapes.values())
+
+
+def default_sizes(config) -> dict[str, Optional[int]]:
+    _, s, L, a_s, a_L = SIZE_DEFAULTS[size_class(config)]
+    return {"samples": s, "seq_len": L, "alloc_samples": a_s, "alloc_seq_len": a_L}
+
+
+def bin_scores(score: torch.Tensor) -> torch.Tensor:
+    """Histogram (float64 counts, N_BINS) of non-negative scores."""
+    s = score.float().flatten()
+    idx = torch.floor((torch.log2(s) - LO_EXP) * BINS_PER_OCTAVE)
+    idx = torch.nan_to_num(idx, nan=-1.0, neginf=-1.0, posinf=float(N_BINS)).clamp_(-1, N_BINS - 2) + 1
+    return torch.bincount(idx.long(), minlength=N_BINS).double().cpu()
+
+
+def hist_threshold(counts: torch.Tensor, q: float) -> float:
+    """Score value below which a fraction ``q`` of the histogram's mass lies (log-linear in the bin)."""
+    counts = counts.double()
+    total = float(counts.sum())
+    if q <= 0.0 or total == 0.0:
+        return 0.0
+    cum = torch.cumsum(counts, 0)
+    r = min(q, 1.0) * total
+    b = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype)).clamp(max=N_BINS - 1))
+    prev = float(cum[b - 1]) if b > 0 else 0.0
+    frac = (r - prev) / float(counts[b]) if float(counts[b]) > 0 else 1.0
+    frac = min(max(frac, 0.0), 1.0)
+    if b == 0:
+        return 0.0                                     # inside the underflow bin (zeros, tiny values)
+    if b == N_BINS - 1:
+        return float(2.0 ** HI_EXP)
+    return float(2.0 ** (LO_EXP + (b - 1 + frac) / BINS_PER_OCTAVE))
+
+
+def matrix_threshold(counts: torch.Tensor, sparsity: float, n_live: int, in_features: int) -> float:
+    """Threshold that drops a fraction ``sparsity`` of a matrix's inputs, dead columns included."""
+    floor = 1.0 - n_live / in_features
+    if sparsity <= floor + 1e-12 or n_live == 0:
+        return 0.0
+    return hist_threshold(counts, (sparsity - floor) / (1.0 - floor))
+
+
+# ---- config identity -----------------------------------------------------------------------------
+_HASH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+                "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias")
+
+
+def config_hash(config) -> str:
+    """sha256 (16 hex) of the fields that define a model's computation (not its dtype or ties)."""
+    d = {}
+    for k in _HASH_FIELDS:
+        v = getattr(config, k, None)
+        if v is not None:
+            d[k] = v
+    blob = json.dumps(d, sort_keys=True, default=str)
+    import hashlib
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weight_fingerprint(model) -> list[float]:
+    """16 column norms of the first down/o projection: unchanged by the transform (only its output
+    side is rotated), different for different weights."""
+    a = adapter_for(model)
+    w = projection(model, 0, a.mlp_output, a).weight.detach()
+    return [float(v) for v in w[:, :16].float().norm(dim=0).cpu()]
+
+
+def is_weighted(method: str, weighted: str, proj: str, adapter) -> bool:
+    if method != "wina":
+        return False
+    return weighted == "all" or proj in adapter.weighted_default
+
+
+def gate_scale_and_live(lin, weighted_proj: bool):
+    """The same column norms / dead columns as Sparsifier.refresh_scales."""
+    norms = lin.weight.detach().float().norm(dim=0)
+    dead = norms == 0
+    live = (~dead) if bool(dead.any()) else None
+    scale = norms.to(lin.weight.dtype) if weighted_proj else None
+    return scale, live
+
+
+def prefix_start(n_tok: int, dense_prefix: float) -> int:
+    """First gated position of a sequence of n_tok tokens (as the sparsifier's hook)."""
+    if n_tok <= 1 or dense_prefix <= 0:
+        return 0
+    return n_tok - int((1.0 - dense_prefix) * n_tok)
+
+
+# ---- calibration data ----------------------------------------------------------------------------
+def _check_source(source: str) -> str:
+    if source in ("self", "random"):
+        return source
+    if source.startswith("hub:"):
+        return "hub"
+    p = Path(source).expanduser()
+    if p.exists():
+        if not p.is_file():
+            raise DataError(f"calibration source {source} is not a file")
+        return "file"
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not p.suffix:
+        return "hub"
+    raise DataError(f"calibration source not found: {source} (use 'self', a .txt/.jsonl file, "
+                    "or hub:<dataset>)")
+
+
+def _read_texts(path: Path, field: str) -> list[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if isinstance(rec, dict) and field in rec:
+                    texts.append(str(rec[field]))
+                elif isinstance(rec, dict) and "instruction" in rec:    # alpaca-style records
+                    texts.append("\n\n".join(str(rec[k]) for k in ("instruction", "input", "output")
+                                             if rec.get(k)))
+                else:
+                    raise DataError(f"{path}:{n}: no field {field!r} (choose one with field=)")
+        return texts
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def _hub_texts(name: str, field: str) -> list[str]:
+    name = name[4:] if name.startswith("hub:") else name
+    try:
+        import datasets  # noqa: F401
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(f"hub dataset {name!r} needs the 'datasets' package (pip install datasets), "
+                        "or use source='self' or a local file") from None
+    try:
+        ds = load_dataset(name, split="train")
+    except Exception as e:  # network, missing dataset: many types
+        raise DataError(f"cannot load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                        "; offline, use source='self' or a local file") from None
+    if field not in ds.column_names:
+        raise DataError(f"hub dataset {name!r} has no field {field!r}; fields: {', '.join(ds.column_names)}")
+    return [str(t) for t in ds[field]]
+
+
+def _windows_from_texts(texts: list[str], tokenizer, samples: int, seq_len: int, what: str) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False).input_ids)
+        if eos is not None:
+            ids.append(eos)
+    n_win = len(ids) // seq_len
+    if n_win < samples:
+        raise DataError(f"{what} has {len(ids)} tokens: fewer than {samples} samples × {seq_len} tokens "
+                        "(use fewer samples or a shorter seq_len)")
+    all_ids = torch.tensor(ids[: n_win * seq_len], dtype=torch.long).view(n_win, seq_len)
+    pick = torch.linspace(0, n_win - 1, samples).round().long()
+    return all_ids[pick].contiguous()
+
+
+@torch.no_grad()
+def sample_self(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0,
+                temperature: float = SELF_TEMPERATURE, top_p: float = SELF_TOP_P,
+                batch_size: int = 8, reporter: Optional[Reporter] = None) -> torch.Tensor:
+    """Text sampled from the model (see the module docstring for the settings); (samples, seq_len)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise DataError("the tokenizer has neither a BOS nor an EOS token to start sampling from")
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    sp = getattr(model, "_wina_sparsifier", None)
+    ctx = sp.paused() if sp is not None else _nullctx()
+    with ctx:
+        for b0 in range(0, samples, batch_size):
+            nb = min(batch_size, samples - b0)
+            ids = torch.full((nb, 1), start, dtype=torch.long)
+            past = None
+            cur = ids.to(device)
+            for t in range(seq_len - 1):
+                o = model(cur, past_key_values=past, use_cache=True)
+                past = o.past_key_values
+                logits = o.logits[:, -1].float().cpu() / max(temperature, 1e-5)
+                if eos is not None and eos != start:
+                    logits[:, eos] = -float("inf")
+                if start is not None:
+                    logits[:, start] = -float("inf")
+                probs = torch.softmax(logits, -1)
+                sp_, si = probs.sort(-1, descending=True)
+                keep = (sp_.cumsum(-1) - sp_) < top_p
+                sp_ = sp_ * keep
+                choice = torch.multinomial(sp_ / sp_.sum(-1, keepdim=True), 1, generator=gen)
+                nxt = si.gather(-1, choice)
+                ids = torch.cat([ids, nxt], 1)
+                cur = nxt.to(device)
+                if reporter is not None and t % 64 == 0:
+                    reporter.emit(0, message=f"sampling calibration text: {b0 + nb}/{samples} samples, "
+                                             f"token {t + 1}/{seq_len}")
+            del past
+            out.append(ids)
+    return torch.cat(out, 0)
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def calibration_ids(model, tokenizer, source: str, samples: int, seq_len: int, *, field: str = "text",
+                    seed: int = 0, reporter: Optional[Reporter] = None) -> torch.Tensor:
+    """Token ids (samples, seq_len) for a calibration source."""
+    if samples < 1 or seq_len < 8:
+        raise InvalidArgument(f"calibration needs samples >= 1 and seq_len >= 8, got {samples} × {seq_len}")
+    kind = _check_source(source)
+    if kind == "self":
+        return sample_self(model, tokenizer, samples, seq_len, seed=seed, reporter=reporter)
+    if kind == "random":
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=g)
+    if kind == "file":
+        p = Path(source).expanduser()
+        return _windows_from_texts(_read_texts(p, field), tokenizer, samples, seq_len, str(p))
+    return _windows_from_texts(_hub_texts(source, field), tokenizer, samples, seq_len, source)
+
+
+# ---- layer-by-layer propagation ------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+class LayerRunner:
+    """Dense propagation through decoder layers, one layer's activations at a time.
+
+    ``inputs(ids)`` captures the hidden states that layer 0 receives and the keyword arguments
+    (position embeddings, mask, ...) of a batch-1 forward (they broadcast over any batch).
+    ``run(i, h)`` runs decoder layer i alone on h (chunks of ``chunk`` sequences).
+    """
+
+    KEEP_KW = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+
+    def __init__(self, model, chunk_tokens: int = 16384) -> None:
+        self.model = model
+        self.adapter = adapter_for(model)
+        self.layers = decoder_layers(model, self.adapter)
+        self.device = next(model.parameters()).device
+        self.chunk_tokens = chunk_tokens
+        self.kwargs: dict[str, Any] = {}
+
+    @torch.no_grad()
+    def _capture(self, ids: torch.Tensor):
+        got: dict[str, Any] = {}
+
+        def pre(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            got["h"] = h.detach()
+            got["kw"] = {k: v for k, v in kwargs.items() if k in self.KEEP_KW}
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            self.model(ids.to(self.device), use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return got["h"], got["kw"]
+
+    @torch.no_grad()
+    def inputs(self, ids: torch.Tensor) -> torch.Tensor:
+        sp = getattr(self.model, "_wina_sparsifier", None)
+        ctx = sp.paused() if sp is not None else _nullctx()
+        with ctx:
+            _, self.kwargs = self._capture(ids[:1])
+            hs = [self._capture(ids[i:i + self.n_chunk(ids.shape[1])])[0]
+                  for i in range(0, ids.shape[0], self.n_chunk(ids.shape[1]))]
+        return torch.cat(hs, 0)
+
+    def n_chunk(self, seq_len: int) -> int:
+        return max(1, self.chunk_tokens // max(seq_len, 1))
+
+    @torch.no_grad()
+    def run(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[i]
+        out = []
+        n = self.n_chunk(h.shape[1])
+        sp = getattr(self.model, "_wina_sparsifier", None)
+        ctx = sp.paused() if sp is not None else _nullctx()
+        with ctx:
+            for b in range(0, h.shape[0], n):
+                y = layer(h[b:b + n], **self.kwargs)
+                out.append(y[0] if isinstance(y, tuple) else y)
+        return torch.cat(out, 0)
+
+
+# ---- the calibration step ------------------------------------------------------------------------
+@torch.no_grad()
+def collect_layer(runner: LayerRunner, i: int, h: torch.Tensor, method: str, weighted: str,
+                  dense_prefix: float) -> tuple[torch.Tensor, dict[str, dict]]:
+    """Run layer i densely on h; returns (output, {proj: {"counts", "n_live", "in_features"}})."""
+    a = runner.adapter
+    stats: dict[str, dict] = {}
+    handles = []
+    for p in a.projections:
+        lin = projection(runner.model, i, p, a)
+        scale, live = gate_scale_and_live(lin, is_weighted(method, weighted, p, a))
+        n_live = int(live.sum()) if live is not None else lin.in_features
+        st = {"counts": torch.zeros(N_BINS, dtype=torch.float64), "n_live": n_live,
+              "in_features": lin.in_features}
+        stats[p] = st
+
+        def hook(module, args, _st=st, _scale=scale, _live=live):
+            x = args[0]
+            start = prefix_start(x.shape[-2], dense_prefix) if x.dim() >= 2 else 0
+            xs = x[..., start:, :]
+            if _live is not None:
+                xs = xs[..., _live.to(xs.device)]
+                sc = None if _scale is None else _scale.to(xs.device)[_live.to(xs.device)]
+            else:
+                sc = _scale
+            _st["counts"] += bin_scores(_gate_scores(xs, sc))
+            return None
+
+        handles.append(lin.register_forward_pre_hook(hook))
+    try:
+        y = runner.run(i, h)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return y, stats
+
+
+def _gate_scores(x, scale):
+    from .sparsify import gate_scores
+    return gate_scores(x, scale)
+
+
+def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
+              samples: Optional[int] = None, seq_len: Optional[int] = None,
+              out: Optional[str | Path] = None, weighted: str = "default", model_id: str = "",
+              on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+              field: str = "text", seed: int = 0, dense_prefix: float = 0.01,
+              chunk_tokens: int = 16384):
+    """Collect per-projection gating-score histograms, layer by layer; returns a :class:`~wina.plan.Plan`.
+
+    ``out``: plan directory, written as layers finish and resumed if it holds an unfinished
+    calibration made with the same arguments (a finished one with the same arguments is returned
+    as is). The model may be transformed already (:func:`wina.transform.transform`); the plan
+    records it. Progress: ``stage="calibrate"`` events, one per layer (``done`` = layers finished).
+    """
+    from . import __version__
+    from .plan import Plan, plan_from_model
+    from .transform import is_transformed
+
+    if method not in ("wina", "teal"):
+        raise InvalidArgument(f"calibration method must be 'wina' or 'teal', got {method!r}")
+    if weighted not in ("default", "all"):
+        raise InvalidArgument(f"unknown weighting {weighted!r}; choose default or all")
+    adapter = adapter_for(model)
+    d = default_sizes(model.config)
+    samples = int(samples or d["samples"])
+    seq_len = int(seq_len or d["seq_len"])
+    kind = _check_source(source)
+    src = str(Path(source).expanduser().resolve()) if kind == "file" else source
+    n_layers = len(decoder_layers(model, adapter))
+    args = {"method": method, "weighted": weighted, "source": src, "field": field if kind != "self" else None,
+            "samples": samples, "seq_len": seq_len, "seed": seed, "dense_prefix": dense_prefix,
+            "transform": bool(is_transformed(model))}
+
+    rep = Reporter("calibrate", n_layers, on_event, cancel, n_layers=n_layers)
+    plan = None
+    if out is not None and Path(out).exists() and (Path(out) / "plan.json").exists():
+        plan = Plan.load(out, allow_partial=True)
+        plan.check_model(model)
+        if plan.meta.get("calibration_args") != args:
+            raise PlanError(f"{out} holds a calibration made with other arguments; "
+                            "use another directory or delete it")
+    if plan is None:
+        rep.emit(0, message="preparing calibration data")
+        ids = calibration_ids(model, tokenizer, source, samples, seq_len, field=field, seed=seed,
+                              reporter=rep)
+        plan = plan_from_model(model, ids, model_id=model_id, args=args, version=__version__)
+        if out is not None:
+            plan.save(out)
+    if plan.n_calibrated == n_layers:
+        rep.emit(n_layers, message="calibration complete")
+        return plan
+
+    runner = LayerRunner(model, chunk_tokens)
+    h = runner.inputs(plan.calib_ids)
+    for i in range(n_layers):
+        rep.emit(i, layer=i, message=f"layer {i + 1}/{n_layers}")
+        if i < plan.n_calibrated:
+            h = runner.run(i, h)                       # resume: dense propagation only
+            continue
+        h, stats = collect_layer(runner, i, h, method, weighted, dense_prefix)
+        plan.set_layer_histograms(i, stats)
+        if plan.path is not None:
+            plan.save_layer_histograms(i)
+    rep.emit(n_layers, layer=n_layers - 1, message="calibration complete")
+    return plan
