@@ -605,3 +605,28 @@ class Engine:
         pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._forward(x, pos, False, 0, record=record)
         return {k: v for k, v in out.items() if v != NEG_INF}
+
+    @torch.no_grad()
+    def measure_sparsity(self, ids: Sequence[int]) -> float:
+        """Fraction of the sparsifiable weight bytes a token skips, averaged over a sparse forward of
+        ``ids`` (each matrix weighted by its size; rows of the dense prefix excluded)."""
+        from ..kernels.kernels import _prepare_input
+        num = den = 0.0
+        t = len(ids)
+        d0 = self._dense_rows(t)
+
+        def record(g: Group, x, ssq_in, act):
+            nonlocal num, den
+            xf = _prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)[d0:]
+            edges = [0, *g.bounds, g.wt.shape[1]]
+            for j in range(len(g.projs)):
+                n_out = edges[j + 1] - edges[j]
+                keep = (xf.abs() * g.scales[j] > g.thresholds[j]).float().mean()
+                num += float(1.0 - keep) * n_out * g.wt.shape[0]
+                den += n_out * g.wt.shape[0]
+
+        x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._forward(x, pos, True, d0, record=record)
+        return num / den if den else 0.0
+

@@ -67,15 +67,19 @@ class GemvConfig:
 
 
 DEFAULT_CONFIG = GemvConfig()
-_CONFIGS: dict[tuple[int, int], GemvConfig] = {}     # (K, N) -> tuned config (set by the bench)
+_CONFIGS: dict[tuple, GemvConfig] = {}     # (K, N[, sparse]) -> tuned config (set by the bench)
 
 
-def set_config(k: int, n: int, cfg: GemvConfig) -> None:
-    """Use ``cfg`` for every GEMV with K inputs and N outputs (e.g. the winner of a sweep)."""
-    _CONFIGS[(int(k), int(n))] = cfg
+def set_config(k: int, n: int, cfg: GemvConfig, sparse: Optional[bool] = None) -> None:
+    """Use ``cfg`` for every GEMV with K inputs and N outputs (for the sparse or the dense variant
+    only, when ``sparse`` is given), e.g. the winner of a sweep."""
+    key = (int(k), int(n)) if sparse is None else (int(k), int(n), bool(sparse))
+    _CONFIGS[key] = cfg
 
 
-def config_for(k: int, n: int) -> GemvConfig:
+def config_for(k: int, n: int, sparse: Optional[bool] = None) -> GemvConfig:
+    if sparse is not None and (int(k), int(n), bool(sparse)) in _CONFIGS:
+        return _CONFIGS[(int(k), int(n), bool(sparse))]
     return _CONFIGS.get((int(k), int(n)), DEFAULT_CONFIG)
 
 
@@ -539,7 +543,7 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
     sparse = bool(sparse)
     _check_gemv_args(x, wt, scales, thresholds, bounds, act, sparse)
     k, n = wt.shape
-    cfg = config or config_for(k, n)
+    cfg = config or config_for(k, n, sparse)
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
                     int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
                     cfg.num_warps)

@@ -1,0 +1,193 @@
+"""The decode engine against the transformers forward: exact (fp32) on the CPU in CI, bf16 on a GPU
+(skipped without CUDA)."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
+
+from wina.engine import Engine, engine_available, engine_stream_generate
+from wina.errors import Cancelled, InvalidArgument
+from wina.kernels import HAS_TRITON
+from wina.sparsify import sparsify
+from wina.transform import transform
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+
+COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+
+
+def tiny(kind, dtype=torch.float32, device="cpu", seed=0, **over):
+    kw = {**COMMON, **over}
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig,
+           "phi3": Phi3Config}[kind](**kw, **({"pad_token_id": 0, "eos_token_id": 1} if kind == "phi3" else {}))
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():          # non-trivial gains and biases so that folding is exercised
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+            elif p.dim() == 1:
+                p.normal_(0, 0.1)
+    return m.to(device=device, dtype=dtype)
+
+
+def ids_for(n, vocab=128, seed=1):
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "phi3"])
+def test_dense_logits_equal_transformers(kind):
+    m = tiny(kind)
+    ids = ids_for(20)
+    ref = m(ids).logits[0]
+    eng = Engine.from_model(m, max_seq_len=48)
+    out = eng.forward_logits(ids[0], prefill_len=11)     # prefill 11, then 9 single decode steps
+    assert (out - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+@pytest.mark.parametrize("transformed", [False, True])
+def test_sparse_logits_equal_sparsified_transformers(kind, transformed):
+    m = tiny(kind)
+    if transformed:
+        transform(m)
+    ids = ids_for(20, seed=2)
+    thr = Engine.from_model(m, max_seq_len=48).calibrate(ids[0].tolist(), 0.5)
+    sp = sparsify(m, "wina", 0.5, gating="threshold", thresholds=thr)
+    ref = m(ids).logits[0]
+    with sp.paused():
+        dense_ref = m(ids).logits[0]
+    eng = Engine.from_model(m, max_seq_len=48)          # picks up the sparsifier's gating
+    assert eng.sparse
+    out = eng.forward_logits(ids[0], prefill_len=12)
+    assert (out - ref).abs().max() < 1e-4
+    assert (ref - dense_ref).abs().max() > 1e-2          # the gating did something
+    dense = eng.forward_logits(ids[0], prefill_len=12, sparse=False)
+    assert (dense - dense_ref).abs().max() < 1e-4
+
+
+def test_transformed_dense_equals_original():
+    m = tiny("qwen2")
+    ids = ids_for(16, seed=3)
+    ref = m(ids).logits[0]
+    transform(m)
+    eng = Engine.from_model(m, max_seq_len=32)
+    assert eng.layers[0].s_attn is not None and eng.layers[-1].s_mlp is None
+    assert (eng.forward_logits(ids[0], prefill_len=8) - ref).abs().max() < 1e-3
+
+
+def test_explicit_thresholds_and_set_sparsity():
+    m = tiny("llama")
+    ids = ids_for(12, seed=4)[0].tolist()
+    eng = Engine.from_model(m, max_seq_len=32)
+    assert not eng.sparse
+    thr = eng.calibrate(ids, 0.4)
+    assert len(thr) == 2 * 7
+    eng.set_sparsity(thr)
+    assert eng.sparse
+    s = eng.measure_sparsity(ids)
+    assert 0.2 < s < 0.6
+    eng.set_sparsity(None)
+    assert not eng.sparse
+    with pytest.raises(InvalidArgument):
+        Engine.from_model(m, thresholds={(9, "q_proj"): 0.1})
+
+
+def test_generate_greedy_streams_and_stops():
+    m = tiny("llama")
+    ids = ids_for(6, seed=5)
+    eng = Engine.from_model(m, max_seq_len=40)
+    seen = []
+    r = eng.generate(ids, 10, on_token=seen.append, stop=())
+    assert r.stopped == "length" and len(r.tokens) == 10 and seen == r.tokens
+    # greedy equals transformers' greedy continuation
+    hf = m.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert hf[0, 6:].tolist() == r.tokens
+    # a stop token ends generation and is not emitted
+    r2 = eng.generate(ids, 10, stop=[r.tokens[3]])
+    assert r2.stopped == "stop" and r2.tokens == r.tokens[:r.tokens.index(r.tokens[3])]
+    # cancellation from the callback
+
+    def cancel(tok):
+        raise Cancelled("stop")
+    r3 = eng.generate(ids, 10, on_token=cancel, stop=())
+    assert r3.stopped == "cancelled" and len(r3.tokens) == 1
+    with pytest.raises(InvalidArgument):
+        eng.generate(ids, 100)
+
+
+def test_generate_sampled_is_seeded():
+    m = tiny("qwen2")
+    eng = Engine.from_model(m, max_seq_len=40)
+    a = eng.generate([1, 2, 3], 12, temperature=0.8, top_p=0.9, seed=7, stop=()).tokens
+    b = eng.generate([1, 2, 3], 12, temperature=0.8, top_p=0.9, seed=7, stop=()).tokens
+    assert a == b and len(a) == 12
+
+
+def test_chat_glue_on_cpu():
+    m = tiny("llama")
+    assert not engine_available(m)                   # CPU model: chat uses the portable path
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(i) for i in ids)
+    eng = Engine.from_model(m, max_seq_len=32)
+    parts = []
+    g = engine_stream_generate(eng, Tok(), torch.tensor([[1, 2, 3]]), max_new_tokens=5, on_text=parts.append)
+    assert g.tokens == 5 and "".join(parts) == g.text
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+def _gpu_model(kind, layers=4):
+    over = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=4096, max_position_embeddings=1024)
+    return tiny(kind, **over).to("cuda", torch.bfloat16)
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
+def test_gpu_engine_logits_match_transformers(kind):
+    m = _gpu_model(kind)
+    ids = ids_for(40, vocab=4096, seed=11).cuda()
+    with torch.no_grad():
+        ref = m(ids).logits[0].float()
+    eng = Engine.from_model(m, max_seq_len=64)
+    out = eng.forward_logits(ids[0], prefill_len=30)    # 10 graph-replayed decode steps
+    err = float((out - ref).norm() / ref.norm())
+    assert err < 3e-2, err
+    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+    assert agree > 0.8
+
+
+@gpu
+def test_gpu_sparse_engine_matches_sparsified_model():
+    m = _gpu_model("llama")
+    ids = ids_for(40, vocab=4096, seed=12).cuda()
+    eng0 = Engine.from_model(m, max_seq_len=64)
+    thr = eng0.calibrate(ids[0].tolist(), 0.5)
+    del eng0
+    sp = sparsify(m, "wina", 0.5, gating="threshold", thresholds=thr)
+    with torch.no_grad():
+        ref = m(ids).logits[0].float()
+    eng = Engine.from_model(m, max_seq_len=64)
+    out = eng.forward_logits(ids[0], prefill_len=30)
+    err = float((out - ref).norm() / ref.norm())
+    assert err < 5e-2, err
+    sp.remove()
+
+
+@gpu
+def test_gpu_graph_generate_equals_eager_steps():
+    m = _gpu_model("llama", layers=2)
+    eng = Engine.from_model(m, max_seq_len=64)
+    prompt = ids_for(10, vocab=4096, seed=13)[0].tolist()
+    r = eng.generate(prompt, 20, stop=())
+    eng.use_graphs = False
+    r2 = eng.generate(prompt, 20, stop=())
+    assert r.tokens == r2.tokens
+    assert engine_available(m)

@@ -1,0 +1,217 @@
+"""Kernels: the torch reference against plain math (CPU, CI), the Triton kernels against the
+reference on fresh random inputs with poisoned outputs (GPU only, skipped without CUDA)."""
+import math
+
+import pytest
+import torch
+
+from wina.errors import InvalidArgument
+from wina.kernels import (ACT_NONE, ACT_SILU_MUL, HAS_TRITON, GemvConfig, attention_reference, attn_decode,
+                          gemv, gemv_reference, plan_gemv, rope_cache, rope_cache_reference)
+
+CUDA = torch.cuda.is_available() and HAS_TRITON
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _naive(x, wt, scales, thr, bounds, bias, res, ssq, eps, act, sparse):
+    """Element-by-element statement of the gemv semantics, in float64."""
+    k, n = wt.shape
+    x = x.double()
+    if act == ACT_SILU_MUL:
+        g, u = x[:, :k], x[:, k:]
+        x = g / (1 + torch.exp(-g)) * u
+    if ssq is not None:
+        x = x / torch.sqrt(ssq.double().sum(-1, keepdim=True) / k + eps)
+    y = torch.zeros(x.shape[0], n, dtype=torch.float64)
+    edges = [0, *bounds, n]
+    for s in range(len(edges) - 1):
+        a, b = edges[s], edges[s + 1]
+        xs = x
+        if sparse:
+            xs = x * (x.abs() * scales[s].double() > float(thr[s]))
+        y[:, a:b] = xs @ wt[:, a:b].double()
+    if bias is not None:
+        y += bias.double()
+    if res is not None:
+        y += res.double()
+    return y
+
+
+@pytest.mark.parametrize("m", [1, 3, 12])
+@pytest.mark.parametrize("act", [ACT_NONE, ACT_SILU_MUL])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_reference_matches_naive_math(m, act, sparse):
+    g = torch.Generator().manual_seed(m * 10 + act + 100 * sparse)
+    k, n, bounds = 48, 96, [32, 64]
+    x = torch.randn(m, 2 * k if act else k, generator=g)
+    wt = torch.randn(k, n, generator=g)
+    scales = torch.rand(3, k, generator=g) + 0.5
+    thr = torch.tensor([0.3, 0.6, 0.9])
+    bias, res = torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    ssq = torch.rand(m, 2, generator=g) * k
+    y, s = gemv_reference(x, wt, scales, thr, bounds, bias, res, ssq, 1e-6, act, sparse)
+    ref = _naive(x, wt, scales, thr, bounds, bias, res, ssq, 1e-6, act, sparse)
+    assert rel(y, ref) < 1e-5
+    assert torch.allclose(s[:, 0].double(), (ref ** 2).sum(-1), rtol=1e-4)
+    # the custom op (CPU dispatch) is the same function
+    y2, s2 = gemv(x, wt, scales=scales, thresholds=thr, bounds=bounds, bias=bias, res=res, ssq_in=ssq,
+                  act=act, sparse=sparse, want_ssq=True)
+    assert torch.equal(y, y2) and torch.equal(s, s2)
+
+
+def test_sparse_rows_are_per_token():
+    """Batch > 1: each row uses its own mask (not the union)."""
+    k, n = 16, 8
+    wt = torch.randn(k, n)
+    x = torch.zeros(2, k)
+    x[0, 0], x[1, 1] = 1.0, 1.0
+    x[0, 1], x[1, 0] = 0.1, 0.1            # below threshold in each row
+    y, _ = gemv(x, wt, scales=torch.ones(1, k), thresholds=torch.tensor([0.5]), sparse=True)
+    assert torch.allclose(y[0], wt[0]) and torch.allclose(y[1], wt[1])
+
+
+def test_threshold_minus_inf_is_dense():
+    x, wt = torch.randn(1, 32), torch.randn(32, 16)
+    y, _ = gemv(x, wt, scales=torch.ones(1, 32), thresholds=torch.tensor([float("-inf")]), sparse=True)
+    yd, _ = gemv(x, wt)
+    assert torch.equal(y, yd)
+
+
+def test_bad_arguments():
+    x, wt = torch.randn(1, 32), torch.randn(32, 16)
+    with pytest.raises(InvalidArgument):
+        gemv(torch.randn(1, 31), wt)
+    with pytest.raises(InvalidArgument):
+        gemv(x, wt, sparse=True)
+    with pytest.raises(InvalidArgument):
+        gemv(x, wt, scales=torch.ones(2, 32), thresholds=torch.zeros(2), sparse=True)
+    with pytest.raises(InvalidArgument):
+        gemv(x, wt, scales=torch.ones(2, 32), thresholds=torch.zeros(2), bounds=[20], sparse=True)
+
+
+def test_plan_splits_k_and_respects_segments():
+    bm, bn, nb, split, kps = plan_gemv(1, 4096, 12288, [4096, 8192], GemvConfig(128, 64, 1056, 4))
+    assert bm == 1 and bn == 128 and nb == 96 and kps % 64 == 0 and split * kps >= 4096
+    assert (split - 1) * kps < 4096
+    _, bn, _, _, _ = plan_gemv(1, 64, 96, [32, 64], GemvConfig(128, 64, 1056, 4))
+    assert bn == 32
+
+
+def test_rope_and_attention_references_match_plain_math():
+    torch.manual_seed(0)
+    nh, nkv, hd, s = 4, 2, 8, 32
+    qkv = torch.randn(3, (nh + 2 * nkv) * hd)
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    f = torch.arange(s).float()[:, None] * inv[None]
+    cos, sin = torch.cat((f, f), -1).cos(), torch.cat((f, f), -1).sin()
+    kc, vc = torch.zeros(1, nkv, s, hd), torch.zeros(1, nkv, s, hd)
+    pos = torch.tensor([5])
+    q = rope_cache(qkv, cos, sin, pos, kc, vc, nh, nkv, hd)
+    # position 6, head 1 of q, by hand: rotate pairs (i, i + hd/2) by angle pos * inv[i]
+    x = qkv[1, hd:2 * hd]
+    ang = 6 * inv
+    a, b = x[:hd // 2], x[hd // 2:]
+    want = torch.cat((a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()))
+    assert torch.allclose(q[1, hd:2 * hd], want, atol=1e-5)
+    assert torch.equal(vc[0, 1, 7], qkv[2, (nh + nkv + 1) * hd:(nh + nkv + 2) * hd])
+    out = attn_decode(q, kc, vc, pos)
+    # row 0 (position 5) attends over cache positions 0..5 (0..4 still zeros) with GQA
+    qh = q[0, :hd]
+    sc = kc[0, 0, :6] @ qh / math.sqrt(hd)
+    want0 = torch.softmax(sc, 0) @ vc[0, 0, :6]
+    assert torch.allclose(out[0, :hd], want0, atol=1e-5)
+    # sliding window keeps the last `window` positions
+    outw = attention_reference(q[2:], kc, vc, torch.tensor([7]), window=2)
+    sc = kc[0, 1, 6:8] @ q[2, 3 * hd:4 * hd] / math.sqrt(hd)
+    assert torch.allclose(outw[0, 3 * hd:], torch.softmax(sc, 0) @ vc[0, 1, 6:8], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: Triton against the reference
+# ------------------------------------------------------------------------------------------------
+def _poison(shape, dtype):
+    """Leave NaNs in the caching allocator's free block of this size: an output element that the
+    kernel does not write stays NaN."""
+    p = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    del p
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("case", ["plain", "qkv", "down", "dense_res"])
+def test_triton_gemv_matches_reference(dtype, m, case):
+    from wina.kernels.kernels import _counters, _prepare_input
+    g = torch.Generator(device="cuda").manual_seed(hash((str(dtype), m, case)) % 2 ** 31)
+    k, n, bounds, act, sparse, pre, res_on = 1024, 1536, [], ACT_NONE, True, False, False
+    if case == "qkv":
+        bounds, pre = [512, 1024], True
+    elif case == "down":
+        act, res_on = ACT_SILU_MUL, True
+    elif case == "dense_res":
+        sparse, res_on, pre = False, True, True
+    for trial in range(2):                      # fresh inputs each time
+        x = torch.randn(m, 2 * k if act else k, generator=g, device="cuda").to(dtype)
+        wt = (torch.randn(k, n, generator=g, device="cuda") * 0.05).to(dtype)
+        s = len(bounds) + 1
+        scales = torch.rand(s, k, generator=g, device="cuda") + 0.5
+        bias = torch.randn(n, generator=g, device="cuda").to(dtype) if case == "qkv" else None
+        res = torch.randn(m, n, generator=g, device="cuda").to(dtype) if res_on else None
+        ssq = (torch.rand(m, 3, generator=g, device="cuda") * k) if pre else None
+        xf = _prepare_input(x, k, ssq, 1e-6, act)
+        thr = torch.tensor([float(torch.quantile((xf.abs() * scales[j]).flatten(), q))
+                            for j, q in enumerate((0.3, 0.5, 0.7)[:s])], device="cuda")
+        for cfg in (GemvConfig(128, 64, 1056, 4), GemvConfig(64, 32, 132, 8), GemvConfig(256, 64, 64, 4)):
+            _poison((m, n), dtype)
+            y, ss = gemv(x, wt, scales=scales, thresholds=thr, bounds=bounds, bias=bias, res=res, ssq_in=ssq,
+                         act=act, sparse=sparse, want_ssq=True, config=cfg)
+            torch.cuda.synchronize()
+            assert torch.isfinite(y).all(), "unwritten or non-finite output"
+            ref, rs = gemv_reference(x, wt, scales, thr, bounds, bias, res, ssq, 1e-6, act, sparse)
+            assert rel(y, ref) <= 1e-2, (cfg, rel(y, ref))
+            assert rel(ss.sum(-1), rs[:, 0]) <= 1e-2
+            assert int(_counters(x.device).abs().sum()) == 0, "arrival counters not reset"
+            y2, _ = gemv(x, wt, scales=scales, thresholds=thr, bounds=bounds, bias=bias, res=res, ssq_in=ssq,
+                         act=act, sparse=sparse, want_ssq=True, config=cfg)
+            assert torch.equal(y, y2), "not deterministic"
+
+
+@gpu
+def test_triton_gemv_large_batch_falls_back():
+    x = torch.randn(20, 256, device="cuda", dtype=torch.bfloat16)
+    wt = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
+    c, t = torch.ones(1, 256, device="cuda"), torch.tensor([0.5], device="cuda")
+    y, _ = gemv(x, wt, scales=c, thresholds=t, sparse=True)
+    ref, _ = gemv_reference(x, wt, c, t, sparse=True)
+    assert rel(y, ref) <= 1e-2
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nh,nkv,hd,window", [(8, 8, 64, 0), (32, 8, 128, 0), (28, 4, 128, 100), (40, 10, 128, 0)])
+def test_triton_rope_and_attention(dtype, nh, nkv, hd, window):
+    torch.manual_seed(nh + hd)
+    s = 1024
+    for length in (1, 77, 700):
+        qkv = torch.randn(1, (nh + 2 * nkv) * hd, device="cuda").to(dtype)
+        f = torch.randn(s, hd, device="cuda")
+        cos, sin = f.cos(), f.sin()
+        kc = torch.randn(1, nkv, s, hd, device="cuda").to(dtype)
+        vc = torch.randn(1, nkv, s, hd, device="cuda").to(dtype)
+        kc2, vc2 = kc.clone(), vc.clone()
+        pos = torch.tensor([length - 1], device="cuda")
+        _poison((1, nh * hd), dtype)
+        q = rope_cache(qkv, cos, sin, pos, kc, vc, nh, nkv, hd)
+        qr = rope_cache_reference(qkv, cos, sin, pos, kc2, vc2, nh, nkv, hd)
+        assert torch.isfinite(q).all()
+        assert rel(q, qr) <= 1e-2 and rel(kc, kc2) <= 1e-2 and torch.equal(vc, vc2)
+        _poison((1, nh * hd), dtype)
+        o = attn_decode(q, kc, vc, pos, window)
+        torch.cuda.synchronize()
+        assert torch.isfinite(o).all()
+        orf = attention_reference(q.float(), kc.float(), vc.float(), pos, window)
+        assert rel(o, orf) <= 1e-2, rel(o, orf)
