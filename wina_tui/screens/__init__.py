@@ -1,0 +1,1 @@
+"""Screens of the wina TUI: setup, calibrate, chat, evaluate, help."""

@@ -1,0 +1,309 @@
+"""Calibrate & allocate: progress per stage and per layer with ETA, a log, the live greedy trajectory
+and, when done, the allocation per layer and matrix.
+
+Calibration writes its plan directory as layers finish (atomic files, see :mod:`wina.plan`), so a
+cancelled run leaves only whole layers behind and starting again resumes at the first missing one.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Optional
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header, RichLog, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from wina.api import Cancelled, CancelToken
+
+from ..state import ALLOCATIONS, Settings, describe_error, event_dict, fmt_pct
+from ..widgets.allocation_heatmap import AllocationHeatmap
+from ..widgets.progress_panel import ProgressPanel
+from ..widgets.trajectory_chart import TrajectoryChart
+
+STAGES = [("load", "Model"), ("calibrate", "Calibrate"), ("layer", "  this layer"), ("allocate", "Allocate")]
+
+
+class CalibrateScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+r", "start", "Start/resume", priority=True),
+        Binding("escape", "cancel", "Cancel", priority=True),
+        Binding("ctrl+o", "open_chat", "Chat with it", priority=True),
+        Binding("left_square_bracket", "layer(-1)", "Prev layer"),
+        Binding("right_square_bracket", "layer(1)", "Next layer"),
+    ]
+
+    class Progressed(Message):
+        def __init__(self, ev: dict) -> None:
+            super().__init__()
+            self.ev = ev
+
+    class Finished(Message):
+        def __init__(self, ok: bool, message: str, cancelled: bool = False) -> None:
+            super().__init__()
+            self.ok = ok
+            self.message = message
+            self.cancelled = cancelled
+
+    def __init__(self, session, **kw) -> None:
+        super().__init__(**kw)
+        self.session = session
+        self.cancel: Optional[CancelToken] = None
+        self.worker: Optional[Worker] = None
+        self.events: list[dict] = []          # every event the worker posted (tests read it)
+        self.settings: Optional[Settings] = None
+        self.state = "idle"                   # idle | running | done | cancelled | failed
+        self._dirty_chart = False
+        self._layer_view: Optional[int] = None
+        self._last_log: dict[str, float] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="cal-columns"):
+            with Vertical(id="cal-left"):
+                yield Static("", id="cal-what")
+                yield ProgressPanel(STAGES, id="cal-progress")
+                yield RichLog(id="cal-log", wrap=True, markup=False, max_lines=500)
+            with TabbedContent(id="cal-tabs"):
+                with TabPane("Trajectory", id="tab-trajectory"):
+                    yield TrajectoryChart(id="trajectory")
+                with TabPane("Allocation", id="tab-allocation"):
+                    with VerticalScroll():
+                        yield AllocationHeatmap(id="heatmap")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "calibrate & allocate"
+        self.set_interval(0.2, self._flush_chart)
+        self._describe()
+
+    def on_screen_resume(self) -> None:
+        self._describe()
+
+    def _describe(self) -> None:
+        s = self.settings or self.session.settings
+        what = Text.assemble(("Plan for ", "dim"), (s.model, "bold"), ("  ", ""),
+                             (f"{s.options.method.upper()}{' + transform' if s.options.transform else ''}", "bold"),
+                             ("  calibration: ", "dim"), (s.calib_source, ""),
+                             ("  allocation: ", "dim"), (ALLOCATIONS[s.allocation], ""),
+                             ("\nstate: ", "dim"), (self.state, "bold"))
+        self.query_one("#cal-what", Static).update(what)
+
+    def log_line(self, text: str, style: str = "") -> None:
+        self.query_one("#cal-log", RichLog).write(Text(text, style=style))
+
+    # --- actions -----------------------------------------------------------------------------------
+    def start(self, settings: Optional[Settings] = None) -> bool:
+        settings = settings or self.session.settings
+        if settings.options.method == "dense":
+            self.notify("dense needs no calibration: choose TEAL or WINA in setup", severity="warning")
+            return False
+        if self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
+            self.notify("calibration is already running (esc cancels)", severity="warning")
+            return False
+        if self.session.busy:
+            self.notify(f"the model is busy ({self.session.busy})", severity="warning")
+            return False
+        self.settings = settings
+        self.cancel = CancelToken()
+        self.state = "running"
+        self.events.clear()
+        panel = self.query_one(ProgressPanel)
+        panel.clear_rows(keep=tuple(k for k, _ in STAGES))
+        self.query_one(TrajectoryChart).reset()
+        self._layer_view = None
+        self._describe()
+        self.log_line(f"start: {settings.describe()} · calibration on {settings.calib_source}", "bold")
+        self.worker = self.run_calibration(settings, self.cancel)
+        return True
+
+    def action_start(self) -> None:
+        self.start(self.settings)
+
+    def action_cancel(self) -> None:
+        if self.cancel is not None and self.state == "running" and not self.cancel.cancelled:
+            self.cancel.cancel()
+            self.log_line("cancelling after the current unit of work…", "yellow")
+
+    def action_open_chat(self) -> None:
+        if self.state != "done":
+            self.notify("calibration has not finished", severity="warning")
+            return
+        self.app.switch_mode("chat")
+
+    def action_layer(self, step: int) -> None:
+        plan = self.session.plan
+        if plan is None or not any(plan.trajectories):
+            return
+        n = plan.n_layers
+        cur = self._layer_view if self._layer_view is not None else n - 1
+        self._layer_view = (cur + step) % n
+        self._show_plan_trajectory(self._layer_view)
+
+    def _show_plan_trajectory(self, layer: int) -> None:
+        plan = self.session.plan
+        rows = plan.trajectories[layer]
+        steps = plan.trajectory_steps[layer] if layer < len(plan.trajectory_steps) else []
+        pts = [(r.effective, r.error, (steps[i] if i < len(steps) and steps[i] else "")) for i, r in enumerate(rows)]
+        chart = self.query_one(TrajectoryChart)
+        chart.n_layers = plan.n_layers
+        chart.set_trajectory(layer, pts)
+        self.query_one(TabbedContent).active = "tab-trajectory"
+
+    # --- the worker --------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="calibrate")
+    def run_calibration(self, settings: Settings, cancel: CancelToken) -> None:
+        from wina.calibrate import calibrate
+        from wina.transform import is_transformed, transform
+        s = self.session
+        post = self.post_message
+
+        def on_event(ev) -> None:
+            post(self.Progressed(event_dict(ev)))
+
+        try:
+            with s.using("calibrate"):
+                t0 = time.perf_counter()
+                post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": f"loading {settings.model}"}))
+                loaded = s.ensure_loaded(settings.model, settings.options.transform)
+                model, tok = loaded.model, loaded.tokenizer
+                s.drop_sparsifier()
+                if settings.options.transform and not is_transformed(model):
+                    post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": "transform"}))
+                    transform(model)
+                post(self.Progressed({"stage": "load", "done": 1, "total": 1, "message": s.model_summary(),
+                                      "finished": True, "elapsed": time.perf_counter() - t0}))
+                cancel.check()
+                out = s.plan_dir_for(settings)
+                plan = calibrate(model, tok, method=settings.options.method, source=settings.calib_source,
+                                 out=out, weighted=settings.options.weighted, model_id=settings.model,
+                                 on_event=on_event, cancel=cancel)
+                post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
+                                      "finished": True, "message": f"plan {out}"}))
+                if settings.allocation != "uniform":
+                    from wina.allocate import allocate
+                    alloc_kw = {}
+                    if s.allocate_options:
+                        alloc_kw.update(s.allocate_options)
+                    plan = allocate(model, tok, plan, mode=settings.allocation, on_event=on_event,
+                                    cancel=cancel, **alloc_kw)
+                    post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
+                                          "message": f"modes {', '.join(plan.modes())}"}))
+                s.plan = plan
+                s.plan_path = out
+                s.prepare(settings, plan_path=out, plan=plan)
+            post(self.Finished(True, "done"))
+        except Cancelled:
+            post(self.Finished(False, "cancelled: finished layers are kept; ctrl+r resumes", cancelled=True))
+        except Exception as e:  # a library error or anything else: shown, never a crash
+            post(self.Finished(False, describe_error(e)))
+
+    # --- messages from the worker ------------------------------------------------------------------
+    @on(Progressed)
+    def _progress(self, message: "CalibrateScreen.Progressed") -> None:
+        ev = message.ev
+        self.events.append(ev)
+        panel = self.query_one(ProgressPanel)
+        stage = ev.get("stage")
+        metrics = ev.get("metrics") or {}
+        if stage == "load":
+            panel.update_stage("load", ev["done"], ev["total"], message=ev.get("message", ""),
+                               finished=ev.get("finished", False))
+            if ev.get("finished"):
+                self.log_line(f"model: {ev.get('message')}")
+            return
+        if stage == "calibrate":
+            panel.update_stage("calibrate", ev["done"], ev["total"], eta=ev.get("eta_s"),
+                               message=ev.get("message", ""), finished=ev.get("finished", False))
+            layer = ev.get("layer")
+            if layer is not None:
+                n = ev.get("n_layers") or ev["total"]
+                panel.update_stage("layer", 0 if ev["done"] == layer else 1, 1,
+                                   message=f"layer {layer + 1}/{n}: score histograms",
+                                   finished=ev["done"] > layer)
+            if ev.get("message") and self._should_log("calibrate:" + ev["message"]):
+                self.log_line(f"calibrate: {ev['message']}")
+            return
+        if stage == "allocate":
+            layer = ev.get("layer")
+            n = ev.get("n_layers")
+            panel.update_stage("allocate", ev["done"], ev["total"], eta=ev.get("eta_s"),
+                               message=ev.get("message", "") or (f"layer {layer + 1}/{n}" if layer is not None and n else ""),
+                               finished=ev.get("finished", False))
+            if "sparsity" in metrics and "error" in metrics:
+                chart = self.query_one(TrajectoryChart)
+                if chart.layer != layer and chart.points.get(chart.layer):
+                    self._dirty_chart = True
+                chart.add_point(layer, metrics["sparsity"], metrics["error"], str(metrics.get("matrix", "")),
+                                n_layers=n, redraw=False)
+                self._dirty_chart = True
+                panel.update_stage("layer", int(100 * metrics["sparsity"]), 100,
+                                   message=f"layer {'all' if layer is None else layer + 1}: effective "
+                                           f"{fmt_pct(metrics['sparsity'])}, error {metrics['error']:.3g}")
+            elif ev.get("message") and self._should_log("allocate:" + ev["message"]):
+                self.log_line(f"allocate: {ev['message']}")
+            return
+        if ev.get("message") and self._should_log(f"{stage}:{ev['message']}"):
+            self.log_line(f"{stage}: {ev['message']}")
+
+    def _should_log(self, key: str) -> bool:
+        if key in self._last_log:
+            return False
+        self._last_log[key] = 1.0
+        return True
+
+    def _flush_chart(self) -> None:
+        if self._dirty_chart:
+            self._dirty_chart = False
+            self.query_one(TrajectoryChart).replot()
+
+    @on(Finished)
+    def _finished(self, message: "CalibrateScreen.Finished") -> None:
+        self._flush_chart()
+        self._last_log.clear()
+        panel = self.query_one(ProgressPanel)
+        if message.ok:
+            self.state = "done"
+            panel.update_stage("layer", 1, 1, finished=True)
+            if self.settings and self.settings.allocation == "uniform":
+                panel.update_stage("allocate", 0, None, message="uniform: no greedy allocation")
+            self.show_allocation()
+            sp = self.session.sparsifier
+            extra = f" · nominal {fmt_pct(sp.nominal_sparsity())}" if sp is not None else ""
+            self.log_line(f"done: the model is sparsified with the plan{extra}. ctrl+o opens the chat.", "bold green")
+            self.notify("calibration done: ctrl+o to chat with the sparse model")
+        else:
+            self.state = "cancelled" if message.cancelled else "failed"
+            for key in ("calibrate", "allocate"):
+                row = panel.rows.get(key)
+                if row is not None and row.is_mounted and not row.has_class("-done") and row.done:
+                    row.set(row.done, row.total, message="cancelled" if message.cancelled else "failed", failed=True)
+            self.log_line(message.message, "yellow" if message.cancelled else "bold red")
+            if not message.cancelled:
+                self.notify(message.message, severity="error", timeout=8)
+        self._describe()
+
+    def show_allocation(self) -> None:
+        plan = self.session.plan
+        settings = self.settings
+        if plan is None or settings is None:
+            return
+        mode = settings.allocation if settings.allocation != "uniform" else "uniform"
+        try:
+            alloc = plan.sparsities_at(settings.options.sparsity, mode)
+        except Exception as e:
+            self.log_line(f"allocation: {describe_error(e)}", "red")
+            return
+        self.query_one(AllocationHeatmap).show_allocation(alloc, target=settings.options.sparsity)
+        try:
+            eff = plan.effective_at(settings.options.sparsity, mode)
+            self.log_line(f"allocation at target {settings.options.sparsity:.0%} ({mode}): effective {eff:.1%}")
+        except Exception:
+            pass
+        self.query_one(TabbedContent).active = "tab-allocation"

@@ -1,0 +1,457 @@
+"""Evaluate: choose tasks, a limit, methods and sparsities; watch progress per task; compare runs.
+
+Each (method, sparsity) is one run of :func:`wina.evaluate.run_evaluation` on the loaded model,
+written to the results store; the table and the chart come from :mod:`wina.compare` over the runs
+of this session plus any earlier runs loaded from the store.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, SelectionList, Static,
+                             TabbedContent, TabPane)
+from textual.widgets.selection_list import Selection
+from textual.worker import Worker, WorkerState
+
+from wina.api import Cancelled, CancelToken
+
+from ..state import METHOD_NAMES, describe_error, event_dict, fmt_pct
+from ..widgets.plot_view import PlotView
+from ..widgets.progress_panel import ProgressPanel
+from .setup import check_sparsity
+
+DEFAULT_TASKS = ("arc_easy",)
+
+
+def parse_sparsities(text: str) -> tuple[list[float], Optional[str]]:
+    out: list[float] = []
+    for part in text.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        v, err = check_sparsity(part)
+        if err:
+            return [], err
+        if v not in out:
+            out.append(v)
+    if not out:
+        return [], "give at least one sparsity, e.g. 0.25, 0.5"
+    return out, None
+
+
+def parse_limit(text: str) -> tuple[Optional[float], Optional[str]]:
+    t = text.strip()
+    if not t or t.lower() in ("all", "none"):
+        return None, None
+    try:
+        v = float(t)
+    except ValueError:
+        return None, f"limit must be a number of documents (or empty for all), got {t!r}"
+    if v <= 0:
+        return None, f"limit must be positive, got {t}"
+    if v < 1:
+        return v, None
+    if v != int(v):
+        return None, f"limit must be a whole number of documents or a fraction < 1, got {t}"
+    return int(v), None
+
+
+class EvaluateScreen(Screen):
+    BINDINGS = [
+        Binding("ctrl+r", "run", "Run", priority=True),
+        Binding("escape", "cancel", "Cancel", priority=True),
+        Binding("ctrl+l", "load_runs", "Load runs", priority=True),
+        Binding("ctrl+y", "cycle_metric", "Chart metric"),
+    ]
+
+    class Progressed(Message):
+        def __init__(self, ev: dict) -> None:
+            super().__init__()
+            self.ev = ev
+
+    class RunDone(Message):
+        def __init__(self, run, index: int, total: int) -> None:
+            super().__init__()
+            self.run = run
+            self.index = index
+            self.total = total
+
+    class Finished(Message):
+        def __init__(self, ok: bool, message: str, cancelled: bool = False) -> None:
+            super().__init__()
+            self.ok = ok
+            self.message = message
+            self.cancelled = cancelled
+
+    def __init__(self, session, **kw) -> None:
+        super().__init__(**kw)
+        self.session = session
+        self.runs: list = []                 # wina.results.Run: this session's and loaded ones
+        self.events: list[dict] = []
+        self.cancel: Optional[CancelToken] = None
+        self.worker: Optional[Worker] = None
+        self.state = "idle"
+        self.metric = "avg"
+        self._pending_preset = None
+
+    def compose(self) -> ComposeResult:
+        from wina.tasks import TASKS, known_tasks
+        yield Header()
+        with Horizontal(id="eval-columns"):
+            with Vertical(id="eval-form", classes="box"):
+                yield Label("Tasks", classes="form-title")
+                yield SelectionList(*[Selection(f"{t} ({TASKS[t].docs} docs)", t, t in DEFAULT_TASKS)
+                                      for t in known_tasks()], id="tasks", compact=True)
+                yield Horizontal(Label("Limit", classes="field-label"),
+                                 Input("20", placeholder="docs per task; empty: all", compact=True, id="limit"),
+                                 classes="field")
+                yield Label("Methods", classes="form-title")
+                yield SelectionList(Selection("dense", "dense", True), Selection("TEAL", "teal", True),
+                                    Selection("WINA", "wina", True), id="methods", compact=True)
+                yield Horizontal(Label("Sparsities", classes="field-label"),
+                                 Input("0.25, 0.5", placeholder="0.25, 0.5", compact=True, id="sparsities"),
+                                 classes="field")
+                yield Label("", id="eval-error", classes="field-error")
+                with Horizontal(id="eval-buttons"):
+                    yield Button("Run", id="eval-run", variant="primary", compact=True)
+                    yield Button("Load runs", id="eval-load", compact=True)
+            with Vertical(id="eval-right"):
+                yield Static("", id="eval-what")
+                yield ProgressPanel([("runs", "Runs")], id="eval-progress")
+                with TabbedContent(id="eval-tabs"):
+                    with TabPane("Results", id="tab-results"):
+                        yield DataTable(id="results", zebra_stripes=True, cursor_type="row")
+                        yield Static("", id="results-notes")
+                    with TabPane("Chart", id="tab-chart"):
+                        yield PlotView(self._draw_chart, empty="run or load evaluations to plot quality "
+                                                                 "against sparsity", id="quality-chart")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "evaluate"
+        self._describe()
+        if self._pending_preset is not None:
+            self.apply_preset(self._pending_preset)
+            self._pending_preset = None
+
+    def on_screen_resume(self) -> None:
+        self._describe()
+
+    def apply_preset(self, preset) -> None:
+        """Fill the form from a :class:`wina.presets.Preset` (tasks, limit, methods, sparsities)."""
+        if not self.is_mounted:
+            self._pending_preset = preset
+            return
+        ev = preset.eval
+        if ev.tasks:
+            sel = self.query_one("#tasks", SelectionList)
+            sel.deselect_all()
+            for t in ev.tasks:
+                try:
+                    sel.select(t)
+                except Exception:
+                    pass
+        self.query_one("#limit", Input).value = "" if ev.limit is None else f"{ev.limit:g}"
+        self.query_one("#sparsities", Input).value = ", ".join(f"{s:g}" for s in ev.sparsities)
+        methods = self.query_one("#methods", SelectionList)
+        methods.deselect_all()
+        for v in preset.variants:
+            methods.select(v.method)
+
+    def _describe(self) -> None:
+        s = self.session
+        data = str(s.data_dir) if s.data_dir else "the hub (no local data folder found)"
+        model = s.loaded.model_id if s.loaded else s.settings.model
+        tr = " · transform" if s.settings.options.transform else ""
+        self.query_one("#eval-what", Static).update(Text.assemble(
+            ("model ", "dim"), (model, "bold"), (tr, ""), ("  data ", "dim"), (data, ""),
+            ("\nresults → ", "dim"), (str(s.results_dir), ""), ("   state: ", "dim"), (self.state, "bold")))
+
+    # --- form ------------------------------------------------------------------------------------
+    def read_form(self) -> tuple[Optional[dict], Optional[str]]:
+        tasks = list(self.query_one("#tasks", SelectionList).selected)
+        if not tasks:
+            return None, "choose at least one task"
+        limit, err = parse_limit(self.query_one("#limit", Input).value)
+        if err:
+            return None, err
+        methods = list(self.query_one("#methods", SelectionList).selected)
+        if not methods:
+            return None, "choose at least one method"
+        sparsities: list[float] = []
+        if any(m != "dense" for m in methods):
+            sparsities, err = parse_sparsities(self.query_one("#sparsities", Input).value)
+            if err:
+                return None, err
+            if any(s == 0 for s in sparsities):
+                return None, "sparsity 0 is the dense run: tick dense instead"
+        return {"tasks": tasks, "limit": limit, "methods": methods, "sparsities": sparsities}, None
+
+    def show_error(self, msg: str) -> None:
+        lab = self.query_one("#eval-error", Label)
+        lab.update(f"⚠ {msg}" if msg else "")
+        lab.set_class(bool(msg), "-shown")
+
+    @on(Input.Changed)
+    def _changed(self) -> None:
+        _, err = self.read_form()
+        self.show_error(err or "")
+
+    @on(Button.Pressed, "#eval-run")
+    def _b_run(self) -> None:
+        self.action_run()
+
+    @on(Button.Pressed, "#eval-load")
+    def _b_load(self) -> None:
+        self.action_load_runs()
+
+    # --- actions ---------------------------------------------------------------------------------
+    def action_run(self) -> bool:
+        form, err = self.read_form()
+        if err:
+            self.show_error(err)
+            self.notify(err, severity="warning")
+            return False
+        self.show_error("")
+        if self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
+            self.notify("an evaluation is running (esc cancels)", severity="warning")
+            return False
+        if self.session.busy:
+            self.notify(f"the model is busy ({self.session.busy})", severity="warning")
+            return False
+        jobs = []
+        for m in form["methods"]:
+            if m == "dense":
+                jobs.append(("dense", 0.0))
+            else:
+                jobs.extend((m, s) for s in form["sparsities"])
+        panel = self.query_one(ProgressPanel)
+        panel.clear_rows(keep=("runs",))
+        panel.update_stage("runs", 0, len(jobs), message="starting")
+        self.events.clear()
+        self.cancel = CancelToken()
+        self.state = "running"
+        self._describe()
+        self.worker = self.run_jobs(jobs, form, self.cancel)
+        return True
+
+    def action_cancel(self) -> None:
+        if self.cancel is not None and self.state == "running":
+            self.cancel.cancel()
+            self.notify("cancelling after the current chunk…")
+
+    def action_load_runs(self) -> None:
+        from .load_runs import LoadRunsScreen
+
+        def loaded(paths: Optional[list[str]]) -> None:
+            if paths:
+                self.load_paths(paths)
+
+        self.app.push_screen(LoadRunsScreen(self.session.results_dir), loaded)
+
+    def load_paths(self, paths: list[str]) -> None:
+        from wina.results import load_run
+        n = 0
+        for p in paths:
+            try:
+                run = load_run(p)
+            except Exception as e:
+                self.notify(describe_error(e), severity="error")
+                continue
+            if not any(r.path is not None and run.path is not None and Path(r.path) == Path(run.path)
+                       for r in self.runs):
+                self.runs.append(run)
+                n += 1
+        self.refresh_results()
+        if n:
+            self.notify(f"loaded {n} run{'s' if n != 1 else ''}")
+
+    def action_cycle_metric(self) -> None:
+        from wina.compare import comparison_rows
+        if not self.runs:
+            return
+        cmp = comparison_rows(self.runs)
+        options = (["avg"] if cmp.acc_columns else []) + cmp.acc_columns + cmp.low_columns
+        if not options:
+            return
+        i = options.index(self.metric) if self.metric in options else -1
+        self.metric = options[(i + 1) % len(options)]
+        self.query_one(PlotView).replot()
+        self.query_one(TabbedContent).active = "tab-chart"
+
+    # --- worker ------------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="evaluate")
+    def run_jobs(self, jobs: list[tuple[str, float]], form: dict, cancel: CancelToken) -> None:
+        from wina.evaluate import run_evaluation
+        s = self.session
+        post = self.post_message
+        settings = s.settings
+        try:
+            with s.using("evaluate"):
+                loaded = s.ensure_loaded(settings.model, settings.options.transform)
+                model, tok = loaded.model, loaded.tokenizer
+                for i, (method, sparsity) in enumerate(jobs):
+                    cancel.check()
+                    label = "dense" if method == "dense" else f"{METHOD_NAMES[method]} {sparsity:.0%}"
+                    post(self.Progressed({"stage": "runs", "done": i, "total": len(jobs), "message": label}))
+                    use_plan = (s.plan is not None and s.plan_path is not None and method == s.plan.method
+                                and settings.allocation != "uniform" and method != "dense")
+                    opts = replace(settings.options, method=method, sparsity=sparsity if method != "dense" else 0.5,
+                                   gating="topk" if not use_plan else settings.options.gating, plan=None)
+                    job = replace(settings, options=opts, allocation=settings.allocation if use_plan else "uniform")
+                    sp = s.prepare(job, plan_path=s.plan_path if use_plan else None,
+                                   plan=s.plan if use_plan else None)
+                    run = run_evaluation(
+                        model, tok, form["tasks"], model_id=loaded.model_id, sparsifier=sp, method=method,
+                        sparsity=sparsity if method != "dense" else 0.0,
+                        allocation=("greedy-" + settings.allocation) if use_plan else (
+                            None if method == "dense" else "uniform"),
+                        plan=str(s.plan_path) if use_plan else None, out=s.results_dir,
+                        limit=form["limit"], data_dir=s.data_dir,
+                        on_event=lambda ev: post(self.Progressed(event_dict(ev))), cancel=cancel)
+                    post(self.RunDone(run, i, len(jobs)))
+                self._restore()
+            post(self.Finished(True, f"{len(jobs)} run{'s' if len(jobs) != 1 else ''} done"))
+        except Cancelled:
+            self._restore()
+            post(self.Finished(False, "cancelled: finished runs are saved; nothing half-written", cancelled=True))
+        except Exception as e:
+            self._restore()
+            post(self.Finished(False, describe_error(e)))
+
+    def _restore(self) -> None:
+        """Put the model back as the chat had it (the session's applied settings)."""
+        s = self.session
+        try:
+            if s.applied is not None and s.loaded is not None:
+                s.prepare(s.applied, plan_path=s.applied.options.plan, plan=s.plan if s.applied.options.plan else None)
+            else:
+                s.drop_sparsifier()
+        except Exception:
+            s.drop_sparsifier()
+            s.applied = None
+
+    # --- messages ----------------------------------------------------------------------------------
+    @on(Progressed)
+    def _progress(self, message: "EvaluateScreen.Progressed") -> None:
+        ev = message.ev
+        self.events.append(ev)
+        panel = self.query_one(ProgressPanel)
+        if ev["stage"] == "runs":
+            panel.update_stage("runs", ev["done"], ev["total"], message=ev.get("message", ""))
+            return
+        metrics = ev.get("metrics") or {}
+        tasks = metrics.get("tasks")
+        if isinstance(tasks, dict) and tasks:
+            for name, dt in tasks.items():
+                done, total = int(dt[0]), int(dt[1])
+                panel.update_stage(f"task-{name}", done, total, title=f"  {name}",
+                                   finished=bool(total) and done >= total)
+        elif ev["stage"] == "ppl":
+            panel.update_stage("ppl", ev["done"], ev["total"], title="  perplexity", eta=ev.get("eta_s"))
+        elif ev.get("message"):
+            row = panel.rows.get("runs")
+            if row is not None and row.is_mounted:
+                row.query_one(".stage-status", Label).update(f"{row.status} · {ev['message']}")
+
+    @on(RunDone)
+    def _run_done(self, message: "EvaluateScreen.RunDone") -> None:
+        self.runs.append(message.run)
+        panel = self.query_one(ProgressPanel)
+        panel.update_stage("runs", message.index + 1, message.total, message=message.run.label)
+        self.refresh_results()
+
+    @on(Finished)
+    def _finished(self, message: "EvaluateScreen.Finished") -> None:
+        self.state = "done" if message.ok else ("cancelled" if message.cancelled else "failed")
+        panel = self.query_one(ProgressPanel)
+        row = panel.rows.get("runs")
+        if message.ok and row is not None:
+            panel.update_stage("runs", row.total or 0, row.total, finished=True)
+        elif row is not None:
+            panel.update_stage("runs", row.done, row.total, message=message.message, failed=True)
+        if message.ok:
+            self.notify(f"evaluation: {message.message}")
+        else:
+            self.notify(message.message, severity="warning" if message.cancelled else "error", timeout=8)
+        self._describe()
+
+    # --- results -----------------------------------------------------------------------------------
+    def refresh_results(self) -> None:
+        from wina.compare import SHORT, comparison_rows
+        table = self.query_one("#results", DataTable)
+        table.clear(columns=True)
+        if not self.runs:
+            return
+        cmp = comparison_rows(self.runs)
+        cols = ["sparsity", "method"] + [SHORT.get(c, c) for c in cmp.acc_columns]
+        cols += ["avg"] if cmp.acc_columns else []
+        cols += [f"{c} ↓" for c in cmp.low_columns] + ["measured"]
+        table.add_columns(*cols)
+        best: dict[tuple[float, str], float] = {}
+        for row in cmp.rows:
+            if row.label == "dense":
+                continue
+            for c in cmp.acc_columns:
+                v = row.values.get(c)
+                if v is not None:
+                    best[(row.sparsity, c)] = max(best.get((row.sparsity, c), -1.0), v)
+            if row.average is not None:
+                best[(row.sparsity, "avg")] = max(best.get((row.sparsity, "avg"), -1.0), row.average)
+        for row in cmp.rows:
+            n_at = sum(1 for r in cmp.rows if r.sparsity == row.sparsity and r.label != "dense")
+
+            def cell(c, v, pct=True):
+                if v is None:
+                    return Text("—", style="dim", justify="right")
+                s = f"{100 * v:.1f}" if pct else (f"{v:.2f}" if v < 1000 else f"{v:.4g}")
+                win = row.label != "dense" and n_at > 1 and best.get((row.sparsity, c)) == v
+                return Text(s, style="bold green" if win else "", justify="right")
+
+            cells = [Text("0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %", justify="right"),
+                     Text(row.label, style="bold" if row.label == "dense" else "")]
+            cells += [cell(c, row.values.get(c)) for c in cmp.acc_columns]
+            if cmp.acc_columns:
+                cells.append(cell("avg", row.average))
+            cells += [cell(c, row.values.get(c), pct=False) for c in cmp.low_columns]
+            cells.append(Text(fmt_pct(row.measured), style="dim", justify="right"))
+            table.add_row(*cells)
+        notes = "; ".join(cmp.notes)
+        self.query_one("#results-notes", Static).update(Text(notes, style="dim") if notes else "")
+        self.query_one(PlotView).replot()
+
+    def _draw_chart(self, fig, width: int, height: int) -> bool:
+        from wina.compare import chart_series, comparison_rows
+        if not self.runs:
+            return False
+        cmp = comparison_rows(self.runs)
+        metric = self.metric
+        if metric != "avg" and metric not in cmp.acc_columns + cmp.low_columns:
+            metric = "avg"
+        if metric == "avg" and not cmp.acc_columns:
+            if not cmp.low_columns:
+                return False
+            metric = cmp.low_columns[0]
+        series = chart_series(self.runs, metric)
+        if not series:
+            return False
+        for label, pts in series.items():
+            sig = fig.signal([p[0] for p in pts], [p[1] for p in pts])
+            if len(pts) > 1:
+                sig.lines()
+            sig.label(label)
+            fig.draw(sig)
+        what = "average accuracy (%)" if metric == "avg" else (
+            f"{metric} (%)" if metric in cmp.acc_columns else f"{metric} (lower is better)")
+        fig.title(f"{what} vs sparsity")
+        fig.label("sparsity (%)", "x")
+        return True

@@ -1,0 +1,257 @@
+"""The session: what the screens share (the loaded model, the options, the sparsifier, paths).
+
+Plain Python, no Textual: the screens read and change it from the UI thread and from workers.
+The model is not thread-safe, so every use of it goes through :attr:`Session.lock`
+(``with session.using("chat"):`` in a worker; it refuses at once when another job holds it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from wina.api import EMBEDDED, Loaded, SparseOptions, WinaError
+
+Loader = Callable[[str], Loaded]
+
+ALLOCATIONS = {"uniform": "uniform", "layer": "greedy, within-layer", "global": "greedy, cross-layer"}
+METHOD_NAMES = {"dense": "dense", "teal": "TEAL", "wina": "WINA"}
+GATING_NAMES = {"topk": "top-k", "threshold": "threshold"}
+
+
+class Busy(WinaError):
+    """The model is in use by another job (calibration, chat, evaluation)."""
+
+
+def default_loader(spec: str) -> Loaded:
+    from wina.api import load
+    return load(spec)
+
+
+def config_dir() -> Path:
+    from wina.models import cache_dir
+    return cache_dir()
+
+
+def default_data_dir() -> Optional[Path]:
+    """``$WINA_DATA_DIR``, else ``../shared/data`` next to the project, else ``./data``; None if absent."""
+    env = os.environ.get("WINA_DATA_DIR")
+    cands = [Path(env)] if env else []
+    root = Path(__file__).resolve().parents[1]
+    cands += [root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "data"]
+    for c in cands:
+        if c.is_dir():
+            return c.resolve()
+    return None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"
+
+
+@dataclass
+class Settings:
+    """What the setup screen edits."""
+    model: str = EMBEDDED
+    options: SparseOptions = field(default_factory=SparseOptions)
+    allocation: str = "uniform"          # uniform | layer | global (greedy)
+    calib_source: str = "self"           # self | wikitext | a text/jsonl path
+    preset: Optional[str] = None
+
+    @property
+    def needs_plan(self) -> bool:
+        o = self.options
+        return o.method != "dense" and (self.allocation != "uniform" or o.gating == "threshold")
+
+    def describe(self) -> str:
+        o = self.options
+        if o.method == "dense":
+            return "dense" + (" + transform" if o.transform else "")
+        parts = [f"{METHOD_NAMES[o.method]} {o.sparsity:.0%}", GATING_NAMES[o.gating], ALLOCATIONS[self.allocation]]
+        if o.transform:
+            parts.append("transform")
+        return " · ".join(parts)
+
+
+class Session:
+    """Shared state of one app run."""
+
+    def __init__(self, loader: Optional[Loader] = None, *, results_dir: Optional[Path] = None,
+                 state_dir: Optional[Path] = None, plans_dir: Optional[Path] = None,
+                 data_dir: Optional[Path] = None) -> None:
+        self.loader: Loader = loader or default_loader
+        self.settings = Settings()
+        self.loaded: Optional[Loaded] = None
+        self.sparsifier = None                   # wina.sparsify.Sparsifier or None (dense)
+        self.applied: Optional[Settings] = None  # the settings the model is prepared with
+        self.plan_path: Optional[Path] = None
+        self.plan = None                         # wina.plan.Plan after calibration
+        base = state_dir or config_dir()
+        self.state_dir = Path(base)
+        self.results_dir = Path(results_dir) if results_dir else self.state_dir / "results"
+        self.plans_dir = Path(plans_dir) if plans_dir else self.state_dir / "plans"
+        self.data_dir = data_dir if data_dir is not None else default_data_dir()
+        self.lock = threading.Lock()
+        self.job: Optional[str] = None
+        self.allocate_options: dict[str, Any] = {}   # extra keywords for wina.allocate.allocate
+        self.preset = None                           # the wina.presets.Preset picked in setup
+
+    # --- the model lock ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def using(self, job: str) -> Iterator[None]:
+        if not self.lock.acquire(blocking=False):
+            raise Busy(f"the model is busy ({self.job}); wait for it or cancel it first")
+        self.job = job
+        try:
+            yield
+        finally:
+            self.job = None
+            self.lock.release()
+
+    @property
+    def busy(self) -> Optional[str]:
+        return self.job
+
+    # --- loading and preparing (call from a worker, inside using()) ------------------------------
+    def ensure_loaded(self, spec: str, transform: Optional[bool] = None) -> Loaded:
+        """Load ``spec`` unless it is loaded already. ``transform=False`` reloads a model that was
+        transformed earlier (the transform is in place; a plan made without it refuses it)."""
+        stale = self.loaded is None or self.loaded.model_id != spec
+        if not stale and transform is False:
+            from wina.transform import is_transformed
+            stale = is_transformed(self.loaded.model)
+        if stale:
+            self.drop_sparsifier()
+            self.loaded = None
+            self.applied = None
+            self.plan = None
+            self.plan_path = None
+            self.loaded = self.loader(spec)
+            self.remember_model(spec)
+        return self.loaded
+
+    def drop_sparsifier(self) -> None:
+        if self.sparsifier is not None:
+            self.sparsifier.remove()
+            self.sparsifier = None
+
+    def prepare(self, settings: Settings, plan_path=None, plan=None):
+        """Apply ``settings`` to the loaded model: transform, then sparsify (uniform top-k) or apply a
+        calibration plan (``plan_path``; ``plan`` if it is already in memory). Returns the sparsifier."""
+        from wina.api import prepare, transform
+        from wina.transform import is_transformed
+        assert self.loaded is not None
+        model = self.loaded.model
+        opts = replace(settings.options, plan=str(plan_path) if plan_path else None)
+        if opts.method == "dense":
+            opts.plan = None
+        opts.validate()
+        self.drop_sparsifier()
+        if opts.transform and not is_transformed(model):
+            transform(model)
+        if opts.plan:
+            from wina.plan import Plan, apply_plan
+            if plan is None:
+                plan = Plan.load(opts.plan)
+            mode = settings.allocation if settings.allocation in ("layer", "global") else "uniform"
+            self.sparsifier = apply_plan(model, plan, opts.sparsity, gating=opts.gating,
+                                         dense_prefix=opts.dense_prefix, mode=mode)
+        else:
+            self.sparsifier = prepare(model, opts)
+        self.applied = replace(settings, options=opts)
+        return self.sparsifier
+
+    def plan_dir_for(self, settings: Settings) -> Path:
+        o = settings.options
+        src = settings.calib_source
+        src = slug(Path(src).name) if src not in ("self", "wikitext") else src
+        name = f"{slug(settings.model)}-{o.method}{'-tr' if o.transform else ''}-{o.weighted}-{src}"
+        return self.plans_dir / name
+
+    # --- numbers for the chat panes --------------------------------------------------------------
+    def flop_fraction(self, measured: bool = True) -> float:
+        from wina.api import flops_per_token
+        from wina.transform import is_transformed
+        model = self.loaded.model
+        tr = is_transformed(model)
+        if self.sparsifier is None:
+            return flops_per_token(model.config, 0.0, transform=tr).fraction
+        rep = self.sparsifier.report()
+        f = rep.flops_measured if (measured and rep.flops_measured is not None) else rep.flops_nominal
+        return f.fraction
+
+    def dense_flop_fraction(self) -> float:
+        from wina.api import flops_per_token
+        from wina.transform import is_transformed
+        model = self.loaded.model
+        return flops_per_token(model.config, 0.0, transform=is_transformed(model)).fraction
+
+    def model_summary(self) -> str:
+        if self.loaded is None:
+            return "no model loaded"
+        m = self.loaded.model
+        n = sum(p.numel() for p in m.parameters())
+        cfg = m.config
+        dev = str(next(m.parameters()).device)
+        return (f"{self.loaded.model_id} · {cfg.model_type} · {cfg.num_hidden_layers} layers · "
+                f"{n / 1e6:.1f} M params · {dev}")
+
+    # --- recent models -----------------------------------------------------------------------------
+    @property
+    def _recent_file(self) -> Path:
+        return self.state_dir / "tui-recent.json"
+
+    def recent_models(self) -> list[str]:
+        try:
+            data = json.loads(self._recent_file.read_text(encoding="utf-8"))
+            return [str(x) for x in data.get("models", [])][:8]
+        except (OSError, ValueError, AttributeError):
+            return []
+
+    def remember_model(self, spec: str) -> None:
+        models = [spec] + [m for m in self.recent_models() if m != spec]
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self._recent_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"models": models[:8]}), encoding="utf-8")
+            os.replace(tmp, self._recent_file)
+        except OSError:
+            pass
+
+
+def fmt_pct(x: Optional[float]) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:.1%}"
+
+
+def fmt_eta(s: Optional[float]) -> str:
+    if s is None or s != s:
+        return "ETA —"
+    s = int(round(s))
+    if s >= 3600:
+        return f"ETA {s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"ETA {s // 60}m{s % 60:02d}s"
+    return f"ETA {s}s"
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for the user: library errors as they are, anything else with its type."""
+    if isinstance(e, WinaError):
+        return str(e)
+    msg = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def event_dict(ev: Any) -> dict:
+    """A Progress event as a plain dict (safe to hand to the UI thread)."""
+    return {"stage": ev.stage, "done": ev.done, "total": ev.total, "layer": ev.layer,
+            "n_layers": ev.n_layers, "message": ev.message, "metrics": dict(ev.metrics or {}),
+            "eta_s": ev.eta_s}

@@ -1,0 +1,1 @@
+"""Widgets of the wina TUI, one per file. None of them imports the App class."""

@@ -1,0 +1,70 @@
+"""The allocation found by calibration: sparsity per layer (rows) and matrix (columns) as a heat map."""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from rich.style import Style
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+Key = tuple[int, str]
+
+# a perceptual-ish ramp from low (blue) to high (red) sparsity
+RAMP = ["#1d4877", "#1b8a5a", "#6aa84f", "#fbb021", "#f68838", "#ee3e32", "#b01c2e"]
+
+
+def cell_color(s: float, lo: float, hi: float) -> str:
+    if hi <= lo:
+        return RAMP[len(RAMP) // 2]
+    t = min(max((s - lo) / (hi - lo), 0.0), 1.0)
+    return RAMP[min(int(t * len(RAMP)), len(RAMP) - 1)]
+
+
+def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None) -> Table:
+    projs: list[str] = []
+    layers: list[int] = []
+    for (layer, proj) in alloc:
+        if proj not in projs:
+            projs.append(proj)
+        if layer not in layers:
+            layers.append(layer)
+    layers.sort()
+    vals = list(alloc.values())
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    title = "sparsity per layer and matrix (%)" + (f" at {target:.0%} target" if target is not None else "")
+    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1), expand=False,
+                  title_style="bold", header_style="bold")
+    table.add_column("layer", justify="right")
+    for p in projs:
+        table.add_column(p.replace("_proj", ""), justify="center", min_width=5)
+    table.add_column("mean", justify="right")
+    for layer in layers:
+        row: list[Text] = [Text(str(layer))]
+        vs = []
+        for p in projs:
+            s = alloc.get((layer, p))
+            if s is None:
+                row.append(Text("·", style="dim"))
+                continue
+            vs.append(s)
+            row.append(Text(f"{100 * s:4.0f} ", style=Style(color="white", bgcolor=cell_color(s, lo, hi))))
+        row.append(Text(f"{100 * sum(vs) / len(vs):.0f}" if vs else "—"))
+        table.add_row(*row)
+    return table
+
+
+class AllocationHeatmap(Static):
+    """Set :attr:`allocation` (``{(layer, proj): sparsity}``) to show it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(Text("the allocation per layer and matrix appears here when calibration is done",
+                              style="dim"), **kw)
+        self.allocation: dict[Key, float] = {}
+
+    def show_allocation(self, alloc: Mapping[Key, float], target: Optional[float] = None) -> None:
+        self.allocation = {tuple(k): float(v) for k, v in alloc.items()}
+        if not self.allocation:
+            self.update(Text("no allocation", style="dim"))
+            return
+        self.update(heatmap_table(self.allocation, target=target))

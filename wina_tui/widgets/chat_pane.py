@@ -1,0 +1,147 @@
+"""One side of the chat: the conversation with one model (dense or sparse), streamed as Markdown.
+
+A worker thread talks to the pane only through messages (:class:`ChatPane.Start`, ``Delta``,
+``Done``), posted with ``post_message`` (thread-safe, ordered). Deltas are appended through
+Textual's ``MarkdownStream``: only the last Markdown block is re-parsed, never the whole reply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from rich.text import Text
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Markdown, Static
+
+from ..state import fmt_pct
+
+
+@dataclass
+class ReplyStats:
+    tokens: int
+    seconds: float
+    stopped: str
+    sparsity: Optional[float]      # measured, size-weighted (0 for dense)
+    flops: Optional[float]         # FLOP fraction of dense (shortcuts included)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChatPane(Vertical):
+    DEFAULT_CSS = """
+    ChatPane { width: 1fr; height: 1fr; border: round $primary 60%; padding: 0 0; }
+    ChatPane:focus-within { border: round $primary; }
+    ChatPane > VerticalScroll { height: 1fr; padding: 0 1; }
+    ChatPane .user-msg { margin: 1 0 0 6; padding: 0 1; background: $primary 15%; color: $text; }
+    ChatPane .bot-msg { margin: 1 0 0 0; padding: 0 0; }
+    ChatPane .bot-msg > * { margin: 0 0 0 0; }
+    ChatPane .placeholder { color: $text-muted; margin: 1 0; }
+    ChatPane .stopped { color: $warning; }
+    """
+
+    class Start(Message):
+        def __init__(self, prompt: str) -> None:
+            super().__init__()
+            self.prompt = prompt
+
+    class Delta(Message):
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
+    class Done(Message):
+        def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None) -> None:
+            super().__init__()
+            self.stats = stats
+            self.error = error
+
+    def __init__(self, title: str, *, placeholder: str = "", **kw) -> None:
+        super().__init__(**kw)
+        self.title = title
+        self.placeholder = placeholder
+        self.history: list[dict] = []           # the conversation of this model (chat template input)
+        self.replies: list[str] = []
+        self.stats: Optional[ReplyStats] = None
+        self.streaming = False
+        self._stream = None
+        self._current: Optional[Markdown] = None
+        self._buffer: list[str] = []
+
+    def compose(self):
+        with VerticalScroll():
+            yield Static(self.placeholder, classes="placeholder")
+
+    def on_mount(self) -> None:
+        self.border_title = self.title
+        self.border_subtitle = "tok/s — · sparsity — · FLOPs —"
+        self.query_one(VerticalScroll).anchor()
+
+    def set_title(self, title: str) -> None:
+        self.title = title
+        self.border_title = title
+
+    def set_placeholder(self, text: str) -> None:
+        self.placeholder = text
+        for w in self.query(".placeholder"):
+            w.update(text)
+
+    def clear(self) -> None:
+        self.history.clear()
+        self.replies.clear()
+        self.stats = None
+        scroll = self.query_one(VerticalScroll)
+        scroll.remove_children()
+        scroll.mount(Static(self.placeholder, classes="placeholder"))
+        self.border_subtitle = "tok/s — · sparsity — · FLOPs —"
+
+    # --- messages from the worker --------------------------------------------------------------
+    async def on_chat_pane_start(self, message: "ChatPane.Start") -> None:
+        message.stop()
+        scroll = self.query_one(VerticalScroll)
+        for w in list(scroll.query(".placeholder")):
+            await w.remove()
+        self._buffer = []
+        self._current = Markdown("", classes="bot-msg")
+        await scroll.mount(Static(Text(message.prompt), classes="user-msg"))
+        await scroll.mount(self._current)
+        self._stream = Markdown.get_stream(self._current)
+        self.streaming = True
+        self.border_subtitle = "generating…"
+        scroll.anchor()
+
+    async def on_chat_pane_delta(self, message: "ChatPane.Delta") -> None:
+        message.stop()
+        if self._stream is not None:
+            self._buffer.append(message.text)
+            await self._stream.write(message.text)
+
+    async def on_chat_pane_done(self, message: "ChatPane.Done") -> None:
+        message.stop()
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.streaming = False
+        text = "".join(self._buffer)
+        self.replies.append(text)
+        scroll = self.query_one(VerticalScroll)
+        if message.error:
+            await scroll.mount(Static(Text(message.error, style="bold red")))
+            self.border_subtitle = "error"
+            return
+        st = message.stats
+        self.stats = st
+        if st is not None:
+            if st.stopped == "cancelled":
+                await scroll.mount(Static("■ stopped", classes="stopped"))
+            if not text.strip():
+                await scroll.mount(Static("(empty reply)", classes="placeholder"))
+            self.border_subtitle = self.format_stats(st)
+
+    @staticmethod
+    def format_stats(st: ReplyStats) -> str:
+        flops = "—" if st.flops is None else f"{st.flops:.2f}×"
+        return (f"{st.tokens_per_s:.1f} tok/s · {st.tokens} tok · sparsity {fmt_pct(st.sparsity)} · "
+                f"FLOPs {flops}")

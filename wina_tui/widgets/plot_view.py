@@ -1,0 +1,66 @@
+"""A Static that shows a plotext 6 figure, rebuilt to the widget's size.
+
+plotext 6 has an object API (``plotext.figure``); textual-plotext pins plotext < 6, so this renders
+the figure to an ANSI string and shows it through ``rich.text.Text.from_ansi``. The figure's own
+background and black/white foregrounds are dropped, so the chart follows the app's theme.
+plotext keeps global state: only call :meth:`PlotView.replot` from the UI thread.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+from rich.text import Text
+from textual.widgets import Static
+
+_BG = re.compile(r"\x1b\[48;5;\d+m")
+_MONO_FG = re.compile(r"\x1b\[38;5;(?:0|7|8|15)m")
+
+DrawFn = Callable[[object, int, int], bool]   # (figure, width, height) -> drew anything
+
+
+def ansi_to_text(ansi: str) -> Text:
+    return Text.from_ansi(_MONO_FG.sub("\x1b[39m", _BG.sub("", ansi)), no_wrap=True, end="")
+
+
+def render_figure(draw: DrawFn, width: int, height: int) -> Optional[Text]:
+    """Clear the global plotext figure, let ``draw`` fill it, and return the result as rich Text."""
+    import plotext as plt
+    fig = plt.figure
+    fig.clear()
+    fig.theme("default")
+    fig.plot_size(max(width, 20), max(height, 6))
+    if not draw(fig, width, height):
+        fig.clear()
+        return None
+    out = fig.build().string()
+    fig.clear()
+    return ansi_to_text(out)
+
+
+class PlotView(Static):
+    """Shows ``draw``'s figure at the widget's content size; call :meth:`replot` when data changes."""
+
+    DEFAULT_CSS = """
+    PlotView { height: 1fr; min-height: 8; }
+    """
+
+    def __init__(self, draw: Optional[DrawFn] = None, *, empty: str = "no data yet", **kw) -> None:
+        super().__init__("", **kw)
+        self._draw = draw
+        self._empty = empty
+        self._size = (0, 0)
+
+    def set_draw(self, draw: DrawFn) -> None:
+        self._draw = draw
+        self.replot()
+
+    def on_resize(self) -> None:
+        self.replot()
+
+    def replot(self) -> None:
+        w, h = self.content_region.width, self.content_region.height
+        if w <= 0 or h <= 0:
+            return
+        text = render_figure(self._draw, w, h) if self._draw is not None else None
+        self.update(text if text is not None else Text(self._empty, style="dim"))

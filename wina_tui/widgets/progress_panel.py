@@ -1,0 +1,109 @@
+"""Progress bars, one row per stage (or task), each with a count, an ETA and a short message."""
+from __future__ import annotations
+
+from typing import Optional
+
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Label, ProgressBar
+
+from ..state import fmt_eta
+
+
+class StageRow(Horizontal):
+    DEFAULT_CSS = """
+    StageRow { height: 1; }
+    StageRow > .stage-title { width: 16; text-style: bold; }
+    StageRow > ProgressBar { width: 32; }
+    StageRow > ProgressBar > Bar { width: 22; }
+    StageRow > .stage-status { width: 1fr; color: $text-muted; }
+    StageRow.-done > .stage-title { color: $success; }
+    StageRow.-failed > .stage-title { color: $error; }
+    """
+
+    def __init__(self, key: str, title: str) -> None:
+        super().__init__(id=f"stage-{key}")
+        self.key = key
+        self.title = title
+        self.done = 0
+        self.total: Optional[int] = None
+        self.status = ""
+
+    def compose(self):
+        yield Label(self.title, classes="stage-title")
+        yield ProgressBar(total=None, show_eta=False, show_percentage=True)
+        yield Label("waiting", classes="stage-status")
+
+    def set(self, done: int, total: Optional[int], *, eta: Optional[float] = None, message: str = "",
+            finished: bool = False, failed: bool = False) -> None:
+        self.done, self.total = done, total
+        bar = self.query_one(ProgressBar)
+        if total:
+            bar.update(total=total, progress=done)
+        if finished:
+            self.add_class("-done")
+            if total:
+                bar.update(total=total, progress=total)
+            else:
+                bar.update(total=1, progress=1)
+        if failed:
+            self.add_class("-failed")
+        count = f"{done}/{total}" if total else (str(done) if done else "")
+        if finished:
+            status = f"{count} · done" if count else "done"
+        elif failed:
+            status = f"{count} · {message or 'stopped'}" if count else (message or "stopped")
+        else:
+            status = " · ".join(p for p in (count, fmt_eta(eta) if total and done else "", message) if p)
+        self.status = status
+        self.query_one(".stage-status", Label).update(status)
+
+    def reset(self) -> None:
+        self.remove_class("-done", "-failed")
+        self.done, self.total = 0, None
+        self.query_one(ProgressBar).update(total=None, progress=0)
+        self.status = "waiting"
+        self.query_one(".stage-status", Label).update("waiting")
+
+
+class ProgressPanel(Vertical):
+    """A column of :class:`StageRow`; rows are added on first use."""
+
+    DEFAULT_CSS = """
+    ProgressPanel { height: auto; }
+    """
+
+    def __init__(self, stages: Optional[list[tuple[str, str]]] = None, **kw) -> None:
+        super().__init__(**kw)
+        self._initial = stages or []
+        self.rows: dict[str, StageRow] = {}
+
+    def compose(self):
+        for key, title in self._initial:
+            row = StageRow(key, title)
+            self.rows[key] = row
+            yield row
+
+    def row(self, key: str, title: Optional[str] = None) -> StageRow:
+        r = self.rows.get(key)
+        if r is None:
+            r = StageRow(key, title or key)
+            self.rows[key] = r
+            self.mount(r)
+        return r
+
+    def update_stage(self, key: str, done: int, total: Optional[int], *, title: Optional[str] = None,
+                     eta: Optional[float] = None, message: str = "", finished: bool = False,
+                     failed: bool = False) -> None:
+        r = self.row(key, title)
+        if r.is_mounted:
+            r.set(done, total, eta=eta, message=message, finished=finished, failed=failed)
+        else:
+            self.call_after_refresh(r.set, done, total, eta=eta, message=message, finished=finished,
+                                    failed=failed)
+
+    def clear_rows(self, keep: tuple[str, ...] = ()) -> None:
+        for key in list(self.rows):
+            if key in keep:
+                self.rows[key].reset()
+            else:
+                self.rows.pop(key).remove()

@@ -1,0 +1,65 @@
+"""Live chart of the greedy allocation: error against effective sparsity for the current layer."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .plot_view import PlotView
+
+
+class TrajectoryChart(PlotView):
+    """Collects ``(sparsity, error, matrix)`` points per layer and plots the current layer's path.
+
+    Each greedy step raises one matrix's sparsity; the point is the layer's (or, for cross-layer
+    allocation, the model's) effective sparsity after the step and the error it costs. Steps are
+    coloured by the matrix they changed.
+    """
+
+    def __init__(self, **kw) -> None:
+        super().__init__(None, empty="the greedy trajectory appears here during allocation", **kw)
+        self.points: dict[Optional[int], list[tuple[float, float, str]]] = {}
+        self.layer: Optional[int] = None
+        self.n_layers: Optional[int] = None
+        self._draw = self._plot
+
+    def reset(self) -> None:
+        self.points.clear()
+        self.layer = None
+        self.replot()
+
+    def add_point(self, layer: Optional[int], sparsity: float, error: float, matrix: str = "",
+                  n_layers: Optional[int] = None, redraw: bool = True) -> None:
+        self.points.setdefault(layer, []).append((float(sparsity), float(error), matrix or ""))
+        self.layer = layer
+        self.n_layers = n_layers
+        if redraw:
+            self.replot()
+
+    def set_trajectory(self, layer: Optional[int], pts: list[tuple[float, float, str]]) -> None:
+        self.points[layer] = list(pts)
+        self.layer = layer
+        self.replot()
+
+    def _plot(self, fig, width: int, height: int) -> bool:
+        pts = self.points.get(self.layer)
+        if not pts:
+            return False
+        xs = [100 * p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        line = fig.signal(xs, ys)
+        line.lines()
+        line.label("path")
+        fig.draw(line)
+        by_matrix: dict[str, tuple[list[float], list[float]]] = {}
+        for x, y, m in zip(xs, ys, (p[2] for p in pts)):
+            if m:
+                by_matrix.setdefault(m, ([], []))
+                by_matrix[m][0].append(x)
+                by_matrix[m][1].append(y)
+        if 1 < len(by_matrix) <= 8 and height >= 12:
+            for m, (mx, my) in by_matrix.items():
+                fig.draw(fig.signal(mx, my).label(m))
+        where = "all layers" if self.layer is None else (
+            f"layer {self.layer}" + (f"/{self.n_layers - 1}" if self.n_layers else ""))
+        fig.title(f"greedy trajectory · {where} · {len(pts)} steps")
+        fig.label("effective sparsity (%)", "x")
+        return True
