@@ -16,7 +16,8 @@ import traceback
 from pathlib import Path
 from typing import Any, List, Optional
 
-import click
+import importlib
+
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -38,9 +39,20 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
-def fail(msg: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] [red]{escape(_one_line(msg))}[/]", soft_wrap=True)
-    raise SystemExit(code)
+def _click_exc(name: str) -> tuple:
+    """An exception class of click, as typer uses it: its vendored copy (typer >= 0.20) and/or click."""
+    found = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+        if cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_USAGE, _ABORT, _CLICK = _click_exc("UsageError"), _click_exc("Abort"), _click_exc("ClickException")
 
 
 class WinaGroup(TyperGroup):
@@ -57,10 +69,7 @@ class WinaGroup(TyperGroup):
         try:
             rv = super().main(args=argv, prog_name=prog_name or "wina", complete_var=complete_var,
                               standalone_mode=False, **extra)
-        except click.exceptions.NoArgsIsHelpError as e:       # pragma: no cover - not used
-            out.print(e.ctx.get_help() if e.ctx else str(e))
-            sys.exit(0)
-        except click.UsageError as e:
+        except _USAGE as e:
             if _STATE["debug"]:
                 traceback.print_exc()
             hint = ""
@@ -68,7 +77,7 @@ class WinaGroup(TyperGroup):
                 hint = f" (see {e.ctx.command_path} --help)"
             _red_line(e.format_message() + hint)
             sys.exit(2)
-        except click.exceptions.Abort:
+        except _ABORT:
             _red_line("aborted")
             sys.exit(130)
         except KeyboardInterrupt:
@@ -82,7 +91,7 @@ class WinaGroup(TyperGroup):
                 traceback.print_exc()
             _red_line(str(e) or type(e).__name__)
             sys.exit(2)
-        except click.ClickException as e:
+        except _CLICK as e:
             _red_line(e.format_message())
             sys.exit(e.exit_code)
         except SystemExit:
@@ -174,7 +183,9 @@ class ProgressRenderer:
         self.progress.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:             # an error: leave only its one red line on the screen
+            self.progress.live.transient = True
         self.progress.stop()
 
     def __call__(self, ev) -> None:
@@ -227,9 +238,28 @@ def _device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _quiet_libraries() -> None:
+    """Our own bars replace transformers' and datasets' tqdm bars and their info logs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with _suppress():
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    with _suppress():
+        import datasets
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+
+
+def _suppress():
+    import contextlib
+    return contextlib.suppress(Exception)
+
+
 def _load(spec: str, device: str, dtype: str, r: Optional[ProgressRenderer] = None):
     from .models import load, resolve_source
     resolve_source(spec)                     # a bad path fails before any slow import
+    _quiet_libraries()
     dev = _device(device)
     if r is not None:
         r.note("load", f"{spec} on {dev}")
@@ -699,6 +729,8 @@ def run_cmd(
     from .presets import load_preset
     from .runner import default_out_dir, plan_steps, run_preset
     p = load_preset(preset)
+    if not dry_run:
+        _quiet_libraries()
     lim = _limit(limit)
     if lim is not None:
         from .evaluate import _check_limit

@@ -1,0 +1,283 @@
+"""The ``wina`` command line, through typer's CliRunner: each command's happy path on a tiny random
+Llama (2 layers, hidden 64, a word-level tokenizer built in code, no downloads) and the bad inputs
+(one red line, exit code 2, no traceback unless --debug)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wina.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
+
+WORDS = ("the a an and or of to in on at is was are be it this that with for as by from he she they "
+         "we you i his her their my your not no yes what which who when where how why can will would "
+         "there here one two three first last new old good bad big small long short man woman people "
+         "time year day way thing world life hand part place case week work number water room mother "
+         "city name story fact month lot right study book eye job word business issue side kind head "
+         "house service friend father power hour game line end member law car question answer goal "
+         "use make take put open").split()
+TEXT = ("the man put the book on the table . she can open the door with her hand . "
+        "what is the answer to the question ? the city was big and the water was cold . "
+        "they will make a good game for the people of the world . ") * 40
+
+
+def make_tiny(path: Path) -> Path:
+    """A random 2-layer Llama (hidden 64) and a word-level tokenizer, saved with save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS + [".", "?", ",", "!"]:
+        vocab.setdefault(w, len(vocab))
+    assert len(vocab) <= 128
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")          # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "text.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def need_data():
+    if not (DATA / "piqa" / "valid.jsonl").exists():
+        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR)")
+    return DATA
+
+
+def invoke(*args, input=None):
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def ok(res):
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res
+
+
+def user_error(res, *needles):
+    """Exit 2, exactly one line on stderr starting with 'error:', no traceback."""
+    assert res.exit_code == 2, (res.output, res.exception)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error:"), lines
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+# --- fast: no model ---------------------------------------------------------------------------------
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys; import wina.cli; "
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'textual') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+    res = ok(invoke("--help"))
+    for cmd in ("models", "calibrate", "allocate", "eval", "ppl", "compare", "chat", "run", "tui"):
+        assert cmd in res.stdout
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in ("models", "calibrate", "allocate", "eval", "ppl", "compare", "chat", "run", "tui"):
+        res = ok(invoke(cmd, "--help"))
+        assert "Example" in res.stdout, cmd
+
+
+def test_version_and_no_command():
+    assert "wina" in ok(invoke("--version")).stdout
+    assert "Usage" in ok(invoke()).stdout
+
+
+def test_models_lists_architectures_embedded_and_presets():
+    res = ok(invoke("models"))
+    for s in ("llama", "qwen2", "phi3", "smollm2-135m", "smollm2-quick", "llama2-7b"):
+        assert s in res.stdout
+    data = json.loads(ok(invoke("models", "--json")).stdout)
+    assert set(data["architectures"]) >= {"llama", "mistral", "qwen2", "phi3"}
+    assert data["embedded"]["name"] == "smollm2-135m"
+    assert {p["name"] for p in data["presets"]} >= {"smollm2-quick", "smollm2-full", "llama2-7b",
+                                                    "llama3-8b", "qwen2.5-7b", "phi4"}
+
+
+def test_run_dry_run_quick_preset():
+    res = ok(invoke("run", "smollm2-quick", "--dry-run", "--limit", "2"))
+    assert "calibrate wina" in res.stdout and "compare" in res.stdout
+    assert "dry run" in res.stdout
+
+
+# --- bad inputs -------------------------------------------------------------------------------------
+
+def test_unknown_model_path(text_file):
+    user_error(invoke("ppl", "./no/such/model", "--text", text_file), "not found")
+
+
+def test_unknown_model_hub_id(text_file, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    user_error(invoke("ppl", "nobody-xyz/no-such-model-123", "--text", text_file), "no-such-model-123")
+
+
+def test_unknown_method(text_file):
+    user_error(invoke("ppl", "smollm2-135m", "--method", "magic", "--text", text_file), "magic")
+    user_error(invoke("calibrate", "smollm2-135m", "--method", "dense", "--out", "x"), "dense")
+
+
+def test_sparsity_out_of_range(text_file):
+    user_error(invoke("ppl", "smollm2-135m", "--sparsity", "1.5", "--text", text_file), "1.5")
+    user_error(invoke("eval", "smollm2-135m", "--sparsity", "1.5", "--tasks", "piqa"), "1.5")
+
+
+def test_missing_plan(text_file, tmp_path):
+    user_error(invoke("ppl", "smollm2-135m", "--plan", tmp_path / "nope", "--text", text_file), "plan")
+    user_error(invoke("allocate", tmp_path / "nope"), "plan")
+
+
+def test_threshold_needs_plan(text_file):
+    user_error(invoke("ppl", "smollm2-135m", "--sparsity", "0.5", "--gating", "threshold",
+                      "--text", text_file), "plan")
+
+
+def test_bad_option_value_is_one_line():
+    user_error(invoke("ppl", "smollm2-135m", "--text", "x", "--max-tokens", "lots"), "--max-tokens")
+    user_error(invoke("eval"), "model")
+    user_error(invoke("nosuchcommand"))
+
+
+def test_unknown_and_malformed_preset(tmp_path):
+    user_error(invoke("run", "no-such-preset", "--dry-run"), "unknown preset", "smollm2-quick")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "smollm2-135m"\n[eval]\nsparsities = [0.25, 1.5]\ntasks = ["piqa"]\n'
+                   '[[variants]]\nmethod = "wina"\n')
+    user_error(invoke("run", bad, "--dry-run"), str(bad), "eval.sparsities[1]")
+    bad.write_text('model = "smollm2-135m"\ncolour = "red"\n')
+    user_error(invoke("run", bad, "--dry-run"), "colour")
+    bad.write_text('model = "smollm2-135m\n')
+    user_error(invoke("run", bad), "TOML")
+
+
+def test_eval_nothing_to_do_and_unknown_task(tiny, need_data):
+    user_error(invoke("eval", tiny, "--method", "dense"), "nothing to evaluate")
+    user_error(invoke("eval", tiny, "--tasks", "nosuchtask", "--data-dir", need_data), "nosuchtask")
+
+
+def test_compare_bad_file(tmp_path):
+    f = tmp_path / "x.json"
+    f.write_text("{}")
+    user_error(invoke("compare", f), "wina")
+    user_error(invoke("compare", tmp_path / "missing.json"), "not found")
+
+
+def test_debug_shows_traceback(text_file):
+    res = invoke("--debug", "ppl", "./no/such/model", "--text", text_file)
+    assert res.exit_code == 2
+    assert "Traceback" in res.stderr
+    res = invoke("ppl", "./no/such/model", "--text", text_file, "--debug")
+    assert res.exit_code == 2 and "Traceback" in res.stderr
+
+
+# --- happy paths on the tiny model ------------------------------------------------------------------
+
+def test_ppl_json_dense_and_sparse(tiny, text_file):
+    d = json.loads(ok(invoke("ppl", tiny, "--text", text_file, "--context", "64", "--json")).stdout)
+    assert {"perplexity", "tokens", "measured_sparsity"} <= set(d)
+    assert d["method"] == "dense" and d["measured_sparsity"] == 0.0 and d["tokens"] > 0
+    s = json.loads(ok(invoke("ppl", tiny, "--text", text_file, "--context", "64", "--sparsity", "0.5",
+                             "--json")).stdout)
+    assert s["method"] == "wina" and s["sparsity"] == 0.5
+    assert 0.4 < s["measured_sparsity"] < 0.6
+    assert s["perplexity"] > 0 and s["perplexity"] != d["perplexity"]
+    t = json.loads(ok(invoke("ppl", tiny, "--text", text_file, "--context", "64", "--method", "teal",
+                             "--sparsity", "0.25", "--transform", "--max-tokens", "200", "--json")).stdout)
+    assert t["transform"] is True and t["tokens"] == 3 * 63
+
+
+def test_ppl_text_output(tiny, text_file):
+    res = ok(invoke("ppl", tiny, "--text", text_file, "--context", "64", "--method", "teal",
+                    "--sparsity", "0.4", "--max-tokens", "128"))
+    assert "perplexity" in res.stdout and "measured" in res.stdout
+
+
+def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
+    plan = tmp_path / "plan"
+    ok(invoke("calibrate", tiny, "--method", "wina", "--data", text_file, "--samples", "2",
+              "--seq-len", "32", "--out", plan))
+    meta = json.loads((plan / "plan.json").read_text())
+    assert meta["method"] == "wina" and meta["status"]["calibrated_layers"] == 2
+    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))
+    meta = json.loads((plan / "plan.json").read_text())
+    assert meta["allocation"] is not None
+    d = json.loads(ok(invoke("ppl", tiny, "--plan", plan, "--sparsity", "0.5", "--text", text_file,
+                             "--context", "64", "--json")).stdout)
+    assert d["method"] == "wina" and d["plan"] == str(plan)
+    assert 0.3 < d["measured_sparsity"] < 0.7
+    user_error(invoke("ppl", tiny, "--plan", plan, "--method", "teal", "--sparsity", "0.5",
+                      "--text", text_file), "does not match")
+
+
+def test_eval_and_compare(tiny, need_data, tmp_path):
+    outs = []
+    for args in (["--method", "dense"], ["--method", "wina", "--sparsity", "0.5"],
+                 ["--method", "teal", "--sparsity", "0.5"]):
+        out = tmp_path / f"{args[1]}.json"
+        res = ok(invoke("eval", tiny, *args, "--tasks", "piqa", "--limit", "2", "--data-dir", need_data,
+                        "--batch-size", "2", "--output", out))
+        assert "piqa" in res.stdout and "measured sparsity" in res.stdout
+        rec = json.loads(out.read_text())
+        assert rec["wina"]["method"] == args[1] and "piqa" in rec["wina"]["headline"]
+        outs.append(out)
+    res = ok(invoke("compare", *outs))
+    assert "WINA" in res.stdout and "TEAL" in res.stdout and "dense" in res.stdout
+    res = ok(invoke("compare", tmp_path, "--plot"))
+    assert "sparsity" in res.stdout
+    md = ok(invoke("compare", *outs, "--markdown")).stdout
+    assert md.lstrip().startswith("| sparsity")
+
+
+def test_chat_one_shot_and_interactive(tiny):
+    res = ok(invoke("chat", tiny, "--prompt", "what is the answer ?", "--max-new-tokens", "5",
+                    "--sparsity", "0.5"))
+    assert "tokens/s" in res.stderr
+    res = ok(invoke("chat", tiny, "--max-new-tokens", "4", input="hello there\n/reset\nthe city\n/exit\n"))
+    assert res.stdout.count("bot>") == 2
+    assert "conversation cleared" in res.stderr
+    res = ok(invoke("chat", tiny, "--max-new-tokens", "3", input="hi\n"))        # EOF ends the chat
+    assert res.stdout.count("bot>") == 1
+
+
+def test_tui_command_is_wired():
+    try:
+        import wina_tui.app  # noqa: F401
+    except ImportError:
+        pytest.skip("wina_tui.app not available yet")
+    res = ok(invoke("tui", "--help"))
+    assert "wina-tui" in res.stdout
