@@ -205,22 +205,23 @@ def quality_chart(runs: Sequence[Run], *, y: str = "avg", width: int = 80, heigh
     series = chart_series(runs, y)
     is_ppl = y == PPL_COLUMN or y == "wikitext"
     log_y = is_ppl if log_y is None else log_y
-    plt.clear_figure()
-    plt.plotsize(width, height)
-    if not color:
-        plt.theme("clear")
+    fig = plt.figure                      # plotext 6: one master figure, cleared before each chart
+    fig.clear()
+    fig.plot_size(width, height)
+    fig.theme("default" if color else "colorless")
     markers = ["dot", "x", "+", "o", "*", "#", "@", "$"]
     for i, (label, pts) in enumerate(series.items()):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        if label == "dense" and len(pts) == 1:
-            plt.scatter(xs, ys, label=label, marker="◆" if color else "D")
-        else:
-            plt.plot(xs, ys, label=label, marker=markers[i % len(markers)])
+        sig = fig.signal(xs, ys, marker="D" if label == "dense" else markers[i % len(markers)])
+        sig.label(label)
+        if len(pts) > 1:
+            sig.lines()
+        fig.draw(sig)
     if log_y:
-        plt.yscale("log")
+        fig.ruler(1).scale("log")
     what = {"avg": "average accuracy (%)", "ppl": "perplexity"}.get(y, f"{y} ({'word ppl' if is_ppl else '%'})")
-    plt.title(title or f"{what} vs sparsity")
-    plt.xlabel("sparsity (%)")
-    out = plt.build()
-    plt.clear_figure()
+    fig.title(title or f"{what} vs sparsity")
+    fig.label("sparsity (%)", axis=0)
+    out = fig.build().string(colorless=not color)
+    fig.clear()
     return out

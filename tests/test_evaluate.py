@@ -1,0 +1,171 @@
+"""lm-eval bridge: headline metric, an end-to-end run of a tiny model with --limit (progress,
+measured sparsity, results file), cancellation, and bad input (one clear error, nothing written)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wina.errors import Cancelled, DataError, InvalidArgument
+from wina.evaluate import evaluate, headline_metric, headlines, run_evaluation
+from wina.events import CancelToken
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
+CORPUS = ("Question: How do I ready a guinea pig cage? Answer: bedding, water and food. "
+          "The quick brown fox jumps over the lazy dog. Janet's ducks lay 16 eggs per day. "
+          "= Robert Boulter = Robert Boulter is an English film, television and theatre actor. "
+          "0123456789 yes no true false A B C D . , ; : ? ! ' \" ( ) $ # @ - \n") * 4
+
+
+@pytest.fixture(scope="module")
+def shared_data():
+    if not (DATA / "piqa" / "valid.jsonl").exists():
+        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR)")
+    return DATA
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama with a small byte-level BPE tokenizer built here (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+    from wina.models import from_config
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([CORPUS], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model = from_config(cfg, seed=0)
+    model.generation_config.max_length = 1024
+    return model, tok
+
+
+def test_headline_metric_follows_the_seed():
+    r = {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.6, "acc_norm_stderr,none": 0.05}
+    assert headline_metric(r) == {"metric": "acc_norm", "filter": "none", "value": 0.6, "stderr": 0.05,
+                                  "higher_is_better": True}
+    g = {"exact_match,strict-match": 0.1, "exact_match,flexible-extract": 0.2,
+         "exact_match_stderr,flexible-extract": "N/A"}
+    h = headline_metric(g)
+    assert (h["metric"], h["filter"], h["value"], h["stderr"]) == ("exact_match", "flexible-extract", 0.2, None)
+    assert headline_metric({"acc,none": 0.3})["metric"] == "acc"
+    w = headline_metric({"word_perplexity,none": 30.0, "bits_per_byte,none": 0.9})
+    assert w["metric"] == "word_perplexity" and w["higher_is_better"] is False
+    assert headline_metric({"alias": "x"}) is None
+    res = {"results": {"mmlu": {"acc,none": 0.25}, "mmlu_anatomy": {"acc,none": 0.3}},
+           "group_subtasks": {"mmlu": ["mmlu_anatomy"]}}
+    assert list(headlines(res)) == ["mmlu"]
+
+
+def test_end_to_end_tiny_model_with_limit(tiny, shared_data, tmp_path):
+    from wina.results import REQUIRED, load_run
+    from wina.sparsify import sparsify
+    model, tok = tiny
+    sp = sparsify(model, "teal", 0.5)
+    events = []
+    text = tmp_path / "t.txt"
+    text.write_text(CORPUS * 8)
+    try:
+        run = run_evaluation(model, tok, "piqa,boolq,wikitext,gsm8k", model_id="tiny-llama", sparsifier=sp,
+                             allocation="uniform", limit=2, data_dir=shared_data, out=tmp_path / "runs",
+                             ppl_file=text, ppl_context=64, batch_size=4, on_event=events.append)
+    finally:
+        sp.remove()
+    # the file: lm-eval's results plus the wina block with the documented fields
+    assert run.path.parent == tmp_path / "runs" and run.path.suffix == ".json"
+    data = json.loads(run.path.read_text())
+    w = data["wina"]
+    assert all(k in w for k in REQUIRED)
+    assert w["model"] == "tiny-llama" and w["method"] == "teal" and w["transform"] is False
+    assert w["allocation"] == "uniform" and w["nominal_sparsity"] == pytest.approx(0.5)
+    assert 0.3 < w["measured_sparsity"] <= 0.5
+    assert w["flops"]["sparse"] < w["flops"]["dense"]
+    assert w["versions"]["lm_eval"] and w["versions"]["torch"] and w["date"] and w["machine"]["cpu_count"]
+    assert w["eval"]["limit"] == 2 and w["eval"]["offline"] is True
+    for t in ("piqa", "boolq", "gsm8k"):
+        assert 0.0 <= w["headline"][t]["value"] <= 1.0
+    assert w["headline"]["piqa"]["metric"] == "acc_norm"
+    assert w["headline"]["boolq"]["metric"] == "acc"
+    assert (w["headline"]["gsm8k"]["metric"], w["headline"]["gsm8k"]["filter"]) == ("exact_match", "flexible-extract")
+    assert w["headline"]["wikitext"]["metric"] == "word_perplexity" and w["headline"]["wikitext"]["value"] > 1
+    assert w["perplexity"]["perplexity"] > 1 and w["perplexity"]["tokens"] > 0
+    assert data["n-samples"]["piqa"]["effective"] == 2 and data["n-shot"]["gsm8k"] == 5
+    assert {"results", "configs", "versions", "n-shot", "config"} <= set(data)
+    assert load_run(run.path).label == "TEAL"
+    # progress: requests done / total, per task, ending complete
+    ev = [e for e in events if e.stage == "evaluate" and e.total]
+    assert ev and ev[-1].done == ev[-1].total
+    assert [e.done for e in ev] == sorted(e.done for e in ev)
+    per = ev[-1].metrics["tasks"]
+    assert set(per) == {"piqa", "boolq", "wikitext", "gsm8k"}
+    assert per["piqa"] == (4, 4) and per["gsm8k"] == (2, 2) and per["boolq"] == (4, 4)
+    assert any(e.stage == "ppl" for e in events)
+
+
+def test_evaluate_cancel(tiny, shared_data):
+    model, tok = tiny
+    token = CancelToken()
+
+    def on_event(e):
+        if e.stage == "evaluate" and e.total:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        evaluate(model, tok, ["piqa"], limit=3, data_dir=shared_data, on_event=on_event, cancel=token)
+
+
+def test_bad_input_one_error_nothing_written(tiny, shared_data, tmp_path):
+    model, tok = tiny
+    out = tmp_path / "runs"
+    with pytest.raises(InvalidArgument, match="unknown task 'nosuch'.*arc_challenge.*winogrande"):
+        run_evaluation(model, tok, ["piqa", "nosuch"], model_id="m", limit=1, data_dir=shared_data, out=out)
+    with pytest.raises(DataError, match=str(tmp_path / "empty" / "piqa" / "valid.jsonl")):
+        (tmp_path / "empty").mkdir()
+        run_evaluation(model, tok, ["piqa"], model_id="m", limit=1, data_dir=tmp_path / "empty", out=out)
+    with pytest.raises(DataError, match="text file not found"):
+        run_evaluation(model, tok, [], model_id="m", ppl_file=tmp_path / "none.txt", out=out)
+    with pytest.raises(InvalidArgument, match="limit"):
+        run_evaluation(model, tok, ["piqa"], model_id="m", limit=0, data_dir=shared_data, out=out)
+    with pytest.raises(InvalidArgument, match="nothing to evaluate"):
+        run_evaluation(model, tok, None, model_id="m", out=out)
+    assert not out.exists()
+
+
+def test_offline_switches_restored():
+    from wina.evaluate import offline
+    import datasets.config
+    before = (os.environ.get("HF_DATASETS_OFFLINE"), datasets.config.HF_DATASETS_OFFLINE)
+    with offline():
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1" and datasets.config.HF_DATASETS_OFFLINE is True
+        assert os.environ["HF_HUB_OFFLINE"] == "1"
+    assert (os.environ.get("HF_DATASETS_OFFLINE"), datasets.config.HF_DATASETS_OFFLINE) == before
+
+
+@pytest.mark.slow
+def test_wina_ppl_json_parses(shared_data):
+    """`wina ppl --json` prints one JSON object with perplexity, tokens and measured_sparsity."""
+    try:
+        from wina.models import embedded_gguf
+        embedded_gguf()
+    except Exception as e:
+        pytest.skip(f"embedded model unavailable: {e}")
+    cmd = [sys.executable, "-c", "from wina.cli import main; main()", "ppl", "smollm2-135m",
+           "--method", "teal", "--sparsity", "0.5", "--text", str(shared_data / "wikitext2" / "wiki.test.raw"),
+           "--max-tokens", "1024", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    obj = json.loads(p.stdout)
+    assert obj["tokens"] == 2 * 511 and obj["perplexity"] > 1
+    assert 0.45 < obj["measured_sparsity"] <= 0.5
