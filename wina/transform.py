@@ -78,10 +78,14 @@ def _fold(linears, gain64: torch.Tensor) -> None:
         lin.weight.data = (w.double() * gain64.to(w.device)).to(w.dtype)
 
 
-def _basis(weight: torch.Tensor) -> torch.Tensor:
-    """V of the full SVD W = UΣVᵀ (float64, d×d): W·V has orthogonal columns."""
-    _, _, vh = torch.linalg.svd(weight.double(), full_matrices=True)
-    return vh.transpose(0, 1).contiguous()
+def _basis(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, W·V) from the full SVD W = UΣVᵀ in float64: V is d×d orthogonal and W·V = UΣ has
+    orthogonal columns, set exactly (columns past the rank are exact zeros, not rounding noise)."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=True)
+    r = s.numel()
+    rotated = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+    rotated[:, :r] = u[:, :r] * s
+    return vh.transpose(0, 1).contiguous(), rotated
 
 
 def _rotate_inputs(lin: nn.Linear, q: torch.Tensor) -> None:
@@ -150,9 +154,12 @@ def transform(model) -> TransformInfo:
 
     # 2. one basis per block, from the key matrix after folding
     bases: list[torch.Tensor] = []
+    exact: list[torch.Tensor] = []          # the key matrices after rotation, exactly UΣ
     for layer in layers:
-        bases.append(_basis(lin(layer, adapter.attn_key).weight.data))
-        bases.append(_basis(lin(layer, adapter.mlp_key).weight.data))
+        for key in (adapter.attn_key, adapter.mlp_key):
+            v, rotated = _basis(lin(layer, key).weight.data)
+            bases.append(v)
+            exact.append(rotated)
 
     # 3. rotate, block by block
     n_short = 0
@@ -163,8 +170,13 @@ def transform(model) -> TransformInfo:
             b = 2 * i + j
             q = bases[b]
             q_next = bases[b + 1] if b + 1 < len(bases) else q
+            key = adapter.attn_key if j == 0 else adapter.mlp_key
             for p in inputs:
-                _rotate_inputs(lin(layer, p), q)
+                if p == key:
+                    w = lin(layer, p).weight
+                    w.data = exact[b].to(device=w.device, dtype=w.dtype)
+                else:
+                    _rotate_inputs(lin(layer, p), q)
             _rotate_outputs(lin(layer, output), q_next)
             block = layer.get_submodule(block_name)
             if b + 1 < len(bases):
