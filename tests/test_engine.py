@@ -149,36 +149,47 @@ def _gpu_model(kind, layers=4):
     return tiny(kind, **over).to("cuda", torch.bfloat16)
 
 
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
 @gpu
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "phi3"])
 def test_gpu_engine_logits_match_transformers(kind):
-    m = _gpu_model(kind)
+    """bf16 engine (prefill + graph-replayed decode steps) against the fp32 transformers forward,
+    held to the error of transformers' own bf16 forward; the fp32 engine on the GPU is exact."""
+    m32 = _gpu_model(kind).float()
+    m16 = _gpu_model(kind)
     ids = ids_for(40, vocab=4096, seed=11).cuda()
     with torch.no_grad():
-        ref = m(ids).logits[0].float()
-    eng = Engine.from_model(m, max_seq_len=64)
-    out = eng.forward_logits(ids[0], prefill_len=30)    # 10 graph-replayed decode steps
-    err = float((out - ref).norm() / ref.norm())
-    assert err < 3e-2, err
-    agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    assert agree > 0.8
+        ref = m32(ids).logits[0].float()
+        hf16 = m16(ids).logits[0].float()
+    e_hf = _rel(hf16, ref)
+    out = Engine.from_model(m16, max_seq_len=64).forward_logits(ids[0], prefill_len=30)
+    e_pre, e_dec = _rel(out[:30], ref[:30]), _rel(out[30:], ref[30:])
+    print(f"{kind}: transformers bf16 {e_hf:.4f}, engine prefill {e_pre:.4f}, engine decode {e_dec:.4f}")
+    assert e_pre <= max(3e-2, 2 * e_hf) and e_dec <= max(3e-2, 2 * e_hf), (e_hf, e_pre, e_dec)
+    out32 = Engine.from_model(m32, max_seq_len=64).forward_logits(ids[0], prefill_len=30)
+    assert _rel(out32, ref) < 1e-3
 
 
 @gpu
 def test_gpu_sparse_engine_matches_sparsified_model():
-    m = _gpu_model("llama")
+    m32 = _gpu_model("llama").float()
+    m16 = _gpu_model("llama")
     ids = ids_for(40, vocab=4096, seed=12).cuda()
-    eng0 = Engine.from_model(m, max_seq_len=64)
-    thr = eng0.calibrate(ids[0].tolist(), 0.5)
-    del eng0
-    sp = sparsify(m, "wina", 0.5, gating="threshold", thresholds=thr)
+    thr = Engine.from_model(m32, max_seq_len=64).calibrate(ids[0].tolist(), 0.5)
+    sp32 = sparsify(m32, "wina", 0.5, gating="threshold", thresholds=thr)
+    sp16 = sparsify(m16, "wina", 0.5, gating="threshold", thresholds=thr)
     with torch.no_grad():
-        ref = m(ids).logits[0].float()
-    eng = Engine.from_model(m, max_seq_len=64)
-    out = eng.forward_logits(ids[0], prefill_len=30)
-    err = float((out - ref).norm() / ref.norm())
-    assert err < 5e-2, err
-    sp.remove()
+        ref = m32(ids).logits[0].float()
+        hf16 = m16(ids).logits[0].float()
+    out = Engine.from_model(m16, max_seq_len=64).forward_logits(ids[0], prefill_len=30)
+    e_hf, e_eng = _rel(hf16, ref), _rel(out, ref)
+    print(f"sparse 50%: transformers bf16 {e_hf:.4f}, engine {e_eng:.4f}")
+    assert e_eng <= max(5e-2, 2 * e_hf), (e_hf, e_eng)
+    sp32.remove()
+    sp16.remove()
 
 
 @gpu

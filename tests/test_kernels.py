@@ -94,11 +94,13 @@ def test_bad_arguments():
 
 
 def test_plan_splits_k_and_respects_segments():
-    bm, bn, nb, split, kps = plan_gemv(1, 4096, 12288, [4096, 8192], GemvConfig(128, 64, 1056, 4))
-    assert bm == 1 and bn == 128 and nb == 96 and kps % 64 == 0 and split * kps >= 4096
+    bm, bn, bk, nb, split, kps = plan_gemv(1, 4096, 12288, [4096, 8192], GemvConfig(128, 64, 1056, 4))
+    assert bm == 1 and bn == 128 and bk == 64 and nb == 96 and kps % 64 == 0 and split * kps >= 4096
     assert (split - 1) * kps < 4096
-    _, bn, _, _, _ = plan_gemv(1, 64, 96, [32, 64], GemvConfig(128, 64, 1056, 4))
+    _, bn, _, _, _, _ = plan_gemv(1, 64, 96, [32, 64], GemvConfig(128, 64, 1056, 4))
     assert bn == 32
+    bm, bn, bk, _, _, kps = plan_gemv(5, 4096, 4096, [], GemvConfig(128, 64, 1056, 4))
+    assert bm == 8 and bm * bk * bn <= 16384 and kps % bk == 0
 
 
 def test_rope_and_attention_references_match_plain_math():

@@ -49,6 +49,21 @@ except Exception:  # pragma: no cover - depends on the install
     triton = None
     tl = None
     HAS_TRITON = False
+try:  # grid dependency control (programmatic dependent launch, Hopper+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except Exception:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
+
+import os as _os
+
+# Programmatic dependent launch: each kernel lets the next one start (and prefetch its weights)
+# before it ends. On by default on sm_90+; WINA_PDL=0 turns it off.
+PDL_ENABLED = _os.environ.get("WINA_PDL", "1") != "0"
+
+
+def set_pdl(on: bool) -> None:
+    global PDL_ENABLED
+    PDL_ENABLED = bool(on)
 
 ACT_NONE = 0
 ACT_SILU_MUL = 1
@@ -87,21 +102,29 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def plan_gemv(m: int, k: int, n: int, bounds: Sequence[int], cfg: GemvConfig, n_sm: int = 132):
-    """Block sizes and K split of one launch: (block_m, block_n, n_blocks, split, k_per_split)."""
+def plan_gemv(m: int, k: int, n: int, bounds: Sequence[int], cfg: GemvConfig, sparse: bool = False):
+    """Block sizes and K split of one launch:
+    (block_m, block_n, block_k, n_blocks, split, k_per_split).
+
+    Single-row sparse launches split K into power-of-two chunks (``k_per_split``), each compacted
+    in the kernel before its weight rows are streamed."""
     block_n = cfg.block_n
     while block_n > 16 and any(b % block_n for b in bounds):
         block_n //= 2
     if any(b % block_n for b in bounds):
         raise InvalidArgument(f"segment bounds {list(bounds)} are not multiples of 16")
     n_blocks = -(-n // block_n)
-    block_k = cfg.block_k
+    block_m = 1 if m == 1 else _next_pow2(m)
+    block_k = cfg.block_k if block_m == 1 else max(8, min(cfg.block_k, 2048 // (block_m * block_n) * 8))
+    if block_m == 1 and sparse:
+        want = -(-k * n_blocks // max(1, cfg.programs))
+        kps = min(4096, max(64, block_k, _next_pow2(want)))
+        return block_m, block_n, block_k, n_blocks, -(-k // kps), kps
     max_split = -(-k // block_k)
     split = max(1, min(max_split, round(cfg.programs / n_blocks)))
     k_per_split = -(-(-(-k // split)) // block_k) * block_k
     split = -(-k // k_per_split)
-    block_m = 1 if m == 1 else _next_pow2(m)
-    return block_m, block_n, n_blocks, split, k_per_split
+    return block_m, block_n, block_k, n_blocks, split, k_per_split
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,49 +253,93 @@ if HAS_TRITON:
             tl.store(ssq_out_ptr + offs_m * nb_out + pid_n, tl.sum(yf * yf, 1), mask=m_ok)
 
     @triton.jit
+    def _load_x(x_ptr, offs, k_ok, K, rstd, ACT: tl.constexpr, PRE_NORM: tl.constexpr):
+        """The GEMV input at ``offs`` (one row): SiLU(gate)·up for down_proj, RMS-normalised."""
+        if ACT == 1:
+            g = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+            u = tl.load(x_ptr + K + offs, mask=k_ok, other=0.0).to(tl.float32)
+            xv = g / (1.0 + tl.exp(-g)) * u
+        else:
+            xv = tl.load(x_ptr + offs, mask=k_ok, other=0.0).to(tl.float32)
+        if PRE_NORM:
+            xv = xv * rstd
+        return xv
+
+    @triton.jit
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
-                     ws_ptr, cnt_ptr,
+                     ws_ptr, cnt_ptr, scr_ptr,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                     OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr):
+                     OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
+                     PDL: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
+        k_lo = pid_s * k_per_split
+        k_hi = k_lo + k_per_split
+        if PDL:
+            # let the next kernel's programs get scheduled (they only prefetch weights before
+            # their own wait); everything below that reads inputs or writes waits for ours.
+            gdc_launch_dependents()
+        if BLOCK_M == 1:
+            if not SPARSE:
+                # dense: prefetch the first weight tile before waiting on the previous kernel
+                offs_k = k_lo + tl.arange(0, BLOCK_K)
+                w_nxt = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
+                                mask=(offs_k < K)[:, None] & n_ok[None, :], other=0.0)
+        if PDL:
+            gdc_wait()
         if SPARSE:
             n0 = pid_n * BLOCK_N
             seg = (n0 >= b1).to(tl.int32) + (n0 >= b2).to(tl.int32)
             thr = tl.load(t_ptr + seg)
             c_row = c_ptr + seg * K
-        k_lo = pid_s * k_per_split
-        k_hi = k_lo + k_per_split
         if BLOCK_M == 1:
+            rstd = 1.0
             if PRE_NORM:
                 offs_b = tl.arange(0, NB_P)
                 ssq = tl.load(ssq_in_ptr + offs_b, mask=offs_b < nb_in, other=0.0)
                 rstd = tl.rsqrt(tl.sum(ssq, 0) / K + eps)
             acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K
-                if ACT == 1:
-                    g = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                    u = tl.load(x_ptr + K + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                    xv = g / (1.0 + tl.exp(-g)) * u
-                else:
-                    xv = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                if PRE_NORM:
-                    xv = xv * rstd
-                if SPARSE:
-                    c = tl.load(c_row + offs_k, mask=k_ok, other=0.0)
-                    k_ok = k_ok & (tl.abs(xv) * c > thr)
-                w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc2 += w.to(tl.float32) * xv[:, None]
+            if SPARSE:
+                # 1) score the KPS inputs of this split, 2) compact the kept ones (index and value)
+                # into this program's scratch, 3) stream only their weight rows, in full tiles.
+                offs_c = k_lo + tl.arange(0, KPS)
+                c_ok = offs_c < K
+                xa = _load_x(x_ptr, offs_c, c_ok, K, rstd, ACT, PRE_NORM)
+                c = tl.load(c_row + offs_c, mask=c_ok, other=0.0)
+                keep = c_ok & (tl.abs(xa) * c > thr)
+                ki = keep.to(tl.int32)
+                slot = tl.cumsum(ki, 0) - 1
+                count = tl.sum(ki, 0)
+                base = (pid_s * tl.num_programs(0) + pid_n) * (2 * KPS)
+                tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
+                tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
+                tl.debug_barrier()
+                for j in range(0, count, BLOCK_K):
+                    jj = j + tl.arange(0, BLOCK_K)
+                    j_ok = jj < count
+                    ks = tl.load(scr_ptr + base + jj, mask=j_ok, other=0.0).to(tl.int32)
+                    xs = tl.load(scr_ptr + base + KPS + jj, mask=j_ok, other=0.0)
+                    w = tl.load(wt_ptr + ks[:, None] * N + offs_n[None, :],
+                                mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc2 += w.to(tl.float32) * xs[:, None]
+            else:
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    w = w_nxt
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = offs_k < K
+                    offs_k2 = offs_k + BLOCK_K
+                    w_nxt = tl.load(wt_ptr + offs_k2[:, None] * N + offs_n[None, :],
+                                    mask=((offs_k2 < k_hi) & (offs_k2 < K))[:, None] & n_ok[None, :],
+                                    other=0.0)
+                    xv = _load_x(x_ptr, offs_k, k_ok, K, rstd, ACT, PRE_NORM)
+                    acc2 += w.to(tl.float32) * xv[:, None]
             part = tl.sum(acc2, 0)[None, :]
         else:
             if PRE_NORM:
@@ -324,7 +391,10 @@ if HAS_TRITON:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr,
                            n_heads, n_kv, s_max, rot,
-                           HD: tl.constexpr, BLOCK_D: tl.constexpr):
+                           HD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         h = tl.program_id(0)
         pos = tl.load(pos_ptr).to(tl.int32)
         d = tl.arange(0, BLOCK_D)
@@ -352,7 +422,10 @@ if HAS_TRITON:
     def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, ws_ptr, cnt_ptr,
                             n_kv, s_max, n_split, window, scale,
                             G: tl.constexpr, G_P: tl.constexpr, HD: tl.constexpr,
-                            BLOCK_S: tl.constexpr):
+                            BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         kvh = tl.program_id(0)
         sp = tl.program_id(1)
         length = tl.load(pos_ptr).to(tl.int32) + 1
@@ -456,17 +529,28 @@ def _n_sm(device) -> int:
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
+def _pdl(device) -> bool:
+    if not PDL_ENABLED or gdc_wait is None or torch.device(device).type != "cuda":
+        return False
+    key = ("cc", str(device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.cuda.get_device_capability(device)[0]
+    return _SCRATCH[key] >= 9
+
+
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
                  cfg: GemvConfig):
     m = x.shape[0]
     k, n = wt.shape
     if k * n >= 2 ** 31 or m * n * 64 >= 2 ** 31:
         raise InvalidArgument(f"gemv: {k}x{n} is too large for 32-bit offsets")
-    block_m, block_n, n_blocks, split, k_per_split = plan_gemv(m, k, n, bounds, cfg)
+    block_m, block_n, block_k, n_blocks, split, k_per_split = plan_gemv(m, k, n, bounds, cfg, sparse)
+    compact = sparse and block_m == 1
     dev = x.device
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     ssq_out = torch.empty(m, n_blocks, dtype=torch.float32, device=dev) if want_ssq else y
     ws = _workspace(dev, split * m * n) if split > 1 else y
+    scr = _workspace(dev, n_blocks * split * 2 * k_per_split, "scr") if compact else y
     cnt = _counters(dev)
     b = [int(v) for v in bounds] + [n, n]
     nb_in = ssq_in.shape[1] if ssq_in is not None else 1
@@ -474,12 +558,13 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         x, wt, y,
         scales if sparse else y, thresholds if sparse else y,
         bias if bias is not None else y, res if res is not None else y,
-        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt,
+        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr,
         m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NB_P=max(2, _next_pow2(nb_in)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
         HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
-        num_warps=cfg.num_warps)
+        KPS=k_per_split if compact else 16, PDL=_pdl(dev),
+        num_warps=cfg.num_warps, launch_pdl=_pdl(dev))
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
     return y, ssq_out
@@ -558,7 +643,8 @@ if hasattr(torch.library, "custom_op"):
             q = torch.empty(1, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
             _rope_cache_kernel[(n_heads + 2 * n_kv,)](
                 qkv, q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1],
-                HD=head_dim, BLOCK_D=_next_pow2(head_dim), num_warps=1)
+                HD=head_dim, BLOCK_D=_next_pow2(head_dim), PDL=_pdl(qkv.device), num_warps=1,
+                launch_pdl=_pdl(qkv.device))
             return q
         return rope_cache_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
 
@@ -581,7 +667,7 @@ if hasattr(torch.library, "custom_op"):
             _attn_decode_kernel[(n_kv, n_split)](
                 q, k_cache, v_cache, o, pos, ws, cnt, n_kv, s_max, n_split, int(window),
                 1.0 / math.sqrt(hd), G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32,
-                num_warps=4)
+                PDL=_pdl(q.device), num_warps=4, launch_pdl=_pdl(q.device))
             return o
         return attention_reference(q, k_cache, v_cache, pos, window)
 

@@ -1,0 +1,122 @@
+"""One device call: GPU correctness tests, a GEMV config sweep, and the full benchmark.
+
+Usage (on the H200, from the repo root):  python3 bench/gpu_bench.py [--skip-tests] [--skip-tune]
+        [--models llama-2-7b,llama-3-8b,qwen-2.5-7b,phi-4] [--hf-other 32]
+Writes $OUT/bench.json, $OUT/tune.json and prints the tables last.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.getcwd())
+OUT = os.environ.get("OUT", "/tmp/out")
+os.makedirs(OUT, exist_ok=True)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--skip-tests", action="store_true")
+ap.add_argument("--skip-tune", action="store_true")
+ap.add_argument("--models", default="llama-2-7b,llama-3-8b,qwen-2.5-7b,phi-4")
+ap.add_argument("--hf-other", type=int, default=32, help="HF generate tokens for models after the first")
+ap.add_argument("--tests", default="tests/test_kernels.py tests/test_engine.py")
+ap.add_argument("--configs", default="")
+args = ap.parse_args()
+T0 = time.time()
+
+
+def stamp(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+stamp(subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version",
+                      "--format=csv,noheader"], capture_output=True, text=True).stdout.strip())
+import torch  # noqa: E402
+import triton  # noqa: E402
+stamp(f"torch {torch.__version__} triton {triton.__version__}")
+
+if not args.skip_tests:
+    stamp("pytest (GPU tests)")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "6", "-p", "no:cacheprovider",
+                        *args.tests.split()], capture_output=True, text=True)
+    with open(f"{OUT}/pytest.log", "w") as f:
+        f.write(r.stdout + r.stderr)
+    tail = (r.stdout + r.stderr).strip().splitlines()
+    print("\n".join(tail[-25:]), flush=True)
+    stamp(f"pytest rc={r.returncode}")
+
+from wina import bench  # noqa: E402
+from wina.kernels import GemvConfig, set_config  # noqa: E402
+
+best = {}
+if not args.skip_tune:
+    stamp("GEMV config sweep (llama-2-7b shapes)")
+    shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000)]
+    cfgs = [GemvConfig(bn, bk, p, w) for bn in (128, 256) for bk in (32, 64, 128) for w in (4, 8)
+            for p in (528, 1056, 2112) if not (bn == 256 and bk == 128 and w == 4)]
+    rows = bench.tune_gemv("cuda", torch.bfloat16, shapes, cfgs, sparsity=0.5)
+    with open(f"{OUT}/tune.json", "w") as f:
+        json.dump(rows, f)
+    for (k, n) in shapes:
+        for sp in (False, True):
+            cand = [r for r in rows if r["K"] == k and r["N"] == n and r["sparse"] == sp and "time_us" in r]
+            cand.sort(key=lambda r: r["time_us"])
+            if cand:
+                b = cand[0]
+                best[(k, n, sp)] = b
+                set_config(k, n, GemvConfig(*b["config"]), sparse=sp)
+                print(f"  {k}x{n} {'sparse50' if sp else 'dense   '} best {b['config']} {b['time_us']:.1f}us "
+                      f"{b['tb_per_s']:.2f}TB/s | worst {cand[-1]['time_us']:.1f}us", flush=True)
+        # other models: reuse the config of the closest llama-2 shape kind
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        print("tune errors:", errs[:3])
+    stamp("sweep done")
+elif args.configs:
+    for item in json.loads(args.configs):
+        k, n, sp, cfg = item
+        set_config(k, n, GemvConfig(*cfg), sparse=sp)
+
+
+def apply_kind_defaults():
+    """Map the llama-2 winners onto other models' shapes by kind (K==d & N small / big, K big)."""
+    kinds = {"qkv": (4096, 12288), "o": (4096, 4096), "gate_up": (4096, 22016), "down": (11008, 4096),
+             "head": (4096, 32000)}
+    return kinds
+
+
+models = args.models.split(",")
+res_all = None
+for i, mname in enumerate(models):
+    stamp(f"bench {mname}")
+    if best:
+        # same kind of matrix on other shapes: pick the llama-2 winner of that kind
+        from wina.adapters import projection_shapes
+        cfgm = bench.shape_config(mname) if mname in bench.SHAPES else None
+        if cfgm is not None:
+            d, ff, v = cfgm.hidden_size, cfgm.intermediate_size, cfgm.vocab_size
+            ps = projection_shapes(cfgm)
+            a_in = sum(o for p, (o, _) in ps.items() if p in ("q_proj", "k_proj", "v_proj", "qkv_proj"))
+            m_in = 2 * ff
+            for (kk, nn), (k2, n2) in {(d, a_in): (4096, 12288), (d, d): (4096, 4096), (d, m_in): (4096, 22016),
+                                       (ff, d): (11008, 4096), (d, v): (4096, 32000)}.items():
+                for sp in (False, True):
+                    if (k2, n2, sp) in best:
+                        set_config(kk, nn, GemvConfig(*best[(k2, n2, sp)]["config"]), sparse=sp)
+    r = bench.run_bench([mname], hf_new_tokens=None if i == 0 else args.hf_other,
+                        kernels=(i == 0), json_path=f"{OUT}/bench_{mname}.json",
+                        on_event=lambda ev: print(f"    {ev.message}", flush=True))
+    if res_all is None:
+        res_all = r
+    else:
+        res_all["models"] += r["models"]
+    res_all["targets"] = bench.evaluate_targets(res_all)
+    with open(f"{OUT}/bench.json", "w") as f:
+        json.dump(res_all, f, indent=1)
+    for m in r["models"]:
+        if "error" in m:
+            print(m.get("traceback", m["error"]), flush=True)
+    torch.cuda.empty_cache()
+stamp("done")
+bench.print_bench(res_all)
