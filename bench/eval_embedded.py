@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "embedded"))
     ap.add_argument("--report", default=str(ROOT / "docs" / "results-embedded.md"))
+    ap.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
     args = ap.parse_args(argv)
 
     import torch
@@ -156,7 +158,7 @@ def main(argv=None) -> int:
     lines = [
         "# Embedded model: quality against sparsity",
         "",
-        f"Produced by `python bench/eval_embedded.py {' '.join(argv or sys.argv[1:])}`".rstrip() + ".",
+        f"Produced by `python bench/eval_embedded.py {shlex.join(argv or sys.argv[1:])}`".rstrip() + ".",
         "",
         f"- Date: {max(r.wina['date'] for r in runs)} (UTC, last run)",
         f"- Machine: {mach.get('cpu')}, {mach.get('cpu_count_usable', mach.get('cpu_count'))} CPU cores "
@@ -178,12 +180,15 @@ def main(argv=None) -> int:
         "harness's, not identical.",
         f"- Methods: TEAL scores inputs by |x|; WINA by |x|·‖W[:,i]‖₂ on k_proj and gate_proj (the "
         f"matrices that define the rotation, as in the official code) and |x| elsewhere, after the "
-        f"column-orthogonal transform; `-transform` = the transform applied first."
+        f"column-orthogonal transform; `-transform` = the transform applied first, so "
+        f"**`WINA-transform` in the tables is the paper's WINA**."
         + (" `WINA` without `-transform` is the no-transform variant with every projection "
            "weight-informed." if "wina-notransform" in methods else ""),
-        f"- Wall time of the whole script: {(time.perf_counter() - t_all) / 60:.1f} min this "
-        f"invocation; per configuration: "
-        + ", ".join(f"{r.label} {100 * r.sparsity:.0f}%: {r.wina['elapsed_s']:.0f} s" for r in runs[:3]) + ", ...",
+        f"- Time: {sum(r.wina['elapsed_s'] or 0 for r in runs) / 60:.0f} min of wall time over the "
+        f"{len(runs)} configurations ({min(r.wina['elapsed_s'] for r in runs):.0f} to "
+        f"{max(r.wina['elapsed_s'] for r in runs):.0f} s each; the CPU was shared with other jobs, "
+        f"so these times are no speed measurement).",
+    ] + [f"- {n}" for n in args.note] + [
         "",
         "## Table",
         "",

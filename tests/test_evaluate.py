@@ -80,7 +80,8 @@ def test_end_to_end_tiny_model_with_limit(tiny, shared_data, tmp_path):
     try:
         run = run_evaluation(model, tok, "piqa,boolq,wikitext,gsm8k", model_id="tiny-llama", sparsifier=sp,
                              allocation="uniform", limit=2, data_dir=shared_data, out=tmp_path / "runs",
-                             ppl_file=text, ppl_context=64, batch_size=4, on_event=events.append)
+                             ppl_file=text, ppl_context=64, batch_size=4, on_event=events.append,
+                             gen_kwargs={"max_gen_toks": 8})
     finally:
         sp.remove()
     # the file: lm-eval's results plus the wina block with the documented fields

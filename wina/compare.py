@@ -108,16 +108,25 @@ def comparison_table(runs: Sequence[Run], *, title: Optional[str] = None):
     cmp = comparison_rows(runs)
     models = sorted({r.run.wina.get("model", "?") for r in cmp.rows if r.run is not None})
     table = Table(title=title or f"Quality vs sparsity — {', '.join(models)}", box=box.SIMPLE_HEAVY,
-                  caption="; ".join(cmp.notes) or None, caption_justify="left")
-    table.add_column("sparsity", justify="right")
-    table.add_column("method")
+                  caption="; ".join(cmp.notes) or None, caption_justify="left", collapse_padding=True,
+                  pad_edge=False)
+    # every column at least as wide as its widest value: a narrow console folds headers, not numbers
+    widths = {"sparsity": 4, "method": max(len(r.label) for r in cmp.rows), "avg": 5, "measured": 7}
+
+    def col(header, key=None, **kw):
+        table.add_column(header, min_width=widths.get(key or header, 5), overflow="fold", **kw)
+
+    col("sparsity", justify="right")
+    col("method")
     for c in cmp.acc_columns:
-        table.add_column(SHORT.get(c, c), justify="right")
+        col(SHORT.get(c, c), justify="right")
     if cmp.acc_columns:
-        table.add_column("avg", justify="right", style="bold")
+        col("avg", justify="right", style="bold")
     for c in cmp.low_columns:
-        table.add_column(f"{c} ↓" if c != PPL_COLUMN else "ppl ↓", justify="right")
-    table.add_column("measured", justify="right", style="dim")
+        width = max([len(_fmt_ppl(r.values.get(c))) for r in cmp.rows] + [5])
+        table.add_column(f"{c} ↓" if c != PPL_COLUMN else "ppl ↓", justify="right", min_width=width,
+                         overflow="fold")
+    col("measured", justify="right", style="dim")
 
     best: dict[tuple[float, str], float] = {}
     for row in cmp.rows:

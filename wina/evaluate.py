@@ -268,13 +268,14 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
              max_length: Optional[int] = None, on_event: Optional[ProgressCallback] = None,
              cancel: Optional[CancelToken] = None, log_samples: bool = False,
              bootstrap_iters: int = 1000, chunk: Optional[int] = None,
-             verbosity: str = "ERROR") -> dict:
+             gen_kwargs: Optional[dict] = None, verbosity: str = "ERROR") -> dict:
     """Run lm-eval's ``simple_evaluate`` on a loaded model; returns lm-eval's results (JSON-safe).
 
     ``tasks``: names (list or comma-separated), e.g. ``["piqa", "arc_easy"]``; see
     :func:`wina.tasks.known_tasks`. ``limit``: documents per task (an int, or a fraction < 1).
     ``data_dir``: read every task from local files (offline); ``None``: the hub. ``num_fewshot``:
-    overrides every task's default (wina's defaults: mmlu 5, gsm8k 5, others 0).
+    overrides every task's default (wina's defaults: mmlu 5, gsm8k 5, others 0). ``gen_kwargs``:
+    overrides generation settings of generative tasks (e.g. ``{"max_gen_toks": 64}``).
     Progress: ``Progress(stage="evaluate", done, total, message=<task>, metrics={"task",
     "task_done", "task_total", "tasks": {name: (done, total)}})`` per chunk of requests.
     """
@@ -306,7 +307,7 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
                 chunk=chunk or max(16, 2 * batch_size))
         t0 = time.perf_counter()
         res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=tm, log_samples=log_samples,
+                                      task_manager=tm, log_samples=log_samples, gen_kwargs=gen_kwargs,
                                       bootstrap_iters=bootstrap_iters, verbosity=verbosity.upper())
         elapsed = time.perf_counter() - t0
         if res is None:
@@ -327,7 +328,8 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
                    ppl_max_tokens: Optional[int] = None, ppl_context: int = 512,
                    limit=None, data_dir=None, num_fewshot: Optional[int] = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, on_event: Optional[ProgressCallback] = None,
-                   cancel: Optional[CancelToken] = None, extra: Optional[dict] = None) -> "Any":
+                   cancel: Optional[CancelToken] = None, gen_kwargs: Optional[dict] = None,
+                   extra: Optional[dict] = None) -> "Any":
     """Evaluate a prepared model (transformed/sparsified by the caller) and write one results file.
 
     ``tasks``: lm-eval tasks (may be empty when only ``ppl_file`` is given). ``sparsifier``: the
@@ -342,8 +344,8 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
     if not names and ppl_file is None:
         raise InvalidArgument("nothing to evaluate: give tasks and/or a perplexity text file")
     _check_limit(limit)
-    if names and data_dir is not None:
-        _tasks.check_local(names, data_dir)
+    if names:
+        check_tasks(names, data_dir)          # unknown task / missing file: before any work
     text = None
     if ppl_file is not None:
         from .perplexity import read_text
@@ -368,7 +370,7 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
         if sparsifier is not None:
             sparsifier.reset_counters()
         lm_res = evaluate(model, tokenizer, names, limit=limit, data_dir=data_dir, num_fewshot=num_fewshot,
-                          batch_size=batch_size, on_event=on_event, cancel=cancel)
+                          batch_size=batch_size, on_event=on_event, cancel=cancel, gen_kwargs=gen_kwargs)
         measured_eval = _measured(sparsifier)
     wina = _results.make_wina_block(
         model_id=model_id, model=model, sparsifier=sparsifier, method=method, sparsity=sparsity,
