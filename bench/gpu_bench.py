@@ -38,12 +38,13 @@ stamp(f"torch {torch.__version__} triton {triton.__version__}")
 
 if not args.skip_tests:
     stamp("pytest (GPU tests)")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "6", "-p", "no:cacheprovider",
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rP", "-n", "6", "-p", "no:cacheprovider",
                         *args.tests.split()], capture_output=True, text=True)
     with open(f"{OUT}/pytest.log", "w") as f:
         f.write(r.stdout + r.stderr)
     tail = (r.stdout + r.stderr).strip().splitlines()
-    print("\n".join(tail[-25:]), flush=True)
+    print("\n".join([l for l in tail if "transformers bf16" in l or "FAILED" in l or "Error" in l][:30]), flush=True)
+    print("\n".join(tail[-3:]), flush=True)
     stamp(f"pytest rc={r.returncode}")
 
 from wina import bench  # noqa: E402
@@ -53,8 +54,8 @@ best = {}
 if not args.skip_tune:
     stamp("GEMV config sweep (llama-2-7b shapes)")
     shapes = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000)]
-    cfgs = [GemvConfig(bn, bk, p, w) for bn in (128, 256) for bk in (32, 64, 128) for w in (4, 8)
-            for p in (528, 1056, 2112) if not (bn == 256 and bk == 128 and w == 4)]
+    cfgs = [GemvConfig(bn, bk, p, w) for bn in (128, 256) for bk in (32, 64) for w in (4, 8)
+            for p in (264, 528, 1056)]
     rows = bench.tune_gemv("cuda", torch.bfloat16, shapes, cfgs, sparsity=0.5)
     with open(f"{OUT}/tune.json", "w") as f:
         json.dump(rows, f)
@@ -105,7 +106,7 @@ for i, mname in enumerate(models):
                     if (k2, n2, sp) in best:
                         set_config(kk, nn, GemvConfig(*best[(k2, n2, sp)]["config"]), sparse=sp)
     r = bench.run_bench([mname], hf_new_tokens=None if i == 0 else args.hf_other,
-                        kernels=(i == 0), json_path=f"{OUT}/bench_{mname}.json",
+                        kernels=(i == 0), compare_pdl=(i == 0), json_path=f"{OUT}/bench_{mname}.json",
                         on_event=lambda ev: print(f"    {ev.message}", flush=True))
     if res_all is None:
         res_all = r

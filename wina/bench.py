@@ -308,6 +308,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               method: str = "wina", prompt_len: int = 128, new_tokens: int = 256,
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
+              compare_pdl: bool = False,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
@@ -389,6 +390,25 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
                 r["floor_tokens_per_s"] = bw / floor_bytes
                 r["of_floor"] = r["decode_tokens_per_s"] / r["floor_tokens_per_s"]
                 rec["sparse"][f"{s:.2f}"] = r
+            if compare_pdl and device.startswith("cuda"):
+                from .kernels import kernels as _k
+                emit(Progress("bench", mi, len(models), message=f"{spec}: without PDL"))
+                old = _k.PDL_ENABLED
+                try:
+                    _k.set_pdl(False)
+                    eng._graphs.clear()
+                    eng._static_logits.clear()
+                    nop = {}
+                    eng.set_sparsity(None)
+                    nop["dense"] = _engine_tps(eng, ids, new_tokens, sparse=False)["decode_tokens_per_s"]
+                    if 0.5 in [float(x) for x in sparsities]:
+                        eng.set_sparsity(eng.calibrate(ids, 0.5))
+                        nop["sparse_0.50"] = _engine_tps(eng, ids, new_tokens, sparse=True)["decode_tokens_per_s"]
+                    rec["without_pdl"] = nop
+                finally:
+                    _k.set_pdl(old)
+                    eng._graphs.clear()
+                    eng._static_logits.clear()
             if kernels and mi == 0 and device.startswith("cuda"):
                 emit(Progress("bench", mi, len(models), message=f"{spec}: kernels"))
                 out["kernels"] = kernel_table(eng, sparsities, bw, kernel_layers, seed)
