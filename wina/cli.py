@@ -241,6 +241,10 @@ def _device(device: str) -> str:
 def _quiet_libraries() -> None:
     """Our own bars replace transformers' and datasets' tqdm bars and their info logs."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     with _suppress():
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
@@ -784,27 +788,82 @@ def _print_steps(p, folder: Path, steps, limit) -> None:
     out.print("dry run: nothing was executed")
 
 
-@app.command("tui")
-def tui_cmd(ctx: typer.Context,
-            args: Optional[List[str]] = typer.Argument(None, help="Passed on to the TUI (see wina-tui --help).")) -> None:
-    """The Textual app: set up a model, calibrate, chat side by side, evaluate. Same as [bold]wina-tui[/].
+@app.command("bench")
+def bench_cmd(
+    models: Optional[List[str]] = typer.Argument(None, help="Shape names with random weights (llama-2-7b, "
+                                                            "llama-3-8b, qwen-2.5-7b, phi-4, tiny-llama) and/or "
+                                                            "model specs. Default: llama-2-7b."),
+    sparsities: str = typer.Option("0.25,0.40,0.50,0.65", "--sparsities", help="Comma-separated targets in (0, 1)."),
+    method: str = typer.Option("wina", "--method", "-m", help="wina | teal: the score the sparse engine gates by."),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="Prompt tokens."),
+    new_tokens: int = typer.Option(256, "--new-tokens", help="Decoded tokens per measurement."),
+    hf_new_tokens: Optional[int] = typer.Option(None, "--hf-new-tokens", help="Tokens for the transformers "
+                                                                              "baseline (default --new-tokens; 0 skips it)."),
+    device: str = typer.Option("cuda", "--device", help="cuda | cuda:N | cpu (slow, for smoke runs)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32."),
+    kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Also the per-kernel bandwidth table (CUDA)."),
+    kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+) -> None:
+    """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the
+    memory floor; per-kernel bandwidth on CUDA.
 
-    Example: [bold]wina tui[/]
+    Example: [bold]wina bench llama-2-7b llama-3-8b --sparsities 0.25,0.5 --json bench.json[/]
     """
+    from .errors import InvalidArgument
+    try:
+        sps = [float(x) for x in sparsities.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgument(f"--sparsities must be comma-separated numbers, got {sparsities!r}") from None
+    if not sps:
+        raise InvalidArgument("--sparsities is empty")
+    for name, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
+        if v < 1:
+            raise InvalidArgument(f"{name} must be at least 1, got {v}")
+    if json_out is not None:
+        from .results import check_writable
+        check_writable(json_out)
+    _quiet_libraries()
+    from .bench import run_bench
+    with ProgressRenderer() as r:
+        res = run_bench(tuple(models or ("llama-2-7b",)), sparsities=sps, method=method, prompt_len=prompt_len,
+                        new_tokens=new_tokens, hf_new_tokens=hf_new_tokens, device=device, dtype=dtype,
+                        kernels=kernels, kernel_layers=kernel_layers, num_hidden_layers=layers, seed=seed,
+                        on_event=r, json_path=str(json_out) if json_out else None)
+    from .bench import print_bench
+    print_bench(res, out)
+    failed = [m for m in res.get("models", []) if "error" in m]
+    for m in failed:
+        err.print(f"[red]{escape(m['model'])}: {escape(m['error'])}[/]", soft_wrap=True)
+    if json_out is not None:
+        out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)
+    if failed and len(failed) == len(res.get("models", [])):
+        raise WinaError(f"every benchmark failed; first: {failed[0]['model']}: {failed[0]['error']}")
+
+
+@app.command("tui", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                      "help_option_names": []})
+def tui_cmd(ctx: typer.Context) -> None:
+    """The Textual app: set up a model, calibrate, chat side by side, evaluate. Same as [bold]wina-tui[/];
+    every option is passed on to it (wina tui --help lists them).
+
+    Example: [bold]wina tui --model smollm2-135m[/]
+    """
+    args = list(ctx.args)
     try:
         from wina_tui import app as tui_app
     except ImportError as e:
         from .errors import WinaError as _W
         raise _W(f"the TUI is not available: {e}") from None
-    entry = getattr(tui_app, "main", None) or getattr(tui_app, "run", None)
+    entry = getattr(tui_app, "main", None)
     if entry is None:
         raise WinaError("the TUI is not available: wina_tui.app has no main()")
-    saved = sys.argv
-    sys.argv = ["wina-tui", *(args or [])]
     try:
-        rv = entry()
-    finally:
-        sys.argv = saved
+        rv = entry(list(args or []))
+    except SystemExit as e:             # argparse's --help / a bad option
+        rv = e.code
     if isinstance(rv, int) and rv:
         raise typer.Exit(rv)
 

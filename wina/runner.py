@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Union
 
 from .errors import InvalidArgument, PlanError
 from .events import CancelToken, ProgressCallback
-from .presets import Preset, Variant
+from .presets import Preset, PresetError, Variant
 
 CALIBRATE, ALLOCATE, EVAL, COMPARE = "calibrate", "allocate", "eval", "compare"
 
@@ -169,7 +169,7 @@ def describe(preset: Preset, limit=None) -> dict[str, str]:
         src = preset.resolved_source()
         c = preset.calibration
         if src.endswith((".txt", ".jsonl")) and not Path(src).is_file():
-            raise PlanError(f"{preset.where}: calibration.source: file not found: {src}")
+            raise PresetError(f"{preset.where}: calibration.source: file not found: {src}")
         info["calibration"] = (f"{src}, {c.samples} samples × {c.seq_len or 'default'} tokens, "
                                f"weighted={c.weighted}")
         a = preset.allocation
@@ -185,7 +185,7 @@ def describe(preset: Preset, limit=None) -> dict[str, str]:
         names = _tasks.parse_tasks(e.tasks)
         if data_dir is not None:
             if not data_dir.is_dir():
-                raise PlanError(f"{preset.where}: eval.data_dir: folder not found: {data_dir}")
+                raise PresetError(f"{preset.where}: eval.data_dir: folder not found: {data_dir}")
             _tasks.check_local(names, data_dir)
             where = f"local files in {data_dir}"
         else:
@@ -197,7 +197,7 @@ def describe(preset: Preset, limit=None) -> dict[str, str]:
     ppl = preset.resolved_ppl_text()
     if ppl is not None:
         if not ppl.is_file():
-            raise PlanError(f"{preset.where}: eval.ppl_text: file not found: {ppl}")
+            raise PresetError(f"{preset.where}: eval.ppl_text: file not found: {ppl}")
         info["perplexity"] = f"{ppl} ({e.ppl_max_tokens or 'all'} tokens)"
     return info
 
