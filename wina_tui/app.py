@@ -34,11 +34,11 @@ class WinaApp(App):
     BINDINGS = [
         Binding("f1", "help", "Help"),
         Binding("f2", "switch_mode('setup')", "Setup"),
-        Binding("f3", "switch_mode('calibrate')", "Calibrate"),
+        Binding("f3", "switch_mode('calibrate')", "Calib"),
         Binding("f4", "switch_mode('chat')", "Chat"),
-        Binding("f5", "switch_mode('evaluate')", "Evaluate"),
-        Binding("ctrl+t", "toggle_dark", "Theme"),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("f5", "switch_mode('evaluate')", "Eval"),
+        Binding("ctrl+t", "toggle_dark", "Theme", show=False),
+        Binding("ctrl+q", "quit", "Quit", priority=True, show=False),
     ]
 
     class Prepared(Message):
@@ -138,15 +138,15 @@ class WinaApp(App):
 
     # --- setup's requests -------------------------------------------------------------------------
     @on(SetupScreen.Submitted)
-    def _submitted(self, message: SetupScreen.Submitted) -> None:
+    async def _submitted(self, message: SetupScreen.Submitted) -> None:
         settings, target = message.settings, message.target
         if target == "evaluate":
             if self.session.preset is not None and settings.preset:
                 self.evaluate_screen.apply_preset(self.session.preset)
-            self.switch_mode("evaluate")
+            await self.switch_mode("evaluate")
             return
         if target == "calibrate" or settings.needs_plan:
-            self.switch_mode("calibrate")
+            await self.switch_mode("calibrate")
             self.calibrate_screen.start(settings)
             return
         if self.session.busy:

@@ -99,6 +99,7 @@ class Session:
         self.data_dir = data_dir if data_dir is not None else default_data_dir()
         self.lock = threading.Lock()
         self.job: Optional[str] = None
+        self.calibrate_options: dict[str, Any] = {}  # extra keywords for wina.calibrate.calibrate
         self.allocate_options: dict[str, Any] = {}   # extra keywords for wina.allocate.allocate
         self.preset = None                           # the wina.presets.Preset picked in setup
 

@@ -69,14 +69,14 @@ class CalibrateScreen(Screen):
             with Vertical(id="cal-left"):
                 yield Static("", id="cal-what")
                 yield ProgressPanel(STAGES, id="cal-progress")
-                yield RichLog(id="cal-log", wrap=True, markup=False, max_lines=500)
+                yield RichLog(id="cal-log", wrap=True, markup=False, max_lines=500, min_width=20)
             with TabbedContent(id="cal-tabs"):
                 with TabPane("Trajectory", id="tab-trajectory"):
                     yield TrajectoryChart(id="trajectory")
                 with TabPane("Allocation", id="tab-allocation"):
                     with VerticalScroll():
                         yield AllocationHeatmap(id="heatmap")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "calibrate & allocate"
@@ -88,11 +88,11 @@ class CalibrateScreen(Screen):
 
     def _describe(self) -> None:
         s = self.settings or self.session.settings
-        what = Text.assemble(("Plan for ", "dim"), (s.model, "bold"), ("  ", ""),
-                             (f"{s.options.method.upper()}{' + transform' if s.options.transform else ''}", "bold"),
-                             ("  calibration: ", "dim"), (s.calib_source, ""),
-                             ("  allocation: ", "dim"), (ALLOCATIONS[s.allocation], ""),
-                             ("\nstate: ", "dim"), (self.state, "bold"))
+        o = s.options
+        what = Text.assemble((s.model, "bold"), " · ", (o.method.upper(), "bold"),
+                             (" · transform" if o.transform else ""), (f" · target {o.sparsity:.0%}", ""),
+                             ("\ncalibration ", "dim"), s.calib_source, (" · allocation ", "dim"),
+                             ALLOCATIONS[s.allocation], ("\nstate ", "dim"), (self.state, "bold"))
         self.query_one("#cal-what", Static).update(what)
 
     def log_line(self, text: str, style: str = "") -> None:
@@ -183,7 +183,7 @@ class CalibrateScreen(Screen):
                 out = s.plan_dir_for(settings)
                 plan = calibrate(model, tok, method=settings.options.method, source=settings.calib_source,
                                  out=out, weighted=settings.options.weighted, model_id=settings.model,
-                                 on_event=on_event, cancel=cancel)
+                                 on_event=on_event, cancel=cancel, **s.calibrate_options)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
                                       "finished": True, "message": f"plan {out}"}))
                 if settings.allocation != "uniform":
@@ -227,7 +227,7 @@ class CalibrateScreen(Screen):
                 panel.update_stage("layer", 0 if ev["done"] == layer else 1, 1,
                                    message=f"layer {layer + 1}/{n}: score histograms",
                                    finished=ev["done"] > layer)
-            if ev.get("message") and self._should_log("calibrate:" + ev["message"]):
+            if ev.get("message") and self._should_log("calibrate:" + ev["message"].split(",")[0]):
                 self.log_line(f"calibrate: {ev['message']}")
             return
         if stage == "allocate":
@@ -238,9 +238,9 @@ class CalibrateScreen(Screen):
                                finished=ev.get("finished", False))
             if "sparsity" in metrics and "error" in metrics:
                 chart = self.query_one(TrajectoryChart)
-                if chart.layer != layer and chart.points.get(chart.layer):
+                if chart.current_layer != layer and chart.points.get(chart.current_layer):
                     self._dirty_chart = True
-                chart.add_point(layer, metrics["sparsity"], metrics["error"], str(metrics.get("matrix", "")),
+                chart.add_point(layer, metrics["sparsity"], metrics["error"], str(metrics.get("matrix") or ""),
                                 n_layers=n, redraw=False)
                 self._dirty_chart = True
                 panel.update_stage("layer", int(100 * metrics["sparsity"]), 100,

@@ -51,7 +51,7 @@ class ChatScreen(Screen):
             yield Input(placeholder="Ask both models…  (enter sends · esc stops · ctrl+n new chat)",
                         id="prompt")
         yield Static("", id="chat-status")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "chat"

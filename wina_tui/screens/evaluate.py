@@ -134,7 +134,7 @@ class EvaluateScreen(Screen):
                     with TabPane("Chart", id="tab-chart"):
                         yield PlotView(self._draw_chart, empty="run or load evaluations to plot quality "
                                                                  "against sparsity", id="quality-chart")
-        yield Footer()
+        yield Footer(compact=True)
 
     def on_mount(self) -> None:
         self.sub_title = "evaluate"

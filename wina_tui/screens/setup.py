@@ -12,13 +12,17 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Label, Select, Static, Switch
+from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
 from wina.api import EMBEDDED, SparseOptions, WinaError
 
 from ..state import ALLOCATIONS, Settings, describe_error
 
 OTHER = "__other__"
+ABOUT = ("Per token, each linear layer keeps only its inputs with the largest score and skips the "
+         "rest. TEAL scores |x_i|; WINA scores |x_i|·‖W[:,i]‖₂ (the weight column's norm). "
+         "Greedy allocation gives each layer and matrix its own sparsity; threshold gating uses "
+         "calibrated per-matrix thresholds. Both need a calibration run.")
 NO_PRESET = "__none__"
 
 
@@ -118,7 +122,8 @@ class SetupScreen(Screen):
                                                for name, p in self.presets]
         yield Header()
         with Horizontal(id="setup-columns"):
-            with Vertical(id="model-box", classes="box"):
+            with Vertical(id="model-box", classes="box") as box:
+                box.border_title = "Model"
                 yield self._row("Model", Select(model_opts, value=EMBEDDED if s.model == EMBEDDED else (
                     s.model if s.model in recent else OTHER), allow_blank=False, compact=True, id="model"))
                 yield self._row("Hub id / path", Input(
@@ -129,11 +134,14 @@ class SetupScreen(Screen):
                                                  compact=True, id="preset"))
                 yield Label("", id="err-preset", classes="field-error")
                 yield Static(self.session.model_summary(), id="model-info")
-            with Vertical(id="method-box", classes="box"):
+                yield Static(ABOUT, id="about")
+            with Vertical(id="method-box", classes="box") as box:
+                box.border_title = "Sparsity"
                 yield self._row("Method", Select([("dense", "dense"), ("TEAL  |x|", "teal"),
                                                   ("WINA  |x|·‖W:,i‖", "wina")],
                                                  value=o.method, allow_blank=False, compact=True, id="method"))
-                yield self._row("Transform", Switch(o.transform, animate=False, id="transform"))
+                yield self._row("Transform", Checkbox("column-orthogonal (exact)", o.transform, compact=True,
+                                                         id="transform"))
                 yield self._row("Target sparsity", Input(f"{o.sparsity:g}", placeholder="0.5",
                                                          compact=True, id="sparsity"))
                 yield Label("", id="err-sparsity", classes="field-error")
@@ -152,7 +160,7 @@ class SetupScreen(Screen):
             yield Button("Calibrate", id="go-calibrate", compact=True)
             yield Button("Evaluate", id="go-evaluate", compact=True)
             yield Static("", id="setup-status")
-        yield Footer()
+        yield Footer(compact=True)
 
     @staticmethod
     def _row(label: str, widget) -> Horizontal:
@@ -200,7 +208,7 @@ class SetupScreen(Screen):
             self.show_errors(errors)
         if errors:
             return None, errors
-        opts = SparseOptions(method=method, sparsity=sparsity, transform=self.query_one("#transform", Switch).value,
+        opts = SparseOptions(method=method, sparsity=sparsity, transform=self.query_one("#transform", Checkbox).value,
                              gating=gating, weighted=self.session.settings.options.weighted,
                              dense_prefix=self.session.settings.options.dense_prefix)
         settings = Settings(model=spec, options=opts, allocation=allocation, calib_source=source or "self",
@@ -255,7 +263,7 @@ class SetupScreen(Screen):
         self._update_summary()
 
     @on(Select.Changed)
-    @on(Switch.Changed)
+    @on(Checkbox.Changed)
     def _choice_changed(self, event) -> None:
         if getattr(event, "select", None) is not None and event.select.id == "preset":
             self.apply_preset(str(event.value))
@@ -284,7 +292,7 @@ class SetupScreen(Screen):
                 model_sel.value = OTHER
                 self.query_one("#model-path", Input).value = preset.model
             self.query_one("#method", Select).value = variant.method
-            self.query_one("#transform", Switch).value = bool(variant.transform)
+            self.query_one("#transform", Checkbox).value = bool(variant.transform)
             if preset.eval.sparsities:
                 self.query_one("#sparsity", Input).value = f"{preset.eval.sparsities[0]:g}"
             self.query_one("#gating", Select).value = preset.eval.gating

@@ -6,6 +6,7 @@ Textual's ``MarkdownStream``: only the last Markdown block is re-parsed, never t
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Optional
 
@@ -76,8 +77,7 @@ class ChatPane(Vertical):
 
     def on_mount(self) -> None:
         self.border_title = self.title
-        self.border_subtitle = "tok/s — · sparsity — · FLOPs —"
-        self.query_one(VerticalScroll).anchor()
+        self.border_subtitle = "— tok/s · — sparse · FLOPs —"
 
     def set_title(self, title: str) -> None:
         self.title = title
@@ -95,7 +95,7 @@ class ChatPane(Vertical):
         scroll = self.query_one(VerticalScroll)
         scroll.remove_children()
         scroll.mount(Static(self.placeholder, classes="placeholder"))
-        self.border_subtitle = "tok/s — · sparsity — · FLOPs —"
+        self.border_subtitle = "— tok/s · — sparse · FLOPs —"
 
     # --- messages from the worker --------------------------------------------------------------
     async def on_chat_pane_start(self, message: "ChatPane.Start") -> None:
@@ -120,11 +120,17 @@ class ChatPane(Vertical):
 
     async def on_chat_pane_done(self, message: "ChatPane.Done") -> None:
         message.stop()
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
-        self.streaming = False
         text = "".join(self._buffer)
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await asyncio.sleep(0)          # let the stream's task start before stopping it
+            try:
+                await stream.stop()
+            except asyncio.CancelledError:  # the task never ran: nothing was appended
+                pass
+            if self._current is not None and getattr(self._current, "source", text) != text:
+                await self._current.update(text)
+        self.streaming = False
         self.replies.append(text)
         scroll = self.query_one(VerticalScroll)
         if message.error:
@@ -143,5 +149,4 @@ class ChatPane(Vertical):
     @staticmethod
     def format_stats(st: ReplyStats) -> str:
         flops = "—" if st.flops is None else f"{st.flops:.2f}×"
-        return (f"{st.tokens_per_s:.1f} tok/s · {st.tokens} tok · sparsity {fmt_pct(st.sparsity)} · "
-                f"FLOPs {flops}")
+        return f"{st.tokens_per_s:.1f} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"

@@ -49,7 +49,6 @@ class PlotView(Static):
         super().__init__("", **kw)
         self._draw = draw
         self._empty = empty
-        self._size = (0, 0)
 
     def set_draw(self, draw: DrawFn) -> None:
         self._draw = draw

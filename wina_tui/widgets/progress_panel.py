@@ -30,7 +30,7 @@ class StageRow(Horizontal):
 
     def compose(self):
         yield Label(self.title, classes="stage-title")
-        yield ProgressBar(total=None, show_eta=False, show_percentage=True)
+        yield ProgressBar(total=1, show_eta=False, show_percentage=True)
         yield Label("waiting", classes="stage-status")
 
     def set(self, done: int, total: Optional[int], *, eta: Optional[float] = None, message: str = "",
@@ -60,7 +60,7 @@ class StageRow(Horizontal):
     def reset(self) -> None:
         self.remove_class("-done", "-failed")
         self.done, self.total = 0, None
-        self.query_one(ProgressBar).update(total=None, progress=0)
+        self.query_one(ProgressBar).update(total=1, progress=0)
         self.status = "waiting"
         self.query_one(".stage-status", Label).update("waiting")
 

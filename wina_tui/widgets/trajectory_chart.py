@@ -17,30 +17,30 @@ class TrajectoryChart(PlotView):
     def __init__(self, **kw) -> None:
         super().__init__(None, empty="the greedy trajectory appears here during allocation", **kw)
         self.points: dict[Optional[int], list[tuple[float, float, str]]] = {}
-        self.layer: Optional[int] = None
+        self.current_layer: Optional[int] = None
         self.n_layers: Optional[int] = None
         self._draw = self._plot
 
     def reset(self) -> None:
         self.points.clear()
-        self.layer = None
+        self.current_layer = None
         self.replot()
 
     def add_point(self, layer: Optional[int], sparsity: float, error: float, matrix: str = "",
                   n_layers: Optional[int] = None, redraw: bool = True) -> None:
         self.points.setdefault(layer, []).append((float(sparsity), float(error), matrix or ""))
-        self.layer = layer
+        self.current_layer = layer
         self.n_layers = n_layers
         if redraw:
             self.replot()
 
     def set_trajectory(self, layer: Optional[int], pts: list[tuple[float, float, str]]) -> None:
         self.points[layer] = list(pts)
-        self.layer = layer
+        self.current_layer = layer
         self.replot()
 
     def _plot(self, fig, width: int, height: int) -> bool:
-        pts = self.points.get(self.layer)
+        pts = self.points.get(self.current_layer)
         if not pts:
             return False
         xs = [100 * p[0] for p in pts]
@@ -58,8 +58,8 @@ class TrajectoryChart(PlotView):
         if 1 < len(by_matrix) <= 8 and height >= 12:
             for m, (mx, my) in by_matrix.items():
                 fig.draw(fig.signal(mx, my).label(m))
-        where = "all layers" if self.layer is None else (
-            f"layer {self.layer}" + (f"/{self.n_layers - 1}" if self.n_layers else ""))
+        where = "all layers" if self.current_layer is None else (
+            f"layer {self.current_layer}" + (f"/{self.n_layers - 1}" if self.n_layers else ""))
         fig.title(f"greedy trajectory · {where} · {len(pts)} steps")
         fig.label("effective sparsity (%)", "x")
         return True
