@@ -1,0 +1,210 @@
+"""``wina run``: the steps of a preset, a whole run on a tiny model, skipping and resuming, and the
+quick embedded preset end to end (slow: the real SmolLM2-135M, a small --limit)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wina.cli import app
+from wina.errors import Cancelled
+from wina.events import CancelToken
+from wina.presets import load_preset
+from wina.runner import plan_steps, run_preset
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
+
+WORDS = ("the a an and or of to in on at is was are be it this that with for as by from he she they "
+         "we you i his her their my your not no yes what which who when where how why can will would "
+         "there here one two three first last new old good bad big small long short man woman people "
+         "time year day way thing world life hand part place case week work number water room").split()
+TEXT = ("the man put the book in the room . she can see the water with her hand . "
+        "what is the number of the week ? the city was big and the water was cold . ") * 40
+
+
+def make_tiny(path: Path) -> Path:
+    """A random 2-layer Llama (hidden 64) and a word-level tokenizer built in code (no downloads)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS + [".", "?", ","]:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runner")
+    model = make_tiny(root / "model")
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    f = root / "tiny.toml"
+    f.write_text(f'''
+name = "tiny"
+description = "a random 2-layer Llama"
+model = "{model}"
+device = "cpu"
+dtype = "float32"
+
+[calibration]
+source = "text.txt"
+samples = 2
+seq_len = 32
+
+[allocation]
+mode = "layer"
+step = 0.1
+max_sparsity = 0.8
+
+[eval]
+sparsities = [0.25, 0.5]
+ppl_text = "text.txt"
+ppl_max_tokens = 1024
+data_dir = "hub"
+
+[[variants]]
+name = "dense"
+method = "dense"
+
+[[variants]]
+name = "wina"
+method = "wina"
+transform = true
+
+[[variants]]
+name = "teal"
+method = "teal"
+''')
+    return f
+
+
+def test_steps_order_and_outputs(tiny_preset, tmp_path):
+    steps = plan_steps(load_preset(tiny_preset), tmp_path)
+    assert [s.title for s in steps] == [
+        "eval dense", "calibrate teal", "allocate teal", "eval teal @ 25%", "eval teal @ 50%",
+        "calibrate wina", "allocate wina", "eval wina @ 25%", "eval wina @ 50%", "compare all runs"]
+    assert steps[0].output == tmp_path / "runs" / "dense.json"
+    assert steps[3].output == tmp_path / "runs" / "teal-s25.json"
+    assert steps[1].output == steps[2].output == tmp_path / "plans" / "teal"
+    assert steps[-1].output == tmp_path / "compare.md"
+    assert len(steps[-1].inputs) == 5
+    assert not any(s.done() for s in steps)
+
+
+def test_seed_preset_steps():
+    steps = plan_steps(load_preset("llama2-7b"), Path("/x"))
+    kinds = [s.kind for s in steps]
+    assert kinds.count("calibrate") == 3 and kinds.count("allocate") == 3
+    assert kinds.count("eval") == 1 + 3 * 4 and kinds[-1] == "compare"
+    # the untransformed variants come first: one model load, transformed once
+    tr = [s.variant.transform for s in steps if s.variant is not None]
+    assert tr == sorted(tr)
+
+
+def test_run_skip_and_resume(tiny_preset, tmp_path, monkeypatch):
+    preset = load_preset(tiny_preset)
+    out = tmp_path / "out"
+
+    # 1. interrupted after the fourth step (the cancel token is checked between steps)
+    cancel = CancelToken()
+    seen: list[tuple[str, str]] = []
+
+    def on_step(step, status):
+        seen.append((step.title, status))
+        if status == "done" and sum(1 for _, s in seen if s == "done") == 4:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        run_preset(preset, out, on_step=on_step, cancel=cancel)
+    assert (out / "runs" / "dense.json").is_file() and (out / "runs" / "teal-s25.json").is_file()
+    assert not (out / "runs" / "teal-s50.json").exists() and not (out / "compare.md").exists()
+
+    # 2. resumed: the four finished steps are skipped, the rest runs
+    events = []
+    s = run_preset(preset, out, on_event=events.append)
+    assert [x.title for x in s.skipped] == ["eval dense", "calibrate teal", "allocate teal", "eval teal @ 25%"]
+    assert [x.title for x in s.ran] == ["eval teal @ 50%", "calibrate wina", "allocate wina",
+                                        "eval wina @ 25%", "eval wina @ 50%", "compare all runs"]
+    assert {e.stage for e in events} >= {"calibrate", "allocate", "ppl"}
+    assert len(s.runs) == 5
+    files = sorted(p.name for p in (out / "runs").iterdir())
+    assert files == ["dense.json", "teal-s25.json", "teal-s50.json", "wina-s25.json", "wina-s50.json"]
+    rec = json.loads((out / "runs" / "wina-s50.json").read_text())["wina"]
+    assert rec["method"] == "wina" and rec["transform"] is True and rec["allocation"] == "greedy"
+    assert rec["perplexity"]["perplexity"] > 0 and 0.3 < rec["measured_sparsity"] < 0.7
+    dense = json.loads((out / "runs" / "dense.json").read_text())["wina"]
+    assert dense["measured_sparsity"] == 0.0
+    md = (out / "compare.md").read_text()
+    assert "| sparsity" in md and "WINA-transform" in md and "TEAL" in md
+    assert json.loads((out / "preset.json").read_text())["name"] == "tiny"
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert leftovers == []
+
+    # 3. everything done: nothing runs, and the model is never loaded
+    import wina.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded although every step was done")
+
+    monkeypatch.setattr(wina.models, "load", no_load)
+    s = run_preset(preset, out)
+    assert s.ran == [] and len(s.skipped) == 10 and len(s.runs) == 5
+    monkeypatch.undo()
+
+    # 4. one results file lost: only that evaluation and the comparison run again
+    (out / "runs" / "teal-s50.json").unlink()
+    s = run_preset(preset, out)
+    assert [x.title for x in s.ran] == ["eval teal @ 50%", "compare all runs"]
+
+
+def test_cli_run_tiny_preset(tiny_preset, tmp_path):
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["run", str(tiny_preset), "--out", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "finished" in res.stdout and "WINA" in res.stdout
+    assert (out / "compare.md").is_file()
+    res = CliRunner().invoke(app, ["run", str(tiny_preset), "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0 and res.stdout.count("done, skipped") == 10
+    res = CliRunner().invoke(app, ["run", str(tiny_preset), "--out", str(out)])
+    assert res.exit_code == 0 and "0 steps run, 10 skipped" in res.stdout
+
+
+@pytest.mark.slow
+def test_quick_embedded_preset_end_to_end(tmp_path):
+    """`wina run smollm2-quick` on the real embedded model, 2 documents per task."""
+    if not (DATA / "piqa" / "valid.jsonl").exists():
+        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR); the hub is not used in tests")
+    try:
+        from wina.models import embedded_gguf
+        embedded_gguf()
+    except Exception as e:
+        pytest.skip(f"embedded model unavailable: {e}")
+    out = tmp_path / "quick"
+    res = CliRunner().invoke(app, ["run", "smollm2-quick", "--limit", "2", "--out", str(out)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    runs = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert runs == ["dense.json", "teal-s25.json", "teal-s50.json", "wina-s25.json", "wina-s50.json"]
+    for name in runs:
+        w = json.loads((out / "runs" / name).read_text())["wina"]
+        assert set(w["headline"]) == {"piqa", "arc_easy"}
+        assert w["eval"]["limit"] == 2
+    assert "WINA-transform" in (out / "compare.md").read_text()
+    assert "finished" in res.stdout
