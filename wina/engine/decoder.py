@@ -50,10 +50,7 @@ class Group:
     scales: torch.Tensor                  # [S, K] fp32: c_eff = c * |gain| (0 on dead columns)
     thresholds: torch.Tensor              # [S] fp32, -inf = keep everything
     live: Optional[list] = None           # per segment: [K] bool (False: W[:, i] == 0) or None
-
-    @property
-    def sparse(self) -> bool:
-        return bool(torch.isfinite(self.thresholds).any())
+    sparse: bool = False                  # some threshold is finite (kept in step with `thresholds`)
 
 
 @dataclass
@@ -302,6 +299,7 @@ class Engine:
             g.scales[j].copy_(c)
             t = thresholds.get((g.layer, p)) if thresholds else None
             g.thresholds[j] = NEG_INF if t is None else float(t)
+        g.sparse = any(thresholds.get((g.layer, p)) is not None for p in g.projs) if thresholds else False
 
     def groups(self):
         """Yield ((layer, group name), Group) over the sparsifiable launches."""
@@ -322,6 +320,7 @@ class Engine:
                 for j, p in enumerate(g.projs):
                     t = thresholds.get((g.layer, p))
                     g.thresholds[j] = NEG_INF if t is None else float(t)
+                g.sparse = any(thresholds.get((g.layer, p)) is not None for p in g.projs)
 
     @property
     def sparse(self) -> bool:
@@ -425,24 +424,36 @@ class Engine:
         self._pos.add_(1)
         return logits
 
+    def _graph_key(self, sparse: bool, sampled: bool):
+        # which groups run the sparse kernel is baked into a capture
+        pattern = tuple(g.sparse for _, g in self.groups()) if sparse else ()
+        return (sparse, sampled, pattern)
+
     def _graph(self, sparse: bool, sampled: bool):
-        key = (sparse, sampled)
+        key = self._graph_key(sparse, sampled)
         if key in self._graphs:
             return self._graphs[key]
         tok, pos = self._tok.clone(), self._pos.clone()
+        # warm-up steps write the KV cache: use the last slot and put it back afterwards, so that
+        # a capture between a prefill and its decode steps leaves the cache intact
+        slot = self.max_seq_len - 1
+        saved = [(L.k_cache[:, :, slot].clone(), L.v_cache[:, :, slot].clone()) for L in self.layers]
         s = torch.cuda.Stream(device=self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for _ in range(2):
                 self._tok.zero_()
-                self._pos.zero_()
+                self._pos.fill_(slot)
                 self._step_body(sparse, sampled)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self._tok.zero_()
-        self._pos.zero_()
+        self._pos.fill_(slot)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             out = self._step_body(sparse, sampled)
+        for L, (k, v) in zip(self.layers, saved):
+            L.k_cache[:, :, slot].copy_(k)
+            L.v_cache[:, :, slot].copy_(v)
         self._tok.copy_(tok)
         self._pos.copy_(pos)
         self._graphs[key] = g
@@ -467,7 +478,7 @@ class Engine:
         self._pos.fill_(int(position))
         if self._graphable():
             self._graph(sparse, False).replay()
-            return self._static_logits[(sparse, False)][0].clone()
+            return self._static_logits[self._graph_key(sparse, False)][0].clone()
         return self._step_body(sparse, False)[0]
 
     @torch.no_grad()

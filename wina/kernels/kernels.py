@@ -56,9 +56,10 @@ except Exception:  # pragma: no cover
 
 import os as _os
 
-# Programmatic dependent launch: each kernel lets the next one start (and prefetch its weights)
-# before it ends. On by default on sm_90+; WINA_PDL=0 turns it off.
-PDL_ENABLED = _os.environ.get("WINA_PDL", "1") != "0"
+# Programmatic dependent launch: each kernel lets the next one get scheduled before it ends
+# (sm_90+). Off by default: it measured no gain on the H200 (docs/gpu-notes.md, run 2);
+# WINA_PDL=1 turns it on.
+PDL_ENABLED = _os.environ.get("WINA_PDL", "0") == "1"
 
 
 def set_pdl(on: bool) -> None:
@@ -286,12 +287,6 @@ if HAS_TRITON:
             # let the next kernel's programs get scheduled (they only prefetch weights before
             # their own wait); everything below that reads inputs or writes waits for ours.
             gdc_launch_dependents()
-        if BLOCK_M == 1:
-            if not SPARSE:
-                # dense: prefetch the first weight tile before waiting on the previous kernel
-                offs_k = k_lo + tl.arange(0, BLOCK_K)
-                w_nxt = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
-                                mask=(offs_k < K)[:, None] & n_ok[None, :], other=0.0)
         if PDL:
             gdc_wait()
         if SPARSE:
@@ -321,24 +316,28 @@ if HAS_TRITON:
                 tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
                 tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
                 tl.debug_barrier()
+                # the kept indices of tile j+1 are fetched while tile j's weight rows are in flight
+                jj = tl.arange(0, BLOCK_K)
+                j_ok = jj < count
+                ks = tl.load(scr_ptr + base + jj, mask=j_ok, other=0.0).to(tl.int32)
+                xs = tl.load(scr_ptr + base + KPS + jj, mask=j_ok, other=0.0)
                 for j in range(0, count, BLOCK_K):
-                    jj = j + tl.arange(0, BLOCK_K)
-                    j_ok = jj < count
-                    ks = tl.load(scr_ptr + base + jj, mask=j_ok, other=0.0).to(tl.int32)
-                    xs = tl.load(scr_ptr + base + KPS + jj, mask=j_ok, other=0.0)
                     w = tl.load(wt_ptr + ks[:, None] * N + offs_n[None, :],
                                 mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+                    jn = j + BLOCK_K + tl.arange(0, BLOCK_K)
+                    jn_ok = jn < count
+                    ks = tl.load(scr_ptr + base + jn, mask=jn_ok, other=0.0).to(tl.int32)
+                    xs_n = tl.load(scr_ptr + base + KPS + jn, mask=jn_ok, other=0.0)
                     acc2 += w.to(tl.float32) * xs[:, None]
+                    xs = xs_n
+                    j_ok = jn_ok
             else:
                 for k0 in range(k_lo, k_hi, BLOCK_K):
-                    w = w_nxt
                     offs_k = k0 + tl.arange(0, BLOCK_K)
                     k_ok = offs_k < K
-                    offs_k2 = offs_k + BLOCK_K
-                    w_nxt = tl.load(wt_ptr + offs_k2[:, None] * N + offs_n[None, :],
-                                    mask=((offs_k2 < k_hi) & (offs_k2 < K))[:, None] & n_ok[None, :],
-                                    other=0.0)
                     xv = _load_x(x_ptr, offs_k, k_ok, K, rstd, ACT, PRE_NORM)
+                    w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
+                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                     acc2 += w.to(tl.float32) * xv[:, None]
             part = tl.sum(acc2, 0)[None, :]
         else:
