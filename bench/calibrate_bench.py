@@ -52,8 +52,79 @@ def machine(device: str) -> str:
     return s
 
 
+def compare(args) -> None:
+    """Within-layer vs cross-layer (and uniform) allocation on the embedded model: wikitext perplexity.
+
+    One method per run (--method, --transform); the self-sampled calibration ids are shared through
+    --ids-file so that every run calibrates on the same text. One JSON line per measurement.
+    """
+    import torch
+    from wina.allocate import allocate
+    from wina.calibrate import calibrate, default_sizes, sample_self
+    from wina.models import load
+    from wina.perplexity import perplexity
+    from wina.plan import apply_plan
+    from wina.transform import transform
+
+    loaded = load("smollm2-135m")
+    model, tok = loaded.model, loaded.tokenizer
+    d = default_sizes(model.config)
+    ids_file = Path(args.ids_file)
+    if ids_file.exists():
+        ids = torch.load(ids_file)
+    else:
+        ids = sample_self(model, tok, d["samples"], d["seq_len"], seed=0)
+        torch.save(ids, ids_file)
+    data = Path(args.data) / "wikitext2" / "wiki.test.raw"
+    text = data.read_text(encoding="utf-8")
+    out = Path(args.out or tempfile.mkdtemp(prefix="wina-cmp-"))
+
+    def emit(**kw):
+        kw.update(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  method=args.method, transform=args.transform, ppl_tokens=args.ppl_tokens)
+        line = json.dumps(kw)
+        print(line, flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(line + "\n")
+
+    def ppl():
+        return round(perplexity(model, tok, text, context=512, max_tokens=args.ppl_tokens).perplexity, 3)
+
+    if args.dense:
+        emit(kind="dense", perplexity=ppl())
+    t0 = time.perf_counter()
+    if args.transform:
+        transform(model)
+    t1 = time.perf_counter()
+    plan = calibrate(model, tok, method=args.method, source="self", input_ids=ids, out=out,
+                     model_id="smollm2-135m")
+    t2 = time.perf_counter()
+    emit(kind="timing", transform_s=round(t1 - t0, 1), calibrate_s=round(t2 - t1, 1))
+    targets = (0.4, 0.5, 0.65)
+    for s_ in targets:
+        sp = apply_plan(model, plan, s_, mode="uniform")
+        emit(kind="uniform-threshold", target=s_, nominal=round(plan.effective_at(s_, "uniform"), 4),
+             perplexity=ppl(), measured=round(sp.measured_sparsity(), 4))
+        sp.remove()
+    for mode in ("layer", "global"):
+        t3 = time.perf_counter()
+        plan = allocate(model, tok, plan, mode=mode)
+        emit(kind="timing", allocate_mode=mode, allocate_s=round(time.perf_counter() - t3, 1))
+        for s_ in targets:
+            sp = apply_plan(model, plan, s_, mode=mode)
+            emit(kind=f"{mode}-threshold", target=s_, nominal=round(plan.effective_at(s_, mode), 4),
+                 perplexity=ppl(), measured=round(sp.measured_sparsity(), 4))
+            sp.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--compare", action="store_true", help="perplexity comparison (see compare())")
+    ap.add_argument("--ids-file", default="/tmp/wina-calib-ids.pt")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--dense", action="store_true")
     ap.add_argument("--shape", default="embedded", choices=["embedded", *SHAPES])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
@@ -74,6 +145,8 @@ def main() -> None:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare:
+        return compare(args)
     from wina.allocate import allocate
     from wina.calibrate import calibrate
     from wina.transform import transform

@@ -180,28 +180,36 @@ class LayerTrials:
 
 
 def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_sparsity: float,
-                  emit) -> tuple[list[TrajectoryRow], list[Optional[str]]]:
+                  emit, lazy: bool = False, refresh: int = 8) -> tuple[list[TrajectoryRow], list[Optional[str]]]:
+    """One layer's greedy trajectory.
+
+    ``lazy``: instead of trying every matrix at every step, keep each matrix's last measured
+    marginal error and re-measure only the most promising one(s) until the best is fresh (lazy
+    greedy); all matrices are re-measured every ``refresh`` steps. It picks the same matrix as the
+    full greedy whenever marginal errors only grow with sparsity, and costs about 2 trials a step
+    instead of one per matrix.
+    """
     P = plan.projections
     w = plan.weights
     cur = {p: plan.floor(layer, p) for p in P}
     attn_side = trials.attn_side
     h1c = trials.attn_tails([cur])[0]
-    err0 = trials.mlp_errors(h1c.unsqueeze(0), [cur])[0]
-    rows = [TrajectoryRow(dict(cur), plan.effective(layer, cur), err0)]
+    err_cur = trials.mlp_errors(h1c.unsqueeze(0), [cur])[0]
+    rows = [TrajectoryRow(dict(cur), plan.effective(layer, cur), err_cur)]
     steps: list[Optional[str]] = [None]
     emit(rows[-1], None)
-    attn_cache: Optional[dict[str, torch.Tensor]] = None
-    while rows[-1].effective < max_sparsity - 1e-9:
-        cands = [p for p in P if cur[p] < MAX_MATRIX_SPARSITY - 1e-9]
-        if not cands:
-            break
-        trial = {p: min(cur[p] + step / w[p], MAX_MATRIX_SPARSITY) for p in cands}
-        a_c = [p for p in cands if p in attn_side]
-        if attn_cache is None and a_c:
-            tails = trials.attn_tails([{**cur, p: trial[p]} for p in a_c])
-            attn_cache = {p: tails[j] for j, p in enumerate(a_c)}
+    attn_cache: dict[str, torch.Tensor] = {}          # attention tails of trials at the current attn config
+    delta: dict[str, float] = {}                      # last measured marginal error of each matrix
+    n_step = 0
+
+    def measure(ps: list[str], trial: dict[str, float]) -> dict[str, float]:
+        need = [p for p in ps if p in attn_side and p not in attn_cache]
+        if need:
+            tails = trials.attn_tails([{**cur, p: trial[p]} for p in need])
+            for j, p in enumerate(need):
+                attn_cache[p] = tails[j]
         h_list, cfgs = [], []
-        for p in cands:
+        for p in ps:
             if p in attn_side:
                 h_list.append(attn_cache[p])
                 cfgs.append(dict(cur))
@@ -209,13 +217,33 @@ def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_
                 h_list.append(h1c)
                 cfgs.append({**cur, p: trial[p]})
         errs = trials.mlp_errors(torch.stack(h_list), cfgs)
-        j = min(range(len(cands)), key=lambda k: (errs[k], k))
-        best = cands[j]
+        return dict(zip(ps, errs))
+
+    while rows[-1].effective < max_sparsity - 1e-9:
+        cands = [p for p in P if cur[p] < MAX_MATRIX_SPARSITY - 1e-9]
+        if not cands:
+            break
+        trial = {p: min(cur[p] + step / w[p], MAX_MATRIX_SPARSITY) for p in cands}
+        if not lazy or n_step % refresh == 0 or any(p not in delta for p in cands):
+            errs = measure(cands, trial)
+            for p in cands:
+                delta[p] = errs[p] - err_cur
+        else:
+            errs = {}
+            while True:
+                best = min(cands, key=lambda p: (delta[p], P.index(p)))
+                if best in errs:
+                    break
+                errs.update(measure([best], trial))
+                delta[best] = errs[best] - err_cur
+        best = min((p for p in cands if p in errs), key=lambda p: (errs[p], P.index(p)))
         cur[best] = trial[best]
+        err_cur = errs[best]
         if best in attn_side:
             h1c = attn_cache[best]
-            attn_cache = None
-        rows.append(TrajectoryRow(dict(cur), plan.effective(layer, cur), errs[j]))
+            attn_cache.clear()
+        n_step += 1
+        rows.append(TrajectoryRow(dict(cur), plan.effective(layer, cur), err_cur))
         steps.append(best)
         emit(rows[-1], best)
     return rows, steps
@@ -228,16 +256,19 @@ def expected_steps(plan: Plan, layer: int, step: float, max_sparsity: float) -> 
 
 
 @torch.no_grad()
-def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: float = 0.025,
+def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: Optional[float] = None,
              mode: str = "layer", on_event: Optional[ProgressCallback] = None,
              cancel: Optional[CancelToken] = None, samples: Optional[int] = None,
              seq_len: Optional[int] = None, grid: tuple[float, ...] = (0.5, 0.8),
-             chunk_tokens: int = 16384) -> Plan:
+             lazy: Optional[bool] = None, chunk_tokens: int = 16384) -> Plan:
     """Greedy per-matrix sparsity allocation; stores the trajectories in ``plan`` (and saves it).
 
     ``samples``/``seq_len``: how much of the plan's calibration data the greedy uses (the first
     samples, each cut to its first seq_len tokens); default all of it for models of 1 B parameters
     and more (the seed's recipe), 4 × 256 tokens for smaller ones (see docs/calibration.md).
+    ``step``: the base step; default the seed's 0.025 for models of 1 B parameters and more, 0.1 for
+    smaller ones (a CPU budget; pass 0.025 for the seed's exact recipe). ``lazy``: lazy greedy
+    (see :func:`_greedy_layer`); default on for small models, off (the seed's full greedy) for large.
     ``mode="global"`` adds the cross-layer allocation (module docstring). Events:
     ``stage="allocate"`` with ``layer``, ``n_layers`` and metrics ``sparsity`` (the layer's effective
     sparsity), ``error``, ``matrix`` (the projection just committed; None for the first row), ``row``.
@@ -245,6 +276,9 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: f
     from .transform import is_transformed, transform
     if mode not in ("layer", "global"):
         raise InvalidArgument(f"unknown allocation mode {mode!r}; choose layer or global")
+    d = default_sizes(model.config)
+    if step is None:
+        step = float(d["alloc_step"])
     if not (0.0 < step < 1.0):
         raise InvalidArgument(f"step must be in (0, 1), got {step}")
     if not (0.0 < max_sparsity < 1.0):
@@ -266,7 +300,10 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: f
     seq_len = int(seq_len or d["alloc_seq_len"] or ids.shape[1])
     samples, seq_len = min(samples, ids.shape[0]), min(seq_len, ids.shape[1])
     ids = ids[:samples, :seq_len]
+    if lazy is None:
+        lazy = bool(d["alloc_lazy"])
     traj_args = {"max_sparsity": max_sparsity, "step": step, "samples": samples, "seq_len": seq_len,
+                 "lazy": bool(lazy),
                  "error": "mean L2 of layer output, last 25% of positions", "gating": "threshold"}
     old = plan.meta.get("allocation") or {}
     if {k: v for k, v in old.items() if k not in ("mode", "grid")} != traj_args:
@@ -310,7 +347,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: f
                          sparsity=row.effective, error=row.error, matrix=matrix, row=_c["row"] - 1)
 
             try:
-                rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit)
+                rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit, lazy=lazy)
             finally:
                 trials.close()
             done += per_layer[i]

@@ -60,9 +60,10 @@ SELF_TEMPERATURE = 1.0
 SELF_TOP_P = 0.95
 
 SIZE_DEFAULTS = {
-    # name: (max projection params, calibration samples, seq_len, allocation samples, allocation seq_len)
-    "small": (1e9, 16, 512, 4, 256),
-    "large": (float("inf"), 20, 2048, None, None),      # None: all calibration data (the seed)
+    # name: (max projection params, calibration samples, seq_len, allocation samples, allocation
+    # seq_len, lazy greedy, allocation base step)
+    "small": (1e9, 16, 512, 4, 128, True, 0.1),
+    "large": (float("inf"), 20, 2048, None, None, False, 0.025),  # None: all calibration data (the seed)
 }
 
 
@@ -80,8 +81,9 @@ def projection_params(config) -> int:
 
 
 def default_sizes(config) -> dict[str, Optional[int]]:
-    _, s, L, a_s, a_L = SIZE_DEFAULTS[size_class(config)]
-    return {"samples": s, "seq_len": L, "alloc_samples": a_s, "alloc_seq_len": a_L}
+    _, s, L, a_s, a_L, lazy, step = SIZE_DEFAULTS[size_class(config)]
+    return {"samples": s, "seq_len": L, "alloc_samples": a_s, "alloc_seq_len": a_L, "alloc_lazy": lazy,
+            "alloc_step": step}
 
 
 def bin_scores(score: torch.Tensor) -> torch.Tensor:
@@ -254,6 +256,8 @@ def sample_self(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0,
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     out = []
+    import inspect
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     sp = getattr(model, "_wina_sparsifier", None)
     ctx = sp.paused() if sp is not None else _nullctx()
     with ctx:
@@ -263,8 +267,8 @@ def sample_self(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0,
             past = None
             cur = ids.to(device)
             for t in range(seq_len - 1):
-                o = model(cur, past_key_values=past, use_cache=True)
-                past = o.past_key_values
+                o = model(cur, use_cache=True, **{cache_kw: past})
+                past = getattr(o, "cache", None) if cache_kw == "cache" else o.past_key_values
                 logits = o.logits[:, -1].float().cpu() / max(temperature, 1e-5)
                 if eos is not None and eos != start:
                     logits[:, eos] = -float("inf")
@@ -417,6 +421,11 @@ def collect_layer(runner: LayerRunner, i: int, h: torch.Tensor, method: str, wei
     return y, stats
 
 
+def _ids_hash(ids: torch.Tensor) -> str:
+    import hashlib
+    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 def _gate_scores(x, scale):
     from .sparsify import gate_scores
     return gate_scores(x, scale)
@@ -427,7 +436,7 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
               out: Optional[str | Path] = None, weighted: str = "default", model_id: str = "",
               on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
               field: str = "text", seed: int = 0, dense_prefix: float = 0.01,
-              chunk_tokens: int = 16384):
+              chunk_tokens: int = 16384, input_ids: Optional[torch.Tensor] = None):
     """Collect per-projection gating-score histograms, layer by layer; returns a :class:`~wina.plan.Plan`.
 
     ``out``: plan directory, written as layers finish and resumed if it holds an unfinished
@@ -445,12 +454,20 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
         raise InvalidArgument(f"unknown weighting {weighted!r}; choose default or all")
     adapter = adapter_for(model)
     d = default_sizes(model.config)
-    samples = int(samples or d["samples"])
-    seq_len = int(seq_len or d["seq_len"])
-    kind = _check_source(source)
-    src = str(Path(source).expanduser().resolve()) if kind == "file" else source
+    if input_ids is not None:                   # ready-made calibration ids (samples, seq_len)
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 8:
+            raise InvalidArgument("input_ids must be a (samples, seq_len >= 8) tensor")
+        samples, seq_len = input_ids.shape
+        kind, src = "ids", f"{source} (given ids, sha256 {_ids_hash(input_ids)})"
+    else:
+        samples = int(samples or d["samples"])
+        seq_len = int(seq_len or d["seq_len"])
+        kind = _check_source(source)
+        src = str(Path(source).expanduser().resolve()) if kind == "file" else source
     n_layers = len(decoder_layers(model, adapter))
-    args = {"method": method, "weighted": weighted, "source": src, "field": field if kind != "self" else None,
+    args = {"method": method, "weighted": weighted, "source": src,
+            "field": field if kind in ("file", "hub") else None,
             "samples": samples, "seq_len": seq_len, "seed": seed, "dense_prefix": dense_prefix,
             "transform": bool(is_transformed(model))}
 
@@ -464,8 +481,8 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
                             "use another directory or delete it")
     if plan is None:
         rep.emit(0, message="preparing calibration data")
-        ids = calibration_ids(model, tokenizer, source, samples, seq_len, field=field, seed=seed,
-                              reporter=rep)
+        ids = input_ids if input_ids is not None else calibration_ids(
+            model, tokenizer, source, samples, seq_len, field=field, seed=seed, reporter=rep)
         plan = plan_from_model(model, ids, model_id=model_id, args=args, version=__version__)
         if out is not None:
             plan.save(out)
