@@ -461,7 +461,8 @@ class Engine:
         return g
 
     def _graphable(self) -> bool:
-        return self.use_graphs and self.device.type == "cuda"
+        # graphs need the Triton decode path (the torch references read positions on the host)
+        return self.use_graphs and self.device.type == "cuda" and self.fast
 
     def capture(self, sparse: Optional[bool] = None, sampled: bool = False) -> None:
         """Capture the decode step now (otherwise the first generate does it)."""
