@@ -122,7 +122,10 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context,
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
+          threads: Optional[int] = typer.Option(None, "--threads", envvar="WINA_THREADS",
+                                                help="CPU threads for torch (default: torch's choice)."),
           version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    _STATE["threads"] = threads
     if version:
         from . import __version__
         out.print(f"wina {__version__}")
@@ -253,6 +256,14 @@ def _quiet_libraries() -> None:
         import datasets
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
+    _threads()
+
+
+def _threads() -> None:
+    n = _STATE.get("threads")
+    if n:
+        import torch
+        torch.set_num_threads(max(1, int(n)))
 
 
 def _suppress():
