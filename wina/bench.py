@@ -271,8 +271,9 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
 
 @torch.no_grad()
 def tune_gemv(device, dtype, shapes: Sequence[tuple[int, int]], configs, sparsity: float = 0.5,
-              n_mats: int = 6, on_row: Optional[Callable[[dict], None]] = None) -> list[dict]:
-    """Time each GemvConfig on each (K, N) shape, dense and at ``sparsity``; returns rows."""
+              n_mats: int = 6, on_row: Optional[Callable[[dict], None]] = None,
+              modes: Sequence[bool] = (False, True)) -> list[dict]:
+    """Time each GemvConfig on each (K, N) shape, dense (False) and/or at ``sparsity`` (True)."""
     from .kernels import gemv
     rows = []
     for (k, n) in shapes:
@@ -281,7 +282,7 @@ def tune_gemv(device, dtype, shapes: Sequence[tuple[int, int]], configs, sparsit
         c = torch.ones(1, k, device=device)
         thr = torch.tensor([float(torch.quantile(x.float().abs(), sparsity))], device=device)
         for cfg in configs:
-            for sp in (False, True):
+            for sp in modes:
                 def fn():
                     for w in ws:
                         gemv(x, w, scales=c, thresholds=thr, sparse=sp, config=cfg)

@@ -78,11 +78,14 @@ MAX_KERNEL_ROWS = 8           # above this many rows, gemv falls back to a maske
 class GemvConfig:
     block_n: int = 128        # output columns per program (a weight row segment of 2*block_n bytes)
     block_k: int = 64         # input rows per loop iteration
-    programs: int = 1056      # target grid size; K is split to reach it
+    programs: int = 528       # target grid size; K is split to reach it
     num_warps: int = 4
+    pipeline: int = 0         # sparse, single row: keep two weight tiles in flight
 
 
-DEFAULT_CONFIG = GemvConfig()
+# Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md).
+DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
+DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
 _CONFIGS: dict[tuple, GemvConfig] = {}     # (K, N[, sparse]) -> tuned config (set by the bench)
 
 
@@ -96,7 +99,7 @@ def set_config(k: int, n: int, cfg: GemvConfig, sparse: Optional[bool] = None) -
 def config_for(k: int, n: int, sparse: Optional[bool] = None) -> GemvConfig:
     if sparse is not None and (int(k), int(n), bool(sparse)) in _CONFIGS:
         return _CONFIGS[(int(k), int(n), bool(sparse))]
-    return _CONFIGS.get((int(k), int(n)), DEFAULT_CONFIG)
+    return _CONFIGS.get((int(k), int(n)), DEFAULT_SPARSE_CONFIG if sparse else DEFAULT_CONFIG)
 
 
 def _next_pow2(n: int) -> int:
@@ -274,7 +277,7 @@ if HAS_TRITON:
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, PIPE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -321,16 +324,37 @@ if HAS_TRITON:
                 j_ok = jj < count
                 ks = tl.load(scr_ptr + base + jj, mask=j_ok, other=0.0).to(tl.int32)
                 xs = tl.load(scr_ptr + base + KPS + jj, mask=j_ok, other=0.0)
-                for j in range(0, count, BLOCK_K):
+                if PIPE:
+                    # two weight tiles in flight: tile j+1's rows are requested before tile j is used
                     w = tl.load(wt_ptr + ks[:, None] * N + offs_n[None, :],
                                 mask=j_ok[:, None] & n_ok[None, :], other=0.0)
-                    jn = j + BLOCK_K + tl.arange(0, BLOCK_K)
+                    jn = BLOCK_K + tl.arange(0, BLOCK_K)
                     jn_ok = jn < count
                     ks = tl.load(scr_ptr + base + jn, mask=jn_ok, other=0.0).to(tl.int32)
                     xs_n = tl.load(scr_ptr + base + KPS + jn, mask=jn_ok, other=0.0)
-                    acc2 += w.to(tl.float32) * xs[:, None]
-                    xs = xs_n
-                    j_ok = jn_ok
+                    for j in range(0, count, BLOCK_K):
+                        w_n = tl.load(wt_ptr + ks[:, None] * N + offs_n[None, :],
+                                      mask=jn_ok[:, None] & n_ok[None, :], other=0.0)
+                        j2 = j + 2 * BLOCK_K + tl.arange(0, BLOCK_K)
+                        j2_ok = j2 < count
+                        ks = tl.load(scr_ptr + base + j2, mask=j2_ok, other=0.0).to(tl.int32)
+                        xs_2 = tl.load(scr_ptr + base + KPS + j2, mask=j2_ok, other=0.0)
+                        acc2 += w.to(tl.float32) * xs[:, None]
+                        w = w_n
+                        xs = xs_n
+                        xs_n = xs_2
+                        jn_ok = j2_ok
+                else:
+                    for j in range(0, count, BLOCK_K):
+                        w = tl.load(wt_ptr + ks[:, None] * N + offs_n[None, :],
+                                    mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+                        jn = j + BLOCK_K + tl.arange(0, BLOCK_K)
+                        jn_ok = jn < count
+                        ks = tl.load(scr_ptr + base + jn, mask=jn_ok, other=0.0).to(tl.int32)
+                        xs_n = tl.load(scr_ptr + base + KPS + jn, mask=jn_ok, other=0.0)
+                        acc2 += w.to(tl.float32) * xs[:, None]
+                        xs = xs_n
+                        j_ok = jn_ok
             else:
                 for k0 in range(k_lo, k_hi, BLOCK_K):
                     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -562,7 +586,7 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
         HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
-        KPS=k_per_split if compact else 16, PDL=_pdl(dev),
+        KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
         num_warps=cfg.num_warps, launch_pdl=_pdl(dev))
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
@@ -594,9 +618,9 @@ if hasattr(torch.library, "custom_op"):
                  thresholds: Optional[torch.Tensor], bounds: list[int], bias: Optional[torch.Tensor],
                  res: Optional[torch.Tensor], ssq_in: Optional[torch.Tensor], eps: float, act: int,
                  want_ssq: bool, sparse: bool, block_n: int, block_k: int, programs: int,
-                 num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_warps: int, pipeline: int) -> tuple[torch.Tensor, torch.Tensor]:
         if use_triton(x) and x.shape[0] <= MAX_KERNEL_ROWS:
-            cfg = GemvConfig(block_n, block_k, programs, num_warps)
+            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline)
             return _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                                 want_ssq, sparse, cfg)
         cd = x.dtype if x.is_cuda else None
@@ -606,7 +630,7 @@ if hasattr(torch.library, "custom_op"):
 
     @_gemv_op.register_fake
     def _(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse, block_n,
-          block_k, programs, num_warps):
+          block_k, programs, num_warps, pipeline):
         m, n = x.shape[0], wt.shape[1]
         nb = -(-n // block_n) if want_ssq else 0
         return x.new_empty(m, n), x.new_empty(m, nb, dtype=torch.float32)
@@ -630,7 +654,7 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
     cfg = config or config_for(k, n, sparse)
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
                     int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
-                    cfg.num_warps)
+                    cfg.num_warps, int(cfg.pipeline))
 
 
 if hasattr(torch.library, "custom_op"):
