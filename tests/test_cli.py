@@ -104,12 +104,12 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
     res = ok(invoke("--help"))
-    for cmd in ("models", "calibrate", "allocate", "eval", "ppl", "compare", "chat", "run", "tui"):
+    for cmd in ("models", "calibrate", "allocate", "eval", "ppl", "compare", "chat", "bench", "run", "tui"):
         assert cmd in res.stdout
 
 
 def test_every_command_has_help_with_an_example():
-    for cmd in ("models", "calibrate", "allocate", "eval", "ppl", "compare", "chat", "run", "tui"):
+    for cmd in ("models", "calibrate", "allocate", "eval", "ppl", "compare", "chat", "bench", "run"):
         res = ok(invoke(cmd, "--help"))
         assert "Example" in res.stdout, cmd
 
@@ -279,5 +279,20 @@ def test_tui_command_is_wired():
         import wina_tui.app  # noqa: F401
     except ImportError:
         pytest.skip("wina_tui.app not available yet")
-    res = ok(invoke("tui", "--help"))
-    assert "wina-tui" in res.stdout
+    res = ok(invoke("tui", "--help"))          # the app's own options, passed on
+    assert "wina-tui" in res.stdout and "--model" in res.stdout
+    assert invoke("tui", "--no-such-option").exit_code == 2
+
+
+def test_bench_tiny_shape_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    res = ok(invoke("bench", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--prompt-len", "8",
+                    "--new-tokens", "4", "--hf-new-tokens", "2", "--sparsities", "0.5", "--no-kernels",
+                    "--json", out))
+    assert "tiny-llama" in res.stdout
+    data = json.loads(out.read_text())
+    m = data["models"][0]
+    assert "error" not in m, m.get("error")
+    assert m["dense"]["decode_tokens_per_s"] > 0 and "0.50" in m["sparse"]
+    user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "half"), "--sparsities")
+    user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "1.5"), "1.5")

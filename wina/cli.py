@@ -215,9 +215,12 @@ class ProgressRenderer:
         else:
             self.progress.update(tid, info=escape(message))
 
-    def done(self, stage: str, message: str = "") -> None:
+    def done(self, stage: str, message: str = "", keep: bool = True) -> None:
+        """Mark a stage's bar finished (``keep=False``: remove it)."""
         tid = self.tasks.pop(stage, None)
-        if tid is not None:
+        if tid is not None and not keep:
+            self.progress.remove_task(tid)
+        elif tid is not None:
             t = self.progress.tasks[[x.id for x in self.progress.tasks].index(tid)]
             total = t.total if t.total is not None else 1
             self.progress.update(tid, total=total, completed=total, eta="", info=escape(message))
@@ -763,8 +766,7 @@ def run_cmd(
             if status == "start":
                 r.step(step.title)
                 for stage in list(r.tasks):
-                    if stage != "load":
-                        r.done(stage)
+                    r.done(stage, keep=False)
             elif status in ("skip", "done"):
                 mark = "[dim]skip[/]" if status == "skip" else "[green]done[/]"
                 r.print(f"{mark} {escape(step.title)}", soft_wrap=True)
