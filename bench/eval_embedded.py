@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "embedded"))
     ap.add_argument("--report", default=str(ROOT / "docs" / "results-embedded.md"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the report from the results files already in --runs")
     ap.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
     args = ap.parse_args(argv)
 
@@ -123,6 +125,9 @@ def main(argv=None) -> int:
         if f is not None:
             print(f"[{i}/{len(configs)}] {m} {s:.0%}: already in {f.name}", flush=True)
             continue
+        if args.report_only:
+            print(f"[{i}/{len(configs)}] {m} {s:.0%}: not run (--report-only)", flush=True)
+            continue
         meth, tr, weighted = METHODS[m]
         loaded = model_for(tr)
         sp = None if meth == "dense" else sparsify(loaded.model, meth, s, weighted=weighted)
@@ -151,6 +156,7 @@ def main(argv=None) -> int:
 
     # --- the report --------------------------------------------------------------------------
     files = [existing(m, s) for m, s in configs]
+    missing = [f"{m} {100 * s:.0f} %" for (m, s), f in zip(configs, files) if f is None]
     runs = load_runs([f for f in files if f is not None])
     cmp = comparison_rows(runs)
     w = runs[0].wina
@@ -188,7 +194,8 @@ def main(argv=None) -> int:
         f"{len(runs)} configurations ({min(r.wina['elapsed_s'] for r in runs):.0f} to "
         f"{max(r.wina['elapsed_s'] for r in runs):.0f} s each; the CPU was shared with other jobs, "
         f"so these times are no speed measurement).",
-    ] + [f"- {n}" for n in args.note] + [
+    ] + [f"- {n}" for n in args.note] + (
+        [f"- **Not run** (out of time on this machine): {', '.join(missing)}."] if missing else []) + [
         "",
         "## Table",
         "",
