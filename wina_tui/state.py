@@ -256,3 +256,42 @@ def event_dict(ev: Any) -> dict:
     return {"stage": ev.stage, "done": ev.done, "total": ev.total, "layer": ev.layer,
             "n_layers": ev.n_layers, "message": ev.message, "metrics": dict(ev.metrics or {}),
             "eta_s": ev.eta_s}
+
+
+class Throttle:
+    """Coalesces calls from a worker thread so that the UI thread is not flooded by per-token or
+    per-step messages: ``push(x)`` sends at once after a quiet period, otherwise collects; what is
+    collected goes out in one ``send(items)`` at most ``interval`` seconds later (a timer), or on
+    ``flush()``. Order is kept."""
+
+    def __init__(self, send: Callable[[list], None], interval: float = 0.05) -> None:
+        import time as _time
+        self._time = _time
+        self.send = send
+        self.interval = interval
+        self.items: list = []
+        self._last = 0.0
+        self._lock = threading.RLock()
+        self._timer: Optional[threading.Timer] = None
+
+    def push(self, item) -> None:
+        with self._lock:
+            self.items.append(item)
+            now = self._time.perf_counter()
+            wait = self._last + self.interval - now
+            if wait <= 0:
+                self.flush()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self.items:
+                items, self.items = self.items, []
+                self.send(items)
+            self._last = self._time.perf_counter()

@@ -22,7 +22,7 @@ from textual.worker import Worker, WorkerState
 
 from wina.api import Cancelled, CancelToken
 
-from ..state import ALLOCATIONS, Settings, describe_error, event_dict, fmt_pct
+from ..state import ALLOCATIONS, Settings, Throttle, describe_error, event_dict, fmt_pct
 from ..widgets.allocation_heatmap import AllocationHeatmap
 from ..widgets.progress_panel import ProgressPanel
 from ..widgets.trajectory_chart import TrajectoryChart
@@ -40,9 +40,11 @@ class CalibrateScreen(Screen):
     ]
 
     class Progressed(Message):
-        def __init__(self, ev: dict) -> None:
+        """One event (a dict) or a batch of them (a list), in order."""
+
+        def __init__(self, evs) -> None:
             super().__init__()
-            self.ev = ev
+            self.evs = evs
 
     class Finished(Message):
         def __init__(self, ok: bool, message: str, cancelled: bool = False) -> None:
@@ -162,10 +164,16 @@ class CalibrateScreen(Screen):
         from wina.calibrate import calibrate
         from wina.transform import is_transformed, transform
         s = self.session
-        post = self.post_message
+
+        def post(msg) -> None:
+            if not isinstance(msg, self.Progressed) or isinstance(msg.evs, dict):
+                batch.flush()
+            self.post_message(msg)
+
+        batch = Throttle(lambda evs: post(self.Progressed(evs)), 0.05)
 
         def on_event(ev) -> None:
-            post(self.Progressed(event_dict(ev)))
+            batch.push(event_dict(ev))
 
         try:
             with s.using("calibrate"):
@@ -185,7 +193,7 @@ class CalibrateScreen(Screen):
                                  out=out, weighted=settings.options.weighted, model_id=settings.model,
                                  on_event=on_event, cancel=cancel, **s.calibrate_options)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
-                                      "finished": True, "message": f"plan {out}"}))
+                                      "finished": True, "message": f"plan saved: {out.name}"}))
                 if settings.allocation != "uniform":
                     from wina.allocate import allocate
                     alloc_kw = {}
@@ -207,7 +215,11 @@ class CalibrateScreen(Screen):
     # --- messages from the worker ------------------------------------------------------------------
     @on(Progressed)
     def _progress(self, message: "CalibrateScreen.Progressed") -> None:
-        ev = message.ev
+        evs = [message.evs] if isinstance(message.evs, dict) else list(message.evs)
+        for i, ev in enumerate(evs):
+            self._one_event(ev, last=i == len(evs) - 1)
+
+    def _one_event(self, ev: dict, last: bool = True) -> None:
         self.events.append(ev)
         panel = self.query_one(ProgressPanel)
         stage = ev.get("stage")
@@ -224,7 +236,7 @@ class CalibrateScreen(Screen):
             layer = ev.get("layer")
             if layer is not None:
                 n = ev.get("n_layers") or ev["total"]
-                panel.update_stage("layer", 0 if ev["done"] == layer else 1, 1,
+                panel.update_stage("layer", 0 if ev["done"] == layer else 1, 1, count=False,
                                    message=f"layer {layer + 1}/{n}: score histograms",
                                    finished=ev["done"] > layer)
             if ev.get("message") and self._should_log("calibrate:" + ev["message"].split(",")[0]):
@@ -243,9 +255,9 @@ class CalibrateScreen(Screen):
                 chart.add_point(layer, metrics["sparsity"], metrics["error"], str(metrics.get("matrix") or ""),
                                 n_layers=n, redraw=False)
                 self._dirty_chart = True
-                panel.update_stage("layer", int(100 * metrics["sparsity"]), 100,
-                                   message=f"layer {'all' if layer is None else layer + 1}: effective "
-                                           f"{fmt_pct(metrics['sparsity'])}, error {metrics['error']:.3g}")
+                panel.update_stage("layer", int(100 * metrics["sparsity"]), 100, count=False,
+                                   message=f"layer {'all' if layer is None else layer + 1}: "
+                                           f"{fmt_pct(metrics['sparsity'])} sparse, error {metrics['error']:.3g}")
             elif ev.get("message") and self._should_log("allocate:" + ev["message"]):
                 self.log_line(f"allocate: {ev['message']}")
             return
@@ -270,7 +282,7 @@ class CalibrateScreen(Screen):
         panel = self.query_one(ProgressPanel)
         if message.ok:
             self.state = "done"
-            panel.update_stage("layer", 1, 1, finished=True)
+            panel.update_stage("layer", 1, 1, finished=True, count=False)
             if self.settings and self.settings.allocation == "uniform":
                 panel.update_stage("allocate", 0, None, message="uniform: no greedy allocation")
             self.show_allocation()

@@ -19,7 +19,7 @@ from textual.worker import Worker, WorkerState
 
 from wina.api import CancelToken, chat_input_ids, stream_generate
 
-from ..state import describe_error
+from ..state import Throttle, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats
 
 NO_MODEL = "No model loaded yet: press F2 for setup, then Load & chat (ctrl+g)."
@@ -176,10 +176,13 @@ class ChatScreen(Screen):
         ctx = sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()
         if sp is not None and not is_dense:
             sp.reset_counters()
+        out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), 0.04)
         with ctx:
-            gen = stream_generate(model, tok, ids, max_new_tokens=self.max_new_tokens,
-                                  temperature=self.temperature,
-                                  on_text=lambda t: pane.post_message(ChatPane.Delta(t)), cancel=cancel)
+            try:
+                gen = stream_generate(model, tok, ids, max_new_tokens=self.max_new_tokens,
+                                      temperature=self.temperature, on_text=out.push, cancel=cancel)
+            finally:
+                out.flush()
         if is_dense or sp is None:
             sparsity, flops = 0.0, s.dense_flop_fraction()
         else:

@@ -115,7 +115,7 @@ class SetupScreen(Screen):
         s = self.session.settings
         o = s.options
         recent = [m for m in self.session.recent_models() if m != EMBEDDED]
-        model_opts = [(f"{EMBEDDED} (embedded, SmolLM2-135M-Instruct)", EMBEDDED)]
+        model_opts = [(f"{EMBEDDED} (embedded)", EMBEDDED)]
         model_opts += [(f"{m} (recent)", m) for m in recent]
         model_opts += [("other: hub id or local path…", OTHER)]
         preset_opts = [("none", NO_PRESET)] + [(f"{name} — {p.description or p.model}"[:60], name)
@@ -140,7 +140,7 @@ class SetupScreen(Screen):
                 yield self._row("Method", Select([("dense", "dense"), ("TEAL  |x|", "teal"),
                                                   ("WINA  |x|·‖W:,i‖", "wina")],
                                                  value=o.method, allow_blank=False, compact=True, id="method"))
-                yield self._row("Transform", Checkbox("column-orthogonal (exact)", o.transform, compact=True,
+                yield self._row("Transform", Checkbox("orthogonal (exact)", o.transform, compact=True,
                                                          id="transform"))
                 yield self._row("Target sparsity", Input(f"{o.sparsity:g}", placeholder="0.5",
                                                          compact=True, id="sparsity"))

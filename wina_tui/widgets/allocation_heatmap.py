@@ -32,12 +32,12 @@ def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None)
     layers.sort()
     vals = list(alloc.values())
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-    title = "sparsity per layer and matrix (%)" + (f" at {target:.0%} target" if target is not None else "")
-    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1), expand=False,
+    title = "sparsity % by layer × matrix" + (f" · target {target:.0%}" if target is not None else "")
+    table = Table(title=title, box=None, pad_edge=False, padding=(0, 1, 0, 0), expand=False,
                   title_style="bold", header_style="bold")
     table.add_column("layer", justify="right")
     for p in projs:
-        table.add_column(p.replace("_proj", ""), justify="center", min_width=5)
+        table.add_column(p.replace("_proj", "")[:4], justify="center", min_width=4)
     table.add_column("mean", justify="right")
     for layer in layers:
         row: list[Text] = [Text(str(layer))]
@@ -48,7 +48,7 @@ def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None)
                 row.append(Text("·", style="dim"))
                 continue
             vs.append(s)
-            row.append(Text(f"{100 * s:4.0f} ", style=Style(color="white", bgcolor=cell_color(s, lo, hi))))
+            row.append(Text(f"{100 * s:3.0f} ", style=Style(color="white", bgcolor=cell_color(s, lo, hi))))
         row.append(Text(f"{100 * sum(vs) / len(vs):.0f}" if vs else "—"))
         table.add_row(*row)
     return table

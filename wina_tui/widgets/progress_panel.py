@@ -34,7 +34,7 @@ class StageRow(Horizontal):
         yield Label("waiting", classes="stage-status")
 
     def set(self, done: int, total: Optional[int], *, eta: Optional[float] = None, message: str = "",
-            finished: bool = False, failed: bool = False) -> None:
+            finished: bool = False, failed: bool = False, count: bool = True) -> None:
         self.done, self.total = done, total
         bar = self.query_one(ProgressBar)
         if total:
@@ -47,13 +47,13 @@ class StageRow(Horizontal):
                 bar.update(total=1, progress=1)
         if failed:
             self.add_class("-failed")
-        count = f"{done}/{total}" if total else (str(done) if done else "")
+        count = (f"{done}/{total}" if total else (str(done) if done else "")) if count else ""
         if finished:
             status = f"{count} · done" if count else "done"
         elif failed:
             status = f"{count} · {message or 'stopped'}" if count else (message or "stopped")
         else:
-            status = " · ".join(p for p in (count, fmt_eta(eta) if total and done else "", message) if p)
+            status = " · ".join(p for p in (count, fmt_eta(eta) if count and total and done else "", message) if p)
         self.status = status
         self.query_one(".stage-status", Label).update(status)
 
@@ -93,13 +93,13 @@ class ProgressPanel(Vertical):
 
     def update_stage(self, key: str, done: int, total: Optional[int], *, title: Optional[str] = None,
                      eta: Optional[float] = None, message: str = "", finished: bool = False,
-                     failed: bool = False) -> None:
+                     failed: bool = False, count: bool = True) -> None:
         r = self.row(key, title)
+        kw = dict(eta=eta, message=message, finished=finished, failed=failed, count=count)
         if r.is_mounted:
-            r.set(done, total, eta=eta, message=message, finished=finished, failed=failed)
+            r.set(done, total, **kw)
         else:
-            self.call_after_refresh(r.set, done, total, eta=eta, message=message, finished=finished,
-                                    failed=failed)
+            self.call_after_refresh(r.set, done, total, **kw)
 
     def clear_rows(self, keep: tuple[str, ...] = ()) -> None:
         for key in list(self.rows):

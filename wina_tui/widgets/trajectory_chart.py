@@ -9,9 +9,8 @@ from .plot_view import PlotView
 class TrajectoryChart(PlotView):
     """Collects ``(sparsity, error, matrix)`` points per layer and plots the current layer's path.
 
-    Each greedy step raises one matrix's sparsity; the point is the layer's (or, for cross-layer
-    allocation, the model's) effective sparsity after the step and the error it costs. Steps are
-    coloured by the matrix they changed.
+    Each greedy step raises one matrix's sparsity; the point is the layer's effective sparsity after
+    the step and the layer-output error it costs; the title names the matrix of the last step.
     """
 
     def __init__(self, **kw) -> None:
@@ -47,19 +46,10 @@ class TrajectoryChart(PlotView):
         ys = [p[1] for p in pts]
         line = fig.signal(xs, ys)
         line.lines()
-        line.label("path")
         fig.draw(line)
-        by_matrix: dict[str, tuple[list[float], list[float]]] = {}
-        for x, y, m in zip(xs, ys, (p[2] for p in pts)):
-            if m:
-                by_matrix.setdefault(m, ([], []))
-                by_matrix[m][0].append(x)
-                by_matrix[m][1].append(y)
-        if 1 < len(by_matrix) <= 8 and height >= 12:
-            for m, (mx, my) in by_matrix.items():
-                fig.draw(fig.signal(mx, my).label(m))
+        last = next((p[2] for p in reversed(pts) if p[2]), "")
         where = "all layers" if self.current_layer is None else (
             f"layer {self.current_layer}" + (f"/{self.n_layers - 1}" if self.n_layers else ""))
-        fig.title(f"greedy trajectory · {where} · {len(pts)} steps")
-        fig.label("effective sparsity (%)", "x")
+        fig.title(f"error vs sparsity · {where} · {len(pts) - 1} steps" + (f" · {last}" if last else ""))
+        fig.label("effective sparsity of the layer (%)", "x")
         return True
