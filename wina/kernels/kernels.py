@@ -86,7 +86,11 @@ class GemvConfig:
 # Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md).
 DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
 DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
-_CONFIGS: dict[tuple, GemvConfig] = {}     # (K, N[, sparse]) -> tuned config (set by the bench)
+_CONFIGS: dict[tuple, GemvConfig] = {     # (K, N[, sparse]) -> tuned config (the bench sets more)
+    # H200 sweep winners on the Llama-2-7B shapes that differ from the defaults (runs 3 and 4)
+    (4096, 12288, False): GemvConfig(256, 32, 528, 4),
+    (4096, 4096, True): GemvConfig(128, 64, 264, 4, 1),
+}
 
 
 def set_config(k: int, n: int, cfg: GemvConfig, sparse: Optional[bool] = None) -> None:
