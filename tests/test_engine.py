@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from wina.engine import Engine, engine_available, engine_stream_generate
+from wina.engine import Engine, engine_available, engine_for, engine_stream_generate
 from wina.errors import Cancelled, InvalidArgument
 from wina.kernels import HAS_TRITON
 from wina.sparsify import sparsify
@@ -138,6 +138,14 @@ def test_chat_glue_on_cpu():
     parts = []
     g = engine_stream_generate(eng, Tok(), torch.tensor([[1, 2, 3]]), max_new_tokens=5, on_text=parts.append)
     assert g.tokens == 5 and "".join(parts) == g.text
+    # engine_for builds once per model and follows the attached sparsifier
+    e1 = engine_for(m, max_seq_len=32)
+    assert engine_for(m, max_seq_len=32) is e1 and not e1.sparse
+    thr = e1.calibrate([1, 2, 3, 4, 5, 6], 0.5)
+    sp = sparsify(m, "teal", 0.5, gating="threshold", thresholds=thr)
+    assert engine_for(m, max_seq_len=32) is e1 and e1.sparse
+    sp.remove()
+    assert not engine_for(m, max_seq_len=32).sparse
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,10 +14,13 @@ One kernel, :func:`gemv`, computes for an input ``x`` of M ≤ 8 rows::
     y[m, n] = sum_k keep[m, k] * x[m, k] * wt[k, n]  (+ bias[n]) (+ res[m, n])
     ssq_out[m, b] = sum over output block b of y[m, n]**2       (the next RMSNorm's input)
 
-It reads a weight row only when some row m of x keeps that input (the union of the per-token masks:
-per-token results are exact, the bytes read are those of the union), accumulates in fp32, splits K
-over programs and reduces the partial sums *in a fixed order* in the last program to finish each
-output block (a counter per block, no float atomics: results are deterministic). Segments let one
+For a single token (decode) each program scores the inputs of its K-chunk, compacts the kept
+ones (index and value) into a per-program scratch with a prefix sum, and then streams only their
+weight rows in full tiles, so the loop length scales with the density. For 2..8 rows it reads a
+weight row when some row keeps that input (the union of the per-token masks: per-token results are
+exact, the bytes read are those of the union). It accumulates in fp32, splits K over programs and
+reduces the partial sums *in a fixed order* in the last program to finish each output block (a
+counter per block, no float atomics: results are deterministic). Segments let one
 launch serve q/k/v (three thresholds, three scale vectors) and one gate/up, as the greedy plan's
 per-matrix thresholds require. Above 8 rows the op falls back to a masked dense matmul (cuBLAS).
 
