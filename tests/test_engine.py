@@ -11,7 +11,12 @@ from wina.sparsify import sparsify
 from wina.transform import transform
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+_skip_no_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+
+
+def gpu(f):
+    """GPU test: marked ``gpu`` (pyproject) and skipped without CUDA + Triton."""
+    return pytest.mark.gpu(_skip_no_cuda(f))
 
 COMMON = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)

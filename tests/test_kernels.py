@@ -10,7 +10,12 @@ from wina.kernels import (ACT_NONE, ACT_SILU_MUL, HAS_TRITON, GemvConfig, attent
                           gemv, gemv_reference, plan_gemv, rope_cache, rope_cache_reference)
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
-gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+_skip_no_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+
+
+def gpu(f):
+    """GPU test: marked ``gpu`` (pyproject) and skipped without CUDA + Triton."""
+    return pytest.mark.gpu(_skip_no_cuda(f))
 
 
 def rel(a, b):
