@@ -24,6 +24,8 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
     mode = "layer"                  # layer (within each layer) | global (across layers)
     max_sparsity = 0.9
     step = 0.025
+    samples = 4                     # calibration sequences the greedy uses (omit: the library's
+    seq_len = 256                   #   default: all for >= 1 B parameters, 4 × 256 below)
 
     [eval]
     sparsities = [0.25, 0.40, 0.50, 0.65]
@@ -97,6 +99,8 @@ class Allocation:
     mode: str = "layer"
     max_sparsity: float = 0.9
     step: float = 0.025
+    samples: Optional[int] = None
+    seq_len: Optional[int] = None
 
 
 @dataclass
@@ -326,7 +330,7 @@ def _fraction(v: _V, key: str, value: float, lo_open: bool = False) -> float:
 TOP_KEYS = ("name", "description", "model", "dtype", "device", "calibration", "allocation", "eval",
             "variants")
 CAL_KEYS = ("source", "samples", "seq_len", "weighted")
-ALLOC_KEYS = ("mode", "max_sparsity", "step")
+ALLOC_KEYS = ("mode", "max_sparsity", "step", "samples", "seq_len")
 EVAL_KEYS = ("sparsities", "gating", "tasks", "limit", "num_fewshot", "batch_size", "data_dir",
              "ppl_text", "ppl_max_tokens")
 VARIANT_KEYS = ("name", "method", "transform", "allocation")
@@ -363,9 +367,15 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
 
     a = top.sub("allocation")
     a.check_keys(ALLOC_KEYS)
+    a_samples = a.get("samples", int, None)
+    if a_samples is not None and a_samples < 1:
+        a.fail("samples", f"must be at least 1, got {a_samples}")
+    a_seq = a.get("seq_len", int, None)
+    if a_seq is not None and a_seq < 8:
+        a.fail("seq_len", f"must be at least 8, got {a_seq}")
     alloc = Allocation(a.choice("mode", MODES, "layer"),
                        _fraction(a, "max_sparsity", a.get("max_sparsity", float, 0.9), lo_open=True),
-                       _fraction(a, "step", a.get("step", float, 0.025), lo_open=True))
+                       _fraction(a, "step", a.get("step", float, 0.025), lo_open=True), a_samples, a_seq)
 
     e = top.sub("eval")
     e.check_keys(EVAL_KEYS)

@@ -114,7 +114,7 @@ def _allocated(meta: dict, preset: Optional[Preset]) -> bool:
         want = {"mode": preset.allocation.mode, "max_sparsity": preset.allocation.max_sparsity,
                 "step": preset.allocation.step}
         for k, v in want.items():
-            if k in alloc and alloc[k] != v:
+            if v is not None and k in alloc and alloc[k] != v:
                 return False
     return True
 
@@ -321,7 +321,7 @@ def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> N
         raise PlanError(f"{step.output}: calibration is not finished; run the calibrate step first")
     a = preset.allocation
     new = allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=a.max_sparsity, step=a.step,
-                   mode=a.mode, on_event=on_event, cancel=cancel)
+                   mode=a.mode, samples=a.samples, seq_len=a.seq_len, on_event=on_event, cancel=cancel)
     if new is not None and getattr(new, "path", None) is None:
         new.save(str(step.output))
     elif new is not None and Path(new.path).resolve() != step.output.resolve():
