@@ -90,25 +90,40 @@ async def main(args) -> None:
     if args.tiny:
         app.session.calibrate_options = {"samples": 4, "seq_len": 256}
     out = []
+
+    def report(name, h, s):
+        out.append((name, h, s))
+        print(f"{name:34s} handled: {stats(h)}", flush=True)
+        print(f"{'':34s} shown:   {stats(s)}", flush=True)
+
+    async def until(cond, timeout=120.0, what=""):
+        t0 = time.monotonic()
+        while not cond():
+            if time.monotonic() - t0 > timeout:
+                raise SystemExit(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    model = "tiny random (tests)" if args.tiny else "smollm2-135m (embedded)"
+    print(f"wina-tui key-press latency · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"machine: {platform.platform()} · {os.cpu_count()} CPUs · load avg "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} · torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads) · model {model}", flush=True)
     async with app.run_test(size=(100, 30)) as pilot:
         await pilot.pause()
         h, s = await probe(app, pilot, args.n, args.gap)
-        out.append(("idle", h, s))
+        report("idle", h, s)
 
         # chat: load and prepare WINA 50 % top-k, then probe while the replies stream
         await pilot.press("ctrl+g")
-        while app.screen is not app.chat_screen:
-            await pilot.pause(0.05)
+        await until(lambda: app.screen is app.chat_screen, what="the chat screen")
         await pilot.pause(0.2)
         chat = app.chat_screen
         assert chat.send("Explain in detail how a transformer language model works, step by step.")
-        while not chat.query_one("#dense", ChatPane)._buffer:
-            await asyncio.sleep(0.01)
+        await until(lambda: bool(chat.query_one("#dense", ChatPane)._buffer), what="the first tokens")
         h, s = await probe(app, pilot, args.n, args.gap, busy=lambda: chat.worker.is_running)
-        out.append(("generating (chat worker)", h, s))
+        report("generating (chat worker)", h, s)
         chat.action_stop()
-        while chat.worker.is_running:
-            await pilot.pause(0.05)
+        await until(lambda: not chat.worker.is_running, what="the chat worker to stop")
         dense = chat.query_one("#dense", ChatPane).stats
         sparse = chat.query_one("#sparse", ChatPane).stats
 
@@ -120,25 +135,18 @@ async def main(args) -> None:
         await pilot.pause()
         await pilot.press("ctrl+b")
         cal = app.calibrate_screen
-        while cal.state != "running":
-            await pilot.pause(0.05)
+        await until(lambda: cal.state != "idle", what="calibration to start")
+        if cal.state != "running":
+            raise SystemExit(f"calibration did not start: {cal.state}: {cal.query_one('#cal-log').lines[-1:]}")
         await asyncio.sleep(1.0)
         h, s = await probe(app, pilot, args.n, args.gap, busy=lambda: cal.state == "running")
-        out.append(("calibrating (calibration worker)", h, s))
+        report("calibrating (calibration worker)", h, s)
         cal.action_cancel()
-        while cal.state == "running":
-            await pilot.pause(0.1)
+        await until(lambda: cal.state != "running", what="calibration to stop")
 
-    model = "tiny random (tests)" if args.tiny else "smollm2-135m (embedded)"
-    print(f"wina-tui key-press latency · {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"machine: {platform.platform()} · {os.cpu_count()} CPUs · load avg "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} · torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads) · model {model}")
     if dense and sparse:
-        print(f"chat during the probe: dense {dense.tokens_per_s:.1f} tok/s, sparse {sparse.tokens_per_s:.1f} tok/s")
-    for name, h, s in out:
-        print(f"{name:34s} handled: {stats(h)}")
-        print(f"{'':34s} shown:   {stats(s)}")
+        print(f"chat during the probe: dense {dense.tokens_per_s:.1f} tok/s")
+    print(f"load avg at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,7 @@ class WinaApp(App):
                 from wina.presets import load_preset
                 p = load_preset(name)
                 self.setup_screen.presets.append((p.name, p))
-                sel.set_options([("none", NO_PRESET)] + [(f"{n} — {q.description or q.model}"[:60], n)
-                                                        for n, q in self.setup_screen.presets])
+                sel.set_options([("none", NO_PRESET)] + [(n, n) for n, _ in self.setup_screen.presets])
                 sel.value = p.name
             except Exception as e:
                 self.notify(describe_error(e), severity="error", timeout=8)

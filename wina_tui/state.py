@@ -173,6 +173,9 @@ class Session:
         src = settings.calib_source
         src = slug(Path(src).name) if src not in ("self", "wikitext") else src
         name = f"{slug(settings.model)}-{o.method}{'-tr' if o.transform else ''}-{o.weighted}-{src}"
+        c = self.calibrate_options
+        if c.get("samples") or c.get("seq_len"):
+            name += f"-{c.get('samples') or 'd'}x{c.get('seq_len') or 'd'}"
         return self.plans_dir / name
 
     # --- numbers for the chat panes --------------------------------------------------------------

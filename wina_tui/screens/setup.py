@@ -118,8 +118,7 @@ class SetupScreen(Screen):
         model_opts = [(f"{EMBEDDED} (embedded)", EMBEDDED)]
         model_opts += [(f"{m} (recent)", m) for m in recent]
         model_opts += [("other: hub id or local path…", OTHER)]
-        preset_opts = [("none", NO_PRESET)] + [(f"{name} — {p.description or p.model}"[:60], name)
-                                               for name, p in self.presets]
+        preset_opts = [("none", NO_PRESET)] + [(name, name) for name, _ in self.presets]
         yield Header()
         with Horizontal(id="setup-columns"):
             with Vertical(id="model-box", classes="box") as box:
@@ -277,14 +276,22 @@ class SetupScreen(Screen):
         err.update("")
         err.remove_class("-shown")
         if name == NO_PRESET:
+            if self.session.settings.preset is not None:
+                self.session.calibrate_options, self.session.allocate_options = {}, {}
             self.session.settings.preset = None
+            self.session.preset = None
+            self.refresh_model_info()
             return
         preset = dict(self.presets).get(name)
         if preset is None:
             return
         self.session.settings.preset = name
+        self.query_one("#model-info", Static).update(Text.assemble(
+            ("preset ", "dim"), (name, "bold"), f": {preset.description or ''}".rstrip(": "),
+            ("\n" + self.session.model_summary(), "dim")))
         try:
-            variant = next((v for v in preset.variants if v.method != "dense"), preset.variants[0])
+            variant = next((v for v in preset.variants if v.method == "wina"),
+                           next((v for v in preset.variants if v.method != "dense"), preset.variants[0]))
             model_sel = self.query_one("#model", Select)
             if preset.model == EMBEDDED:
                 model_sel.value = EMBEDDED
@@ -300,6 +307,12 @@ class SetupScreen(Screen):
                 preset.allocation.mode if variant.allocation == "greedy" else "uniform")
             self.query_one("#calib-source", Input).value = preset.resolved_source()
             self.session.preset = preset
+            cal, alloc = preset.calibration, preset.allocation
+            self.session.calibrate_options = {k: v for k, v in (("samples", cal.samples), ("seq_len", cal.seq_len))
+                                              if v is not None}
+            self.session.allocate_options = {"max_sparsity": alloc.max_sparsity, "step": alloc.step}
+            o = self.session.settings.options
+            self.session.settings.options = replace(o, weighted=cal.weighted)
         except (WinaError, AttributeError, IndexError, ValueError) as e:
             err.update(f"⚠ preset {name}: {describe_error(e)}")
             err.add_class("-shown")
