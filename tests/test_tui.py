@@ -313,3 +313,25 @@ async def test_palette_commands_theme_and_help(tmp_path):
         await pilot.pause()
         assert app.screen is app.chat_screen
         assert not app.chat_screen.send("hi")            # no model yet: refused with a message
+
+
+async def test_load_runs_modal(tmp_path):
+    from wina.results import make_record, make_wina_block, write_run
+    store = tmp_path / "runs"
+    for method, s, v in (("dense", 0.0, 0.6), ("wina", 0.5, 0.55)):
+        w = make_wina_block(model_id="tiny", method=method, sparsity=s, measured=s,
+                            headline={"piqa": {"metric": "acc_norm", "filter": "none", "value": v,
+                                               "stderr": 0.01, "higher_is_better": True}})
+        write_run(make_record(None, w), store / f"{method}.json")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+        await pilot.press("ctrl+l")
+        from wina_tui.screens.load_runs import LoadRunsScreen
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadRunsScreen))
+        await pilot.press("ctrl+a")
+        await pilot.click("#load")
+        await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+        ev = app.evaluate_screen
+        assert len(ev.runs) == 2 and ev.query_one("#results", DataTable).row_count == 2

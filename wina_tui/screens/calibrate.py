@@ -231,8 +231,9 @@ class CalibrateScreen(Screen):
                 self.log_line(f"model: {ev.get('message')}")
             return
         if stage == "calibrate":
+            msg = ev.get("message", "").replace("sampling calibration text: ", "sampling ")
             panel.update_stage("calibrate", ev["done"], ev["total"], eta=ev.get("eta_s"),
-                               message=ev.get("message", ""), finished=ev.get("finished", False))
+                               message=msg.replace(" samples, ", " · "), finished=ev.get("finished", False))
             layer = ev.get("layer")
             if layer is not None:
                 n = ev.get("n_layers") or ev["total"]
