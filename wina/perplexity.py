@@ -55,8 +55,8 @@ def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: O
         batch = windows[start:start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+        total_nll += float(nll.double().sum())          # float64 sum: float32 hides 1e-5 changes
         total_tok += batch[:, 1:].numel()
         rep.emit(min(start + batch_size, n_windows), ppl=math.exp(total_nll / total_tok))
     mean = total_nll / total_tok
