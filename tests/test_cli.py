@@ -233,7 +233,11 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
               "--seq-len", "32", "--out", plan))
     meta = json.loads((plan / "plan.json").read_text())
     assert meta["method"] == "wina" and meta["status"]["calibrated_layers"] == 2
-    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))
+    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8", "--out", tmp_path / "plan2"))
+    assert json.loads((plan / "plan.json").read_text())["allocation"] is None      # left as it was
+    assert json.loads((tmp_path / "plan2" / "plan.json").read_text())["allocation"]["step"] == 0.1
+    user_error(invoke("allocate", plan, "--out", tmp_path / "plan2"), "not empty")
+    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))          # in place
     meta = json.loads((plan / "plan.json").read_text())
     assert meta["allocation"] is not None
     d = json.loads(ok(invoke("ppl", tiny, "--plan", plan, "--sparsity", "0.5", "--text", text_file,

@@ -476,10 +476,16 @@ def allocate_cmd(
     spec = model or meta.get("model_id") or meta.get("model")
     if not spec:
         raise InvalidArgument(f"{plan} does not name its model; give --model")
+    target = Path(out_plan) if out_plan is not None else Path(plan)
+    if target.resolve() != Path(plan).resolve():
+        if target.exists() and any(target.iterdir()):
+            raise InvalidArgument(f"--out {target} exists and is not empty")
+        import shutil
+        shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
     with ProgressRenderer() as r:
         loaded = _load(spec, device, dtype, r)
         from .plan import Plan
-        p = Plan.load(str(plan))
+        p = Plan.load(str(target), allow_partial=True)
         if meta.get("transform"):
             from .transform import transform as do_transform
             r.note("transform", "column-orthogonal transform (as calibrated)")
@@ -488,8 +494,7 @@ def allocate_cmd(
         from .allocate import allocate
         new = allocate(loaded.model, loaded.tokenizer, p, max_sparsity=max_sparsity, step=step, mode=mode,
                        on_event=r)
-        target = out_plan or plan
-        if getattr(new, "path", None) is None or Path(new.path).resolve() != Path(target).resolve():
+        if getattr(new, "path", None) is None or Path(new.path).resolve() != target.resolve():
             new.save(str(target))
     out.print(f"[green]allocated plan written:[/] {escape(str(target))}")
 
