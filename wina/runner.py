@@ -220,7 +220,8 @@ class _Model:
         if self.loaded is None:
             import torch
             from .models import load
-            dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            dev = self.device or (self.preset.device if self.preset.device != "auto" else None) or (
+                "cuda" if torch.cuda.is_available() else "cpu")
             if self.r is not None:
                 self.r.note("load", f"{self.preset.model} on {dev}")
             dtype = None if self.preset.dtype == "auto" else self.preset.dtype
