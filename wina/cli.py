@@ -741,7 +741,7 @@ def run_cmd(
                                                                       "preset (outputs go to a -limitN folder)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<preset>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the preset, print the steps, exit."),
-    device: str = O_DEVICE,
+    device: str = typer.Option("auto", "--device", help="Override the preset's device (cpu | cuda | cuda:N)."),
 ) -> None:
     """The whole pipeline of a preset: calibrate → allocate → evaluate each sparsity → compare.
 
