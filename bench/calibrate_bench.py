@@ -102,18 +102,16 @@ def compare(args) -> None:
     t2 = time.perf_counter()
     emit(kind="timing", transform_s=round(t1 - t0, 1), calibrate_s=round(t2 - t1, 1))
     targets = (0.4, 0.5, 0.65)
-    for s_ in targets:
-        sp = apply_plan(model, plan, s_, mode="uniform")
-        emit(kind="uniform-threshold", target=s_, nominal=round(plan.effective_at(s_, "uniform"), 4),
-             perplexity=ppl(), measured=round(sp.measured_sparsity(), 4))
-        sp.remove()
-    for mode in ("layer", "global"):
-        t3 = time.perf_counter()
-        plan = allocate(model, tok, plan, mode=mode)
-        emit(kind="timing", allocate_mode=mode, allocate_s=round(time.perf_counter() - t3, 1))
+    t3 = time.perf_counter()
+    plan = allocate(model, tok, plan, mode="layer")
+    t4 = time.perf_counter()
+    plan = allocate(model, tok, plan, mode="global")       # reuses the within-layer trajectories
+    emit(kind="timing", allocate_layer_s=round(t4 - t3, 1), allocate_global_extra_s=round(time.perf_counter() - t4, 1),
+         allocation=plan.meta["allocation"])
+    for mode in ("uniform", "layer", "global"):
         for s_ in targets:
-            sp = apply_plan(model, plan, s_, mode=mode)
-            emit(kind=f"{mode}-threshold", target=s_, nominal=round(plan.effective_at(s_, mode), 4),
+            sp = apply_plan(model, plan, s_, mode=mode)          # refined thresholds (the default)
+            emit(kind=f"{mode}-threshold-refined", target=s_, nominal=round(plan.effective_at(s_, mode), 4),
                  perplexity=ppl(), measured=round(sp.measured_sparsity(), 4))
             sp.remove()
 
@@ -189,18 +187,25 @@ def main() -> None:
                   f"{m.get('sparsity', '')!s:.6} {m.get('error', '')!s:.8} eta {ev.eta_s and round(ev.eta_s)}s",
                   file=sys.stderr, flush=True)
 
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    c1 = cpu()
     t1 = time.perf_counter()
     plan = calibrate(model, tok, method=args.method, source=source, samples=samples, seq_len=seq_len,
                      out=out, model_id=model_id, on_event=on_event)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t_cal = time.perf_counter() - t1
+    c2 = cpu()
     t2 = time.perf_counter()
     plan = allocate(model, tok, plan, mode=args.mode, samples=a_samples, seq_len=a_seq,
                     max_sparsity=args.max_sparsity, on_event=on_event)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t_alloc = time.perf_counter() - t2
+    c3 = cpu()
     res = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(args.device), "shape": args.shape, "device": args.device,
@@ -210,6 +215,8 @@ def main() -> None:
         "rows_per_layer": sum(len(t) for t in plan.trajectories) / plan.n_layers,
         "load_s": round(t_load, 1), "calibrate_s": round(t_cal, 1), "allocate_s": round(t_alloc, 1),
         "calibrate_allocate_min": round((t_cal + t_alloc) / 60, 2),
+        "calibrate_cpu_s": round(c2 - c1, 1), "allocate_cpu_s": round(c3 - c2, 1),
+        "load_avg_at_end": os.getloadavg()[0],
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "plan": str(out),
     }

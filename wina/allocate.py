@@ -310,8 +310,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         plan.reset_allocation({**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None})
     else:
         if old.get("mode") != mode or (mode == "global" and old.get("grid") != list(grid)):
-            plan.global_order = None
-            plan.sensitivity = None
+            plan.clear_global()
         plan.meta["allocation"] = {**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None}
     N = plan.n_layers
     dense_prefix = float(plan.meta["calibration"].get("dense_prefix", 0.01))

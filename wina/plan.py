@@ -184,12 +184,26 @@ class Plan:
                             "re-run calibrate with the same arguments to finish it")
 
     def modes(self) -> list[str]:
-        m = []
+        """Modes this plan can answer; the last one is the default (the allocation's own mode)."""
+        m = ["uniform"]
         if self.allocated:
             m.append("layer")
             if self.global_order is not None:
                 m.append("global")
-        return m or ["uniform"]
+                if (self.meta.get("allocation") or {}).get("mode") == "layer":
+                    m[-2:] = ["global", "layer"]
+        return m
+
+    def clear_global(self) -> None:
+        self.global_order = None
+        self.sensitivity = None
+        if "global.safetensors" in self.meta.get("files", {}):
+            del self.meta["files"]["global.safetensors"]
+            if self.path is not None:
+                try:
+                    (self.path / "global.safetensors").unlink()
+                except OSError:
+                    pass
 
     def sparsities_at(self, sparsity: float, mode: Optional[str] = None) -> dict[Key, float]:
         """Per-matrix sparsities for a target average sparsity.
@@ -300,7 +314,7 @@ class Plan:
 
     def _threshold_tensors(self) -> dict[str, torch.Tensor]:
         out = {"targets": torch.tensor(THRESHOLD_TARGETS, dtype=torch.float64)}
-        for mode in self.modes():
+        for mode in sorted(self.modes()):
             t = torch.zeros(len(THRESHOLD_TARGETS), self.n_layers, len(self.projections), dtype=torch.float64)
             sp = torch.zeros_like(t)
             for a, s in enumerate(THRESHOLD_TARGETS):
