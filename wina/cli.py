@@ -102,6 +102,8 @@ class WinaGroup(TyperGroup):
             else:
                 _red_line(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
             sys.exit(1)
+        if rv == 130:                        # Ctrl-C (typer turns it into exit code 130)
+            _red_line("interrupted")
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
