@@ -41,6 +41,7 @@ class ChatScreen(Screen):
         self.sparse_only = False
         self.turns = 0
         self.worker: Optional[Worker] = None
+        self.backend = ""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -89,7 +90,8 @@ class ChatScreen(Screen):
                               "sparse gates are paused for this pane.")
         mode = "greedy" if self.temperature <= 0 else f"T={self.temperature:g}"
         template = "chat template" if getattr(s.loaded.tokenizer, "chat_template", None) else "plain prompt"
-        self.set_status(f"{mode} · max {self.max_new_tokens} new tokens · {template}"
+        backend = f" · {self.backend}" if self.backend else ""
+        self.set_status(f"{mode} · max {self.max_new_tokens} new tokens · {template}{backend}"
                         + (" · sparse only" if self.sparse_only else ""))
 
     def set_status(self, text: str) -> None:
@@ -161,6 +163,22 @@ class ChatScreen(Screen):
         finally:
             self.app.call_from_thread(self.refresh_titles)
 
+    def _generate(self, model, tok, ids, on_text, cancel):
+        """The GPU decode engine when it applies (CUDA, bf16/fp16, threshold gating), else the
+        portable :func:`wina.generate.stream_generate`. Both follow the sparsifier's current state
+        (paused: dense)."""
+        try:
+            from wina.engine import engine_available, engine_for, engine_stream_generate
+        except ImportError:
+            engine_available = None
+        if engine_available is not None and engine_available(model):
+            self.backend = "decode engine (CUDA)"
+            return engine_stream_generate(engine_for(model), tok, ids, max_new_tokens=self.max_new_tokens,
+                                          temperature=self.temperature, on_text=on_text, cancel=cancel)
+        self.backend = "torch"
+        return stream_generate(model, tok, ids, max_new_tokens=self.max_new_tokens,
+                               temperature=self.temperature, on_text=on_text, cancel=cancel)
+
     def _one_reply(self, pane: ChatPane, prompt: str, is_dense: bool, cancel: CancelToken) -> None:
         s = self.session
         sp = s.sparsifier
@@ -179,15 +197,15 @@ class ChatScreen(Screen):
         out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), 0.04)
         with ctx:
             try:
-                gen = stream_generate(model, tok, ids, max_new_tokens=self.max_new_tokens,
-                                      temperature=self.temperature, on_text=out.push, cancel=cancel)
+                gen = self._generate(model, tok, ids, out.push, cancel)
             finally:
                 out.flush()
         if is_dense or sp is None:
             sparsity, flops = 0.0, s.dense_flop_fraction()
         else:
             m = sp.measured_sparsity()
-            sparsity = None if m != m else m
+            # the GPU engine does not update the sparsifier's counters: show the nominal figure then
+            sparsity = sp.nominal_sparsity() if m != m else m
             flops = s.flop_fraction(measured=True)
         pane.history.extend([messages[-1], {"role": "assistant", "content": gen.text}])
         pane.post_message(ChatPane.Done(ReplyStats(gen.tokens, gen.seconds, gen.stopped, sparsity, flops)))

@@ -53,7 +53,8 @@ class StageRow(Horizontal):
         elif failed:
             status = f"{count} · {message or 'stopped'}" if count else (message or "stopped")
         else:
-            status = " · ".join(p for p in (count, fmt_eta(eta) if count and total and done else "", message) if p)
+            show_eta = count and total and done and eta is not None
+            status = " · ".join(p for p in (count, fmt_eta(eta) if show_eta else "", message) if p)
         self.status = status
         self.query_one(".stage-status", Label).update(status)
 
