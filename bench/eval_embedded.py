@@ -254,9 +254,23 @@ def verdict(cmp, limit) -> list[str]:
             parts.append(f"vs TEAL-transform: ppl {tt.values['ppl']:.2f}"
                          + (f", avg {100 * tt.average:.2f}" if tt.average is not None else ""))
         out.append(f"- {100 * s:.0f} %: " + "; ".join(parts) + ".")
+    tt_wins = 0
+    for s in sps:
+        tt, wina = by.get(("TEAL-transform", s)), by.get(("WINA-transform", s))
+        if tt and wina and tt.values.get("ppl") is not None and wina.values.get("ppl") is not None:
+            tt_wins += wina.values["ppl"] < tt.values["ppl"]
     if total:
-        out.insert(0, f"WINA has the lower perplexity than plain TEAL at {wins['ppl']} of {total} "
-                      f"sparsities and the higher average accuracy at {wins['avg']} of {total}.")
+        if wins["ppl"] == 0:
+            head = (f"**No.** On perplexity, the sharp measure here, plain TEAL beats WINA at every "
+                    f"sparsity tried ({total} of {total}).")
+        elif wins["ppl"] == total:
+            head = f"**Yes** on perplexity: WINA is lower than plain TEAL at every sparsity ({total} of {total})."
+        else:
+            head = f"**Mixed.** WINA has the lower perplexity than plain TEAL at {wins['ppl']} of {total} sparsities."
+        head += (f" WINA beats TEAL-transform (the same rotation, scored by |x| alone) on perplexity at "
+                 f"{tt_wins} of {total}, as the paper reports. Average accuracy: WINA higher than TEAL "
+                 f"at {wins['avg']} of {total}, but see the noise note below.")
+        out.insert(0, head)
         out.insert(1, "")
         if limit:
             out.append("")
