@@ -456,7 +456,8 @@ def calibrate_cmd(
 def allocate_cmd(
     plan: Path = typer.Argument(..., help="A calibrated plan directory (from wina calibrate)."),
     max_sparsity: float = typer.Option(0.9, "--max-sparsity", help="Highest sparsity allocated to any matrix."),
-    step: float = typer.Option(0.025, "--step", help="Greedy step (the seed's base_step_size)."),
+    step: Optional[float] = typer.Option(None, "--step", help="Greedy base step (the seed's base_step_size; "
+                                                              "default 0.025 for models >= 1 B, 0.1 below)."),
     mode: str = typer.Option("layer", "--mode", help="layer (greedy within each layer, as the seed) | "
                                                      "global (greedy across layers)."),
     out_plan: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the allocated plan here "
@@ -472,7 +473,7 @@ def allocate_cmd(
     if mode not in ("layer", "global"):
         raise InvalidArgument(f"unknown allocation mode {mode!r}; choose layer or global")
     for name, v in (("--max-sparsity", max_sparsity), ("--step", step)):
-        if not (0.0 < v < 1.0):
+        if v is not None and not (0.0 < v < 1.0):
             raise InvalidArgument(f"{name} must be in (0, 1), got {v}")
     meta = _plan_meta(str(plan))
     spec = model or meta.get("model_id") or meta.get("model")

@@ -23,9 +23,10 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
     [allocation]                    # greedy allocation of per-matrix sparsities
     mode = "layer"                  # layer (within each layer) | global (across layers)
     max_sparsity = 0.9
-    step = 0.025
+    step = 0.025                    # base step (omit: the library's: 0.025 for >= 1 B parameters, as
+                                    #   the seed; 0.1 below)
     samples = 4                     # calibration sequences the greedy uses (omit: the library's
-    seq_len = 256                   #   default: all for >= 1 B parameters, 4 × 256 below)
+    seq_len = 128                   #   default: all for >= 1 B parameters, 4 × 128 below)
 
     [eval]
     sparsities = [0.25, 0.40, 0.50, 0.65]
@@ -98,7 +99,7 @@ class Calibration:
 class Allocation:
     mode: str = "layer"
     max_sparsity: float = 0.9
-    step: float = 0.025
+    step: Optional[float] = None
     samples: Optional[int] = None
     seq_len: Optional[int] = None
 
@@ -327,6 +328,11 @@ def _fraction(v: _V, key: str, value: float, lo_open: bool = False) -> float:
     return value
 
 
+def _step(a: "_V") -> Optional[float]:
+    v = a.get("step", float, None)
+    return None if v is None else _fraction(a, "step", v, lo_open=True)
+
+
 TOP_KEYS = ("name", "description", "model", "dtype", "device", "calibration", "allocation", "eval",
             "variants")
 CAL_KEYS = ("source", "samples", "seq_len", "weighted")
@@ -375,7 +381,7 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
         a.fail("seq_len", f"must be at least 8, got {a_seq}")
     alloc = Allocation(a.choice("mode", MODES, "layer"),
                        _fraction(a, "max_sparsity", a.get("max_sparsity", float, 0.9), lo_open=True),
-                       _fraction(a, "step", a.get("step", float, 0.025), lo_open=True), a_samples, a_seq)
+                       _step(a), a_samples, a_seq)
 
     e = top.sub("eval")
     e.check_keys(EVAL_KEYS)

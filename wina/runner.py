@@ -173,7 +173,8 @@ def describe(preset: Preset, limit=None) -> dict[str, str]:
         info["calibration"] = (f"{src}, {c.samples} samples × {c.seq_len or 'default'} tokens, "
                                f"weighted={c.weighted}")
         a = preset.allocation
-        info["allocation"] = f"greedy, mode={a.mode}, step={a.step}, max_sparsity={a.max_sparsity}" + (
+        info["allocation"] = (f"greedy, mode={a.mode}, step={a.step or 'default'}, "
+                              f"max_sparsity={a.max_sparsity}") + (
             f", on {a.samples or 'all'} × {a.seq_len or 'all'} tokens" if (a.samples or a.seq_len) else "")
     info["variants"] = ", ".join(
         f"{v.name} ({v.method}{', transform' if v.transform else ''}"
