@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from wina.cli import app
-from wina.presets import PresetError, find_data_dir, list_presets, load_preset, parse_preset
+from wina.presets import PresetError, find_data_dir, list_presets, load_preset
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / "presets").glob("*.toml"))
