@@ -106,13 +106,21 @@ def offline():
 
 @contextlib.contextmanager
 def _quiet(level: str):
+    """lm-eval's logging at ``level`` and its tqdm bars off (progress goes out as events)."""
     lg = logging.getLogger("lm_eval")
     old = lg.level
+    old_tqdm = os.environ.get("TQDM_DISABLE")
     lg.setLevel(getattr(logging, level.upper(), logging.ERROR))
+    if level.upper() not in ("DEBUG", "INFO"):
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         yield
     finally:
         lg.setLevel(old)
+        if old_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old_tqdm
 
 
 # --- lm-eval glue ---------------------------------------------------------------------------------
