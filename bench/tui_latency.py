@@ -77,7 +77,8 @@ async def probe(app, pilot, n: int, gap: float, busy=lambda: True) -> tuple[list
 
 async def main(args) -> None:
     import torch
-    from wina_tui.app import WinaApp
+    from wina_tui.app import WinaApp, set_threads
+    set_threads(args.threads)
     from wina_tui.widgets.chat_pane import ChatPane
     from textual.widgets import Input, Select
 
@@ -144,8 +145,8 @@ async def main(args) -> None:
         cal.action_cancel()
         await until(lambda: cal.state != "running", what="calibration to stop")
 
-    if dense and sparse:
-        print(f"chat during the probe: dense {dense.tokens_per_s:.1f} tok/s")
+    if dense is not None:
+        print(f"chat during the probe: dense reply {dense.tokens} tokens at {dense.tokens_per_s:.1f} tok/s")
     print(f"load avg at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
@@ -155,4 +156,5 @@ if __name__ == "__main__":
     p.add_argument("--n", type=int, default=20, help="presses per scenario")
     p.add_argument("--gap", type=float, default=0.25, help="seconds between presses")
     p.add_argument("--tokens", type=int, default=400, help="max new tokens of the chat reply")
+    p.add_argument("--threads", type=int, help="torch threads (default: as wina-tui chooses)")
     asyncio.run(main(p.parse_args()))

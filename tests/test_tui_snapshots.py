@@ -2,7 +2,9 @@
 
 Deterministic: a tiny random model, fixed relative paths in what is shown, no timings on screen
 (the chat is shot before any reply, so no tokens/s), run files with fixed dates.
-Regenerate with ``pytest tests/test_tui_snapshots.py --snapshot-update``.
+The calibrate snapshots show the library's real allocation of the tiny model, so a change in
+wina.calibrate / wina.allocate numerics shows here too. Regenerate with
+``pytest tests/test_tui_snapshots.py --snapshot-update`` (and look at the diff).
 """
 from __future__ import annotations
 

@@ -178,10 +178,25 @@ class WinaApp(App):
         self.switch_mode(message.target)
 
 
+def set_threads(n: Optional[int] = None) -> int:
+    """torch's intra-op threads for the app. Default: on a machine of 4 CPUs or fewer, one less than
+    the CPUs (the UI thread needs a core; on a 2-CPU machine two torch threads beside it made decoding
+    the embedded model 4-5x slower); on larger machines torch's own default."""
+    import os
+    import torch
+    if n is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, cpus - 1) if cpus <= 4 else torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    return torch.get_num_threads()
+
+
 def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_dir=None,
         max_new_tokens: int = 256, temperature: float = 0.0, light: bool = False,
-        loader: Optional[Loader] = None, start: str = "setup") -> None:
-    """Start the app (blocking). ``model``: a spec for setup's model field; ``preset``: a preset name/path."""
+        loader: Optional[Loader] = None, start: str = "setup", threads: Optional[int] = None) -> None:
+    """Start the app (blocking). ``model``: a spec for setup's model field; ``preset``: a preset name/path;
+    ``threads``: torch threads (see :func:`set_threads`)."""
+    set_threads(threads)
     app = WinaApp(loader=loader, model=model, preset=preset,
                   results_dir=Path(results_dir) if results_dir else None, max_new_tokens=max_new_tokens,
                   temperature=temperature, theme="textual-light" if light else None, start=start)
@@ -196,9 +211,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--light", action="store_true", help="start with the light theme")
+    p.add_argument("--threads", type=int, help="torch threads (default: CPUs − 1 on machines of ≤ 4 CPUs)")
     a = p.parse_args(argv)
     run(a.model, preset=a.preset, results_dir=a.results, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, light=a.light)
+        temperature=a.temperature, light=a.light, threads=a.threads)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ class CalibrateScreen(Screen):
     BINDINGS = [
         Binding("ctrl+r", "start", "Start/resume", priority=True),
         Binding("escape", "cancel", "Cancel", priority=True),
-        Binding("ctrl+o", "open_chat", "Chat with it", priority=True),
-        Binding("left_square_bracket", "layer(-1)", "Prev layer"),
-        Binding("right_square_bracket", "layer(1)", "Next layer"),
+        Binding("ctrl+o", "open_chat", "Chat", priority=True),
+        Binding("left_square_bracket", "layer(-1)", "Layers [ ]"),
+        Binding("right_square_bracket", "layer(1)", "Next layer", show=False),
     ]
 
     class Progressed(Message):
@@ -202,7 +202,7 @@ class CalibrateScreen(Screen):
                     plan = allocate(model, tok, plan, mode=settings.allocation, on_event=on_event,
                                     cancel=cancel, **alloc_kw)
                     post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
-                                          "message": f"modes {', '.join(plan.modes())}"}))
+                                          "message": f"{ALLOCATIONS[settings.allocation]} allocation saved in the plan"}))
                 s.plan = plan
                 s.plan_path = out
                 s.prepare(settings, plan_path=out, plan=plan)
