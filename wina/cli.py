@@ -519,6 +519,9 @@ def eval_cmd(
     ppl_max_tokens: Optional[int] = typer.Option(None, "--ppl-max-tokens", help="Cut the perplexity text to N tokens."),
     output: Path = typer.Option(Path("runs"), "--output", "-o", help="Results file (.json) or folder."),
     device: str = O_DEVICE, dtype: str = O_DTYPE,
+    procs: int = typer.Option(1, "--procs", "--gpus", min=1,
+                              help="Data-parallel processes through accelerate launch (one per GPU "
+                                   "with --device cuda; CPU processes otherwise)."),
 ) -> None:
     """Evaluate a (sparsified) model with lm-evaluation-harness and write one results file.
 
@@ -539,16 +542,36 @@ def eval_cmd(
         from .errors import DataError
         raise DataError(f"text file not found: {ppl_text}")
     check_writable(output)
+    from . import distributed
+    if procs > 1 and not distributed.in_child():
+        # every process loads and sparsifies its own copy; lm-eval shards the requests, rank 0 writes
+        raise typer.Exit(distributed.relaunch(_without_procs(sys.argv[1:]), procs,
+                                              cpu=not _device(device).startswith("cuda")))
+    main_rank = distributed.world().is_main
     with ProgressRenderer() as r:
-        loaded = _load(model, device, dtype, r)
+        loaded = _load(model, distributed.device_for_rank(_device(device)), dtype, r if main_rank else None)
         sp = _prepare(loaded, opts)
         run = run_evaluation(loaded.model, loaded.tokenizer, names, model_id=model, sparsifier=sp,
                              method=opts.method, sparsity=opts.sparsity if opts.method != "dense" else 0.0,
                              allocation=("greedy" if plan else "uniform") if opts.method != "dense" else None,
                              plan=plan, out=output, ppl_file=ppl_text, ppl_max_tokens=ppl_max_tokens,
                              limit=_limit(limit), data_dir=data_dir, num_fewshot=num_fewshot,
-                             batch_size=batch_size, on_event=r)
-    _print_run(run)
+                             batch_size=batch_size, on_event=r if main_rank else None)
+    if run is not None:
+        _print_run(run)
+
+
+def _without_procs(argv: list) -> list:
+    """The command line minus --procs/--gpus (the children must not launch again)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--procs", "--gpus"):
+            skip = True
+        elif not a.startswith(("--procs=", "--gpus=")):
+            out.append(a)
+    return out
 
 
 def _print_run(run) -> None:

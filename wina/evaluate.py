@@ -313,11 +313,15 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
         lm = LM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                 on_event=on_event, cancel=cancel, task_manager=tm,
                 chunk=chunk or max(16, 2 * batch_size))
+        from . import distributed
+        distributed.attach(lm, distributed.init())      # one rank of N under `accelerate launch`
         t0 = time.perf_counter()
         res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                       task_manager=tm, log_samples=log_samples, gen_kwargs=gen_kwargs,
                                       bootstrap_iters=bootstrap_iters, verbosity=verbosity.upper())
         elapsed = time.perf_counter() - t0
+        if res is None and lm.world_size > 1 and lm.rank != 0:
+            return None                                  # data-parallel: rank 0 holds the results
         if res is None:
             raise DataError("lm-eval returned no results")
         res = json.loads(json.dumps(res, default=handle_non_serializable))
@@ -380,6 +384,9 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
         lm_res = evaluate(model, tokenizer, names, limit=limit, data_dir=data_dir, num_fewshot=num_fewshot,
                           batch_size=batch_size, on_event=on_event, cancel=cancel, gen_kwargs=gen_kwargs)
         measured_eval = _measured(sparsifier)
+    from .distributed import world
+    if not world().is_main:
+        return None                                      # data-parallel: rank 0 writes the file
     wina = _results.make_wina_block(
         model_id=model_id, model=model, sparsifier=sparsifier, method=method, sparsity=sparsity,
         allocation=allocation, plan=plan,
@@ -395,5 +402,7 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
 def _measured(sparsifier) -> Optional[float]:
     if sparsifier is None:
         return 0.0
+    from .distributed import merge_gate_counters
+    merge_gate_counters(sparsifier)                      # counts of every rank (no-op alone)
     m = sparsifier.measured_sparsity()
     return None if m is None or (isinstance(m, float) and math.isnan(m)) else float(m)

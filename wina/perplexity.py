@@ -48,16 +48,19 @@ def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: O
         raise DataError(f"the text has {ids.numel()} tokens, fewer than one window of {context}")
     windows = ids[: n_windows * context].view(n_windows, context)
     device = next(model.parameters()).device
-    rep = Reporter("ppl", n_windows, on_event, cancel)
+    from .distributed import all_reduce_sum, shard
+    mine = list(shard(n_windows))                      # all windows, unless data-parallel
+    rep = Reporter("ppl", len(mine), on_event, cancel)
     rep.emit(0)
     total_nll, total_tok = 0.0, 0
-    for start in range(0, n_windows, batch_size):
-        batch = windows[start:start + batch_size].to(device)
+    for start in range(0, len(mine), batch_size):
+        batch = windows[mine[start:start + batch_size]].to(device)
         logits = model(batch, use_cache=False).logits.float()
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
         total_nll += float(nll.double().sum())          # float64 sum: float32 hides 1e-5 changes
         total_tok += batch[:, 1:].numel()
-        rep.emit(min(start + batch_size, n_windows), ppl=math.exp(total_nll / total_tok))
+        rep.emit(min(start + batch_size, len(mine)), ppl=math.exp(total_nll / total_tok))
+    total_nll, total_tok = all_reduce_sum([total_nll, total_tok])
     mean = total_nll / total_tok
-    return PerplexityResult(math.exp(mean), mean, total_tok, n_windows, context)
+    return PerplexityResult(math.exp(mean), mean, int(total_tok), n_windows, context)
