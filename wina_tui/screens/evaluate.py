@@ -139,6 +139,9 @@ class EvaluateScreen(Screen):
     def on_mount(self) -> None:
         self.sub_title = "evaluate"
         self._describe()
+        self.query_one("#results-notes", Static).update(Text(
+            "No runs yet: ctrl+r runs the form, ctrl+l loads earlier runs from the results store.",
+            style="dim"))
         if self._pending_preset is not None:
             self.apply_preset(self._pending_preset)
             self._pending_preset = None
