@@ -20,6 +20,7 @@ class SparseOptions:
     weighted: str = "default"       # default (k/gate only, as the official code) | all
     plan: Optional[str] = None      # calibration plan directory
     dense_prefix: float = 0.01
+    mode: Optional[str] = None      # with a plan: "layer" | "global" allocation (None: the plan's)
 
     def validate(self) -> "SparseOptions":
         if self.method not in METHODS:
@@ -49,14 +50,15 @@ def prepare(model, opts: SparseOptions) -> Optional[Sparsifier]:
     from .sparsify import sparsify
     from .transform import is_transformed, transform
     opts.validate()
+    existing = getattr(model, "_wina_sparsifier", None)
+    if existing is not None:                 # one sparsifier per model: the new options replace it
+        existing.remove()
     if opts.plan:
         from .plan import Plan, apply_plan
         plan = Plan.load(opts.plan)
-        return apply_plan(model, plan, opts.sparsity, gating=opts.gating, dense_prefix=opts.dense_prefix)
+        return apply_plan(model, plan, opts.sparsity, gating=opts.gating, dense_prefix=opts.dense_prefix,
+                          mode=opts.mode)
     if opts.transform and not is_transformed(model):
-        existing = getattr(model, "_wina_sparsifier", None)
-        if existing is not None:
-            existing.remove()
         transform(model)
     if opts.method == "dense":
         return None
