@@ -120,11 +120,18 @@ def _shortcut_hooks(block: nn.Module, norm: nn.Module) -> list:
 
 
 @torch.no_grad()
-def transform(model) -> TransformInfo:
-    """Apply the transform in place; returns what it added. Logits are unchanged up to rounding."""
+def transform(model, *, on_event=None) -> TransformInfo:
+    """Apply the transform in place; returns what it added. Logits are unchanged up to rounding.
+
+    ``on_event`` receives :class:`wina.events.Progress` (stage "transform", one unit per layer for
+    the SVDs and one per layer for the rotations). Not cancellable: a half-rotated model is wrong.
+    """
+    from .events import Reporter
     adapter = adapter_for(model)
     _check(model, adapter)
     layers = list(decoder_layers(model, adapter))
+    rep = Reporter("transform", 2 * len(layers), on_event, None, n_layers=len(layers))
+    rep.emit(0, message="folding norms")
     emb = model.get_submodule(adapter.embed)
     head = model.get_submodule(adapter.lm_head)
     d = emb.weight.shape[1]
@@ -160,6 +167,7 @@ def transform(model) -> TransformInfo:
             v, rotated = _basis(lin(layer, key).weight.data)
             bases.append(v)
             exact.append(rotated)
+        rep.advance(layer=len(bases) // 2 - 1, message="SVD")
 
     # 3. rotate, block by block
     n_short = 0
@@ -186,6 +194,7 @@ def transform(model) -> TransformInfo:
                                       persistent=False)
                 _shortcut_hooks(block, layer.get_submodule(norm_name))
                 n_short += 1
+        rep.advance(layer=i, message="rotating")
 
     emb.weight.data = (emb.weight.data.double() @ bases[0].to(emb.weight.device)).to(emb.weight.dtype)
     _rotate_inputs(head, bases[-1])
