@@ -38,14 +38,8 @@ def test_presets_folder_is_not_empty():
 def test_every_preset_parses_and_resolves_with_dry_run(path):
     p = load_preset(path)
     assert p.name == path.stem and p.variants
-    from wina.errors import ModelLoadError
     from wina.models import resolve_source
-    try:
-        resolve_source(p.model)
-    except ModelLoadError as e:
-        if "/" in p.model and not p.model.startswith((".", "/", "~")):
-            pytest.xfail(f"wina.models.resolve_source takes the hub id {p.model} for a path: {e}")
-        raise
+    resolve_source(p.model)                  # hub ids (dots included) and the embedded name resolve
     res = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert "dry run" in res.stdout and "compare all runs" in res.stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -117,6 +118,9 @@ def _from_dir_or_hub(name: str, dtype, device: str, **kw):
     return model, tok
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def resolve_source(spec: str) -> tuple[str, Optional[Path]]:
     """Classify a model spec: ("embedded"|"gguf"|"dir"|"hub", path or None). Raises on a bad path."""
     if spec == EMBEDDED:
@@ -130,9 +134,9 @@ def resolve_source(spec: str) -> tuple[str, Optional[Path]]:
         if not (p / "config.json").exists():
             raise ModelLoadError(f"{spec} is a directory without config.json (not a transformers model)")
         return "dir", p
-    if spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1) or p.suffix:
-        raise ModelLoadError(f"model path not found: {spec}")
-    return "hub", None
+    if not spec.startswith((".", "/", "~")) and _HUB_ID.fullmatch(spec):
+        return "hub", None                      # "gpt2", "Qwen/Qwen2.5-7B": dots are fine in hub ids
+    raise ModelLoadError(f"model path not found: {spec}")
 
 
 def load(spec: str = EMBEDDED, *, dtype=None, device: str = "cpu", device_map=None) -> Loaded:
