@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext2/wiki.test.raw"))
     ap.add_argument("--out", default=str(ROOT / "docs/sparsity-ppl.md"))
+    ap.add_argument("--only", default=None, help="run only the rows whose name contains this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = read_text(args.data)
@@ -49,9 +50,12 @@ def main() -> None:
         if transformed:
             transform(model)
         suffix = " + transform" if transformed else ""
-        rows["dense" + suffix] = {0.0: ppl(model)}
-        print("dense" + suffix, rows["dense" + suffix], flush=True)
+        if args.only is None:
+            rows["dense" + suffix] = {0.0: ppl(model)}
+            print("dense" + suffix, rows["dense" + suffix], flush=True)
         for label, method, weighted in configs:
+            if args.only is not None and args.only not in label + suffix:
+                continue
             row = rows.setdefault(label + suffix, {})
             for s in sparsities:
                 sp = sparsify(model, method, s, weighted=weighted)

@@ -14,7 +14,8 @@ Which projections are weight-informed (``weighted``):
 
 Columns of W that are exactly zero (after the transform, k_proj keeps only kv_dim non-zero columns)
 are always dropped: they contribute nothing to the output, so this is free, exact sparsity. Top-k
-then keeps at most k of the live inputs, and measured sparsity counts the dead ones as dropped.
+ranks the live inputs only and keeps min(k, live) of them (TEAL's |x| would otherwise spend places
+on dead columns); measured sparsity counts the dead ones as dropped.
 
 Tokens: in a sequence of length L > 1 only the last ``int((1 − dense_prefix)·L)`` positions are
 sparsified (the official code keeps the first ~1 % dense); a single decode token (L = 1) is always
@@ -78,6 +79,8 @@ def gate_scores(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
 def gate_reference(x: torch.Tensor, gate: MatrixGate, gating: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch gate: returns (x with dropped inputs zeroed, number of dropped inputs)."""
     score = gate_scores(x, gate.scale)
+    if gate.live is not None:           # dead columns never take a place among the k kept
+        score = score.masked_fill(~gate.live.to(score.device), float("-inf"))
     if gating == "threshold":
         mask = score > gate.threshold
     else:
