@@ -700,8 +700,9 @@ def chat_cmd(
         loaded = _load(model, device, dtype, r)
         sp = _prepare(loaded, opts)
     from .events import CancelToken
-    from .generate import chat_input_ids, stream_generate
-    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))}. /reset clears the conversation, "
+    from .generate import chat_input_ids, generation_backend, stream_reply
+    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))} — {generation_backend(loaded.model)}. "
+              f"/reset clears the conversation, "
               f"/exit or Ctrl-D quits.[/]", soft_wrap=True)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
 
@@ -717,7 +718,7 @@ def chat_cmd(
             sys.stdout.flush()
 
         try:
-            g = stream_generate(loaded.model, loaded.tokenizer, ids, max_new_tokens=max_new_tokens,
+            g = stream_reply(loaded.model, loaded.tokenizer, ids, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed, on_text=emit, cancel=cancel)
         except KeyboardInterrupt:
             cancel.cancel()

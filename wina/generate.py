@@ -99,3 +99,21 @@ def stream_generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens
     if on_text is not None and len(text) > len(shown):
         on_text(text[len(shown):])
     return Generation(text, len(new), time.perf_counter() - t0, stopped)
+
+
+def generation_backend(model) -> str:
+    """"engine" when the CUDA decode engine applies to this model (CUDA, bf16/fp16, Triton,
+    threshold gating if sparsified), else "transformers" (the portable loop above)."""
+    try:
+        from .engine import engine_available
+    except Exception:          # no triton / no CUDA build
+        return "transformers"
+    return "engine" if engine_available(model) else "transformers"
+
+
+def stream_reply(model, tokenizer, input_ids: torch.Tensor, **kw) -> Generation:
+    """:func:`stream_generate` through the fastest backend available (same keywords, same result)."""
+    if generation_backend(model) == "engine":
+        from .engine import engine_for, engine_stream_generate
+        return engine_stream_generate(engine_for(model), tokenizer, input_ids, **kw)
+    return stream_generate(model, tokenizer, input_ids, **kw)
