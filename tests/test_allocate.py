@@ -16,13 +16,7 @@ from wina.errors import Cancelled, InvalidArgument, PlanError
 from wina.plan import Plan, apply_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run faster on one thread
 
 
 

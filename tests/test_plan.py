@@ -15,13 +15,7 @@ from wina.plan import THRESHOLD_TARGETS, Plan, apply_plan
 from wina.transform import is_transformed, transform
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and immune to a busy shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run faster on one thread
 
 
 

@@ -15,40 +15,13 @@ from wina.events import CancelToken
 from wina.presets import load_preset
 from wina.runner import plan_steps, run_preset
 
+from test_cli import make_tiny  # the same tiny Llama + word-level tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
 
-WORDS = ("the a an and or of to in on at is was are be it this that with for as by from he she they "
-         "we you i his her their my your not no yes what which who when where how why can will would "
-         "there here one two three first last new old good bad big small long short man woman people "
-         "time year day way thing world life hand part place case week work number water room").split()
 TEXT = ("the man put the book in the room . she can see the water with her hand . "
         "what is the number of the week ? the city was big and the water was cold . ") * 40
-
-
-def make_tiny(path: Path) -> Path:
-    """A random 2-layer Llama (hidden 64) and a word-level tokenizer built in code (no downloads)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for w in WORDS + [".", "?", ","]:
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.decoder = decoders.WordPiece(prefix="##")
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                  unk_token="<unk>", pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
