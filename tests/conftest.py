@@ -71,3 +71,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def shared_data():
+    """../shared/data with the task files (piqa checked), or a skip with the reason."""
+    if not (DATA_DIR / "piqa" / "valid.jsonl").exists():
+        pytest.skip(f"evaluation data not found at {DATA_DIR} (set WINA_DATA_DIR)")
+    return DATA_DIR

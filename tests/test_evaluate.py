@@ -16,18 +16,10 @@ from wina.evaluate import evaluate, headline_metric, headlines, run_evaluation
 from wina.events import CancelToken
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
 CORPUS = ("Question: How do I ready a guinea pig cage? Answer: bedding, water and food. "
           "The quick brown fox jumps over the lazy dog. Janet's ducks lay 16 eggs per day. "
           "= Robert Boulter = Robert Boulter is an English film, television and theatre actor. "
           "0123456789 yes no true false A B C D . , ; : ? ! ' \" ( ) $ # @ - \n") * 4
-
-
-@pytest.fixture(scope="module")
-def shared_data():
-    if not (DATA / "piqa" / "valid.jsonl").exists():
-        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR)")
-    return DATA
 
 
 @pytest.fixture(scope="module")

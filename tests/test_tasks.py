@@ -29,13 +29,6 @@ DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
-def shared_data():
-    if not (DATA / "piqa" / "valid.jsonl").exists():
-        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR)")
-    return DATA
-
-
-@pytest.fixture(scope="module")
 def loaded(shared_data):
     data_dir = shared_data
     """Every local task, loaded once through lm-eval's TaskManager with wina's configs."""

@@ -17,7 +17,8 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 from textual.worker import Worker, WorkerState
 
-from wina.api import CancelToken, chat_input_ids, stream_generate
+from wina.api import CancelToken, chat_input_ids
+from wina.generate import generation_backend, stream_reply
 
 from ..state import Throttle, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats
@@ -164,20 +165,12 @@ class ChatScreen(Screen):
             self.app.call_from_thread(self.refresh_titles)
 
     def _generate(self, model, tok, ids, on_text, cancel):
-        """The GPU decode engine when it applies (CUDA, bf16/fp16, threshold gating), else the
-        portable :func:`wina.generate.stream_generate`. Both follow the sparsifier's current state
-        (paused: dense)."""
-        try:
-            from wina.engine import engine_available, engine_for, engine_stream_generate
-        except ImportError:
-            engine_available = None
-        if engine_available is not None and engine_available(model):
-            self.backend = "decode engine (CUDA)"
-            return engine_stream_generate(engine_for(model), tok, ids, max_new_tokens=self.max_new_tokens,
-                                          temperature=self.temperature, on_text=on_text, cancel=cancel)
-        self.backend = "torch"
-        return stream_generate(model, tok, ids, max_new_tokens=self.max_new_tokens,
-                               temperature=self.temperature, on_text=on_text, cancel=cancel)
+        """Through :func:`wina.generate.stream_reply`: the GPU decode engine when it applies (CUDA,
+        bf16/fp16, threshold gating), else the portable loop. Both follow the sparsifier's current
+        state (paused: dense)."""
+        self.backend = "decode engine (CUDA)" if generation_backend(model) == "engine" else "torch"
+        return stream_reply(model, tok, ids, max_new_tokens=self.max_new_tokens,
+                            temperature=self.temperature, on_text=on_text, cancel=cancel)
 
     def _one_reply(self, pane: ChatPane, prompt: str, is_dense: bool, cancel: CancelToken) -> None:
         s = self.session
