@@ -8,9 +8,9 @@ import torch
 
 from conftest import tiny_model
 from wina.calibrate import (N_BINS, bin_scores, calibrate, calibration_ids, hist_threshold,
-                            matrix_threshold, sample_self)
+                            matrix_threshold, nucleus_sample, sample_self)
 from wina.errors import Cancelled, DataError, InvalidArgument, PlanError
-from wina.events import CancelToken
+from wina.events import CancelToken, Reporter
 from wina.plan import Plan, apply_plan
 
 
@@ -135,6 +135,50 @@ def test_self_source_deterministic():
     b = sample_self(model, CharTok(), 3, 24, seed=5, batch_size=2)
     assert a.shape == (3, 24) and torch.equal(a, b)
     assert (a[:, 0] == 1).all() and not (a[:, 1:] == 2).any()     # starts at BOS, no EOS
+
+
+def _full_sort_nucleus(probs, top_p, gen):
+    """The recipe every earlier calibration text was drawn with: sort the whole vocabulary."""
+    sp_, si = probs.sort(-1, descending=True)
+    keep = (sp_.cumsum(-1) - sp_) < top_p
+    sp_ = sp_ * keep
+    choice = torch.multinomial(sp_ / sp_.sum(-1, keepdim=True), 1, generator=gen)
+    return si.gather(-1, choice)
+
+
+def test_nucleus_sample_matches_the_full_sort():
+    """Same tokens and same generator state as the full sort: peaked and flat rows (nuclei past every
+    top-k), tied probabilities, small and SmolLM2-sized vocabularies."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        nb, V = 1 + trial % 8, (50, 3000, 49152)[trial % 3]
+        logits = torch.randn(nb, V, generator=g) * (0.5 + 8 * float(torch.rand(1, generator=g)))
+        if trial % 4 == 0:
+            logits = (logits * 2).round() / 2            # many exact ties
+        if trial % 5 == 0:
+            logits[0] = 0.0                              # a flat row: the nucleus is most of the vocabulary
+        logits[:, 0] = -float("inf")
+        probs = torch.softmax(logits, -1)
+        ga, gb = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        assert torch.equal(nucleus_sample(probs, 0.95, ga), _full_sort_nucleus(probs, 0.95, gb)), trial
+        assert torch.equal(ga.get_state(), gb.get_state())
+
+
+def test_self_sampling_stops_within_a_token_of_a_cancel():
+    model = tiny_model("llama")
+    forwards = []
+    model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    token = CancelToken()
+    events = []
+
+    def on_event(ev):                                    # the first event (token 1) asks for a cancel
+        events.append(ev)
+        token.cancel()
+
+    rep = Reporter("calibrate", 2, on_event, token)
+    with pytest.raises(Cancelled):
+        sample_self(model, CharTok(), 2, 200, batch_size=2, reporter=rep)
+    assert len(events) == 1 and len(forwards) == 1       # not the 64 tokens to the next event
 
 
 def test_resume_after_interruption_is_identical(tmp_path):

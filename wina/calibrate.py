@@ -267,6 +267,8 @@ def sample_self(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0,
             past = None
             cur = ids.to(device)
             for t in range(seq_len - 1):
+                if reporter is not None:
+                    reporter.check()          # a cancel stops sampling within a token (events: every 64)
                 o = model(cur, use_cache=True, **{cache_kw: past})
                 past = getattr(o, "cache", None) if cache_kw == "cache" else o.past_key_values
                 logits = o.logits[:, -1].float().cpu() / max(temperature, 1e-5)
@@ -274,12 +276,7 @@ def sample_self(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0,
                     logits[:, eos] = -float("inf")
                 if start is not None:
                     logits[:, start] = -float("inf")
-                probs = torch.softmax(logits, -1)
-                sp_, si = probs.sort(-1, descending=True)
-                keep = (sp_.cumsum(-1) - sp_) < top_p
-                sp_ = sp_ * keep
-                choice = torch.multinomial(sp_ / sp_.sum(-1, keepdim=True), 1, generator=gen)
-                nxt = si.gather(-1, choice)
+                nxt = nucleus_sample(torch.softmax(logits, -1), top_p, gen)
                 ids = torch.cat([ids, nxt], 1)
                 cur = nxt.to(device)
                 if reporter is not None and t % 64 == 0:
@@ -288,6 +285,50 @@ def sample_self(model, tokenizer, samples: int, seq_len: int, *, seed: int = 0,
             del past
             out.append(ids)
     return torch.cat(out, 0)
+
+
+NUCLEUS_TOPK = (1024, 8192)    # a row's nucleus is looked for in its top-k, k = these, then all
+
+
+def nucleus_sample(probs: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` (rows, vocab), by nucleus sampling: ``torch.multinomial`` over
+    the probabilities sorted in descending order, those whose preceding mass is ``>= top_p`` zeroed.
+
+    The same tokens, bit for bit, as sorting the whole vocabulary (the recipe that drew every earlier
+    calibration text), but cheaper: a row's sorted prefix comes from its top-k, k growing
+    (:data:`NUCLEUS_TOPK`, then the whole row) until the nucleus ends inside it. The weights handed to
+    ``torch.multinomial`` are then the same tensor as the full sort's (so the same random draws and the
+    same drawn rank), and the token at that rank is the same unless its probability ties with a
+    neighbour's, where the order among equal probabilities is the full sort's own: it decides those."""
+    nb, V = probs.shape
+    vals = torch.zeros_like(probs)           # sorted probabilities; zeros past a row's top-k
+    order: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * nb
+    rows = list(range(nb))
+    keep = None
+    for k in NUCLEUS_TOPK + (V,):
+        k = min(k, V)
+        top, idx = probs[rows].topk(k, -1)
+        vals[rows, :k] = top
+        for j, r in enumerate(rows):
+            order[r] = idx[j]
+        keep = (vals.cumsum(-1) - vals) < top_p
+        if k == V:
+            break
+        # the nucleus ends inside the top-k when rank k-1 is out of it; the later ranks then are too
+        # (a cumulative sum of non-negative numbers only grows)
+        rows = [r for r in rows if bool(keep[r, k - 1])]
+        if not rows:
+            break
+    w = vals * keep
+    choice = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=gen)
+    c = choice[:, 0].tolist()
+    for r in range(nb):
+        n = len(order[r])
+        v = vals[r, c[r]]
+        if (c[r] + 1 >= n and n < V) or (c[r] > 0 and vals[r, c[r] - 1] == v) or (
+                c[r] + 1 < V and vals[r, c[r] + 1] == v):
+            return probs.sort(-1, descending=True)[1].gather(-1, choice)   # a tie: the full sort's order
+    return torch.stack([order[r][c[r]] for r in range(nb)]).unsqueeze(1)
 
 
 class _nullctx:

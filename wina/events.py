@@ -61,10 +61,15 @@ class Reporter:
         self.done = 0
         self._t0 = time.perf_counter()
 
-    def emit(self, done: Optional[int] = None, *, layer: Optional[int] = None, message: str = "",
-             **metrics: Any) -> None:
+    def check(self) -> None:
+        """Raise :class:`~wina.errors.Cancelled` if the cancel token is set; cheap enough for every
+        unit of a fast inner loop that emits events less often."""
         if self.cancel is not None:
             self.cancel.check()
+
+    def emit(self, done: Optional[int] = None, *, layer: Optional[int] = None, message: str = "",
+             **metrics: Any) -> None:
+        self.check()
         if done is not None:
             self.done = done
         eta = None
