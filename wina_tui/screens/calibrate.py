@@ -26,6 +26,7 @@ from ..state import ALLOCATIONS, Settings, Throttle, describe_error, event_dict,
 from ..widgets.allocation_heatmap import AllocationHeatmap
 from ..widgets.progress_panel import ProgressPanel
 from ..widgets.trajectory_chart import TrajectoryChart
+from .messages import WorkerFinished
 
 STAGES = [("load", "Model"), ("calibrate", "Calibrate"), ("layer", "  this layer"), ("allocate", "Allocate")]
 
@@ -46,12 +47,8 @@ class CalibrateScreen(Screen):
             super().__init__()
             self.evs = evs
 
-    class Finished(Message):
-        def __init__(self, ok: bool, message: str, cancelled: bool = False) -> None:
-            super().__init__()
-            self.ok = ok
-            self.message = message
-            self.cancelled = cancelled
+    class Finished(WorkerFinished):
+        """The calibration worker ended."""
 
     def __init__(self, session, **kw) -> None:
         super().__init__(**kw)

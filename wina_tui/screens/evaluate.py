@@ -28,6 +28,7 @@ from wina.api import Cancelled, CancelToken
 from ..state import METHOD_NAMES, describe_error, event_dict, fmt_pct
 from ..widgets.plot_view import PlotView
 from ..widgets.progress_panel import ProgressPanel
+from .messages import WorkerFinished
 from .setup import check_sparsity
 
 DEFAULT_TASKS = ("arc_easy",)
@@ -85,12 +86,8 @@ class EvaluateScreen(Screen):
             self.index = index
             self.total = total
 
-    class Finished(Message):
-        def __init__(self, ok: bool, message: str, cancelled: bool = False) -> None:
-            super().__init__()
-            self.ok = ok
-            self.message = message
-            self.cancelled = cancelled
+    class Finished(WorkerFinished):
+        """The evaluation worker ended."""
 
     def __init__(self, session, **kw) -> None:
         super().__init__(**kw)
