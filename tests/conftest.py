@@ -47,13 +47,6 @@ def arch(request):
     return request.param
 
 
-@pytest.fixture
-def data_dir():
-    if not (DATA_DIR / "wikitext2" / "wiki.test.raw").exists():
-        pytest.skip(f"evaluation data not found at {DATA_DIR} (set WINA_DATA_DIR)")
-    return DATA_DIR
-
-
 @pytest.fixture(scope="session")
 def embedded():
     """The real embedded model (SmolLM2-135M-Instruct), loaded once per session."""
@@ -75,7 +68,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shared_data():
-    """../shared/data with the task files (piqa checked), or a skip with the reason."""
-    if not (DATA_DIR / "piqa" / "valid.jsonl").exists():
-        pytest.skip(f"evaluation data not found at {DATA_DIR} (set WINA_DATA_DIR)")
+    """../shared/data (or $WINA_DATA_DIR) with the task files and the wikitext-2 text, or a skip."""
+    missing = [f for f in ("piqa/valid.jsonl", "wikitext2/wiki.test.raw") if not (DATA_DIR / f).exists()]
+    if missing:
+        pytest.skip(f"evaluation data not found at {DATA_DIR} (set WINA_DATA_DIR): no {', '.join(missing)}")
     return DATA_DIR
+
+
+@pytest.fixture
+def data_dir(shared_data):
+    """The same folder, under the name the perplexity tests use."""
+    return shared_data

@@ -4,7 +4,6 @@ Llama (2 layers, hidden 64, a word-level tokenizer built in code, no downloads) 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from wina.cli import app
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
 
 WORDS = ("the a an and or of to in on at is was are be it this that with for as by from he she they "
          "we you i his her their my your not no yes what which who when where how why can will would "
@@ -65,13 +61,6 @@ def text_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("text") / "text.txt"
     p.write_text(TEXT, encoding="utf-8")
     return p
-
-
-@pytest.fixture
-def need_data():
-    if not (DATA / "piqa" / "valid.jsonl").exists():
-        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR)")
-    return DATA
 
 
 def invoke(*args, input=None):
@@ -185,9 +174,9 @@ def test_unknown_and_malformed_preset(tmp_path):
     user_error(invoke("run", bad), "TOML")
 
 
-def test_eval_nothing_to_do_and_unknown_task(tiny, need_data):
+def test_eval_nothing_to_do_and_unknown_task(tiny, shared_data):
     user_error(invoke("eval", tiny, "--method", "dense"), "nothing to evaluate")
-    user_error(invoke("eval", tiny, "--tasks", "nosuchtask", "--data-dir", need_data), "nosuchtask")
+    user_error(invoke("eval", tiny, "--tasks", "nosuchtask", "--data-dir", shared_data), "nosuchtask")
 
 
 def test_compare_bad_file(tmp_path):
@@ -248,12 +237,12 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
                       "--text", text_file), "does not match")
 
 
-def test_eval_and_compare(tiny, need_data, tmp_path):
+def test_eval_and_compare(tiny, shared_data, tmp_path):
     outs = []
     for args in (["--method", "dense"], ["--method", "wina", "--sparsity", "0.5"],
                  ["--method", "teal", "--sparsity", "0.5"]):
         out = tmp_path / f"{args[1]}.json"
-        res = ok(invoke("eval", tiny, *args, "--tasks", "piqa", "--limit", "2", "--data-dir", need_data,
+        res = ok(invoke("eval", tiny, *args, "--tasks", "piqa", "--limit", "2", "--data-dir", shared_data,
                         "--batch-size", "2", "--output", out))
         assert "piqa" in res.stdout and "measured sparsity" in res.stdout
         rec = json.loads(out.read_text())

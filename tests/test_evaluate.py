@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from test_tui_support import tiny_llama   # a random 2-layer Llama sized to a tokenizer
 from wina.errors import Cancelled, DataError, InvalidArgument
 from wina.evaluate import evaluate, headline_metric, headlines, run_evaluation
 from wina.events import CancelToken
@@ -26,8 +27,7 @@ CORPUS = ("Question: How do I ready a guinea pig cage? Answer: bedding, water an
 def tiny():
     """A tiny random Llama with a small byte-level BPE tokenizer built here (no download)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, PreTrainedTokenizerFast
-    from wina.models import from_config
+    from transformers import PreTrainedTokenizerFast
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -35,11 +35,7 @@ def tiny():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator([CORPUS], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    model = from_config(cfg, seed=0)
+    model = tiny_llama(tok, intermediate_size=96, max_position_embeddings=1024)
     model.generation_config.max_length = 1024
     return model, tok
 

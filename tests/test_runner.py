@@ -3,7 +3,6 @@ quick embedded preset end to end (slow: the real SmolLM2-135M, a small --limit).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,6 @@ from wina.presets import load_preset
 from wina.runner import plan_steps, run_preset
 
 from test_cli import make_tiny  # the same tiny Llama + word-level tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
 
 TEXT = ("the man put the book in the room . she can see the water with her hand . "
         "what is the number of the week ? the city was big and the water was cold . ") * 40
@@ -161,10 +157,9 @@ def test_cli_run_tiny_preset(tiny_preset, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_embedded_preset_end_to_end(tmp_path):
-    """`wina run smollm2-quick` on the real embedded model, 2 documents per task."""
-    if not (DATA / "piqa" / "valid.jsonl").exists():
-        pytest.skip(f"evaluation data not found at {DATA} (set WINA_DATA_DIR); the hub is not used in tests")
+def test_quick_embedded_preset_end_to_end(tmp_path, shared_data):
+    """`wina run smollm2-quick` on the real embedded model, 2 documents per task (the local data:
+    without it a skip, the hub is not used in tests)."""
     try:
         from wina.models import embedded_gguf
         embedded_gguf()

@@ -2,9 +2,7 @@
 documents and the right gold answer on a known example; bad input gives one clear error."""
 from __future__ import annotations
 
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -24,19 +22,14 @@ KNOWN = {
 }
 
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
-
-
 @pytest.fixture(scope="module")
 def loaded(shared_data):
-    data_dir = shared_data
     """Every local task, loaded once through lm-eval's TaskManager with wina's configs."""
     from lm_eval.tasks import TaskManager
     from wina.evaluate import offline
     with offline():
         tm = TaskManager(include_path=str(T.LOCAL_DIR), include_defaults=False,
-                         metadata={"data_dir": str(data_dir)})
+                         metadata={"data_dir": str(shared_data)})
         return tm.load(T.known_tasks())
 
 
@@ -80,20 +73,20 @@ def test_mmlu_all_subjects(loaded):
                                                  "mmlu_humanities"}
 
 
-def test_wikitext_documents_match_the_harness_split(loaded):
+def test_wikitext_documents_match_the_harness_split(loaded, shared_data):
     docs = loaded["tasks"]["wikitext"].eval_docs
     assert docs[0]["page"].startswith(" = Robert Boulter = ")
     # every line of the file once, but the leading blank line that the dataset script drops
     assert sum(len(d["page"].split("\n")) for d in docs) == len(
-        (DATA / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")) - 1
+        (shared_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8").split("\n")) - 1
 
 
-def test_read_docs_matches_registry(data_dir):
-    assert len(T.read_docs("boolq", data_dir)) == 3270
-    assert T.read_docs("boolq", data_dir)[0]["label"] == 0
-    assert sum(1 for d in T.read_docs("boolq", data_dir) if d["label"] == 1) == 2033
-    assert len(T.read_docs("mmlu", data_dir)) == 14042
-    assert set(T.available(data_dir)) == set(T.known_tasks())
+def test_read_docs_matches_registry(shared_data):
+    assert len(T.read_docs("boolq", shared_data)) == 3270
+    assert T.read_docs("boolq", shared_data)[0]["label"] == 0
+    assert sum(1 for d in T.read_docs("boolq", shared_data) if d["label"] == 1) == 2033
+    assert len(T.read_docs("mmlu", shared_data)) == 14042
+    assert set(T.available(shared_data)) == set(T.known_tasks())
 
 
 def test_configs_are_package_data():
@@ -109,9 +102,9 @@ def test_unknown_task_lists_the_known_ones(tmp_path):
     assert "nosuchtask" in msg and all(t in msg for t in T.known_tasks())
 
 
-def test_missing_file_names_the_expected_path(tmp_path, data_dir):
+def test_missing_file_names_the_expected_path(tmp_path, shared_data):
     (tmp_path / "piqa").mkdir()
-    shutil.copy(data_dir / "piqa" / "valid.jsonl", tmp_path / "piqa")
+    shutil.copy(shared_data / "piqa" / "valid.jsonl", tmp_path / "piqa")
     with pytest.raises(DataError) as e:
         T.check_local(["piqa"], tmp_path)
     assert str(tmp_path / "piqa" / "valid-labels.lst") in str(e.value)
@@ -120,9 +113,9 @@ def test_missing_file_names_the_expected_path(tmp_path, data_dir):
         loaders.load_piqa(data_dir=str(tmp_path))
 
 
-def test_mismatched_label_file_is_an_error(tmp_path, data_dir):
+def test_mismatched_label_file_is_an_error(tmp_path, shared_data):
     (tmp_path / "piqa").mkdir()
-    shutil.copy(data_dir / "piqa" / "valid.jsonl", tmp_path / "piqa")
+    shutil.copy(shared_data / "piqa" / "valid.jsonl", tmp_path / "piqa")
     (tmp_path / "piqa" / "valid-labels.lst").write_text("0\n1\n")
     from wina.tasks import loaders
     with pytest.raises(DataError, match="1838 rows but 2 labels"):

@@ -7,15 +7,14 @@ models tens of times slower.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from test_tui_support import tiny_loader
+from conftest import DATA_DIR
+from test_tui_support import SIZE, set_greedy, tiny_app, wait_for
 
 from textual.widgets import Checkbox, DataTable, Input, Label, Select, SelectionList
 
@@ -25,43 +24,13 @@ from wina_tui.widgets.allocation_heatmap import AllocationHeatmap
 from wina_tui.widgets.chat_pane import ChatPane
 from wina_tui.widgets.trajectory_chart import TrajectoryChart
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("WINA_DATA_DIR", REPO.parent / "shared" / "data"))
-SIZE = (100, 30)
-
-CALIB = {"samples": 2, "seq_len": 32}
-ALLOC = {"samples": 1, "seq_len": 32, "step": 0.2, "max_sparsity": 0.6}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run faster on one thread
 
 
 def make_app(tmp_path: Path, **kw) -> WinaApp:
     kw.setdefault("max_new_tokens", 6)
-    app = WinaApp(loader=tiny_loader, state_dir=tmp_path / "state", results_dir=tmp_path / "runs",
-                  data_dir=kw.pop("data_dir", DATA_DIR if DATA_DIR.is_dir() else None), **kw)
-    app.session.calibrate_options = dict(CALIB)
-    app.session.allocate_options = dict(ALLOC)
-    return app
-
-
-async def wait_for(pilot, cond, timeout: float = 60.0, step: float = 0.05) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError("timed out waiting for the app")
-        await pilot.pause(step)
-
-
-def set_greedy(app, source: str = "random", allocation: str = "layer") -> None:
-    setup = app.setup_screen
-    setup.query_one("#allocation", Select).value = allocation
-    setup.query_one("#calib-source", Input).value = source
+    kw.setdefault("data_dir", DATA_DIR if DATA_DIR.is_dir() else None)
+    return tiny_app(tmp_path, results_dir=tmp_path / "runs", **kw)
 
 
 # --- setup ---------------------------------------------------------------------------------------

@@ -11,47 +11,49 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from test_tui_support import tiny_loader
+from test_tui_support import SIZE, set_greedy, tiny_app, wait_for
 
 from textual.widgets import Input, Select
 
-from wina_tui.app import WinaApp
-
-SIZE = (100, 30)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run faster on one thread
 
 PLANS = Path(tempfile.gettempdir()) / "wina-tui-snapshot-plans"    # fixed: its path is not shown,
                                                                    # but keep runs independent
 
 
-def make_app(tmp_path: Path, **kw) -> WinaApp:
+def make_app(tmp_path: Path, **kw):
     shutil.rmtree(PLANS, ignore_errors=True)
-    app = WinaApp(loader=tiny_loader, state_dir=tmp_path / "state", results_dir=Path("runs"),
-                  plans_dir=PLANS, data_dir=Path("../shared/data"), max_new_tokens=4, **kw)
-    app.session.calibrate_options = {"samples": 2, "seq_len": 32}
-    app.session.allocate_options = {"samples": 1, "seq_len": 32, "step": 0.2, "max_sparsity": 0.6}
-    return app
+    return tiny_app(tmp_path, results_dir=Path("runs"), plans_dir=PLANS, data_dir=Path("../shared/data"),
+                    max_new_tokens=4, **kw)
 
 
-async def until(pilot, cond, timeout: float = 60.0) -> None:
-    t0 = time.monotonic()
-    while not cond():
-        assert time.monotonic() - t0 < timeout, "timed out"
-        await pilot.pause(0.05)
+async def calibrated(pilot) -> None:
+    """Layer-greedy calibration on random tokens, run to its end, notifications cleared."""
+    app = pilot.app
+    set_greedy(app)
+    await pilot.pause()
+    await pilot.press("ctrl+b")
+    await wait_for(pilot, lambda: app.calibrate_screen.state in ("done", "failed"))
+    await pilot.pause(0.3)
+    app.clear_notifications()
+
+
+async def show_runs(pilot, files: list[Path], tab: str = "") -> None:
+    """The evaluate screen with the run files loaded (and ``tab`` shown), notifications cleared."""
+    app = pilot.app
+    await pilot.press("f5")
+    await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+    app.evaluate_screen.load_paths([str(f) for f in files])
+    assert len(app.evaluate_screen.runs) == len(files)
+    if tab:
+        app.evaluate_screen.query_one("#eval-tabs").active = tab
+    await pilot.pause(0.2)
+    app.clear_notifications()
+    await pilot.pause()
 
 
 def test_setup_screen(snap_compare, tmp_path):
@@ -69,30 +71,14 @@ def test_setup_screen_invalid_sparsity(snap_compare, tmp_path):
 
 def test_calibrate_screen_done(snap_compare, tmp_path):
     async def before(pilot):
-        app = pilot.app
-        s = app.setup_screen
-        s.query_one("#allocation", Select).value = "layer"
-        s.query_one("#calib-source", Input).value = "random"
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        await until(pilot, lambda: app.calibrate_screen.state in ("done", "failed"))
-        await pilot.pause(0.3)
-        app.clear_notifications()
+        await calibrated(pilot)
         await pilot.pause()
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
 
 
 def test_calibrate_screen_trajectory(snap_compare, tmp_path):
     async def before(pilot):
-        app = pilot.app
-        s = app.setup_screen
-        s.query_one("#allocation", Select).value = "layer"
-        s.query_one("#calib-source", Input).value = "random"
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        await until(pilot, lambda: app.calibrate_screen.state in ("done", "failed"))
-        await pilot.pause(0.3)
-        app.clear_notifications()
+        await calibrated(pilot)
         await pilot.press("left_square_bracket")      # layer 0's greedy trajectory
         await pilot.pause(0.2)
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
@@ -102,7 +88,7 @@ def test_chat_screen(snap_compare, tmp_path):
     async def before(pilot):
         app = pilot.app
         await pilot.press("ctrl+g")
-        await until(pilot, lambda: app.screen is app.chat_screen)
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
         await pilot.pause(0.2)
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
 
@@ -128,14 +114,7 @@ def test_evaluate_screen_with_runs(snap_compare, tmp_path):
         files.append(_run_file(runs, "wina", s, {"piqa": w, "arc_easy": w - 0.04}, s - 0.001))
 
     async def before(pilot):
-        app = pilot.app
-        await pilot.press("f5")
-        await until(pilot, lambda: app.screen is app.evaluate_screen)
-        app.evaluate_screen.load_paths([str(f) for f in files])
-        assert len(app.evaluate_screen.runs) == len(files)
-        await pilot.pause(0.2)
-        app.clear_notifications()
-        await pilot.pause()
+        await show_runs(pilot, files)
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
 
 
@@ -148,15 +127,7 @@ def test_evaluate_chart(snap_compare, tmp_path):
         files.append(_run_file(runs, "wina", s, {"piqa": w}, s))
 
     async def before(pilot):
-        app = pilot.app
-        await pilot.press("f5")
-        await until(pilot, lambda: app.screen is app.evaluate_screen)
-        app.evaluate_screen.load_paths([str(f) for f in files])
-        assert len(app.evaluate_screen.runs) == len(files)
-        app.evaluate_screen.query_one("#eval-tabs").active = "tab-chart"
-        await pilot.pause(0.2)
-        app.clear_notifications()
-        await pilot.pause()
+        await show_runs(pilot, files, tab="tab-chart")
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
 
 

@@ -1,16 +1,24 @@
-"""Helpers for the TUI tests: a tiny random Llama model with a byte-level tokenizer built in code.
+"""Helpers for the TUI tests: a tiny random Llama model with a byte-level tokenizer built in code, and
+the app on it (small calibrate/allocate options, a fixed terminal size, waiting on a pilot).
 
 No downloads: the tokenizer is a tokenizers-library BPE without merges over the 256 byte symbols
 (plus the chat special tokens), wrapped in PreTrainedTokenizerFast with a ChatML-style template.
+``tiny_llama`` (a random 2-layer Llama sized to any tokenizer) serves test_evaluate too.
+bench/tui_latency.py imports ``tiny_loader`` from here.
 """
 from __future__ import annotations
 
 import functools
+import time
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+SIZE = (100, 30)                                   # the terminal of every TUI test and snapshot
+CALIB = {"samples": 2, "seq_len": 32}             # the app's calibrate / allocate options in tests
+ALLOC = {"samples": 1, "seq_len": 32, "step": 0.2, "max_sparsity": 0.6}
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,19 +39,51 @@ def tiny_tokenizer():
     return tok
 
 
-def tiny_loaded(spec: str = "tiny", seed: int = 0):
+def tiny_llama(tok, seed: int = 0, **kw):
+    """A random 2-layer Llama (hidden 64) sized to ``tok``'s vocabulary and special tokens; ``kw``
+    override the config (intermediate 128 and 512 positions unless told)."""
     from transformers import LlamaConfig
-    from wina.api import Loaded
     from wina.models import from_config
+    cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg.update(kw)
+    return from_config(LlamaConfig(**cfg), seed=seed)
+
+
+def tiny_loaded(spec: str = "tiny", seed: int = 0):
+    from wina.api import Loaded
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    model = from_config(cfg, seed=seed)
-    return Loaded(model, tok, spec, "random (tests)")
+    return Loaded(tiny_llama(tok, seed, tie_word_embeddings=False), tok, spec, "random (tests)")
 
 
 def tiny_loader(spec: str):
     """A loader for WinaApp: any spec gives a fresh tiny model (like loading from disk)."""
     return tiny_loaded(spec)
+
+
+def tiny_app(tmp_path, **kw):
+    """A WinaApp on the tiny model, its state under ``tmp_path``, with the small :data:`CALIB` and
+    :data:`ALLOC` options; ``kw`` go to WinaApp (results_dir, data_dir, max_new_tokens, ...)."""
+    from wina_tui.app import WinaApp
+    app = WinaApp(loader=tiny_loader, state_dir=tmp_path / "state", **kw)
+    app.session.calibrate_options = dict(CALIB)
+    app.session.allocate_options = dict(ALLOC)
+    return app
+
+
+async def wait_for(pilot, cond, timeout: float = 60.0, step: float = 0.05) -> None:
+    """Let the app run until ``cond()`` holds (an AssertionError after ``timeout`` seconds)."""
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(step)
+
+
+def set_greedy(app, source: str = "random", allocation: str = "layer") -> None:
+    """Setup form: a greedy allocation calibrated on ``source``."""
+    from textual.widgets import Input, Select
+    setup = app.setup_screen
+    setup.query_one("#allocation", Select).value = allocation
+    setup.query_one("#calib-source", Input).value = source
