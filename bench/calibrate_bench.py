@@ -6,6 +6,12 @@
 Options: --method wina|teal, --transform, --mode layer|global, --threads N, --out DIR (plan dir),
 --samples/--seq-len (calibration), --alloc-samples/--alloc-seq-len, --json FILE (append a result line).
 Prints one JSON line: date, machine, settings, seconds per stage, peak RSS (GiB), peak GPU memory (GiB).
+
+Resumable across processes: with --out DIR, the plan is saved layer by layer (as `wina calibrate`
+does) and the seconds spent so far go to DIR/bench-timing.json after every finished layer. Run the
+same command again after an interruption (e.g. a per-command time limit) and the times add up:
+work done before the interruption counts once, the layer that was cut off counts only when it is
+redone, and each restart's set-up (load, re-propagation to the first unfinished layer) counts too.
 """
 from __future__ import annotations
 
@@ -176,10 +182,28 @@ def main() -> None:
     t_load = time.perf_counter() - t0
 
     out = args.out or tempfile.mkdtemp(prefix="wina-plan-")
-    last = {"t": 0.0}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    timing_file = Path(out) / "bench-timing.json"
+    prev = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    acc = {"calibrate_s": prev.get("calibrate_s", 0.0), "allocate_s": prev.get("allocate_s", 0.0),
+           "runs": prev.get("runs", 0) + 1, "peak_gpu_gib": prev.get("peak_gpu_gib", 0.0),
+           "load_s": prev.get("load_s", 0.0) + t_load}
+    last = {"t": 0.0, "layer": None}
+
+    def save_timing(**kw) -> None:
+        acc.update(kw)
+        if args.device.startswith("cuda"):
+            acc["peak_gpu_gib"] = max(acc["peak_gpu_gib"], round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        tmp = timing_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(acc))
+        os.replace(tmp, timing_file)
 
     def on_event(ev):
         now = time.perf_counter()
+        if ev.stage == "allocate" and ev.layer is not None and ev.layer != last["layer"]:
+            if last["layer"] is not None:          # the previous layer's trajectory is saved
+                save_timing(allocate_s=alloc0 + now - t_alloc0["t"])
+            last["layer"] = ev.layer
         if now - last["t"] > 10 or ev.done == ev.total:
             last["t"] = now
             m = ev.metrics
@@ -191,6 +215,8 @@ def main() -> None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
+    alloc0 = acc["allocate_s"]
+    t_alloc0 = {"t": time.perf_counter()}
     c1 = cpu()
     t1 = time.perf_counter()
     plan = calibrate(model, tok, method=args.method, source=source, samples=samples, seq_len=seq_len,
@@ -198,13 +224,16 @@ def main() -> None:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t_cal = time.perf_counter() - t1
+    save_timing(calibrate_s=acc["calibrate_s"] + t_cal)
     c2 = cpu()
     t2 = time.perf_counter()
+    t_alloc0["t"] = t2
     plan = allocate(model, tok, plan, mode=args.mode, samples=a_samples, seq_len=a_seq,
                     max_sparsity=args.max_sparsity, on_event=on_event)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t_alloc = time.perf_counter() - t2
+    save_timing(allocate_s=alloc0 + t_alloc)
     c3 = cpu()
     res = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -213,15 +242,16 @@ def main() -> None:
         "calibration": f"{plan.meta['calibration']['samples']}x{plan.meta['calibration']['seq_len']} {source}",
         "allocation_data": f"{plan.meta['allocation']['samples']}x{plan.meta['allocation']['seq_len']}",
         "rows_per_layer": sum(len(t) for t in plan.trajectories) / plan.n_layers,
-        "load_s": round(t_load, 1), "calibrate_s": round(t_cal, 1), "allocate_s": round(t_alloc, 1),
-        "calibrate_allocate_min": round((t_cal + t_alloc) / 60, 2),
+        "load_s": round(t_load, 1), "calibrate_s": round(acc["calibrate_s"], 1),
+        "allocate_s": round(acc["allocate_s"], 1), "runs": acc["runs"],
+        "calibrate_allocate_min": round((acc["calibrate_s"] + acc["allocate_s"]) / 60, 2),
         "calibrate_cpu_s": round(c2 - c1, 1), "allocate_cpu_s": round(c3 - c2, 1),
         "load_avg_at_end": os.getloadavg()[0],
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "plan": str(out),
     }
     if args.device.startswith("cuda"):
-        res["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        res["peak_gpu_gib"] = acc["peak_gpu_gib"]
     line = json.dumps(res)
     print(line, flush=True)
     if args.json:
