@@ -22,6 +22,7 @@ ap.add_argument("--models", default="llama-2-7b,llama-3-8b,qwen-2.5-7b,phi-4")
 ap.add_argument("--hf-other", type=int, default=32, help="HF generate tokens for models after the first")
 ap.add_argument("--tests", default="tests/test_kernels.py tests/test_engine.py")
 ap.add_argument("--configs", default="")
+ap.add_argument("--dense-tune", action="store_true", help="sweep the dense kernel's configs too")
 args = ap.parse_args()
 T0 = time.time()
 
@@ -58,26 +59,35 @@ for (k, n), c in zip(shapes, [(256, 32, 528, 4), (128, 64, 528, 4), (128, 64, 52
     best[(k, n, False)] = {"config": list(c), "time_us": float("nan")}
     set_config(k, n, GemvConfig(*c), sparse=False)
 if not args.skip_tune:
-    stamp("sparse GEMV config sweep (llama-2-7b shapes)")
-    cfgs = [GemvConfig(bn, bk, p, w, pipe) for bn in (128, 256) for bk in (32, 64) for p in (132, 264)
-            for pipe in (0, 1) for w in ((4,) if pipe == 0 else (4, 8))]
-    rows = bench.tune_gemv("cuda", torch.bfloat16, shapes, cfgs, sparsity=0.5, modes=(True,))
-    with open(f"{OUT}/tune.json", "w") as f:
-        json.dump(rows, f)
-    for (k, n) in shapes:
-        for sp in (True,):
+    # run 5: the 1-D accumulator (acc1d) and num_stages join the sweep, dense and sparse
+    sweeps = {True: [GemvConfig(bn, bk, p, w, pipe, a) for bn in (128, 256) for bk in (32, 64) for p in (264, 528)
+                     for a in (0, 1) for w in (4, 8) for pipe in ((0, 1) if a else (0,))],
+              False: [GemvConfig(bn, bk, p, w, 0, a) for bn in (128, 256) for bk in (32, 64) for p in (528, 1056)
+                      for a in (0, 1) for w in (4, 8)]}
+    for sp in ((True, False) if args.dense_tune else (True,)):
+        stamp(f"{'sparse' if sp else 'dense'} GEMV config sweep (llama-2-7b shapes), {len(sweeps[sp])} configs")
+        rows = bench.tune_gemv("cuda", torch.bfloat16, shapes, sweeps[sp], sparsity=0.5, modes=(sp,))
+        with open(f"{OUT}/tune_{'sparse' if sp else 'dense'}.json", "w") as f:
+            json.dump(rows, f)
+        for (k, n) in shapes:
             cand = [r for r in rows if r["K"] == k and r["N"] == n and r["sparse"] == sp and "time_us" in r]
             cand.sort(key=lambda r: r["time_us"])
-            if cand:
-                b = cand[0]
-                best[(k, n, sp)] = b
-                set_config(k, n, GemvConfig(*b["config"]), sparse=sp)
-                print(f"  {k}x{n} sparse50 best {b['config']} {b['time_us']:.1f}us {b['tb_per_s']:.2f}TB/s | "
-                      f"best no-pipe {next((r['config'], round(r['time_us'], 1)) for r in cand if r['config'][4] == 0)}"
-                      f" | worst {cand[-1]['time_us']:.1f}us", flush=True)
-    errs = [r for r in rows if "error" in r]
-    if errs:
-        print("tune errors:", errs[:3])
+            if not cand:
+                continue
+            b = cand[0]
+            prev = best.get((k, n, sp))
+            old = next((r for r in cand if prev and r["config"][:len(prev["config"])] == list(prev["config"])
+                        and not any(r["config"][len(prev["config"]):])), None)
+            best[(k, n, sp)] = b
+            set_config(k, n, GemvConfig(*b["config"]), sparse=sp)
+            b2d = next((r for r in cand if r["config"][5] == 0), None)
+            print(f"  {k}x{n} {'sparse50' if sp else 'dense'} best {b['config']} {b['time_us']:.1f}us "
+                  f"{b['tb_per_s']:.2f}TB/s | best 2-D acc {b2d and (b2d['config'], round(b2d['time_us'], 1))}"
+                  f" | previous winner {old and round(old['time_us'], 1)} | worst {cand[-1]['time_us']:.1f}us",
+                  flush=True)
+        errs = [r for r in rows if "error" in r]
+        if errs:
+            print("tune errors:", errs[:3])
     stamp("sweep done")
 
 

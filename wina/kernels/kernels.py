@@ -84,6 +84,9 @@ class GemvConfig:
     programs: int = 528       # target grid size; K is split to reach it
     num_warps: int = 4
     pipeline: int = 0         # sparse, single row: keep two weight tiles in flight
+    acc1d: int = 0            # single row: reduce each tile over K at once (a [BLOCK_N] accumulator,
+                              # fewer registers, more programs resident) instead of a 2-D accumulator
+    stages: int = 0           # Triton num_stages for the launch (0: Triton's default)
 
 
 # Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md).
@@ -284,7 +287,7 @@ if HAS_TRITON:
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
-                     PDL: tl.constexpr, PIPE: tl.constexpr):
+                     PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -311,6 +314,7 @@ if HAS_TRITON:
                 ssq = tl.load(ssq_in_ptr + offs_b, mask=offs_b < nb_in, other=0.0)
                 rstd = tl.rsqrt(tl.sum(ssq, 0) / K + eps)
             acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             if SPARSE:
                 # 1) score the KPS inputs of this split, 2) compact the kept ones (index and value)
                 # into this program's scratch, 3) stream only their weight rows, in full tiles.
@@ -346,7 +350,10 @@ if HAS_TRITON:
                         j2_ok = j2 < count
                         ks = tl.load(scr_ptr + base + j2, mask=j2_ok, other=0.0).to(tl.int32)
                         xs_2 = tl.load(scr_ptr + base + KPS + j2, mask=j2_ok, other=0.0)
-                        acc2 += w.to(tl.float32) * xs[:, None]
+                        if ACC1D:
+                            acc1 += tl.sum(w.to(tl.float32) * xs[:, None], 0)
+                        else:
+                            acc2 += w.to(tl.float32) * xs[:, None]
                         w = w_n
                         xs = xs_n
                         xs_n = xs_2
@@ -359,7 +366,10 @@ if HAS_TRITON:
                         jn_ok = jn < count
                         ks = tl.load(scr_ptr + base + jn, mask=jn_ok, other=0.0).to(tl.int32)
                         xs_n = tl.load(scr_ptr + base + KPS + jn, mask=jn_ok, other=0.0)
-                        acc2 += w.to(tl.float32) * xs[:, None]
+                        if ACC1D:
+                            acc1 += tl.sum(w.to(tl.float32) * xs[:, None], 0)
+                        else:
+                            acc2 += w.to(tl.float32) * xs[:, None]
                         xs = xs_n
                         j_ok = jn_ok
             else:
@@ -369,8 +379,14 @@ if HAS_TRITON:
                     xv = _load_x(x_ptr, offs_k, k_ok, K, rstd, ACT, PRE_NORM)
                     w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc2 += w.to(tl.float32) * xv[:, None]
-            part = tl.sum(acc2, 0)[None, :]
+                    if ACC1D:
+                        acc1 += tl.sum(w.to(tl.float32) * xv[:, None], 0)
+                    else:
+                        acc2 += w.to(tl.float32) * xv[:, None]
+            if ACC1D:
+                part = acc1[None, :]
+            else:
+                part = tl.sum(acc2, 0)[None, :]
         else:
             if PRE_NORM:
                 offs_b = tl.arange(0, NB_P)
@@ -594,7 +610,8 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
         HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
         KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
-        num_warps=cfg.num_warps, launch_pdl=_pdl(dev))
+        ACC1D=bool(cfg.acc1d and block_m == 1), num_warps=cfg.num_warps, launch_pdl=_pdl(dev),
+        **({"num_stages": cfg.stages} if cfg.stages else {}))
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
     return y, ssq_out
@@ -625,9 +642,10 @@ if hasattr(torch.library, "custom_op"):
                  thresholds: Optional[torch.Tensor], bounds: list[int], bias: Optional[torch.Tensor],
                  res: Optional[torch.Tensor], ssq_in: Optional[torch.Tensor], eps: float, act: int,
                  want_ssq: bool, sparse: bool, block_n: int, block_k: int, programs: int,
-                 num_warps: int, pipeline: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_warps: int, pipeline: int, acc1d: int = 0,
+                 stages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if use_triton(x) and x.shape[0] <= MAX_KERNEL_ROWS:
-            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline)
+            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages)
             return _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                                 want_ssq, sparse, cfg)
         cd = x.dtype if x.is_cuda else None
@@ -637,7 +655,7 @@ if hasattr(torch.library, "custom_op"):
 
     @_gemv_op.register_fake
     def _(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse, block_n,
-          block_k, programs, num_warps, pipeline):
+          block_k, programs, num_warps, pipeline, acc1d=0, stages=0):
         m, n = x.shape[0], wt.shape[1]
         nb = -(-n // block_n) if want_ssq else 0
         return x.new_empty(m, n), x.new_empty(m, nb, dtype=torch.float32)
@@ -661,7 +679,7 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
     cfg = config or config_for(k, n, sparse)
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
                     int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
-                    cfg.num_warps, int(cfg.pipeline))
+                    cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d), int(cfg.stages))
 
 
 if hasattr(torch.library, "custom_op"):
