@@ -143,6 +143,9 @@ def test_chat_glue_on_cpu():
     parts = []
     g = engine_stream_generate(eng, Tok(), torch.tensor([[1, 2, 3]]), max_new_tokens=5, on_text=parts.append)
     assert g.tokens == 5 and "".join(parts) == g.text
+    assert g.seconds > 0 and g.tokens_per_s > 0           # prefill + decode, set-up excluded
+    from wina.generate import warm_up
+    assert warm_up(m) is False                           # nothing to compile on the portable path
     # engine_for builds once per model and follows the attached sparsifier
     e1 = engine_for(m, max_seq_len=32)
     assert engine_for(m, max_seq_len=32) is e1 and not e1.sparse

@@ -700,7 +700,10 @@ def chat_cmd(
         loaded = _load(model, device, dtype, r)
         sp = _prepare(loaded, opts)
     from .events import CancelToken
-    from .generate import chat_input_ids, generation_backend, stream_reply
+    from .generate import chat_input_ids, generation_backend, stream_reply, warm_up
+    if generation_backend(loaded.model) == "engine":
+        with err.status("preparing the decode engine (the first use compiles its kernels)…"):
+            warm_up(loaded.model, sampled=temperature > 0)
     err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))} — {generation_backend(loaded.model)}. "
               f"/reset clears the conversation, "
               f"/exit or Ctrl-D quits.[/]", soft_wrap=True)

@@ -111,6 +111,17 @@ def generation_backend(model) -> str:
     return "engine" if engine_available(model) else "transformers"
 
 
+def warm_up(model, *, sampled: bool = False) -> bool:
+    """Build the decode engine and capture its step now (the first use compiles the kernels, seconds
+    on a fresh machine), so that the first reply streams at once. True when the engine applies;
+    a no-op (False) on the transformers path."""
+    if generation_backend(model) != "engine":
+        return False
+    from .engine import engine_for
+    engine_for(model).capture(sampled=sampled)
+    return True
+
+
 def stream_reply(model, tokenizer, input_ids: torch.Tensor, **kw) -> Generation:
     """:func:`stream_generate` through the fastest backend available (same keywords, same result)."""
     if generation_backend(model) == "engine":
