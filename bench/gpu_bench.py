@@ -61,7 +61,7 @@ for (k, n), c in zip(shapes, [(256, 32, 528, 4), (128, 64, 528, 4), (128, 64, 52
 if not args.skip_tune:
     # run 5: the 1-D accumulator (acc1d) and num_stages join the sweep, dense and sparse
     sweeps = {True: [GemvConfig(bn, bk, p, w, pipe, a) for bn in (128, 256) for bk in (32, 64) for p in (264, 528)
-                     for a in (0, 1) for w in (4, 8) for pipe in ((0, 1) if a else (0,))],
+                     for a in (0, 1) for w in (4, 8) for pipe in (0, 1)],
               False: [GemvConfig(bn, bk, p, w, 0, a) for bn in (128, 256) for bk in (32, 64) for p in (528, 1056)
                       for a in (0, 1) for w in (4, 8)]}
     for sp in ((True, False) if args.dense_tune else (True,)):
