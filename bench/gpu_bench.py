@@ -23,6 +23,8 @@ ap.add_argument("--hf-other", type=int, default=32, help="HF generate tokens for
 ap.add_argument("--tests", default="tests/test_kernels.py tests/test_engine.py")
 ap.add_argument("--configs", default="")
 ap.add_argument("--dense-tune", action="store_true", help="sweep the dense kernel's configs too")
+ap.add_argument("--precompact", type=float, default=0.5,
+                help="kernel table: time the pre-compaction variant at this sparsity (negative: no)")
 args = ap.parse_args()
 T0 = time.time()
 
@@ -60,8 +62,11 @@ for (k, n), c in zip(shapes, [(256, 32, 528, 4), (128, 64, 528, 4), (128, 64, 52
     set_config(k, n, GemvConfig(*c), sparse=False)
 if not args.skip_tune:
     # run 5: the 1-D accumulator (acc1d) and num_stages join the sweep, dense and sparse
-    sweeps = {True: [GemvConfig(bn, bk, p, w, pipe, a) for bn in (128, 256) for bk in (32, 64) for p in (264, 528)
-                     for a in (0, 1) for w in (4, 8) for pipe in (0, 1)],
+    # run 6: acc1d dropped from the sparse sweep (run 5: it won nowhere); pre-compaction added
+    sweeps = {True: [GemvConfig(bn, bk, p, w, pipe) for bn in (128, 256) for bk in (32, 64) for p in (264, 528)
+                     for w in (4, 8) for pipe in (0, 1)]
+                    + [GemvConfig(bn, bk, p, 4, pipe, 0, 0, 1) for bn in (128, 256) for bk in (32, 64)
+                       for p in (264, 528) for pipe in (0, 1)],
               False: [GemvConfig(bn, bk, p, w, 0, a) for bn in (128, 256) for bk in (32, 64) for p in (528, 1056)
                       for a in (0, 1) for w in (4, 8)]}
     for sp in ((True, False) if args.dense_tune else (True,)):
@@ -118,6 +123,7 @@ for i, mname in enumerate(models):
                         set_config(kk, nn, GemvConfig(*best[(k2, n2, sp)]["config"]), sparse=sp)
     r = bench.run_bench([mname], hf_new_tokens=None if i == 0 else args.hf_other,
                         kernels=(i == 0), json_path=f"{OUT}/bench_{mname}.json",
+                        precompact_at=args.precompact if args.precompact >= 0 else None,
                         on_event=lambda ev: print(f"    {ev.message}", flush=True))
     if res_all is None:
         res_all = r

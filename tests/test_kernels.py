@@ -174,7 +174,8 @@ def test_triton_gemv_matches_reference(dtype, m, case):
                             for j, q in enumerate((0.3, 0.5, 0.7)[:s])], device="cuda")
         for cfg in (GemvConfig(128, 64, 1056, 4), GemvConfig(64, 32, 132, 8), GemvConfig(256, 64, 64, 4),
                     GemvConfig(128, 32, 264, 8, 1), GemvConfig(128, 64, 528, 4, 0, 1),
-                    GemvConfig(256, 64, 264, 8, 1, 1, 2)):
+                    GemvConfig(256, 64, 264, 8, 1, 1, 2), GemvConfig(128, 64, 528, 4, 0, 0, 0, 1),
+                    GemvConfig(128, 32, 264, 8, 1, 0, 0, 1)):
             _poison((m, n), dtype)
             y, ss = gemv(x, wt, scales=scales, thresholds=thr, bounds=bounds, bias=bias, res=res, ssq_in=ssq,
                          act=act, sparse=sparse, want_ssq=True, config=cfg)
@@ -224,3 +225,19 @@ def test_triton_rope_and_attention(dtype, nh, nkv, hd, window):
         assert torch.isfinite(o).all()
         orf = attention_reference(q.float(), kc.float(), vc.float(), pos, window)
         assert rel(o, orf) <= 1e-2, rel(o, orf)
+
+
+def test_triton_kernel_in_the_interpreter():
+    """The Triton GEMV's every single-row path on the CPU through Triton's interpreter (fp32)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (the CPU CI has no Triton; GPU runs test the kernels for real)")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "tests" / "triton_interpret_check.py")], cwd=root,
+                       capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -191,10 +191,12 @@ def _kernel_cases(engine, n_layers: int = 8):
 
 @torch.no_grad()
 def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: int = 8,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, precompact_at: Optional[float] = None) -> list[dict]:
     """Time each GEMV kind of a decode step (over ``n_layers`` layers' weights, so that the data is
     several times the L2) for cuBLAS, our dense kernel, our sparse kernel at 0 % and at each
-    sparsity; bytes read count the weight rows actually loaded plus the vectors."""
+    sparsity; bytes read count the weight rows actually loaded plus the vectors.
+    ``precompact_at``: also time, at that sparsity, the pre-compaction variant (two launches) and
+    its GEMV launches alone (``GemvConfig.precompact``)."""
     from .kernels import ACT_SILU_MUL, gemv
     from .kernels.kernels import _prepare_input
     dev, dt = engine.device, engine.dtype
@@ -227,6 +229,25 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                          eps=engine.eps, act=act, sparse=sparse, want_ssq=res is not None)
             return fn
 
+        def run_precompact(thr_list, consumer_only: bool):
+            # the experiment of docs/gpu-notes.md run 6: compaction in its own small launch; with
+            # consumer_only, the kept lists are computed once (first matrix's scales) and only the
+            # GEMV launches are timed: what compaction fused into the producer could reach
+            from dataclasses import replace
+            from .kernels.kernels import _gemv_triton, config_for
+            cfg = replace(config_for(k, n, True), precompact=1)
+
+            def call(w, b, c, t, compacted):
+                _gemv_triton(x, w, c, t, bounds, b, res, ssq, engine.eps, act, res is not None, True,
+                             cfg, compacted=compacted)
+            if consumer_only:
+                call(wts[0], biases[0], scl[0], thr_list[0], False)
+
+            def fn():
+                for w, b, c, t in zip(wts, biases, scl, thr_list):
+                    call(w, b, c, t, consumer_only)
+            return fn
+
         xin = xf.to(dt)
 
         def run_cublas():
@@ -236,6 +257,9 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
         settings = [("cublas", None, None), ("dense", False, None)]
         if name != "lm_head":
             settings += [("sparse", True, 0.0)] + [("sparse", True, float(s)) for s in sparsities]
+            if precompact_at is not None:
+                settings += [("precompact", True, float(precompact_at)),
+                             ("consumer only", True, float(precompact_at))]
         for label, sparse, s in settings:
             thr_list = [None] * len(wts)
             rows_kept = k
@@ -251,7 +275,12 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                     kept.append(sum(int((xf.abs()[0] * c[j] > thr[j]).sum()) * (edges[j + 1] - edges[j])
                                     for j in range(n_seg)) / n)
                 rows_kept = statistics.mean(kept)
-            fn = run_cublas if label == "cublas" else run_ours(bool(sparse), thr_list)
+            if label == "cublas":
+                fn = run_cublas
+            elif label in ("precompact", "consumer only"):
+                fn = run_precompact(thr_list, consumer_only=label == "consumer only")
+            else:
+                fn = run_ours(bool(sparse), thr_list)
             try:
                 t = _time_graph(fn) / len(wts)
             except Exception as e:  # report, keep going
@@ -309,7 +338,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               method: str = "wina", prompt_len: int = 128, new_tokens: int = 256,
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
-              compare_pdl: bool = False,
+              compare_pdl: bool = False, precompact_at: Optional[float] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
@@ -412,7 +441,8 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
                     eng._static_logits.clear()
             if kernels and mi == 0 and device.startswith("cuda"):
                 emit(Progress("bench", mi, len(models), message=f"{spec}: kernels"))
-                out["kernels"] = kernel_table(eng, sparsities, bw, kernel_layers, seed)
+                out["kernels"] = kernel_table(eng, sparsities, bw, kernel_layers, seed,
+                                              precompact_at=precompact_at)
                 out["kernel_model"] = spec
             eng.set_sparsity(None)
             del eng

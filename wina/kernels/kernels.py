@@ -87,6 +87,9 @@ class GemvConfig:
     acc1d: int = 0            # single row: reduce each tile over K at once (a [BLOCK_N] accumulator,
                               # fewer registers, more programs resident) instead of a 2-D accumulator
     stages: int = 0           # Triton num_stages for the launch (0: Triton's default)
+    precompact: int = 0       # sparse, single row: a separate small launch scores and compacts each
+                              # (segment, K-chunk) once; the GEMV programs only read the kept lists
+                              # (an experiment: the first step to compaction fused into the producer)
 
 
 # Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md).
@@ -281,13 +284,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
-                     ws_ptr, cnt_ptr, scr_ptr,
+                     ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
-                     PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr):
+                     PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
+                     PRECOMP: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -316,20 +320,26 @@ if HAS_TRITON:
             acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
             acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             if SPARSE:
-                # 1) score the KPS inputs of this split, 2) compact the kept ones (index and value)
-                # into this program's scratch, 3) stream only their weight rows, in full tiles.
-                offs_c = k_lo + tl.arange(0, KPS)
-                c_ok = offs_c < K
-                xa = _load_x(x_ptr, offs_c, c_ok, K, rstd, ACT, PRE_NORM)
-                c = tl.load(c_row + offs_c, mask=c_ok, other=0.0)
-                keep = c_ok & (tl.abs(xa) * c > thr)
-                ki = keep.to(tl.int32)
-                slot = tl.cumsum(ki, 0) - 1
-                count = tl.sum(ki, 0)
-                base = (pid_s * tl.num_programs(0) + pid_n) * (2 * KPS)
-                tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
-                tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
-                tl.debug_barrier()
+                if PRECOMP:
+                    # the kept lists of (segment, split) were written by _compact_kernel
+                    base = (seg * n_split + pid_s) * (2 * KPS)
+                    count = tl.load(kept_ptr + seg * n_split + pid_s)
+                else:
+                    # 1) score the KPS inputs of this split, 2) compact the kept ones (index and
+                    # value) into this program's scratch, 3) stream only their weight rows, in full
+                    # tiles.
+                    offs_c = k_lo + tl.arange(0, KPS)
+                    c_ok = offs_c < K
+                    xa = _load_x(x_ptr, offs_c, c_ok, K, rstd, ACT, PRE_NORM)
+                    c = tl.load(c_row + offs_c, mask=c_ok, other=0.0)
+                    keep = c_ok & (tl.abs(xa) * c > thr)
+                    ki = keep.to(tl.int32)
+                    slot = tl.cumsum(ki, 0) - 1
+                    count = tl.sum(ki, 0)
+                    base = (pid_s * tl.num_programs(0) + pid_n) * (2 * KPS)
+                    tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
+                    tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
+                    tl.debug_barrier()
                 # the kept indices of tile j+1 are fetched while tile j's weight rows are in flight
                 jj = tl.arange(0, BLOCK_K)
                 j_ok = jj < count
@@ -433,6 +443,31 @@ if HAS_TRITON:
         else:
             _gemv_finish(part, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                          res_ptr, ssq_out_ptr, HAS_BIAS, HAS_RES, OUT_SSQ)
+
+    @triton.jit
+    def _compact_kernel(x_ptr, c_ptr, t_ptr, ssq_in_ptr, scr_ptr, kept_ptr, K, nb_in, eps, n_split,
+                        KPS: tl.constexpr, NB_P: tl.constexpr, ACT: tl.constexpr,
+                        PRE_NORM: tl.constexpr):
+        """Program (segment, split): the kept inputs of K-chunk ``split`` under the segment's
+        scale and threshold, compacted (index, value) into scratch; their number into kept."""
+        seg = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rstd = 1.0
+        if PRE_NORM:
+            offs_b = tl.arange(0, NB_P)
+            ssq = tl.load(ssq_in_ptr + offs_b, mask=offs_b < nb_in, other=0.0)
+            rstd = tl.rsqrt(tl.sum(ssq, 0) / K + eps)
+        offs_c = pid_s * KPS + tl.arange(0, KPS)
+        c_ok = offs_c < K
+        xa = _load_x(x_ptr, offs_c, c_ok, K, rstd, ACT, PRE_NORM)
+        c = tl.load(c_ptr + seg * K + offs_c, mask=c_ok, other=0.0)
+        keep = c_ok & (tl.abs(xa) * c > tl.load(t_ptr + seg))
+        ki = keep.to(tl.int32)
+        slot = tl.cumsum(ki, 0) - 1
+        base = (seg * n_split + pid_s) * (2 * KPS)
+        tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
+        tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
+        tl.store(kept_ptr + seg * n_split + pid_s, tl.sum(ki, 0))
 
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr,
@@ -585,32 +620,49 @@ def _pdl(device) -> bool:
 
 
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
-                 cfg: GemvConfig):
+                 cfg: GemvConfig, compacted: bool = False):
     m = x.shape[0]
     k, n = wt.shape
     if k * n >= 2 ** 31 or m * n * 64 >= 2 ** 31:
         raise InvalidArgument(f"gemv: {k}x{n} is too large for 32-bit offsets")
     block_m, block_n, block_k, n_blocks, split, k_per_split = plan_gemv(m, k, n, bounds, cfg, sparse)
     compact = sparse and block_m == 1
+    precomp = compact and bool(cfg.precompact)
     dev = x.device
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     ssq_out = torch.empty(m, n_blocks, dtype=torch.float32, device=dev) if want_ssq else y
     ws = _workspace(dev, split * m * n) if split > 1 else y
-    scr = _workspace(dev, n_blocks * split * 2 * k_per_split, "scr") if compact else y
+    n_seg = len(bounds) + 1
+    scr = (_workspace(dev, (n_seg if precomp else n_blocks) * split * 2 * k_per_split, "scr")
+           if compact else y)
     cnt = _counters(dev)
     b = [int(v) for v in bounds] + [n, n]
     nb_in = ssq_in.shape[1] if ssq_in is not None else 1
+    kept = y
+    if precomp:
+        kept = _SCRATCH.get(("kept", str(dev)))
+        if kept is None or kept.numel() < n_seg * split:
+            if kept is not None:
+                _KEEP_ALIVE.append(kept)
+            kept = torch.zeros(max(n_seg * split, 4096), dtype=torch.int32, device=dev)
+            _SCRATCH[("kept", str(dev))] = kept
+        if not compacted:      # compacted=True: the lists are already there (benchmarks only)
+            _compact_kernel[(n_seg, split)](
+                x, scales, thresholds, ssq_in if ssq_in is not None else y, scr, kept, k, nb_in,
+                float(eps), split, KPS=k_per_split, NB_P=max(2, _next_pow2(nb_in)), ACT=int(act),
+                PRE_NORM=ssq_in is not None, num_warps=4)
     _gemv_kernel[(n_blocks, split)](
         x, wt, y,
         scales if sparse else y, thresholds if sparse else y,
         bias if bias is not None else y, res if res is not None else y,
-        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr,
+        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept,
         m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
         HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
         KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
-        ACC1D=bool(cfg.acc1d and block_m == 1), num_warps=cfg.num_warps, launch_pdl=_pdl(dev),
+        ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp, num_warps=cfg.num_warps,
+        launch_pdl=_pdl(dev),
         **({"num_stages": cfg.stages} if cfg.stages else {}))
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
@@ -642,10 +694,10 @@ if hasattr(torch.library, "custom_op"):
                  thresholds: Optional[torch.Tensor], bounds: list[int], bias: Optional[torch.Tensor],
                  res: Optional[torch.Tensor], ssq_in: Optional[torch.Tensor], eps: float, act: int,
                  want_ssq: bool, sparse: bool, block_n: int, block_k: int, programs: int,
-                 num_warps: int, pipeline: int, acc1d: int = 0,
-                 stages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 num_warps: int, pipeline: int, acc1d: int = 0, stages: int = 0,
+                 precompact: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if use_triton(x) and x.shape[0] <= MAX_KERNEL_ROWS:
-            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages)
+            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact)
             return _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                                 want_ssq, sparse, cfg)
         cd = x.dtype if x.is_cuda else None
@@ -655,7 +707,7 @@ if hasattr(torch.library, "custom_op"):
 
     @_gemv_op.register_fake
     def _(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse, block_n,
-          block_k, programs, num_warps, pipeline, acc1d=0, stages=0):
+          block_k, programs, num_warps, pipeline, acc1d=0, stages=0, precompact=0):
         m, n = x.shape[0], wt.shape[1]
         nb = -(-n // block_n) if want_ssq else 0
         return x.new_empty(m, n), x.new_empty(m, nb, dtype=torch.float32)
@@ -679,7 +731,8 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
     cfg = config or config_for(k, n, sparse)
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
                     int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
-                    cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d), int(cfg.stages))
+                    cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d), int(cfg.stages),
+                    int(cfg.precompact))
 
 
 if hasattr(torch.library, "custom_op"):

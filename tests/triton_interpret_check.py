@@ -1,0 +1,65 @@
+"""The Triton GEMV kernel run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32), against
+the torch reference, for every code path of the single-row kernel: dense, per-program compaction,
+two-tile pipeline, 1-D accumulator, pre-compaction (incl. reusing the kept lists), with segments,
+fused RMSNorm and SiLU·up. Run as a script (the variable must be set before Triton is imported);
+``tests/test_kernels.py::test_triton_kernel_in_the_interpreter`` does that where Triton is installed.
+Prints the worst relative error and exits non-zero above 1e-5."""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as _interp  # noqa: E402
+
+# Triton 3.6's interpreter turns a loop bound held in a 1-element array into an int with int(array),
+# which numpy >= 2.4 refuses for arrays of one dimension; .item() works for every size-1 array.
+_orig_patch = _interp._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+
+_interp._patch_lang_tensor = _patch_lang_tensor
+
+from wina.kernels.kernels import GemvConfig, _gemv_triton, _prepare_input, gemv_reference  # noqa: E402
+
+
+def main() -> int:
+    g = torch.Generator().manual_seed(0)
+    k, n = 512, 192
+    worst = 0.0
+    configs = (GemvConfig(64, 32, 8, 4), GemvConfig(64, 32, 8, 4, 0, 1), GemvConfig(64, 32, 8, 4, 0, 0, 0, 1),
+               GemvConfig(32, 32, 40, 4, 1, 0, 0, 1), GemvConfig(64, 32, 4, 4, 1, 1, 0, 0))
+    for act in (0, 1):
+        for pre in (False, True):
+            for bounds in ([], [64, 128]):
+                for sparse in (False, True):
+                    for cfg in configs:
+                        x = torch.randn(1, 2 * k if act else k, generator=g)
+                        wt = torch.randn(k, n, generator=g) * 0.05
+                        s = len(bounds) + 1
+                        sc = torch.rand(s, k, generator=g) + 0.5
+                        ssq = torch.rand(1, 3, generator=g) * k if pre else None
+                        res = torch.randn(1, n, generator=g)
+                        xf = _prepare_input(x, k, ssq, 1e-6, act)
+                        thr = torch.tensor([float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
+                                            for j, q in enumerate((0.3, 0.6, 0.8)[:s])])
+                        y, ss = _gemv_triton(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, sparse, cfg)
+                        ref, rs = gemv_reference(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, sparse)
+                        worst = max(worst, float((y - ref).norm() / ref.norm()),
+                                    float((ss.sum(-1) - rs[:, 0]).abs().max() / rs.abs().max()))
+                        if sparse and cfg.precompact:       # the kept lists are reusable as they are
+                            y2, _ = _gemv_triton(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, True,
+                                                 cfg, compacted=True)
+                            if not torch.equal(y, y2):
+                                print("compacted=True differs")
+                                return 1
+    print(f"worst relative error {worst:.2e}")
+    return 0 if worst < 1e-5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
