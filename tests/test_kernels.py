@@ -172,10 +172,13 @@ def test_triton_gemv_matches_reference(dtype, m, case):
         xf = _prepare_input(x, k, ssq, 1e-6, act)
         thr = torch.tensor([float(torch.quantile((xf.abs() * scales[j]).flatten(), q))
                             for j, q in enumerate((0.3, 0.5, 0.7)[:s])], device="cuda")
+        if trial == 1 and case == "qkv":
+            thr[0] = -1.0                       # q at 0 %: every input kept (the full-dense chunks)
         for cfg in (GemvConfig(128, 64, 1056, 4), GemvConfig(64, 32, 132, 8), GemvConfig(256, 64, 64, 4),
                     GemvConfig(128, 32, 264, 8, 1), GemvConfig(128, 64, 528, 4, 0, 1),
                     GemvConfig(256, 64, 264, 8, 1, 1, 2), GemvConfig(128, 64, 528, 4, 0, 0, 0, 1),
-                    GemvConfig(128, 32, 264, 8, 1, 0, 0, 1)):
+                    GemvConfig(128, 32, 264, 8, 1, 0, 0, 1), GemvConfig(128, 64, 528, 4, 0, 0, 0, 0, 1),
+                    GemvConfig(256, 64, 264, 4, 1, 0, 0, 1, 1)):
             _poison((m, n), dtype)
             y, ss = gemv(x, wt, scales=scales, thresholds=thr, bounds=bounds, bias=bias, res=res, ssq_in=ssq,
                          act=act, sparse=sparse, want_ssq=True, config=cfg)

@@ -32,7 +32,8 @@ def main() -> int:
     k, n = 512, 192
     worst = 0.0
     configs = (GemvConfig(64, 32, 8, 4), GemvConfig(64, 32, 8, 4, 0, 1), GemvConfig(64, 32, 8, 4, 0, 0, 0, 1),
-               GemvConfig(32, 32, 40, 4, 1, 0, 0, 1), GemvConfig(64, 32, 4, 4, 1, 1, 0, 0))
+               GemvConfig(32, 32, 40, 4, 1, 0, 0, 1), GemvConfig(64, 32, 4, 4, 1, 1, 0, 0),
+               GemvConfig(64, 32, 8, 4, 0, 0, 0, 0, 1), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1, 1))
     for act in (0, 1):
         for pre in (False, True):
             for bounds in ([], [64, 128]):
@@ -45,8 +46,11 @@ def main() -> int:
                         ssq = torch.rand(1, 3, generator=g) * k if pre else None
                         res = torch.randn(1, n, generator=g)
                         xf = _prepare_input(x, k, ssq, 1e-6, act)
-                        thr = torch.tensor([float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
-                                            for j, q in enumerate((0.3, 0.6, 0.8)[:s])])
+                        # segment 0 keeps everything (a matrix at 0 % in a fused launch), then 60 / 80 %
+                        thr = torch.tensor([-1.0] + [float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
+                                                     for j, q in enumerate((0.6, 0.8)[:s - 1], 1)])
+                        if s == 1 and cfg.block_n == 64:     # the one-segment cases: 30 % and (above) 0 %
+                            thr = torch.tensor([float(torch.quantile(xf.abs().flatten() * sc[0], 0.3))])
                         y, ss = _gemv_triton(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, sparse, cfg)
                         ref, rs = gemv_reference(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, sparse)
                         worst = max(worst, float((y - ref).norm() / ref.norm()),

@@ -229,13 +229,15 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                          eps=engine.eps, act=act, sparse=sparse, want_ssq=res is not None)
             return fn
 
-        def run_precompact(thr_list, consumer_only: bool):
-            # the experiment of docs/gpu-notes.md run 6: compaction in its own small launch; with
-            # consumer_only, the kept lists are computed once (first matrix's scales) and only the
-            # GEMV launches are timed: what compaction fused into the producer could reach
+        def run_variant(thr_list, consumer_only: bool = False, **changes):
+            # the experiments of docs/gpu-notes.md run 6: the sparse config with ``changes``
+            # (precompact=1: compaction in its own small launch; with consumer_only, the kept lists
+            # are computed once (first matrix's scales) and only the GEMV launches are timed: what
+            # compaction fused into the producer could reach; full_dense=1: all-kept chunks stream
+            # like the dense kernel)
             from dataclasses import replace
             from .kernels.kernels import _gemv_triton, config_for
-            cfg = replace(config_for(k, n, True), precompact=1)
+            cfg = replace(config_for(k, n, True), **changes)
 
             def call(w, b, c, t, compacted):
                 _gemv_triton(x, w, c, t, bounds, b, res, ssq, engine.eps, act, res is not None, True,
@@ -259,7 +261,8 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             settings += [("sparse", True, 0.0)] + [("sparse", True, float(s)) for s in sparsities]
             if precompact_at is not None:
                 settings += [("precompact", True, float(precompact_at)),
-                             ("consumer only", True, float(precompact_at))]
+                             ("consumer only", True, float(precompact_at)),
+                             ("full-dense chunks", True, 0.0)]
         for label, sparse, s in settings:
             thr_list = [None] * len(wts)
             rows_kept = k
@@ -278,7 +281,9 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             if label == "cublas":
                 fn = run_cublas
             elif label in ("precompact", "consumer only"):
-                fn = run_precompact(thr_list, consumer_only=label == "consumer only")
+                fn = run_variant(thr_list, consumer_only=label == "consumer only", precompact=1)
+            elif label == "full-dense chunks":
+                fn = run_variant(thr_list, full_dense=1)
             else:
                 fn = run_ours(bool(sparse), thr_list)
             try:

@@ -90,6 +90,9 @@ class GemvConfig:
     precompact: int = 0       # sparse, single row: a separate small launch scores and compacts each
                               # (segment, K-chunk) once; the GEMV programs only read the kept lists
                               # (an experiment: the first step to compaction fused into the producer)
+    full_dense: int = 0       # sparse, single row: a K-chunk whose inputs are all kept (e.g. a matrix
+                              # at 0 % in a fused q/k/v launch) streams its rows like the dense kernel
+                              # (no scratch, no index loads)
 
 
 # Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md).
@@ -283,6 +286,26 @@ if HAS_TRITON:
         return xv
 
     @triton.jit
+    def _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc2, acc1,
+                     BLOCK_K: tl.constexpr, ACT: tl.constexpr, PRE_NORM: tl.constexpr,
+                     ACC1D: tl.constexpr, CLIP: tl.constexpr):
+        """acc += W[k_lo:k_hi, block]ᵀ·x[k_lo:k_hi] (one row), BLOCK_K input rows per step
+        (CLIP: k_hi - k_lo may not be a multiple of BLOCK_K)."""
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            if CLIP:
+                k_ok = k_ok & (offs_k < k_hi)
+            xv = _load_x(x_ptr, offs_k, k_ok, K, rstd, ACT, PRE_NORM)
+            w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if ACC1D:
+                acc1 += tl.sum(w.to(tl.float32) * xv[:, None], 0)
+            else:
+                acc2 += w.to(tl.float32) * xv[:, None]
+        return acc2, acc1
+
+    @triton.jit
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
                      ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
@@ -291,7 +314,7 @@ if HAS_TRITON:
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
                      PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
-                     PRECOMP: tl.constexpr):
+                     PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -337,9 +360,17 @@ if HAS_TRITON:
                     slot = tl.cumsum(ki, 0) - 1
                     count = tl.sum(ki, 0)
                     base = (pid_s * tl.num_programs(0) + pid_n) * (2 * KPS)
+                    if FULL_DENSE:
+                        keep = keep & (count < tl.minimum(K - k_lo, KPS))   # all kept: no lists
                     tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
                     tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
                     tl.debug_barrier()
+                if FULL_DENSE:
+                    n_in = tl.minimum(K - k_lo, KPS)
+                    if count == n_in:
+                        acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_lo + n_in, K, N,
+                                                  rstd, acc2, acc1, BLOCK_K, ACT, PRE_NORM, ACC1D, True)
+                        count = 0 * count          # the list loops below then do nothing
                 # the kept indices of tile j+1 are fetched while tile j's weight rows are in flight
                 jj = tl.arange(0, BLOCK_K)
                 j_ok = jj < count
@@ -383,16 +414,8 @@ if HAS_TRITON:
                         xs = xs_n
                         j_ok = jn_ok
             else:
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = offs_k < K
-                    xv = _load_x(x_ptr, offs_k, k_ok, K, rstd, ACT, PRE_NORM)
-                    w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
-                                mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                    if ACC1D:
-                        acc1 += tl.sum(w.to(tl.float32) * xv[:, None], 0)
-                    else:
-                        acc2 += w.to(tl.float32) * xv[:, None]
+                acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc2, acc1,
+                                          BLOCK_K, ACT, PRE_NORM, ACC1D, False)
             if ACC1D:
                 part = acc1[None, :]
             else:
@@ -661,7 +684,8 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
         HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
         KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
-        ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp, num_warps=cfg.num_warps,
+        ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
+        FULL_DENSE=bool(compact and cfg.full_dense), num_warps=cfg.num_warps,
         launch_pdl=_pdl(dev),
         **({"num_stages": cfg.stages} if cfg.stages else {}))
     if not want_ssq:
@@ -695,9 +719,10 @@ if hasattr(torch.library, "custom_op"):
                  res: Optional[torch.Tensor], ssq_in: Optional[torch.Tensor], eps: float, act: int,
                  want_ssq: bool, sparse: bool, block_n: int, block_k: int, programs: int,
                  num_warps: int, pipeline: int, acc1d: int = 0, stages: int = 0,
-                 precompact: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 precompact: int = 0, full_dense: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         if use_triton(x) and x.shape[0] <= MAX_KERNEL_ROWS:
-            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact)
+            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact,
+                             full_dense)
             return _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                                 want_ssq, sparse, cfg)
         cd = x.dtype if x.is_cuda else None
@@ -707,7 +732,7 @@ if hasattr(torch.library, "custom_op"):
 
     @_gemv_op.register_fake
     def _(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse, block_n,
-          block_k, programs, num_warps, pipeline, acc1d=0, stages=0, precompact=0):
+          block_k, programs, num_warps, pipeline, acc1d=0, stages=0, precompact=0, full_dense=0):
         m, n = x.shape[0], wt.shape[1]
         nb = -(-n // block_n) if want_ssq else 0
         return x.new_empty(m, n), x.new_empty(m, nb, dtype=torch.float32)
@@ -732,7 +757,7 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
                     int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
                     cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d), int(cfg.stages),
-                    int(cfg.precompact))
+                    int(cfg.precompact), int(cfg.full_dense))
 
 
 if hasattr(torch.library, "custom_op"):
