@@ -1,5 +1,7 @@
 """The decode engine against the transformers forward: exact (fp32) on the CPU in CI, bf16 on a GPU
 (skipped without CUDA)."""
+import math
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
@@ -218,3 +220,31 @@ def test_gpu_graph_generate_equals_eager_steps():
     r2 = eng.generate(prompt, 20, stop=())
     assert r.tokens == r2.tokens
     assert engine_available(m)
+
+
+def test_engine_replies_are_counted_by_the_gates():
+    """The engine keeps no counts; count_gates replays the reply through the sparsifier's gates, which
+    then count the same positions as the portable path does."""
+    from wina.generate import Generation, count_gates, stream_generate
+    m = tiny("llama")
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(i) for i in ids)
+    thr = Engine.from_model(m, max_seq_len=32).calibrate([1, 2, 3, 4, 5, 6], 0.5)
+    sp = sparsify(m, "teal", 0.5, gating="threshold", thresholds=thr, dense_prefix=0.0)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    sp.reset_counters()
+    g = stream_generate(m, Tok(), ids, max_new_tokens=6)
+    portable = sp.measured()
+    sp.reset_counters()
+    count_gates(m, ids, Generation(g.text, g.tokens, 1.0, g.stopped, g.ids))
+    replayed = sp.measured()
+    assert g.tokens == 6 and 0.2 < sp.measured_sparsity() < 0.8
+    assert all(abs(replayed[k] - portable[k]) < 1e-12 for k in portable)
+    with sp.paused():                                 # dense (paused) replies count nothing
+        sp.reset_counters()
+        count_gates(m, ids, g)
+    assert all(math.isnan(v) for v in sp.measured().values())

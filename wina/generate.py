@@ -22,6 +22,7 @@ class Generation:
     tokens: int            # new tokens generated
     seconds: float         # wall time of the decode loop (prefill included)
     stopped: str           # "eos", "length" or "cancelled"
+    ids: Optional[list[int]] = None   # the new token ids, where the backend gives them
 
     @property
     def tokens_per_s(self) -> float:
@@ -98,7 +99,7 @@ def stream_generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens
     text = tokenizer.decode(new, skip_special_tokens=True)
     if on_text is not None and len(text) > len(shown):
         on_text(text[len(shown):])
-    return Generation(text, len(new), time.perf_counter() - t0, stopped)
+    return Generation(text, len(new), time.perf_counter() - t0, stopped, list(new))
 
 
 def generation_backend(model) -> str:
@@ -126,5 +127,21 @@ def stream_reply(model, tokenizer, input_ids: torch.Tensor, **kw) -> Generation:
     """:func:`stream_generate` through the fastest backend available (same keywords, same result)."""
     if generation_backend(model) == "engine":
         from .engine import engine_for, engine_stream_generate
-        return engine_stream_generate(engine_for(model), tokenizer, input_ids, **kw)
+        g = engine_stream_generate(engine_for(model), tokenizer, input_ids, **kw)
+        count_gates(model, input_ids, g)
+        return g
     return stream_generate(model, tokenizer, input_ids, **kw)
+
+
+@torch.no_grad()
+def count_gates(model, input_ids: torch.Tensor, g: Generation) -> None:
+    """Measured sparsity for a reply that the engine generated: its kernels keep no counts, so the
+    conversation's positions (the prompt and every fed-back token) go once through the model, whose
+    sparsifier gates (the same thresholds and scores) count what they drop, as they do on the
+    portable path. One forward pass; nothing when no sparsifier is active."""
+    sp = getattr(model, "_wina_sparsifier", None)
+    if sp is None or not sp.enabled or sp.method == "dense" or not g.ids:
+        return
+    ids = input_ids[0] if input_ids.dim() == 2 else input_ids
+    fed = torch.cat([ids.cpu(), torch.tensor(g.ids[:-1], dtype=ids.dtype)])
+    model(fed[None].to(next(model.parameters()).device), use_cache=False)

@@ -102,4 +102,4 @@ def engine_stream_generate(engine: Engine, tokenizer, input_ids, *, max_new_toke
         on_text(text[len(shown[0]):])
     stopped = {"stop": "eos"}.get(res.stopped, res.stopped)
     # prefill + decode: the one-time kernel compilation and graph capture stay out of tokens/s
-    return Generation(text, len(res.tokens), res.prefill_s + res.decode_s, stopped)
+    return Generation(text, len(res.tokens), res.prefill_s + res.decode_s, stopped, list(res.tokens))
