@@ -176,3 +176,43 @@ def test_quick_embedded_preset_end_to_end(tmp_path, shared_data):
         assert w["eval"]["limit"] == 2
     assert "WINA-transform" in (out / "compare.md").read_text()
     assert "finished" in res.stdout
+
+
+@pytest.mark.slow
+def test_parallel_eval_steps_match_one_process(tiny_preset, tmp_path, monkeypatch):
+    """`wina run --gpus 2` on a CPU: every eval step in 2 gloo processes under accelerate launch
+    gives the perplexities of the single-process run; rank 0's progress reaches on_event."""
+    import shutil
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("WINA_THREADS", "1")
+    preset = load_preset(tiny_preset)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_preset(preset, one)
+    shutil.copytree(one / "plans", two / "plans")       # the same plans: only the evaluations differ
+    events = []
+    s = run_preset(preset, two, procs=2, on_event=events.append)
+    assert [x.title for x in s.ran if x.kind == "eval"] == [
+        "eval dense", "eval teal @ 25%", "eval teal @ 50%", "eval wina @ 25%", "eval wina @ 50%"]
+    assert any(e.stage == "ppl" for e in events)
+    for name in ("dense", "teal-s50", "wina-s25"):
+        a = json.loads((one / "runs" / f"{name}.json").read_text())["wina"]
+        b = json.loads((two / "runs" / f"{name}.json").read_text())["wina"]
+        assert b["perplexity"]["perplexity"] == pytest.approx(a["perplexity"]["perplexity"], rel=1e-6), name
+        assert b["perplexity"]["tokens"] == a["perplexity"]["tokens"]
+        assert b["measured_sparsity"] == pytest.approx(a["measured_sparsity"], abs=0.02)
+        assert b["extra"] == a["extra"] and b["extra"]["variant"] == name.split("-")[0]
+    assert (two / "logs" / "wina-s50.log").is_file()
+    assert (two / "compare.md").is_file()
+
+
+def test_parallel_eval_step_failure_is_one_clear_error(tiny_preset, tmp_path, monkeypatch):
+    """A failing data-parallel group gives one error naming the step and the log, not a traceback."""
+    import wina.distributed as dist
+    from wina.errors import WinaError
+    monkeypatch.setattr(dist, "launch_command", lambda argv, n, cpu: [
+        __import__("sys").executable, "-c", "import sys; print('boom: no such thing'); sys.exit(3)"])
+    preset = load_preset(tiny_preset)
+    with pytest.raises(WinaError, match=r"eval dense: the 2 data-parallel processes failed \(exit 3\): "
+                                         r"boom: no such thing"):
+        run_preset(preset, tmp_path / "out", procs=2)
+    assert not (tmp_path / "out" / "runs" / "dense.json").exists()

@@ -772,10 +772,14 @@ def run_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default runs/<preset>)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the preset, print the steps, exit."),
     device: str = typer.Option("auto", "--device", help="Override the preset's device (cpu | cuda | cuda:N)."),
+    procs: int = typer.Option(1, "--gpus", "--procs", min=1,
+                              help="Evaluate each step data-parallel in N processes through accelerate "
+                                   "launch (one per GPU with cuda; CPU processes otherwise)."),
 ) -> None:
     """The whole pipeline of a preset: calibrate → allocate → evaluate each sparsity → compare.
 
-    Steps whose outputs exist are skipped, so an interrupted run resumes where it stopped.
+    Steps whose outputs exist are skipped, so an interrupted run resumes where it stopped. With
+    --gpus N every evaluation runs in N processes (logs in <output>/logs/).
 
     Example: [bold]wina run smollm2-quick[/]   ·   [bold]wina run llama2-7b --dry-run[/]
     """
@@ -808,12 +812,28 @@ def run_cmd(
                 r.step(step.title, advance=True)
 
         summary = run_preset(p, folder, limit=lim, device=None if device == "auto" else device,
-                             on_step=on_step, on_event=r, renderer=r)
+                             on_step=on_step, on_event=r, renderer=r, procs=procs)
     if summary.runs:
         from .compare import comparison_table
         out.print(comparison_table(summary.runs, title=f"{p.name}: {p.model}"))
     out.print(f"[green]finished:[/] {len(summary.ran)} steps run, {len(summary.skipped)} skipped; "
               f"outputs in {escape(str(folder))}", soft_wrap=True)
+
+
+@app.command("eval-step", hidden=True)
+def eval_step_cmd(
+    preset: str = typer.Argument(...),
+    out_dir: Path = typer.Option(..., "--out"),
+    index: int = typer.Option(..., "--index"),
+    limit: Optional[float] = typer.Option(None, "--limit"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """One eval step of `wina run --gpus N` (what each data-parallel process runs)."""
+    from .presets import load_preset
+    from .runner import run_eval_step
+    _quiet_libraries()
+    run_eval_step(load_preset(preset), out_dir, index, limit=_limit(limit),
+                  device=None if device == "auto" else device)
 
 
 def _print_steps(p, folder: Path, steps, limit) -> None:

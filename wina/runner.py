@@ -14,6 +14,13 @@ calibrated / allocated (``plan.json``), which calibrate and allocate resume from
 loaded only when a step has to run. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
 that quick checks never mix with full results. Nothing here draws anything: the CLI passes
 ``on_step`` and ``on_event`` callbacks.
+
+With ``procs`` > 1 (``wina run --gpus N``) every eval step runs data-parallel: the step is re-run in
+N processes under ``accelerate launch`` (one per GPU; CPU processes over gloo without CUDA), each
+loading and sparsifying its own copy, lm-eval sharding the requests and rank 0 writing the results
+file (as ``wina eval --gpus N``). Calibration and allocation stay in this process, layer by layer.
+Rank 0's progress events come back over its stdout and reach ``on_event``; everything else the
+processes print goes to ``logs/<results file>.log`` in the output folder.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .errors import InvalidArgument, PlanError
+from .errors import InvalidArgument, PlanError, WinaError
 from .events import CancelToken, ProgressCallback
 from .presets import Preset, PresetError, Variant
 
@@ -214,6 +221,16 @@ class _Model:
         self.preset, self.device, self.r = preset, device, renderer
         self.loaded = None
 
+    def release(self) -> None:
+        """Drop the loaded model (and its GPU memory); the next get() loads it again."""
+        if self.loaded is not None:
+            self.loaded = None
+            import gc
+            gc.collect()
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def get(self, transform: bool):
         from .transform import is_transformed
         if self.loaded is not None and not transform and is_transformed(self.loaded.model):
@@ -221,8 +238,7 @@ class _Model:
         if self.loaded is None:
             import torch
             from .models import load
-            dev = self.device or (self.preset.device if self.preset.device != "auto" else None) or (
-                "cuda" if torch.cuda.is_available() else "cpu")
+            dev = resolve_device(self.preset, self.device)
             if self.r is not None:
                 self.r.note("load", f"{self.preset.model} on {dev}")
             dtype = None if self.preset.dtype == "auto" else self.preset.dtype
@@ -242,6 +258,13 @@ class _Model:
         return self.loaded
 
 
+def resolve_device(preset: Preset, device: Optional[str]) -> str:
+    """The device a run uses: the override, else the preset's, else cuda when there is one."""
+    import torch
+    return (device if device not in (None, "auto") else None) or (
+        preset.device if preset.device != "auto" else None) or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _atomic_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -258,12 +281,15 @@ def _atomic_text(path: Path, text: str) -> None:
 def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=None,
                device: Optional[str] = None, on_step: Optional[Callable[[Step, str], None]] = None,
                on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-               renderer=None) -> Summary:
+               renderer=None, procs: int = 1) -> Summary:
     """Run every step of a preset that is not done yet; returns what ran and the loaded runs.
 
     ``on_step(step, status)`` is called with status "start", "done" or "skip". ``renderer``
     (optional, the CLI's) gets ``note``/``done`` calls for work without progress events.
+    ``procs`` > 1: eval steps run data-parallel in that many processes (module docstring).
     """
+    if procs < 1:
+        raise InvalidArgument(f"procs must be at least 1, got {procs}")
     if limit is not None:
         from .evaluate import _check_limit
         limit = _check_limit(limit)
@@ -291,7 +317,12 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
         elif step.kind == ALLOCATE:
             _allocate(step, preset, holder, on_event, cancel)
         elif step.kind == EVAL:
-            _evaluate(step, preset, holder, limit, on_event, cancel)
+            if procs > 1:
+                holder.release()                     # the processes load their own copies
+                _evaluate_parallel(step, steps.index(step), preset, out, limit, device, procs,
+                                   on_event, cancel)
+            else:
+                _evaluate(step, preset, holder, limit, on_event, cancel)
             ran_eval = True
         elif step.kind == COMPARE:
             _compare(step, preset)
@@ -355,6 +386,81 @@ def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cance
     finally:
         if sp is not None:
             sp.remove()
+
+
+EVENT_PREFIX = "@wina-event "
+
+
+def _preset_ref(preset: Preset) -> str:
+    return str(preset.path) if preset.path is not None else preset.name
+
+
+def _evaluate_parallel(step: Step, index: int, preset: Preset, out: Path, limit, device: Optional[str],
+                       procs: int, on_event, cancel) -> None:
+    """One eval step in ``procs`` processes (``wina eval-step`` under accelerate launch)."""
+    import subprocess
+    import sys
+    from . import distributed
+    from .events import Progress
+    argv = ["eval-step", _preset_ref(preset), "--out", str(out), "--index", str(index)]
+    if limit is not None:
+        argv += ["--limit", repr(limit)]
+    dev = resolve_device(preset, device)
+    argv += ["--device", dev]
+    cmd = distributed.launch_command(argv, procs, cpu=not dev.startswith("cuda"))
+    env = dict(os.environ, **{distributed.ENV_MARK: "1", "WINA_EVENTS": "1", "PYTHONUNBUFFERED": "1"})
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    log_path = out / "logs" / f"{step.output.stem}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                errors="replace")
+        try:
+            for line in proc.stdout:
+                if line.startswith(EVENT_PREFIX):
+                    if on_event is not None:
+                        try:
+                            on_event(Progress(**json.loads(line[len(EVENT_PREFIX):])))
+                        except (ValueError, TypeError):
+                            log.write(line)
+                else:
+                    log.write(line)
+                if cancel is not None and cancel.cancelled:
+                    proc.terminate()
+                    break
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    if cancel is not None:
+        cancel.check()
+    if rc != 0 or not step.done():
+        tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
+        raise WinaError(f"{step.title}: the {procs} data-parallel processes failed (exit {rc}): "
+                        f"{tail[0][:200]} (whole log: {log_path})")
+
+
+def run_eval_step(preset: Preset, out_dir: Union[str, Path], index: int, *, limit=None,
+                  device: Optional[str] = None) -> None:
+    """Run eval step ``index`` of a preset in this process: one rank of ``_evaluate_parallel``'s
+    group (or alone). Rank 0 prints its progress events as JSON lines when WINA_EVENTS is set."""
+    from . import distributed
+    steps = plan_steps(preset, Path(out_dir), limit=limit)
+    if not (0 <= index < len(steps)) or steps[index].kind != EVAL:
+        raise InvalidArgument(f"step {index} of preset {preset.name} is not an eval step")
+    step = steps[index]
+    holder = _Model(preset, distributed.device_for_rank(resolve_device(preset, device)))
+    on_event = None
+    if os.environ.get("WINA_EVENTS") == "1" and distributed.world().is_main:
+        from dataclasses import asdict
+
+        def on_event(ev) -> None:
+            print(EVENT_PREFIX + json.dumps(asdict(ev), default=str), flush=True)
+    _evaluate(step, preset, holder, limit, on_event, None)
 
 
 def _compare(step: Step, preset: Preset) -> None:
