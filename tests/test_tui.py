@@ -304,3 +304,28 @@ async def test_load_runs_modal(tmp_path):
         await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
         ev = app.evaluate_screen
         assert len(ev.runs) == 2 and ev.query_one("#results", DataTable).row_count == 2
+
+
+async def test_engine_warm_up_before_the_first_reply(tmp_path, monkeypatch):
+    """Where the GPU engine applies, the chat compiles/captures the decode step for each pane's mode
+    (sparse, and dense with the sparsifier paused) before replying, and says so in the status line."""
+    import wina_tui.screens.chat as chat_mod
+    calls, statuses = [], []
+    monkeypatch.setattr(chat_mod, "generation_backend", lambda model: "engine")
+    monkeypatch.setattr(chat_mod, "warm_up", lambda model, sampled=False: calls.append(
+        (model._wina_sparsifier.enabled, sampled)))
+    app = make_app(tmp_path, max_new_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        app.setup_screen.query_one("#method", Select).value = "teal"
+        await pilot.pause()
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
+        chat = app.chat_screen
+        orig = chat.set_status
+        monkeypatch.setattr(chat, "set_status", lambda text: (statuses.append(text), orig(text)))
+        assert chat.send("hi")
+        await wait_for(pilot, lambda: not chat.worker.is_running)
+        await pilot.pause(0.2)
+    assert sorted(calls) == [(False, False), (True, False)]
+    assert any("preparing the decode engine" in t for t in statuses)
+    assert not statuses[-1].startswith("preparing")            # the usual status line is back

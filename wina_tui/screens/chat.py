@@ -18,7 +18,7 @@ from textual.widgets import Footer, Header, Input, Static
 from textual.worker import Worker, WorkerState
 
 from wina.api import CancelToken, chat_input_ids
-from wina.generate import generation_backend, stream_reply
+from wina.generate import generation_backend, stream_reply, warm_up
 
 from ..state import Throttle, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats
@@ -154,6 +154,7 @@ class ChatScreen(Screen):
             runs.append((sparse, False))
         try:
             with s.using("chat"):
+                self._warm_up(s, runs)
                 for pane, is_dense in runs:
                     self._one_reply(pane, prompt, is_dense, cancel)
         except Exception as e:  # Busy, WinaError, or a model failure: show it, never crash
@@ -161,6 +162,21 @@ class ChatScreen(Screen):
             for pane, _ in runs:
                 if pane.streaming:
                     pane.post_message(ChatPane.Done(None, error=describe_error(e)))
+        finally:
+            self.app.call_from_thread(self.refresh_titles)
+
+    def _warm_up(self, s, runs) -> None:
+        """On the GPU engine path, compile and capture the decode step(s) the replies will use
+        before the first one streams (seconds, once per model), saying so in the status line."""
+        model, sp = s.loaded.model, s.sparsifier
+        if generation_backend(model) != "engine":
+            return
+        self.app.call_from_thread(self.set_status, "preparing the decode engine (the first use compiles "
+                                                   "its kernels)…")
+        try:
+            for is_dense in {d for _, d in runs}:
+                with (sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()):
+                    warm_up(model, sampled=self.temperature > 0)
         finally:
             self.app.call_from_thread(self.refresh_titles)
 
@@ -197,7 +213,7 @@ class ChatScreen(Screen):
             sparsity, flops = 0.0, s.dense_flop_fraction()
         else:
             m = sp.measured_sparsity()
-            # the GPU engine does not update the sparsifier's counters: show the nominal figure then
+            # engine replies are counted too (wina.generate.count_gates); nominal if nothing was
             sparsity = sp.nominal_sparsity() if m != m else m
             flops = s.flop_fraction(measured=True)
         pane.history.extend([messages[-1], {"role": "assistant", "content": gen.text}])
