@@ -230,13 +230,17 @@ async def test_cancel_then_resume(tmp_path, monkeypatch):
 
 # --- smaller things ----------------------------------------------------------------------------------
 
+async def load_and_chat(app, pilot, method: str) -> None:
+    """Pick ``method`` on the setup screen, load with uniform sparsity (ctrl+g), land on the chat."""
+    app.setup_screen.query_one("#method", Select).value = method
+    await pilot.pause()
+    await pilot.press("ctrl+g")
+    await wait_for(pilot, lambda: app.screen is app.chat_screen)
+
 async def test_uniform_load_and_chat_stop_and_new_chat(tmp_path):
     app = make_app(tmp_path, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
-        app.setup_screen.query_one("#method", Select).value = "teal"
-        await pilot.pause()
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: app.screen is app.chat_screen)
+        await load_and_chat(app, pilot, "teal")
         assert app.session.sparsifier.method == "teal"
         chat = app.chat_screen
         dense = chat.query_one("#dense", ChatPane)
@@ -316,10 +320,7 @@ async def test_engine_warm_up_before_the_first_reply(tmp_path, monkeypatch):
         (model._wina_sparsifier.enabled, sampled)))
     app = make_app(tmp_path, max_new_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
-        app.setup_screen.query_one("#method", Select).value = "teal"
-        await pilot.pause()
-        await pilot.press("ctrl+g")
-        await wait_for(pilot, lambda: app.screen is app.chat_screen)
+        await load_and_chat(app, pilot, "teal")
         chat = app.chat_screen
         orig = chat.set_status
         monkeypatch.setattr(chat, "set_status", lambda text: (statuses.append(text), orig(text)))

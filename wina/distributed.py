@@ -121,10 +121,15 @@ def launch_command(argv: Sequence[str], n_procs: int, *, cpu: bool) -> list[str]
             "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "wina.cli", *argv]
 
 
+def launch_env(**extra: str) -> dict:
+    """The environment of the launched group: ours, the child mark, NVLink multicast off."""
+    env = dict(os.environ, **{ENV_MARK: "1"}, **extra)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    return env
+
+
 def relaunch(argv: Sequence[str], n_procs: int, *, cpu: bool) -> int:
     """Run the command data-parallel and return the exit code of the group."""
     import subprocess
-    env = dict(os.environ, **{ENV_MARK: "1"})
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    return subprocess.call(launch_command(argv, n_procs, cpu=cpu), env=env)
+    return subprocess.call(launch_command(argv, n_procs, cpu=cpu), env=launch_env())

@@ -408,9 +408,7 @@ def _evaluate_parallel(step: Step, index: int, preset: Preset, out: Path, limit,
     dev = resolve_device(preset, device)
     argv += ["--device", dev]
     cmd = distributed.launch_command(argv, procs, cpu=not dev.startswith("cuda"))
-    env = dict(os.environ, **{distributed.ENV_MARK: "1", "WINA_EVENTS": "1", "PYTHONUNBUFFERED": "1"})
-    env.setdefault("NCCL_NVLS_ENABLE", "0")
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env = distributed.launch_env(WINA_EVENTS="1", PYTHONUNBUFFERED="1")
     log_path = out / "logs" / f"{step.output.stem}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
