@@ -67,8 +67,10 @@ if not args.skip_tune:
                      for w in (4, 8) for pipe in (0, 1)]
                     + [GemvConfig(bn, bk, p, 4, pipe, 0, 0, 1) for bn in (128, 256) for bk in (32, 64)
                        for p in (264, 528) for pipe in (0, 1)],
-              False: [GemvConfig(bn, bk, p, w, 0, a) for bn in (128, 256) for bk in (32, 64) for p in (528, 1056)
-                      for a in (0, 1) for w in (4, 8)]}
+              # run 7: the split-K partials are summed in one load per 16-32 rows, so larger splits
+              # (more programs) may pay now; acc1d dropped (it won nowhere in run 5)
+              False: [GemvConfig(bn, bk, p, w) for bn in (128, 256) for bk in (32, 64) for p in (264, 528, 1056)
+                      for w in (4, 8)]}
     for sp in ((True, False) if args.dense_tune else (True,)):
         stamp(f"{'sparse' if sp else 'dense'} GEMV config sweep (llama-2-7b shapes), {len(sweeps[sp])} configs")
         rows = bench.tune_gemv("cuda", torch.bfloat16, shapes, sweeps[sp], sparsity=0.5, modes=(sp,))

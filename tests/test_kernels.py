@@ -222,12 +222,53 @@ def test_triton_rope_and_attention(dtype, nh, nkv, hd, window):
         qr = rope_cache_reference(qkv, cos, sin, pos, kc2, vc2, nh, nkv, hd)
         assert torch.isfinite(q).all()
         assert rel(q, qr) <= 1e-2 and rel(kc, kc2) <= 1e-2 and torch.equal(vc, vc2)
-        _poison((1, nh * hd), dtype)
-        o = attn_decode(q, kc, vc, pos, window)
-        torch.cuda.synchronize()
-        assert torch.isfinite(o).all()
         orf = attention_reference(q.float(), kc.float(), vc.float(), pos, window)
-        assert rel(o, orf) <= 1e-2, rel(o, orf)
+        for n_split in (0, 5, 40):               # 0: the default split; 40: many empty splits
+            _poison((1, nh * hd), dtype)
+            o = attn_decode(q, kc, vc, pos, window, n_split)
+            torch.cuda.synchronize()
+            assert torch.isfinite(o).all()
+            assert rel(o, orf) <= 1e-2, (n_split, rel(o, orf))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nh,nkv,hd", [(32, 32, 128), (28, 4, 128), (8, 2, 64)])
+def test_triton_qkv_gemv_with_fused_rope(dtype, nh, nkv, hd):
+    """gemv_rope (RoPE + cache write in the GEMV's finishing programs) against the reference GEMV
+    followed by the reference RoPE, dense and sparse, for configs with and without split-K."""
+    from wina.kernels import gemv_rope
+    from wina.kernels.kernels import _prepare_input, rope_fuses
+    g = torch.Generator(device="cuda").manual_seed(nh * 1000 + hd)
+    k, s = 1024, 256
+    n = (nh + 2 * nkv) * hd
+    bounds = [nh * hd, (nh + nkv) * hd]
+    f = torch.randn(s, hd, device="cuda")
+    cos, sin = f.cos(), f.sin()
+    for cfg in (GemvConfig(128, 64, 528, 4), GemvConfig(256, 32, 528, 4), GemvConfig(128, 64, 528, 4, 1, 0, 0, 1),
+                GemvConfig(256, 64, 66, 4), GemvConfig(64, 32, 264, 4)):    # the last: hd 128 does not fuse
+        for sparse in (False, True):
+            x = torch.randn(1, k, generator=g, device="cuda").to(dtype)
+            wt = (torch.randn(k, n, generator=g, device="cuda") * 0.05).to(dtype)
+            sc = torch.rand(3, k, generator=g, device="cuda") + 0.5
+            bias = torch.randn(n, generator=g, device="cuda").to(dtype)
+            ssq = torch.rand(1, 3, generator=g, device="cuda") * k
+            xf = _prepare_input(x, k, ssq, 1e-6, 0)
+            thr = torch.tensor([float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
+                                for j, q in enumerate((0.3, 0.5, 0.7))], device="cuda")
+            kc = torch.randn(1, nkv, s, hd, generator=g, device="cuda").to(dtype)
+            vc = torch.randn(1, nkv, s, hd, generator=g, device="cuda").to(dtype)
+            kc2, vc2 = kc.clone(), vc.clone()
+            pos = torch.tensor([100], device="cuda")
+            _poison((1, nh * hd), dtype)
+            q = gemv_rope(x, wt, cos, sin, pos, kc, vc, nh, nkv, hd, scales=sc, thresholds=thr, bounds=bounds,
+                          bias=bias, ssq_in=ssq, sparse=sparse, config=cfg)
+            torch.cuda.synchronize()
+            y, _ = gemv_reference(x, wt, sc, thr, bounds, bias, None, ssq, 1e-6, 0, sparse)
+            qr = rope_cache_reference(y, cos, sin, pos, kc2, vc2, nh, nkv, hd)
+            assert rope_fuses(1, k, n, bounds, cfg, sparse, hd) == (cfg.block_n % hd == 0)
+            assert torch.isfinite(q).all(), "unwritten q"
+            assert rel(q, qr) <= 1e-2 and rel(kc, kc2) <= 1e-2 and rel(vc, vc2) <= 1e-2, (cfg, sparse)
 
 
 def test_triton_kernel_in_the_interpreter():

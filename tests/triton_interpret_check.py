@@ -1,7 +1,7 @@
 """The Triton GEMV kernel run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32), against
 the torch reference, for every code path of the single-row kernel: dense, per-program compaction,
 two-tile pipeline, 1-D accumulator, pre-compaction (incl. reusing the kept lists), with segments,
-fused RMSNorm and SiLU·up. Run as a script (the variable must be set before Triton is imported);
+fused RMSNorm and SiLU·up; and the flash-decoding attention kernel. Run as a script (the variable must be set before Triton is imported);
 ``tests/test_kernels.py::test_triton_kernel_in_the_interpreter`` does that where Triton is installed.
 Prints the worst relative error and exits non-zero above 1e-5."""
 import os
@@ -24,7 +24,8 @@ def _patch_lang_tensor(tensor, scope):
 
 _interp._patch_lang_tensor = _patch_lang_tensor
 
-from wina.kernels.kernels import GemvConfig, _gemv_triton, _prepare_input, gemv_reference  # noqa: E402
+from wina.kernels.kernels import (GemvConfig, _attn_decode_triton, _gemv_triton, _prepare_input,  # noqa: E402
+                                  attention_reference, gemv_reference, rope_cache_reference)
 
 
 def main() -> int:
@@ -33,7 +34,8 @@ def main() -> int:
     worst = 0.0
     configs = (GemvConfig(64, 32, 8, 4), GemvConfig(64, 32, 8, 4, 0, 1), GemvConfig(64, 32, 8, 4, 0, 0, 0, 1),
                GemvConfig(32, 32, 40, 4, 1, 0, 0, 1), GemvConfig(64, 32, 4, 4, 1, 1, 0, 0),
-               GemvConfig(64, 32, 8, 4, 0, 0, 0, 0, 1), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1, 1))
+               GemvConfig(64, 32, 8, 4, 0, 0, 0, 0, 1), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1, 1),
+               GemvConfig(256, 16, 40, 4))      # dense, one segment: 32 splits, summed 16 rows at a time
     for act in (0, 1):
         for pre in (False, True):
             for bounds in ([], [64, 128]):
@@ -61,6 +63,46 @@ def main() -> int:
                             if not torch.equal(y, y2):
                                 print("compacted=True differs")
                                 return 1
+    # flash-decoding attention: MHA and GQA, one to several sequence splits (some of them empty),
+    # with and without a sliding window
+    for n_heads, n_kv, hd in ((2, 2, 16), (8, 2, 32)):
+        for pos_v in (0, 37, 150):
+            for n_split in (1, 3, 7):
+                for window in (0, 40):
+                    s_max = 160
+                    q = torch.randn(1, n_heads * hd, generator=g)
+                    kc = torch.randn(1, n_kv, s_max, hd, generator=g)
+                    vc = torch.randn(1, n_kv, s_max, hd, generator=g)
+                    pos = torch.tensor([pos_v])
+                    out = _attn_decode_triton(q, kc, vc, pos, window, n_split)
+                    ref = attention_reference(q, kc, vc, pos, window)
+                    worst = max(worst, float((out - ref).norm() / ref.norm()))
+    # q/k/v GEMV with RoPE + cache write fused into the finishing programs: MHA and GQA, full and
+    # partial rotary, blocks of one and of two heads, dense and sparse (in-kernel and pre-compaction)
+    for n_heads, n_kv, hd, rot in ((2, 2, 32, 32), (4, 2, 32, 16)):
+        n = (n_heads + 2 * n_kv) * hd
+        bounds = [n_heads * hd, (n_heads + n_kv) * hd]
+        for cfg in (GemvConfig(32, 32, 16, 4), GemvConfig(64, 32, 8, 4), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1)):
+            for sparse in (False, True):
+                s_max, p = 24, 13
+                x = torch.randn(1, k, generator=g)
+                wt = torch.randn(k, n, generator=g) * 0.05
+                sc = torch.rand(3, k, generator=g) + 0.5
+                thr = torch.tensor([0.3, 0.5, 0.7])
+                bias = torch.randn(n, generator=g)
+                ssq = torch.rand(1, 2, generator=g) * k
+                cos = torch.randn(s_max, rot, generator=g)
+                sin = torch.randn(s_max, rot, generator=g)
+                pos = torch.tensor([p])
+                caches = [torch.randn(1, n_kv, s_max, hd, generator=g) for _ in range(2)]
+                caches += [c.clone() for c in caches]
+                q = _gemv_triton(x, wt, sc, thr, bounds, bias, None, ssq, 1e-6, 0, False, sparse, cfg,
+                                 rope=(cos, sin, pos, caches[0], caches[1], n_heads, n_kv, hd))[0]
+                y, _ = gemv_reference(x, wt, sc, thr, bounds, bias, None, ssq, 1e-6, 0, sparse)
+                ref_q = rope_cache_reference(y, cos, sin, pos, caches[2], caches[3], n_heads, n_kv, hd)
+                worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
+                            float((caches[0] - caches[2]).norm() / caches[2].norm()),
+                            float((caches[1] - caches[3]).norm() / caches[3].norm()))
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-5 else 1
 

@@ -300,7 +300,40 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                          "sparsity": None if s is None else s, "time_us": t * 1e6,
                          "bytes_read": int(byts), "rows_kept": rows_kept / k,
                          "tb_per_s": byts / t / 1e12, "of_copy_bw": byts / t / copy_bw})
+    rows += _glue_rows(engine, copy_bw, n_layers)
     return rows
+
+
+def _glue_rows(engine, copy_bw: float, n_layers: int, position: int = 256) -> list[dict]:
+    """The decode step's other kernels, timed like the GEMVs: RoPE + cache write on its own (what
+    the fused q/k/v launch saves) and flash-decoding attention at ``position``."""
+    from .kernels import attn_decode, rope_cache
+    ls = engine.layers[:n_layers]
+    dev, dt = engine.device, engine.dtype
+    hd, nh, nkv = engine.head_dim, engine.n_heads, engine.n_kv
+    pos = torch.tensor([position], device=dev)
+    qkv = torch.randn(1, (nh + 2 * nkv) * hd, device=dev).to(dt)
+    saved = [(L.k_cache.clone(), L.v_cache.clone()) for L in ls]
+    q = rope_cache(qkv, engine.cos, engine.sin, pos, ls[0].k_cache, ls[0].v_cache, nh, nkv, hd)
+    out = []
+    cases = [("rope", lambda: [rope_cache(qkv, engine.cos, engine.sin, pos, L.k_cache, L.v_cache, nh, nkv, hd)
+                              for L in ls], qkv.numel() * qkv.element_size() * 2),
+             ("attention", lambda: [attn_decode(q, L.k_cache, L.v_cache, pos, L.window) for L in ls],
+              2 * nkv * (position + 1) * hd * dt.itemsize)]
+    for name, fn, byts in cases:
+        try:
+            t = _time_graph(fn) / len(ls)
+        except Exception as e:  # report, keep going
+            out.append({"kernel": name, "K": hd, "N": nh, "variant": f"pos {position}",
+                        "error": str(e).splitlines()[0][:200]})
+            continue
+        out.append({"kernel": name, "K": hd, "N": nh, "variant": f"pos {position}", "sparsity": None,
+                    "time_us": t * 1e6, "bytes_read": int(byts), "tb_per_s": byts / t / 1e12,
+                    "of_copy_bw": byts / t / copy_bw})
+    for L, (k, v) in zip(ls, saved):
+        L.k_cache.copy_(k)
+        L.v_cache.copy_(v)
+    return out
 
 
 @torch.no_grad()

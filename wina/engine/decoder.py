@@ -5,9 +5,10 @@ phi3 model into the layout the kernels want (input-channel-major, RMSNorm gains 
 consuming weights, q/k/v and gate/up concatenated), keeps a static KV cache, and runs
 
 * prefill: the whole prompt in one forward (masked cuBLAS matmuls on the GPU),
-* decode: one token per step through :mod:`wina.kernels` — six launches per layer (q/k/v GEMV
-  with the RMSNorm fused in, RoPE + cache write, flash-decoding attention, o GEMV + residual,
-  gate/up GEMV, SiLU·up + down GEMV + residual) — captured once in a CUDA graph and replayed.
+* decode: one token per step through :mod:`wina.kernels` — five launches per layer (q/k/v GEMV
+  with the RMSNorm fused in and RoPE + cache write in its finishing programs, flash-decoding
+  attention, o GEMV + residual, gate/up GEMV, SiLU·up + down GEMV + residual; a sparse launch with
+  pre-compaction adds its small compaction launch) — captured once in a CUDA graph and replayed.
 
 Sparsity: per projection a score scale c (WINA column norms, ones for TEAL) and a threshold t; an
 input is kept iff ``|x_i|·c_i > t`` — the same rule as :mod:`wina.sparsify`'s threshold gating, and
@@ -32,7 +33,7 @@ import torch
 
 from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
-from ..kernels import ACT_SILU_MUL, gemv, rope_cache, attn_decode, reserve_workspace, use_triton
+from ..kernels import ACT_SILU_MUL, attn_decode, gemv, gemv_rope, reserve_workspace, rope_cache, use_triton
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
@@ -363,9 +364,19 @@ class Engine:
         h = self.embed.index_select(0, ids)
         ssq = h.float().pow(2).sum(-1, keepdim=True)
         for L in self.layers:
-            qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record)
-            q = rope_cache(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads, self.n_kv,
-                           self.head_dim)
+            if ids.shape[0] == 1:
+                # decode: RoPE and the cache write run in the q/k/v GEMV's finishing programs
+                if record is not None:
+                    record(L.attn_in, h, ssq, 0)
+                g = L.attn_in
+                q = gemv_rope(h, g.wt, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads,
+                              self.n_kv, self.head_dim, scales=g.scales, thresholds=g.thresholds,
+                              bounds=g.bounds, bias=g.bias, ssq_in=ssq, eps=self.eps,
+                              sparse=sparse and g.sparse)
+            else:
+                qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record)
+                q = rope_cache(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads, self.n_kv,
+                               self.head_dim)
             att = attn_decode(q, L.k_cache, L.v_cache, pos, L.window)
             if L.s_attn is None:
                 h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, record=record)

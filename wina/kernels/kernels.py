@@ -259,7 +259,9 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_finish(acc, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out,
                      y_ptr, bias_ptr, res_ptr, ssq_out_ptr,
-                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SSQ: tl.constexpr):
+                     q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SSQ: tl.constexpr,
+                     ROPE: tl.constexpr, HD: tl.constexpr):
         mn_ok = m_ok[:, None] & n_ok[None, :]
         offs_y = offs_m[:, None] * N + offs_n[None, :]
         if HAS_BIAS:
@@ -271,6 +273,39 @@ if HAS_TRITON:
         if OUT_SSQ:
             yf = tl.where(mn_ok, yv.to(tl.float32), 0.0)
             tl.store(ssq_out_ptr + offs_m * nb_out + pid_n, tl.sum(yf * yf, 1), mask=m_ok)
+        if ROPE:
+            _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                        n_heads, n_kv, s_max, rot, HD)
+
+    @triton.jit
+    def _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                    n_heads, n_kv, s_max, rot, HD: tl.constexpr):
+        """RoPE + KV-cache write on the finished q/k/v columns ``offs_n`` of a single row (the block
+        holds whole heads: a column's rotation partner is in it, read back from y after a barrier).
+        Rotated q goes to ``q_ptr``, k and v into the caches at the position held at ``pos_ptr``."""
+        pos = tl.load(pos_ptr).to(tl.int32)
+        tl.debug_barrier()                     # y of this block is written: partners can be read
+        n = offs_n
+        head = n // HD
+        d = n % HD
+        half = rot // 2
+        in_rot = (d < rot) & (head < n_heads + n_kv)
+        partner = tl.where(d < half, n + half, n - half)
+        x = yv.to(tl.float32).reshape([yv.shape[1]])
+        xp = tl.load(y_ptr + partner, mask=n_ok & in_rot, other=0.0).to(tl.float32)
+        cs = tl.load(cos_ptr + pos * rot + d, mask=n_ok & in_rot, other=1.0)
+        sn = tl.load(sin_ptr + pos * rot + d, mask=n_ok & in_rot, other=0.0)
+        sign = tl.where(d < half, -1.0, 1.0)
+        out = tl.where(in_rot, x * cs + sign * xp * sn, x)
+        is_q = head < n_heads
+        is_k = (head >= n_heads) & (head < n_heads + n_kv)
+        is_v = head >= n_heads + n_kv
+        tl.store(q_ptr + n, out.to(q_ptr.dtype.element_ty), mask=n_ok & is_q)
+        kv_off = pos * HD + d
+        tl.store(kc_ptr + (head - n_heads) * s_max * HD + kv_off, out.to(kc_ptr.dtype.element_ty),
+                 mask=n_ok & is_k)
+        tl.store(vc_ptr + (head - n_heads - n_kv) * s_max * HD + kv_off, out.to(vc_ptr.dtype.element_ty),
+                 mask=n_ok & is_v)
 
     @triton.jit
     def _load_x(x_ptr, offs, k_ok, K, rstd, ACT: tl.constexpr, PRE_NORM: tl.constexpr):
@@ -308,13 +343,15 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
                      ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
+                     q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
                      PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
-                     PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr):
+                     PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
+                     ROPE: tl.constexpr, HD: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -456,16 +493,30 @@ if HAS_TRITON:
             tl.debug_barrier()
             done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if done == n_split - 1:
-                tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for s in range(0, n_split):
-                    tot += tl.load(ws_ptr + s * (M * N) + offs_y, mask=mn_ok, other=0.0,
-                                   cache_modifier=".cg")
+                if BLOCK_M == 1:
+                    # SPLIT_C partial rows per load, all in flight at once (a loop of single-row loads
+                    # pays one dependent L2 round trip per split); fixed tree order: deterministic
+                    offs_s = tl.arange(0, SPLIT_C)
+                    tot1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for s0 in range(0, n_split, SPLIT_C):
+                        s_ok = (s0 + offs_s) < n_split
+                        parts = tl.load(ws_ptr + (s0 + offs_s)[:, None] * N + offs_n[None, :],
+                                        mask=s_ok[:, None] & n_ok[None, :], other=0.0, cache_modifier=".cg")
+                        tot1 += tl.sum(parts, 0)
+                    tot = tot1[None, :]
+                else:
+                    tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                    for s in range(0, n_split):
+                        tot += tl.load(ws_ptr + s * (M * N) + offs_y, mask=mn_ok, other=0.0,
+                                       cache_modifier=".cg")
                 _gemv_finish(tot, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
-                             res_ptr, ssq_out_ptr, HAS_BIAS, HAS_RES, OUT_SSQ)
+                             res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD)
                 tl.store(cnt_ptr + pid_n, 0)
         else:
             _gemv_finish(part, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
-                         res_ptr, ssq_out_ptr, HAS_BIAS, HAS_RES, OUT_SSQ)
+                         res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD)
 
     @triton.jit
     def _compact_kernel(x_ptr, c_ptr, t_ptr, ssq_in_ptr, scr_ptr, kept_ptr, K, nb_in, eps, n_split,
@@ -526,7 +577,7 @@ if HAS_TRITON:
     def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, ws_ptr, cnt_ptr,
                             n_kv, s_max, n_split, window, scale,
                             G: tl.constexpr, G_P: tl.constexpr, HD: tl.constexpr,
-                            BLOCK_S: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_S: tl.constexpr, PDL: tl.constexpr, NS_P: tl.constexpr):
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -568,21 +619,21 @@ if HAS_TRITON:
         tl.debug_barrier()
         done = tl.atomic_add(cnt_ptr + kvh, 1, sem="acq_rel", scope="gpu")
         if done == n_split - 1:
-            m_all = tl.full([G_P], float("-inf"), tl.float32)
-            for t in range(0, n_split):
-                r = (kvh * n_split + t) * G_P + g
-                m_all = tl.maximum(m_all, tl.load(ws_ptr + r, cache_modifier=".cg"))
-            num = tl.zeros([G_P, HD], dtype=tl.float32)
-            den = tl.zeros([G_P], dtype=tl.float32)
-            for t in range(0, n_split):
-                r = (kvh * n_split + t) * G_P + g
-                wgt = tl.exp(tl.load(ws_ptr + r, cache_modifier=".cg") - m_all)
-                den += wgt * tl.load(ws_ptr + n_rows + r, cache_modifier=".cg")
-                num += wgt[:, None] * tl.load(ws_ptr + 2 * n_rows + r[:, None] * HD + d[None, :],
-                                              cache_modifier=".cg")
-            out = num / den[:, None]
-            tl.store(o_ptr + (kvh * G + g)[:, None] * HD + d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=g_ok[:, None])
+            # per query row, the n_split partial (max, sum, acc) rows are loaded at once (no chain of
+            # dependent loads over the splits) and combined in a fixed tree order
+            offs_t = tl.arange(0, NS_P)
+            t_ok = offs_t < n_split
+            for gi in tl.static_range(G):
+                r = (kvh * n_split + offs_t) * G_P + gi
+                m_t = tl.load(ws_ptr + r, mask=t_ok, other=float("-inf"), cache_modifier=".cg")
+                l_t = tl.load(ws_ptr + n_rows + r, mask=t_ok, other=0.0, cache_modifier=".cg")
+                a_t = tl.load(ws_ptr + 2 * n_rows + r[:, None] * HD + d[None, :], mask=t_ok[:, None],
+                              other=0.0, cache_modifier=".cg")
+                m_all = tl.max(m_t, 0)
+                wgt = tl.where(t_ok, tl.exp(m_t - m_all), 0.0)
+                den = tl.sum(wgt * l_t, 0)
+                num = tl.sum(wgt[:, None] * a_t, 0)
+                tl.store(o_ptr + (kvh * G + gi) * HD + d, (num / den).to(o_ptr.dtype.element_ty))
             tl.store(cnt_ptr + kvh, 0)
 
 
@@ -643,7 +694,10 @@ def _pdl(device) -> bool:
 
 
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
-                 cfg: GemvConfig, compacted: bool = False):
+                 cfg: GemvConfig, compacted: bool = False, rope=None):
+    """Launch the GEMV (and the compaction pre-pass). ``rope`` = (cos, sin, pos, k_cache, v_cache,
+    n_heads, n_kv, head_dim) fuses RoPE + the KV-cache write into the finishing programs (one row,
+    output blocks holding whole heads); the rotated q is then returned in place of y."""
     m = x.shape[0]
     k, n = wt.shape
     if k * n >= 2 ** 31 or m * n * 64 >= 2 ** 31:
@@ -662,6 +716,14 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
     b = [int(v) for v in bounds] + [n, n]
     nb_in = ssq_in.shape[1] if ssq_in is not None else 1
     kept = y
+    rp = (y, y, y, y, y, y, 0, 0, 0, 0)
+    hd = 16
+    if rope is not None:
+        cos, sin, pos, k_cache, v_cache, n_heads, n_kv, hd = rope
+        if m != 1 or block_n % hd:
+            raise InvalidArgument("gemv: RoPE fuses only into single-row launches whose blocks hold whole heads")
+        q = torch.empty(1, n_heads * hd, dtype=x.dtype, device=dev)
+        rp = (q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1])
     if precomp:
         kept = _SCRATCH.get(("kept", str(dev)))
         if kept is None or kept.numel() < n_seg * split:
@@ -678,19 +740,47 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         x, wt, y,
         scales if sparse else y, thresholds if sparse else y,
         bias if bias is not None else y, res if res is not None else y,
-        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept,
+        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp,
         m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
         HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
         KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
         ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
-        FULL_DENSE=bool(compact and cfg.full_dense), num_warps=cfg.num_warps,
+        FULL_DENSE=bool(compact and cfg.full_dense), SPLIT_C=_split_rows(split, block_n),
+        ROPE=rope is not None, HD=hd,
+        num_warps=cfg.num_warps,
         launch_pdl=_pdl(dev),
         **({"num_stages": cfg.stages} if cfg.stages else {}))
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
-    return y, ssq_out
+    return (y if rope is None else rp[0]), ssq_out
+
+
+def rope_fuses(m: int, k: int, n: int, bounds: Sequence[int], cfg: GemvConfig, sparse: bool,
+               head_dim: int) -> bool:
+    """Whether RoPE can be fused into this GEMV launch (see :func:`gemv_rope`)."""
+    return m == 1 and plan_gemv(m, k, n, bounds, cfg, sparse)[1] % head_dim == 0
+
+
+def _split_rows(split: int, block_n: int) -> int:
+    """Partial-sum rows the finishing program loads at once (≤ 4096 fp32 values in registers)."""
+    return max(1, min(_next_pow2(split), 4096 // block_n))
+
+
+def _attn_decode_triton(q, k_cache, v_cache, pos, window: int, n_split: int):
+    n_kv, s_max, hd = k_cache.shape[1:]
+    g = q.shape[1] // hd // n_kv
+    g_p = max(16, _next_pow2(g))
+    o = torch.empty_like(q)
+    ws = _workspace(q.device, n_kv * n_split * g_p * (hd + 2), "attn")
+    cnt = _counters(q.device)[_ATTN_COUNTERS:]
+    pdl = _pdl(q.device)
+    _attn_decode_kernel[(n_kv, n_split)](
+        q, k_cache, v_cache, o, pos, ws, cnt, n_kv, s_max, n_split, int(window), 1.0 / math.sqrt(hd),
+        G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32, PDL=pdl, NS_P=_next_pow2(n_split),
+        num_warps=4, launch_pdl=pdl)
+    return o
 
 
 def _check_gemv_args(x, wt, scales, thresholds, bounds, act, sparse):
@@ -781,25 +871,64 @@ if hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("wina::attn_decode", mutates_args=())
     def _attn_decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         pos: torch.Tensor, window: int, n_split: int) -> torch.Tensor:
-        n_kv, s_max, hd = k_cache.shape[1:]
-        n_heads = q.shape[1] // hd
+        hd = k_cache.shape[3]
         if (use_triton(q) and q.shape[0] == 1 and k_cache.shape[0] == 1 and hd >= 16
                 and hd == _next_pow2(hd)):
-            g = n_heads // n_kv
-            g_p = max(16, _next_pow2(g))
-            o = torch.empty_like(q)
-            ws = _workspace(q.device, n_kv * n_split * g_p * (hd + 2), "attn")
-            cnt = _counters(q.device)[_ATTN_COUNTERS:]
-            _attn_decode_kernel[(n_kv, n_split)](
-                q, k_cache, v_cache, o, pos, ws, cnt, n_kv, s_max, n_split, int(window),
-                1.0 / math.sqrt(hd), G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32,
-                PDL=_pdl(q.device), num_warps=4, launch_pdl=_pdl(q.device))
-            return o
+            return _attn_decode_triton(q, k_cache, v_cache, pos, window, n_split)
         return attention_reference(q, k_cache, v_cache, pos, window)
 
     @_attn_decode_op.register_fake
     def _(q, k_cache, v_cache, pos, window, n_split):
         return torch.empty_like(q)
+
+
+if hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("wina::gemv_rope", mutates_args=("k_cache", "v_cache"))
+    def _gemv_rope_op(x: torch.Tensor, wt: torch.Tensor, scales: Optional[torch.Tensor],
+                      thresholds: Optional[torch.Tensor], bounds: list[int], bias: Optional[torch.Tensor],
+                      ssq_in: Optional[torch.Tensor], eps: float, sparse: bool, cos: torch.Tensor,
+                      sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      n_heads: int, n_kv: int, head_dim: int, block_n: int, block_k: int, programs: int,
+                      num_warps: int, pipeline: int, acc1d: int = 0, stages: int = 0, precompact: int = 0,
+                      full_dense: int = 0) -> torch.Tensor:
+        cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact, full_dense)
+        k, n = wt.shape
+        if (use_triton(x) and k_cache.shape[0] == 1
+                and rope_fuses(x.shape[0], k, n, bounds, cfg, sparse, head_dim)):
+            q, _ = _gemv_triton(x, wt, scales, thresholds, bounds, bias, None, ssq_in, eps, ACT_NONE, False,
+                                sparse, cfg, rope=(cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim))
+            return q
+        qkv, _ = _gemv_op(x, wt, scales, thresholds, bounds, bias, None, ssq_in, eps, ACT_NONE, False, sparse,
+                          block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact,
+                          full_dense)
+        return _rope_cache_op(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
+
+    @_gemv_rope_op.register_fake
+    def _(x, wt, scales, thresholds, bounds, bias, ssq_in, eps, sparse, cos, sin, pos, k_cache, v_cache,
+          n_heads, n_kv, head_dim, block_n, block_k, programs, num_warps, pipeline, acc1d=0, stages=0,
+          precompact=0, full_dense=0):
+        return x.new_empty(x.shape[0], n_heads * head_dim)
+
+
+def gemv_rope(x: torch.Tensor, wt: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+              k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, *,
+              scales: Optional[torch.Tensor] = None, thresholds: Optional[torch.Tensor] = None,
+              bounds: Sequence[int] = (), bias: Optional[torch.Tensor] = None,
+              ssq_in: Optional[torch.Tensor] = None, eps: float = 1e-6, sparse: bool = False,
+              config: Optional[GemvConfig] = None) -> torch.Tensor:
+    """The q/k/v GEMV followed by :func:`rope_cache`, in one launch where it can be (a single row on
+    the GPU with output blocks holding whole heads: the finishing program of each block rotates it
+    and writes k and v into the caches). Returns the rotated q [M, n_heads * head_dim]."""
+    sparse = bool(sparse)
+    _check_gemv_args(x, wt, scales, thresholds, bounds, ACT_NONE, sparse)
+    k, n = wt.shape
+    if n != (n_heads + 2 * n_kv) * head_dim:
+        raise InvalidArgument(f"gemv_rope: {n} outputs, expected (n_heads + 2 n_kv) * head_dim")
+    cfg = config or config_for(k, n, sparse)
+    return _gemv_rope_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, ssq_in, float(eps), sparse,
+                         cos, sin, pos, k_cache, v_cache, int(n_heads), int(n_kv), int(head_dim), cfg.block_n,
+                         cfg.block_k, cfg.programs, cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d),
+                         int(cfg.stages), int(cfg.precompact), int(cfg.full_dense))
 
 
 def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
