@@ -59,9 +59,10 @@ except Exception:  # pragma: no cover
 
 import os as _os
 
-# Programmatic dependent launch: each kernel lets the next one get scheduled before it ends
-# (sm_90+). Off by default: it measured no gain on the H200 (docs/gpu-notes.md, run 2);
-# WINA_PDL=1 turns it on.
+# Programmatic dependent launch (sm_90+): a GEMV lets the next kernel be scheduled once its
+# weight streaming is done, and a dense GEMV fetches its first weight tile before waiting for its
+# producer. Off by default (run 2's start-of-kernel trigger measured no gain on the H200;
+# docs/gpu-notes.md); WINA_PDL=1 turns it on.
 PDL_ENABLED = _os.environ.get("WINA_PDL", "0") == "1"
 
 
@@ -95,11 +96,12 @@ class GemvConfig:
                               # (no scratch, no index loads)
 
 
-# Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md).
+# Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md, runs 3-7).
 DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
-DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
+# sparse: the two-tile pipeline over kept lists made by the small pre-compaction launch won on the
+# q/k/v, gate/up and down shapes in runs 6 and 7 (in-kernel compaction won on o_proj)
+DEFAULT_SPARSE_CONFIG = GemvConfig(128, 64, 528, 4, 1, 0, 0, 1)
 _CONFIGS: dict[tuple, GemvConfig] = {     # (K, N[, sparse]) -> tuned config (the bench sets more)
-    # H200 sweep winners on the Llama-2-7B shapes that differ from the defaults (runs 3 and 4)
     (4096, 12288, False): GemvConfig(256, 32, 528, 4),
     (4096, 4096, True): GemvConfig(128, 64, 264, 4, 1),
 }
@@ -360,18 +362,24 @@ if HAS_TRITON:
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
         k_hi = k_lo + k_per_split
-        if PDL:
-            # let the next kernel's programs get scheduled (they only prefetch weights before
-            # their own wait); everything below that reads inputs or writes waits for ours.
-            gdc_launch_dependents()
-        if PDL:
-            gdc_wait()
+        # PDL (programmatic dependent launch): this grid may start while the previous kernel still
+        # runs; nothing the previous kernels write (x, ssq_in, res, scratch, counters) is read
+        # before gdc_wait(). Only static data (weights, scales, thresholds) is read before it.
         if SPARSE:
             n0 = pid_n * BLOCK_N
             seg = (n0 >= b1).to(tl.int32) + (n0 >= b2).to(tl.int32)
             thr = tl.load(t_ptr + seg)
             c_row = c_ptr + seg * K
         if BLOCK_M == 1:
+            offs_k0 = k_lo + tl.arange(0, BLOCK_K)
+            k0_ok = offs_k0 < K
+            w0 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            if PDL:
+                if not SPARSE:
+                    # the first weight tile does not depend on the producer: in flight before the wait
+                    w0 = tl.load(wt_ptr + offs_k0[:, None] * N + offs_n[None, :],
+                                 mask=k0_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                gdc_wait()
             rstd = 1.0
             if PRE_NORM:
                 offs_b = tl.arange(0, NB_P)
@@ -450,6 +458,14 @@ if HAS_TRITON:
                             acc2 += w.to(tl.float32) * xs[:, None]
                         xs = xs_n
                         j_ok = jn_ok
+            elif PDL:
+                xv0 = _load_x(x_ptr, offs_k0, k0_ok, K, rstd, ACT, PRE_NORM)
+                if ACC1D:
+                    acc1 += tl.sum(w0 * xv0[:, None], 0)
+                else:
+                    acc2 += w0 * xv0[:, None]
+                acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo + BLOCK_K, k_hi, K, N, rstd, acc2,
+                                          acc1, BLOCK_K, ACT, PRE_NORM, ACC1D, False)
             else:
                 acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc2, acc1,
                                           BLOCK_K, ACT, PRE_NORM, ACC1D, False)
@@ -458,6 +474,8 @@ if HAS_TRITON:
             else:
                 part = tl.sum(acc2, 0)[None, :]
         else:
+            if PDL:
+                gdc_wait()
             if PRE_NORM:
                 offs_b = tl.arange(0, NB_P)
                 ssq = tl.load(ssq_in_ptr + offs_m[:, None] * nb_in + offs_b[None, :],
@@ -486,6 +504,10 @@ if HAS_TRITON:
                 w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
                             mask=row_ok[:, None] & n_ok[None, :], other=0.0)
                 part += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], 1)
+        if PDL:
+            # the streaming is done: the next kernel's programs may be scheduled (they fetch their
+            # first weight tile while this grid sums its partials and finishes)
+            gdc_launch_dependents()
         if USE_WS:
             mn_ok = m_ok[:, None] & n_ok[None, :]
             offs_y = offs_m[:, None] * N + offs_n[None, :]
