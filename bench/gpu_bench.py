@@ -21,7 +21,8 @@ ap.add_argument("--skip-tune", action="store_true")
 ap.add_argument("--models", default="llama-2-7b,llama-3-8b,qwen-2.5-7b,phi-4")
 ap.add_argument("--hf-other", type=int, default=32, help="HF generate tokens for models after the first")
 ap.add_argument("--tests", default="tests/test_kernels.py tests/test_engine.py")
-ap.add_argument("--configs", default="")
+ap.add_argument("--force-sparse", default="",
+                help="one sparse GemvConfig for every shape, e.g. 256,64,264,4 (no sweep mapping)")
 ap.add_argument("--dense-tune", action="store_true", help="sweep the dense kernel's configs too")
 ap.add_argument("--precompact", type=float, default=0.5,
                 help="kernel table: time the pre-compaction variant at this sparsity (negative: no)")
@@ -104,6 +105,14 @@ def apply_kind_defaults():
              "head": (4096, 32000)}
     return kinds
 
+
+if args.force_sparse:
+    import wina.kernels.kernels as _kk
+    _kk.DEFAULT_SPARSE_CONFIG = GemvConfig(*[int(v) for v in args.force_sparse.split(",")])
+    for key in [k for k in _kk._CONFIGS if len(k) == 3 and k[2]]:
+        del _kk._CONFIGS[key]
+    best = {k: v for k, v in best.items() if not k[2]}
+    stamp(f"sparse config forced: {_kk.DEFAULT_SPARSE_CONFIG}")
 
 models = args.models.split(",")
 res_all = None
