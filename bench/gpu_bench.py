@@ -111,6 +111,8 @@ if args.force_sparse:
     _kk.DEFAULT_SPARSE_CONFIG = GemvConfig(*[int(v) for v in args.force_sparse.split(",")])
     for key in [k for k in _kk._CONFIGS if len(k) == 3 and k[2]]:
         del _kk._CONFIGS[key]
+    for key in [k for k in _kk._ROLE_CONFIGS if k[1]]:
+        del _kk._ROLE_CONFIGS[key]
     best = {k: v for k, v in best.items() if not k[2]}
     stamp(f"sparse config forced: {_kk.DEFAULT_SPARSE_CONFIG}")
 

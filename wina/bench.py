@@ -213,6 +213,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             scl = [g.scales for g in groups]
             bounds = groups[0].bounds
         k, n = wts[0].shape
+        role = {"qkv": "attn_in", "o": "o", "gate_up": "mlp_in", "down": "down", "lm_head": "head"}[name]
         act = fl.get("act", 0)
         x = torch.randn(1, 2 * k if act else k, generator=gen, device=dev).to(dt)
         ssq = (x.float() ** 2).sum(-1, keepdim=True) if fl.get("pre") else None
@@ -226,7 +227,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             def fn():
                 for w, b, c, t in zip(wts, biases, scl, thr_list):
                     gemv(x, w, scales=c, thresholds=t, bounds=bounds, bias=b, res=res, ssq_in=ssq,
-                         eps=engine.eps, act=act, sparse=sparse, want_ssq=res is not None)
+                         eps=engine.eps, act=act, sparse=sparse, want_ssq=res is not None, role=role)
             return fn
 
         def run_variant(thr_list, consumer_only: bool = False, **changes):
@@ -237,7 +238,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             # like the dense kernel)
             from dataclasses import replace
             from .kernels.kernels import _gemv_triton, config_for
-            cfg = replace(config_for(k, n, True), **changes)
+            cfg = replace(config_for(k, n, True, role), **changes)
 
             def call(w, b, c, t, compacted):
                 _gemv_triton(x, w, c, t, bounds, b, res, ssq, engine.eps, act, res is not None, True,

@@ -343,7 +343,7 @@ class Engine:
         if record is not None:
             record(g, x, ssq_in, act)
         sp = sparse and g.sparse
-        kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq)
+        kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
             y1, s1 = gemv(x[:d], g.wt, ssq_in=None if ssq_in is None else ssq_in[:d],
@@ -390,7 +390,7 @@ class Engine:
             else:
                 delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, record=record)
                 h, ssq = gemv(h, L.s_mlp, res=delta, want_ssq=True)
-        logits, _ = gemv(h, self.head, ssq_in=ssq, bias=self.head_bias, eps=self.eps)
+        logits, _ = gemv(h, self.head, ssq_in=ssq, bias=self.head_bias, eps=self.eps, role="head")
         return logits
 
     def _dense_rows(self, t: int) -> int:

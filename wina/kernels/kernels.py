@@ -96,14 +96,16 @@ class GemvConfig:
                               # (no scratch, no index loads)
 
 
-# Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md, runs 3-7).
+# Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md, runs 3-8).
+# A launch's config comes from, in order: a tuned entry for its exact (K, N[, sparse]) (set_config),
+# the entry for its role in the decode step (set_role_config; the engine names the role), the default.
 DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
-# sparse: the two-tile pipeline over kept lists made by the small pre-compaction launch won on the
-# q/k/v, gate/up and down shapes in runs 6 and 7 (in-kernel compaction won on o_proj)
-DEFAULT_SPARSE_CONFIG = GemvConfig(128, 64, 528, 4, 1, 0, 0, 1)
-_CONFIGS: dict[tuple, GemvConfig] = {     # (K, N[, sparse]) -> tuned config (the bench sets more)
-    (4096, 12288, False): GemvConfig(256, 32, 528, 4),
-    (4096, 4096, True): GemvConfig(128, 64, 264, 4, 1),
+DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
+ROLES = ("attn_in", "o", "mlp_in", "down", "head")
+_CONFIGS: dict[tuple, GemvConfig] = {}
+_ROLE_CONFIGS: dict[tuple[str, bool], GemvConfig] = {
+    ("attn_in", False): GemvConfig(256, 32, 528, 4),
+    ("o", True): GemvConfig(128, 64, 264, 4, 1),
 }
 
 
@@ -114,10 +116,22 @@ def set_config(k: int, n: int, cfg: GemvConfig, sparse: Optional[bool] = None) -
     _CONFIGS[key] = cfg
 
 
-def config_for(k: int, n: int, sparse: Optional[bool] = None) -> GemvConfig:
+def set_role_config(role: str, cfg: GemvConfig, sparse: bool) -> None:
+    """Use ``cfg`` for the decode step's ``role`` launches (one of :data:`ROLES`), dense or sparse,
+    on every shape without an exact entry."""
+    if role not in ROLES:
+        raise InvalidArgument(f"unknown GEMV role {role!r}; one of {', '.join(ROLES)}")
+    _ROLE_CONFIGS[(role, bool(sparse))] = cfg
+
+
+def config_for(k: int, n: int, sparse: Optional[bool] = None, role: Optional[str] = None) -> GemvConfig:
     if sparse is not None and (int(k), int(n), bool(sparse)) in _CONFIGS:
         return _CONFIGS[(int(k), int(n), bool(sparse))]
-    return _CONFIGS.get((int(k), int(n)), DEFAULT_SPARSE_CONFIG if sparse else DEFAULT_CONFIG)
+    if (int(k), int(n)) in _CONFIGS:
+        return _CONFIGS[(int(k), int(n))]
+    if role is not None and (role, bool(sparse)) in _ROLE_CONFIGS:
+        return _ROLE_CONFIGS[(role, bool(sparse))]
+    return DEFAULT_SPARSE_CONFIG if sparse else DEFAULT_CONFIG
 
 
 def _next_pow2(n: int) -> int:
@@ -856,16 +870,18 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
          thresholds: Optional[torch.Tensor] = None, bounds: Sequence[int] = (),
          bias: Optional[torch.Tensor] = None, res: Optional[torch.Tensor] = None,
          ssq_in: Optional[torch.Tensor] = None, eps: float = 1e-6, act: int = ACT_NONE,
-         want_ssq: bool = False, sparse: bool = False, config: Optional[GemvConfig] = None):
+         want_ssq: bool = False, sparse: bool = False, config: Optional[GemvConfig] = None,
+         role: Optional[str] = None):
     """y = W·x with optional fused RMSNorm, SiLU·up, WINA/TEAL gating, bias and residual.
 
     x [M, K] (or [M, 2K] with act=ACT_SILU_MUL), wt [K, N] input-channel-major (W.T contiguous),
     scales [S, K] fp32 and thresholds [S] fp32 for the S = len(bounds) + 1 output segments.
-    Returns (y [M, N] in x's dtype, ssq [M, nb] fp32; nb = 0 unless want_ssq)."""
+    Returns (y [M, N] in x's dtype, ssq [M, nb] fp32; nb = 0 unless want_ssq). ``config``: the
+    launch's GemvConfig (default: :func:`config_for` of the shape and ``role``)."""
     sparse = bool(sparse)
     _check_gemv_args(x, wt, scales, thresholds, bounds, act, sparse)
     k, n = wt.shape
-    cfg = config or config_for(k, n, sparse)
+    cfg = config or config_for(k, n, sparse, role)
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
                     int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
                     cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d), int(cfg.stages),
@@ -937,7 +953,7 @@ def gemv_rope(x: torch.Tensor, wt: torch.Tensor, cos: torch.Tensor, sin: torch.T
               scales: Optional[torch.Tensor] = None, thresholds: Optional[torch.Tensor] = None,
               bounds: Sequence[int] = (), bias: Optional[torch.Tensor] = None,
               ssq_in: Optional[torch.Tensor] = None, eps: float = 1e-6, sparse: bool = False,
-              config: Optional[GemvConfig] = None) -> torch.Tensor:
+              config: Optional[GemvConfig] = None, role: Optional[str] = "attn_in") -> torch.Tensor:
     """The q/k/v GEMV followed by :func:`rope_cache`, in one launch where it can be (a single row on
     the GPU with output blocks holding whole heads: the finishing program of each block rotates it
     and writes k and v into the caches). Returns the rotated q [M, n_heads * head_dim]."""
@@ -946,7 +962,7 @@ def gemv_rope(x: torch.Tensor, wt: torch.Tensor, cos: torch.Tensor, sin: torch.T
     k, n = wt.shape
     if n != (n_heads + 2 * n_kv) * head_dim:
         raise InvalidArgument(f"gemv_rope: {n} outputs, expected (n_heads + 2 n_kv) * head_dim")
-    cfg = config or config_for(k, n, sparse)
+    cfg = config or config_for(k, n, sparse, role)
     return _gemv_rope_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, ssq_in, float(eps), sparse,
                          cos, sin, pos, k_cache, v_cache, int(n_heads), int(n_kv), int(head_dim), cfg.block_n,
                          cfg.block_k, cfg.programs, cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d),
