@@ -96,16 +96,25 @@ class GemvConfig:
                               # (no scratch, no index loads)
 
 
-# Defaults: the winners of the H200 sweeps on the Llama-2-7B shapes (docs/gpu-notes.md, runs 3-8).
-# A launch's config comes from, in order: a tuned entry for its exact (K, N[, sparse]) (set_config),
-# the entry for its role in the decode step (set_role_config; the engine names the role), the default.
+# Defaults, from the H200 runs in docs/gpu-notes.md. A launch's config comes from, in order: an
+# entry for its exact (K, N[, sparse]) (set_config), the entry for its role in the decode step
+# (set_role_config; the engine names the role), the default.
 DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
 DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
 ROLES = ("attn_in", "o", "mlp_in", "down", "head")
-_CONFIGS: dict[tuple, GemvConfig] = {}
+_BASE, _PIPE, _PRE = DEFAULT_SPARSE_CONFIG, GemvConfig(128, 64, 264, 4, 1), GemvConfig(128, 64, 528, 4, 1, 0, 0, 1)
+# sparse roles: run 9 timed the whole engine at 50 % on the four shapes with one role at a time
+# switched (bench/config_probe.py); these won by geometric mean over the shapes
 _ROLE_CONFIGS: dict[tuple[str, bool], GemvConfig] = {
-    ("attn_in", False): GemvConfig(256, 32, 528, 4),
-    ("o", True): GemvConfig(128, 64, 264, 4, 1),
+    ("attn_in", False): GemvConfig(256, 32, 528, 4),     # run 3's dense sweep
+    ("attn_in", True): _PIPE, ("o", True): _PIPE, ("mlp_in", True): _PRE, ("down", True): _BASE,
+}
+# exact shapes of the benchmarked models (sparse): run 9's best per model and role, where it
+# differs from the role entry (Llama-2-7B, Llama-3-8B, Qwen-2.5-7B, Phi-4)
+_CONFIGS: dict[tuple, GemvConfig] = {
+    (4096, 12288, True): _BASE, (11008, 4096, True): _PRE,          # llama-2-7b q/k/v, down
+    (4096, 28672, True): _BASE,                                      # llama-3-8b gate/up
+    (5120, 7680, True): _BASE, (17920, 5120, True): _PRE,           # phi-4 q/k/v, down
 }
 
 
