@@ -137,6 +137,8 @@ for i, mname in enumerate(models):
     r = bench.run_bench([mname], hf_new_tokens=None if i == 0 else args.hf_other,
                         kernels=(i == 0), json_path=f"{OUT}/bench_{mname}.json",
                         precompact_at=args.precompact if args.precompact >= 0 else None,
+                        # one copy bandwidth for every model: the first, taken before any load
+                        copy_bw=None if res_all is None else res_all["copy_bw_tb_s"] * 1e12,
                         on_event=lambda ev: print(f"    {ev.message}", flush=True))
     if res_all is None:
         res_all = r

@@ -378,6 +378,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
               compare_pdl: bool = False, precompact_at: Optional[float] = None,
+              copy_bw: Optional[float] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
@@ -385,6 +386,8 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
     ``models``: shape names from :data:`SHAPES` (random weights) and/or model ids / paths loaded
     through :func:`wina.models.load`. ``hf_new_tokens``: tokens for the transformers baseline
     (default ``new_tokens``; 0 skips it). ``num_hidden_layers``: shrink shape-only configs (tests).
+    ``copy_bw``: bytes/s to take as the copy bandwidth instead of measuring it (on the H200 a copy
+    measured after minutes of load came out ~10 % lower than one measured first in the process).
     ``method``: "wina" (column-norm scores) or "teal" (|x| alone)."""
     from .engine import Engine
     from .models import resolve_dtype
@@ -409,8 +412,11 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
         out["triton"] = triton.__version__
     except Exception:
         out["triton"] = None
-    emit(Progress("bench", 0, len(models), message="copy bandwidth"))
-    bw = copy_bandwidth(device, (2 << 30) if device.startswith("cuda") else (64 << 20))
+    if copy_bw is None:
+        emit(Progress("bench", 0, len(models), message="copy bandwidth"))
+        bw = copy_bandwidth(device, (2 << 30) if device.startswith("cuda") else (64 << 20))
+    else:
+        bw = float(copy_bw)
     out["copy_bw_tb_s"] = bw / 1e12
 
     for mi, spec in enumerate(models):
