@@ -98,6 +98,27 @@ def test_bad_arguments():
         gemv(x, wt, scales=torch.ones(2, 32), thresholds=torch.zeros(2), bounds=[20], sparse=True)
 
 
+def test_config_precedence_exact_shape_then_role_then_default(monkeypatch):
+    from wina.kernels import kernels as kk
+    monkeypatch.setattr(kk, "_CONFIGS", dict(kk._CONFIGS))
+    monkeypatch.setattr(kk, "_ROLE_CONFIGS", dict(kk._ROLE_CONFIGS))
+    c1, c2 = GemvConfig(64, 32, 8, 4), GemvConfig(32, 32, 16, 4)
+    with pytest.raises(InvalidArgument, match="unknown GEMV role"):
+        kk.set_role_config("lm", c1, sparse=True)
+    assert kk.config_for(123, 456, True) == kk.DEFAULT_SPARSE_CONFIG
+    assert kk.config_for(123, 456, False, "down") == kk.DEFAULT_CONFIG
+    kk.set_role_config("down", c1, sparse=True)
+    assert kk.config_for(123, 456, True, "down") == c1          # the role's entry
+    assert kk.config_for(123, 456, False, "down") == kk.DEFAULT_CONFIG   # only for sparse launches
+    assert kk.config_for(123, 456, True, "o") == kk._ROLE_CONFIGS[("o", True)]
+    kk.set_config(123, 456, c2, sparse=True)
+    assert kk.config_for(123, 456, True, "down") == c2          # an exact shape wins over the role
+    assert kk.config_for(123, 456, False, "down") == kk.DEFAULT_CONFIG
+    x, wt = torch.randn(1, 123), torch.randn(123, 456)
+    y, _ = gemv(x, wt, role="down")                              # the CPU path takes a role too
+    assert torch.allclose(y, x @ wt, atol=1e-4)
+
+
 def test_plan_splits_k_and_respects_segments():
     bm, bn, bk, nb, split, kps = plan_gemv(1, 4096, 12288, [4096, 8192], GemvConfig(128, 64, 1056, 4))
     assert bm == 1 and bn == 128 and bk == 64 and nb == 96 and kps % 64 == 0 and split * kps >= 4096
