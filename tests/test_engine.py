@@ -74,6 +74,24 @@ def test_sparse_logits_equal_sparsified_transformers(kind, transformed):
     assert (dense - dense_ref).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("transformed", [False, True])
+def test_fused_mlp_flag_keeps_the_logits(transformed):
+    """Engine(fuse_mlp=True) (gate/up compacts down's input on the GPU) computes the same thing;
+    on the CPU it runs as the two plain launches, so the logits are identical."""
+    m = tiny("llama")
+    if transformed:
+        transform(m)
+    ids = ids_for(14, seed=6)
+    plain = Engine.from_model(m, max_seq_len=32)
+    thr = plain.calibrate(ids[0].tolist(), 0.5)
+    plain.set_sparsity(thr)
+    fused = Engine.from_model(m, max_seq_len=32, fuse_mlp=True, thresholds=thr)
+    assert fused.fuse_mlp and not plain.fuse_mlp
+    a = plain.forward_logits(ids[0], prefill_len=6)
+    b = fused.forward_logits(ids[0], prefill_len=6)
+    assert torch.equal(a, b)
+
+
 def test_transformed_dense_equals_original():
     m = tiny("qwen2")
     ids = ids_for(16, seed=3)
@@ -206,6 +224,11 @@ def test_gpu_sparse_engine_matches_sparsified_model():
     e_hf, e_eng = _rel(hf16, ref), _rel(out, ref)
     print(f"sparse 50%: transformers bf16 {e_hf:.4f}, engine {e_eng:.4f}")
     assert e_eng <= max(5e-2, 2 * e_hf), (e_hf, e_eng)
+    # the same with down's input compacted by gate/up's finishing programs (Engine(fuse_mlp=True))
+    fused = Engine.from_model(m16, max_seq_len=64, fuse_mlp=True).forward_logits(ids[0], prefill_len=30)
+    e_fused = _rel(fused, ref)
+    print(f"sparse 50%, fused gate/up → down compaction: engine {e_fused:.4f}")
+    assert e_fused <= max(5e-2, 2 * e_hf), (e_hf, e_fused)
     sp32.remove()
     sp16.remove()
 

@@ -306,3 +306,53 @@ def test_triton_kernel_in_the_interpreter():
                        capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gu_sparse", [False, True])
+def test_triton_mlp_decode_fused_compaction(dtype, gu_sparse):
+    """mlp_decode: gate/up's finishing programs list down's kept inputs; against the reference
+    gate/up → SiLU·up → sparse down, for the role defaults and two other down configs."""
+    from dataclasses import replace
+    from wina.kernels import mlp_decode
+    from wina.kernels import kernels as kk
+    from wina.kernels.kernels import _counters, _prepare_input
+    g = torch.Generator(device="cuda").manual_seed(7 + gu_sparse)
+    k, f, d = 1024, 4096, 2048
+    for down_cfg in (None, GemvConfig(128, 64, 528, 4), GemvConfig(256, 64, 132, 4, 1)):
+        saved = dict(kk._ROLE_CONFIGS)
+        if down_cfg is not None:
+            kk.set_role_config("down", down_cfg, sparse=True)
+        try:
+            x = torch.randn(1, k, generator=g, device="cuda").to(dtype)
+            gu_wt = (torch.randn(k, 2 * f, generator=g, device="cuda") * 0.05).to(dtype)
+            gu_sc = torch.rand(2, k, generator=g, device="cuda") + 0.5
+            ssq = torch.rand(1, 3, generator=g, device="cuda") * k
+            xf = _prepare_input(x, k, ssq, 1e-6, 0)
+            gu_thr = torch.tensor([float(torch.quantile(xf.abs() * gu_sc[j], q)) for j, q in enumerate((0.4, 0.6))],
+                                  device="cuda")
+            down_wt = (torch.randn(f, d, generator=g, device="cuda") * 0.05).to(dtype)
+            down_sc = torch.rand(1, f, generator=g, device="cuda") + 0.5
+            res = torch.randn(1, d, generator=g, device="cuda").to(dtype)
+            gu_ref, _ = gemv_reference(x, gu_wt, gu_sc, gu_thr, [f], None, None, ssq, 1e-6, 0, gu_sparse)
+            gu_ref = gu_ref.to(dtype)
+            h = _prepare_input(gu_ref, f, None, 1e-6, ACT_SILU_MUL)
+            down_thr = torch.tensor([float(torch.quantile(h.abs() * down_sc[0], 0.5))], device="cuda")
+            ref, rs = gemv_reference(gu_ref, down_wt, down_sc, down_thr, [], None, res, None, 1e-6, ACT_SILU_MUL, True)
+            _poison((1, d), dtype)
+            y, ss = mlp_decode(x, gu_wt, down_wt, gu_scales=gu_sc, gu_thresholds=gu_thr, gu_sparse=gu_sparse,
+                               ssq_in=ssq, down_scales=down_sc, down_thresholds=down_thr, res=res, want_ssq=True)
+            torch.cuda.synchronize()
+            assert torch.isfinite(y).all()
+            assert rel(y, ref) <= 1e-2 and rel(ss.sum(-1), rs[:, 0]) <= 1e-2, (down_cfg, rel(y, ref))
+            assert int(_counters(x.device).abs().sum()) == 0, "arrival counters not reset"
+            plan = kk._mlp_plan(1, k, f, d, [f], kk.config_for(k, 2 * f, gu_sparse, "mlp_in"), gu_sparse,
+                                kk.config_for(f, d, True, "down"))
+            assert plan is not None, "expected the fused path"
+            y2, _ = mlp_decode(x, gu_wt, down_wt, gu_scales=gu_sc, gu_thresholds=gu_thr, gu_sparse=gu_sparse,
+                               ssq_in=ssq, down_scales=down_sc, down_thresholds=down_thr, res=res, want_ssq=True)
+            assert torch.equal(y, y2), "not deterministic"
+        finally:
+            kk._ROLE_CONFIGS.clear()
+            kk._ROLE_CONFIGS.update(saved)

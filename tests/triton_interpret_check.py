@@ -24,8 +24,9 @@ def _patch_lang_tensor(tensor, scope):
 
 _interp._patch_lang_tensor = _patch_lang_tensor
 
-from wina.kernels.kernels import (GemvConfig, _attn_decode_triton, _gemv_triton, _prepare_input,  # noqa: E402
-                                  attention_reference, gemv_reference, rope_cache_reference)
+from wina.kernels.kernels import (GemvConfig, _attn_decode_triton, _gemv_triton, _mlp_decode_triton,  # noqa: E402
+                                  _counters, _mlp_plan, _prepare_input, attention_reference, gemv_reference,
+                                  rope_cache_reference)
 
 
 def main() -> int:
@@ -103,6 +104,36 @@ def main() -> int:
                 worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
                             float((caches[0] - caches[2]).norm() / caches[2].norm()),
                             float((caches[1] - caches[3]).norm() / caches[3].norm()))
+    # gate/up → down with down's input compacted by gate/up's finishing programs (mlp_decode):
+    # whole and partial last chunks, gate/up dense and sparse, with and without split-K
+    d = 192
+    for f in (512, 448):
+        for gu_cfg in (GemvConfig(64, 32, 8, 4), GemvConfig(32, 32, 128, 4), GemvConfig(64, 32, 40, 4, 1, 0, 0, 1)):
+            for gu_sparse in (False, True):
+                x = torch.randn(1, k, generator=g)
+                gu_wt = torch.randn(k, 2 * f, generator=g) * 0.05
+                gu_sc = torch.rand(2, k, generator=g) + 0.5
+                ssq = torch.rand(1, 2, generator=g) * k
+                xf = _prepare_input(x, k, ssq, 1e-6, 0)
+                gu_thr = torch.tensor([float(torch.quantile(xf.abs() * gu_sc[j], q)) for j, q in enumerate((0.4, 0.6))])
+                down_wt = torch.randn(f, d, generator=g) * 0.05
+                down_sc = torch.rand(1, f, generator=g) + 0.5
+                res = torch.randn(1, d, generator=g)
+                gu_ref, _ = gemv_reference(x, gu_wt, gu_sc, gu_thr, [f], None, None, ssq, 1e-6, 0, gu_sparse)
+                h = _prepare_input(gu_ref, f, None, 1e-6, 1)
+                down_thr = torch.tensor([float(torch.quantile(h.abs() * down_sc[0], 0.5))])
+                ref, rs = gemv_reference(gu_ref, down_wt, down_sc, down_thr, [], None, res, None, 1e-6, 1, True)
+                plan = _mlp_plan(1, k, f, d, [f], gu_cfg, gu_sparse, GemvConfig(64, 32, 8, 4))
+                if plan is None:
+                    print("mlp plan not fusable", f, gu_cfg)
+                    return 1
+                y, ss = _mlp_decode_triton(x, gu_wt, gu_sc, gu_thr, None, gu_sparse, ssq, down_wt, down_sc, down_thr,
+                                           res, 1e-6, True, gu_cfg, plan)
+                worst = max(worst, float((y - ref).norm() / ref.norm()),
+                            float((ss.sum(-1) - rs[:, 0]).abs().max() / rs.abs().max()))
+                if int(_counters(x.device).abs().sum()):
+                    print("arrival counters not reset")
+                    return 1
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-5 else 1
 

@@ -442,6 +442,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
             eng = Engine.from_model(model, scales=scales, max_seq_len=prompt_len + new_tokens + 8,
                                     use_sparsifier=False)
             rec["params"] = sum(p.numel() for p in model.parameters())
+            rec["fuse_mlp"] = eng.fuse_mlp
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()

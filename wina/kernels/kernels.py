@@ -286,7 +286,9 @@ if HAS_TRITON:
                      y_ptr, bias_ptr, res_ptr, ssq_out_ptr,
                      q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SSQ: tl.constexpr,
-                     ROPE: tl.constexpr, HD: tl.constexpr):
+                     ROPE: tl.constexpr, HD: tl.constexpr,
+                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr,
+                     NC: tl.constexpr, NC_KPS: tl.constexpr, BLOCK_N: tl.constexpr):
         mn_ok = m_ok[:, None] & n_ok[None, :]
         offs_y = offs_m[:, None] * N + offs_n[None, :]
         if HAS_BIAS:
@@ -301,6 +303,32 @@ if HAS_TRITON:
         if ROPE:
             _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
                         n_heads, n_kv, s_max, rot, HD)
+        if NC:
+            # this launch is gate/up and the next is down: the last of the blocks that cover a
+            # K-chunk of down's input (its gate and its up columns) compacts that chunk for it
+            tl.debug_barrier()
+            F = N // 2
+            n0 = pid_n * BLOCK_N
+            col = tl.where(n0 >= F, n0 - F, n0)
+            chunk = col // NC_KPS
+            lo = chunk * NC_KPS
+            expect = 2 * ((tl.minimum(F - lo, NC_KPS) + BLOCK_N - 1) // BLOCK_N)
+            done = tl.atomic_add(nc_cnt_ptr + chunk, 1, sem="acq_rel", scope="gpu")
+            if done == expect - 1:
+                offs = lo + tl.arange(0, NC_KPS)
+                ok = offs < F
+                g = tl.load(y_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                u = tl.load(y_ptr + F + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                xa = g / (1.0 + tl.exp(-g)) * u
+                c = tl.load(nc_c_ptr + offs, mask=ok, other=0.0)
+                keep = ok & (tl.abs(xa) * c > tl.load(nc_t_ptr))
+                ki = keep.to(tl.int32)
+                slot = tl.cumsum(ki, 0) - 1
+                base = chunk * (2 * NC_KPS)
+                tl.store(nc_scr_ptr + base + slot, offs.to(tl.float32, bitcast=False), mask=keep)
+                tl.store(nc_scr_ptr + base + NC_KPS + slot, xa, mask=keep)
+                tl.store(nc_kept_ptr + chunk, tl.sum(ki, 0))
+                tl.store(nc_cnt_ptr + chunk, 0)
 
     @triton.jit
     def _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
@@ -369,6 +397,7 @@ if HAS_TRITON:
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
                      ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
                      q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
+                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
@@ -376,7 +405,7 @@ if HAS_TRITON:
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
                      PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
                      PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
-                     ROPE: tl.constexpr, HD: tl.constexpr):
+                     ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -556,12 +585,14 @@ if HAS_TRITON:
                                        cache_modifier=".cg")
                 _gemv_finish(tot, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                              res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
-                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD)
+                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD,
+                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, NC, NC_KPS, BLOCK_N)
                 tl.store(cnt_ptr + pid_n, 0)
         else:
             _gemv_finish(part, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                          res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
-                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD)
+                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD,
+                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, NC, NC_KPS, BLOCK_N)
 
     @triton.jit
     def _compact_kernel(x_ptr, c_ptr, t_ptr, ssq_in_ptr, scr_ptr, kept_ptr, K, nb_in, eps, n_split,
@@ -689,6 +720,7 @@ _SCRATCH: dict = {}
 _KEEP_ALIVE: list = []        # old workspaces stay alive: captured graphs may still point at them
 _N_COUNTERS = 1 << 16
 _ATTN_COUNTERS = 1 << 15      # attention uses the upper half of the counter array
+_NC_COUNTERS = 3 << 14        # the fused down-input compaction (above attention's few slots)
 
 
 def _counters(device) -> torch.Tensor:
@@ -739,17 +771,21 @@ def _pdl(device) -> bool:
 
 
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
-                 cfg: GemvConfig, compacted: bool = False, rope=None):
+                 cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None):
     """Launch the GEMV (and the compaction pre-pass). ``rope`` = (cos, sin, pos, k_cache, v_cache,
     n_heads, n_kv, head_dim) fuses RoPE + the KV-cache write into the finishing programs (one row,
-    output blocks holding whole heads); the rotated q is then returned in place of y."""
+    output blocks holding whole heads); the rotated q is then returned in place of y.
+    ``next_compact`` = (scales [F], threshold [1], kps, split, scr, kept): this is a gate/up launch
+    (N = 2F) whose finishing programs also write the kept lists of SiLU(gate)·up for the down launch
+    that follows (see :func:`mlp_decode`); ``lists`` = (scr, kept): this sparse single-row launch
+    reads its kept lists from there instead of compacting."""
     m = x.shape[0]
     k, n = wt.shape
     if k * n >= 2 ** 31 or m * n * 64 >= 2 ** 31:
         raise InvalidArgument(f"gemv: {k}x{n} is too large for 32-bit offsets")
     block_m, block_n, block_k, n_blocks, split, k_per_split = plan_gemv(m, k, n, bounds, cfg, sparse)
     compact = sparse and block_m == 1
-    precomp = compact and bool(cfg.precompact)
+    precomp = compact and (bool(cfg.precompact) or lists is not None)
     dev = x.device
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     ssq_out = torch.empty(m, n_blocks, dtype=torch.float32, device=dev) if want_ssq else y
@@ -769,7 +805,18 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
             raise InvalidArgument("gemv: RoPE fuses only into single-row launches whose blocks hold whole heads")
         q = torch.empty(1, n_heads * hd, dtype=x.dtype, device=dev)
         rp = (q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1])
-    if precomp:
+    nc = (y, y, y, y, y)
+    nc_kps = 16
+    if next_compact is not None:
+        nc_c, nc_t, nc_kps, nc_split, nc_scr, nc_kept = next_compact
+        if m != 1 or n % 2 or nc_kps % block_n or (n // 2) % block_n:
+            raise InvalidArgument("gemv: the down input's compaction fuses only into single-row gate/up "
+                                  "launches whose blocks tile its K-chunks")
+        nc = (nc_c, nc_t, nc_scr, nc_kept, _counters(dev)[_NC_COUNTERS:])
+    if lists is not None:
+        scr, kept = lists
+        compacted = True
+    elif precomp:
         kept = _SCRATCH.get(("kept", str(dev)))
         if kept is None or kept.numel() < n_seg * split:
             if kept is not None:
@@ -785,7 +832,7 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         x, wt, y,
         scales if sparse else y, thresholds if sparse else y,
         bias if bias is not None else y, res if res is not None else y,
-        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp,
+        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp, *nc,
         m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
         SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
@@ -793,13 +840,62 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
         ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
         FULL_DENSE=bool(compact and cfg.full_dense), SPLIT_C=_split_rows(split, block_n),
-        ROPE=rope is not None, HD=hd,
+        ROPE=rope is not None, HD=hd, NC=next_compact is not None, NC_KPS=nc_kps,
         num_warps=cfg.num_warps,
         launch_pdl=_pdl(dev),
         **({"num_stages": cfg.stages} if cfg.stages else {}))
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
     return (y if rope is None else rp[0]), ssq_out
+
+
+def _mlp_plan(m, k, f, d, bounds, gu_cfg, gu_sparse, down_cfg):
+    """(down config with precompact, its split, its K-chunk) if gate/up can compact down's input."""
+    from dataclasses import replace
+    dcfg = replace(down_cfg, precompact=1)
+    _, _, _, _, split, kps = plan_gemv(1, f, d, [], dcfg, True)
+    bn = plan_gemv(1, k, 2 * f, bounds, gu_cfg, gu_sparse)[1]
+    ok = m == 1 and list(bounds) == [f] and kps % bn == 0 and f % bn == 0 and split <= (1 << 14)
+    return (dcfg, split, kps) if ok else None
+
+
+def _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ssq_in, down_wt, down_scales,
+                       down_thresholds, res, eps, want_ssq, gu_cfg, plan):
+    dcfg, split, kps = plan
+    f = down_wt.shape[0]
+    scr = _workspace(x.device, split * 2 * kps, "mlp_lists")
+    kept = _SCRATCH.get(("mlp_kept", str(x.device)))
+    if kept is None or kept.numel() < split:
+        if kept is not None:
+            _KEEP_ALIVE.append(kept)
+        kept = torch.zeros(max(split, 1024), dtype=torch.int32, device=x.device)
+        _SCRATCH[("mlp_kept", str(x.device))] = kept
+    gu, _ = _gemv_triton(x, gu_wt, gu_scales, gu_thresholds, [f], gu_bias, None, ssq_in, eps, ACT_NONE, False,
+                         gu_sparse, gu_cfg,
+                         next_compact=(down_scales.reshape(-1), down_thresholds, kps, split, scr, kept))
+    return _gemv_triton(gu, down_wt, down_scales, down_thresholds, [], None, res, None, eps, ACT_SILU_MUL,
+                        want_ssq, True, dcfg, lists=(scr, kept))
+
+
+def mlp_decode(x, gu_wt, down_wt, *, gu_scales=None, gu_thresholds=None, gu_bias=None, gu_sparse=False,
+               ssq_in=None, down_scales, down_thresholds, res=None, eps: float = 1e-6, want_ssq: bool = False):
+    """gate/up GEMV then SiLU(gate)·up → sparse down GEMV (+ residual), with down's input compacted
+    by gate/up's finishing programs: the last block to finish over each of down's K-chunks scores
+    and lists that chunk, so the down launch neither compacts nor needs a compaction launch. One row
+    on the GPU (blocks must tile the chunks); anything else runs as the two plain :func:`gemv` calls,
+    with the same results. Returns (y, ssq) as :func:`gemv` does for down."""
+    f, d = down_wt.shape
+    k = gu_wt.shape[0]
+    gu_cfg = config_for(k, 2 * f, gu_sparse, "mlp_in")
+    plan = _mlp_plan(x.shape[0], k, f, d, [f], gu_cfg, bool(gu_sparse), config_for(f, d, True, "down"))
+    if use_triton(x) and plan is not None:
+        _check_gemv_args(x, gu_wt, gu_scales, gu_thresholds, [f], ACT_NONE, bool(gu_sparse))
+        return _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, bool(gu_sparse), ssq_in, down_wt,
+                                  down_scales, down_thresholds, res, eps, want_ssq, gu_cfg, plan)
+    gu, _ = gemv(x, gu_wt, scales=gu_scales, thresholds=gu_thresholds, bounds=[f], bias=gu_bias, ssq_in=ssq_in,
+                 eps=eps, sparse=gu_sparse, role="mlp_in")
+    return gemv(gu, down_wt, scales=down_scales, thresholds=down_thresholds, res=res, eps=eps, act=ACT_SILU_MUL,
+                want_ssq=want_ssq, sparse=True, role="down")
 
 
 def rope_fuses(m: int, k: int, n: int, bounds: Sequence[int], cfg: GemvConfig, sparse: bool,
