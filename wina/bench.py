@@ -378,7 +378,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
               compare_pdl: bool = False, precompact_at: Optional[float] = None,
-              copy_bw: Optional[float] = None,
+              copy_bw: Optional[float] = None, fuse_mlp: Optional[bool] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
@@ -388,6 +388,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
     (default ``new_tokens``; 0 skips it). ``num_hidden_layers``: shrink shape-only configs (tests).
     ``copy_bw``: bytes/s to take as the copy bandwidth instead of measuring it (on the H200 a copy
     measured after minutes of load came out ~10 % lower than one measured first in the process).
+    ``fuse_mlp``: the engine's fused down-input compaction (None: the WINA_FUSE_MLP default).
     ``method``: "wina" (column-norm scores) or "teal" (|x| alone)."""
     from .engine import Engine
     from .models import resolve_dtype
@@ -440,7 +441,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
                 rec["hf"] = _hf_generate_tps(model, prompt.to(device), hf_new)
             scales = _scales_for(model, method)
             eng = Engine.from_model(model, scales=scales, max_seq_len=prompt_len + new_tokens + 8,
-                                    use_sparsifier=False)
+                                    use_sparsifier=False, fuse_mlp=fuse_mlp)
             rec["params"] = sum(p.numel() for p in model.parameters())
             rec["fuse_mlp"] = eng.fuse_mlp
             del model

@@ -873,6 +873,9 @@ def bench_cmd(
     kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    fuse_mlp: Optional[bool] = typer.Option(None, "--fuse-mlp/--no-fuse-mlp",
+                                            help="Sparse decode: gate/up compacts down's input (experimental; "
+                                                 "default: the WINA_FUSE_MLP environment variable)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the
@@ -899,7 +902,7 @@ def bench_cmd(
         res = run_bench(tuple(models or ("llama-2-7b",)), sparsities=sps, method=method, prompt_len=prompt_len,
                         new_tokens=new_tokens, hf_new_tokens=hf_new_tokens, device=device, dtype=dtype,
                         kernels=kernels, kernel_layers=kernel_layers, num_hidden_layers=layers, seed=seed,
-                        on_event=r, json_path=str(json_out) if json_out else None)
+                        fuse_mlp=fuse_mlp, on_event=r, json_path=str(json_out) if json_out else None)
     from .bench import print_bench
     print_bench(res, out)
     failed = [m for m in res.get("models", []) if "error" in m]
