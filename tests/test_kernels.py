@@ -353,6 +353,14 @@ def test_triton_mlp_decode_fused_compaction(dtype, gu_sparse):
             y2, _ = mlp_decode(x, gu_wt, down_wt, gu_scales=gu_sc, gu_thresholds=gu_thr, gu_sparse=gu_sparse,
                                ssq_in=ssq, down_scales=down_sc, down_thresholds=down_thr, res=res, want_ssq=True)
             assert torch.equal(y, y2), "not deterministic"
+            for _ in range(3):                   # one launch: down's programs wait for their chunk's flag
+                _poison((1, d), dtype)
+                y3, ss3 = mlp_decode(x, gu_wt, down_wt, gu_scales=gu_sc, gu_thresholds=gu_thr, gu_sparse=gu_sparse,
+                                     ssq_in=ssq, down_scales=down_sc, down_thresholds=down_thr, res=res,
+                                     want_ssq=True, one_launch=True)
+                torch.cuda.synchronize()
+                assert torch.equal(y3, y), "one launch differs from two"
+                assert int(_counters(x.device).abs().sum()) == 0, "flags or counters not reset"
         finally:
             kk._ROLE_CONFIGS.clear()
             kk._ROLE_CONFIGS.update(saved)

@@ -378,7 +378,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
               compare_pdl: bool = False, precompact_at: Optional[float] = None,
-              copy_bw: Optional[float] = None, fuse_mlp: Optional[bool] = None,
+              copy_bw: Optional[float] = None, fuse_mlp: Optional[int] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).

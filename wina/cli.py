@@ -873,9 +873,10 @@ def bench_cmd(
     kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
-    fuse_mlp: Optional[bool] = typer.Option(None, "--fuse-mlp/--no-fuse-mlp",
-                                            help="Sparse decode: gate/up compacts down's input (experimental; "
-                                                 "default: the WINA_FUSE_MLP environment variable)."),
+    fuse_mlp: Optional[int] = typer.Option(None, "--fuse-mlp", min=0, max=2,
+                                           help="Sparse decode (experimental): 1 = gate/up compacts down's input, "
+                                                "2 = also one launch for both; 0 = off (default: the "
+                                                "WINA_FUSE_MLP environment variable, else 0)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the

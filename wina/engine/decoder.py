@@ -160,16 +160,16 @@ class Engine:
                    shortcuts: Optional[Mapping[tuple[int, str], Optional[torch.Tensor]]] = None,
                    max_seq_len: Optional[int] = None, dense_prefix: Optional[float] = None,
                    use_sparsifier: bool = True, use_graphs: bool = True,
-                   fuse_mlp: Optional[bool] = None) -> "Engine":
+                   fuse_mlp: Optional[int] = None) -> "Engine":
         """Copy ``model``'s weights into a decode engine on the model's device and dtype.
 
         ``thresholds`` {(layer, proj): t} and ``scales`` {(layer, proj): c [in_features] or None}
         give the gating (absent = dense); when omitted and the model carries a threshold-gated
         :class:`wina.sparsify.Sparsifier`, its thresholds and scales are used. ``shortcuts``
         defaults to :func:`wina.transform.shortcuts` of a transformed model. ``fuse_mlp``: in sparse
-        decode steps, let gate/up's finishing programs compact down's input
-        (:func:`wina.kernels.mlp_decode`); default: the WINA_FUSE_MLP environment variable ("1"),
-        off until it is measured faster (docs/gpu-notes.md).
+        decode steps, 1 = gate/up's finishing programs compact down's input, 2 = the same with
+        gate/up and down in one launch (:func:`wina.kernels.mlp_decode`); 0 = off; default: the
+        WINA_FUSE_MLP environment variable, off until it is measured faster (docs/gpu-notes.md).
         """
         eng = cls()
         a = adapter_for(model)
@@ -188,7 +188,12 @@ class Engine:
         eng.max_seq_len = int(max_seq_len or min(limit, 4096))
         eng.eos_ids = _eos_from(model)
         eng.use_graphs = use_graphs
-        eng.fuse_mlp = (os.environ.get("WINA_FUSE_MLP", "0") == "1") if fuse_mlp is None else bool(fuse_mlp)
+        if fuse_mlp is None:
+            env = os.environ.get("WINA_FUSE_MLP", "0").strip()
+            fuse_mlp = int(env) if env in ("0", "1", "2") else 0
+        if int(fuse_mlp) not in (0, 1, 2):
+            raise InvalidArgument(f"fuse_mlp must be 0, 1 or 2, got {fuse_mlp}")
+        eng.fuse_mlp = int(fuse_mlp)
 
         sp = getattr(model, "_wina_sparsifier", None) if use_sparsifier else None
         if sp is not None and (not sp.enabled or sp.method == "dense" or not sp._handles):
@@ -396,7 +401,7 @@ class Engine:
                 y, s2 = mlp_decode(h, gi.wt, gd.wt, gu_scales=gi.scales, gu_thresholds=gi.thresholds,
                                    gu_bias=gi.bias, gu_sparse=gi.sparse, ssq_in=ssq, down_scales=gd.scales,
                                    down_thresholds=gd.thresholds, res=h if L.s_mlp is None else None,
-                                   eps=self.eps, want_ssq=L.s_mlp is None)
+                                   eps=self.eps, want_ssq=L.s_mlp is None, one_launch=self.fuse_mlp >= 2)
                 h, ssq = (y, s2) if L.s_mlp is None else gemv(h, L.s_mlp, res=y, want_ssq=True)
                 continue
             gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, record=record)

@@ -287,8 +287,8 @@ if HAS_TRITON:
                      q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SSQ: tl.constexpr,
                      ROPE: tl.constexpr, HD: tl.constexpr,
-                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr,
-                     NC: tl.constexpr, NC_KPS: tl.constexpr, BLOCK_N: tl.constexpr):
+                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
+                     NC: tl.constexpr, NC_KPS: tl.constexpr, BLOCK_N: tl.constexpr, NC_FLAG: tl.constexpr):
         mn_ok = m_ok[:, None] & n_ok[None, :]
         offs_y = offs_m[:, None] * N + offs_n[None, :]
         if HAS_BIAS:
@@ -329,6 +329,10 @@ if HAS_TRITON:
                 tl.store(nc_scr_ptr + base + NC_KPS + slot, xa, mask=keep)
                 tl.store(nc_kept_ptr + chunk, tl.sum(ki, 0))
                 tl.store(nc_cnt_ptr + chunk, 0)
+                if NC_FLAG:
+                    # fused gate/up + down launch: the down programs of this chunk wait for this flag
+                    tl.debug_barrier()
+                    tl.atomic_xchg(nc_ready_ptr + chunk, 1, sem="release", scope="gpu")
 
     @triton.jit
     def _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
@@ -397,7 +401,8 @@ if HAS_TRITON:
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
                      ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
                      q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
-                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr,
+                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
+                     lr_ptr, lrd_ptr, n_readers,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
@@ -405,9 +410,35 @@ if HAS_TRITON:
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
                      PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
                      PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
-                     ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+                     ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr,
+                     NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr):
+        _gemv_body(tl.program_id(0), tl.program_id(1),
+                   x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
+                   ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
+                   q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
+                   nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
+                   lr_ptr, lrd_ptr, n_readers,
+                   M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
+                   BLOCK_M, BLOCK_N, BLOCK_K, NB_P, SPARSE, PRE_NORM, ACT, HAS_BIAS, HAS_RES, OUT_SSQ, USE_WS,
+                   KPS, PDL, PIPE, ACC1D, PRECOMP, FULL_DENSE, SPLIT_C, ROPE, HD, NC, NC_KPS, NC_FLAG,
+                   WAIT_LISTS)
+
+    @triton.jit
+    def _gemv_body(pid_n, pid_s, x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
+                   ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
+                   q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
+                   nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
+                   lr_ptr, lrd_ptr, n_readers,
+                   M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
+                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
+                   PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
+                   PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
+                   ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr,
+                   NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr):
+        """One program (output block pid_n, K-split pid_s) of the GEMV; see :func:`gemv`."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
@@ -441,7 +472,14 @@ if HAS_TRITON:
             acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             if SPARSE:
                 if PRECOMP:
-                    # the kept lists of (segment, split) were written by _compact_kernel
+                    # the kept lists of (segment, split) were written by _compact_kernel (or by the
+                    # gate/up programs of a fused launch: wait for their flag, the last reader resets it)
+                    if WAIT_LISTS:
+                        while tl.atomic_add(lr_ptr + pid_s, 0, sem="acquire", scope="gpu") == 0:
+                            pass
+                        if tl.atomic_add(lrd_ptr + pid_s, 1, sem="relaxed", scope="gpu") == n_readers - 1:
+                            tl.store(lr_ptr + pid_s, 0)
+                            tl.store(lrd_ptr + pid_s, 0)
                     base = (seg * n_split + pid_s) * (2 * KPS)
                     count = tl.load(kept_ptr + seg * n_split + pid_s)
                 else:
@@ -456,7 +494,7 @@ if HAS_TRITON:
                     ki = keep.to(tl.int32)
                     slot = tl.cumsum(ki, 0) - 1
                     count = tl.sum(ki, 0)
-                    base = (pid_s * tl.num_programs(0) + pid_n) * (2 * KPS)
+                    base = (pid_s * nb_out + pid_n) * (2 * KPS)
                     if FULL_DENSE:
                         keep = keep & (count < tl.minimum(K - k_lo, KPS))   # all kept: no lists
                     tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
@@ -586,13 +624,72 @@ if HAS_TRITON:
                 _gemv_finish(tot, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                              res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
                              n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD,
-                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, NC, NC_KPS, BLOCK_N)
+                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr, NC, NC_KPS,
+                             BLOCK_N, NC_FLAG)
                 tl.store(cnt_ptr + pid_n, 0)
         else:
             _gemv_finish(part, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                          res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
                              n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD,
-                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, NC, NC_KPS, BLOCK_N)
+                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr, NC, NC_KPS,
+                             BLOCK_N, NC_FLAG)
+
+    @triton.jit
+    def _mlp_kernel(g_x_ptr, g_wt_ptr, g_y_ptr, g_c_ptr, g_t_ptr, g_bias_ptr, g_res_ptr, g_ssq_in_ptr,
+                    g_ssq_out_ptr, g_ws_ptr, g_cnt_ptr, g_scr_ptr, g_kept_ptr, g_q_ptr, g_kc_ptr, g_vc_ptr,
+                    g_cos_ptr, g_sin_ptr, g_pos_ptr, g_n_heads, g_n_kv, g_s_max, g_rot, g_nc_c_ptr, g_nc_t_ptr,
+                    g_nc_scr_ptr, g_nc_kept_ptr, g_nc_cnt_ptr, g_nc_ready_ptr, g_lr_ptr, g_lrd_ptr,
+                    g_n_readers, g_M, g_K, g_N, g_b1, g_b2, g_stride_xm, g_nb_in, g_nb_out, g_eps,
+                    g_k_per_split, g_n_split, d_x_ptr, d_wt_ptr, d_y_ptr, d_c_ptr, d_t_ptr, d_bias_ptr,
+                    d_res_ptr, d_ssq_in_ptr, d_ssq_out_ptr, d_ws_ptr, d_cnt_ptr, d_scr_ptr, d_kept_ptr,
+                    d_q_ptr, d_kc_ptr, d_vc_ptr, d_cos_ptr, d_sin_ptr, d_pos_ptr, d_n_heads, d_n_kv, d_s_max,
+                    d_rot, d_nc_c_ptr, d_nc_t_ptr, d_nc_scr_ptr, d_nc_kept_ptr, d_nc_cnt_ptr, d_nc_ready_ptr,
+                    d_lr_ptr, d_lrd_ptr, d_n_readers, d_M, d_K, d_N, d_b1, d_b2, d_stride_xm, d_nb_in,
+                    d_nb_out, d_eps, d_k_per_split, d_n_split, P1, NBG, NBD, G_BLOCK_M: tl.constexpr,
+                    G_BLOCK_N: tl.constexpr, G_BLOCK_K: tl.constexpr, G_NB_P: tl.constexpr,
+                    G_SPARSE: tl.constexpr, G_PRE_NORM: tl.constexpr, G_ACT: tl.constexpr,
+                    G_HAS_BIAS: tl.constexpr, G_HAS_RES: tl.constexpr, G_OUT_SSQ: tl.constexpr,
+                    G_USE_WS: tl.constexpr, G_KPS: tl.constexpr, G_PDL: tl.constexpr, G_PIPE: tl.constexpr,
+                    G_ACC1D: tl.constexpr, G_PRECOMP: tl.constexpr, G_FULL_DENSE: tl.constexpr,
+                    G_SPLIT_C: tl.constexpr, G_ROPE: tl.constexpr, G_HD: tl.constexpr, G_NC: tl.constexpr,
+                    G_NC_KPS: tl.constexpr, G_NC_FLAG: tl.constexpr, G_WAIT_LISTS: tl.constexpr,
+                    D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_BLOCK_K: tl.constexpr,
+                    D_NB_P: tl.constexpr, D_SPARSE: tl.constexpr, D_PRE_NORM: tl.constexpr,
+                    D_ACT: tl.constexpr, D_HAS_BIAS: tl.constexpr, D_HAS_RES: tl.constexpr,
+                    D_OUT_SSQ: tl.constexpr, D_USE_WS: tl.constexpr, D_KPS: tl.constexpr, D_PDL: tl.constexpr,
+                    D_PIPE: tl.constexpr, D_ACC1D: tl.constexpr, D_PRECOMP: tl.constexpr,
+                    D_FULL_DENSE: tl.constexpr, D_SPLIT_C: tl.constexpr, D_ROPE: tl.constexpr,
+                    D_HD: tl.constexpr, D_NC: tl.constexpr, D_NC_KPS: tl.constexpr, D_NC_FLAG: tl.constexpr,
+                    D_WAIT_LISTS: tl.constexpr):
+        """gate/up and down in one launch (single row, sparse down): programs [0, P1) are gate/up's
+        (their finishing programs list down's kept inputs per K-chunk and raise the chunk's flag),
+        the rest are down's, each waiting only for its own chunk's flag. Programs are dispatched in
+        order, so every gate/up program is resident or done before a down program can wait: no
+        deadlock; down's streaming starts while gate/up's last blocks still finish."""
+        pid = tl.program_id(0)
+        if pid < P1:
+            _gemv_body(pid % NBG, pid // NBG,
+                       g_x_ptr, g_wt_ptr, g_y_ptr, g_c_ptr, g_t_ptr, g_bias_ptr, g_res_ptr, g_ssq_in_ptr,
+                       g_ssq_out_ptr, g_ws_ptr, g_cnt_ptr, g_scr_ptr, g_kept_ptr, g_q_ptr, g_kc_ptr,
+                       g_vc_ptr, g_cos_ptr, g_sin_ptr, g_pos_ptr, g_n_heads, g_n_kv, g_s_max, g_rot,
+                       g_nc_c_ptr, g_nc_t_ptr, g_nc_scr_ptr, g_nc_kept_ptr, g_nc_cnt_ptr, g_nc_ready_ptr,
+                       g_lr_ptr, g_lrd_ptr, g_n_readers, g_M, g_K, g_N, g_b1, g_b2, g_stride_xm, g_nb_in,
+                       g_nb_out, g_eps, g_k_per_split, g_n_split, G_BLOCK_M, G_BLOCK_N, G_BLOCK_K, G_NB_P,
+                       G_SPARSE, G_PRE_NORM, G_ACT, G_HAS_BIAS, G_HAS_RES, G_OUT_SSQ, G_USE_WS, G_KPS,
+                       G_PDL, G_PIPE, G_ACC1D, G_PRECOMP, G_FULL_DENSE, G_SPLIT_C, G_ROPE, G_HD, G_NC,
+                       G_NC_KPS, G_NC_FLAG, G_WAIT_LISTS)
+        else:
+            q = pid - P1
+            _gemv_body(q % NBD, q // NBD,
+                       d_x_ptr, d_wt_ptr, d_y_ptr, d_c_ptr, d_t_ptr, d_bias_ptr, d_res_ptr, d_ssq_in_ptr,
+                       d_ssq_out_ptr, d_ws_ptr, d_cnt_ptr, d_scr_ptr, d_kept_ptr, d_q_ptr, d_kc_ptr,
+                       d_vc_ptr, d_cos_ptr, d_sin_ptr, d_pos_ptr, d_n_heads, d_n_kv, d_s_max, d_rot,
+                       d_nc_c_ptr, d_nc_t_ptr, d_nc_scr_ptr, d_nc_kept_ptr, d_nc_cnt_ptr, d_nc_ready_ptr,
+                       d_lr_ptr, d_lrd_ptr, d_n_readers, d_M, d_K, d_N, d_b1, d_b2, d_stride_xm, d_nb_in,
+                       d_nb_out, d_eps, d_k_per_split, d_n_split, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K, D_NB_P,
+                       D_SPARSE, D_PRE_NORM, D_ACT, D_HAS_BIAS, D_HAS_RES, D_OUT_SSQ, D_USE_WS, D_KPS,
+                       D_PDL, D_PIPE, D_ACC1D, D_PRECOMP, D_FULL_DENSE, D_SPLIT_C, D_ROPE, D_HD, D_NC,
+                       D_NC_KPS, D_NC_FLAG, D_WAIT_LISTS)
 
     @triton.jit
     def _compact_kernel(x_ptr, c_ptr, t_ptr, ssq_in_ptr, scr_ptr, kept_ptr, K, nb_in, eps, n_split,
@@ -720,7 +817,10 @@ _SCRATCH: dict = {}
 _KEEP_ALIVE: list = []        # old workspaces stay alive: captured graphs may still point at them
 _N_COUNTERS = 1 << 16
 _ATTN_COUNTERS = 1 << 15      # attention uses the upper half of the counter array
-_NC_COUNTERS = 3 << 14        # the fused down-input compaction (above attention's few slots)
+_NC_COUNTERS = 3 << 14        # the fused down-input compaction's per-chunk arrivals (above attention's)
+_FLAG_COUNTERS = _NC_COUNTERS + 4096       # fused MLP launch: per-chunk "lists ready" flags
+_READER_COUNTERS = _NC_COUNTERS + 8192     # ... and the down programs that have read them
+_DOWN_COUNTERS = 1 << 14                   # ... down's split-K arrivals (gate/up's stay below)
 
 
 def _counters(device) -> torch.Tensor:
@@ -772,13 +872,30 @@ def _pdl(device) -> bool:
 
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
                  cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None):
+    """Launch one GEMV (see :func:`_gemv_launch`); returns (y or the rotated q, ssq)."""
+    out, ssq_out, grid, args, meta, pre = _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps,
+                                                       act, want_ssq, sparse, cfg, compacted, rope, next_compact,
+                                                       lists)
+    for launch in pre:
+        launch()
+    _gemv_kernel[grid](*args, **meta, num_warps=cfg.num_warps, launch_pdl=meta["PDL"],
+                       **({"num_stages": cfg.stages} if cfg.stages else {}))
+    return out, ssq_out
+
+
+def _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
+                 cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None,
+                 fused=None):
     """Launch the GEMV (and the compaction pre-pass). ``rope`` = (cos, sin, pos, k_cache, v_cache,
     n_heads, n_kv, head_dim) fuses RoPE + the KV-cache write into the finishing programs (one row,
     output blocks holding whole heads); the rotated q is then returned in place of y.
     ``next_compact`` = (scales [F], threshold [1], kps, split, scr, kept): this is a gate/up launch
     (N = 2F) whose finishing programs also write the kept lists of SiLU(gate)·up for the down launch
     that follows (see :func:`mlp_decode`); ``lists`` = (scr, kept): this sparse single-row launch
-    reads its kept lists from there instead of compacting."""
+    reads its kept lists from there instead of compacting. ``fused``: the gate/up ("gu") or down
+    ("down") half of a fused MLP launch (:func:`_mlp_fused_triton`): flags raised / waited for, its
+    own counters and split-K workspace.
+    Returns (out, ssq_out, grid, args, constexprs, pre-launches) for ``_gemv_kernel``."""
     m = x.shape[0]
     k, n = wt.shape
     if k * n >= 2 ** 31 or m * n * 64 >= 2 ** 31:
@@ -789,11 +906,13 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
     dev = x.device
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     ssq_out = torch.empty(m, n_blocks, dtype=torch.float32, device=dev) if want_ssq else y
-    ws = _workspace(dev, split * m * n) if split > 1 else y
+    ws = _workspace(dev, split * m * n, "ws2" if fused == "down" else "ws") if split > 1 else y
     n_seg = len(bounds) + 1
     scr = (_workspace(dev, (n_seg if precomp else n_blocks) * split * 2 * k_per_split, "scr")
            if compact else y)
     cnt = _counters(dev)
+    if fused == "down":            # the gate/up half counts in [0, its blocks): down counts above
+        cnt = cnt[_DOWN_COUNTERS:]
     b = [int(v) for v in bounds] + [n, n]
     nb_in = ssq_in.shape[1] if ssq_in is not None else 1
     kept = y
@@ -807,16 +926,25 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         rp = (q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1])
     nc = (y, y, y, y, y)
     nc_kps = 16
+    if fused is not None and (m != 1 or (fused == "down" and lists is None)
+                              or (fused == "gu" and next_compact is None)):
+        raise InvalidArgument("gemv: bad fused MLP launch")
     if next_compact is not None:
         nc_c, nc_t, nc_kps, nc_split, nc_scr, nc_kept = next_compact
         if m != 1 or n % 2 or nc_kps % block_n or (n // 2) % block_n:
             raise InvalidArgument("gemv: the down input's compaction fuses only into single-row gate/up "
                                   "launches whose blocks tile its K-chunks")
-        nc = (nc_c, nc_t, nc_scr, nc_kept, _counters(dev)[_NC_COUNTERS:])
+        nc = (nc_c, nc_t, nc_scr, nc_kept, _counters(dev)[_NC_COUNTERS:], _counters(dev)[_FLAG_COUNTERS:])
+    else:
+        nc = nc + (y,)
+    # fused down half: wait for the chunk flags (raised by the gate/up half), count the readers
+    waits = (_counters(dev)[_FLAG_COUNTERS:], _counters(dev)[_READER_COUNTERS:], n_blocks) \
+        if fused == "down" else (y, y, 0)
     if lists is not None:
         scr, kept = lists
         compacted = True
-    elif precomp:
+    pre = []
+    if lists is None and precomp:
         kept = _SCRATCH.get(("kept", str(dev)))
         if kept is None or kept.numel() < n_seg * split:
             if kept is not None:
@@ -824,29 +952,28 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
             kept = torch.zeros(max(n_seg * split, 4096), dtype=torch.int32, device=dev)
             _SCRATCH[("kept", str(dev))] = kept
         if not compacted:      # compacted=True: the lists are already there (benchmarks only)
-            _compact_kernel[(n_seg, split)](
-                x, scales, thresholds, ssq_in if ssq_in is not None else y, scr, kept, k, nb_in,
-                float(eps), split, KPS=k_per_split, NB_P=max(2, _next_pow2(nb_in)), ACT=int(act),
-                PRE_NORM=ssq_in is not None, num_warps=4)
-    _gemv_kernel[(n_blocks, split)](
-        x, wt, y,
-        scales if sparse else y, thresholds if sparse else y,
-        bias if bias is not None else y, res if res is not None else y,
-        ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp, *nc,
-        m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
-        SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
-        HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
-        KPS=k_per_split if compact else 16, PDL=_pdl(dev), PIPE=bool(compact and cfg.pipeline),
-        ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
-        FULL_DENSE=bool(compact and cfg.full_dense), SPLIT_C=_split_rows(split, block_n),
-        ROPE=rope is not None, HD=hd, NC=next_compact is not None, NC_KPS=nc_kps,
-        num_warps=cfg.num_warps,
-        launch_pdl=_pdl(dev),
-        **({"num_stages": cfg.stages} if cfg.stages else {}))
+            def _pre(scr=scr, kept=kept):
+                _compact_kernel[(n_seg, split)](
+                    x, scales, thresholds, ssq_in if ssq_in is not None else y, scr, kept, k, nb_in,
+                    float(eps), split, KPS=k_per_split, NB_P=max(2, _next_pow2(nb_in)), ACT=int(act),
+                    PRE_NORM=ssq_in is not None, num_warps=4)
+            pre.append(_pre)
+    args = [x, wt, y, scales if sparse else y, thresholds if sparse else y,
+            bias if bias is not None else y, res if res is not None else y,
+            ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp, *nc, *waits,
+            m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split]
+    pdl = _pdl(dev) and fused is None
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
+                SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
+                HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
+                KPS=k_per_split if compact else 16, PDL=pdl, PIPE=bool(compact and cfg.pipeline),
+                ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
+                FULL_DENSE=bool(compact and cfg.full_dense), SPLIT_C=_split_rows(split, block_n),
+                ROPE=rope is not None, HD=hd, NC=next_compact is not None, NC_KPS=nc_kps,
+                NC_FLAG=fused == "gu", WAIT_LISTS=fused == "down")
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
-    return (y if rope is None else rp[0]), ssq_out
+    return (y if rope is None else rp[0]), ssq_out, (n_blocks, split), args, meta, pre
 
 
 def _mlp_plan(m, k, f, d, bounds, gu_cfg, gu_sparse, down_cfg):
@@ -877,19 +1004,52 @@ def _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, s
                         want_ssq, True, dcfg, lists=(scr, kept))
 
 
+def _mlp_fused_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ssq_in, down_wt, down_scales,
+                      down_thresholds, res, eps, want_ssq, gu_cfg, plan):
+    """gate/up and down as one launch (:func:`_mlp_kernel`), down's programs waiting per K-chunk."""
+    dcfg, split, kps = plan
+    f = down_wt.shape[0]
+    scr = _workspace(x.device, split * 2 * kps, "mlp_lists")
+    kept = _SCRATCH.get(("mlp_kept", str(x.device)))
+    if kept is None or kept.numel() < split:
+        if kept is not None:
+            _KEEP_ALIVE.append(kept)
+        kept = torch.zeros(max(split, 1024), dtype=torch.int32, device=x.device)
+        _SCRATCH[("mlp_kept", str(x.device))] = kept
+    gu, _, ggrid, gargs, gmeta, gpre = _gemv_launch(
+        x, gu_wt, gu_scales, gu_thresholds, [f], gu_bias, None, ssq_in, eps, ACT_NONE, False, gu_sparse, gu_cfg,
+        next_compact=(down_scales.reshape(-1), down_thresholds, kps, split, scr, kept), fused="gu")
+    y, ssq, dgrid, dargs, dmeta, _ = _gemv_launch(
+        gu, down_wt, down_scales, down_thresholds, [], None, res, None, eps, ACT_SILU_MUL, want_ssq, True, dcfg,
+        lists=(scr, kept), fused="down")
+    for launch in gpre:            # gate/up's own pre-compaction launch, if its config has one
+        launch()
+    p1 = ggrid[0] * ggrid[1]
+    _mlp_kernel[(p1 + dgrid[0] * dgrid[1],)](
+        *gargs, *dargs, p1, ggrid[0], dgrid[0], **{"G_" + k: v for k, v in gmeta.items()},
+        **{"D_" + k: v for k, v in dmeta.items()}, num_warps=gu_cfg.num_warps)
+    return y, ssq
+
+
 def mlp_decode(x, gu_wt, down_wt, *, gu_scales=None, gu_thresholds=None, gu_bias=None, gu_sparse=False,
-               ssq_in=None, down_scales, down_thresholds, res=None, eps: float = 1e-6, want_ssq: bool = False):
+               ssq_in=None, down_scales, down_thresholds, res=None, eps: float = 1e-6, want_ssq: bool = False,
+               one_launch: bool = False):
     """gate/up GEMV then SiLU(gate)·up → sparse down GEMV (+ residual), with down's input compacted
     by gate/up's finishing programs: the last block to finish over each of down's K-chunks scores
     and lists that chunk, so the down launch neither compacts nor needs a compaction launch. One row
     on the GPU (blocks must tile the chunks); anything else runs as the two plain :func:`gemv` calls,
-    with the same results. Returns (y, ssq) as :func:`gemv` does for down."""
+    with the same results. ``one_launch``: gate/up and down in a single launch whose down programs
+    each wait for their own K-chunk's list (needs equal warp counts). Returns (y, ssq) as
+    :func:`gemv` does for down."""
     f, d = down_wt.shape
     k = gu_wt.shape[0]
     gu_cfg = config_for(k, 2 * f, gu_sparse, "mlp_in")
     plan = _mlp_plan(x.shape[0], k, f, d, [f], gu_cfg, bool(gu_sparse), config_for(f, d, True, "down"))
     if use_triton(x) and plan is not None:
         _check_gemv_args(x, gu_wt, gu_scales, gu_thresholds, [f], ACT_NONE, bool(gu_sparse))
+        if one_launch and gu_cfg.num_warps == plan[0].num_warps:
+            return _mlp_fused_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, bool(gu_sparse), ssq_in, down_wt,
+                                     down_scales, down_thresholds, res, eps, want_ssq, gu_cfg, plan)
         return _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, bool(gu_sparse), ssq_in, down_wt,
                                   down_scales, down_thresholds, res, eps, want_ssq, gu_cfg, plan)
     gu, _ = gemv(x, gu_wt, scales=gu_scales, thresholds=gu_thresholds, bounds=[f], bias=gu_bias, ssq_in=ssq_in,
