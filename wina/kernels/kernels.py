@@ -30,9 +30,16 @@ written into the static cache at the position held in a device tensor) and :func
 program, again in a fixed order). Thresholds, positions and lengths are read from device memory, so
 one captured CUDA graph serves every step and every sparsity level.
 
-Each op is a ``torch.library`` custom op (``wina::gemv``, ``wina::rope_cache``, ``wina::attn_decode``)
-with a CPU/reference implementation, so torch.compile and CUDA graphs see single nodes. Without CUDA
-or Triton everything runs through the references, which are also what the tests compare against.
+Fusions for the single-token decode step: :func:`gemv_rope` runs RoPE + the cache write in the q/k/v
+GEMV's finishing programs; :func:`mlp_decode` lets gate/up's finishing programs compact down's input
+per K-chunk, optionally with gate/up and down in one launch (down's programs wait for their chunk's
+flag). Launch configs come from :func:`config_for` (exact shape, then the decode-step role, then
+the defaults; tuned on an H200, docs/gpu-notes.md).
+
+Each op is a ``torch.library`` custom op (``wina::gemv``, ``wina::gemv_rope``, ``wina::rope_cache``,
+``wina::attn_decode``) with a CPU/reference implementation, so torch.compile and CUDA graphs see
+single nodes. Without CUDA or Triton everything runs through the references, which are also what the
+tests compare against.
 """
 from __future__ import annotations
 
