@@ -672,10 +672,14 @@ if HAS_TRITON:
         (their finishing programs list down's kept inputs per K-chunk and raise the chunk's flag),
         the rest are down's, each waiting only for its own chunk's flag. Programs are dispatched in
         order, so every gate/up program is resident or done before a down program can wait: no
-        deadlock; down's streaming starts while gate/up's last blocks still finish."""
+        deadlock; down's streaming starts while gate/up's last blocks still finish. NBG (gate/up's
+        blocks) is even: gate and up have the same width, a multiple of the block."""
         pid = tl.program_id(0)
         if pid < P1:
-            _gemv_body(pid % NBG, pid // NBG,
+            # gate/up programs in the order [gate block 0, up block 0, gate block 1, ...], the K-splits of
+            # a block next to each other: down's K-chunks become ready in order, the first ones early
+            blk = pid // g_n_split
+            _gemv_body(blk // 2 + (blk % 2) * (NBG // 2), pid % g_n_split,
                        g_x_ptr, g_wt_ptr, g_y_ptr, g_c_ptr, g_t_ptr, g_bias_ptr, g_res_ptr, g_ssq_in_ptr,
                        g_ssq_out_ptr, g_ws_ptr, g_cnt_ptr, g_scr_ptr, g_kept_ptr, g_q_ptr, g_kc_ptr,
                        g_vc_ptr, g_cos_ptr, g_sin_ptr, g_pos_ptr, g_n_heads, g_n_kv, g_s_max, g_rot,
