@@ -213,7 +213,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             scl = [g.scales for g in groups]
             bounds = groups[0].bounds
         k, n = wts[0].shape
-        role = {"qkv": "attn_in", "o": "o", "gate_up": "mlp_in", "down": "down", "lm_head": "head"}[name]
+        role = "head" if groups == [None] else groups[0].name       # the engine's group names are the roles
         act = fl.get("act", 0)
         x = torch.randn(1, 2 * k if act else k, generator=gen, device=dev).to(dt)
         ssq = (x.float() ** 2).sum(-1, keepdim=True) if fl.get("pre") else None

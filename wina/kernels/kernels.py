@@ -841,13 +841,15 @@ def _counters(device) -> torch.Tensor:
     return _SCRATCH[key]
 
 
-def _workspace(device, numel: int, tag: str = "ws") -> torch.Tensor:
+def _workspace(device, numel: int, tag: str = "ws", dtype=torch.float32, min_numel: int = 1 << 20) -> torch.Tensor:
+    """A zeroed per-device scratch buffer of at least ``numel`` elements, kept under ``tag`` (grown,
+    never shrunk; the old one stays alive for graphs captured with it)."""
     key = (tag, str(device))
     ws = _SCRATCH.get(key)
     if ws is None or ws.numel() < numel:
         if ws is not None:
             _KEEP_ALIVE.append(ws)
-        ws = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+        ws = torch.zeros(max(numel, min_numel), dtype=dtype, device=device)
         _SCRATCH[key] = ws
     return ws
 
@@ -956,12 +958,7 @@ def _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
         compacted = True
     pre = []
     if lists is None and precomp:
-        kept = _SCRATCH.get(("kept", str(dev)))
-        if kept is None or kept.numel() < n_seg * split:
-            if kept is not None:
-                _KEEP_ALIVE.append(kept)
-            kept = torch.zeros(max(n_seg * split, 4096), dtype=torch.int32, device=dev)
-            _SCRATCH[("kept", str(dev))] = kept
+        kept = _workspace(dev, n_seg * split, "kept", torch.int32, 4096)
         if not compacted:      # compacted=True: the lists are already there (benchmarks only)
             def _pre(scr=scr, kept=kept):
                 _compact_kernel[(n_seg, split)](
@@ -997,17 +994,17 @@ def _mlp_plan(m, k, f, d, bounds, gu_cfg, gu_sparse, down_cfg):
     return (dcfg, split, kps) if ok else None
 
 
+def _mlp_lists(device, split: int, kps: int):
+    """Where gate/up writes down's kept lists: (index/value lists, counts) per K-chunk."""
+    return (_workspace(device, split * 2 * kps, "mlp_lists"),
+            _workspace(device, split, "mlp_kept", torch.int32, 1024))
+
+
 def _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ssq_in, down_wt, down_scales,
                        down_thresholds, res, eps, want_ssq, gu_cfg, plan):
     dcfg, split, kps = plan
     f = down_wt.shape[0]
-    scr = _workspace(x.device, split * 2 * kps, "mlp_lists")
-    kept = _SCRATCH.get(("mlp_kept", str(x.device)))
-    if kept is None or kept.numel() < split:
-        if kept is not None:
-            _KEEP_ALIVE.append(kept)
-        kept = torch.zeros(max(split, 1024), dtype=torch.int32, device=x.device)
-        _SCRATCH[("mlp_kept", str(x.device))] = kept
+    scr, kept = _mlp_lists(x.device, split, kps)
     gu, _ = _gemv_triton(x, gu_wt, gu_scales, gu_thresholds, [f], gu_bias, None, ssq_in, eps, ACT_NONE, False,
                          gu_sparse, gu_cfg,
                          next_compact=(down_scales.reshape(-1), down_thresholds, kps, split, scr, kept))
@@ -1020,13 +1017,7 @@ def _mlp_fused_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ss
     """gate/up and down as one launch (:func:`_mlp_kernel`), down's programs waiting per K-chunk."""
     dcfg, split, kps = plan
     f = down_wt.shape[0]
-    scr = _workspace(x.device, split * 2 * kps, "mlp_lists")
-    kept = _SCRATCH.get(("mlp_kept", str(x.device)))
-    if kept is None or kept.numel() < split:
-        if kept is not None:
-            _KEEP_ALIVE.append(kept)
-        kept = torch.zeros(max(split, 1024), dtype=torch.int32, device=x.device)
-        _SCRATCH[("mlp_kept", str(x.device))] = kept
+    scr, kept = _mlp_lists(x.device, split, kps)
     gu, _, ggrid, gargs, gmeta, gpre = _gemv_launch(
         x, gu_wt, gu_scales, gu_thresholds, [f], gu_bias, None, ssq_in, eps, ACT_NONE, False, gu_sparse, gu_cfg,
         next_compact=(down_scales.reshape(-1), down_thresholds, kps, split, scr, kept), fused="gu")
