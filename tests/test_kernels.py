@@ -98,6 +98,19 @@ def test_bad_arguments():
         gemv(x, wt, scales=torch.ones(2, 32), thresholds=torch.zeros(2), bounds=[20], sparse=True)
 
 
+def test_config_launch_options_cap_registers_for_min_ctas():
+    assert GemvConfig(128, 64, 528, 4).launch_options() == {"num_warps": 4}
+    assert GemvConfig(128, 64, 528, 4, stages=2).launch_options() == {"num_warps": 4, "num_stages": 2}
+    # 3 programs of 128 threads in 64K registers: 170 each, rounded down to a multiple of 8
+    assert GemvConfig(128, 64, 528, 4, min_ctas=3).launch_options()["maxnreg"] == 168
+    assert GemvConfig(128, 64, 528, 8, min_ctas=2).launch_options()["maxnreg"] == 128
+    assert GemvConfig(128, 64, 528, 4, min_ctas=1).launch_options()["maxnreg"] == 255   # the hardware's cap
+    # the custom ops carry the config as ints: every field survives the round trip
+    from wina.kernels.kernels import _config_ints
+    cfg = GemvConfig(128, 32, 264, 8, 1, 1, 2, 1, 1, 3)
+    assert GemvConfig(*_config_ints(cfg)) == cfg
+
+
 def test_config_precedence_exact_shape_then_role_then_default(monkeypatch):
     from wina.kernels import kernels as kk
     monkeypatch.setattr(kk, "_CONFIGS", dict(kk._CONFIGS))

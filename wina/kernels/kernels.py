@@ -44,6 +44,7 @@ tests compare against.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -101,6 +102,19 @@ class GemvConfig:
     full_dense: int = 0       # sparse, single row: a K-chunk whose inputs are all kept (e.g. a matrix
                               # at 0 % in a fused q/k/v launch) streams its rows like the dense kernel
                               # (no scratch, no index loads)
+    min_ctas: int = 0         # programs that must fit on one SM at once: caps the registers per thread
+                              # (ptxas .maxnreg) at 64K / (min_ctas * 32 * num_warps); 0: ptxas decides.
+                              # ptxas's own choice moves with unrelated kernel changes (run 11: 168 ->
+                              # 211 registers, 3 -> 2 programs per SM, the sparse MLP GEMVs 25 % slower)
+
+    def launch_options(self) -> dict:
+        """Triton launch options of this config (warps, stages, register cap)."""
+        opt = {"num_warps": self.num_warps}
+        if self.stages:
+            opt["num_stages"] = self.stages
+        if self.min_ctas:
+            opt["maxnreg"] = min(255, max(24, 65536 // (self.min_ctas * 32 * self.num_warps) // 8 * 8))
+        return opt
 
 
 # Defaults, from the H200 runs in docs/gpu-notes.md. A launch's config comes from, in order: an
@@ -109,7 +123,8 @@ class GemvConfig:
 DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
 DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
 ROLES = ("attn_in", "o", "mlp_in", "down", "head")
-_BASE, _PIPE, _PRE = DEFAULT_SPARSE_CONFIG, GemvConfig(128, 64, 264, 4, 1), GemvConfig(128, 64, 528, 4, 1, 0, 0, 1)
+_BASE, _PIPE = DEFAULT_SPARSE_CONFIG, GemvConfig(128, 64, 264, 4, 1)
+_PRE = GemvConfig(128, 64, 528, 4, 1, 0, 0, 1, min_ctas=3)      # 3 per SM: the 168 registers of run 10
 # sparse roles: run 9 timed the whole engine at 50 % on the four shapes with one role at a time
 # switched (bench/config_probe.py); these won by geometric mean over the shapes
 _ROLE_CONFIGS: dict[tuple[str, bool], GemvConfig] = {
@@ -891,8 +906,7 @@ def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                                                        lists)
     for launch in pre:
         launch()
-    _gemv_kernel[grid](*args, **meta, num_warps=cfg.num_warps, launch_pdl=meta["PDL"],
-                       **({"num_stages": cfg.stages} if cfg.stages else {}))
+    _gemv_kernel[grid](*args, **meta, launch_pdl=meta["PDL"], **cfg.launch_options())
     return out, ssq_out
 
 
@@ -1029,7 +1043,7 @@ def _mlp_fused_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ss
     p1 = ggrid[0] * ggrid[1]
     _mlp_kernel[(p1 + dgrid[0] * dgrid[1],)](
         *gargs, *dargs, p1, ggrid[0], dgrid[0], **{"G_" + k: v for k, v in gmeta.items()},
-        **{"D_" + k: v for k, v in dmeta.items()}, num_warps=gu_cfg.num_warps)
+        **{"D_" + k: v for k, v in dmeta.items()}, **gu_cfg.launch_options())
     return y, ssq
 
 
@@ -1110,12 +1124,9 @@ if hasattr(torch.library, "custom_op"):
     def _gemv_op(x: torch.Tensor, wt: torch.Tensor, scales: Optional[torch.Tensor],
                  thresholds: Optional[torch.Tensor], bounds: list[int], bias: Optional[torch.Tensor],
                  res: Optional[torch.Tensor], ssq_in: Optional[torch.Tensor], eps: float, act: int,
-                 want_ssq: bool, sparse: bool, block_n: int, block_k: int, programs: int,
-                 num_warps: int, pipeline: int, acc1d: int = 0, stages: int = 0,
-                 precompact: int = 0, full_dense: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 want_ssq: bool, sparse: bool, config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if use_triton(x) and x.shape[0] <= MAX_KERNEL_ROWS:
-            cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact,
-                             full_dense)
+            cfg = GemvConfig(*config)
             return _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                                 want_ssq, sparse, cfg)
         cd = x.dtype if x.is_cuda else None
@@ -1124,13 +1135,17 @@ if hasattr(torch.library, "custom_op"):
         return y, (ssq if want_ssq else ssq[:, :0]).contiguous()
 
     @_gemv_op.register_fake
-    def _(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse, block_n,
-          block_k, programs, num_warps, pipeline, acc1d=0, stages=0, precompact=0, full_dense=0):
+    def _(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse, config):
         m, n = x.shape[0], wt.shape[1]
-        nb = -(-n // block_n) if want_ssq else 0
+        nb = -(-n // GemvConfig(*config).block_n) if want_ssq else 0
         return x.new_empty(m, n), x.new_empty(m, nb, dtype=torch.float32)
 else:  # pragma: no cover - very old torch
     _gemv_op = None
+
+
+def _config_ints(cfg: GemvConfig) -> list[int]:
+    """A GemvConfig as the int list the custom ops take (torch.library has no dataclass arguments)."""
+    return [int(v) for v in dataclasses.astuple(cfg)]
 
 
 def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = None,
@@ -1150,9 +1165,7 @@ def gemv(x: torch.Tensor, wt: torch.Tensor, *, scales: Optional[torch.Tensor] = 
     k, n = wt.shape
     cfg = config or config_for(k, n, sparse, role)
     return _gemv_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, res, ssq_in, float(eps),
-                    int(act), bool(want_ssq), sparse, cfg.block_n, cfg.block_k, cfg.programs,
-                    cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d), int(cfg.stages),
-                    int(cfg.precompact), int(cfg.full_dense))
+                    int(act), bool(want_ssq), sparse, _config_ints(cfg))
 
 
 if hasattr(torch.library, "custom_op"):
@@ -1193,10 +1206,8 @@ if hasattr(torch.library, "custom_op"):
                       thresholds: Optional[torch.Tensor], bounds: list[int], bias: Optional[torch.Tensor],
                       ssq_in: Optional[torch.Tensor], eps: float, sparse: bool, cos: torch.Tensor,
                       sin: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      n_heads: int, n_kv: int, head_dim: int, block_n: int, block_k: int, programs: int,
-                      num_warps: int, pipeline: int, acc1d: int = 0, stages: int = 0, precompact: int = 0,
-                      full_dense: int = 0) -> torch.Tensor:
-        cfg = GemvConfig(block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact, full_dense)
+                      n_heads: int, n_kv: int, head_dim: int, config: list[int]) -> torch.Tensor:
+        cfg = GemvConfig(*config)
         k, n = wt.shape
         if (use_triton(x) and k_cache.shape[0] == 1
                 and rope_fuses(x.shape[0], k, n, bounds, cfg, sparse, head_dim)):
@@ -1204,14 +1215,12 @@ if hasattr(torch.library, "custom_op"):
                                 sparse, cfg, rope=(cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim))
             return q
         qkv, _ = _gemv_op(x, wt, scales, thresholds, bounds, bias, None, ssq_in, eps, ACT_NONE, False, sparse,
-                          block_n, block_k, programs, num_warps, pipeline, acc1d, stages, precompact,
-                          full_dense)
+                          config)
         return _rope_cache_op(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
 
     @_gemv_rope_op.register_fake
     def _(x, wt, scales, thresholds, bounds, bias, ssq_in, eps, sparse, cos, sin, pos, k_cache, v_cache,
-          n_heads, n_kv, head_dim, block_n, block_k, programs, num_warps, pipeline, acc1d=0, stages=0,
-          precompact=0, full_dense=0):
+          n_heads, n_kv, head_dim, config):
         return x.new_empty(x.shape[0], n_heads * head_dim)
 
 
@@ -1231,9 +1240,8 @@ def gemv_rope(x: torch.Tensor, wt: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise InvalidArgument(f"gemv_rope: {n} outputs, expected (n_heads + 2 n_kv) * head_dim")
     cfg = config or config_for(k, n, sparse, role)
     return _gemv_rope_op(x, wt, scales, thresholds, [int(b) for b in bounds], bias, ssq_in, float(eps), sparse,
-                         cos, sin, pos, k_cache, v_cache, int(n_heads), int(n_kv), int(head_dim), cfg.block_n,
-                         cfg.block_k, cfg.programs, cfg.num_warps, int(cfg.pipeline), int(cfg.acc1d),
-                         int(cfg.stages), int(cfg.precompact), int(cfg.full_dense))
+                         cos, sin, pos, k_cache, v_cache, int(n_heads), int(n_kv), int(head_dim),
+                         _config_ints(cfg))
 
 
 def rope_cache(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):

@@ -1,0 +1,94 @@
+"""Time the sparse GEMV launches of one decode-step role with the library's configs, on the
+Llama-2-7B shapes (8 layers' worth of random weights, CUDA-graph timing as in wina bench).
+Used to bisect kernel regressions across commits (docs/gpu-notes.md, run 11):
+    PYTHONPATH=<a copy of the package> python3 bench/probe_gemv.py"""
+import statistics
+import sys
+
+import torch
+
+from wina.kernels import ACT_SILU_MUL, gemv
+from wina.kernels.kernels import _prepare_input, config_for
+
+
+def time_graph(fn, reps=20, trials=5):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(); fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(trials):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record(); g.replay(); e1.record(); e1.synchronize()
+        ts.append(e0.elapsed_time(e1) * 1e3 / reps)
+    return statistics.median(ts)
+
+
+CASES = [  # name, role, K, N, bounds, pre-norm, act, residual
+    ("qkv", "attn_in", 4096, 12288, [4096, 8192], True, 0, False),
+    ("o", "o", 4096, 4096, [], False, 0, True),
+    ("gate_up", "mlp_in", 4096, 22016, [11008], True, 0, False),
+    ("down", "down", 11008, 4096, [], False, ACT_SILU_MUL, True),
+]
+
+
+@torch.no_grad()
+def main(tag: str, layers: int = 8, min_ctas=(None,)):
+    """min_ctas: also time each case with GemvConfig.min_ctas set to these values (None: as configured)."""
+    from dataclasses import replace
+    dev, dt = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    out = []
+    for name, role, k, n, bounds, pre, act, res_on in CASES:
+        wts = [torch.randn(k, n, generator=gen, device=dev).to(dt) for _ in range(layers)]
+        n_seg = len(bounds) + 1
+        c = torch.rand(n_seg, k, generator=gen, device=dev) + 0.5
+        x = torch.randn(1, 2 * k if act else k, generator=gen, device=dev).to(dt)
+        ssq = (x.float() ** 2).sum(-1, keepdim=True) if pre else None
+        res = torch.randn(1, n, generator=gen, device=dev).to(dt) if res_on else None
+        xf = _prepare_input(x, k, ssq, 1e-5, act)
+        base = config_for(k, n, True, role)
+        for mc, s in [(mc, s) for mc in min_ctas for s in (0.0, 0.5)]:
+            cfg = base if mc is None else replace(base, min_ctas=mc)
+            thr = torch.tensor([-1.0 if s == 0 else float(torch.quantile((xf.abs()[0] * c[j]).float(), s))
+                                for j in range(n_seg)], device=dev)
+
+            def fn():
+                for w in wts:
+                    gemv(x, w, scales=c, thresholds=thr, bounds=bounds, res=res, ssq_in=ssq, eps=1e-5,
+                         act=act, sparse=True, want_ssq=res is not None, config=cfg)
+            out.append((name, "min_ctas", mc, s, round(time_graph(fn) / layers, 2)))
+        out.append((name, "cfg", str(base)))
+    for r in out:
+        print(tag, *r, flush=True)
+
+
+def dump_compiled(tag: str, outdir=None) -> None:
+    """Registers and spills of every compiled _gemv_kernel variant, and its PTX into ``outdir``."""
+    import os
+    from wina.kernels import kernels as K
+    if outdir:
+        os.makedirs(outdir, exist_ok=True)
+    for dev_cache in K._gemv_kernel.device_caches.values():
+        for i, (key, ck) in enumerate(dev_cache[0].items()):
+            ck._init_handles()
+            md = ck.metadata
+            print(tag, "compiled", i, "regs", ck.n_regs, "spills", ck.n_spills, "shared", md.shared,
+                  "warps", md.num_warps, "maxnreg", getattr(md, "maxnreg", None), flush=True)
+            if outdir:
+                with open(os.path.join(outdir, f"{tag}-{i}.ptx"), "w") as f:
+                    f.write(str(key) + "\n" + ck.asm["ptx"])
+
+
+if __name__ == "__main__":
+    import os
+    tag = sys.argv[1] if len(sys.argv) > 1 else "head"
+    mcs = os.environ.get("PROBE_MIN_CTAS")
+    main(tag, min_ctas=[None] + [int(v) for v in mcs.split(",")] if mcs else [None])
+    dump_compiled(tag, os.environ.get("PROBE_DUMP"))
