@@ -1,14 +1,16 @@
 """Time the sparse GEMV launches of one decode-step role with the library's configs, on the
 Llama-2-7B shapes (8 layers' worth of random weights, CUDA-graph timing as in wina bench).
-Used to bisect kernel regressions across commits (docs/gpu-notes.md, run 11):
-    PYTHONPATH=<a copy of the package> python3 bench/probe_gemv.py"""
+Used to bisect kernel regressions across commits (docs/gpu-notes.md, run 11) and to try configs:
+    PYTHONPATH=<a copy of the package> python3 bench/probe_gemv.py TAG
+    PROBE_MIN_CTAS=2,3  PROBE_CONFIGS="512,32,264,8,0,1;256,64,264,8,1"  PROBE_DUMP=dir (PTX)"""
+import dataclasses
 import statistics
 import sys
 
 import torch
 
 from wina.kernels import ACT_SILU_MUL, gemv
-from wina.kernels.kernels import _prepare_input, config_for
+from wina.kernels.kernels import GemvConfig, _prepare_input, config_for
 
 
 def time_graph(fn, reps=20, trials=5):
@@ -39,8 +41,9 @@ CASES = [  # name, role, K, N, bounds, pre-norm, act, residual
 
 
 @torch.no_grad()
-def main(tag: str, layers: int = 8, min_ctas=(None,)):
-    """min_ctas: also time each case with GemvConfig.min_ctas set to these values (None: as configured)."""
+def main(tag: str, layers: int = 8, min_ctas=(None,), configs=()):
+    """min_ctas: also time each case with GemvConfig.min_ctas set to these values (None: as
+    configured); configs: also time each case with these GemvConfigs."""
     from dataclasses import replace
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -54,8 +57,9 @@ def main(tag: str, layers: int = 8, min_ctas=(None,)):
         res = torch.randn(1, n, generator=gen, device=dev).to(dt) if res_on else None
         xf = _prepare_input(x, k, ssq, 1e-5, act)
         base = config_for(k, n, True, role)
-        for mc, s in [(mc, s) for mc in min_ctas for s in (0.0, 0.5)]:
-            cfg = base if mc is None else replace(base, min_ctas=mc)
+        variants = [(mc, base if mc is None else replace(base, min_ctas=mc)) for mc in min_ctas]
+        variants += [(",".join(str(v) for v in dataclasses.astuple(cf)), cf) for cf in configs]
+        for (mc, cfg), s in [(v, s) for v in variants for s in (0.0, 0.5)]:
             thr = torch.tensor([-1.0 if s == 0 else float(torch.quantile((xf.abs()[0] * c[j]).float(), s))
                                 for j in range(n_seg)], device=dev)
 
@@ -63,7 +67,10 @@ def main(tag: str, layers: int = 8, min_ctas=(None,)):
                 for w in wts:
                     gemv(x, w, scales=c, thresholds=thr, bounds=bounds, res=res, ssq_in=ssq, eps=1e-5,
                          act=act, sparse=True, want_ssq=res is not None, config=cfg)
-            out.append((name, "min_ctas", mc, s, round(time_graph(fn) / layers, 2)))
+            try:
+                out.append((name, "variant", mc, s, round(time_graph(fn) / layers, 2)))
+            except Exception as e:  # a config this shape cannot take: report, go on
+                out.append((name, "variant", mc, s, "error " + str(e).splitlines()[0][:100]))
         out.append((name, "cfg", str(base)))
     for r in out:
         print(tag, *r, flush=True)
@@ -90,5 +97,6 @@ if __name__ == "__main__":
     import os
     tag = sys.argv[1] if len(sys.argv) > 1 else "head"
     mcs = os.environ.get("PROBE_MIN_CTAS")
-    main(tag, min_ctas=[None] + [int(v) for v in mcs.split(",")] if mcs else [None])
+    cfgs = [GemvConfig(*[int(v) for v in c.split(",")]) for c in os.environ.get("PROBE_CONFIGS", "").split(";") if c]
+    main(tag, min_ctas=[None] + [int(v) for v in mcs.split(",")] if mcs else [None], configs=cfgs)
     dump_compiled(tag, os.environ.get("PROBE_DUMP"))
