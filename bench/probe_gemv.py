@@ -2,7 +2,8 @@
 Llama-2-7B shapes (8 layers' worth of random weights, CUDA-graph timing as in wina bench).
 Used to bisect kernel regressions across commits (docs/gpu-notes.md, run 11) and to try configs:
     PYTHONPATH=<a copy of the package> python3 bench/probe_gemv.py TAG
-    PROBE_MIN_CTAS=2,3  PROBE_CONFIGS="512,32,264,8,0,1;256,64,264,8,1"  PROBE_DUMP=dir (PTX)"""
+    PROBE_MIN_CTAS=2,3  PROBE_CONFIGS="512,32,264,8,0,1;256,64,264,8,1"  PROBE_DUMP=dir (PTX)
+    PROBE_COMPACT_WARPS=8  PROBE_CASES=gate_up,down"""
 import dataclasses
 import statistics
 import sys
@@ -48,7 +49,11 @@ def main(tag: str, layers: int = 8, min_ctas=(None,), configs=()):
     dev, dt = "cuda", torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     out = []
+    import os
+    only = [c for c in os.environ.get("PROBE_CASES", "").split(",") if c]
     for name, role, k, n, bounds, pre, act, res_on in CASES:
+        if only and name not in only:
+            continue
         wts = [torch.randn(k, n, generator=gen, device=dev).to(dt) for _ in range(layers)]
         n_seg = len(bounds) + 1
         c = torch.rand(n_seg, k, generator=gen, device=dev) + 0.5
@@ -96,6 +101,9 @@ def dump_compiled(tag: str, outdir=None) -> None:
 if __name__ == "__main__":
     import os
     tag = sys.argv[1] if len(sys.argv) > 1 else "head"
+    if os.environ.get("PROBE_COMPACT_WARPS"):       # warps of the precompact launch (kernels.COMPACT_WARPS)
+        from wina.kernels import kernels as _kk
+        _kk.COMPACT_WARPS = int(os.environ["PROBE_COMPACT_WARPS"])
     mcs = os.environ.get("PROBE_MIN_CTAS")
     cfgs = [GemvConfig(*[int(v) for v in c.split(",")]) for c in os.environ.get("PROBE_CONFIGS", "").split(";") if c]
     main(tag, min_ctas=[None] + [int(v) for v in mcs.split(",")] if mcs else [None], configs=cfgs)

@@ -80,6 +80,7 @@ def set_pdl(on: bool) -> None:
 
 ACT_NONE = 0
 ACT_SILU_MUL = 1
+COMPACT_WARPS = 4             # warps of the pre-compaction launch (GemvConfig.precompact)
 MAX_KERNEL_ROWS = 8           # above this many rows, gemv falls back to a masked cuBLAS matmul
 
 
@@ -978,7 +979,7 @@ def _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
                 _compact_kernel[(n_seg, split)](
                     x, scales, thresholds, ssq_in if ssq_in is not None else y, scr, kept, k, nb_in,
                     float(eps), split, KPS=k_per_split, NB_P=max(2, _next_pow2(nb_in)), ACT=int(act),
-                    PRE_NORM=ssq_in is not None, num_warps=4)
+                    PRE_NORM=ssq_in is not None, num_warps=COMPACT_WARPS)
             pre.append(_pre)
     args = [x, wt, y, scales if sparse else y, thresholds if sparse else y,
             bias if bias is not None else y, res if res is not None else y,
