@@ -23,6 +23,9 @@ ap.add_argument("--hf-other", type=int, default=32, help="HF generate tokens for
 ap.add_argument("--tests", default="tests/test_kernels.py tests/test_engine.py")
 ap.add_argument("--force-sparse", default="",
                 help="one sparse GemvConfig for every shape, e.g. 256,64,264,4")
+ap.add_argument("--shape-config", action="append", default=[],
+                help="a sparse GemvConfig for one exact shape, K,N:fields (repeatable), e.g. "
+                     "4096,4096:128,64,528,8,1,1,0,1,0,2")
 ap.add_argument("--dense-tune", action="store_true", help="sweep the dense kernel's configs too")
 ap.add_argument("--precompact", type=float, default=0.5,
                 help="kernel table: time the pre-compaction variant at this sparsity (negative: no)")
@@ -102,6 +105,12 @@ if args.force_sparse:
     for key in [k for k in _kk._ROLE_CONFIGS if k[1]]:
         del _kk._ROLE_CONFIGS[key]
     stamp(f"sparse config forced: {_kk.DEFAULT_SPARSE_CONFIG}")
+
+for spec in args.shape_config:
+    shape, fields = spec.split(":")
+    kk_, nn_ = (int(v) for v in shape.split(","))
+    set_config(kk_, nn_, GemvConfig(*[int(v) for v in fields.split(",")]), sparse=True)
+    stamp(f"sparse config for {kk_}x{nn_}: {GemvConfig(*[int(v) for v in fields.split(',')])}")
 
 models = args.models.split(",")
 res_all = None

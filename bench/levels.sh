@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark with the fused MLP paths off / level 1 / level 2 (WINA_FUSE_MLP), each under a
 # timeout, then one summary table (docs/gpu-notes.md runs 11-12). From the repo root, on the GPU:
-#   bash bench/levels.sh [MODELS] [LEVELS]        (defaults: llama-2-7b, "0 1 2")
+#   bash bench/levels.sh [MODELS] [LEVELS] [gpu_bench.py options...]   (defaults: llama-2-7b, "0 1 2")
 set -u
 MODELS="${1:-llama-2-7b}"
 LEVELS="${2:-0 1 2}"
@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 for level in $LEVELS; do
     mkdir -p "$OUT/fuse$level"
     WINA_FUSE_MLP=$level OUT="$OUT/fuse$level" timeout 300 python3 bench/gpu_bench.py --skip-tests --skip-tune \
-        --precompact -1 --models $MODELS > "$OUT/fuse$level.txt" 2>&1
+        --precompact -1 --models $MODELS "${@:3}" > "$OUT/fuse$level.txt" 2>&1
     echo "level $level rc=$?"
 done
 python3 - "$OUT" $LEVELS <<'PY'
