@@ -36,7 +36,6 @@ def main() -> int:
     configs = (GemvConfig(64, 32, 8, 4), GemvConfig(64, 32, 8, 4, 0, 1), GemvConfig(64, 32, 8, 4, 0, 0, 0, 1),
                GemvConfig(32, 32, 40, 4, 1, 0, 0, 1), GemvConfig(64, 32, 4, 4, 1, 1, 0, 0),
                GemvConfig(64, 32, 8, 4, 0, 0, 0, 0, 1), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1, 1),
-               GemvConfig(64, 32, 8, 4, 2), GemvConfig(32, 32, 40, 4, 2, 0, 2, 1), GemvConfig(64, 32, 8, 4, 2, 1),
                GemvConfig(256, 16, 40, 4))      # dense, one segment: 32 splits, summed 16 rows at a time
     for act in (0, 1):
         for pre in (False, True):

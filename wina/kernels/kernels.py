@@ -93,10 +93,7 @@ class GemvConfig:
     block_k: int = 64         # input rows per loop iteration
     programs: int = 528       # target grid size; K is split to reach it
     num_warps: int = 4
-    pipeline: int = 0         # sparse, single row: 1 = keep two weight tiles in flight (hand-written
-                              # prefetch); 2 = a plain gather loop left to Triton's software
-                              # pipeliner (tl.range with ``stages`` stages, default 3: index and row
-                              # loads of later tiles issued as async copies while a tile is summed)
+    pipeline: int = 0         # sparse, single row: keep two weight tiles in flight
     acc1d: int = 0            # single row: reduce each tile over K at once (a [BLOCK_N] accumulator,
                               # fewer registers, more programs resident) instead of a 2-D accumulator
     stages: int = 0           # Triton num_stages for the launch (0: Triton's default)
@@ -437,8 +434,7 @@ if HAS_TRITON:
                      PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
                      PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
                      ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr,
-                     NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr,
-                     LOOP_STAGES: tl.constexpr):
+                     NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr):
         _gemv_body(tl.program_id(0), tl.program_id(1),
                    x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
                    ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
@@ -448,7 +444,7 @@ if HAS_TRITON:
                    M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                    BLOCK_M, BLOCK_N, BLOCK_K, NB_P, SPARSE, PRE_NORM, ACT, HAS_BIAS, HAS_RES, OUT_SSQ, USE_WS,
                    KPS, PDL, PIPE, ACC1D, PRECOMP, FULL_DENSE, SPLIT_C, ROPE, HD, NC, NC_KPS, NC_FLAG,
-                   WAIT_LISTS, LOOP_STAGES)
+                   WAIT_LISTS)
 
     @triton.jit
     def _gemv_body(pid_n, pid_s, x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
@@ -464,7 +460,7 @@ if HAS_TRITON:
                    PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
                    PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
                    ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr,
-                   NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr, LOOP_STAGES: tl.constexpr):
+                   NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr):
         """One program (output block pid_n, K-split pid_s) of the GEMV; see :func:`gemv`."""
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -538,20 +534,7 @@ if HAS_TRITON:
                 j_ok = jj < count
                 ks = tl.load(scr_ptr + base + jj, mask=j_ok, other=0.0).to(tl.int32)
                 xs = tl.load(scr_ptr + base + KPS + jj, mask=j_ok, other=0.0)
-                if PIPE == 2:
-                    # a plain loop: Triton's pipeliner issues later tiles' (indirect) loads ahead
-                    for j in tl.range(0, count, BLOCK_K, num_stages=LOOP_STAGES):
-                        jt = j + tl.arange(0, BLOCK_K)
-                        jt_ok = jt < count
-                        kt = tl.load(scr_ptr + base + jt, mask=jt_ok, other=0.0).to(tl.int32)
-                        xt = tl.load(scr_ptr + base + KPS + jt, mask=jt_ok, other=0.0)
-                        wt_t = tl.load(wt_ptr + kt[:, None] * N + offs_n[None, :],
-                                       mask=jt_ok[:, None] & n_ok[None, :], other=0.0)
-                        if ACC1D:
-                            acc1 += tl.sum(wt_t.to(tl.float32) * xt[:, None], 0)
-                        else:
-                            acc2 += wt_t.to(tl.float32) * xt[:, None]
-                elif PIPE == 1:
+                if PIPE:
                     # two weight tiles in flight: tile j+1's rows are requested before tile j is used
                     w = tl.load(wt_ptr + ks[:, None] * N + offs_n[None, :],
                                 mask=j_ok[:, None] & n_ok[None, :], other=0.0)
@@ -693,7 +676,6 @@ if HAS_TRITON:
                     G_ACC1D: tl.constexpr, G_PRECOMP: tl.constexpr, G_FULL_DENSE: tl.constexpr,
                     G_SPLIT_C: tl.constexpr, G_ROPE: tl.constexpr, G_HD: tl.constexpr, G_NC: tl.constexpr,
                     G_NC_KPS: tl.constexpr, G_NC_FLAG: tl.constexpr, G_WAIT_LISTS: tl.constexpr,
-                    G_LOOP_STAGES: tl.constexpr,
                     D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_BLOCK_K: tl.constexpr,
                     D_NB_P: tl.constexpr, D_SPARSE: tl.constexpr, D_PRE_NORM: tl.constexpr,
                     D_ACT: tl.constexpr, D_HAS_BIAS: tl.constexpr, D_HAS_RES: tl.constexpr,
@@ -701,7 +683,7 @@ if HAS_TRITON:
                     D_PIPE: tl.constexpr, D_ACC1D: tl.constexpr, D_PRECOMP: tl.constexpr,
                     D_FULL_DENSE: tl.constexpr, D_SPLIT_C: tl.constexpr, D_ROPE: tl.constexpr,
                     D_HD: tl.constexpr, D_NC: tl.constexpr, D_NC_KPS: tl.constexpr, D_NC_FLAG: tl.constexpr,
-                    D_WAIT_LISTS: tl.constexpr, D_LOOP_STAGES: tl.constexpr):
+                    D_WAIT_LISTS: tl.constexpr):
         """gate/up and down in one launch (single row, sparse down): programs [0, P1) are gate/up's
         (their finishing programs list down's kept inputs per K-chunk and raise the chunk's flag),
         the rest are down's, each waiting only for its own chunk's flag. Programs are dispatched in
@@ -722,7 +704,7 @@ if HAS_TRITON:
                        g_nb_out, g_eps, g_k_per_split, g_n_split, G_BLOCK_M, G_BLOCK_N, G_BLOCK_K, G_NB_P,
                        G_SPARSE, G_PRE_NORM, G_ACT, G_HAS_BIAS, G_HAS_RES, G_OUT_SSQ, G_USE_WS, G_KPS,
                        G_PDL, G_PIPE, G_ACC1D, G_PRECOMP, G_FULL_DENSE, G_SPLIT_C, G_ROPE, G_HD, G_NC,
-                       G_NC_KPS, G_NC_FLAG, G_WAIT_LISTS, G_LOOP_STAGES)
+                       G_NC_KPS, G_NC_FLAG, G_WAIT_LISTS)
         else:
             q = pid - P1
             _gemv_body(q % NBD, q // NBD,
@@ -734,7 +716,7 @@ if HAS_TRITON:
                        d_nb_out, d_eps, d_k_per_split, d_n_split, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K, D_NB_P,
                        D_SPARSE, D_PRE_NORM, D_ACT, D_HAS_BIAS, D_HAS_RES, D_OUT_SSQ, D_USE_WS, D_KPS,
                        D_PDL, D_PIPE, D_ACC1D, D_PRECOMP, D_FULL_DENSE, D_SPLIT_C, D_ROPE, D_HD, D_NC,
-                       D_NC_KPS, D_NC_FLAG, D_WAIT_LISTS, D_LOOP_STAGES)
+                       D_NC_KPS, D_NC_FLAG, D_WAIT_LISTS)
 
     @triton.jit
     def _compact_kernel(x_ptr, c_ptr, t_ptr, ssq_in_ptr, scr_ptr, kept_ptr, K, nb_in, eps, n_split,
@@ -1007,8 +989,7 @@ def _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
                 SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
                 HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
-                KPS=k_per_split if compact else 16, PDL=pdl, PIPE=int(cfg.pipeline) if compact else 0,
-                LOOP_STAGES=cfg.stages or 3,
+                KPS=k_per_split if compact else 16, PDL=pdl, PIPE=bool(compact and cfg.pipeline),
                 ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
                 FULL_DENSE=bool(compact and cfg.full_dense), SPLIT_C=_split_rows(split, block_n),
                 ROPE=rope is not None, HD=hd, NC=next_compact is not None, NC_KPS=nc_kps,
