@@ -237,6 +237,20 @@ def test_gpu_sparse_engine_matches_sparsified_model():
 
 
 @gpu
+def test_gpu_kernel_table_reports_programs_and_registers():
+    """wina bench's kernel table on a small engine: every GEMV row timed, with the launch's
+    programs and the compiled kernel's registers (the guard against run 11's register cliff)."""
+    from wina.bench import kernel_table
+    eng = Engine.from_model(_gpu_model("llama", layers=2), max_seq_len=64)
+    rows = kernel_table(eng, [0.5], 4e12, n_layers=2)
+    gemv_rows = [r for r in rows if r["variant"] in ("dense", "sparse")]
+    assert {r["kernel"] for r in gemv_rows} == {"qkv", "o", "gate_up", "down", "lm_head"}
+    for r in gemv_rows:
+        assert "error" not in r and r["time_us"] > 0, r
+        assert r["programs"] > 0 and 0 < r["regs"] <= 255 and r["spills"] >= 0, r
+
+
+@gpu
 def test_gpu_graph_generate_equals_eager_steps():
     m = _gpu_model("llama", layers=2)
     eng = Engine.from_model(m, max_seq_len=64)

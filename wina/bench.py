@@ -293,6 +293,17 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                 rows.append({"kernel": name, "K": k, "N": n, "variant": label, "sparsity": s,
                              "error": str(e).splitlines()[0][:200]})
                 continue
+            launch = {}
+            if label in ("dense", "sparse"):
+                # the launch's programs and registers (a register count past a residency step is
+                # a silent 25 % on the same code, docs/gpu-notes.md run 11)
+                from .kernels.kernels import _gemv_triton, config_for
+                try:
+                    _gemv_triton(x, wts[0], scl[0] if sparse else None, thr_list[0], bounds, biases[0], res, ssq,
+                                 engine.eps, act, res is not None, bool(sparse), config_for(k, n, bool(sparse), role),
+                                 info=launch)
+                except Exception:  # the table is still worth printing without it
+                    launch = {}
             wbytes = rows_kept * n * wts[0].element_size()
             if label == "cublas":
                 wbytes = k * n * wts[0].element_size()
@@ -300,7 +311,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             rows.append({"kernel": name, "K": k, "N": n, "variant": label,
                          "sparsity": None if s is None else s, "time_us": t * 1e6,
                          "bytes_read": int(byts), "rows_kept": rows_kept / k,
-                         "tb_per_s": byts / t / 1e12, "of_copy_bw": byts / t / copy_bw})
+                         "tb_per_s": byts / t / 1e12, "of_copy_bw": byts / t / copy_bw, **launch})
     rows += _glue_rows(engine, copy_bw, n_layers)
     return rows
 
@@ -566,7 +577,7 @@ def print_bench(res: dict, console=None) -> None:
     con.print(tab)
     if res.get("kernels"):
         kt = Table(title=f"GEMV kernels ({res.get('kernel_model')}, batch 1)")
-        for c in ["kernel", "K×N", "variant", "time µs", "MB read", "TB/s", "of copy bw"]:
+        for c in ["kernel", "K×N", "variant", "time µs", "MB read", "TB/s", "of copy bw", "programs", "regs"]:
             kt.add_column(c, justify="right")
         for r in res["kernels"]:
             v = r["variant"] + ("" if r.get("sparsity") is None else f" {r['sparsity']:.0%}")
@@ -574,7 +585,8 @@ def print_bench(res: dict, console=None) -> None:
                 kt.add_row(r["kernel"], f"{r['K']}×{r['N']}", v, f"[red]{r['error'][:40]}[/]")
                 continue
             kt.add_row(r["kernel"], f"{r['K']}×{r['N']}", v, f"{r['time_us']:.1f}", f"{r['bytes_read'] / 1e6:.1f}",
-                       f"{r['tb_per_s']:.2f}", f"{r['of_copy_bw']:.2f}")
+                       f"{r['tb_per_s']:.2f}", f"{r['of_copy_bw']:.2f}", str(r.get("programs", "")),
+                       str(r.get("regs", "")) + (f" ({r['spills']} spilled)" if r.get("spills") else ""))
         con.print(kt)
     if res.get("targets"):
         tt = Table(title="targets")

@@ -900,14 +900,25 @@ def _pdl(device) -> bool:
 
 
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
-                 cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None):
-    """Launch one GEMV (see :func:`_gemv_launch`); returns (y or the rotated q, ssq)."""
+                 cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None,
+                 info: Optional[dict] = None):
+    """Launch one GEMV (see :func:`_gemv_launch`); returns (y or the rotated q, ssq). ``info``: a
+    dict to receive the launch's programs, and the compiled kernel's registers and spills (for
+    benchmarks: ptxas's register count decides how many programs share an SM, docs/gpu-notes.md
+    run 11)."""
     out, ssq_out, grid, args, meta, pre = _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps,
                                                        act, want_ssq, sparse, cfg, compacted, rope, next_compact,
                                                        lists)
     for launch in pre:
         launch()
-    _gemv_kernel[grid](*args, **meta, launch_pdl=meta["PDL"], **cfg.launch_options())
+    compiled = _gemv_kernel[grid](*args, **meta, launch_pdl=meta["PDL"], **cfg.launch_options())
+    if info is not None:
+        info["programs"] = int(grid[0]) * int(grid[1])
+        try:
+            compiled._init_handles()          # loads the binary (lazily done by Triton) and its counts
+            info["regs"], info["spills"] = int(compiled.n_regs), int(compiled.n_spills)
+        except Exception:                     # the interpreter, or a Triton without these fields
+            pass
     return out, ssq_out
 
 
