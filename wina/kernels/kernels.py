@@ -43,8 +43,8 @@ tests compare against.
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
