@@ -14,7 +14,6 @@
 // loads before using any of them; warps of a block take interleaved batches and are summed once at
 // the end. Registers stay near 8 * V accumulators + U * V * 4 load registers.
 #include <cuda_bf16.h>
-#include <stdint.h>
 
 // rows j0 .. j0+U-1 of the current batch (index and value in lane j of ri / rv): the U rows' loads
 // are issued first, then their products
