@@ -51,10 +51,12 @@ __device__ __forceinline__ void row_group(int j0, float ri, float rv, int nrow, 
     }
 }
 
-template <int BN, int WARPS, int U, bool FULL>
+// DENSE: no lists, every input of the K-chunk (scr is then the input vector x, float32 [K]): the
+// same streaming, for comparing with the dense kernels
+template <int BN, int WARPS, int U, bool FULL, bool DENSE>
 __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W, const float* __restrict__ scr,
                                             const int* __restrict__ kept, float* __restrict__ part,
-                                            int N, int n_split, int KPS, int b1, int b2) {
+                                            int N, int n_split, int KPS, int b1, int b2, int K) {
     constexpr int V = BN / 256;                  // 16-byte vectors per lane per row
     static_assert(BN % 256 == 0, "BN is a multiple of 256 columns");
     static_assert(32 % U == 0, "U divides the 32-row batch");
@@ -64,9 +66,10 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
     const int n_lo = nb * BN;
     const int s = (n_lo >= b1) + (n_lo >= b2);
     const int list = s * n_split + split;
-    const int count = kept[list];
-    const float* li = scr + (size_t)list * 2 * KPS;
-    const float* lv = li + KPS;
+    const int k_lo = split * KPS;
+    const int count = DENSE ? min(KPS, K - k_lo) : kept[list];
+    const float* li = DENSE ? scr : scr + (size_t)list * 2 * KPS;
+    const float* lv = DENSE ? scr + k_lo : li + KPS;
     const __nv_bfloat16* wcol = W + n_lo + lane * 8;
 
     float acc[8 * V];
@@ -76,14 +79,14 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
     int b = warp * 32;
     float ri = 0.f, rv = 0.f;
     if (b + lane < count) {
-        ri = __ldg(li + b + lane);
+        ri = DENSE ? (float)(k_lo + b + lane) : __ldg(li + b + lane);
         rv = __ldg(lv + b + lane);
     }
     for (; b < count; b += WARPS * 32) {
         const int bn = b + WARPS * 32;           // the next batch's indices, in flight meanwhile
         float ni = 0.f, nv = 0.f;
         if (bn + lane < count) {
-            ni = __ldg(li + bn + lane);
+            ni = DENSE ? (float)(k_lo + bn + lane) : __ldg(li + bn + lane);
             nv = __ldg(lv + bn + lane);
         }
         const int nrow = min(32, count - b);
@@ -119,7 +122,13 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
                                                   const float* __restrict__ scr,                       \
                                                   const int* __restrict__ kept, float* __restrict__ part, \
                                                   int N, int n_split, int KPS, int b1, int b2) {       \
-        gather_body<BN, WARPS, U, FULL>(W, scr, kept, part, N, n_split, KPS, b1, b2);                        \
+        gather_body<BN, WARPS, U, FULL, false>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0);              \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                     \
+        dense_gemv_##BN##_##WARPS##_##U##_##FULL##_##MINB(const __nv_bfloat16* __restrict__ W,         \
+                                                 const float* __restrict__ x, float* __restrict__ part, \
+                                                 int N, int n_split, int KPS, int K) {                 \
+        gather_body<BN, WARPS, U, FULL, true>(W, x, nullptr, part, N, n_split, KPS, N, N, K);           \
     }
 
 GATHER(256, 4, 8, 1, 1)

@@ -221,6 +221,45 @@ def main() -> None:
                         rows.append((name, sp, var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
                         continue
                     rows.append((name, sp, var, kps, t_g, t_gr, f"err {err:.1e}, {byts / (t_g * 1e-6) / bw:.2f} of copy bw"))
+            if sp == 0.0:
+                # dense: cuBLAS, the library's dense Triton launch, and the same streaming with no lists
+                xin = xa.to(torch.bfloat16)[None]
+                t_cub = time_graph(lambda: [torch.matmul(xin, w) for w in wts]) / args.layers
+                dcfg = config_for(k, n, False, role)
+                t_tri = time_graph(lambda: [_gemv_triton(x, w, None, None, bounds, None, res, ssq, 1e-5, act,
+                                                         res is not None, False, dcfg) for w in wts]) / args.layers
+                dense_bytes = k * n * 2
+                rows.append((name, "dense", "cublas", "-", t_cub, None,
+                             f"{dense_bytes / (t_cub * 1e-6) / bw:.2f} of copy bw"))
+                rows.append((name, "dense", "triton (library config)", "-", t_tri, None,
+                             f"{dense_bytes / (t_tri * 1e-6) / bw:.2f} of copy bw"))
+                for kps in [int(v) for v in args.kps.split(",")]:
+                    n_split = -(-k // kps)
+                    part = torch.empty(n_split, n, dtype=torch.float32, device="cuda")
+                    y = torch.empty(n, dtype=torch.float32, device="cuda")
+                    for var in VARIANTS:
+                        bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
+                        if n % bn:
+                            continue
+
+                        def dense(w, var=var, bn=bn, warps=warps, part=part, n_split=n_split, kps=kps):
+                            drv.launch(f"dense_gemv_{var}", (n // bn, n_split), warps * 32,
+                                       [w, xa, part, n, n_split, kps, k])
+
+                        def reduce(part=part, y=y, n_split=n_split):
+                            drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
+                        try:
+                            dense(wts[0])
+                            reduce()
+                            torch.cuda.synchronize()
+                            err = float((y - ref).norm() / ref.norm())
+                            t_g = time_graph(lambda: [dense(w) for w in wts]) / args.layers
+                            t_gr = time_graph(lambda: [(dense(w), reduce()) for w in wts]) / args.layers
+                        except Exception as e:  # report, go on
+                            rows.append((name, "dense", var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
+                            continue
+                        rows.append((name, "dense", var, kps, t_g, t_gr,
+                                     f"err {err:.1e}, {dense_bytes / (t_g * 1e-6) / bw:.2f} of copy bw"))
             del ref
         del wts
         torch.cuda.empty_cache()
