@@ -876,7 +876,8 @@ def bench_cmd(
     fuse_mlp: Optional[int] = typer.Option(None, "--fuse-mlp", min=0, max=2,
                                            help="Sparse decode (experimental): 1 = gate/up compacts down's input, "
                                                 "2 = also one launch for both; 0 = off (default: the "
-                                                "WINA_FUSE_MLP environment variable, else 0)."),
+                                                "WINA_FUSE_MLP environment variable, else 0). Measured on an "
+                                                "H200: no gain (docs/gpu-notes.md run 12)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
 ) -> None:
     """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the

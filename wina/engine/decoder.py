@@ -169,7 +169,8 @@ class Engine:
         defaults to :func:`wina.transform.shortcuts` of a transformed model. ``fuse_mlp``: in sparse
         decode steps, 1 = gate/up's finishing programs compact down's input, 2 = the same with
         gate/up and down in one launch (:func:`wina.kernels.mlp_decode`); 0 = off; default: the
-        WINA_FUSE_MLP environment variable, off until it is measured faster (docs/gpu-notes.md).
+        WINA_FUSE_MLP environment variable, else off (run 12 of docs/gpu-notes.md measured no gain:
+        down's weight reads wait on gate/up's output either way).
         """
         eng = cls()
         a = adapter_for(model)
