@@ -53,10 +53,16 @@ __device__ __forceinline__ void row_group(int j0, float ri, float rv, int nrow, 
 
 // DENSE: no lists, every input of the K-chunk (scr is then the input vector x, float32 [K]): the
 // same streaming, for comparing with the dense kernels
-template <int BN, int WARPS, int U, bool FULL, bool DENSE>
+// FINISH: the last block of a column block to write its partial sums all of them (split order:
+// deterministic), adds the residual if there is one and writes y (bf16): one launch per GEMV, as
+// the Triton kernel does it
+template <int BN, int WARPS, int U, bool FULL, bool DENSE, bool FINISH = false>
 __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W, const float* __restrict__ scr,
                                             const int* __restrict__ kept, float* __restrict__ part,
-                                            int N, int n_split, int KPS, int b1, int b2, int K) {
+                                            int N, int n_split, int KPS, int b1, int b2, int K,
+                                            __nv_bfloat16* __restrict__ y = nullptr,
+                                            const __nv_bfloat16* __restrict__ res = nullptr,
+                                            int* __restrict__ cnt = nullptr) {
     constexpr int V = BN / 256;                  // 16-byte vectors per lane per row
     static_assert(BN % 256 == 0, "BN is a multiple of 256 columns");
     static_assert(32 % U == 0, "U divides the 32-row batch");
@@ -112,6 +118,24 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
         for (int k = 0; k < WARPS; ++k) t += red[k][c];
         part[(size_t)split * N + n_lo + c] = t;
     }
+    if constexpr (FINISH) {
+        __shared__ int ticket;
+        __threadfence();                         // this block's partial sums, visible GPU-wide ...
+        __syncthreads();
+        if (threadIdx.x == 0) ticket = atomicAdd(cnt + nb, 1);   // ... before it is counted
+        __syncthreads();
+        if (ticket == n_split - 1) {
+            __threadfence();
+            for (int c = threadIdx.x; c < BN; c += WARPS * 32) {
+                float t = 0.f;
+#pragma unroll 8
+                for (int k = 0; k < n_split; ++k) t += __ldcg(part + (size_t)k * N + n_lo + c);
+                if (res != nullptr) t += __bfloat162float(res[n_lo + c]);
+                y[n_lo + c] = __float2bfloat16(t);
+            }
+            if (threadIdx.x == 0) cnt[nb] = 0;   // ready for the next launch (graph replays)
+        }
+    }
 }
 
 // BN columns per block, WARPS warps, U rows' loads issued before their products (FULL: the whole
@@ -130,6 +154,24 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
                                                  int N, int n_split, int KPS, int K) {                 \
         gather_body<BN, WARPS, U, FULL, true>(W, x, nullptr, part, N, n_split, KPS, N, N, K);           \
     }
+
+// the same with the split reduction and the residual in the kernel (one launch)
+#define GATHER_FIN(BN, WARPS, U, MINB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                     \
+        gather_fin_##BN##_##WARPS##_##U##_0_##MINB(const __nv_bfloat16* __restrict__ W,                \
+                                                   const float* __restrict__ scr,                      \
+                                                   const int* __restrict__ kept, float* __restrict__ part, \
+                                                   int N, int n_split, int KPS, int b1, int b2,        \
+                                                   __nv_bfloat16* __restrict__ y,                      \
+                                                   const __nv_bfloat16* __restrict__ res, int* __restrict__ cnt) { \
+        gather_body<BN, WARPS, U, false, false, true>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, y, res, \
+                                                      cnt);                                            \
+    }
+
+GATHER_FIN(256, 8, 8, 2)
+GATHER_FIN(256, 4, 8, 4)
+GATHER_FIN(256, 16, 8, 1)
+GATHER_FIN(512, 4, 8, 4)
 
 GATHER(256, 4, 8, 1, 1)
 GATHER(256, 8, 8, 1, 1)

@@ -28,6 +28,7 @@ from wina.bench import copy_bandwidth  # noqa: E402
 from wina.kernels.kernels import _gemv_triton, _prepare_input, config_for  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FIN_VARIANTS = ["256_8_8_0_2", "256_4_8_0_4", "256_16_8_0_1", "512_4_8_0_4"]   # one launch, reduction inside
 VARIANTS = ["256_4_8_1_1", "256_8_8_1_1", "256_8_8_0_2", "256_8_16_0_2", "256_4_8_0_4", "256_4_16_0_4",
             "256_16_8_0_1", "512_8_8_0_2", "512_4_8_0_4"]
 
@@ -221,6 +222,36 @@ def main() -> None:
                         rows.append((name, sp, var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
                         continue
                     rows.append((name, sp, var, kps, t_g, t_gr, f"err {err:.1e}, {byts / (t_g * 1e-6) / bw:.2f} of copy bw"))
+                # one launch: the split reduction and the residual in the kernel (what would replace
+                # the library's GEMV launch; compare with "triton consumer only")
+                res_t = res[0] if res is not None else torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+                want = ref + res_t.float()
+                for var in FIN_VARIANTS:
+                    bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
+                    if n % bn or any(b % bn for b in bounds):
+                        continue
+                    cnt = torch.zeros(n // bn, dtype=torch.int32, device="cuda")
+                    yb = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+
+                    def fin(w, var=var, bn=bn, warps=warps, scr=scr, kept=kept, part=part, n_split=n_split, kps=kps,
+                            cnt=cnt, yb=yb):
+                        b1 = bounds[0] if bounds else n
+                        b2 = bounds[1] if len(bounds) > 1 else n
+                        drv.launch(f"gather_fin_{var}", (n // bn, n_split), warps * 32,
+                                   [w, scr, kept, part, n, n_split, kps, b1, b2, yb, res_t, cnt])
+                    try:
+                        fin(wts[0])
+                        torch.cuda.synchronize()
+                        err = float((yb.float() - want).norm() / want.norm())
+                        t_f = time_graph(lambda: [fin(w) for w in wts]) / args.layers
+                        fin(wts[0])                      # the counters were reset by every replay
+                        torch.cuda.synchronize()
+                        err2 = float((yb.float() - want).norm() / want.norm())
+                    except Exception as e:  # report, go on
+                        rows.append((name, sp, "fin " + var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
+                        continue
+                    rows.append((name, sp, "fin " + var, kps, t_f, None,
+                                 f"err {err:.1e} / after replays {err2:.1e}, {byts / (t_f * 1e-6) / bw:.2f} of copy bw"))
             if sp == 0.0:
                 # dense: cuBLAS, the library's dense Triton launch, and the same streaming with no lists
                 xin = xa.to(torch.bfloat16)[None]
