@@ -53,16 +53,24 @@ __device__ __forceinline__ void row_group(int j0, float ri, float rv, int nrow, 
 
 // DENSE: no lists, every input of the K-chunk (scr is then the input vector x, float32 [K]): the
 // same streaming, for comparing with the dense kernels
-// FINISH: the last block of a column block to write its partial sums all of them (split order:
-// deterministic), adds the residual if there is one and writes y (bf16): one launch per GEMV, as
-// the Triton kernel does it
+// The epilogue of wina's GEMV (see _gemv_finish in wina/kernels/kernels.py): y = sum + bias + res,
+// rounded to bf16; ssq_out[block] = sum of the rounded y's squares over the block's columns.
+struct Epilogue {
+    __nv_bfloat16* y;
+    const __nv_bfloat16* res;
+    const __nv_bfloat16* bias;
+    float* ssq_out;
+    int* cnt;
+    int has_res, has_bias, out_ssq;
+};
+
+// FINISH: the last block of a column block to write its partial sums adds all of them (split
+// order: deterministic) and applies the epilogue: one launch per GEMV, as the Triton kernel does it
 template <int BN, int WARPS, int U, bool FULL, bool DENSE, bool FINISH = false>
 __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W, const float* __restrict__ scr,
                                             const int* __restrict__ kept, float* __restrict__ part,
                                             int N, int n_split, int KPS, int b1, int b2, int K,
-                                            __nv_bfloat16* __restrict__ y = nullptr,
-                                            const __nv_bfloat16* __restrict__ res = nullptr,
-                                            int* __restrict__ cnt = nullptr) {
+                                            Epilogue ep = Epilogue{}) {
     constexpr int V = BN / 256;                  // 16-byte vectors per lane per row
     static_assert(BN % 256 == 0, "BN is a multiple of 256 columns");
     static_assert(32 % U == 0, "U divides the 32-row batch");
@@ -120,20 +128,39 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
     }
     if constexpr (FINISH) {
         __shared__ int ticket;
+        __shared__ float ssq_w[WARPS];
         __threadfence();                         // this block's partial sums, visible GPU-wide ...
         __syncthreads();
-        if (threadIdx.x == 0) ticket = atomicAdd(cnt + nb, 1);   // ... before it is counted
+        if (threadIdx.x == 0) ticket = atomicAdd(ep.cnt + nb, 1);   // ... before it is counted
         __syncthreads();
         if (ticket == n_split - 1) {
             __threadfence();
+            float sq = 0.f;
             for (int c = threadIdx.x; c < BN; c += WARPS * 32) {
+                const int n = n_lo + c;
                 float t = 0.f;
 #pragma unroll 8
-                for (int k = 0; k < n_split; ++k) t += __ldcg(part + (size_t)k * N + n_lo + c);
-                if (res != nullptr) t += __bfloat162float(res[n_lo + c]);
-                y[n_lo + c] = __float2bfloat16(t);
+                for (int k = 0; k < n_split; ++k) t += __ldcg(part + (size_t)k * N + n);
+                if (ep.has_bias) t += __bfloat162float(ep.bias[n]);
+                if (ep.has_res) t += __bfloat162float(ep.res[n]);
+                const __nv_bfloat16 yb = __float2bfloat16(t);
+                ep.y[n] = yb;
+                const float yf = __bfloat162float(yb);
+                sq = fmaf(yf, yf, sq);
             }
-            if (threadIdx.x == 0) cnt[nb] = 0;   // ready for the next launch (graph replays)
+            if (ep.out_ssq) {                    // fixed-order block sum: warps by shuffles, then in order
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, o);
+                if (lane == 0) ssq_w[warp] = sq;
+                __syncthreads();
+                if (threadIdx.x == 0) {
+                    float t = 0.f;
+#pragma unroll
+                    for (int k = 0; k < WARPS; ++k) t += ssq_w[k];
+                    ep.ssq_out[nb] = t;
+                }
+            }
+            if (threadIdx.x == 0) ep.cnt[nb] = 0;   // ready for the next launch (graph replays)
         }
     }
 }
@@ -155,17 +182,19 @@ __device__ __forceinline__ void gather_body(const __nv_bfloat16* __restrict__ W,
         gather_body<BN, WARPS, U, FULL, true>(W, x, nullptr, part, N, n_split, KPS, N, N, K);           \
     }
 
-// the same with the split reduction and the residual in the kernel (one launch)
+// the same with the split reduction and wina's epilogue in the kernel (one launch); pointers whose
+// flag is 0 are not read (pass any valid pointer)
 #define GATHER_FIN(BN, WARPS, U, MINB)                                                                 \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                     \
         gather_fin_##BN##_##WARPS##_##U##_0_##MINB(const __nv_bfloat16* __restrict__ W,                \
                                                    const float* __restrict__ scr,                      \
                                                    const int* __restrict__ kept, float* __restrict__ part, \
                                                    int N, int n_split, int KPS, int b1, int b2,        \
-                                                   __nv_bfloat16* __restrict__ y,                      \
-                                                   const __nv_bfloat16* __restrict__ res, int* __restrict__ cnt) { \
-        gather_body<BN, WARPS, U, false, false, true>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, y, res, \
-                                                      cnt);                                            \
+                                                   __nv_bfloat16* y, const __nv_bfloat16* res,         \
+                                                   const __nv_bfloat16* bias, float* ssq_out, int* cnt, \
+                                                   int has_res, int has_bias, int out_ssq) {           \
+        gather_body<BN, WARPS, U, false, false, true>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0,  \
+            Epilogue{y, res, bias, ssq_out, cnt, has_res, has_bias, out_ssq});                         \
     }
 
 GATHER_FIN(256, 8, 8, 2)

@@ -232,17 +232,20 @@ def main() -> None:
                         continue
                     cnt = torch.zeros(n // bn, dtype=torch.int32, device="cuda")
                     yb = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+                    ssq = torch.empty(n // bn, dtype=torch.float32, device="cuda")
 
                     def fin(w, var=var, bn=bn, warps=warps, scr=scr, kept=kept, part=part, n_split=n_split, kps=kps,
-                            cnt=cnt, yb=yb):
+                            cnt=cnt, yb=yb, ssq=ssq):
                         b1 = bounds[0] if bounds else n
                         b2 = bounds[1] if len(bounds) > 1 else n
                         drv.launch(f"gather_fin_{var}", (n // bn, n_split), warps * 32,
-                                   [w, scr, kept, part, n, n_split, kps, b1, b2, yb, res_t, cnt])
+                                   [w, scr, kept, part, n, n_split, kps, b1, b2, yb, res_t, res_t, ssq, cnt, 1, 0, 1])
                     try:
                         fin(wts[0])
                         torch.cuda.synchronize()
                         err = float((yb.float() - want).norm() / want.norm())
+                        ssq_ref = (yb.float() ** 2).view(-1, bn).sum(1)
+                        err = max(err, float((ssq - ssq_ref).abs().max() / ssq_ref.abs().max()))
                         t_f = time_graph(lambda: [fin(w) for w in wts]) / args.layers
                         fin(wts[0])                      # the counters were reset by every replay
                         torch.cuda.synchronize()
