@@ -80,7 +80,7 @@ class Nvrtc:
 
     def launch(self, name: str, grid, block: int, args) -> None:
         if name not in self.fns:
-            self.fns[name] = torch.cuda._compile_kernel(self.src, name, nvcc_options=["-O3", "--std=c++17"])
+            self.fns[name] = torch.cuda._compile_kernel(self.src, name, nvcc_options=["--std=c++17"])
         self.fns[name](grid=(grid[0], grid[1], 1), block=(block, 1, 1), args=list(args))
 
 
