@@ -109,8 +109,9 @@ if args.force_sparse:
 for spec in args.shape_config:
     shape, fields = spec.split(":")
     kk_, nn_ = (int(v) for v in shape.split(","))
-    set_config(kk_, nn_, GemvConfig(*[int(v) for v in fields.split(",")]), sparse=True)
-    stamp(f"sparse config for {kk_}x{nn_}: {GemvConfig(*[int(v) for v in fields.split(',')])}")
+    cfg_ = GemvConfig(*[int(v) for v in fields.split(",")])
+    set_config(kk_, nn_, cfg_, sparse=True)
+    stamp(f"sparse config for {kk_}x{nn_}: {cfg_}")
 
 models = args.models.split(",")
 res_all = None

@@ -5,6 +5,7 @@ Used to bisect kernel regressions across commits (docs/gpu-notes.md, run 11) and
     PROBE_MIN_CTAS=2,3  PROBE_CONFIGS="512,32,264,8,0,1;256,64,264,8,1"  PROBE_DUMP=dir (PTX)
     PROBE_COMPACT_WARPS=8  PROBE_CASES=gate_up,down"""
 import dataclasses
+import os
 import statistics
 import sys
 
@@ -41,32 +42,44 @@ CASES = [  # name, role, K, N, bounds, pre-norm, act, residual
 ]
 
 
+def case_inputs(case, gen: torch.Generator, layers: int = 8):
+    """Random inputs of one CASES row, on the generator's device (bf16): ``layers`` weights (several
+    times the L2 together), scales [S, K], x, ssq_in (pre-norm roles), the residual (roles with
+    one) and the GEMV's input as the kernel sees it (normalised / SiLU·up), a float32 [K] vector."""
+    name, role, k, n, bounds, pre, act, res_on = case
+    dev, dt = gen.device, torch.bfloat16
+    wts = [torch.randn(k, n, generator=gen, device=dev).to(dt) for _ in range(layers)]
+    scales = torch.rand(len(bounds) + 1, k, generator=gen, device=dev) + 0.5
+    x = torch.randn(1, 2 * k if act else k, generator=gen, device=dev).to(dt)
+    ssq = (x.float() ** 2).sum(-1, keepdim=True) if pre else None
+    res = torch.randn(1, n, generator=gen, device=dev).to(dt) if res_on else None
+    return wts, scales, x, ssq, res, _prepare_input(x, k, ssq, 1e-5, act)[0]
+
+
+def thresholds_at(xa: torch.Tensor, scales: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-segment thresholds that drop ``sparsity`` of the scores |x_i|·c_i (0: keep every input)."""
+    return torch.tensor([-1.0 if sparsity == 0 else float(torch.quantile((xa.abs() * c).float(), sparsity))
+                         for c in scales], device=xa.device)
+
+
 @torch.no_grad()
 def main(tag: str, layers: int = 8, min_ctas=(None,), configs=()):
     """min_ctas: also time each case with GemvConfig.min_ctas set to these values (None: as
     configured); configs: also time each case with these GemvConfigs."""
     from dataclasses import replace
-    dev, dt = "cuda", torch.bfloat16
-    gen = torch.Generator(device=dev).manual_seed(0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
     out = []
-    import os
     only = [c for c in os.environ.get("PROBE_CASES", "").split(",") if c]
-    for name, role, k, n, bounds, pre, act, res_on in CASES:
+    for case in CASES:
+        name, role, k, n, bounds, pre, act, res_on = case
         if only and name not in only:
             continue
-        wts = [torch.randn(k, n, generator=gen, device=dev).to(dt) for _ in range(layers)]
-        n_seg = len(bounds) + 1
-        c = torch.rand(n_seg, k, generator=gen, device=dev) + 0.5
-        x = torch.randn(1, 2 * k if act else k, generator=gen, device=dev).to(dt)
-        ssq = (x.float() ** 2).sum(-1, keepdim=True) if pre else None
-        res = torch.randn(1, n, generator=gen, device=dev).to(dt) if res_on else None
-        xf = _prepare_input(x, k, ssq, 1e-5, act)
+        wts, c, x, ssq, res, xa = case_inputs(case, gen, layers)
         base = config_for(k, n, True, role)
         variants = [(mc, base if mc is None else replace(base, min_ctas=mc)) for mc in min_ctas]
         variants += [(",".join(str(v) for v in dataclasses.astuple(cf)), cf) for cf in configs]
         for (mc, cfg), s in [(v, s) for v in variants for s in (0.0, 0.5)]:
-            thr = torch.tensor([-1.0 if s == 0 else float(torch.quantile((xf.abs()[0] * c[j]).float(), s))
-                                for j in range(n_seg)], device=dev)
+            thr = thresholds_at(xa, c, s)
 
             def fn():
                 for w in wts:
@@ -83,7 +96,6 @@ def main(tag: str, layers: int = 8, min_ctas=(None,), configs=()):
 
 def dump_compiled(tag: str, outdir=None) -> None:
     """Registers and spills of every compiled _gemv_kernel variant, and its PTX into ``outdir``."""
-    import os
     from wina.kernels import kernels as K
     if outdir:
         os.makedirs(outdir, exist_ok=True)
@@ -99,7 +111,6 @@ def dump_compiled(tag: str, outdir=None) -> None:
 
 
 if __name__ == "__main__":
-    import os
     tag = sys.argv[1] if len(sys.argv) > 1 else "head"
     if os.environ.get("PROBE_COMPACT_WARPS"):       # warps of the precompact launch (kernels.COMPACT_WARPS)
         from wina.kernels import kernels as _kk

@@ -327,7 +327,6 @@ def test_triton_kernel_in_the_interpreter():
 def test_triton_mlp_decode_fused_compaction(dtype, gu_sparse):
     """mlp_decode: gate/up's finishing programs list down's kept inputs; against the reference
     gate/up → SiLU·up → sparse down, for the role defaults and two other down configs."""
-    from dataclasses import replace
     from wina.kernels import mlp_decode
     from wina.kernels import kernels as kk
     from wina.kernels.kernels import _counters, _prepare_input

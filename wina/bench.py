@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -197,8 +196,10 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
     sparsity; bytes read count the weight rows actually loaded plus the vectors.
     ``precompact_at``: also time, at that sparsity, the pre-compaction variant (two launches) and
     its GEMV launches alone (``GemvConfig.precompact``)."""
-    from .kernels import ACT_SILU_MUL, gemv
-    from .kernels.kernels import _prepare_input
+    from dataclasses import replace
+
+    from .kernels import gemv
+    from .kernels.kernels import _gemv_triton, _prepare_input, config_for
     dev, dt = engine.device, engine.dtype
     gen = torch.Generator(device=dev).manual_seed(seed)
     rows = []
@@ -236,8 +237,6 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             # are computed once (first matrix's scales) and only the GEMV launches are timed: what
             # compaction fused into the producer could reach; full_dense=1: all-kept chunks stream
             # like the dense kernel)
-            from dataclasses import replace
-            from .kernels.kernels import _gemv_triton, config_for
             cfg = replace(config_for(k, n, True, role), **changes)
 
             def call(w, b, c, t, compacted):
@@ -297,7 +296,6 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             if label in ("dense", "sparse"):
                 # the launch's programs and registers (a register count past a residency step is
                 # a silent 25 % on the same code, docs/gpu-notes.md run 11)
-                from .kernels.kernels import _gemv_triton, config_for
                 try:
                     _gemv_triton(x, wts[0], scl[0] if sparse else None, thr_list[0], bounds, biases[0], res, ssq,
                                  engine.eps, act, res is not None, bool(sparse), config_for(k, n, bool(sparse), role),

@@ -19,13 +19,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 
 import torch
 
 sys.path.insert(0, ".")
-from bench.probe_gemv import CASES, time_graph  # noqa: E402
+from bench.probe_gemv import CASES, case_inputs, thresholds_at, time_graph  # noqa: E402
 from wina.bench import copy_bandwidth  # noqa: E402
-from wina.kernels.kernels import _gemv_triton, _prepare_input, config_for  # noqa: E402
+from wina.kernels.kernels import _gemv_triton, config_for  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIN_VARIANTS = ["256_8_8_0_2", "256_4_8_0_4", "256_16_8_0_1", "512_4_8_0_4"]   # one launch, reduction inside
@@ -167,21 +168,32 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for name, role, k, n, bounds, pre, act, res_on in CASES:
-        wts = [torch.randn(k, n, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(args.layers)]
-        n_seg = len(bounds) + 1
-        scales = torch.rand(n_seg, k, generator=gen, device="cuda") + 0.5
-        x = torch.randn(1, 2 * k if act else k, generator=gen, device="cuda").to(torch.bfloat16)
-        ssq = (x.float() ** 2).sum(-1, keepdim=True) if pre else None
-        xa = _prepare_input(x, k, ssq, 1e-5, act)[0]
+
+    def check_and_time(key, wts, launch, reduce, y, ref, byts):
+        """One variant: ``launch(w)`` per weight then ``reduce()``; checked against ``ref``, then timed
+        alone and with the reduction. Appends a row (or the error) to ``rows``."""
+        try:
+            launch(wts[0])
+            reduce()
+            torch.cuda.synchronize()
+            err = float((y - ref).norm() / ref.norm())
+            t_g = time_graph(lambda: [launch(w) for w in wts]) / args.layers
+            t_gr = time_graph(lambda: [(launch(w), reduce()) for w in wts]) / args.layers
+        except Exception as e:  # report, go on
+            rows.append(key + (None, None, "error " + str(e).splitlines()[0][:120]))
+            return
+        rows.append(key + (t_g, t_gr, f"err {err:.1e}, {byts / (t_g * 1e-6) / bw:.2f} of copy bw"))
+
+    for case in CASES:
+        name, role, k, n, bounds, pre, act, res_on = case
+        wts, scales, x, ssq, res, xa = case_inputs(case, gen, args.layers)
+        b1 = bounds[0] if bounds else n
+        b2 = bounds[1] if len(bounds) > 1 else n
         for sp in (0.0, 0.5):
-            thr = torch.tensor([-1.0 if sp == 0 else float(torch.quantile((xa.abs() * scales[s]).float(), sp))
-                                for s in range(n_seg)], device="cuda")
+            thr = thresholds_at(xa, scales, sp)
             ref = reference(wts[0], xa, scales, thr, bounds)
             # the library's Triton launch on the same shape: whole, and with its lists made beforehand
-            from dataclasses import replace
             cfg = config_for(k, n, True, role)
-            res = torch.randn(1, n, generator=gen, device="cuda").to(torch.bfloat16) if res_on else None
 
             def triton_call(w, compacted, c=cfg):
                 _gemv_triton(x, w, scales, thr, bounds, None, res, ssq, 1e-5, act, res is not None, True, c,
@@ -192,64 +204,54 @@ def main() -> None:
             t_cons = time_graph(lambda: [triton_call(w, True, pre_cfg) for w in wts]) / args.layers
             rows.append((name, sp, "triton (library config)", "-", t_whole, None, None))
             rows.append((name, sp, "triton consumer only (precompact)", "-", t_cons, None, None))
+            res_t = res[0] if res is not None else torch.zeros(n, dtype=torch.bfloat16, device="cuda")
+            want = ref + res_t.float()
             for kps in [int(v) for v in args.kps.split(",")]:
                 scr, kept, n_split = make_lists(xa, scales, thr, kps)
                 byts = kept_bytes(kept, n_split, n, bounds)
                 part = torch.empty(n_split, n, dtype=torch.float32, device="cuda")
                 y = torch.empty(n, dtype=torch.float32, device="cuda")
+
+                def reduce(part=part, y=y, n_split=n_split):
+                    drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
                 for var in VARIANTS:
                     bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
                     if n % bn or any(b % bn for b in bounds):
                         continue
-                    fname = f"gather_gemv_{var}"
 
-                    def gather(w, fname=fname, bn=bn, warps=warps, scr=scr, kept=kept, part=part, n_split=n_split,
+                    def gather(w, var=var, bn=bn, warps=warps, scr=scr, kept=kept, part=part, n_split=n_split,
                                kps=kps):
-                        b1 = bounds[0] if bounds else n
-                        b2 = bounds[1] if len(bounds) > 1 else n
-                        drv.launch(fname, (n // bn, n_split), warps * 32, [w, scr, kept, part, n, n_split, kps, b1, b2])
-
-                    def reduce(part=part, y=y, n_split=n_split):
-                        drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
-                    try:
-                        gather(wts[0])
-                        reduce()
-                        torch.cuda.synchronize()
-                        err = float((y - ref).norm() / ref.norm())
-                        t_g = time_graph(lambda: [gather(w) for w in wts]) / args.layers
-                        t_gr = time_graph(lambda: [(gather(w), reduce()) for w in wts]) / args.layers
-                    except Exception as e:  # report, go on
-                        rows.append((name, sp, var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
-                        continue
-                    rows.append((name, sp, var, kps, t_g, t_gr, f"err {err:.1e}, {byts / (t_g * 1e-6) / bw:.2f} of copy bw"))
-                # one launch: the split reduction and the residual in the kernel (what would replace
+                        drv.launch(f"gather_gemv_{var}", (n // bn, n_split), warps * 32,
+                                   [w, scr, kept, part, n, n_split, kps, b1, b2])
+                    check_and_time((name, sp, var, kps), wts, gather, reduce, y, ref, byts)
+                # one launch: the split reduction and the epilogue in the kernel (what would replace
                 # the library's GEMV launch; compare with "triton consumer only")
-                res_t = res[0] if res is not None else torch.zeros(n, dtype=torch.bfloat16, device="cuda")
-                want = ref + res_t.float()
                 for var in FIN_VARIANTS:
                     bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
                     if n % bn or any(b % bn for b in bounds):
                         continue
                     cnt = torch.zeros(n // bn, dtype=torch.int32, device="cuda")
                     yb = torch.empty(n, dtype=torch.bfloat16, device="cuda")
-                    ssq = torch.empty(n // bn, dtype=torch.float32, device="cuda")
+                    ssq_out = torch.empty(n // bn, dtype=torch.float32, device="cuda")
 
                     def fin(w, var=var, bn=bn, warps=warps, scr=scr, kept=kept, part=part, n_split=n_split, kps=kps,
-                            cnt=cnt, yb=yb, ssq=ssq):
-                        b1 = bounds[0] if bounds else n
-                        b2 = bounds[1] if len(bounds) > 1 else n
+                            cnt=cnt, yb=yb, ssq_out=ssq_out):
                         drv.launch(f"gather_fin_{var}", (n // bn, n_split), warps * 32,
-                                   [w, scr, kept, part, n, n_split, kps, b1, b2, yb, res_t, res_t, ssq, cnt, 1, 0, 1])
+                                   [w, scr, kept, part, n, n_split, kps, b1, b2, yb, res_t, res_t, ssq_out, cnt,
+                                    1, 0, 1])
+
+                    def fin_error(yb=yb, ssq_out=ssq_out, bn=bn):
+                        ssq_ref = (yb.float() ** 2).view(-1, bn).sum(1)
+                        return max(float((yb.float() - want).norm() / want.norm()),
+                                   float((ssq_out - ssq_ref).abs().max() / ssq_ref.abs().max()))
                     try:
                         fin(wts[0])
                         torch.cuda.synchronize()
-                        err = float((yb.float() - want).norm() / want.norm())
-                        ssq_ref = (yb.float() ** 2).view(-1, bn).sum(1)
-                        err = max(err, float((ssq - ssq_ref).abs().max() / ssq_ref.abs().max()))
+                        err = fin_error()
                         t_f = time_graph(lambda: [fin(w) for w in wts]) / args.layers
                         fin(wts[0])                      # the counters were reset by every replay
                         torch.cuda.synchronize()
-                        err2 = float((yb.float() - want).norm() / want.norm())
+                        err2 = fin_error()
                     except Exception as e:  # report, go on
                         rows.append((name, sp, "fin " + var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
                         continue
@@ -271,6 +273,9 @@ def main() -> None:
                     n_split = -(-k // kps)
                     part = torch.empty(n_split, n, dtype=torch.float32, device="cuda")
                     y = torch.empty(n, dtype=torch.float32, device="cuda")
+
+                    def reduce(part=part, y=y, n_split=n_split):
+                        drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
                     for var in VARIANTS:
                         bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
                         if n % bn:
@@ -279,24 +284,7 @@ def main() -> None:
                         def dense(w, var=var, bn=bn, warps=warps, part=part, n_split=n_split, kps=kps):
                             drv.launch(f"dense_gemv_{var}", (n // bn, n_split), warps * 32,
                                        [w, xa, part, n, n_split, kps, k])
-
-                        def reduce(part=part, y=y, n_split=n_split):
-                            drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
-                        try:
-                            dense(wts[0])
-                            reduce()
-                            torch.cuda.synchronize()
-                            err = float((y - ref).norm() / ref.norm())
-                            t_g = time_graph(lambda: [dense(w) for w in wts]) / args.layers
-                            t_gr = time_graph(lambda: [(dense(w), reduce()) for w in wts]) / args.layers
-                        except Exception as e:  # report, go on
-                            rows.append((name, "dense", var, kps, None, None, "error " + str(e).splitlines()[0][:120]))
-                            continue
-                        rows.append((name, "dense", var, kps, t_g, t_gr,
-                                     f"err {err:.1e}, {dense_bytes / (t_g * 1e-6) / bw:.2f} of copy bw"))
-            del ref
-        del wts
-        torch.cuda.empty_cache()
+                        check_and_time((name, "dense", var, kps), wts, dense, reduce, y, ref, dense_bytes)
     print(f"\n{'role':>8} {'sp':>4} {'variant':>34} {'kps':>5} {'us':>7} {'us+red':>7}  note")
     for name, sp, var, kps, t, t2, note in rows:
         ts = f"{t:7.2f}" if t is not None else "      -"

@@ -24,11 +24,10 @@ weights, the config and the model's rotary-embedding module (for the exact RoPE 
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
