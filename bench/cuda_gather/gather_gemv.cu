@@ -220,3 +220,191 @@ extern "C" __global__ void reduce_parts(const float* __restrict__ part, float* _
     for (int s = 0; s < n_split; ++s) t += part[(size_t)s * N + n];
     y[n] = t;
 }
+
+// ------------------------------------------------------------------------------------------------
+// Run 18: persistent warps. A work item is (column block of 256, K-chunk); a warp owns whole items
+// (no block-level reduction, no __syncthreads), walks items gw, gw + G, ... and loads the next
+// item's kept count AND its first 32 (index, value) pairs in parallel (the lists have KPS >= 32
+// slots, so reading 32 is always in bounds; entries past the count are masked afterwards) while
+// it streams the current item: the count -> index -> row chain is paid once per warp, not once per
+// block. Each item writes its 256 partial sums; with FIN the last warp of a column block (a
+// counter) adds the K-chunks in order and applies wina's epilogue (bias, residual, bf16 y,
+// per-256-column ssq), else `reduce_fin` does that in a second launch.
+// ------------------------------------------------------------------------------------------------
+template <int U, bool DENSE>
+__device__ __forceinline__ void p_fetch(int item, int n_items, int n_split, int KPS, int b1, int b2, int K,
+                                        const float* __restrict__ scr, const int* __restrict__ kept, int lane,
+                                        int& c, float& i0, float& v0) {
+    c = 0; i0 = 0.f; v0 = 0.f;
+    if (item >= n_items) return;
+    const int nb = item / n_split, split = item - nb * n_split;
+    const int k_lo = split * KPS;
+    if (DENSE) {
+        c = min(KPS, K - k_lo);
+        i0 = (float)(k_lo + lane);
+        v0 = lane < c ? __ldg(scr + k_lo + lane) : 0.f;
+    } else {
+        const int n_lo = nb * 256;
+        const int list = ((n_lo >= b1) + (n_lo >= b2)) * n_split + split;
+        const float* li = scr + (size_t)list * 2 * KPS;
+        c = __ldg(kept + list);                  // these three loads are independent
+        i0 = __ldg(li + lane);
+        v0 = __ldg(li + KPS + lane);
+    }
+}
+
+template <int U, int WARPS, bool DENSE, bool FIN>
+__device__ __forceinline__ void pgather_body(const __nv_bfloat16* __restrict__ W, const float* __restrict__ scr,
+                                             const int* __restrict__ kept, float* __restrict__ part, int N,
+                                             int n_split, int KPS, int b1, int b2, int K, Epilogue ep) {
+    const int lane = threadIdx.x & 31;
+    const int G = gridDim.x * WARPS;
+    const int n_items = (N / 256) * n_split;
+    int it = blockIdx.x * WARPS + (threadIdx.x >> 5);
+    int c; float i0, v0;
+    p_fetch<U, DENSE>(it, n_items, n_split, KPS, b1, b2, K, scr, kept, lane, c, i0, v0);
+    while (it < n_items) {
+        int nc; float ni0, nv0;                  // the next item's count and first pairs, in flight
+        p_fetch<U, DENSE>(it + G, n_items, n_split, KPS, b1, b2, K, scr, kept, lane, nc, ni0, nv0);
+        const int nb = it / n_split, split = it - nb * n_split;
+        const int n_lo = nb * 256;
+        const int k_lo = split * KPS;
+        const float* li;
+        const float* lv;
+        if (DENSE) {
+            li = nullptr;
+            lv = scr + k_lo;
+        } else {
+            const int list = ((n_lo >= b1) + (n_lo >= b2)) * n_split + split;
+            li = scr + (size_t)list * 2 * KPS;
+            lv = li + KPS;
+        }
+        const __nv_bfloat16* wcol = W + n_lo + lane * 8;
+        float acc[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[q] = 0.f;
+        float ri = lane < c ? i0 : 0.f, rv = lane < c ? v0 : 0.f;
+        for (int b = 0; b < c; b += 32) {
+            const int bn = b + 32;
+            float ni = 0.f, nv = 0.f;
+            if (bn + lane < c) {
+                ni = DENSE ? (float)(k_lo + bn + lane) : __ldg(li + bn + lane);
+                nv = __ldg(lv + bn + lane);
+            }
+            const int nrow = min(32, c - b);
+#pragma unroll 1
+            for (int j0 = 0; j0 < nrow; j0 += U) row_group<U, 1>(j0, ri, rv, nrow, wcol, N, acc);
+            ri = ni;
+            rv = nv;
+        }
+        float4* pp = reinterpret_cast<float4*>(part + (size_t)split * N + n_lo + lane * 8);
+        pp[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        pp[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+        if constexpr (FIN) {
+            __threadfence();
+            __syncwarp();
+            int t = 0;
+            if (lane == 0) t = atomicAdd(ep.cnt + nb, 1);
+            t = __shfl_sync(0xffffffffu, t, 0);
+            if (t == n_split - 1) {              // the column block's last item: sum, epilogue
+                __threadfence();
+                float s8[8];
+#pragma unroll
+                for (int q = 0; q < 8; ++q) s8[q] = 0.f;
+                const float* pc = part + n_lo + lane * 8;
+#pragma unroll 8
+                for (int k = 0; k < n_split; ++k) {
+                    const float4 a = __ldcg(reinterpret_cast<const float4*>(pc + (size_t)k * N));
+                    const float4 b = __ldcg(reinterpret_cast<const float4*>(pc + (size_t)k * N + 4));
+                    s8[0] += a.x; s8[1] += a.y; s8[2] += a.z; s8[3] += a.w;
+                    s8[4] += b.x; s8[5] += b.y; s8[6] += b.z; s8[7] += b.w;
+                }
+                const int n = n_lo + lane * 8;
+                float sq = 0.f;
+                uint4 out;
+                __nv_bfloat16* ob = reinterpret_cast<__nv_bfloat16*>(&out);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) {
+                    float t2 = s8[q];
+                    if (ep.has_bias) t2 += __bfloat162float(ep.bias[n + q]);
+                    if (ep.has_res) t2 += __bfloat162float(ep.res[n + q]);
+                    ob[q] = __float2bfloat16(t2);
+                    const float yf = __bfloat162float(ob[q]);
+                    sq = fmaf(yf, yf, sq);
+                }
+                *reinterpret_cast<uint4*>(ep.y + n) = out;
+#pragma unroll
+                for (int o = 16; o > 0; o >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, o);
+                if (lane == 0) {
+                    if (ep.out_ssq) ep.ssq_out[nb] = sq;
+                    ep.cnt[nb] = 0;              // ready for the next launch (graph replays)
+                }
+            }
+        }
+        it += G;
+        c = nc; i0 = ni0; v0 = nv0;
+    }
+}
+
+#define PGATHER(U, WARPS, MINB)                                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                     \
+        pgather_##U##_##WARPS##_##MINB(const __nv_bfloat16* __restrict__ W, const float* __restrict__ scr, \
+                                      const int* __restrict__ kept, float* __restrict__ part, int N,   \
+                                      int n_split, int KPS, int b1, int b2, __nv_bfloat16* y,          \
+                                      const __nv_bfloat16* res, const __nv_bfloat16* bias, float* ssq_out, \
+                                      int* cnt, int has_res, int has_bias, int out_ssq, int fin) {     \
+        const Epilogue ep{y, res, bias, ssq_out, cnt, has_res, has_bias, out_ssq};                    \
+        if (fin) pgather_body<U, WARPS, false, true>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, ep); \
+        else pgather_body<U, WARPS, false, false>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, ep); \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                     \
+        pdense_##U##_##WARPS##_##MINB(const __nv_bfloat16* __restrict__ W, const float* __restrict__ x, \
+                                     float* __restrict__ part, int N, int n_split, int KPS, int K,     \
+                                     __nv_bfloat16* y, const __nv_bfloat16* res, const __nv_bfloat16* bias, \
+                                     float* ssq_out, int* cnt, int has_res, int has_bias, int out_ssq, int fin) { \
+        const Epilogue ep{y, res, bias, ssq_out, cnt, has_res, has_bias, out_ssq};                    \
+        if (fin) pgather_body<U, WARPS, true, true>(W, x, nullptr, part, N, n_split, KPS, N, N, K, ep); \
+        else pgather_body<U, WARPS, true, false>(W, x, nullptr, part, N, n_split, KPS, N, N, K, ep);   \
+    }
+
+PGATHER(8, 4, 6)
+PGATHER(16, 4, 4)
+PGATHER(16, 8, 2)
+PGATHER(32, 4, 2)
+
+// the second launch of the non-FIN form: y = sum of the K-chunks' partials (in a fixed order) + bias
+// + res, bf16; ssq_out[block of 256 columns]. 1024 threads per block: 256 columns x 4 groups of
+// K-chunks (group g sums chunks g, g + 4, ...; the groups are then added in order), so that a long
+// split list is read with many loads in flight
+extern "C" __global__ void __launch_bounds__(1024) reduce_fin(const float* __restrict__ part, int N, int n_split,
+                                                             __nv_bfloat16* y, const __nv_bfloat16* res,
+                                                             const __nv_bfloat16* bias, float* ssq_out,
+                                                             int has_res, int has_bias, int out_ssq) {
+    __shared__ float grp[4][256];
+    __shared__ float ws[8];
+    const int col = threadIdx.x & 255, g = threadIdx.x >> 8;
+    const int n = blockIdx.x * 256 + col;
+    float t = 0.f;
+#pragma unroll 8
+    for (int s = g; s < n_split; s += 4) t += __ldcg(part + (size_t)s * N + n);
+    grp[g][col] = t;
+    __syncthreads();
+    if (g != 0) return;
+    t = ((grp[0][col] + grp[1][col]) + grp[2][col]) + grp[3][col];
+    if (has_bias) t += __bfloat162float(bias[n]);
+    if (has_res) t += __bfloat162float(res[n]);
+    const __nv_bfloat16 yb = __float2bfloat16(t);
+    y[n] = yb;
+    float sq = __bfloat162float(yb);
+    sq *= sq;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_down_sync(0xffffffffu, sq, o);
+    if ((col & 31) == 0) ws[col >> 5] = sq;
+    asm volatile("bar.sync 1, 256;");           // the 256 threads of group 0 only
+    if (col == 0 && out_ssq) {
+        float a = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) a += ws[k];
+        ssq_out[blockIdx.x] = a;
+    }
+}
