@@ -231,13 +231,29 @@ extern "C" __global__ void reduce_parts(const float* __restrict__ part, float* _
 // counter) adds the K-chunks in order and applies wina's epilogue (bias, residual, bf16 y,
 // per-256-column ssq), else `reduce_fin` does that in a second launch.
 // ------------------------------------------------------------------------------------------------
+// item -> (column block, K-chunk). order 0: a column block's K-chunks are consecutive items (warps
+// running together read different rows of the same columns); order 1: a K-chunk's column blocks are
+// consecutive (warps running together read the same rows across all columns: whole weight rows
+// stream together, as in run 17's grid where blockIdx.x is the column block)
+__device__ __forceinline__ void item_coords(int item, int n_items, int n_split, int order, int& nb, int& split) {
+    if (order) {
+        const int n_blocks = n_items / n_split;
+        split = item / n_blocks;
+        nb = item - split * n_blocks;
+    } else {
+        nb = item / n_split;
+        split = item - nb * n_split;
+    }
+}
+
 template <int U, bool DENSE>
 __device__ __forceinline__ void p_fetch(int item, int n_items, int n_split, int KPS, int b1, int b2, int K,
                                         const float* __restrict__ scr, const int* __restrict__ kept, int lane,
-                                        int& c, float& i0, float& v0) {
+                                        int order, int& c, float& i0, float& v0) {
     c = 0; i0 = 0.f; v0 = 0.f;
     if (item >= n_items) return;
-    const int nb = item / n_split, split = item - nb * n_split;
+    int nb, split;
+    item_coords(item, n_items, n_split, order, nb, split);
     const int k_lo = split * KPS;
     if (DENSE) {
         c = min(KPS, K - k_lo);
@@ -256,17 +272,18 @@ __device__ __forceinline__ void p_fetch(int item, int n_items, int n_split, int 
 template <int U, int WARPS, bool DENSE, bool FIN>
 __device__ __forceinline__ void pgather_body(const __nv_bfloat16* __restrict__ W, const float* __restrict__ scr,
                                              const int* __restrict__ kept, float* __restrict__ part, int N,
-                                             int n_split, int KPS, int b1, int b2, int K, Epilogue ep) {
+                                             int n_split, int KPS, int b1, int b2, int K, Epilogue ep, int order) {
     const int lane = threadIdx.x & 31;
     const int G = gridDim.x * WARPS;
     const int n_items = (N / 256) * n_split;
     int it = blockIdx.x * WARPS + (threadIdx.x >> 5);
     int c; float i0, v0;
-    p_fetch<U, DENSE>(it, n_items, n_split, KPS, b1, b2, K, scr, kept, lane, c, i0, v0);
+    p_fetch<U, DENSE>(it, n_items, n_split, KPS, b1, b2, K, scr, kept, lane, order, c, i0, v0);
     while (it < n_items) {
         int nc; float ni0, nv0;                  // the next item's count and first pairs, in flight
-        p_fetch<U, DENSE>(it + G, n_items, n_split, KPS, b1, b2, K, scr, kept, lane, nc, ni0, nv0);
-        const int nb = it / n_split, split = it - nb * n_split;
+        p_fetch<U, DENSE>(it + G, n_items, n_split, KPS, b1, b2, K, scr, kept, lane, order, nc, ni0, nv0);
+        int nb, split;
+        item_coords(it, n_items, n_split, order, nb, split);
         const int n_lo = nb * 256;
         const int k_lo = split * KPS;
         const float* li;
@@ -352,19 +369,19 @@ __device__ __forceinline__ void pgather_body(const __nv_bfloat16* __restrict__ W
                                       const int* __restrict__ kept, float* __restrict__ part, int N,   \
                                       int n_split, int KPS, int b1, int b2, __nv_bfloat16* y,          \
                                       const __nv_bfloat16* res, const __nv_bfloat16* bias, float* ssq_out, \
-                                      int* cnt, int has_res, int has_bias, int out_ssq, int fin) {     \
+                                      int* cnt, int has_res, int has_bias, int out_ssq, int fin, int order) { \
         const Epilogue ep{y, res, bias, ssq_out, cnt, has_res, has_bias, out_ssq};                    \
-        if (fin) pgather_body<U, WARPS, false, true>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, ep); \
-        else pgather_body<U, WARPS, false, false>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, ep); \
+        if (fin) pgather_body<U, WARPS, false, true>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, ep, order); \
+        else pgather_body<U, WARPS, false, false>(W, scr, kept, part, N, n_split, KPS, b1, b2, 0, ep, order); \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                                     \
         pdense_##U##_##WARPS##_##MINB(const __nv_bfloat16* __restrict__ W, const float* __restrict__ x, \
                                      float* __restrict__ part, int N, int n_split, int KPS, int K,     \
                                      __nv_bfloat16* y, const __nv_bfloat16* res, const __nv_bfloat16* bias, \
-                                     float* ssq_out, int* cnt, int has_res, int has_bias, int out_ssq, int fin) { \
+                                     float* ssq_out, int* cnt, int has_res, int has_bias, int out_ssq, int fin, int order) { \
         const Epilogue ep{y, res, bias, ssq_out, cnt, has_res, has_bias, out_ssq};                    \
-        if (fin) pgather_body<U, WARPS, true, true>(W, x, nullptr, part, N, n_split, KPS, N, N, K, ep); \
-        else pgather_body<U, WARPS, true, false>(W, x, nullptr, part, N, n_split, KPS, N, N, K, ep);   \
+        if (fin) pgather_body<U, WARPS, true, true>(W, x, nullptr, part, N, n_split, KPS, N, N, K, ep, order); \
+        else pgather_body<U, WARPS, true, false>(W, x, nullptr, part, N, n_split, KPS, N, N, K, ep, order);   \
     }
 
 PGATHER(8, 4, 6)

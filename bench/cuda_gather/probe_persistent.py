@@ -4,7 +4,8 @@ and fetches the next item's kept count and first indices while it streams the cu
 count -> index -> row chain that run 17 found in every sparse block start is paid once per warp.
 For each llama-2-7b role at 50 % and 0 % (and dense, no lists), K-chunks of 64/128/256, grids of
 one wave of resident warps ("persistent") or one warp per item, the split reduction in the kernel
-(fin=1, a counter per column block) or in a second launch (`reduce_fin`): checked against a
+(fin=1, a counter per column block) or in a second launch (`reduce_fin`), items in column-block-major
+or K-chunk-major order (run 18b: warps running together on the same rows or on different ones): checked against a
 float32 reference (y in bf16 + the per-block ssq, also after graph replays) and timed with the
 epilogue included, next to the library's Triton launch (whole, and consumer only).
 From the repo root on the GPU:  python3 bench/cuda_gather/probe_persistent.py [--kps 64,128,256]
@@ -34,6 +35,8 @@ PVARIANTS = [(8, 4, 6), (16, 4, 4), (16, 8, 2), (32, 4, 2)]    # U, warps, block
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kps", default="64,128,256")
+    ap.add_argument("--orders", default="0,1", help="item order: 0 column-block-major, 1 K-chunk-major")
+    ap.add_argument("--fin", default="0,1")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--cases", default="qkv,o,gate_up,down")
     ap.add_argument("--cubin", default="")
@@ -93,9 +96,9 @@ def main() -> None:
                         grid = min(grid, -(-n_items // warps))
                         if grid_mode == "per-item" and grid == sms * minb:
                             continue
-                        for fin in (0, 1):
+                        for fin, order in [(f, o) for f in map(int, args.fin.split(",")) for o in map(int, args.orders.split(","))]:
                             kname = f"{'pdense' if sp == 'dense' else 'pgather'}_{u}_{warps}_{minb}"
-                            ep = [yb, res_t, res_t, ssq_out, cnt, 1, 0, 1, fin]
+                            ep = [yb, res_t, res_t, ssq_out, cnt, 1, 0, 1, fin, order]
 
                             def launch(w, kname=kname, grid=grid, warps=warps, kps=kps, n_split=n_split, scr=scr,
                                        kept=kept, part=part, ep=ep, fin=fin):
@@ -112,7 +115,7 @@ def main() -> None:
                                 ssq_ref = (yb.float() ** 2).view(-1, 256).sum(1)
                                 return max(float((yb.float() - want).norm() / want.norm()),
                                            float((ssq_out - ssq_ref).abs().max() / ssq_ref.abs().max()))
-                            label = f"{kname} {grid_mode} g{grid} {'fin' if fin else '+reduce'}"
+                            label = f"{kname} {grid_mode} g{grid} {'fin' if fin else '+reduce'} o{order}"
                             try:
                                 yb.fill_(float("nan"))
                                 launch(wts[0])
