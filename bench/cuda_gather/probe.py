@@ -74,8 +74,8 @@ class Nvrtc:
     """The same kernels compiled at run time through torch's NVRTC wrapper (torch.cuda._compile_kernel):
     the route a library backend would take, with no nvcc on the user's machine."""
 
-    def __init__(self):
-        with open(os.path.join(HERE, "gather_gemv.cu")) as f:
+    def __init__(self, source: str = "gather_gemv.cu"):
+        with open(os.path.join(HERE, source)) as f:
             self.src = f.read()
         self.fns = {}
 
@@ -85,11 +85,14 @@ class Nvrtc:
         self.fns[name](grid=(grid[0], grid[1], 1), block=(block, 1, 1), args=list(args))
 
 
-def loader(cubin_arg: str, out_dir: str):
+def loader(cubin_arg: str, out_dir: str, source: str = "gather_gemv.cu"):
     """NVRTC through torch if it compiles the source, else nvcc + the driver API (or a given cubin)."""
     if not cubin_arg and hasattr(torch.cuda, "_compile_kernel"):
         try:
-            nv = Nvrtc()
+            nv = Nvrtc(source)
+            if source != "gather_gemv.cu":
+                print("kernels: NVRTC (torch.cuda._compile_kernel)", flush=True)
+                return nv
             y = torch.zeros(256, device="cuda")
             nv.launch("reduce_parts", (1, 1), 256, [torch.ones(2, 256, device="cuda"), y, 256, 2])
             torch.cuda.synchronize()
@@ -99,16 +102,16 @@ def loader(cubin_arg: str, out_dir: str):
             print("kernels: NVRTC gave a wrong sum; using nvcc", flush=True)
         except Exception as e:  # report, fall back
             print(f"kernels: NVRTC failed ({str(e).splitlines()[0][:200]}); using nvcc", flush=True)
-    cubin = cubin_arg or build(out_dir)
+    cubin = cubin_arg or build(out_dir, source)
     print(f"kernels: {cubin} through the driver API", flush=True)
     return Driver(cubin)
 
 
-def build(out_dir: str) -> str:
+def build(out_dir: str, source: str = "gather_gemv.cu") -> str:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    cubin = os.path.join(out_dir, "gather_gemv.cubin")
+    cubin = os.path.join(out_dir, source.replace(".cu", ".cubin"))
     r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-O3", "-Xptxas", "-v", "-o", cubin,
-                        os.path.join(HERE, "gather_gemv.cu")], capture_output=True, text=True)
+                        os.path.join(HERE, source)], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"nvcc failed:\n{r.stderr[-3000:]}")
     regs = [ln.strip() for ln in r.stderr.splitlines() if "Used" in ln or "Function properties" in ln]
