@@ -1,4 +1,4 @@
-"""Run 17 of docs/gpu-notes.md (prepared): can a plain CUDA gather stream the kept weight rows of a
+"""Run 17 of docs/gpu-notes.md (results: bench/results/h200-2026-11-29-run17-gather.txt): can a plain CUDA gather stream the kept weight rows of a
 sparse single-token GEMV at >= 0.85 of copy bandwidth, where the Triton kernel's GEMV launch alone
 reaches 0.41-0.80 (run 6, "consumer only")?
 
