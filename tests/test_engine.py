@@ -121,6 +121,30 @@ def test_explicit_thresholds_and_set_sparsity():
         Engine.from_model(m, thresholds={(9, "q_proj"): 0.1})
 
 
+def test_zero_thresholds_run_the_dense_kernel():
+    """A threshold <= 0 keeps every input but exact zeros and dead columns: that launch computes the
+    dense product, so it runs the dense kernel (bitwise the dense forward); a positive threshold in
+    any segment of a fused launch makes the launch sparse again."""
+    m = tiny("llama")
+    ids = ids_for(12, seed=9)[0]
+    eng = Engine.from_model(m, max_seq_len=32)
+    dense = eng.forward_logits(ids, prefill_len=6, sparse=False)
+    thr = eng.calibrate(ids.tolist(), 0.5)
+    zero = {k: 0.0 for k in thr}
+    eng.set_sparsity(zero)
+    assert eng.sparse and not any(g.gating for _, g in eng.groups())
+    assert torch.equal(eng.forward_logits(ids, prefill_len=6), dense)
+    mixed = {**zero, (1, "up_proj"): thr[(1, "up_proj")], (0, "q_proj"): -1.0}
+    eng.set_sparsity(mixed)
+    gating = {name: g.gating for name, g in eng.groups()}
+    assert gating[(1, "mlp_in")] and sum(gating.values()) == 1
+    ref_sp = sparsify(m, "wina", 0.5, gating="threshold", thresholds=mixed)
+    ref = m(ids[None]).logits[0]
+    ref_sp.remove()
+    assert (eng.forward_logits(ids, prefill_len=6) - ref).abs().max() < 1e-4
+    assert not torch.equal(eng.forward_logits(ids, prefill_len=6), dense)
+
+
 def test_generate_greedy_streams_and_stops():
     m = tiny("llama")
     ids = ids_for(6, seed=5)

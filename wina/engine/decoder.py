@@ -53,6 +53,11 @@ class Group:
     thresholds: torch.Tensor              # [S] fp32, -inf = keep everything
     live: Optional[list] = None           # per segment: [K] bool (False: W[:, i] == 0) or None
     sparse: bool = False                  # some threshold is finite (kept in step with `thresholds`)
+    gating: bool = False                  # some threshold is > 0: the launch runs the sparse kernel.
+    # A threshold <= 0 keeps every input except exact zeros and dead columns (whose weight rows are
+    # zero), i.e. it computes the dense product: such a launch (a matrix at 0 % in a greedy plan)
+    # runs the dense kernel, which is faster than the sparse one keeping everything (1.0-1.08x,
+    # docs/gpu-results.md)
 
 
 @dataclass
@@ -312,7 +317,13 @@ class Engine:
             g.scales[j].copy_(c)
             t = thresholds.get((g.layer, p)) if thresholds else None
             g.thresholds[j] = NEG_INF if t is None else float(t)
-        g.sparse = any(thresholds.get((g.layer, p)) is not None for p in g.projs) if thresholds else False
+        self._set_flags(g, thresholds)
+
+    @staticmethod
+    def _set_flags(g: Group, thresholds) -> None:
+        ts = [thresholds.get((g.layer, p)) for p in g.projs] if thresholds else []
+        g.sparse = any(t is not None for t in ts)
+        g.gating = any(t is not None and float(t) > 0.0 for t in ts)
 
     def groups(self):
         """Yield ((layer, group name), Group) over the sparsifiable launches."""
@@ -333,7 +344,7 @@ class Engine:
                 for j, p in enumerate(g.projs):
                     t = thresholds.get((g.layer, p))
                     g.thresholds[j] = NEG_INF if t is None else float(t)
-                g.sparse = any(thresholds.get((g.layer, p)) is not None for p in g.projs)
+                self._set_flags(g, thresholds)
 
     @property
     def sparse(self) -> bool:
@@ -354,7 +365,7 @@ class Engine:
              want_ssq=False, record=None):
         if record is not None:
             record(g, x, ssq_in, act)
-        sp = sparse and g.sparse
+        sp = sparse and g.gating
         kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
@@ -384,7 +395,7 @@ class Engine:
                 q = gemv_rope(h, g.wt, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads,
                               self.n_kv, self.head_dim, scales=g.scales, thresholds=g.thresholds,
                               bounds=g.bounds, bias=g.bias, ssq_in=ssq, eps=self.eps,
-                              sparse=sparse and g.sparse)
+                              sparse=sparse and g.gating)
             else:
                 qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record)
                 q = rope_cache(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads, self.n_kv,
@@ -395,11 +406,11 @@ class Engine:
             else:
                 delta, _ = self._lin(att, L.o, sparse, dense_rows, record=record)
                 h, ssq = gemv(h, L.s_attn, res=delta, want_ssq=True)
-            if (self.fuse_mlp and ids.shape[0] == 1 and sparse and L.down.sparse and record is None):
+            if (self.fuse_mlp and ids.shape[0] == 1 and sparse and L.down.gating and record is None):
                 # decode, sparse down: its input is compacted by gate/up's finishing programs
                 gi, gd = L.mlp_in, L.down
                 y, s2 = mlp_decode(h, gi.wt, gd.wt, gu_scales=gi.scales, gu_thresholds=gi.thresholds,
-                                   gu_bias=gi.bias, gu_sparse=gi.sparse, ssq_in=ssq, down_scales=gd.scales,
+                                   gu_bias=gi.bias, gu_sparse=gi.gating, ssq_in=ssq, down_scales=gd.scales,
                                    down_thresholds=gd.thresholds, res=h if L.s_mlp is None else None,
                                    eps=self.eps, want_ssq=L.s_mlp is None, one_launch=self.fuse_mlp >= 2)
                 h, ssq = (y, s2) if L.s_mlp is None else gemv(h, L.s_mlp, res=y, want_ssq=True)
@@ -458,7 +469,7 @@ class Engine:
 
     def _graph_key(self, sparse: bool, sampled: bool):
         # which groups run the sparse kernel is baked into a capture
-        pattern = tuple(g.sparse for _, g in self.groups()) if sparse else ()
+        pattern = tuple(g.gating for _, g in self.groups()) if sparse else ()
         return (sparse, sampled, pattern)
 
     def _graph(self, sparse: bool, sampled: bool):
