@@ -43,6 +43,21 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+// wait until the column blocks of y_{m-1} that make up x_m[k_lo, k_lo + count) are written (their
+// flags); a bug, or blocks that are not all resident, must fail (trap), not hang the device
+__device__ __forceinline__ void wait_chunk(const Mat& mt, int k_lo, int count) {
+    if (mt.flag_in == nullptr) return;           // the chain's first matrix: its input is there
+    const int f0 = k_lo / 256, f1 = (k_lo + count + 255) / 256;
+    if ((int)threadIdx.x < f1 - f0) {
+        int spins = 0;
+        while (ld_acquire(mt.flag_in + f0 + threadIdx.x) == 0) {
+            __nanosleep(32);
+            if (++spins > (1 << 22)) __trap();
+        }
+    }
+    __syncthreads();
+}
+
 // the rows i_r (lane r of ri, r < nrow) times their inputs (lane r of rv) into acc: U rows' loads first
 template <int U>
 __device__ __forceinline__ void rows_fma(int ri, float rv, int nrow, const __nv_bfloat16* wcol, int N, float* acc) {
@@ -85,17 +100,7 @@ __device__ __forceinline__ void schain_item(const Mat& mt, int local, float (*re
     const int nb = local / mt.n_split, split = local - nb * mt.n_split;
     const int N = mt.N, n_lo = nb * 256, k_lo = split * mt.kps;
     const int count = min(mt.kps, mt.K - k_lo);
-    if (mt.flag_in != nullptr) {
-        const int f0 = k_lo / 256, f1 = (k_lo + count + 255) / 256;
-        if ((int)threadIdx.x < f1 - f0) {
-            int spins = 0;
-            while (ld_acquire(mt.flag_in + f0 + threadIdx.x) == 0) {
-                __nanosleep(32);
-                if (++spins > (1 << 22)) __trap();
-            }
-        }
-        __syncthreads();
-    }
+    wait_chunk(mt, k_lo, count);
     int kept = 0;
     for (int r = 0; r < count; r += WARPS * 32) {
         const int k = r + (int)threadIdx.x;
@@ -147,17 +152,7 @@ __device__ __forceinline__ void chain_item(const Mat& mt, int local, float (*red
         for (int r = threadIdx.x >> 2; r < count; r += WARPS * 8)
             prefetch_l2(mt.W + (size_t)(k_lo + r) * N + n_lo + (threadIdx.x & 3) * 64);
     }
-    if (mt.flag_in != nullptr) {                 // x_m's chunk: column blocks k_lo/256 .. of y_{m-1}
-        const int f0 = k_lo / 256, f1 = (k_lo + count + 255) / 256;
-        if ((int)threadIdx.x < f1 - f0) {
-            int spins = 0;                       // a bug (or blocks that are not all resident) must
-            while (ld_acquire(mt.flag_in + f0 + threadIdx.x) == 0) {   // fail, not hang the device
-                __nanosleep(32);
-                if (++spins > (1 << 22)) __trap();
-            }
-        }
-        __syncthreads();
-    }
+    wait_chunk(mt, k_lo, count);
     float acc[8];
 #pragma unroll
     for (int q = 0; q < 8; ++q) acc[q] = 0.f;

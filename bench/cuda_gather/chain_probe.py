@@ -4,7 +4,7 @@ up 4096->11008, down 11008->4096, for 8 layers: 24 matrices, 1.7 GB of weights, 
     flags, so one matrix's tail overlaps the next one's weight stream), with and without an L2
     prefetch of each item's rows before its wait,
   * as one launch per matrix of the same kernel (the baseline with identical code),
-  * through the library's dense Triton GEMV, and through cuBLAS (torch.matmul),
+  * through the library's dense Triton GEMV (the "vs dense" column), and through cuBLAS (torch.matmul),
 each checked matrix by matrix against a float32 product of the kernel's own input, and timed in a
 CUDA graph (the flag reset included). The question: how much of the ~3-5 us per-launch cost
 (runs 17-19) goes away when launches stop being separate.
@@ -26,9 +26,11 @@ from probe import loader  # noqa: E402  (bench/cuda_gather/probe.py)
 
 from bench.probe_gemv import time_graph  # noqa: E402
 from wina.bench import copy_bandwidth  # noqa: E402
-from wina.kernels.kernels import _gemv_triton, config_for  # noqa: E402
+from wina.kernels import gemv  # noqa: E402
 
-VARIANTS = [(8, 8, 2), (8, 16, 2), (4, 8, 4), (4, 16, 3), (4, 16, 4), (4, 32, 2), (2, 16, 6)]     # warps, U rows in flight, blocks per SM
+# warps, U rows in flight, blocks per SM (launch bounds): dense (chain_*) and sparse (schain_*) kernels
+VARIANTS = [(8, 8, 2), (8, 16, 2), (4, 8, 4), (4, 16, 3), (4, 16, 4), (4, 32, 2), (2, 16, 6)]
+SVARIANTS = [(8, 8, 2), (8, 16, 2), (4, 8, 4), (4, 16, 3), (4, 32, 2)]
 MAT = struct.Struct("<7Q6iQfi")                                 # struct Mat in chain.cu (96 bytes)
 
 
@@ -102,12 +104,63 @@ class Chain:
         return worst
 
 
+def measure(ch: Chain, rows: list, bw: float, label: str, fn, check=None) -> None:
+    """Check ``fn`` (or ``check``: a form of it that leaves its outputs in ch.y) against the float32
+    reference on NaN-poisoned outputs, time it in a CUDA graph, check it again after the replays;
+    appends (label, µs, bytes read, note) to ``rows`` (an error is reported, not raised)."""
+    check = check or fn
+    try:
+        errs = []
+        for _ in range(2):
+            for y in ch.y:
+                y.fill_(float("nan"))
+            check()
+            torch.cuda.synchronize()
+            errs.append(ch.errors())
+            if len(errs) == 1:
+                byts = ch.kept_bytes() if ch.sparsity else ch.bytes
+                t = time_graph(fn, reps=5)
+    except Exception as e:  # report, go on
+        rows.append((label, None, None, "error " + str(e).splitlines()[0][:150]))
+        print(rows[-1], flush=True)
+        return
+    rows.append((label, t, byts, f"err {errs[0]:.1e} / {errs[1]:.1e}"))
+    print(f"{label}: {t:.1f} us, {byts / (t * 1e-6) / bw:.2f} of copy bw on the bytes read, err {errs[0]:.1e}",
+          flush=True)
+
+
+def chain_forms(drv, ch: Chain, name: str, warps: int, minb: int, sms: int, extra: list):
+    """The kernel ``name`` over the whole chain as one persistent launch, and as one launch per matrix
+    (``extra``: the kernel's arguments after (mats, m_count, total))."""
+    def persistent():
+        ch.flags.zero_()
+        drv.launch(name, (sms * minb, 1), warps * 32, [ch.mats_p, len(ch.w), ch.total, *extra])
+
+    def separate():
+        ch.flags.zero_()
+        for i in range(len(ch.w)):
+            drv.launch(name, (ch.items[i], 1), warps * 32,
+                       [ch.mats_s[i * MAT.size:(i + 1) * MAT.size], 1, ch.items[i], *extra])
+    return persistent, separate
+
+
+def library_chain(ch: Chain, sparse: bool, keep: bool = False) -> None:
+    """The chain through the library's GEMV (role configs; sparse: its threshold gating); ``keep``
+    copies every output into ch.y for the check (not in the timed form)."""
+    x = ch.x0[None]
+    for i, w in enumerate(ch.w):
+        kw = dict(scales=ch.c[i][None], thresholds=ch.thr_t[i], sparse=True) if sparse else {}
+        x, _ = gemv(x, w, role=ch.shapes[i][2], **kw)
+        if keep:
+            ch.y[i].copy_(x[0])
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--kps", default="256,512,512", help="K-chunk of o, up, down")
-    ap.add_argument("--prefetch", default="0,1")
+    ap.add_argument("--prefetch", default="0,1", help="dense chain: without / with the L2 prefetch")
     ap.add_argument("--sparsity", type=float, default=0.0, help="> 0: the sparse chain (schain_*, in-block compaction)")
     args = ap.parse_args()
     drv = loader("", os.environ.get("OUT") or tempfile.mkdtemp(), source="chain.cu")
@@ -115,138 +168,36 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     ch = Chain(args.layers, [int(v) for v in args.kps.split(",")], torch.Generator(device="cuda").manual_seed(0),
                args.sparsity)
-    if args.sparsity:
-        sparse_main(drv, ch, bw, sms)
-        return
-    floor_us = ch.bytes / bw * 1e6
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs; chain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, "
-          f"{ch.total} items; at copy bandwidth {floor_us:.1f} us", flush=True)
+          f"{ch.total} items, sparsity {ch.sparsity:.0%}", flush=True)
     rows = []
+    if ch.sparsity:
+        for warps, u, minb in SVARIANTS:
+            name = f"schain_{warps}_{u}_{minb}"
+            persistent, separate = chain_forms(drv, ch, name, warps, minb, sms, [])
+            measure(ch, rows, bw, f"{name} persistent", persistent)
+            measure(ch, rows, bw, f"{name} one launch per matrix", separate)
+        measure(ch, rows, bw, "library sparse GEMV (Triton), one launch per matrix",
+                lambda: library_chain(ch, True), lambda: library_chain(ch, True, keep=True))
+    else:
+        for warps, u, minb in VARIANTS:
+            name = f"chain_{warps}_{u}_{minb}"
+            for prefetch in map(int, args.prefetch.split(",")):
+                persistent, separate = chain_forms(drv, ch, name, warps, minb, sms, [prefetch])
+                measure(ch, rows, bw, f"{name} persistent, prefetch {prefetch}", persistent)
+                measure(ch, rows, bw, f"{name} one launch per matrix, prefetch {prefetch}", separate)
+        measure(ch, rows, bw, "library dense GEMV (Triton), one launch per matrix",
+                lambda: library_chain(ch, False), lambda: library_chain(ch, False, keep=True))
+        xs = [ch.x0[None]] + [y[None] for y in ch.y[:-1]]
 
-    def record(label, fn, check=None):
-        """``check``: a form of ``fn`` that leaves its outputs in ch.y (when ``fn`` does not)."""
-        check = check or fn
-        try:
-            for y in ch.y:
-                y.fill_(float("nan"))
-            check()
-            torch.cuda.synchronize()
-            err = ch.errors()
-            t = time_graph(fn, reps=5)
-            for y in ch.y:
-                y.fill_(float("nan"))
-            check()
-            torch.cuda.synchronize()
-            err2 = ch.errors()
-        except Exception as e:  # report, go on
-            rows.append((label, None, "error " + str(e).splitlines()[0][:150]))
-            print(rows[-1], flush=True)
-            return
-        rows.append((label, t, f"err {err:.1e} / {err2:.1e}"))
-        print(f"{label}: {t:.1f} us ({floor_us / t:.2f} of copy bw), err {err:.1e} / {err2:.1e}", flush=True)
-
-    for warps, u, minb in VARIANTS:
-        name = f"chain_{warps}_{u}_{minb}"
-        for prefetch in map(int, args.prefetch.split(",")):
-            def persistent(name=name, warps=warps, minb=minb, prefetch=prefetch):
-                ch.flags.zero_()
-                drv.launch(name, (sms * minb, 1), warps * 32, [ch.mats_p, len(ch.w), ch.total, prefetch])
-
-            def separate(name=name, warps=warps, prefetch=prefetch):
-                ch.flags.zero_()
-                for i in range(len(ch.w)):
-                    drv.launch(name, (ch.items[i], 1), warps * 32,
-                               [ch.mats_s[i * MAT.size:(i + 1) * MAT.size], 1, ch.items[i], prefetch])
-            record(f"{name} persistent, prefetch {prefetch}", persistent)
-            record(f"{name} one launch per matrix, prefetch {prefetch}", separate)
-
-    xs = [ch.x0[None]] + [y[None] for y in ch.y[:-1]]
-    cfgs = [config_for(k, n, False, role) for k, n, role in ch.shapes]
-
-    def triton_chain(keep=False):
-        x = ch.x0[None]
-        for i, w in enumerate(ch.w):
-            y, _ = _gemv_triton(x, w, None, None, [], None, None, None, 1e-5, 0, False, False, cfgs[i])
-            if keep:
-                ch.y[i].copy_(y[0])
-            x = y
-
-    def cublas_chain():
-        for i, w in enumerate(ch.w):
-            torch.matmul(xs[i], w, out=ch.y[i][None])
-    record("library Triton dense GEMV, one launch per matrix", triton_chain, lambda: triton_chain(True))
-    record("cuBLAS, one launch per matrix", cublas_chain)
-
-    print(f"\n{'us':>8} {'of copy bw':>10}  variant  (chain of {len(ch.w)}: {ch.bytes / 1e9:.2f} GB, floor {floor_us:.1f} us)")
-    for label, t, note in rows:
-        if t is None:
-            print(f"{'-':>8} {'-':>10}  {label}: {note}")
-        else:
-            print(f"{t:8.1f} {floor_us / t:10.2f}  {label}  ({note})")
-
-
-SVARIANTS = [(8, 8, 2), (8, 16, 2), (4, 8, 4), (4, 16, 3), (4, 32, 2)]
-
-
-def sparse_main(drv, ch: Chain, bw: float, sms: int) -> None:
-    """The sparse chain: schain_* persistent and one launch per matrix, the library's sparse GEMV
-    (its default config: compaction launch + GEMV launch) per matrix."""
-    from wina.kernels import gemv
-    for y in ch.y:
-        y.fill_(0)
-    rows = []
-
-    def record(label, fn, check=None):
-        check = check or fn
-        try:
-            for y in ch.y:
-                y.fill_(float("nan"))
-            check()
-            torch.cuda.synchronize()
-            err = ch.errors()
-            byts = ch.kept_bytes()
-            t = time_graph(fn, reps=5)
-        except Exception as e:  # report, go on
-            rows.append((label, None, None, "error " + str(e).splitlines()[0][:150]))
-            print(rows[-1], flush=True)
-            return
-        rows.append((label, t, byts, f"err {err:.1e}"))
-        print(f"{label}: {t:.1f} us, {byts / (t * 1e-6) / bw:.2f} of copy bw on the bytes read, err {err:.1e}",
-              flush=True)
-
-    for warps, u, minb in SVARIANTS:
-        name = f"schain_{warps}_{u}_{minb}"
-
-        def persistent(name=name, warps=warps, minb=minb):
-            ch.flags.zero_()
-            drv.launch(name, (sms * minb, 1), warps * 32, [ch.mats_p, len(ch.w), ch.total])
-
-        def separate(name=name, warps=warps):
-            ch.flags.zero_()
-            for i in range(len(ch.w)):
-                drv.launch(name, (ch.items[i], 1), warps * 32,
-                           [ch.mats_s[i * MAT.size:(i + 1) * MAT.size], 1, ch.items[i]])
-        record(f"{name} persistent", persistent)
-        record(f"{name} one launch per matrix", separate)
-
-    def library(keep=False):
-        x = ch.x0[None]
-        for i, w in enumerate(ch.w):
-            y, _ = gemv(x, w, scales=ch.c[i][None], thresholds=ch.thr_t[i], sparse=True, role=ch.shapes[i][2])
-            if keep:
-                ch.y[i].copy_(y[0])
-            x = y
-    record("library sparse GEMV (Triton), one launch per matrix", library, lambda: library(True))
-    dense_bytes = ch.bytes
-
-    def library_dense():
-        x = ch.x0[None]
-        for w in ch.w:
-            x, _ = gemv(x, w)
-    t_dense = time_graph(library_dense, reps=5)
-    print(f"\nsparse chain at {ch.sparsity:.0%}: {len(ch.w)} matrices; library dense chain {t_dense:.1f} us "
-          f"({dense_bytes / (t_dense * 1e-6) / bw:.2f} of copy bw)")
-    print(f"{'us':>8} {'of copy bw':>10} {'vs dense':>8}  variant")
+        def cublas_chain():
+            for i, w in enumerate(ch.w):
+                torch.matmul(xs[i], w, out=ch.y[i][None])
+        measure(ch, rows, bw, "cuBLAS, one launch per matrix", cublas_chain)
+    t_dense = time_graph(lambda: library_chain(ch, False), reps=5)
+    print(f"\nchain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, sparsity {ch.sparsity:.0%}; library dense "
+          f"chain {t_dense:.1f} us ({ch.bytes / (t_dense * 1e-6) / bw:.2f} of copy bw)")
+    print(f"{'us':>8} {'of copy bw':>10} {'vs dense':>8}  variant (bandwidth on the bytes read)")
     for label, t, byts, note in rows:
         if t is None:
             print(f"{'-':>8} {'-':>10} {'-':>8}  {label}: {note}")

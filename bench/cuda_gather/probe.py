@@ -158,6 +158,17 @@ def kept_bytes(kept: torch.Tensor, n_split: int, n: int, bounds) -> int:
     return sum(int(c) * (edges[s + 1] - edges[s]) * 2 for s, c in enumerate(per_seg))
 
 
+def split_buffers(drv, n_split: int, n: int):
+    """(part [n_split, N], y [N], reduce): the per-K-chunk partial sums a gather writes, and the
+    launch that adds them into y in chunk order."""
+    part = torch.empty(n_split, n, dtype=torch.float32, device="cuda")
+    y = torch.empty(n, dtype=torch.float32, device="cuda")
+
+    def reduce():
+        drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
+    return part, y, reduce
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -212,11 +223,7 @@ def main() -> None:
             for kps in [int(v) for v in args.kps.split(",")]:
                 scr, kept, n_split = make_lists(xa, scales, thr, kps)
                 byts = kept_bytes(kept, n_split, n, bounds)
-                part = torch.empty(n_split, n, dtype=torch.float32, device="cuda")
-                y = torch.empty(n, dtype=torch.float32, device="cuda")
-
-                def reduce(part=part, y=y, n_split=n_split):
-                    drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
+                part, y, reduce = split_buffers(drv, n_split, n)
                 for var in VARIANTS:
                     bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
                     if n % bn or any(b % bn for b in bounds):
@@ -274,11 +281,7 @@ def main() -> None:
                              f"{dense_bytes / (t_tri * 1e-6) / bw:.2f} of copy bw"))
                 for kps in [int(v) for v in args.kps.split(",")]:
                     n_split = -(-k // kps)
-                    part = torch.empty(n_split, n, dtype=torch.float32, device="cuda")
-                    y = torch.empty(n, dtype=torch.float32, device="cuda")
-
-                    def reduce(part=part, y=y, n_split=n_split):
-                        drv.launch("reduce_parts", (-(-n // 256), 1), 256, [part, y, n, n_split])
+                    part, y, reduce = split_buffers(drv, n_split, n)
                     for var in VARIANTS:
                         bn, warps = int(var.split("_")[0]), int(var.split("_")[1])
                         if n % bn:

@@ -315,13 +315,14 @@ class Engine:
             if g.live[j] is not None:
                 c = c * g.live[j]
             g.scales[j].copy_(c)
-            t = thresholds.get((g.layer, p)) if thresholds else None
-            g.thresholds[j] = NEG_INF if t is None else float(t)
-        self._set_flags(g, thresholds)
+        self._set_thresholds(g, thresholds)
 
     @staticmethod
-    def _set_flags(g: Group, thresholds) -> None:
-        ts = [thresholds.get((g.layer, p)) for p in g.projs] if thresholds else []
+    def _set_thresholds(g: Group, thresholds) -> None:
+        """The group's threshold buffer (-inf where a projection has none) and its flags."""
+        ts = [thresholds.get((g.layer, p)) for p in g.projs] if thresholds else [None] * len(g.projs)
+        for j, t in enumerate(ts):
+            g.thresholds[j] = NEG_INF if t is None else float(t)
         g.sparse = any(t is not None for t in ts)
         g.gating = any(t is not None and float(t) > 0.0 for t in ts)
 
@@ -341,10 +342,7 @@ class Engine:
             if scales is not None:
                 self._set_group(g, thresholds, scales)
             else:
-                for j, p in enumerate(g.projs):
-                    t = thresholds.get((g.layer, p))
-                    g.thresholds[j] = NEG_INF if t is None else float(t)
-                self._set_flags(g, thresholds)
+                self._set_thresholds(g, thresholds)
 
     @property
     def sparse(self) -> bool:
