@@ -1,0 +1,295 @@
+"""Run 23 of docs/gpu-notes.md: does one persistent launch save the per-launch cost with the
+*library's* GEMV item code (Triton's `_gemv_body`), as run 20 measured for plain CUDA items?
+
+The chain is run 20's (llama-2-7b o 4096->4096, up 4096->11008, down 11008->4096, for 8 layers: 24
+dependent single-token GEMVs, x_{m+1} = y_m, 1.7 GB). `_pchain_kernel` walks a table of matrices:
+program p takes items p, p + P, ... in chain order (an item is one (output block, K-split) program of
+the library's GEMV); an item of matrix m first waits until every item of matrix m-1 is done (one
+acquire counter per matrix), then runs `_gemv_body`, then bumps m's counter (release). Every program
+is resident (the grid is what fits on the SMs), and an item only waits for items of lower index, so
+the chain always makes progress; the spin is bounded anyway and reported, so a wrong occupancy
+estimate gives an error row, never a hang.
+
+Forms, each checked against float32 x_m·W_m on NaN-poisoned outputs (before and after graph replays)
+and timed in a CUDA graph: the library's GEMV per matrix; `_pchain_kernel` launched once per matrix
+(the same item code, one program per item); `_pchain_kernel` as one persistent launch. Sparse
+(--sparsity > 0): the items compact their own K-chunk (the library's in-kernel compaction, one
+K-chunk size for the whole chain).
+From the repo root on the GPU:  python3 bench/persistent_chain.py [--sparsity 0.5] [--kps 512]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, ".")
+from wina.kernels import kernels as wk  # noqa: E402
+
+ROW = tl.constexpr(16)          # int64 fields per matrix in the table (see Table)
+MAX_SPIN = 1 << 22
+
+
+@triton.jit
+def _pchain_kernel(tab_ptr, w_base, a_base, c_base, t_base, done_ptr, err_ptr, ws_ptr, cnt_ptr, scr_ptr, total,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPARSE: tl.constexpr, KPS: tl.constexpr,
+                   PIPE: tl.constexpr, SPLIT_C: tl.constexpr, MAX_SPIN: tl.constexpr):
+    # the table holds element offsets from four aligned base buffers (weights, activations, scales,
+    # thresholds), and shapes that are multiples of 16: the compiler then vectorises the weight loads as
+    # in the library's own launches (without the hints: 255 registers and spills)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    m = 0
+    item_end = tl.load(tab_ptr + 11)
+    it = pid
+    while it < total:
+        while it >= item_end:                         # items are taken in chain order: m only grows
+            m += 1
+            item_end = tl.load(tab_ptr + m * ROW + 11)
+        row = tab_ptr + m * ROW
+        w_ptr = w_base + tl.multiple_of(tl.load(row + 0), 16)
+        x_ptr = a_base + tl.multiple_of(tl.load(row + 1), 16)
+        y_ptr = a_base + tl.multiple_of(tl.load(row + 2), 16)
+        c_ptr = c_base + tl.multiple_of(tl.load(row + 3), 16)
+        t_ptr = t_base + tl.load(row + 4)
+        K = tl.multiple_of(tl.load(row + 5).to(tl.int32), 16)
+        N = tl.multiple_of(tl.load(row + 6).to(tl.int32), 16)
+        kps = tl.multiple_of(tl.load(row + 7).to(tl.int32), 16)
+        split = tl.load(row + 8).to(tl.int32)
+        nb = tl.load(row + 9).to(tl.int32)
+        local = (it - tl.load(row + 10)).to(tl.int32)
+        need = tl.load(row + 12).to(tl.int32)
+        wait_on = tl.load(row + 13).to(tl.int32)
+        if need > 0:
+            spins = 0
+            while (tl.atomic_add(done_ptr + wait_on, 0, sem="acquire", scope="gpu") < need) & (spins < MAX_SPIN):
+                spins += 1
+            if spins >= MAX_SPIN:
+                tl.atomic_max(err_ptr, 1)
+        pid_n = local // split
+        pid_s = local % split
+        wk._gemv_body(pid_n, pid_s, x_ptr, w_ptr, y_ptr, c_ptr, t_ptr, y_ptr, y_ptr, y_ptr, y_ptr,
+                      ws_ptr, cnt_ptr, scr_ptr, y_ptr,
+                      y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, 0, 0, 0, 0,
+                      y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr,
+                      y_ptr, y_ptr, 0,
+                      1, K, N, N, N, K, 1, nb, 1e-6, kps, split,
+                      1, BLOCK_N, BLOCK_K, 2, SPARSE, False, 0, False, False, False, True,
+                      KPS, False, PIPE, False, False, False, SPLIT_C, False, 16, False, 16, False, False)
+        tl.atomic_add(done_ptr + tl.load(row + 14).to(tl.int32), 1, sem="release", scope="gpu")
+        it += nprog
+
+
+def _arena(tensors, dtype, device, align: int = 16):
+    """One buffer holding copies of ``tensors`` at offsets that are multiples of ``align`` elements;
+    returns (buffer, views, offsets)."""
+    offs, n = [], 0
+    for t in tensors:
+        offs.append(n)
+        n += -(-t.numel() // align) * align
+    buf = torch.empty(max(n, align), dtype=dtype, device=device)
+    views = []
+    for t, o in zip(tensors, offs):
+        v = buf[o:o + t.numel()].view(t.shape)
+        v.copy_(t)
+        views.append(v)
+    return buf, views, offs
+
+
+class Table:
+    """The chain as `_pchain_kernel`'s table (persistent: item numbers run on through the chain and an
+    item waits for the previous matrix) and as one single-matrix table per matrix (no waits). A row:
+    weight, input, output, scales and threshold offsets; K, N, K-chunk, split, blocks; first item,
+    end item, items to wait for, counter waited on, counter bumped."""
+
+    def __init__(self, shapes, offs, plans, device):
+        w_off, a_off, c_off = offs
+        self.items = [nb * split for (_, _, _, nb, split, _) in plans]
+        self.total = sum(self.items)
+        self.done = torch.zeros(len(shapes) + 1, dtype=torch.int32, device=device)
+        rows_p, rows_s, item0 = [], [], 0
+        for i, (k, n, _) in enumerate(shapes):
+            _, _, _, nb, split, kps = plans[i]
+            base = [w_off[i], a_off[i], a_off[i + 1], c_off[i], i, k, n, kps, split, nb]
+            need = self.items[i - 1] if i else 0
+            rows_p.append(base + [item0, item0 + self.items[i], need, max(i - 1, 0), i, 0])
+            rows_s.append(base + [0, self.items[i], 0, 0, len(shapes), 0])       # bumps a spare counter
+            item0 += self.items[i]
+        self.tab_p = torch.tensor(rows_p, dtype=torch.int64, device=device)
+        self.tab_s = [torch.tensor([r], dtype=torch.int64, device=device) for r in rows_s]
+
+
+class PChain:
+    """Weights, activations, library-style plans and workspaces of the chain (weights, activations and
+    scales each in one aligned buffer: see `_pchain_kernel`)."""
+
+    def __init__(self, shapes, gen, device, sparsity: float, kps: int, block_n: int = 128, block_k: int = 64,
+                 pipe: int = 1):
+        self.shapes = shapes
+        self.sparse = sparsity > 0
+        w = [(torch.randn(k, n, device=device, generator=gen) / k ** 0.5).to(torch.bfloat16) for k, n, _ in shapes]
+        x0 = torch.randn(shapes[0][0], device=device, generator=gen).to(torch.bfloat16)
+        acts = [x0] + [torch.empty(n, dtype=torch.bfloat16, device=device) for _, n, _ in shapes]
+        c = [torch.rand(k, device=device, generator=gen) + 0.5 for k, _, _ in shapes]
+        self.w_buf, self.w, w_off = _arena(w, torch.bfloat16, device)
+        del w
+        self.a_buf, acts, a_off = _arena(acts, torch.bfloat16, device)
+        self.x0, self.y = acts[0], acts[1:]
+        self.c_buf, self.c, c_off = _arena(c, torch.float32, device)
+        # thresholds that drop `sparsity` of each matrix's inputs along a float32 run of the chain
+        self.thr = [0.0] * len(shapes)
+        if self.sparse:
+            x = self.x0.float()
+            for i, wi in enumerate(self.w):
+                sc = x.abs() * self.c[i]
+                self.thr[i] = float(torch.quantile(sc, sparsity))
+                x = ((x * (sc > self.thr[i])) @ wi.float()).to(torch.bfloat16).float()
+        self.t_buf = torch.tensor(self.thr, dtype=torch.float32, device=device)
+        self.thr_t = [self.t_buf[i:i + 1] for i in range(len(shapes))]
+        if self.sparse:     # one K-chunk for the whole chain (a constexpr of the kernel)
+            self.plans = []
+            for k, n, _ in shapes:
+                nb = -(-n // block_n)
+                self.plans.append((1, block_n, block_k, nb, -(-k // kps), kps))
+        else:
+            cfg = wk.GemvConfig(block_n, block_k, 528, 4)
+            self.plans = [wk.plan_gemv(1, k, n, [], cfg, False) for k, n, _ in shapes]
+        self.kps = kps if self.sparse else 16
+        self.block_n, self.block_k, self.pipe = block_n, block_k, int(pipe and self.sparse)
+        self.split_c = max(wk._split_rows(p[4], block_n) for p in self.plans)
+        self.ws = torch.zeros(max(p[4] * n for p, (_, n, _) in zip(self.plans, shapes)), device=device)
+        self.cnt = torch.zeros(max(p[3] for p in self.plans) + 16, dtype=torch.int32, device=device)
+        self.scr = torch.zeros(max(p[3] * p[4] * 2 * self.kps for p in self.plans) if self.sparse else 16,
+                               device=device)
+        self.err = torch.zeros(1, dtype=torch.int32, device=device)
+        self.maxnreg = 0
+        self.tab = Table(shapes, (w_off, a_off, c_off), self.plans, device)
+        self.bytes = sum(k * n * 2 for k, n, _ in shapes)
+
+    def launch(self, tab, total, grid):
+        return _pchain_kernel[(grid,)](tab, self.w_buf, self.a_buf, self.c_buf, self.t_buf, self.tab.done, self.err,
+                                       self.ws, self.cnt, self.scr, total,
+                                       BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPARSE=self.sparse,
+                                       KPS=self.kps, PIPE=bool(self.pipe), SPLIT_C=self.split_c,
+                                       MAX_SPIN=MAX_SPIN, num_warps=4,
+                                       **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
+
+    def persistent(self, grid):
+        self.tab.done.zero_()
+        return self.launch(self.tab.tab_p, self.tab.total, grid)
+
+    def separate(self):
+        for i, t in enumerate(self.tab.tab_s):
+            self.launch(t, self.tab.items[i], self.tab.items[i])
+
+    def library(self, keep: bool = False):
+        x = self.x0[None]
+        for i, w in enumerate(self.w):
+            kw = dict(scales=self.c[i][None], thresholds=self.thr_t[i], sparse=True) if self.sparse else {}
+            x, _ = wk.gemv(x, w, role=self.shapes[i][2], **kw)
+            if keep:
+                self.y[i].copy_(x[0])
+
+    def kept_bytes(self) -> int:
+        if not self.sparse:
+            return self.bytes
+        total = 0
+        for i, (k, n, _) in enumerate(self.shapes):
+            x = (self.x0 if i == 0 else self.y[i - 1]).float()
+            total += int((x.abs() * self.c[i] > self.thr[i]).sum()) * n * 2
+        return total
+
+    def errors(self) -> float:
+        """Worst relative error of y_m against float32 x_m·W_m (x_m as the kernel read it; sparse:
+        gated with the matrix's threshold)."""
+        worst = 0.0
+        for i, w in enumerate(self.w):
+            x = (self.x0 if i == 0 else self.y[i - 1]).float()
+            if self.sparse:
+                x = x * (x.abs() * self.c[i] > self.thr[i])
+            ref = x @ w.float()
+            worst = max(worst, float((self.y[i].float() - ref).norm() / ref.norm()))
+        return worst
+
+
+def occupancy(compiled, sm_regs: int = 65536, sm_smem: int = 233472) -> int:
+    """Programs of ``compiled`` that fit on one SM at once (registers, shared memory, warps)."""
+    compiled._init_handles()
+    warps = compiled.metadata.num_warps
+    regs = -(-compiled.n_regs * 32 // 256) * 256 * warps     # registers go out per warp, 256 at a time
+    smem = compiled.metadata.shared + 1024
+    return max(1, min(sm_regs // regs, sm_smem // smem, 64 // warps, 32))
+
+
+@torch.no_grad()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--sparsity", type=float, default=0.0)
+    ap.add_argument("--kps", type=int, default=512, help="sparse: the K-chunk of every item")
+    ap.add_argument("--pipe", type=int, default=1, help="sparse: two weight tiles in flight")
+    ap.add_argument("--maxnreg", type=int, default=-1,
+                    help="register cap of the chain kernel (-1: 128 dense, the library's 4 programs per SM; "
+                         "0: none)")
+    args = ap.parse_args()
+    from bench.probe_gemv import time_graph
+    from wina.bench import copy_bandwidth
+    bw = copy_bandwidth("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = [(4096, 4096, "o"), (4096, 11008, "mlp_in"), (11008, 4096, "down")] * args.layers
+    ch = PChain(shapes, torch.Generator(device="cuda").manual_seed(0), "cuda", args.sparsity, args.kps,
+                pipe=args.pipe)
+    ch.maxnreg = (0 if ch.sparse else 128) if args.maxnreg < 0 else args.maxnreg
+    compiled = ch.persistent(1)               # compiles; one program walks the whole chain
+    torch.cuda.synchronize()
+    occ = occupancy(compiled)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, {sms} SMs; chain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, "
+          f"{ch.tab.total} items, sparsity {args.sparsity:.0%}; kernel {compiled.n_regs} registers, "
+          f"{compiled.n_spills} spills, {compiled.metadata.shared} B shared -> {occ} programs per SM", flush=True)
+    rows = []
+
+    def measure(label, fn, check=None):
+        check = check or fn
+        try:
+            errs = []
+            for _ in range(2):
+                for y in ch.y:
+                    y.fill_(float("nan"))
+                ch.err.zero_()
+                check()
+                torch.cuda.synchronize()
+                errs.append(ch.errors())
+                if int(ch.err):
+                    raise RuntimeError("a wait gave up (spin limit): the grid does not fit")
+                if len(errs) == 1:
+                    byts = ch.kept_bytes()
+                    t = time_graph(fn, reps=5)
+        except Exception as e:  # report, go on
+            rows.append((label, None, None, "error " + str(e).splitlines()[0][:150]))
+            print(rows[-1], flush=True)
+            return
+        rows.append((label, t, byts, f"err {errs[0]:.1e} / {errs[1]:.1e}"))
+        print(f"{label}: {t:.1f} us, {byts / (t * 1e-6) / bw:.2f} of copy bw on the bytes read, err {errs[0]:.1e}",
+              flush=True)
+
+    measure("library GEMV, one launch per matrix", ch.library, lambda: ch.library(keep=True))
+    measure("pchain, one launch per matrix (one program per item)", ch.separate)
+    for per_sm in sorted({occ, max(1, occ - 1), 1}, reverse=True):
+        measure(f"pchain, one persistent launch, {per_sm} per SM", lambda g=sms * per_sm: ch.persistent(g))
+    t_lib = rows[0][1]
+    print(f"\nchain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, sparsity {args.sparsity:.0%}, "
+          f"kps {args.kps if ch.sparse else '-'}")
+    print(f"{'us':>8} {'of copy bw':>10} {'vs library':>10}  form")
+    for label, t, byts, note in rows:
+        if t is None:
+            print(f"{'-':>8} {'-':>10} {'-':>10}  {label}: {note}")
+        else:
+            rel = f"{t_lib / t:9.3f}x" if t_lib else "-"
+            print(f"{t:8.1f} {byts / (t * 1e-6) / bw:10.2f} {rel:>10}  {label}  ({note})")
+
+
+if __name__ == "__main__":
+    main()
