@@ -15,7 +15,10 @@ and timed in a CUDA graph: the library's GEMV per matrix; `_pchain_kernel` launc
 (the same item code, one program per item); `_pchain_kernel` as one persistent launch. Sparse
 (--sparsity > 0): the items compact their own K-chunk (the library's in-kernel compaction, one
 K-chunk size for the whole chain).
-From the repo root on the GPU:  python3 bench/persistent_chain.py [--sparsity 0.5] [--kps 512]
+--fine (run 25): down's items wait only for the up blocks of their own K-chunk (SiLU·up is
+elementwise in a real layer, so gate/up -> down needs no whole-matrix barrier), against the same items
+and order with whole-matrix waits: does the finer dependency hide the boundary?
+From the repo root on the GPU:  python3 bench/persistent_chain.py [--sparsity 0.5] [--kps 512] [--fine]
 """
 from __future__ import annotations
 
@@ -29,12 +32,13 @@ import triton.language as tl
 sys.path.insert(0, ".")
 from wina.kernels import kernels as wk  # noqa: E402
 
-ROW = tl.constexpr(16)          # int64 fields per matrix in the table (see Table)
+ROW = tl.constexpr(24)          # int64 fields per matrix in the table (see Table)
 MAX_SPIN = 1 << 22
 
 
 @triton.jit
-def _pchain_kernel(tab_ptr, w_base, a_base, c_base, t_base, done_ptr, err_ptr, ws_ptr, cnt_ptr, scr_ptr, total,
+def _pchain_kernel(tab_ptr, w_base, a_base, c_base, t_base, done_ptr, err_ptr, ws_base, cnt_base, scr_base,
+                   ws_n, cnt_n, scr_n, total,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPARSE: tl.constexpr, KPS: tl.constexpr,
                    PIPE: tl.constexpr, SPLIT_C: tl.constexpr, MAX_SPIN: tl.constexpr):
     # the table holds element offsets from four aligned base buffers (weights, activations, scales,
@@ -63,14 +67,28 @@ def _pchain_kernel(tab_ptr, w_base, a_base, c_base, t_base, done_ptr, err_ptr, w
         local = (it - tl.load(row + 10)).to(tl.int32)
         need = tl.load(row + 12).to(tl.int32)
         wait_on = tl.load(row + 13).to(tl.int32)
-        if need > 0:
-            spins = 0
+        if tl.load(row + 15) == 1:                    # K-split-major: a consumer's K-chunks in order
+            pid_s = local // nb
+            pid_n = local % nb
+        else:                                         # block-major: a producer's blocks in order
+            pid_n = local // split
+            pid_s = local % split
+        spins = 0
+        if tl.load(row + 16) == 1:
+            # fine-grained: wait only for the producer blocks that cover this item's K-chunk
+            want = (tl.minimum(kps, K - pid_s * kps) + BLOCK_N - 1) // BLOCK_N
+            flag = done_ptr + tl.load(row + 17).to(tl.int32) + pid_s
+            while (tl.atomic_add(flag, 0, sem="acquire", scope="gpu") < want) & (spins < MAX_SPIN):
+                spins += 1
+        elif need > 0:
             while (tl.atomic_add(done_ptr + wait_on, 0, sem="acquire", scope="gpu") < need) & (spins < MAX_SPIN):
                 spins += 1
-            if spins >= MAX_SPIN:
-                tl.atomic_max(err_ptr, 1)
-        pid_n = local // split
-        pid_s = local % split
+        if spins >= MAX_SPIN:
+            tl.atomic_max(err_ptr, 1)
+        par = m % 2
+        ws_ptr = ws_base + par * ws_n
+        cnt_ptr = cnt_base + par * cnt_n
+        scr_ptr = scr_base + par * scr_n
         wk._gemv_body(pid_n, pid_s, x_ptr, w_ptr, y_ptr, c_ptr, t_ptr, y_ptr, y_ptr, y_ptr, y_ptr,
                       ws_ptr, cnt_ptr, scr_ptr, y_ptr,
                       y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, 0, 0, 0, 0,
@@ -79,6 +97,13 @@ def _pchain_kernel(tab_ptr, w_base, a_base, c_base, t_base, done_ptr, err_ptr, w
                       1, K, N, N, N, K, 1, nb, 1e-6, kps, split,
                       1, BLOCK_N, BLOCK_K, 2, SPARSE, False, 0, False, False, False, True,
                       KPS, False, PIPE, False, False, False, SPLIT_C, False, 16, False, 16, False, False)
+        if tl.load(row + 18) == 1:
+            # a fine-grained consumer follows: the last item of each output block to return bumps the
+            # counter of the consumer K-chunk that the block belongs to
+            blk = done_ptr + tl.load(row + 19).to(tl.int32) + pid_n
+            if tl.atomic_add(blk, 1, sem="acq_rel", scope="gpu") == split - 1:
+                chunk = pid_n // tl.load(row + 21).to(tl.int32)
+                tl.atomic_add(done_ptr + tl.load(row + 20).to(tl.int32) + chunk, 1, sem="release", scope="gpu")
         tl.atomic_add(done_ptr + tl.load(row + 14).to(tl.int32), 1, sem="release", scope="gpu")
         it += nprog
 
@@ -103,20 +128,41 @@ class Table:
     """The chain as `_pchain_kernel`'s table (persistent: item numbers run on through the chain and an
     item waits for the previous matrix) and as one single-matrix table per matrix (no waits). A row:
     weight, input, output, scales and threshold offsets; K, N, K-chunk, split, blocks; first item,
-    end item, items to wait for, counter waited on, counter bumped."""
+    end item, items to wait for, counter waited on, counter bumped; item order (1: K-split-major);
+    fine-grained wait (per K-chunk, on the chunk counters from field 17); publish (count this matrix's
+    finished blocks from field 19, bump its consumer's chunk counters from field 20, field 21 blocks
+    per chunk).
 
-    def __init__(self, shapes, offs, plans, device):
+    ``fine``: indices m whose items wait per K-chunk on matrix m-1 (gate/up -> down in a real layer:
+    SiLU·up is elementwise, so a K-chunk of down needs only the gate/up blocks of its columns)."""
+
+    def __init__(self, shapes, offs, plans, device, block_n: int, fine=(), orders=None):
         w_off, a_off, c_off = offs
+        nm = len(shapes)
         self.items = [nb * split for (_, _, _, nb, split, _) in plans]
         self.total = sum(self.items)
-        self.done = torch.zeros(len(shapes) + 1, dtype=torch.int32, device=device)
+        blk_base, chunk_base, n = [0] * nm, [0] * nm, nm + 1
+        for i in range(nm):
+            blk_base[i] = n
+            n += plans[i][3]
+        for i in range(nm):
+            chunk_base[i] = n
+            n += plans[i + 1][4] if i + 1 < nm else 1
+        self.done = torch.zeros(n, dtype=torch.int32, device=device)      # every counter, zeroed per run
+        orders = orders or [0] * nm
         rows_p, rows_s, item0 = [], [], 0
-        for i, (k, n, _) in enumerate(shapes):
+        for i, (k, n_out, _) in enumerate(shapes):
             _, _, _, nb, split, kps = plans[i]
-            base = [w_off[i], a_off[i], a_off[i + 1], c_off[i], i, k, n, kps, split, nb]
+            base = [w_off[i], a_off[i], a_off[i + 1], c_off[i], i, k, n_out, kps, split, nb]
             need = self.items[i - 1] if i else 0
-            rows_p.append(base + [item0, item0 + self.items[i], need, max(i - 1, 0), i, 0])
-            rows_s.append(base + [0, self.items[i], 0, 0, len(shapes), 0])       # bumps a spare counter
+            publish = int(i + 1 in fine)
+            if publish and (plans[i + 1][5] % block_n):
+                raise ValueError("a fine-grained consumer's K-chunk must hold whole producer blocks")
+            tail = [orders[i], int(i in fine), chunk_base[i - 1] if i else 0, publish, blk_base[i], chunk_base[i],
+                    plans[i + 1][5] // block_n if publish else 1, 0, 0]
+            assert len(base) + 5 + len(tail) == ROW.value
+            rows_p.append(base + [item0, item0 + self.items[i], need, max(i - 1, 0), i] + tail)
+            rows_s.append(base + [0, self.items[i], 0, 0, nm] + [orders[i]] + [0] * 8)   # no waits
             item0 += self.items[i]
         self.tab_p = torch.tensor(rows_p, dtype=torch.int64, device=device)
         self.tab_s = [torch.tensor([r], dtype=torch.int64, device=device) for r in rows_s]
@@ -127,7 +173,11 @@ class PChain:
     scales each in one aligned buffer: see `_pchain_kernel`)."""
 
     def __init__(self, shapes, gen, device, sparsity: float, kps: int, block_n: int = 128, block_k: int = 64,
-                 pipe: int = 1):
+                 pipe: int = 1, dense_kps=None, fine: bool = False):
+        """``dense_kps``: the K-chunk of each role ({"o": 256, ...}) for the dense items instead of the
+        library's plan; ``fine``: down's items wait per K-chunk on up's blocks (see Table), and both
+        tables order down's items K-split-major (the global table too, so that the two differ only in
+        the waits)."""
         self.shapes = shapes
         self.sparse = sparsity > 0
         w = [(torch.randn(k, n, device=device, generator=gen) / k ** 0.5).to(torch.bfloat16) for k, n, _ in shapes]
@@ -154,32 +204,45 @@ class PChain:
             for k, n, _ in shapes:
                 nb = -(-n // block_n)
                 self.plans.append((1, block_n, block_k, nb, -(-k // kps), kps))
+        elif dense_kps:
+            self.plans = [(1, block_n, block_k, -(-n // block_n), -(-k // dense_kps[r]), dense_kps[r])
+                          for k, n, r in shapes]
         else:
             cfg = wk.GemvConfig(block_n, block_k, 528, 4)
             self.plans = [wk.plan_gemv(1, k, n, [], cfg, False) for k, n, _ in shapes]
         self.kps = kps if self.sparse else 16
         self.block_n, self.block_k, self.pipe = block_n, block_k, int(pipe and self.sparse)
         self.split_c = max(wk._split_rows(p[4], block_n) for p in self.plans)
-        self.ws = torch.zeros(max(p[4] * n for p, (_, n, _) in zip(self.plans, shapes)), device=device)
-        self.cnt = torch.zeros(max(p[3] for p in self.plans) + 16, dtype=torch.int32, device=device)
-        self.scr = torch.zeros(max(p[3] * p[4] * 2 * self.kps for p in self.plans) if self.sparse else 16,
-                               device=device)
+        # split-K partials, block counters and compaction scratch: two sets, matrix m uses set m % 2 (with
+        # fine-grained waits a matrix overlaps the next one in time, never the one after)
+        self.ws_n = max(p[4] * n for p, (_, n, _) in zip(self.plans, shapes))
+        self.cnt_n = max(p[3] for p in self.plans) + 16
+        self.scr_n = max(p[3] * p[4] * 2 * self.kps for p in self.plans) if self.sparse else 16
+        self.ws = torch.zeros(2 * self.ws_n, device=device)
+        self.cnt = torch.zeros(2 * self.cnt_n, dtype=torch.int32, device=device)
+        self.scr = torch.zeros(2 * self.scr_n, device=device)
         self.err = torch.zeros(1, dtype=torch.int32, device=device)
         self.maxnreg = 0
-        self.tab = Table(shapes, (w_off, a_off, c_off), self.plans, device)
+        down = [i for i, (_, _, r) in enumerate(shapes) if r == "down"]
+        orders = [int(fine and r == "down") for _, _, r in shapes]
+        self.tab = Table(shapes, (w_off, a_off, c_off), self.plans, device, block_n, orders=orders)
+        self.tab_fine = Table(shapes, (w_off, a_off, c_off), self.plans, device, block_n, fine=down,
+                              orders=orders) if fine else None
         self.bytes = sum(k * n * 2 for k, n, _ in shapes)
 
-    def launch(self, tab, total, grid):
-        return _pchain_kernel[(grid,)](tab, self.w_buf, self.a_buf, self.c_buf, self.t_buf, self.tab.done, self.err,
-                                       self.ws, self.cnt, self.scr, total,
+    def launch(self, tab, total, grid, done=None):
+        done = self.tab.done if done is None else done
+        return _pchain_kernel[(grid,)](tab, self.w_buf, self.a_buf, self.c_buf, self.t_buf, done, self.err,
+                                       self.ws, self.cnt, self.scr, self.ws_n, self.cnt_n, self.scr_n, total,
                                        BLOCK_N=self.block_n, BLOCK_K=self.block_k, SPARSE=self.sparse,
                                        KPS=self.kps, PIPE=bool(self.pipe), SPLIT_C=self.split_c,
                                        MAX_SPIN=MAX_SPIN, num_warps=4,
                                        **({"maxnreg": self.maxnreg} if self.maxnreg else {}))
 
-    def persistent(self, grid):
-        self.tab.done.zero_()
-        return self.launch(self.tab.tab_p, self.tab.total, grid)
+    def persistent(self, grid, fine: bool = False):
+        tab = self.tab_fine if fine else self.tab
+        tab.done.zero_()
+        return self.launch(tab.tab_p, tab.total, grid, tab.done)
 
     def separate(self):
         for i, t in enumerate(self.tab.tab_s):
@@ -234,14 +297,19 @@ def main() -> None:
     ap.add_argument("--maxnreg", type=int, default=-1,
                     help="register cap of the chain kernel (-1: 128 dense, the library's 4 programs per SM; "
                          "0: none)")
+    ap.add_argument("--fine", action="store_true",
+                    help="also run down's items with per-K-chunk waits on up (and compare with whole-matrix waits)")
+    ap.add_argument("--dense-kps", default="256,256,512",
+                    help="with --fine, dense: the K-chunk of o, up, down (down's a multiple of 128)")
     args = ap.parse_args()
     from bench.probe_gemv import time_graph
     from wina.bench import copy_bandwidth
     bw = copy_bandwidth("cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [(4096, 4096, "o"), (4096, 11008, "mlp_in"), (11008, 4096, "down")] * args.layers
+    dkps = dict(zip(("o", "mlp_in", "down"), map(int, args.dense_kps.split(",")))) if args.fine else None
     ch = PChain(shapes, torch.Generator(device="cuda").manual_seed(0), "cuda", args.sparsity, args.kps,
-                pipe=args.pipe)
+                pipe=args.pipe, dense_kps=dkps, fine=args.fine)
     ch.maxnreg = (0 if ch.sparse else 128) if args.maxnreg < 0 else args.maxnreg
     compiled = ch.persistent(1)               # compiles; one program walks the whole chain
     torch.cuda.synchronize()
@@ -277,11 +345,18 @@ def main() -> None:
 
     measure("library GEMV, one launch per matrix", ch.library, lambda: ch.library(keep=True))
     measure("pchain, one launch per matrix (one program per item)", ch.separate)
-    for per_sm in sorted({occ, max(1, occ - 1), 1}, reverse=True):
-        measure(f"pchain, one persistent launch, {per_sm} per SM", lambda g=sms * per_sm: ch.persistent(g))
+    if args.fine:
+        for per_sm in sorted({occ, max(1, occ - 1)}, reverse=True):
+            measure(f"pchain, persistent, {per_sm} per SM, whole-matrix waits",
+                    lambda g=sms * per_sm: ch.persistent(g))
+            measure(f"pchain, persistent, {per_sm} per SM, down waits per K-chunk of up",
+                    lambda g=sms * per_sm: ch.persistent(g, fine=True))
+    else:
+        for per_sm in sorted({occ, max(1, occ - 1), 1}, reverse=True):
+            measure(f"pchain, one persistent launch, {per_sm} per SM", lambda g=sms * per_sm: ch.persistent(g))
     t_lib = rows[0][1]
     print(f"\nchain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, sparsity {args.sparsity:.0%}, "
-          f"kps {args.kps if ch.sparse else '-'}")
+          f"K-chunks {[p[5] for p in ch.plans[:3]]} (o, up, down), items {ch.tab.items[:3]}")
     print(f"{'us':>8} {'of copy bw':>10} {'vs library':>10}  form")
     for label, t, byts, note in rows:
         if t is None:
