@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, ".")
+from bench.chain_check import ChainChecks, chain_thresholds, measure  # noqa: E402
 from wina.kernels import kernels as wk  # noqa: E402
 
 ROW = tl.constexpr(24)          # int64 fields per matrix in the table (see Table)
@@ -168,7 +169,7 @@ class Table:
         self.tab_s = [torch.tensor([r], dtype=torch.int64, device=device) for r in rows_s]
 
 
-class PChain:
+class PChain(ChainChecks):
     """Weights, activations, library-style plans and workspaces of the chain (weights, activations and
     scales each in one aligned buffer: see `_pchain_kernel`)."""
 
@@ -189,14 +190,7 @@ class PChain:
         self.a_buf, acts, a_off = _arena(acts, torch.bfloat16, device)
         self.x0, self.y = acts[0], acts[1:]
         self.c_buf, self.c, c_off = _arena(c, torch.float32, device)
-        # thresholds that drop `sparsity` of each matrix's inputs along a float32 run of the chain
-        self.thr = [0.0] * len(shapes)
-        if self.sparse:
-            x = self.x0.float()
-            for i, wi in enumerate(self.w):
-                sc = x.abs() * self.c[i]
-                self.thr[i] = float(torch.quantile(sc, sparsity))
-                x = ((x * (sc > self.thr[i])) @ wi.float()).to(torch.bfloat16).float()
+        self.thr = chain_thresholds(self.x0, self.w, self.c, sparsity)
         self.t_buf = torch.tensor(self.thr, dtype=torch.float32, device=device)
         self.thr_t = [self.t_buf[i:i + 1] for i in range(len(shapes))]
         if self.sparse:     # one K-chunk for the whole chain (a constexpr of the kernel)
@@ -248,34 +242,12 @@ class PChain:
         for i, t in enumerate(self.tab.tab_s):
             self.launch(t, self.tab.items[i], self.tab.items[i])
 
-    def library(self, keep: bool = False):
-        x = self.x0[None]
-        for i, w in enumerate(self.w):
-            kw = dict(scales=self.c[i][None], thresholds=self.thr_t[i], sparse=True) if self.sparse else {}
-            x, _ = wk.gemv(x, w, role=self.shapes[i][2], **kw)
-            if keep:
-                self.y[i].copy_(x[0])
+    def before_check(self) -> None:
+        self.err.zero_()
 
-    def kept_bytes(self) -> int:
-        if not self.sparse:
-            return self.bytes
-        total = 0
-        for i, (k, n, _) in enumerate(self.shapes):
-            x = (self.x0 if i == 0 else self.y[i - 1]).float()
-            total += int((x.abs() * self.c[i] > self.thr[i]).sum()) * n * 2
-        return total
-
-    def errors(self) -> float:
-        """Worst relative error of y_m against float32 x_m·W_m (x_m as the kernel read it; sparse:
-        gated with the matrix's threshold)."""
-        worst = 0.0
-        for i, w in enumerate(self.w):
-            x = (self.x0 if i == 0 else self.y[i - 1]).float()
-            if self.sparse:
-                x = x * (x.abs() * self.c[i] > self.thr[i])
-            ref = x @ w.float()
-            worst = max(worst, float((self.y[i].float() - ref).norm() / ref.norm()))
-        return worst
+    def after_check(self) -> None:
+        if int(self.err):
+            raise RuntimeError("a wait gave up (spin limit): the grid does not fit")
 
 
 def occupancy(compiled, sm_regs: int = 65536, sm_smem: int = 233472) -> int:
@@ -302,7 +274,6 @@ def main() -> None:
     ap.add_argument("--dense-kps", default="256,256,512",
                     help="with --fine, dense: the K-chunk of o, up, down (down's a multiple of 128)")
     args = ap.parse_args()
-    from bench.probe_gemv import time_graph
     from wina.bench import copy_bandwidth
     bw = copy_bandwidth("cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -319,41 +290,18 @@ def main() -> None:
           f"{compiled.n_spills} spills, {compiled.metadata.shared} B shared -> {occ} programs per SM", flush=True)
     rows = []
 
-    def measure(label, fn, check=None):
-        check = check or fn
-        try:
-            errs = []
-            for _ in range(2):
-                for y in ch.y:
-                    y.fill_(float("nan"))
-                ch.err.zero_()
-                check()
-                torch.cuda.synchronize()
-                errs.append(ch.errors())
-                if int(ch.err):
-                    raise RuntimeError("a wait gave up (spin limit): the grid does not fit")
-                if len(errs) == 1:
-                    byts = ch.kept_bytes()
-                    t = time_graph(fn, reps=5)
-        except Exception as e:  # report, go on
-            rows.append((label, None, None, "error " + str(e).splitlines()[0][:150]))
-            print(rows[-1], flush=True)
-            return
-        rows.append((label, t, byts, f"err {errs[0]:.1e} / {errs[1]:.1e}"))
-        print(f"{label}: {t:.1f} us, {byts / (t * 1e-6) / bw:.2f} of copy bw on the bytes read, err {errs[0]:.1e}",
-              flush=True)
-
-    measure("library GEMV, one launch per matrix", ch.library, lambda: ch.library(keep=True))
-    measure("pchain, one launch per matrix (one program per item)", ch.separate)
+    measure(ch, rows, bw, "library GEMV, one launch per matrix", ch.library, lambda: ch.library(keep=True))
+    measure(ch, rows, bw, "pchain, one launch per matrix (one program per item)", ch.separate)
     if args.fine:
         for per_sm in sorted({occ, max(1, occ - 1)}, reverse=True):
-            measure(f"pchain, persistent, {per_sm} per SM, whole-matrix waits",
+            measure(ch, rows, bw, f"pchain, persistent, {per_sm} per SM, whole-matrix waits",
                     lambda g=sms * per_sm: ch.persistent(g))
-            measure(f"pchain, persistent, {per_sm} per SM, down waits per K-chunk of up",
+            measure(ch, rows, bw, f"pchain, persistent, {per_sm} per SM, down waits per K-chunk of up",
                     lambda g=sms * per_sm: ch.persistent(g, fine=True))
     else:
         for per_sm in sorted({occ, max(1, occ - 1), 1}, reverse=True):
-            measure(f"pchain, one persistent launch, {per_sm} per SM", lambda g=sms * per_sm: ch.persistent(g))
+            measure(ch, rows, bw, f"pchain, one persistent launch, {per_sm} per SM",
+                    lambda g=sms * per_sm: ch.persistent(g))
     t_lib = rows[0][1]
     print(f"\nchain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, sparsity {args.sparsity:.0%}, "
           f"K-chunks {[p[5] for p in ch.plans[:3]]} (o, up, down), items {ch.tab.items[:3]}")

@@ -24,9 +24,9 @@ sys.path.insert(0, ".")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from probe import loader  # noqa: E402  (bench/cuda_gather/probe.py)
 
+from bench.chain_check import ChainChecks, chain_thresholds, measure  # noqa: E402
 from bench.probe_gemv import time_graph  # noqa: E402
 from wina.bench import copy_bandwidth  # noqa: E402
-from wina.kernels import gemv  # noqa: E402
 
 # warps, U rows in flight, blocks per SM (launch bounds): dense (chain_*) and sparse (schain_*) kernels
 VARIANTS = [(8, 8, 2), (8, 16, 2), (4, 8, 4), (4, 16, 3), (4, 16, 4), (4, 32, 2), (2, 16, 6)]
@@ -34,7 +34,7 @@ SVARIANTS = [(8, 8, 2), (8, 16, 2), (4, 8, 4), (4, 16, 3), (4, 32, 2)]
 MAT = struct.Struct("<7Q6iQfi")                                 # struct Mat in chain.cu (96 bytes)
 
 
-class Chain:
+class Chain(ChainChecks):
     """The chain's weights, activations, workspaces and its two Mat tables (persistent: item0 runs on
     through the chain; per-launch: item0 = 0 for every matrix)."""
 
@@ -45,17 +45,10 @@ class Chain:
         self.x0 = torch.randn(4096, device="cuda", generator=gen).to(torch.bfloat16)
         self.y = [torch.empty(n, dtype=torch.bfloat16, device="cuda") for _, n, _ in shapes]
         self.kps = [kps[i % 3] for i in range(len(shapes))]
-        # sparse chain: WINA-style scales per matrix and thresholds that drop `sparsity` of each
-        # matrix's inputs along a float32 run of the chain (bf16 outputs, as the kernels write them)
-        self.sparsity = sparsity
+        # sparse chain: WINA-style scales per matrix and thresholds for the target sparsity
+        self.sparsity, self.sparse = sparsity, sparsity > 0
         self.c = [torch.rand(k, device="cuda", generator=gen) + 0.5 for k, _, _ in shapes]
-        self.thr = [0.0] * len(shapes)
-        if sparsity:
-            x = self.x0.float()
-            for i, w in enumerate(self.w):
-                sc = x.abs() * self.c[i]
-                self.thr[i] = float(torch.quantile(sc, sparsity))
-                x = ((x * (sc > self.thr[i])) @ w.float()).to(torch.bfloat16).float()
+        self.thr = chain_thresholds(self.x0, self.w, self.c, sparsity)
         self.thr_t = [torch.tensor([t], device="cuda") for t in self.thr]
         self.split = [-(-k // p) for (k, _, _), p in zip(shapes, self.kps)]
         self.nblk = [n // 256 for _, n, _ in shapes]
@@ -83,51 +76,6 @@ class Chain:
         self.mats_s = torch.frombuffer(bytearray(b"".join(recs_s)), dtype=torch.uint8).cuda()
         self.bytes = sum(k * n * 2 for k, n, _ in shapes)
 
-    def kept_bytes(self) -> int:
-        """Weight bytes a sparse pass reads (the kept rows), from the inputs of the last run."""
-        total = 0
-        for i, (k, n, _) in enumerate(self.shapes):
-            x = (self.x0 if i == 0 else self.y[i - 1]).float()
-            total += int((x.abs() * self.c[i] > self.thr[i]).sum()) * n * 2
-        return total
-
-    def errors(self) -> float:
-        """Worst relative error of y_m against float32 x_m W_m (sparse: x_m gated with the matrix's
-        threshold), x_m being what the kernel read."""
-        worst = 0.0
-        for i, w in enumerate(self.w):
-            x = (self.x0 if i == 0 else self.y[i - 1]).float()
-            if self.sparsity:
-                x = x * (x.abs() * self.c[i] > self.thr[i])
-            ref = x @ w.float()
-            worst = max(worst, float((self.y[i].float() - ref).norm() / ref.norm()))
-        return worst
-
-
-def measure(ch: Chain, rows: list, bw: float, label: str, fn, check=None) -> None:
-    """Check ``fn`` (or ``check``: a form of it that leaves its outputs in ch.y) against the float32
-    reference on NaN-poisoned outputs, time it in a CUDA graph, check it again after the replays;
-    appends (label, µs, bytes read, note) to ``rows`` (an error is reported, not raised)."""
-    check = check or fn
-    try:
-        errs = []
-        for _ in range(2):
-            for y in ch.y:
-                y.fill_(float("nan"))
-            check()
-            torch.cuda.synchronize()
-            errs.append(ch.errors())
-            if len(errs) == 1:
-                byts = ch.kept_bytes() if ch.sparsity else ch.bytes
-                t = time_graph(fn, reps=5)
-    except Exception as e:  # report, go on
-        rows.append((label, None, None, "error " + str(e).splitlines()[0][:150]))
-        print(rows[-1], flush=True)
-        return
-    rows.append((label, t, byts, f"err {errs[0]:.1e} / {errs[1]:.1e}"))
-    print(f"{label}: {t:.1f} us, {byts / (t * 1e-6) / bw:.2f} of copy bw on the bytes read, err {errs[0]:.1e}",
-          flush=True)
-
 
 def chain_forms(drv, ch: Chain, name: str, warps: int, minb: int, sms: int, extra: list):
     """The kernel ``name`` over the whole chain as one persistent launch, and as one launch per matrix
@@ -142,17 +90,6 @@ def chain_forms(drv, ch: Chain, name: str, warps: int, minb: int, sms: int, extr
             drv.launch(name, (ch.items[i], 1), warps * 32,
                        [ch.mats_s[i * MAT.size:(i + 1) * MAT.size], 1, ch.items[i], *extra])
     return persistent, separate
-
-
-def library_chain(ch: Chain, sparse: bool, keep: bool = False) -> None:
-    """The chain through the library's GEMV (role configs; sparse: its threshold gating); ``keep``
-    copies every output into ch.y for the check (not in the timed form)."""
-    x = ch.x0[None]
-    for i, w in enumerate(ch.w):
-        kw = dict(scales=ch.c[i][None], thresholds=ch.thr_t[i], sparse=True) if sparse else {}
-        x, _ = gemv(x, w, role=ch.shapes[i][2], **kw)
-        if keep:
-            ch.y[i].copy_(x[0])
 
 
 @torch.no_grad()
@@ -178,7 +115,7 @@ def main() -> None:
             measure(ch, rows, bw, f"{name} persistent", persistent)
             measure(ch, rows, bw, f"{name} one launch per matrix", separate)
         measure(ch, rows, bw, "library sparse GEMV (Triton), one launch per matrix",
-                lambda: library_chain(ch, True), lambda: library_chain(ch, True, keep=True))
+                ch.library, lambda: ch.library(keep=True))
     else:
         for warps, u, minb in VARIANTS:
             name = f"chain_{warps}_{u}_{minb}"
@@ -187,14 +124,14 @@ def main() -> None:
                 measure(ch, rows, bw, f"{name} persistent, prefetch {prefetch}", persistent)
                 measure(ch, rows, bw, f"{name} one launch per matrix, prefetch {prefetch}", separate)
         measure(ch, rows, bw, "library dense GEMV (Triton), one launch per matrix",
-                lambda: library_chain(ch, False), lambda: library_chain(ch, False, keep=True))
+                ch.library, lambda: ch.library(keep=True))
         xs = [ch.x0[None]] + [y[None] for y in ch.y[:-1]]
 
         def cublas_chain():
             for i, w in enumerate(ch.w):
                 torch.matmul(xs[i], w, out=ch.y[i][None])
         measure(ch, rows, bw, "cuBLAS, one launch per matrix", cublas_chain)
-    t_dense = time_graph(lambda: library_chain(ch, False), reps=5)
+    t_dense = time_graph(lambda: ch.library(sparse=False), reps=5)
     print(f"\nchain of {len(ch.w)} matrices, {ch.bytes / 1e9:.2f} GB, sparsity {ch.sparsity:.0%}; library dense "
           f"chain {t_dense:.1f} us ({ch.bytes / (t_dense * 1e-6) / bw:.2f} of copy bw)")
     print(f"{'us':>8} {'of copy bw':>10} {'vs dense':>8}  variant (bandwidth on the bytes read)")
