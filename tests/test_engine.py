@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
-from wina.engine import Engine, engine_available, engine_for, engine_stream_generate
+from wina.engine import Engine
+from wina.generate import engine_available, engine_for, engine_stream_generate
 from wina.errors import Cancelled, InvalidArgument
 from wina.kernels import HAS_TRITON
 from wina.sparsify import sparsify
@@ -187,7 +188,8 @@ def test_chat_glue_on_cpu():
             return " ".join(str(i) for i in ids)
     eng = Engine.from_model(m, max_seq_len=32)
     parts = []
-    g = engine_stream_generate(eng, Tok(), torch.tensor([[1, 2, 3]]), max_new_tokens=5, on_text=parts.append)
+    g, res = engine_stream_generate(eng, Tok(), torch.tensor([[1, 2, 3]]), max_new_tokens=5, on_text=parts.append)
+    assert res.new_tokens == 5
     assert g.tokens == 5 and "".join(parts) == g.text
     assert g.seconds > 0 and g.tokens_per_s > 0           # prefill + decode, set-up excluded
     from wina.generate import warm_up
@@ -286,10 +288,10 @@ def test_gpu_graph_generate_equals_eager_steps():
     assert engine_available(m)
 
 
-def test_engine_replies_are_counted_by_the_gates():
-    """The engine keeps no counts; count_gates replays the reply through the sparsifier's gates, which
-    then count the same positions as the portable path does."""
-    from wina.generate import Generation, count_gates, stream_generate
+def test_engine_gate_counts_equal_the_sparsifier_counts():
+    """The engine counts its gates on the device (prompt rows and counted decode steps); handed to
+    the sparsifier they read as the portable path's own counts of the same positions."""
+    from wina.generate import give_counts_to_sparsifier, stream_generate
     m = tiny("llama")
 
     class Tok:
@@ -303,12 +305,39 @@ def test_engine_replies_are_counted_by_the_gates():
     sp.reset_counters()
     g = stream_generate(m, Tok(), ids, max_new_tokens=6)
     portable = sp.measured()
+    eng = Engine.from_model(m, max_seq_len=32)
+    eng.reset_counts()
+    r = eng.generate(ids, 6, stop=(), count_every=1)
+    assert r.tokens == g.ids
+    c = eng.gate_counts()
+    assert c["rows"] == 5 + 5                           # 5 prompt rows, 5 decode steps
     sp.reset_counters()
-    count_gates(m, ids, Generation(g.text, g.tokens, 1.0, g.stopped, g.ids))
-    replayed = sp.measured()
-    assert g.tokens == 6 and 0.2 < sp.measured_sparsity() < 0.8
-    assert all(abs(replayed[k] - portable[k]) < 1e-12 for k in portable)
-    with sp.paused():                                 # dense (paused) replies count nothing
-        sp.reset_counters()
-        count_gates(m, ids, g)
-    assert all(math.isnan(v) for v in sp.measured().values())
+    give_counts_to_sparsifier(m, eng)
+    counted = sp.measured()
+    assert all(abs(counted[k] - portable[k]) < 0.02 for k in portable)
+    assert 0.2 < sp.measured_sparsity() < 0.8
+    assert abs(c["sparsity"] - eng.measure_sparsity(ids[0].tolist() + r.tokens[:-1])) < 0.02
+    # every 4th decode step: rows 5 + steps 0 and 4
+    eng.reset_counts()
+    eng.generate(ids, 6, stop=(), count_every=4)
+    assert eng.gate_counts()["rows"] == 5 + 2
+
+
+def test_engine_caches_and_continuation():
+    """A second KV cache leaves the first intact; a continuation prefill (start > 0) equals the
+    prefill of the whole sequence."""
+    m = tiny("llama")
+    eng = Engine.from_model(m, max_seq_len=48)
+    seq = ids_for(20, seed=5)[0].tolist()
+    full = eng.prefill(seq, start=0)
+    other = eng.new_cache()
+    first = eng.cache
+    eng.prefill(seq[:12], start=0)
+    eng.bind(other)
+    eng.prefill(ids_for(30, seed=6)[0].tolist(), start=0)    # scribbles on the other cache only
+    eng.bind(first)
+    cont = eng.prefill(seq[12:], start=12)
+    assert (cont - full[12:]).abs().max() < 1e-4
+    r1 = eng.generate(seq[12:], 5, start=12, stop=())
+    r2 = eng.generate(seq, 5, stop=())
+    assert r1.tokens == r2.tokens and r1.prompt_tokens == 8

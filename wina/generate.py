@@ -39,7 +39,7 @@ def chat_input_ids(tokenizer, messages: Sequence[dict]) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def _eos_ids(tokenizer, model) -> set[int]:
+def _eos_ids(tokenizer, model=None) -> set[int]:
     ids = set()
     for src in (getattr(model, "generation_config", None), tokenizer):
         e = getattr(src, "eos_token_id", None)
@@ -102,46 +102,178 @@ def stream_generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens
     return Generation(text, len(new), time.perf_counter() - t0, stopped, list(new))
 
 
+# ------------------------------------------------------------------------------------------------
+# the CUDA decode engine as a generation backend
+# ------------------------------------------------------------------------------------------------
+_ENGINE_ATTR = "_wina_engine"
+
+
+def engine_available(model) -> bool:
+    """True when the fast engine applies: CUDA weights in bf16/fp16, Triton importable, a supported
+    architecture, and (if a sparsifier is attached) threshold gating."""
+    from .adapters import ADAPTERS
+    from .kernels import HAS_TRITON
+    try:
+        p = next(model.parameters())
+    except StopIteration:
+        return False
+    if not (HAS_TRITON and p.is_cuda and p.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if getattr(model.config, "model_type", None) not in ADAPTERS:
+        return False
+    sp = getattr(model, "_wina_sparsifier", None)
+    if sp is not None and sp.enabled and sp.method != "dense" and sp.gating != "threshold":
+        return False
+    return True
+
+
+def gating_of(model):
+    """(thresholds, scales, dense_prefix) of the model's active sparsifier, or ({}, None, None)."""
+    from .errors import InvalidArgument
+    sp = getattr(model, "_wina_sparsifier", None)
+    if sp is None or not sp.enabled or sp.method == "dense" or not sp._handles:
+        return {}, None, None
+    if sp.gating != "threshold":
+        raise InvalidArgument("the decode engine needs threshold gating (a calibrated plan)")
+    thr = {k: g.threshold for k, g in sp.gates.items() if g.sparsity > 0 and g.threshold is not None}
+    return thr, sp.scales, sp.dense_prefix
+
+
+def engine_for(model, max_seq_len: int = 4096, *, follow_sparsifier: bool = True,
+               on_layer: Optional[Callable] = None):
+    """The engine of ``model``, built on first use and kept on the model (every caller shares it:
+    one copy of the engine's weights, whatever the number of chat panes). With
+    ``follow_sparsifier`` its thresholds follow the model's current sparsifier (paused: dense).
+    ``on_layer(i, block)``: called while it is built (see :meth:`wina.engine.Engine.from_model`)."""
+    from .engine import Engine
+    eng = getattr(model, _ENGINE_ATTR, None)
+    thr, scales, prefix = gating_of(model)
+    if eng is None or eng.max_seq_len < max_seq_len:
+        if eng is not None:
+            setattr(model, _ENGINE_ATTR, None)
+            del eng
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        eng = Engine.from_model(model, thresholds=thr, scales=scales, dense_prefix=prefix,
+                                max_seq_len=max_seq_len, use_sparsifier=False, on_layer=on_layer)
+        setattr(model, _ENGINE_ATTR, eng)
+    elif follow_sparsifier:
+        eng.set_sparsity(thr, scales)
+        if prefix is not None:
+            eng.dense_prefix = prefix
+    return eng
+
+
+def engine_stream_generate(engine, tokenizer, input_ids, *, max_new_tokens: int = 256,
+                           temperature: float = 0.0, top_p: float = 0.95, seed: Optional[int] = None,
+                           on_text: Optional[Callable[[str], None]] = None, cancel=None,
+                           start: int = 0, count_every: int = 0):
+    """Stream text through ``engine`` (keywords of :func:`stream_generate`; ``start`` and
+    ``count_every`` as :meth:`wina.engine.Engine.generate`). Returns (:class:`Generation`, the
+    engine's :class:`wina.engine.GenerationResult`)."""
+    from .errors import InvalidArgument
+    ids = input_ids
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        ids = ids[0]
+    ids = [int(t) for t in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
+    room = engine.max_seq_len - start - len(ids)
+    if room < 1:
+        raise InvalidArgument(f"the prompt ({start + len(ids)} tokens) fills the engine's cache of "
+                              f"{engine.max_seq_len}")
+    stops = set(engine.eos_ids) | _eos_ids(tokenizer, None)
+    stream = TextStream(tokenizer, on_text)
+    res = engine.generate(ids, min(max_new_tokens, room), temperature=temperature, top_p=top_p,
+                          seed=seed, on_token=stream.push, stop=stops, cancel=cancel, start=start,
+                          count_every=count_every)
+    text = stream.finish(res.tokens)
+    stopped = {"stop": "eos"}.get(res.stopped, res.stopped)
+    # prefill + decode: the one-time kernel compilation and graph capture stay out of tokens/s
+    return Generation(text, len(res.tokens), res.prefill_s + res.decode_s, stopped, list(res.tokens)), res
+
+
+class TextStream:
+    """Token ids in, text deltas out (multi-byte characters split across tokens come out whole)."""
+
+    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, tok: int) -> None:
+        self.ids.append(int(tok))
+        if self.on_text is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > len(self.shown) and not text.endswith("\ufffd"):
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+    def finish(self, ids: Optional[Sequence[int]] = None) -> str:
+        text = self.tokenizer.decode(list(self.ids if ids is None else ids), skip_special_tokens=True)
+        if self.on_text is not None and len(text) > len(self.shown) and text.startswith(self.shown):
+            self.on_text(text[len(self.shown):])
+        self.shown = text
+        return text
+
+
 def generation_backend(model) -> str:
     """"engine" when the CUDA decode engine applies to this model (CUDA, bf16/fp16, Triton,
     threshold gating if sparsified), else "transformers" (the portable loop above)."""
     try:
-        from .engine import engine_available
+        return "engine" if engine_available(model) else "transformers"
     except Exception:          # no triton / no CUDA build
         return "transformers"
-    return "engine" if engine_available(model) else "transformers"
 
 
 def warm_up(model, *, sampled: bool = False) -> bool:
     """Build the decode engine and capture its step now (the first use compiles the kernels, seconds
     on a fresh machine), so that the first reply streams at once. True when the engine applies;
-    a no-op (False) on the transformers path."""
+    a no-op (False) on the transformers path. (:class:`wina.chat.ChatSession` does this and more.)"""
     if generation_backend(model) != "engine":
         return False
-    from .engine import engine_for
-    engine_for(model).capture(sampled=sampled)
+    eng = engine_for(model)
+    eng.capture(sampled=sampled, count=True)
     return True
 
 
 def stream_reply(model, tokenizer, input_ids: torch.Tensor, **kw) -> Generation:
-    """:func:`stream_generate` through the fastest backend available (same keywords, same result)."""
+    """:func:`stream_generate` through the fastest backend available (same keywords, same result).
+    Stateless: every call prefills the whole conversation (:class:`wina.chat.ChatSession` keeps
+    the KV cache across turns). On the engine the gates are counted on the device and the counts
+    are handed to the model's sparsifier, so ``sp.measured_sparsity()`` reads them as after a
+    portable reply (no second forward)."""
     if generation_backend(model) == "engine":
-        from .engine import engine_for, engine_stream_generate
-        g = engine_stream_generate(engine_for(model), tokenizer, input_ids, **kw)
-        count_gates(model, input_ids, g)
+        eng = engine_for(model)
+        eng.bind(eng.cache)
+        eng.reset_counts()
+        g, _ = engine_stream_generate(eng, tokenizer, input_ids, count_every=COUNT_EVERY, **kw)
+        give_counts_to_sparsifier(model, eng)
         return g
     return stream_generate(model, tokenizer, input_ids, **kw)
 
 
-@torch.no_grad()
-def count_gates(model, input_ids: torch.Tensor, g: Generation) -> None:
-    """Measured sparsity for a reply that the engine generated: its kernels keep no counts, so the
-    conversation's positions (the prompt and every fed-back token) go once through the model, whose
-    sparsifier gates (the same thresholds and scores) count what they drop, as they do on the
-    portable path. One forward pass; nothing when no sparsifier is active."""
+COUNT_EVERY = 16       # engine replies: the gates are counted on the prompt and every 16th decode step
+
+
+def give_counts_to_sparsifier(model, engine) -> None:
+    """Hand the engine's device counts (since its last reset) to the model's sparsifier gates, so
+    that ``measured()`` / ``measured_sparsity()`` report them. Nothing when no sparsifier is
+    active."""
     sp = getattr(model, "_wina_sparsifier", None)
-    if sp is None or not sp.enabled or sp.method == "dense" or not g.ids:
+    if sp is None or not sp.enabled or sp.method == "dense":
         return
-    ids = input_ids[0] if input_ids.dim() == 2 else input_ids
-    fed = torch.cat([ids.cpu(), torch.tensor(g.ids[:-1], dtype=ids.dtype)])
-    model(fed[None].to(next(model.parameters()).device), use_cache=False)
+    c = engine.gate_counts()
+    if not c["rows"]:
+        return
+    for key, frac in c["per_matrix"].items():
+        g = sp.gates.get(key)
+        if g is None:
+            continue
+        _set_gate_counts(g, frac, c["rows"])
+
+
+def _set_gate_counts(gate, skipped_fraction: float, rows: int) -> None:
+    """Write counts into a sparsifier gate as if it had seen ``rows`` tokens."""
+    total = rows * int(gate.in_features)
+    gate.dropped = torch.tensor(int(round(skipped_fraction * total)), dtype=torch.int64)
+    gate.seen = torch.tensor(total, dtype=torch.int64)

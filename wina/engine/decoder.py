@@ -35,6 +35,7 @@ from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
 from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, mlp_decode, reserve_workspace, rope_cache,
                        use_triton)
+from ..kernels.kernels import _prepare_input, gemv_reference
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
@@ -71,6 +72,20 @@ class Layer:
     window: int
     k_cache: torch.Tensor                 # [1, n_kv, S, hd]
     v_cache: torch.Tensor
+
+
+@dataclass
+class KVCache:
+    """One conversation's key/value cache: per layer [1, n_kv, S, hd] keys and values. An engine
+    owns one from the start (:attr:`Engine.cache`); :meth:`Engine.new_cache` makes more (one per
+    chat pane: dense and sparse replies share the weights, not the cache), :meth:`Engine.bind`
+    switches. Each bound cache gets its own captured decode graphs."""
+    k: list
+    v: list
+    id: int
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 @dataclass
@@ -164,7 +179,8 @@ class Engine:
                    shortcuts: Optional[Mapping[tuple[int, str], Optional[torch.Tensor]]] = None,
                    max_seq_len: Optional[int] = None, dense_prefix: Optional[float] = None,
                    use_sparsifier: bool = True, use_graphs: bool = True,
-                   fuse_mlp: Optional[int] = None) -> "Engine":
+                   fuse_mlp: Optional[int] = None,
+                   on_layer: Optional[Callable[[int, torch.nn.Module], None]] = None) -> "Engine":
         """Copy ``model``'s weights into a decode engine on the model's device and dtype.
 
         ``thresholds`` {(layer, proj): t} and ``scales`` {(layer, proj): c [in_features] or None}
@@ -174,7 +190,9 @@ class Engine:
         decode steps, 1 = gate/up's finishing programs compact down's input, 2 = the same with
         gate/up and down in one launch (:func:`wina.kernels.mlp_decode`); 0 = off; default: the
         WINA_FUSE_MLP environment variable, else off (run 12 of docs/gpu-notes.md measured no gain:
-        down's weight reads wait on gate/up's output either way).
+        down's weight reads wait on gate/up's output either way). ``on_layer(i, block)`` is called
+        once layer i's weights are copied (``wina.chat`` moves the model's own copy of them off
+        the GPU there, so that building the engine never holds two copies of every layer).
         """
         eng = cls()
         a = adapter_for(model)
@@ -253,6 +271,8 @@ class Engine:
                 k_cache=torch.zeros(1, n_kv, s, hd, dtype=dt, device=dev),
                 v_cache=torch.zeros(1, n_kv, s, hd, dtype=dt, device=dev))
             eng.layers.append(layer)
+            if on_layer is not None:
+                on_layer(i, block)
         unknown = [k for k in thresholds if not (0 <= k[0] < eng.n_layers and k[1] in a.projections)]
         if unknown:
             raise InvalidArgument(f"no projection {unknown[0]} in this model")
@@ -266,6 +286,14 @@ class Engine:
         eng.cos, eng.sin = _rope_tables(model, cfg, hd, s, dev, dt)
 
         eng.fast = use_triton(eng.embed)
+        eng._n_caches = 0
+        eng.cache = KVCache([L.k_cache for L in eng.layers], [L.v_cache for L in eng.layers], 0)
+        eng.sparse_prefill = True
+        for j, (_, g) in enumerate(eng.groups()):
+            g.index = j
+        # gate counts of the sparse launches, accumulated on the device (see generate(count_every=))
+        eng._kept = torch.zeros(j + 1, 3, dtype=torch.long, device=dev)
+        eng._count_rows = 0
         eng._tok = torch.zeros(1, dtype=torch.long, device=dev)
         eng._pos = torch.zeros(1, dtype=torch.long, device=dev)
         eng._temp = torch.ones(1, dtype=torch.float32, device=dev)
@@ -357,6 +385,73 @@ class Engine:
         return n * self.head.element_size()
 
     # --------------------------------------------------------------------------------------------
+    # KV caches
+    # --------------------------------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        """A further, empty KV cache of the engine's size (bind it with :meth:`bind`)."""
+        self._n_caches += 1
+        shape = self.layers[0].k_cache.shape
+        mk = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return KVCache([mk() for _ in self.layers], [mk() for _ in self.layers], self._n_caches)
+
+    def bind(self, cache: KVCache) -> None:
+        """Make ``cache`` the one that prefill, steps and generate read and write."""
+        if cache is self.cache:
+            return
+        if len(cache.k) != len(self.layers):
+            raise InvalidArgument("this KV cache belongs to another engine")
+        for L, k, v in zip(self.layers, cache.k, cache.v):
+            L.k_cache, L.v_cache = k, v
+        self.cache = cache
+
+    def drop_cache(self, cache: KVCache) -> None:
+        """Forget the graphs captured over ``cache`` (their memory is freed with them)."""
+        for key in [k for k in self._graphs if k[-1] == cache.id]:
+            del self._graphs[key]
+            self._static_logits.pop(key, None)
+
+    # --------------------------------------------------------------------------------------------
+    # gate counts, on the device: what the sparse launches keep, read once per reply
+    # --------------------------------------------------------------------------------------------
+    def reset_counts(self) -> None:
+        self._kept.zero_()
+        self._count_rows = 0
+
+    def _count(self, g: Group, x, ssq_in, act, skip_rows: int = 0) -> None:
+        """Add the inputs each segment of ``g`` keeps (|x_i|·c_i > t, as the kernels decide) to the
+        device counters; graph-safe (no host sync). Launches that run dense keep everything and
+        are accounted for when the counts are read."""
+        if not g.gating:
+            return
+        xf = _prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
+        if skip_rows:
+            xf = xf[skip_rows:]
+        keep = (xf.abs().unsqueeze(1) * g.scales.unsqueeze(0)) > g.thresholds.view(1, -1, 1)
+        self._kept[g.index, :len(g.projs)] += keep.sum((0, 2))
+
+    def gate_counts(self) -> dict:
+        """The counts since :meth:`reset_counts` (one device read): ``rows`` (token positions
+        counted), ``sparsity`` (fraction of the sparsifiable weight bytes skipped, each matrix
+        weighted by its size, as :meth:`measure_sparsity`; None when nothing was counted) and
+        ``per_matrix`` {(layer, proj): fraction of inputs skipped}."""
+        rows = self._count_rows
+        if rows <= 0:
+            return {"rows": 0, "sparsity": None, "per_matrix": {}}
+        kept = self._kept.cpu().tolist()
+        num = den = 0.0
+        per: dict = {}
+        for _, g in self.groups():
+            k = g.wt.shape[0]
+            edges = [0, *g.bounds, g.wt.shape[1]]
+            for j, p in enumerate(g.projs):
+                frac = 1.0 - (kept[g.index][j] / (rows * k) if g.gating else 1.0)
+                per[(g.layer, p)] = frac
+                n = (edges[j + 1] - edges[j]) * k
+                num += frac * n
+                den += n
+        return {"rows": rows, "sparsity": num / den if den else None, "per_matrix": per}
+
+    # --------------------------------------------------------------------------------------------
     # the forward: T tokens at positions pos .. pos+T-1 (prefill: T = prompt, decode: T = 1)
     # --------------------------------------------------------------------------------------------
     def _lin(self, x, g: Group, sparse: bool, dense_rows: int, *, ssq_in=None, res=None, act=0,
@@ -364,6 +459,13 @@ class Engine:
         if record is not None:
             record(g, x, ssq_in, act)
         sp = sparse and g.gating
+        if x.shape[0] > 1:
+            # prefill: one (masked) matmul per segment in the model's dtype (cuBLAS on the GPU);
+            # the multi-row Triton variants would each compile at their first prompt length
+            y, s = gemv_reference(x, g.wt, g.scales, g.thresholds, g.bounds, g.bias, res, ssq_in,
+                                  self.eps, act, sp, compute_dtype=self.dtype,
+                                  dense_rows=dense_rows if sp else 0)
+            return y, s
         kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
@@ -429,17 +531,32 @@ class Engine:
         return t - int((1.0 - self.dense_prefix) * t)
 
     @torch.no_grad()
-    def prefill(self, ids: Sequence[int], sparse: Optional[bool] = None, start: int = 0) -> torch.Tensor:
-        """Run the prompt through the model from position ``start``; returns logits [T, V]."""
+    def prefill(self, ids: Sequence[int], sparse: Optional[bool] = None, start: int = 0,
+                count: bool = False) -> torch.Tensor:
+        """Run ``ids`` through the model at positions ``start`` .. (the cache must hold the
+        positions before ``start``: a later chat turn prefills only its new tokens); returns logits
+        [T, V]. The dense prefix covers the first positions of the whole sequence, as a prefill of
+        everything from 0 would. ``count``: add the gates' decisions to the device counters.
+        With :attr:`sparse_prefill` False, prompts run dense (decode steps stay sparse)."""
         sparse = self.sparse if sparse is None else bool(sparse)
         t = len(ids)
         if t == 0:
             raise InvalidArgument("the prompt is empty")
-        if start + t > self.max_seq_len:
+        if start < 0 or start + t > self.max_seq_len:
             raise InvalidArgument(f"{start + t} tokens do not fit the engine's cache of {self.max_seq_len}")
+        if t > 1 and not self.sparse_prefill:
+            sparse = False
+        d0 = min(t, max(0, self._dense_rows(start + t) - start))
         x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
         pos = torch.tensor([start], dtype=torch.long, device=self.device)
-        return self._forward(x, pos, sparse, self._dense_rows(t))
+        record = None
+        if count and sparse:
+            if t > 1:
+                record = lambda g, xx, ssq, act: self._count(g, xx, ssq, act, d0)  # noqa: E731
+            else:
+                record = self._count
+            self._count_rows += t - d0 if t > 1 else 1
+        return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record)
 
     # --------------------------------------------------------------------------------------------
     # decode step, CUDA graph
@@ -458,20 +575,21 @@ class Engine:
         choice = (srt - torch.log(-torch.log(u))).argmax(-1, keepdim=True)
         return idx.gather(-1, choice).reshape(1)
 
-    def _step_body(self, sparse: bool, sampled: bool) -> torch.Tensor:
-        logits = self._forward(self._tok, self._pos, sparse)
+    def _step_body(self, sparse: bool, sampled: bool, count: bool = False) -> torch.Tensor:
+        logits = self._forward(self._tok, self._pos, sparse, record=self._count if count else None)
         nxt = self._select(logits, sampled)
         self._tok.copy_(nxt)
         self._pos.add_(1)
         return logits
 
-    def _graph_key(self, sparse: bool, sampled: bool):
-        # which groups run the sparse kernel is baked into a capture
+    def _graph_key(self, sparse: bool, sampled: bool, count: bool = False):
+        # which groups run the sparse kernel, and which cache the step reads, are baked into a capture
         pattern = tuple(g.gating for _, g in self.groups()) if sparse else ()
-        return (sparse, sampled, pattern)
+        return (sparse, sampled, pattern, bool(count and sparse), self.cache.id)
 
-    def _graph(self, sparse: bool, sampled: bool):
-        key = self._graph_key(sparse, sampled)
+    def _graph(self, sparse: bool, sampled: bool, count: bool = False):
+        count = bool(count and sparse)
+        key = self._graph_key(sparse, sampled, count)
         if key in self._graphs:
             return self._graphs[key]
         tok, pos = self._tok.clone(), self._pos.clone()
@@ -479,19 +597,21 @@ class Engine:
         # a capture between a prefill and its decode steps leaves the cache intact
         slot = self.max_seq_len - 1
         saved = [(L.k_cache[:, :, slot].clone(), L.v_cache[:, :, slot].clone()) for L in self.layers]
+        kept = self._kept.clone()
         s = torch.cuda.Stream(device=self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for _ in range(2):
                 self._tok.zero_()
                 self._pos.fill_(slot)
-                self._step_body(sparse, sampled)
+                self._step_body(sparse, sampled, count)
         torch.cuda.current_stream(self.device).wait_stream(s)
         self._tok.zero_()
         self._pos.fill_(slot)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = self._step_body(sparse, sampled)
+            out = self._step_body(sparse, sampled, count)
+        self._kept.copy_(kept)                # the warm-up steps counted too
         for L, (k, v) in zip(self.layers, saved):
             L.k_cache[:, :, slot].copy_(k)
             L.v_cache[:, :, slot].copy_(v)
@@ -505,10 +625,14 @@ class Engine:
         # graphs need the Triton decode path (the torch references read positions on the host)
         return self.use_graphs and self.device.type == "cuda" and self.fast
 
-    def capture(self, sparse: Optional[bool] = None, sampled: bool = False) -> None:
-        """Capture the decode step now (otherwise the first generate does it)."""
+    def capture(self, sparse: Optional[bool] = None, sampled: bool = False, count: bool = False) -> None:
+        """Capture the decode step now (otherwise the first generate does it), over the bound
+        cache; ``count``: also the counting variant of the sparse step (see generate)."""
         if self._graphable():
-            self._graph(self.sparse if sparse is None else bool(sparse), sampled)
+            sparse = self.sparse if sparse is None else bool(sparse)
+            self._graph(sparse, sampled)
+            if count and sparse:
+                self._graph(sparse, sampled, True)
 
     @torch.no_grad()
     def step(self, token: int, position: int, sparse: Optional[bool] = None) -> torch.Tensor:
@@ -543,23 +667,28 @@ class Engine:
                  top_p: float = 1.0, seed: Optional[int] = None,
                  on_token: Optional[Callable[[int], None]] = None,
                  stop: Optional[Iterable[int]] = None, sparse: Optional[bool] = None,
-                 cancel=None) -> GenerationResult:
+                 cancel=None, start: int = 0, count_every: int = 0) -> GenerationResult:
         """Generate up to ``max_new_tokens`` after ``prompt_ids`` (list or [1, T] tensor).
 
         Greedy when ``temperature == 0``, else temperature + nucleus (``top_p``) sampling.
         ``on_token(id)`` is called for every new token as soon as it is known (raise
         :class:`wina.errors.Cancelled` from it, or trigger ``cancel`` (a CancelToken), to stop);
         ``stop``: token ids that end generation (default: the model's eos ids; ``()`` for none).
-        ``sparse``: None = sparse iff thresholds are set."""
+        ``sparse``: None = sparse iff thresholds are set. ``start``: the prompt continues what the
+        bound cache holds at positions < start (a later chat turn; only the new tokens are
+        prefilled). ``count_every``: N > 0 counts the gates' decisions on the device (read them
+        with :meth:`gate_counts`) for the prompt and every N-th decode step (a second captured
+        step with the counting in it; N = 1 counts every step, at some cost per step)."""
         ids = _as_ids(prompt_ids)
         if max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens must be at least 1")
         if temperature < 0 or not (0.0 < top_p <= 1.0):
             raise InvalidArgument("temperature must be >= 0 and top_p in (0, 1]")
-        if len(ids) + max_new_tokens > self.max_seq_len:
-            raise InvalidArgument(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed the engine's "
+        if start + len(ids) + max_new_tokens > self.max_seq_len:
+            raise InvalidArgument(f"{start + len(ids)} prompt + {max_new_tokens} new tokens exceed the engine's "
                                   f"cache of {self.max_seq_len} (build it with a larger max_seq_len)")
         sparse = self.sparse if sparse is None else bool(sparse)
+        count = sparse and count_every > 0
         stops = set(self.eos_ids if stop is None else (int(s) for s in stop))
         sampled = temperature > 0
         if seed is not None:
@@ -569,11 +698,12 @@ class Engine:
         self._temp.fill_(max(float(temperature), 1e-6))
         self._top_p.fill_(float(top_p))
         graph = self._graph(sparse, sampled) if self._graphable() else None
+        cgraph = self._graph(sparse, sampled, True) if (graph is not None and count) else None
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        logits = self.prefill(ids, sparse)
+        logits = self.prefill(ids, sparse, start=start, count=count)
         first = self._select(logits[-1:], sampled)
         tokens: list[int] = []
         stopped = "length"
@@ -601,26 +731,33 @@ class Engine:
         n_steps = max_new_tokens - 1
         if go and n_steps > 0:
             self._tok.fill_(first_tok)
-            self._pos.fill_(len(ids))
+            self._pos.fill_(start + len(ids))
             if graph is not None:
-                self._decode_graph(graph, n_steps, emit)
+                self._decode_graph(graph, n_steps, emit, cgraph, count_every)
             else:
-                for _ in range(n_steps):
-                    self._step_body(sparse, sampled)
+                for i in range(n_steps):
+                    c = count and i % count_every == 0
+                    self._step_body(sparse, sampled, c)
+                    self._count_rows += int(c)
                     if not emit(int(self._tok[0])):
                         break
         sync()
         t2 = time.perf_counter()
         return GenerationResult(tokens, len(ids), t1 - t0, t2 - t1, stopped, sparse)
 
-    def _decode_graph(self, graph, n_steps: int, emit) -> None:
+    def _decode_graph(self, graph, n_steps: int, emit, count_graph=None, every: int = 0) -> None:
         """Replay the graph n_steps times, one step ahead of the host: the token of step i is
-        read (and streamed) while step i+1 already runs."""
+        read (and streamed) while step i+1 already runs. With ``count_graph``, every ``every``-th
+        step replays that one (the same step, counting the gates)."""
         host = [torch.empty(1, dtype=torch.long, pin_memory=True) for _ in range(2)]
         events = [torch.cuda.Event(), torch.cuda.Event()]
         pending = None
         for i in range(n_steps):
-            graph.replay()
+            if count_graph is not None and i % every == 0:
+                count_graph.replay()
+                self._count_rows += 1
+            else:
+                graph.replay()
             j = i % 2
             host[j].copy_(self._tok, non_blocking=True)
             events[j].record()

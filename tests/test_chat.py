@@ -1,0 +1,170 @@
+"""wina.chat.ChatSession on the CPU: KV kept across turns (same tokens as a full re-prefill with
+greedy decoding), TTFT and decode rate apart, /reset, context overflow, gate counts from the
+generation itself (no second forward), dense and sparse sessions sharing one engine."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from wina.chat import ChatSession, Reply
+from wina.engine import Engine
+from wina.events import Progress
+from wina.sparsify import sparsify
+
+VOCAB = 128
+
+
+class Tok:
+    """Word-level tokenizer whose decode re-encodes to the same ids ("t17" <-> 17)."""
+    eos_token_id = None
+    chat_template = None
+
+    def _ids(self, text):
+        out = []
+        for w in text.replace("\n", " \n ").split(" "):
+            if not w:
+                continue
+            if w.startswith("t") and w[1:].isdigit() and int(w[1:]) < VOCAB:
+                out.append(int(w[1:]))
+            else:
+                out.append(3 + sum(map(ord, w)) % (VOCAB - 3))
+        return out
+
+    def __call__(self, text, return_tensors=None):
+        class R:
+            pass
+        r = R()
+        r.input_ids = torch.tensor([self._ids(text)])
+        return r
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{i}" for i in ids)
+
+
+def tiny(seed=0, max_pos=256):
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=max_pos,
+                      eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(seed)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    m.generation_config.eos_token_id = None
+    return m
+
+
+TURNS = ["hello there how are you", "tell me about the city of lights", "and the river ?"]
+
+
+def _sparsify(m, dense_prefix=0.0):
+    thr = Engine.from_model(m, max_seq_len=64).calibrate(list(range(3, 40)), 0.5)
+    return sparsify(m, "wina", 0.5, gating="threshold", thresholds=thr, dense_prefix=dense_prefix)
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kv_reuse_equals_full_prefill(backend, sparse):
+    m = tiny()
+    if sparse:
+        _sparsify(m)
+    s = ChatSession(m, Tok(), sparse=sparse, backend=backend, max_new_tokens=6, max_seq_len=200,
+                    count_every=1)
+    s.warm_up()
+    for i, text in enumerate(TURNS):
+        history = [dict(x) for x in s.messages]
+        r = s.send(text)
+        assert isinstance(r, Reply) and r.backend == backend and r.sparse == sparse
+        assert r.tokens == 6 and r.stopped == "length"
+        assert r.ttft_s > 0 and r.decode_s > 0 and r.decode_tokens_per_s > 0
+        assert abs(r.seconds - (r.ttft_s + r.decode_s)) < 1e-6
+        if i > 0:        # only what the cache did not hold was prefilled
+            assert 0 < r.prefill_tokens < r.context_tokens
+        # the same conversation from an empty cache (a full prefill) gives the same tokens
+        fresh = ChatSession(m, Tok(), sparse=sparse, backend=backend, max_new_tokens=6, max_seq_len=200)
+        fresh.messages = history
+        f = fresh.send(text)
+        assert f.prefill_tokens == f.context_tokens == r.context_tokens
+        assert f.ids == r.ids, (i, f.ids, r.ids)
+        if sparse:
+            assert 0.2 < r.sparsity < 0.8 and r.counted_tokens > 0
+        else:
+            assert r.sparsity == 0.0
+
+
+def test_engine_session_runs_no_transformers_forward():
+    m = tiny()
+    sp = _sparsify(m, dense_prefix=0.01)
+    s = ChatSession(m, Tok(), backend="engine", max_new_tokens=5, max_seq_len=200, count_every=2)
+    s.warm_up()
+    calls = []
+    h = m.model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    r1 = s.send(TURNS[0])
+    r2 = s.send(TURNS[1])
+    h.remove()
+    assert calls == []                                  # the gate counts came from the engine's steps
+    assert r1.sparsity is not None and 0.2 < r1.sparsity < 0.8
+    # prompt rows (but the dense prefix) + every 2nd of the 4 decode steps
+    assert r2.counted_tokens == r2.prefill_tokens + 2
+    assert 0.2 < sp.measured_sparsity() < 0.8           # handed to the sparsifier's gates
+
+
+def test_transformers_session_forwards_once_per_token():
+    m = tiny()
+    s = ChatSession(m, Tok(), sparse=False, backend="transformers", max_new_tokens=5)
+    calls = []
+    h = m.register_forward_pre_hook(lambda mod, args, kw: calls.append(1), with_kwargs=True)
+    s.send(TURNS[0])
+    r = s.send(TURNS[1])
+    h.remove()
+    assert len(calls) == 10                             # one prefill + 4 decode steps per reply
+    assert r.prefill_tokens < r.context_tokens
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_reset_clears_the_cache(backend):
+    m = tiny()
+    s = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=4, system="be brief")
+    r1 = s.send(TURNS[0])
+    s.send(TURNS[1])
+    assert s.context_tokens > r1.context_tokens
+    s.reset()
+    assert s.messages == [] and s.context_tokens == 0
+    r = s.send(TURNS[0])
+    assert r.prefill_tokens == r.context_tokens == r1.context_tokens and r.ids == r1.ids
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_context_overflow_drops_old_turns(backend):
+    m = tiny(max_pos=64)
+    s = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=8, max_seq_len=48)
+    truncated = False
+    for _ in range(4):
+        r = s.send("a b c d e f g h")
+        truncated |= r.truncated
+        assert r.context_tokens + r.tokens <= 48
+    assert truncated and len(s.messages) < 8
+    # a reply after truncation equals the same (kept) conversation from scratch
+    fresh = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=8, max_seq_len=48)
+    fresh.messages = [dict(x) for x in s.messages[:-2]]
+    assert fresh.send(s.messages[-2]["content"]).ids == r.ids
+
+
+def test_pair_shares_one_engine_and_warm_up_reports_progress():
+    m = tiny()
+    _sparsify(m)
+    dense, sparse = ChatSession.pair(m, Tok(), backend="engine", max_new_tokens=4, max_seq_len=128)
+    events = []
+    dense.warm_up(events.append)
+    sparse.warm_up(events.append)
+    assert dense.engine is sparse.engine and dense._cache is not sparse._cache
+    assert events and all(isinstance(e, Progress) and e.stage == "warm-up" for e in events)
+    d, s = dense.send(TURNS[0]), sparse.send(TURNS[0])
+    assert d.sparsity == 0.0 and s.sparsity > 0.2
+    d2 = dense.send(TURNS[1])                         # the sparse turn did not disturb the dense cache
+    assert d2.prefill_tokens < d2.context_tokens
+    fresh = ChatSession(m, Tok(), sparse=False, backend="transformers", max_new_tokens=4)
+    fresh.messages = [dict(x) for x in dense.messages[:-2]]
+    assert fresh.send(TURNS[1]).ids == d2.ids
+    dense.close()
+    sparse.close()

@@ -1,0 +1,434 @@
+"""Chat sessions: a conversation with one model, dense or sparse, on the GPU engine or on the CPU.
+
+>>> dense, sparse = ChatSession.pair(model, tokenizer, max_new_tokens=200)   # side by side
+>>> for s in (dense, sparse):
+...     s.warm_up(on_event=print)              # engine: copy weights, compile, capture (stage "warm-up")
+>>> r = sparse.send("Hello!", on_text=print)   # streams; returns a Reply
+>>> r.ttft_s, r.decode_tokens_per_s, r.sparsity, r.prefill_tokens, r.stopped
+
+Rules, the same on both backends:
+
+* the KV cache is kept across turns: a turn prefills only the tokens that the cache does not hold
+  yet (the longest common prefix of the cached ids and the new conversation's ids is reused);
+  :meth:`ChatSession.reset` clears it; when a conversation outgrows the context, the oldest turns
+  are dropped (``Reply.truncated``) and the cache is rebuilt from there;
+* time to first token (``ttft_s``: template, tokenization and prefill of the new tokens) and decode
+  tokens/s (``decode_tokens_per_s``: the tokens after the first over the time after it) are
+  reported apart;
+* the measured sparsity comes from the generation itself, never from a second forward: on the
+  engine the sparse step counts its gates on the device (the prompt and every
+  ``count_every``-th decode step, read once per reply); on the transformers path the sparsifier's
+  gates count as they gate.
+
+Backends: ``"engine"`` (:mod:`wina.engine`: CUDA, bf16/fp16, threshold gating; decode steps are
+replayed CUDA graphs, prompts are one masked cuBLAS matmul per projection) or ``"transformers"``
+(any model, any device; ``past_key_values`` kept across turns). Dense and sparse sessions of one
+model share one engine (one copy of its weights; dense = the same engine with gating off), each
+with its own KV cache. With ``one_copy=True`` the model's own copies of the layer weights leave the
+GPU while the engine holds them (each layer as soon as the engine has copied it): GPU memory is
+then about one copy of the weights plus the KV caches. Those weights come back on the first forward
+of the module that owns them, or with :func:`release_engine`, which also frees the engine; call it
+before anything reads the model's weights directly (calibration, the transform).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import InvalidArgument
+from .events import CancelToken, Progress
+from .generate import (Generation, TextStream, _eos_ids, _sample, chat_input_ids, engine_available, engine_for,
+                       gating_of)
+
+COUNT_EVERY = 16
+
+
+@dataclass
+class Reply(Generation):
+    """One reply. ``seconds`` (of :class:`wina.generate.Generation`) = ``ttft_s + decode_s``."""
+    ttft_s: float = 0.0               # send() → first token: template, tokenization, prefill, first pick
+    decode_s: float = 0.0             # the rest of the reply
+    context_tokens: int = 0           # conversation tokens before the reply (the prompt)
+    prefill_tokens: int = 0           # of which prefilled in this turn (the rest came from the cache)
+    sparsity: Optional[float] = None  # measured: fraction of the sparsifiable weight bytes skipped
+    counted_tokens: int = 0           # token positions the sparsity was counted on
+    backend: str = ""                 # "engine" or "transformers"
+    sparse: bool = False
+    truncated: bool = False           # older turns were dropped to fit the context
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = self.tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+# ------------------------------------------------------------------------------------------------
+# one copy of the weights: the model's layer weights leave the GPU while the engine holds them
+# ------------------------------------------------------------------------------------------------
+def _restore_hook(module, args):
+    home = getattr(module, "_wina_home", None)
+    if home is not None and module.weight.device != home:
+        module.weight.data = module.weight.data.to(home)
+    return None
+
+
+def _offload_linears(root: torch.nn.Module) -> int:
+    """Move the weights of ``root``'s Linear modules to host memory; each comes back to its device
+    at its module's next forward (a pre-hook). Returns the bytes moved."""
+    moved = 0
+    for mod in root.modules():
+        if not isinstance(mod, torch.nn.Linear) or not mod.weight.is_cuda:
+            continue
+        home = mod.weight.device
+        moved += mod.weight.numel() * mod.weight.element_size()
+        mod.weight.data = mod.weight.data.to("cpu")
+        mod._wina_home = home
+        if getattr(mod, "_wina_restore", None) is None:
+            mod._wina_restore = mod.register_forward_pre_hook(_restore_hook)
+    return moved
+
+
+def restore_weights(model) -> None:
+    """Bring back to the GPU every weight that :class:`ChatSession` moved off it."""
+    for mod in model.modules():
+        home = getattr(mod, "_wina_home", None)
+        if home is not None:
+            if mod.weight.device != home:
+                mod.weight.data = mod.weight.data.to(home)
+            mod._wina_home = None
+            h = getattr(mod, "_wina_restore", None)
+            if h is not None:
+                h.remove()
+                mod._wina_restore = None
+
+
+def release_engine(model) -> None:
+    """Free the model's engine (and its KV caches) and bring the model's weights back to the GPU."""
+    if getattr(model, "_wina_engine", None) is not None:
+        model._wina_engine = None
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    restore_weights(model)
+
+
+def _shared_engine(model, max_seq_len: int, one_copy: bool, on_event=None):
+    """The model's engine (built once, shared by every session of the model)."""
+    eng = getattr(model, "_wina_engine", None)
+    if eng is not None and eng.max_seq_len >= max_seq_len:
+        return eng
+    from .adapters import adapter_for, decoder_layers
+    n = len(list(decoder_layers(model, adapter_for(model))))
+
+    def on_layer(i, block):
+        if one_copy:
+            _offload_linears(block)
+        if on_event is not None:
+            on_event(Progress("warm-up", i + 1, n, message="copying the weights into the engine"))
+    eng = engine_for(model, max_seq_len, follow_sparsifier=False, on_layer=on_layer)
+    if one_copy:
+        a = adapter_for(model)
+        head = model.get_submodule(a.lm_head)
+        emb = model.get_submodule(a.embed)
+        if head.weight.data_ptr() != emb.weight.data_ptr():     # an untied head: the engine folded it
+            _offload_linears(head)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    eng._wina_claimed = getattr(eng, "_wina_claimed", set())
+    return eng
+
+
+def _crop(cache, n: int) -> None:
+    """Keep the first n positions of a transformers DynamicCache (either crop convention)."""
+    cur = cache.get_seq_length()
+    if n >= cur:
+        return
+    try:
+        cache.crop(n - cur)          # newer transformers: a negative count removes that many
+    except (ValueError, TypeError):
+        cache.crop(n)                # older: the size to keep
+    if cache.get_seq_length() != n:
+        raise RuntimeError(f"could not crop the KV cache to {n} positions")
+
+
+def _cache_kw(model) -> str:
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class ChatSession:
+    """A multi-turn conversation with ``model`` (see the module docstring).
+
+    ``sparse``: gate with the model's sparsifier (no active sparsifier: dense). ``backend``:
+    "auto" (the engine when :func:`wina.generate.engine_available`), "engine" or "transformers".
+    ``max_seq_len``: the context (engine cache size; default min(4096, the model's limit)).
+    ``count_every``: on the engine, count the gates on every N-th decode step (and the prompt).
+    ``one_copy``: see the module docstring (engine only)."""
+
+    def __init__(self, model, tokenizer, *, sparse: bool = True, system: Optional[str] = None,
+                 max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
+                 seed: Optional[int] = None, backend: str = "auto", max_seq_len: Optional[int] = None,
+                 count_every: int = COUNT_EVERY, one_copy: bool = False) -> None:
+        if max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0 or not (0 < top_p <= 1):
+            raise InvalidArgument("temperature must be >= 0 and top_p in (0, 1]")
+        if backend not in ("auto", "engine", "transformers"):
+            raise InvalidArgument(f"backend must be auto, engine or transformers, got {backend!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.want_sparse = bool(sparse)
+        self.system = system
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+        self.backend = ("engine" if engine_available(model) else "transformers") if backend == "auto" else backend
+        limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
+        self.max_seq_len = int(max_seq_len or min(limit, 4096))
+        self.count_every = max(0, int(count_every))
+        self.one_copy = bool(one_copy) and self.backend == "engine"
+        self.messages: list[dict] = []
+        self.engine = None
+        self._cache = None                  # engine: this session's KVCache; transformers: DynamicCache
+        self._cached: list[int] = []        # the ids whose keys/values the cache holds
+        self._gating_key = None
+        self.warm = False
+
+    @classmethod
+    def pair(cls, model, tokenizer, **kw) -> tuple["ChatSession", Optional["ChatSession"]]:
+        """(dense, sparse) sessions of one model for a side-by-side chat: one engine, one copy of the
+        weights, two KV caches. ``sparse`` is None when the model has no active sparsifier."""
+        kw.pop("sparse", None)
+        dense = cls(model, tokenizer, sparse=False, **kw)
+        sp = getattr(model, "_wina_sparsifier", None)
+        active = sp is not None and sp.enabled and sp.method != "dense"
+        return dense, (cls(model, tokenizer, sparse=True, **kw) if active else None)
+
+    # --- state ------------------------------------------------------------------------------------
+    @property
+    def sparsifier(self):
+        sp = getattr(self.model, "_wina_sparsifier", None)
+        return sp if (sp is not None and sp.method != "dense" and sp._handles) else None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether this session's replies are gated."""
+        return self.want_sparse and self.sparsifier is not None
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the cache holds now."""
+        return len(self._cached)
+
+    def reset(self) -> None:
+        """A new conversation (the cache is cleared; the system prompt stays)."""
+        self.messages = []
+        self._cached = []
+        if self.backend == "transformers":
+            self._cache = None
+
+    def close(self) -> None:
+        """Give the KV cache back; with ``one_copy`` the engine is released and the model's
+        weights return to the GPU once no session of the model is left open."""
+        if self.engine is not None and self._cache is not None:
+            self.engine.drop_cache(self._cache)
+            claimed = getattr(self.engine, "_wina_claimed", set())
+            claimed.discard(self._cache.id)
+            if self.one_copy and not claimed:
+                release_engine(self.model)
+        self.engine, self._cache, self._cached, self.warm = None, None, [], False
+
+    # --- warm-up ----------------------------------------------------------------------------------
+    def warm_up(self, on_event: Optional[Callable[[Progress], None]] = None) -> None:
+        """Everything a first reply would otherwise pay once: on the engine, build it (shared by the
+        model's sessions), compile the kernels and capture this session's decode step(s), and run
+        the prefill path once. Progress events have stage "warm-up". No-op on transformers."""
+        emit = on_event or (lambda ev: None)
+        if self.backend != "engine":
+            self.warm = True
+            emit(Progress("warm-up", 1, 1, message="nothing to prepare (transformers)"))
+            return
+        self._ensure_engine(emit)
+        eng = self.engine
+        emit(Progress("warm-up", 0, 3, message="compiling and capturing the decode step"))
+        eng.bind(self._cache)
+        sampled = self.temperature > 0
+        eng.capture(self.sparse, sampled, count=self.count_every > 0)
+        emit(Progress("warm-up", 1, 3, message="warming up the prefill"))
+        # the prefill path (cuBLAS, attention, counting) at two lengths, at the end of the cache:
+        # positions past the conversation are written before they are ever read
+        counts, rows = eng._kept.clone(), eng._count_rows
+        for t in (2, 64):
+            t = min(t, eng.max_seq_len // 2)
+            eng.prefill([0] * t, self.sparse, start=eng.max_seq_len - t,
+                        count=self.sparse and self.count_every > 0)
+        eng._kept.copy_(counts)
+        eng._count_rows = rows
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize(eng.device)
+        self.warm = True
+        emit(Progress("warm-up", 3, 3, message="ready"))
+
+    def _ensure_engine(self, emit) -> None:
+        if self.engine is not None:
+            self._sync_gating()
+            return
+        eng = _shared_engine(self.model, self.max_seq_len, self.one_copy, emit)
+        claimed = eng._wina_claimed
+        # the engine's first cache goes to the first session, later sessions get their own
+        cache = eng.cache if (eng.cache.id == 0 and 0 not in claimed) else eng.new_cache()
+        claimed.add(cache.id)
+        self.engine, self._cache = eng, cache
+        self.max_seq_len = eng.max_seq_len
+        self._sync_gating()
+
+    def _sync_gating(self) -> None:
+        """The engine's thresholds follow the model's sparsifier (a sparse session sets them when
+        they changed; a dense session runs the same engine with gating off)."""
+        if not self.sparse:
+            return
+        thr, scales, prefix = gating_of(self.model)
+        key = (id(self.sparsifier), tuple(sorted(thr.items())), prefix)
+        if key != self._gating_key or not self.engine.sparse:
+            self.engine.set_sparsity(thr, scales)
+            if prefix is not None:
+                self.engine.dense_prefix = prefix
+            self._gating_key = key
+
+    # --- a turn -----------------------------------------------------------------------------------
+    def _fit(self, messages: list[dict], max_new: int) -> tuple[list[int], list[dict], bool]:
+        """The conversation's ids, dropping the oldest turns until they and ``max_new`` tokens fit."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        truncated = False
+        while True:
+            ids = [int(t) for t in chat_input_ids(self.tokenizer, head + messages)[0].tolist()]
+            if len(ids) + max_new <= self.max_seq_len or len(messages) <= 1:
+                break
+            # drop the oldest exchange (a user message and the reply after it)
+            messages = messages[2:] if len(messages) > 2 else messages[1:]
+            truncated = True
+        if len(ids) >= self.max_seq_len:
+            raise InvalidArgument(f"the message ({len(ids)} tokens with the template) does not fit the "
+                                  f"context of {self.max_seq_len} tokens")
+        return ids, messages, truncated
+
+    @torch.no_grad()
+    def send(self, text: str, *, on_text: Optional[Callable[[str], None]] = None,
+             cancel: Optional[CancelToken] = None, max_new_tokens: Optional[int] = None) -> Reply:
+        """Answer ``text`` (streamed through ``on_text`` deltas); the exchange joins the conversation."""
+        t0 = time.perf_counter()
+        max_new = int(max_new_tokens or self.max_new_tokens)
+        if max_new < 1:
+            raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new}")
+        ids, kept_msgs, truncated = self._fit(self.messages + [{"role": "user", "content": text}], max_new)
+        max_new = max(1, min(max_new, self.max_seq_len - len(ids)))
+        n = min(_lcp(self._cached, ids), len(ids) - 1)
+        if self.backend == "engine":
+            r = self._send_engine(ids, n, max_new, on_text, cancel, t0)
+        else:
+            r = self._send_transformers(ids, n, max_new, on_text, cancel, t0)
+        r.truncated = truncated
+        self.messages = kept_msgs + [{"role": "assistant", "content": r.text}]
+        return r
+
+    def _send_engine(self, ids, n, max_new, on_text, cancel, t0) -> Reply:
+        if self.engine is None:
+            self._ensure_engine(lambda ev: None)
+        else:
+            self._sync_gating()
+        eng = self.engine
+        eng.bind(self._cache)
+        sparse = self.sparse
+        counting = sparse and self.count_every > 0
+        if counting:
+            eng.reset_counts()
+        stops = set(eng.eos_ids) | _eos_ids(self.tokenizer)
+        stream = TextStream(self.tokenizer, on_text)
+        self._cached = self._cached[:n]            # what stays valid whatever happens below
+        t_pre = time.perf_counter() - t0           # template + tokenization
+        res = eng.generate(ids[n:], max_new, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                           on_token=stream.push, stop=stops, sparse=sparse, cancel=cancel, start=n,
+                           count_every=self.count_every if counting else 0)
+        text = stream.finish(res.tokens)
+        # the cache now holds the prompt and every reply token but (at most) the last one
+        self._cached = list(ids) + list(res.tokens[:-1])
+        sparsity, rows = (0.0, 0) if not sparse else (None, 0)
+        if counting:
+            c = eng.gate_counts()
+            sparsity, rows = c["sparsity"], c["rows"]
+            from .generate import give_counts_to_sparsifier
+            give_counts_to_sparsifier(self.model, eng)
+        stopped = {"stop": "eos"}.get(res.stopped, res.stopped)
+        return Reply(text, len(res.tokens), t_pre + res.prefill_s + res.decode_s, stopped, list(res.tokens),
+                     ttft_s=t_pre + res.prefill_s, decode_s=res.decode_s, context_tokens=len(ids),
+                     prefill_tokens=len(ids) - n, sparsity=sparsity, counted_tokens=rows, backend="engine",
+                     sparse=sparse)
+
+    def _send_transformers(self, ids, n, max_new, on_text, cancel, t0) -> Reply:
+        from transformers import DynamicCache
+        model = self.model
+        device = next(model.parameters()).device
+        sp = self.sparsifier
+        sparse = self.sparse
+        if self._cache is None:
+            self._cache = DynamicCache()
+            self._cached = []
+            n = 0
+        cache = self._cache
+        if cache.get_seq_length() != len(self._cached):      # a cancelled turn, say: trust nothing
+            self._cache, self._cached, n = DynamicCache(), [], 0
+            cache = self._cache
+        if n < len(self._cached):
+            if n == 0:
+                self._cache = cache = DynamicCache()
+            else:
+                _crop(cache, n)
+        self._cached = self._cached[:n]
+        gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        eos = _eos_ids(self.tokenizer, model)
+        stream = TextStream(self.tokenizer, on_text)
+        ctx = sp.paused() if (sp is not None and not sparse) else contextlib.nullcontext()
+        if sparse:
+            sp.reset_counters()
+        new: list[int] = []
+        stopped = "length"
+        step = torch.tensor([ids[n:]], device=device)
+        fed = list(ids[n:])
+        t1 = None
+        with ctx:
+            for i in range(max_new):
+                if cancel is not None and cancel.cancelled:
+                    stopped = "cancelled"
+                    break
+                logits = model(step, use_cache=True, **{_cache_kw(model): cache}).logits[0, -1]
+                self._cached.extend(fed)
+                tok = _sample(logits, self.temperature, self.top_p, gen)
+                if t1 is None:
+                    t1 = time.perf_counter()
+                if tok in eos:
+                    stopped = "eos"
+                    break
+                new.append(tok)
+                stream.push(tok)
+                step = torch.tensor([[tok]], device=device)
+                fed = [tok]
+        t2 = time.perf_counter()
+        t1 = t1 or t2
+        text = stream.finish(new)
+        sparsity = 0.0 if not sparse else sp.measured_sparsity()
+        if sparsity is not None and sparsity != sparsity:      # NaN: nothing counted
+            sparsity = None
+        return Reply(text, len(new), t2 - t0, stopped, new, ttft_s=t1 - t0, decode_s=t2 - t1,
+                     context_tokens=len(ids), prefill_tokens=len(ids) - n, sparsity=sparsity,
+                     counted_tokens=len(self._cached) - n if sparse else 0, backend="transformers",
+                     sparse=sparse)
