@@ -168,3 +168,52 @@ def test_pair_shares_one_engine_and_warm_up_reports_progress():
     assert fresh.send(TURNS[1]).ids == d2.ids
     dense.close()
     sparse.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: captured decode graphs (plain and counting), several KV caches, one copy of the weights
+# ------------------------------------------------------------------------------------------------
+def _cuda():
+    from wina.kernels import HAS_TRITON
+    return torch.cuda.is_available() and HAS_TRITON
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs CUDA and Triton")
+def test_gpu_sessions_graphs_equal_eager_and_one_copy():
+    from wina.chat import release_engine
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    m = m.to("cuda", torch.bfloat16)
+    m.generation_config.eos_token_id = None
+    _sparsify(m)
+    w_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    dense, sparse = ChatSession.pair(m, Tok(), max_new_tokens=12, max_seq_len=256, one_copy=True,
+                                     count_every=1, ignore_eos=True)
+    assert dense.backend == "engine"
+    dense.warm_up()
+    sparse.warm_up()
+    assert m.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"     # the engine's copy only
+    assert torch.cuda.memory_allocated() < 1.6 * w_bytes
+    rs = [sparse.send(t) for t in TURNS]
+    rd = [dense.send(t) for t in TURNS]
+    assert all(r.tokens == 12 and r.ttft_s > 0 and r.decode_tokens_per_s > 0 for r in rs + rd)
+    assert all(0.3 < r.sparsity < 0.7 for r in rs) and all(r.sparsity == 0.0 for r in rd)
+    assert rs[1].prefill_tokens < rs[1].context_tokens
+    eng = sparse.engine
+    eng.use_graphs = False                        # the same conversation, eager steps
+    s2 = ChatSession(m, Tok(), sparse=True, max_new_tokens=12, max_seq_len=256, count_every=1, ignore_eos=True)
+    r2 = [s2.send(t) for t in TURNS]
+    eng.use_graphs = True
+    assert [r.ids for r in r2] == [r.ids for r in rs]
+    assert all(abs(a.sparsity - b.sparsity) < 0.01 for a, b in zip(rs, r2))
+    release_engine(m)
+    assert m.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
+    with torch.no_grad():
+        m(torch.tensor([[1, 2, 3]], device="cuda"))

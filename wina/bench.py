@@ -594,3 +594,245 @@ def print_bench(res: dict, console=None) -> None:
         for k, (v, ok) in res["targets"].items():
             tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
         con.print(tt)
+
+
+# ------------------------------------------------------------------------------------------------
+# the user's path: a scripted multi-turn chat through wina.chat.ChatSession, dense and sparse side
+# by side on one engine, against the engine alone at the same context
+# ------------------------------------------------------------------------------------------------
+_WORDS = ("the river city light stone bridge market morning evening garden window story music "
+          "winter summer road friend teacher question answer letter paper table island forest "
+          "mountain village harbor station library museum kitchen history science number").split()
+
+
+def chat_script(tokenizer, turns: int = 5, first_tokens: int = 90, user_tokens: int = 500,
+                seed: int = 0) -> list[str]:
+    """User messages of about ``first_tokens`` (the first) and ``user_tokens`` tokens (the rest)."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    for t in range(turns):
+        want = first_tokens if t == 0 else user_tokens
+        words = [f"Turn {t + 1}: please read this and answer."]
+        text = " ".join(words)
+        while _n_ids(tokenizer(text).input_ids) < want:
+            words.extend(rng.choice(_WORDS) for _ in range(16))
+            text = " ".join(words)
+        out.append(text)
+    return out
+
+
+def _n_ids(x) -> int:
+    return int(x.shape[-1]) if hasattr(x, "shape") else len(x)
+
+
+def _threshold_sparsifier(model, method: str, sparsity: float, ids: list[int], max_seq_len: int):
+    """Attach threshold gating at ``sparsity`` calibrated on ``ids`` (uniform per matrix: each
+    drops that fraction of its scores in a dense forward), as run_bench does for the engine alone."""
+    from .engine import Engine
+    from .sparsify import sparsify
+    tmp_sp = sparsify(model, method, sparsity, gating="topk")
+    scales = tmp_sp.scales
+    tmp_sp.remove()
+    tmp = Engine.from_model(model, scales=scales, max_seq_len=max(len(ids) + 8, 64), use_sparsifier=False)
+    thr = tmp.calibrate(ids, sparsity)
+    del tmp
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return sparsify(model, method, sparsity, gating="threshold", thresholds=thr)
+
+
+def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, first_tokens: int = 90,
+                   user_tokens: int = 500, sparsity: float = 0.5, method: str = "wina",
+                   max_seq_len: int = 4096, one_copy: bool = True, count_every: Optional[int] = None,
+                   seed: int = 0, label: str = "", on_event: Optional[Callable[[Progress], None]] = None,
+                   json_path: Optional[str] = None) -> dict:
+    """A scripted conversation (``turns`` user messages, the context growing past 2k tokens) through
+    :class:`wina.chat.ChatSession`, dense and sparse side by side (one engine, two KV caches), greedy,
+    ``new_tokens`` per reply (eos ignored). Per turn and mode: time to first token, decode tokens/s,
+    the tokens prefilled, the measured sparsity; then the engine alone at each turn's context (a
+    generate from a prompt of that length, and the prefill of that turn's new tokens), and the ratios.
+    Also: peak GPU memory against the weight and KV-cache bytes, and a 512-token prefill dense vs
+    sparse. If the model has no active sparsifier, one is attached (threshold gating, each matrix at
+    ``sparsity``, calibrated on the script). Returns a JSON-serialisable dict."""
+    from .chat import ChatSession
+    from .generate import engine_available
+    emit = on_event or (lambda ev: None)
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    script = chat_script(tokenizer, turns, first_tokens, user_tokens, seed)
+    out: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
+        "model": label, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "turns": turns, "new_tokens": new_tokens, "turns_detail": []}
+    sp = getattr(model, "_wina_sparsifier", None)
+    if sp is None or not sp.enabled or sp.method == "dense":
+        emit(Progress("chat-bench", 0, turns, message=f"calibrating thresholds at {sparsity:.0%}"))
+        ids = chat_script_ids(tokenizer, script)
+        sp = _threshold_sparsifier(model, method, sparsity, ids[:2048], max_seq_len)
+        out["gating"] = f"{method} threshold, {sparsity:.0%} per matrix (calibrated on the script)"
+    else:
+        out["gating"] = f"{sp.method} {sp.gating}, nominal {sp.nominal_sparsity():.1%}"
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    kw = dict(max_new_tokens=new_tokens, max_seq_len=max_seq_len, one_copy=one_copy, ignore_eos=True)
+    if count_every is not None:
+        kw["count_every"] = count_every
+    dense, sparse = ChatSession.pair(model, tokenizer, **kw)
+    if sparse is None:
+        raise InvalidArgument("the model has no active sparsifier")
+    out["backend"] = dense.backend
+    t = time.perf_counter()
+    dense.warm_up(emit)
+    sparse.warm_up(emit)
+    out["warm_up_s"] = time.perf_counter() - t
+    for i, text in enumerate(script):
+        emit(Progress("chat-bench", i, turns, message=f"turn {i + 1}"))
+        row: dict[str, Any] = {"turn": i + 1}
+        for name, s in (("dense", dense), ("sparse", sparse)):
+            r = s.send(text)
+            row[name] = {"context": r.context_tokens, "prefilled": r.prefill_tokens, "tokens": r.tokens,
+                         "ttft_s": r.ttft_s, "decode_s": r.decode_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+                         "stopped": r.stopped, "sparsity": r.sparsity, "counted": r.counted_tokens,
+                         "truncated": r.truncated}
+        out["turns_detail"].append(row)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(out, f, indent=1)
+    eng = dense.engine
+    if cuda:
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        wb = eng.weight_bytes() + eng.embed.numel() * eng.embed.element_size()
+        kv = dense._cache.nbytes() + sparse._cache.nbytes()
+        out["memory"] = {"peak_allocated_gib": peak / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30,
+                         "weight_gib": wb / 2**30, "kv_caches_gib": kv / 2**30,
+                         "peak_over_weights_plus_kv": peak / (wb + kv),
+                         "peak_minus_kv_over_weights": (peak - kv) / wb}
+    # the engine alone, at each turn's context, on a scratch cache
+    if engine_available(model) or dense.backend == "engine":
+        emit(Progress("chat-bench", turns, turns, message="the engine alone at the same contexts"))
+        scratch = eng.new_cache()
+        eng.bind(scratch)
+        g = torch.Generator().manual_seed(seed)
+        vocab = eng.vocab
+        for row in out["turns_detail"]:
+            for name in ("dense", "sparse"):
+                c = row[name]
+                ids = torch.randint(0, vocab, (c["context"],), generator=g).tolist()
+                res = eng.generate(ids, c["tokens"] if c["tokens"] > 1 else 2, sparse=(name == "sparse"), stop=())
+                alone = res.decode_tokens_per_s
+                # the prefill of this turn's new tokens alone (the rest already in the cache)
+                n = c["prefilled"]
+                pre = _time_prefill(eng, ids[-n:], len(ids) - n, name == "sparse")
+                c["engine_decode_tokens_per_s"] = alone
+                c["decode_ratio"] = c["decode_tokens_per_s"] / alone if alone else None
+                c["engine_prefill_s"] = pre
+                c["ttft_over_prefill"] = c["ttft_s"] / pre if pre else None
+            row["sparse_over_dense"] = (row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
+                                        if row["dense"]["decode_tokens_per_s"] else None)
+        # 512-token prefill, dense vs sparse (masked cuBLAS) vs sparse with dense prompts
+        ids = torch.randint(0, vocab, (512,), generator=g).tolist()
+        p_d = _time_prefill(eng, ids, 0, False)
+        p_s = _time_prefill(eng, ids, 0, True)
+        out["prefill_512"] = {"dense_s": p_d, "sparse_s": p_s, "sparse_over_dense": p_s / p_d if p_d else None}
+        eng.bind(dense._cache)
+        eng.drop_cache(scratch)
+        del scratch
+    out["targets"] = chat_targets(out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def chat_script_ids(tokenizer, script: Sequence[str]) -> list[int]:
+    ids: list[int] = []
+    for text in script:
+        x = tokenizer(text).input_ids
+        ids.extend(int(v) for v in (x[0].tolist() if hasattr(x, "shape") else x))
+    return ids
+
+
+def _time_prefill(eng, ids: list[int], start: int, sparse: bool, reps: int = 3) -> float:
+    sync = (lambda: torch.cuda.synchronize(eng.device)) if eng.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        eng.prefill(ids, sparse, start=start)
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def chat_targets(res: dict) -> dict:
+    """Issue 19's targets against a chat bench."""
+    t: dict[str, Any] = {}
+    rows = res.get("turns_detail", [])
+    if not rows:
+        return t
+    if "engine_decode_tokens_per_s" in rows[0]["dense"]:
+        worst = min(min(r[m]["decode_ratio"] or 0 for m in ("dense", "sparse")) for r in rows)
+        t["chat decode / engine decode >= 0.95 (worst turn)"] = (round(worst, 3), worst >= 0.95)
+        sod = min(r["sparse_over_dense"] or 0 for r in rows)
+        t["sparse / dense decode in chat >= 1.5x (worst turn)"] = (round(sod, 3), sod >= 1.5)
+        later = [r[m]["ttft_over_prefill"] for r in rows[1:] for m in ("dense", "sparse")
+                 if r[m].get("ttft_over_prefill")]
+        if later:
+            w = max(later)
+            t["later TTFT <= 1.2x prefill of the new tokens (worst)"] = (round(w, 3), w <= 1.2)
+    first = rows[0]["sparse"]["ttft_s"]
+    t[f"first TTFT ({rows[0]['sparse']['context']}-token prompt) <= 150 ms (sparse)"] = (
+        round(first * 1000, 1), first <= 0.150)
+    if res.get("prefill_512"):
+        v = res["prefill_512"]["sparse_over_dense"]
+        t["512-token prefill sparse / dense <= 1.2"] = (round(v, 3), v <= 1.2)
+    if res.get("memory"):
+        v = res["memory"]["peak_minus_kv_over_weights"]
+        t["peak GPU memory - KV caches <= 1.15 x weight bytes"] = (round(v, 3), v <= 1.15)
+    return t
+
+
+def print_chat_bench(res: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    con = console or Console()
+    con.print(f"[bold]wina bench --chat[/] {res['date']} · {res['device']} · {res['dtype']} · {res.get('model', '')} · "
+              f"{res['gating']} · {res['new_tokens']} new tokens per reply · backend {res.get('backend')} · "
+              f"warm-up {res.get('warm_up_s', 0):.1f} s")
+    tab = Table(title="per turn (side by side: dense, then sparse, one engine)")
+    for c in ["turn", "context", "prefilled", "mode", "TTFT ms", "prefill alone ms", "decode tok/s",
+              "engine tok/s", "chat/engine", "sparsity", "sparse/dense"]:
+        tab.add_column(c, justify="right")
+    for r in res["turns_detail"]:
+        for m in ("dense", "sparse"):
+            c = r[m]
+            pa = c.get("engine_prefill_s")
+            tab.add_row(str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
+                        f"{c['ttft_s'] * 1000:.1f}", f"{pa * 1000:.1f}" if pa else "-",
+                        f"{c['decode_tokens_per_s']:.1f}",
+                        f"{c['engine_decode_tokens_per_s']:.1f}" if c.get("engine_decode_tokens_per_s") else "-",
+                        f"{c['decode_ratio']:.3f}" if c.get("decode_ratio") else "-",
+                        "-" if c["sparsity"] is None else f"{c['sparsity']:.1%}",
+                        f"{r['sparse_over_dense']:.2f}×" if (m == "sparse" and r.get("sparse_over_dense")) else "")
+    con.print(tab)
+    if res.get("memory"):
+        mm = res["memory"]
+        con.print(f"peak GPU memory {mm['peak_allocated_gib']:.2f} GiB allocated ({mm['peak_reserved_gib']:.2f} reserved) · "
+                  f"weights {mm['weight_gib']:.2f} GiB · two KV caches {mm['kv_caches_gib']:.2f} GiB · "
+                  f"(peak − KV) / weights {mm['peak_minus_kv_over_weights']:.3f}")
+    if res.get("prefill_512"):
+        p = res["prefill_512"]
+        con.print(f"512-token prefill: dense {p['dense_s'] * 1000:.1f} ms, sparse {p['sparse_s'] * 1000:.1f} ms "
+                  f"({p['sparse_over_dense']:.2f}×)")
+    if res.get("targets"):
+        tt = Table(title="targets (issue 19)")
+        tt.add_column("target")
+        tt.add_column("value", justify="right")
+        tt.add_column("met")
+        for k, (v, ok) in res["targets"].items():
+            tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
+        con.print(tt)

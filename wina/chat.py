@@ -44,7 +44,7 @@ from .events import CancelToken, Progress
 from .generate import (Generation, TextStream, _eos_ids, _sample, chat_input_ids, engine_available, engine_for,
                        gating_of)
 
-COUNT_EVERY = 16
+COUNT_EVERY = 8
 
 
 @dataclass
@@ -176,12 +176,13 @@ class ChatSession:
     "auto" (the engine when :func:`wina.generate.engine_available`), "engine" or "transformers".
     ``max_seq_len``: the context (engine cache size; default min(4096, the model's limit)).
     ``count_every``: on the engine, count the gates on every N-th decode step (and the prompt).
-    ``one_copy``: see the module docstring (engine only)."""
+    ``one_copy``: see the module docstring (engine only). ``ignore_eos``: replies always run to
+    ``max_new_tokens`` (benchmarks)."""
 
     def __init__(self, model, tokenizer, *, sparse: bool = True, system: Optional[str] = None,
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
                  seed: Optional[int] = None, backend: str = "auto", max_seq_len: Optional[int] = None,
-                 count_every: int = COUNT_EVERY, one_copy: bool = False) -> None:
+                 count_every: int = COUNT_EVERY, one_copy: bool = False, ignore_eos: bool = False) -> None:
         if max_new_tokens < 1:
             raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if temperature < 0 or not (0 < top_p <= 1):
@@ -197,6 +198,7 @@ class ChatSession:
         self.max_seq_len = int(max_seq_len or min(limit, 4096))
         self.count_every = max(0, int(count_every))
         self.one_copy = bool(one_copy) and self.backend == "engine"
+        self.ignore_eos = bool(ignore_eos)
         self.messages: list[dict] = []
         self.engine = None
         self._cache = None                  # engine: this session's KVCache; transformers: DynamicCache
@@ -352,7 +354,7 @@ class ChatSession:
         counting = sparse and self.count_every > 0
         if counting:
             eng.reset_counts()
-        stops = set(eng.eos_ids) | _eos_ids(self.tokenizer)
+        stops = set() if self.ignore_eos else set(eng.eos_ids) | _eos_ids(self.tokenizer)
         stream = TextStream(self.tokenizer, on_text)
         self._cached = self._cached[:n]            # what stays valid whatever happens below
         t_pre = time.perf_counter() - t0           # template + tokenization
@@ -395,7 +397,7 @@ class ChatSession:
                 _crop(cache, n)
         self._cached = self._cached[:n]
         gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        eos = _eos_ids(self.tokenizer, model)
+        eos = set() if self.ignore_eos else _eos_ids(self.tokenizer, model)
         stream = TextStream(self.tokenizer, on_text)
         ctx = sp.paused() if (sp is not None and not sparse) else contextlib.nullcontext()
         if sparse:

@@ -699,21 +699,20 @@ def chat_cmd(
     with ProgressRenderer(transient=True) as r:
         loaded = _load(model, device, dtype, r)
         sp = _prepare(loaded, opts)
+    from .chat import ChatSession
     from .events import CancelToken
-    from .generate import chat_input_ids, generation_backend, stream_reply, warm_up
-    if generation_backend(loaded.model) == "engine":
-        with err.status("preparing the decode engine (the first use compiles its kernels)…"):
-            warm_up(loaded.model, sampled=temperature > 0)
-    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))} — {generation_backend(loaded.model)}. "
+    # one copy of the weights on the GPU: the engine's (nothing else uses the model here)
+    session = ChatSession(loaded.model, loaded.tokenizer, sparse=True, system=system,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          one_copy=True)
+    if session.backend == "engine":
+        with ProgressRenderer(transient=True) as r:      # compile + capture now, not in the first reply
+            session.warm_up(on_event=r)
+    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))} — {session.backend}. "
               f"/reset clears the conversation, "
               f"/exit or Ctrl-D quits.[/]", soft_wrap=True)
-    history: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def turn(user: str) -> None:
-        history.append({"role": "user", "content": user})
-        ids = chat_input_ids(loaded.tokenizer, history)
-        if sp is not None:
-            sp.reset_counters()
         cancel = CancelToken()
 
         def emit(delta: str) -> None:
@@ -721,20 +720,20 @@ def chat_cmd(
             sys.stdout.flush()
 
         try:
-            g = stream_reply(loaded.model, loaded.tokenizer, ids, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=top_p, seed=seed, on_text=emit, cancel=cancel)
+            g = session.send(user, on_text=emit, cancel=cancel)
         except KeyboardInterrupt:
             cancel.cancel()
             sys.stdout.write("\n")
             err.print("[dim](interrupted)[/]")
-            history.pop()
             return
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history.append({"role": "assistant", "content": g.text})
-        m = None if sp is None else sp.measured_sparsity()
-        ms = "" if m is None or (isinstance(m, float) and math.isnan(m)) else f", measured sparsity {m:.1%}"
-        err.print(f"[dim][{g.tokens} tokens, {g.tokens_per_s:.1f} tokens/s, stop: {g.stopped}{ms}][/]")
+        ms = f", measured sparsity {g.sparsity:.1%}" if (g.sparse and g.sparsity is not None) else ""
+        dropped = ", older turns dropped" if g.truncated else ""
+        err.print(f"[dim][{g.tokens} tokens, first token {g.ttft_s * 1000:.0f} ms, decode "
+                  f"{g.decode_tokens_per_s:.1f} tokens/s, stop: {g.stopped}{ms}, context "
+                  f"{g.context_tokens + g.tokens} tokens ({g.prefill_tokens} prefilled){dropped}][/]",
+                  soft_wrap=True)
 
     if prompt is not None:
         turn(prompt)
@@ -756,7 +755,7 @@ def chat_cmd(
         if line in ("/exit", "/quit", "/q"):
             return
         if line == "/reset":
-            history[:] = [{"role": "system", "content": system}] if system else []
+            session.reset()
             err.print("[dim](conversation cleared)[/]")
             continue
         sys.stdout.write("bot> ")
@@ -879,13 +878,30 @@ def bench_cmd(
                                                 "WINA_FUSE_MLP environment variable, else 0). Measured on an "
                                                 "H200: no gain (docs/gpu-notes.md run 12)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    chat: bool = typer.Option(False, "--chat", help="Measure the user's path instead: a scripted multi-turn "
+                                                   "chat through the chat session, dense and sparse side by "
+                                                   "side, per turn TTFT and decode tokens/s against the engine "
+                                                   "alone at the same context; peak GPU memory."),
+    plan: Optional[str] = typer.Option(None, "--plan", "-p", help="--chat: threshold gating from this plan "
+                                                                  "(default: thresholds calibrated on the script)."),
+    chat_sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="--chat: the target sparsity."),
+    turns: int = typer.Option(5, "--turns", help="--chat: user turns (the context grows past 2k tokens)."),
+    user_tokens: int = typer.Option(500, "--user-tokens", help="--chat: tokens of each user message after "
+                                                               "the first (~110)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="--chat with a shape name: the tokenizer "
+                                                                      "folder to use (the vocabulary grows to fit)."),
 ) -> None:
     """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the
-    memory floor; per-kernel bandwidth on CUDA.
+    memory floor; per-kernel bandwidth on CUDA. With --chat: the chat as users run it.
 
-    Example: [bold]wina bench llama-2-7b llama-3-8b --sparsities 0.25,0.5 --json bench.json[/]
+    Example: [bold]wina bench llama-2-7b llama-3-8b --sparsities 0.25,0.5 --json bench.json[/]   ·
+    [bold]wina bench --chat ./my-model --new-tokens 200[/]
     """
     from .errors import InvalidArgument
+    if chat:
+        _bench_chat((models or ["llama-2-7b"]), plan, chat_sparsity, method, turns, new_tokens, user_tokens,
+                    tokenizer, device, dtype, layers, seed, json_out)
+        return
     try:
         sps = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError:
@@ -914,6 +930,45 @@ def bench_cmd(
         out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)
     if failed and len(failed) == len(res.get("models", [])):
         raise WinaError(f"every benchmark failed; first: {failed[0]['model']}: {failed[0]['error']}")
+
+
+def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, tokenizer, device, dtype,
+                layers, seed, json_out) -> None:
+    """wina bench --chat: load (or build) the model, attach the gating, run wina.bench.run_chat_bench."""
+    from .errors import InvalidArgument
+    if len(models) != 1:
+        raise InvalidArgument("--chat measures one model at a time")
+    if turns < 1 or new_tokens < 2:
+        raise InvalidArgument("--turns must be >= 1 and --new-tokens >= 2")
+    if not 0.0 < sparsity < 1.0:
+        raise InvalidArgument(f"--sparsity must be in (0, 1), got {sparsity}")
+    if json_out is not None:
+        from .results import check_writable
+        check_writable(json_out)
+    spec = models[0]
+    _quiet_libraries()
+    from .bench import SHAPES, print_chat_bench, random_model, run_chat_bench, shape_config
+    with ProgressRenderer() as r:
+        if spec in SHAPES:
+            if tokenizer is None:
+                raise InvalidArgument(f"{spec} is a shape with random weights: --chat needs --tokenizer DIR")
+            from transformers import AutoTokenizer
+            from .models import resolve_dtype
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+            cfg = shape_config(spec, layers)
+            cfg.vocab_size = max(cfg.vocab_size, len(tok))
+            model = random_model(cfg, _device(device), resolve_dtype(dtype, _device(device)), seed)
+        else:
+            loaded = _load(spec, device, dtype, r)
+            model, tok = loaded.model, loaded.tokenizer
+        if plan is not None:
+            _prepare(type("L", (), {"model": model})(), _opts(None, sparsity, False, plan, "threshold"))
+        res = run_chat_bench(model, tok, turns=turns, new_tokens=new_tokens, user_tokens=user_tokens,
+                             sparsity=sparsity, method=method, seed=seed, label=spec, on_event=r,
+                             json_path=str(json_out) if json_out else None)
+    print_chat_bench(res, out)
+    if json_out is not None:
+        out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)
 
 
 @app.command("tui", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

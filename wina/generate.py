@@ -252,7 +252,7 @@ def stream_reply(model, tokenizer, input_ids: torch.Tensor, **kw) -> Generation:
     return stream_generate(model, tokenizer, input_ids, **kw)
 
 
-COUNT_EVERY = 16       # engine replies: the gates are counted on the prompt and every 16th decode step
+COUNT_EVERY = 8        # engine replies: the gates are counted on the prompt and every 8th decode step
 
 
 def give_counts_to_sparsifier(model, engine) -> None:

@@ -291,6 +291,7 @@ class Engine:
         eng.sparse_prefill = True
         for j, (_, g) in enumerate(eng.groups()):
             g.index = j
+        eng._stack_gating()
         # gate counts of the sparse launches, accumulated on the device (see generate(count_every=))
         eng._kept = torch.zeros(j + 1, 3, dtype=torch.long, device=dev)
         eng._count_rows = 0
@@ -428,6 +429,42 @@ class Engine:
             xf = xf[skip_rows:]
         keep = (xf.abs().unsqueeze(1) * g.scales.unsqueeze(0)) > g.thresholds.view(1, -1, 1)
         self._kept[g.index, :len(g.projs)] += keep.sum((0, 2))
+
+    ROLES = ("attn_in", "o", "mlp_in", "down")
+
+    def _stack_gating(self) -> None:
+        """Per role, the layers' scales and thresholds as views of one stacked buffer (set_sparsity
+        writes them in place), and a buffer for each layer's input of that role: a counting decode
+        step copies each sparse launch's input there and counts all layers of a role at once."""
+        self._stk = {}
+        for r, role in enumerate(self.ROLES):
+            gs = [getattr(L, role) for L in self.layers]
+            sc = torch.stack([g.scales for g in gs])
+            th = torch.stack([g.thresholds for g in gs])
+            for i, g in enumerate(gs):
+                g.scales, g.thresholds = sc[i], th[i]
+            width = gs[0].wt.shape[0] * (2 if role == "down" else 1)
+            buf = torch.zeros(len(gs), width, dtype=self.dtype, device=self.device)
+            self._stk[role] = (r, sc, th, buf)
+
+    def _stash(self, g: Group, x, ssq_in, act) -> None:
+        """Record hook of a counting decode step: keep the launch's input (one copy, graph-safe)."""
+        if g.gating:
+            self._stk[g.name][3][g.layer].copy_(x[0])
+
+    def _count_stashed(self) -> None:
+        """Count the stashed inputs of every layer, per role (the RMSNorm of attn_in / mlp_in is
+        recomputed from the stashed residual; SiLU·up of down from the stashed gate/up output)."""
+        kept = self._kept.view(len(self.layers), len(self.ROLES), 3)
+        for role, (r, sc, th, buf) in self._stk.items():
+            x = buf.float()
+            k = sc.shape[-1]
+            if role == "down":
+                x = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
+            elif role in ("attn_in", "mlp_in"):
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            keep = (x.abs().unsqueeze(1) * sc) > th.unsqueeze(-1)          # [L, S, K]
+            kept[:, r, :sc.shape[1]] += keep.sum(-1)
 
     def gate_counts(self) -> dict:
         """The counts since :meth:`reset_counts` (one device read): ``rows`` (token positions
@@ -576,7 +613,9 @@ class Engine:
         return idx.gather(-1, choice).reshape(1)
 
     def _step_body(self, sparse: bool, sampled: bool, count: bool = False) -> torch.Tensor:
-        logits = self._forward(self._tok, self._pos, sparse, record=self._count if count else None)
+        logits = self._forward(self._tok, self._pos, sparse, record=self._stash if count else None)
+        if count:
+            self._count_stashed()
         nxt = self._select(logits, sampled)
         self._tok.copy_(nxt)
         self._pos.add_(1)
