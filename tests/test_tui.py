@@ -22,6 +22,7 @@ from wina_tui.app import WinaApp
 from wina_tui.screens.help import HelpScreen
 from wina_tui.widgets.allocation_heatmap import AllocationHeatmap
 from wina_tui.widgets.chat_pane import ChatPane
+from wina_tui.widgets.score_histogram import ScoreHistogram
 from wina_tui.widgets.trajectory_chart import TrajectoryChart
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run faster on one thread
@@ -78,10 +79,11 @@ async def test_pick_calibrate_chat_evaluate(tmp_path):
         # pick: WINA, greedy within-layer, calibration on random tokens
         set_greedy(app)
         await pilot.pause()
-        await pilot.press("ctrl+g")                      # needs a plan: goes through calibration
+        await pilot.press("ctrl+g")                      # needs a plan: builds it, then opens the chat
         cal = app.calibrate_screen
         await wait_for(pilot, lambda: cal.state in ("done", "failed", "cancelled"))
         assert cal.state == "done", cal.query_one("#cal-log").lines[-3:]
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
         stages = {e["stage"] for e in cal.events}
         assert {"load", "calibrate", "allocate"} <= stages
         steps = [e for e in cal.events if e["stage"] == "allocate" and "error" in e.get("metrics", {})]
@@ -91,8 +93,12 @@ async def test_pick_calibrate_chat_evaluate(tmp_path):
         assert len(chart.points[1]) == len([e for e in steps if e["layer"] == 1])
         heat = cal.query_one(AllocationHeatmap)
         assert len(heat.allocation) == 2 * 7 and max(heat.allocation.values()) > 0
+        hist = cal.query_one(ScoreHistogram)
+        assert sorted(hist.hists) == [0, 1] and hist.threshold() > 0
         assert app.session.sparsifier is not None and app.session.applied.options.plan
         assert (Path(app.session.applied.options.plan) / "plan.json").exists()
+        await pilot.press("f3")
+        await wait_for(pilot, lambda: app.screen is cal)
         await pilot.press("right_square_bracket")       # browse the layers' trajectories
         await pilot.pause()
         assert chart.current_layer == 0

@@ -63,9 +63,11 @@ def tiny_loader(spec: str):
 
 
 def tiny_app(tmp_path, **kw):
-    """A WinaApp on the tiny model, its state under ``tmp_path``, with the small :data:`CALIB` and
-    :data:`ALLOC` options; ``kw`` go to WinaApp (results_dir, data_dir, max_new_tokens, ...)."""
+    """A WinaApp on the tiny model, its state under ``tmp_path`` (the settings file in
+    ``tmp_path/config``, never the user's), with the small :data:`CALIB` and :data:`ALLOC`
+    options; ``kw`` go to WinaApp (results_dir, data_dir, max_new_tokens, ...)."""
     from wina_tui.app import WinaApp
+    kw.setdefault("config_dir", tmp_path / "config")
     app = WinaApp(loader=tiny_loader, state_dir=tmp_path / "state", **kw)
     app.session.calibrate_options = dict(CALIB)
     app.session.allocate_options = dict(ALLOC)

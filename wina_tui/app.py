@@ -2,10 +2,19 @@
 
 ``wina-tui`` (console script) calls :func:`main`; the CLI calls :func:`run`. Tests and scripts build
 :class:`WinaApp` with their own ``loader`` (any callable ``spec -> wina.api.Loaded``).
+
+Leaving is quick in every state: ``ctrl+q``, the palette's quit and SIGTERM/SIGHUP cancel every
+worker through its cancel token (asking first while calibration, allocation or an evaluation
+runs), the app exits, and :func:`run_app` gives the workers a second to notice before it ends the
+process without them (everything the library writes is atomic, so nothing is left half-written).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -17,10 +26,17 @@ from textual.screen import Screen
 
 from .screens.calibrate import CalibrateScreen
 from .screens.chat import ChatScreen
+from .screens.confirm import ConfirmScreen
 from .screens.evaluate import EvaluateScreen
 from .screens.help import HelpScreen
 from .screens.setup import SetupScreen
-from .state import Loader, Session, Settings, describe_error
+from .state import (Loader, PlanInfo, Session, Settings, SettingsStore, describe_error, settings_from_dict,
+                    settings_to_dict)
+
+QUIT_NOTES = {"calibration": "Finished layers are kept: calibrating again with the same settings resumes.",
+              "allocation": "Finished layers are kept: allocating again with the same settings resumes.",
+              "evaluation": "Finished runs are saved; the run in progress is dropped.",
+              "loading the model": "Nothing is written while the model loads."}
 
 MODES_ORDER = ("setup", "calibrate", "chat", "evaluate")
 
@@ -52,13 +68,26 @@ class WinaApp(App):
                  preset: Optional[str] = None, results_dir: Optional[Path] = None,
                  state_dir: Optional[Path] = None, plans_dir: Optional[Path] = None,
                  data_dir: Optional[Path] = None, max_new_tokens: int = 256, temperature: float = 0.0,
-                 theme: Optional[str] = None, start: str = "setup") -> None:
+                 theme: Optional[str] = None, start: str = "setup", config_dir: Optional[Path] = None,
+                 handle_signals: bool = False) -> None:
         super().__init__()
         self.session = Session(loader, results_dir=results_dir, state_dir=state_dir, plans_dir=plans_dir,
                                data_dir=data_dir)
+        # the last settings (setup form, evaluate form, system prompt) come back at launch
+        self.store = SettingsStore(Path(config_dir) / "settings.json" if config_dir else None)
+        self.saved = self.store.load()
+        if isinstance(self.saved.get("setup"), dict):
+            self.session.settings, self.settings_ignored = settings_from_dict(self.saved["setup"])
+        else:
+            self.settings_ignored = []
         if model:
             self.session.settings.model = model
-        self._preset_name = preset
+        restore_preset = self.session.settings.preset if not preset else None
+        self.session.settings.preset = None          # set again when the preset is applied
+        self._preset_name = preset or restore_preset
+        self._restoring_preset = bool(restore_preset)
+        self._handle_signals = handle_signals
+        self.quitting = False
         self._start = start if start in MODES_ORDER else "setup"
         if theme:
             self.theme = theme
@@ -69,15 +98,109 @@ class WinaApp(App):
         for name, scr in zip(MODES_ORDER, (self.setup_screen, self.calibrate_screen, self.chat_screen,
                                            self.evaluate_screen)):
             self.add_mode(name, lambda scr=scr: scr)
+        if isinstance(self.saved.get("evaluate"), dict):
+            self.evaluate_screen.restore(self.saved["evaluate"])
+        chat = self.saved.get("chat")
+        if isinstance(chat, dict) and isinstance(chat.get("system"), str):
+            self.chat_screen.system = chat["system"]
 
     def on_mount(self) -> None:
         self.switch_mode(self._start)
         if self._preset_name:
             self.call_after_refresh(self._apply_preset_name, self._preset_name)
+        if self.settings_ignored:
+            self.notify(f"{self.store.path}: ignored {', '.join(self.settings_ignored)} (not valid)",
+                        severity="warning", timeout=8)
+        if self._handle_signals:
+            import asyncio
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                try:
+                    loop.add_signal_handler(sig, self.shutdown)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+
+    def on_unmount(self) -> None:
+        if self._handle_signals:
+            import asyncio
+            try:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+
+    # --- leaving ----------------------------------------------------------------------------------
+    def running_work(self) -> Optional[str]:
+        """Work that asks before quitting ("calibration", "allocation", "evaluation"), or None."""
+        w = self.calibrate_screen.running_work()
+        if w and w != "loading":
+            return w
+        if self.evaluate_screen.job_running:
+            return "evaluation"
+        return None
+
+    def cancel_all(self) -> None:
+        """Set every worker's cancel token (calibration, allocation, evaluation, both chat replies)."""
+        self.calibrate_screen.cancel_all()
+        self.evaluate_screen.cancel_all()
+        self.chat_screen.cancel_all()
+
+    async def action_quit(self) -> None:
+        """ctrl+q and the palette's quit: at once, or after a question while long work runs (a
+        second ctrl+q answers it)."""
+        work = self.running_work()
+        if work and not isinstance(self.screen, ConfirmScreen):
+            def answered(yes: Optional[bool]) -> None:
+                if yes:
+                    self.shutdown()
+
+            self.push_screen(ConfirmScreen(f"{work} running: quit anyway?", QUIT_NOTES.get(work, "")), answered)
+            return
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Cancel every worker, remember the settings, exit (the process ends in :func:`run_app`)."""
+        if self.quitting:
+            return
+        self.quitting = True
+        self.cancel_all()
+        self.remember()
+        self.exit()
+
+    def remember(self) -> None:
+        """Save the setup form (as shown, if valid), the evaluate form and the system prompt."""
+        settings = self.session.settings
+        try:
+            if self.setup_screen.is_mounted:
+                settings = self.setup_screen.read(show=False)[0] or settings
+        except Exception:
+            pass
+        data = {"setup": {**settings_to_dict(settings), "preset": self.session.settings.preset},
+                "chat": {"system": self.chat_screen.system}}
+        try:
+            ev = self.evaluate_screen.snapshot()
+        except Exception:
+            ev = None
+        if ev:
+            data["evaluate"] = ev
+        err = self.store.save(data)
+        if err and not self.quitting:
+            self.notify(err, severity="warning")
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the workers to let go of the model; False if one still runs."""
+        lock = self.session.lock
+        if lock.acquire(timeout=max(0.0, timeout)):
+            lock.release()
+            return True
+        return False
 
     def _apply_preset_name(self, name: str) -> None:
         from .screens.setup import NO_PRESET
         from textual.widgets import Select
+        if self._restoring_preset:
+            self.setup_screen.fill_form_from_preset = False
         sel = self.setup_screen.query_one("#preset", Select)
         values = [v for _, v in self.setup_screen.presets]
         if name in [n for n, _ in self.setup_screen.presets]:
@@ -114,7 +237,9 @@ class WinaApp(App):
         yield SystemCommand("Evaluate", "Choose tasks and sparsities to compare (F5)",
                             lambda: self.switch_mode("evaluate"))
         yield SystemCommand("Run evaluation", "Run the evaluation form", self._run_eval)
-        yield SystemCommand("Load earlier runs", "Compare runs from the results store", self._load_runs)
+        yield SystemCommand("Load earlier runs", "Browse past evaluations and reopen them", self._load_runs)
+        yield SystemCommand("Saved plans", "Browse calibration plans; open one for chat or evaluation",
+                            self.action_plans)
         yield SystemCommand("Light / dark", "Toggle the light and dark themes (ctrl+t)", self.action_toggle_dark)
         yield SystemCommand("Help", "Screens and keys (F1)", self.action_help)
         yield from super().get_system_commands(screen)
@@ -139,14 +264,16 @@ class WinaApp(App):
     @on(SetupScreen.Submitted)
     async def _submitted(self, message: SetupScreen.Submitted) -> None:
         settings, target = message.settings, message.target
+        self.remember()
         if target == "evaluate":
             if self.session.preset is not None and settings.preset:
                 self.evaluate_screen.apply_preset(self.session.preset)
             await self.switch_mode("evaluate")
             return
         if target == "calibrate" or settings.needs_plan:
+            # Load & chat with greedy allocation or threshold gating: build the plan, then chat
             await self.switch_mode("calibrate")
-            self.calibrate_screen.start(settings)
+            self.calibrate_screen.start(settings, then=None if target == "calibrate" else target)
             return
         if self.session.busy:
             self.notify(f"the model is busy ({self.session.busy})", severity="warning")
@@ -155,23 +282,58 @@ class WinaApp(App):
         self.prepare_model(settings, target)
 
     @work(thread=True, exclusive=True, group="prepare")
-    def prepare_model(self, settings: Settings, target: str) -> None:
+    def prepare_model(self, settings: Settings, target: str, plan_path: Optional[Path] = None) -> None:
         s = self.session
         try:
             with s.using("loading"):
                 s.ensure_loaded(settings.model, settings.options.transform)
-                s.prepare(settings)
+                if plan_path is not None:
+                    from wina.plan import Plan
+                    plan = Plan.load(plan_path)
+                    s.prepare(settings, plan_path=plan_path, plan=plan)
+                    s.plan, s.plan_path = plan, Path(plan_path)
+                else:
+                    s.prepare(settings)
             self.post_message(self.Prepared(True, s.model_summary(), target))
         except Exception as e:
             self.post_message(self.Prepared(False, describe_error(e), target))
+
+    # --- saved plans ------------------------------------------------------------------------------
+    def action_plans(self) -> None:
+        from .screens.plans import PlansScreen
+
+        def chosen(result) -> None:
+            if result:
+                self.open_plan(*result)
+
+        self.push_screen(PlansScreen([self.session.plans_dir]), chosen)
+
+    def open_plan(self, target: str, info: PlanInfo) -> None:
+        """Load the plan's model, apply the plan (its method, transform and allocation; the setup's
+        target sparsity and gating) and open the chat or the evaluate screen."""
+        if self.session.busy:
+            self.notify(f"the model is busy ({self.session.busy})", severity="warning")
+            return
+        base = self.session.settings
+        opts = replace(base.options, method=info.method if info.method in ("teal", "wina") else "wina",
+                       transform=info.transform, weighted=info.weighted)
+        settings = replace(base, model=info.model, options=opts, allocation=info.usable_allocation,
+                           calib_source=info.source or base.calib_source)
+        self.session.settings = settings
+        self.setup_screen.fill(settings)
+        self.setup_screen.set_status(f"⏳ loading {info.model} with the plan {info.path.name}…")
+        self.notify(f"opening the plan {info.path.name} for {target}")
+        self.prepare_model(settings, target, info.path)
 
     @on(Prepared)
     def _prepared(self, message: "WinaApp.Prepared") -> None:
         self.setup_screen.refresh_model_info()
         if not message.ok:
             from rich.text import Text
-            self.setup_screen.set_status(Text("⚠ " + message.message, style="bold red"))
+            self.setup_screen.set_status(Text("⚠ " + message.message, style="bold red"), error=True)
             self.notify(message.message, severity="error", timeout=8)
+            return
+        if self.quitting:
             return
         self.setup_screen.set_status(f"✓ {self.session.applied.describe() if self.session.applied else ''}")
         self.chat_screen.refresh_titles()
@@ -191,6 +353,32 @@ def set_threads(n: Optional[int] = None) -> int:
     return torch.get_num_threads()
 
 
+def run_app(app: WinaApp, *, headless: bool = False, grace: float = 1.0) -> int:
+    """Run ``app`` to its end and return its exit code; then leave quickly. Textual runs thread
+    workers in asyncio's default executor, which ``asyncio.run`` joins at the end and Python joins
+    again at exit: a calibration layer or a model load still in flight kept the process alive (with
+    a blank terminal) for minutes. Here the app runs on a loop of our own; when it ends, every
+    cancel token is set and the workers get ``grace`` seconds to let go of the model; if one
+    still runs (a long torch op between two cancel checks), the process ends without waiting for
+    it — every file the library writes is atomic, so nothing is half-written."""
+    import asyncio
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        app.run(loop=loop, headless=headless)
+    finally:
+        app.cancel_all()
+    code = int(app.return_code or 0)
+    if not app.wait_idle(grace):
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:
+                pass
+        os._exit(code)
+    return code
+
+
 def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_dir=None,
         max_new_tokens: int = 256, temperature: float = 0.0, light: bool = False,
         loader: Optional[Loader] = None, start: str = "setup", threads: Optional[int] = None) -> None:
@@ -199,8 +387,11 @@ def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_di
     set_threads(threads)
     app = WinaApp(loader=loader, model=model, preset=preset,
                   results_dir=Path(results_dir) if results_dir else None, max_new_tokens=max_new_tokens,
-                  temperature=temperature, theme="textual-light" if light else None, start=start)
-    app.run()
+                  temperature=temperature, theme="textual-light" if light else None, start=start,
+                  handle_signals=True)
+    code = run_app(app)
+    if code:
+        sys.exit(code)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -229,6 +229,15 @@ class Session:
             pass
 
 
+JOB_LABELS = {"loading": "loading the model", "calibrate": "calibration", "allocate": "allocation",
+              "evaluate": "evaluation", "chat": "a chat reply"}
+
+
+def job_label(job: Optional[str]) -> str:
+    """What a :attr:`Session.busy` job is, in words (``"calibrate"`` -> ``"calibration"``)."""
+    return JOB_LABELS.get(job or "", job or "")
+
+
 def fmt_pct(x: Optional[float]) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
@@ -298,3 +307,210 @@ class Throttle:
                 items, self.items = self.items, []
                 self.send(items)
             self._last = self._time.perf_counter()
+
+
+# --- what the app remembers between launches ------------------------------------------------------
+
+def user_config_dir() -> Path:
+    """``$XDG_CONFIG_HOME/wina-tui`` (default ``~/.config/wina-tui``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "wina-tui"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (or a
+    crash) never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+SETTINGS_VERSION = 1
+
+
+def settings_to_dict(s: Settings) -> dict:
+    o = s.options
+    return {"model": s.model, "method": o.method, "transform": bool(o.transform), "sparsity": float(o.sparsity),
+            "gating": o.gating, "allocation": s.allocation, "calib_source": s.calib_source,
+            "preset": s.preset}
+
+
+def settings_from_dict(d: dict, base: Optional[Settings] = None) -> tuple[Settings, list[str]]:
+    """Settings from a saved dict; a value of the wrong type or out of range keeps ``base``'s value
+    and is named in the returned list (nothing raises)."""
+    base = base or Settings()
+    o = base.options
+    bad: list[str] = []
+
+    def pick(key, ok, default):
+        if key not in d:
+            return default
+        v = d[key]
+        try:
+            if ok(v):
+                return v
+        except Exception:
+            pass
+        bad.append(key)
+        return default
+
+    model = pick("model", lambda v: isinstance(v, str) and v.strip(), base.model)
+    method = pick("method", lambda v: v in METHOD_NAMES, o.method)
+    transform = pick("transform", lambda v: isinstance(v, bool), o.transform)
+    sparsity = pick("sparsity", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and 0.0 <= float(v) < 1.0, o.sparsity)
+    gating = pick("gating", lambda v: v in GATING_NAMES, o.gating)
+    allocation = pick("allocation", lambda v: v in ALLOCATIONS, base.allocation)
+    source = pick("calib_source", lambda v: isinstance(v, str) and v.strip(), base.calib_source)
+    preset = pick("preset", lambda v: v is None or isinstance(v, str), base.preset)
+    opts = replace(o, method=method, transform=transform, sparsity=float(sparsity), gating=gating)
+    return Settings(model=model, options=opts, allocation=allocation, calib_source=source, preset=preset), bad
+
+
+class SettingsStore:
+    """The last settings (setup form, evaluate form, chat system prompt) as one small JSON file,
+    written atomically; unreadable or odd content is ignored, never an error."""
+
+    def __init__(self, path: Optional[Path] = None) -> None:
+        self.path = Path(path) if path is not None else user_config_dir() / "settings.json"
+
+    def load(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def save(self, data: dict) -> Optional[str]:
+        """Write ``data``; returns an error line instead of raising (a read-only home is no crash)."""
+        try:
+            atomic_write_text(self.path, json.dumps({"version": SETTINGS_VERSION, **data}, indent=1,
+                                                    sort_keys=True))
+        except OSError as e:
+            return f"settings not saved to {self.path}: {e.strerror or e}"
+        return None
+
+
+# --- ETA from the work done in this run ---------------------------------------------------------------
+
+class RunEta:
+    """Seconds left from the rate of the work done since this run started (not counting units a
+    resumed run skipped): ``update(done, total)`` per event; the clock starts at the first event
+    whose ``done`` is at or beyond ``start`` (the units finished before a resume)."""
+
+    def __init__(self, start: int = 0) -> None:
+        import time as _time
+        self._time = _time
+        self.start = start
+        self.t0: Optional[float] = None
+        self.d0 = 0
+
+    def update(self, done: int, total: Optional[int]) -> Optional[float]:
+        now = self._time.perf_counter()
+        if self.t0 is None:
+            if done < self.start:
+                return None
+            self.t0, self.d0 = now, done
+            return None
+        if not total or done <= self.d0:
+            return None
+        rate = (now - self.t0) / (done - self.d0)
+        return max(0.0, rate * (total - done))
+
+
+# --- saved plans ------------------------------------------------------------------------------------
+
+@dataclass
+class PlanInfo:
+    """What the plan browser lists (read from a plan folder's plan.json only; the histograms are
+    loaded when a plan is opened)."""
+    path: Path
+    model: str
+    method: str
+    transform: bool
+    weighted: str
+    source: str
+    calibrated: int
+    n_layers: int
+    allocation: Optional[str]           # "layer" | "global" | None
+    allocated: int
+    max_sparsity: Optional[float]
+    date: str
+
+    @property
+    def complete(self) -> bool:
+        return self.calibrated == self.n_layers
+
+    @property
+    def usable_allocation(self) -> str:
+        """The allocation the plan can serve now: its greedy mode when that finished, else uniform."""
+        if self.allocation in ("layer", "global") and self.allocated == self.n_layers:
+            return self.allocation
+        return "uniform"
+
+    def describe_state(self) -> str:
+        if not self.complete:
+            return f"partial: {self.calibrated}/{self.n_layers} layers"
+        if self.allocation and self.allocated < self.n_layers:
+            return f"allocation {self.allocated}/{self.n_layers}"
+        return "ready"
+
+
+def read_plan_info(folder: Path) -> Optional[PlanInfo]:
+    try:
+        meta = json.loads((Path(folder) / "plan.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict) or "n_layers" not in meta:
+            return None
+        status = meta.get("status") or {}
+        alloc = meta.get("allocation") or {}
+        cal = meta.get("calibration") or {}
+        src = str(cal.get("source") or "")
+        if "/" in src:
+            src = Path(src).name
+        date = str(status.get("calibrated_at") or meta.get("saved_at") or meta.get("created") or "")
+        return PlanInfo(path=Path(folder), model=str(meta.get("model_id") or meta.get("architecture") or "?"),
+                        method=str(meta.get("method", "?")), transform=bool(meta.get("transform")),
+                        weighted=str(meta.get("weighted") or "default"), source=src,
+                        calibrated=int(status.get("calibrated_layers", 0)), n_layers=int(meta["n_layers"]),
+                        allocation=alloc.get("mode") if isinstance(alloc, dict) else None,
+                        allocated=int(status.get("allocated_layers", 0)),
+                        max_sparsity=(float(alloc["max_sparsity"]) if isinstance(alloc, dict)
+                                      and isinstance(alloc.get("max_sparsity"), (int, float)) else None),
+                        date=date[:16].replace("T", " "))
+    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError, AttributeError):
+        return None
+
+
+def plan_folders(*roots: Path) -> list[Path]:
+    """Plan folders (holding a plan.json) directly under each root, plus ``runs/*/plans/*`` under the
+    current directory (the plans ``wina run`` writes); newest first."""
+    seen: dict[Path, float] = {}
+    globs = [(Path(r), "*/plan.json") for r in roots if r is not None]
+    globs.append((Path.cwd(), "runs/*/plans/*/plan.json"))
+    for root, pattern in globs:
+        try:
+            for pj in root.glob(pattern):
+                d = pj.parent.resolve()
+                if d not in seen:
+                    with contextlib.suppress(OSError):
+                        seen[d] = pj.stat().st_mtime
+        except OSError:
+            continue
+    return sorted(seen, key=lambda d: -seen[d])
+
+
+def result_folders(results_dir: Path) -> list[Path]:
+    """The results store and ``runs/*/runs`` under the current directory (``wina run``'s results)."""
+    out = [Path(results_dir)]
+    with contextlib.suppress(OSError):
+        out += sorted(p for p in Path.cwd().glob("runs/*/runs") if p.is_dir())
+    return out

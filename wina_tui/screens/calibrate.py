@@ -1,13 +1,17 @@
-"""Calibrate & allocate: progress per stage and per layer with ETA, a log, the live greedy trajectory
-and, when done, the allocation per layer and matrix.
+"""Calibrate & allocate: progress per stage and per layer with an ETA from this run's own pace, a
+log, and three live views: the score histogram of each matrix as its layer is calibrated (the
+threshold of the target marked), the greedy trajectory of the layer being allocated, and the
+allocation heat map filling in layer by layer.
 
 Calibration writes its plan directory as layers finish (atomic files, see :mod:`wina.plan`), so a
-cancelled run leaves only whole layers behind and starting again resumes at the first missing one.
+cancelled run leaves only whole layers behind and starting again resumes at the first missing one
+(the log and the progress rows say where).
 """
 from __future__ import annotations
 
+import json
+import threading
 import time
-from dataclasses import replace
 from typing import Optional
 
 from rich.text import Text
@@ -22,9 +26,11 @@ from textual.worker import Worker, WorkerState
 
 from wina.api import Cancelled, CancelToken
 
-from ..state import ALLOCATIONS, Settings, Throttle, describe_error, event_dict, fmt_pct
+from ..state import (ALLOCATIONS, RunEta, Settings, Throttle, describe_error, event_dict, fmt_pct,
+                     read_plan_info)
 from ..widgets.allocation_heatmap import AllocationHeatmap
 from ..widgets.progress_panel import ProgressPanel
+from ..widgets.score_histogram import ScoreHistogram, read_layer_scores
 from ..widgets.trajectory_chart import TrajectoryChart
 from .messages import WorkerFinished
 
@@ -38,7 +44,26 @@ class CalibrateScreen(Screen):
         Binding("ctrl+o", "open_chat", "Chat", priority=True),
         Binding("left_square_bracket", "layer(-1)", "Layers [ ]"),
         Binding("right_square_bracket", "layer(1)", "Next layer", show=False),
+        Binding("m", "next_matrix", "Matrix"),
     ]
+
+    class Scores(Message):
+        """The score histograms of one finished layer (read from the plan folder by the worker)."""
+
+        def __init__(self, layer: int, n_layers: int, mats: dict) -> None:
+            super().__init__()
+            self.layer = layer
+            self.n_layers = n_layers
+            self.mats = mats
+
+    class AllocRow(Message):
+        """One allocated layer's per-matrix sparsities at the target (within-layer greedy)."""
+
+        def __init__(self, layer: int, n_layers: int, row: dict) -> None:
+            super().__init__()
+            self.layer = layer
+            self.n_layers = n_layers
+            self.row = row
 
     class Progressed(Message):
         """One event (a dict) or a batch of them (a list), in order."""
@@ -58,7 +83,13 @@ class CalibrateScreen(Screen):
         self.events: list[dict] = []          # every event the worker posted (tests read it)
         self.settings: Optional[Settings] = None
         self.state = "idle"                   # idle | running | done | cancelled | failed
+        self.phase: Optional[str] = None      # loading | calibration | allocation, while running
+        self.then: Optional[str] = None       # the screen to open when done ("chat" for Load & chat)
+        self.thread: Optional[threading.Thread] = None
+        self.resume: dict[str, int] = {}      # stage -> layers finished before this run
+        self._etas: dict[str, RunEta] = {}
         self._dirty_chart = False
+        self._dirty_hist = False
         self._layer_view: Optional[int] = None
         self._last_log: dict[str, float] = {}
 
@@ -70,6 +101,8 @@ class CalibrateScreen(Screen):
                 yield ProgressPanel(STAGES, id="cal-progress")
                 yield RichLog(id="cal-log", wrap=True, markup=False, max_lines=500, min_width=20)
             with TabbedContent(id="cal-tabs"):
+                with TabPane("Scores", id="tab-scores"):
+                    yield ScoreHistogram(id="scores")
                 with TabPane("Trajectory", id="tab-trajectory"):
                     yield TrajectoryChart(id="trajectory")
                 with TabPane("Allocation", id="tab-allocation"):
@@ -91,31 +124,53 @@ class CalibrateScreen(Screen):
         what = Text.assemble((s.model, "bold"), " · ", (o.method.upper(), "bold"),
                              (" · transform" if o.transform else ""), (f" · target {o.sparsity:.0%}", ""),
                              ("\ncalibration ", "dim"), s.calib_source, (" · allocation ", "dim"),
-                             ALLOCATIONS[s.allocation], ("\nstate ", "dim"), (self.state, "bold"))
+                             ALLOCATIONS[s.allocation], ("\nstate ", "dim"),
+                             (self.state + (f": {self.phase}" if self.state == "running" and self.phase else ""),
+                              "bold"))
         self.query_one("#cal-what", Static).update(what)
 
     def log_line(self, text: str, style: str = "") -> None:
         self.query_one("#cal-log", RichLog).write(Text(text, style=style))
 
     # --- actions -----------------------------------------------------------------------------------
-    def start(self, settings: Optional[Settings] = None) -> bool:
+    @property
+    def job_running(self) -> bool:
+        return self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
+
+    def running_work(self) -> Optional[str]:
+        """What runs now, in words ("calibration", "allocation", "loading the model"), or None."""
+        if self.state != "running" or not self.job_running:
+            return None
+        return self.phase or "calibration"
+
+    def cancel_all(self) -> None:
+        if self.cancel is not None:
+            self.cancel.cancel()
+
+    def start(self, settings: Optional[Settings] = None, then: Optional[str] = None) -> bool:
         settings = settings or self.session.settings
         if settings.options.method == "dense":
             self.notify("dense needs no calibration: choose TEAL or WINA in setup", severity="warning")
             return False
-        if self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
+        if self.job_running:
             self.notify("calibration is already running (esc cancels)", severity="warning")
             return False
         if self.session.busy:
             self.notify(f"the model is busy ({self.session.busy})", severity="warning")
             return False
         self.settings = settings
+        self.then = then
         self.cancel = CancelToken()
         self.state = "running"
+        self.phase = "loading"
         self.events.clear()
+        self.resume.clear()
+        self._etas.clear()
         panel = self.query_one(ProgressPanel)
         panel.clear_rows(keep=tuple(k for k, _ in STAGES))
         self.query_one(TrajectoryChart).reset()
+        self.query_one(ScoreHistogram).reset(target=settings.options.sparsity)
+        self.query_one(AllocationHeatmap).reset()
         self._layer_view = None
         self._describe()
         self.log_line(f"start: {settings.describe()} · calibration on {settings.calib_source}", "bold")
@@ -123,11 +178,12 @@ class CalibrateScreen(Screen):
         return True
 
     def action_start(self) -> None:
-        self.start(self.settings)
+        self.start(self.settings, then=None)
 
     def action_cancel(self) -> None:
         if self.cancel is not None and self.state == "running" and not self.cancel.cancelled:
             self.cancel.cancel()
+            self.then = None
             self.log_line("cancelling after the current unit of work…", "yellow")
 
     def action_open_chat(self) -> None:
@@ -137,6 +193,11 @@ class CalibrateScreen(Screen):
         self.app.switch_mode("chat")
 
     def action_layer(self, step: int) -> None:
+        """``[`` / ``]``: the previous / next layer of the tab shown (scores or trajectory)."""
+        tabs = self.query_one(TabbedContent)
+        if tabs.active == "tab-scores":
+            self.query_one(ScoreHistogram).step_layer(step)
+            return
         plan = self.session.plan
         if plan is None or not any(plan.trajectories):
             return
@@ -144,6 +205,10 @@ class CalibrateScreen(Screen):
         cur = self._layer_view if self._layer_view is not None else n - 1
         self._layer_view = (cur + step) % n
         self._show_plan_trajectory(self._layer_view)
+
+    def action_next_matrix(self) -> None:
+        self.query_one(ScoreHistogram).next_matrix()
+        self.query_one(TabbedContent).active = "tab-scores"
 
     def _show_plan_trajectory(self, layer: int) -> None:
         plan = self.session.plan
@@ -161,6 +226,9 @@ class CalibrateScreen(Screen):
         from wina.calibrate import calibrate
         from wina.transform import is_transformed, transform
         s = self.session
+        self.thread = threading.current_thread()
+        target = settings.options.sparsity
+        live = {"plan": None, "out": None, "meta": None, "scores": 0, "rows": 0}
 
         def post(msg) -> None:
             if not isinstance(msg, self.Progressed) or isinstance(msg.evs, dict):
@@ -169,8 +237,42 @@ class CalibrateScreen(Screen):
 
         batch = Throttle(lambda evs: post(self.Progressed(evs)), 0.05)
 
+        def post_scores(upto: int, n_layers: int) -> None:
+            """Histograms of the layers finished since the last call (read back from the plan folder)."""
+            out = live["out"]
+            for j in range(live["scores"], upto):
+                try:
+                    if live["meta"] is None:
+                        live["meta"] = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+                    mats = read_layer_scores(out, j, live["meta"])
+                except Exception:          # a view only: never let it stop calibration
+                    continue
+                batch.flush()
+                self.post_message(self.Scores(j, n_layers, mats))
+            live["scores"] = max(live["scores"], upto)
+
+        def post_rows(upto: int, n_layers: int) -> None:
+            """Each newly allocated layer's sparsities at the target (its trajectory row nearest it)."""
+            plan = live["plan"]
+            for j in range(live["rows"], upto):
+                rows = plan.trajectories[j] if plan is not None else []
+                if not rows:
+                    continue
+                r = min(range(len(rows)), key=lambda k: (abs(rows[k].effective - target), k))
+                batch.flush()
+                self.post_message(self.AllocRow(j, n_layers, dict(rows[r].sparsities)))
+            live["rows"] = max(live["rows"], upto)
+
         def on_event(ev) -> None:
             batch.push(event_dict(ev))
+            if ev.layer is None and not (ev.total and ev.done >= ev.total):
+                return
+            n = ev.n_layers or ev.total
+            upto = ev.layer if not (ev.total and ev.done >= ev.total) else n
+            if ev.stage == "calibrate" and live["out"] is not None:
+                post_scores(upto, n)
+            elif ev.stage == "allocate":
+                post_rows(min(upto, n), n)
 
         try:
             with s.using("calibrate"):
@@ -186,18 +288,30 @@ class CalibrateScreen(Screen):
                                       "finished": True, "elapsed": time.perf_counter() - t0}))
                 cancel.check()
                 out = s.plan_dir_for(settings)
+                live["out"] = out
+                info = read_plan_info(out)
+                if info is not None:
+                    post(self.Progressed({"stage": "resume", "what": "calibrate", "from": info.calibrated,
+                                          "total": info.n_layers, "path": str(out)}))
+                post(self.Progressed({"stage": "phase", "phase": "calibration"}))
                 plan = calibrate(model, tok, method=settings.options.method, source=settings.calib_source,
                                  out=out, weighted=settings.options.weighted, model_id=settings.model,
                                  on_event=on_event, cancel=cancel, **s.calibrate_options)
+                post_scores(plan.n_layers, plan.n_layers)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
                                       "finished": True, "message": f"plan saved: {out.name}"}))
                 if settings.allocation != "uniform":
                     from wina.allocate import allocate
-                    alloc_kw = {}
-                    if s.allocate_options:
-                        alloc_kw.update(s.allocate_options)
+                    alloc_kw = dict(s.allocate_options or {})
+                    if plan.n_allocated:
+                        post(self.Progressed({"stage": "resume", "what": "allocate", "from": plan.n_allocated,
+                                              "total": plan.n_layers, "path": str(out)}))
+                    s.job = "allocate"
+                    post(self.Progressed({"stage": "phase", "phase": "allocation"}))
+                    live["plan"] = plan
                     plan = allocate(model, tok, plan, mode=settings.allocation, on_event=on_event,
                                     cancel=cancel, **alloc_kw)
+                    post_rows(plan.n_layers, plan.n_layers)
                     post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
                                           "message": f"{ALLOCATIONS[settings.allocation]} allocation saved in the plan"}))
                 s.plan = plan
@@ -216,22 +330,70 @@ class CalibrateScreen(Screen):
         for i, ev in enumerate(evs):
             self._one_event(ev, last=i == len(evs) - 1)
 
+    @on(Scores)
+    def _scores(self, message: "CalibrateScreen.Scores") -> None:
+        hist = self.query_one(ScoreHistogram)
+        hist.set_layer(message.layer, message.n_layers, message.mats, redraw=False)
+        self._dirty_hist = True
+
+    @on(AllocRow)
+    def _alloc_row(self, message: "CalibrateScreen.AllocRow") -> None:
+        target = self.settings.options.sparsity if self.settings else None
+        self.query_one(AllocationHeatmap).set_layer(message.layer, message.row, n_layers=message.n_layers,
+                                                    target=target)
+
+    def _eta(self, stage: str, done: int, total: Optional[int]) -> Optional[float]:
+        """Seconds left from this run's pace (layers a resumed run skipped do not count)."""
+        eta = self._etas.get(stage)
+        if eta is None:
+            eta = self._etas[stage] = RunEta(start=self.resume.get(stage, 0) if stage == "calibrate" else 0)
+        return eta.update(done, total)
+
+    def _resumed(self, ev: dict) -> None:
+        what, done, n = ev["what"], int(ev.get("from") or 0), int(ev.get("total") or 0)
+        self.resume[what] = done
+        name = "calibration" if what == "calibrate" else "allocation"
+        if done >= n > 0:
+            text = f"{name}: all {n} layers are in the plan already; reused"
+        elif done > 0:
+            text = f"{name} resumes at layer {done + 1}/{n}: layers 1–{done} are in the plan"
+        else:
+            return
+        self.log_line(text, "cyan")
+        panel = self.query_one(ProgressPanel)
+        panel.update_stage(what, done, n, message=f"resumes at layer {done + 1}" if done < n else "reused")
+
     def _one_event(self, ev: dict, last: bool = True) -> None:
         self.events.append(ev)
         panel = self.query_one(ProgressPanel)
         stage = ev.get("stage")
         metrics = ev.get("metrics") or {}
+        if stage == "resume":
+            self._resumed(ev)
+            return
+        if stage == "phase":
+            self.phase = ev["phase"]
+            self._describe()
+            self.query_one(TabbedContent).active = ("tab-scores" if self.phase == "calibration"
+                                                    else "tab-trajectory")
+            return
         if stage == "load":
             panel.update_stage("load", ev["done"], ev["total"], message=ev.get("message", ""),
                                finished=ev.get("finished", False))
             if ev.get("finished"):
                 self.log_line(f"model: {ev.get('message')}")
             return
+        resumed = self.resume.get(stage, 0)
         if stage == "calibrate":
-            msg = ev.get("message", "").replace("sampling calibration text: ", "sampling ")
-            panel.update_stage("calibrate", ev["done"], ev["total"], eta=ev.get("eta_s"),
-                               message=msg.replace(" samples, ", " · "), finished=ev.get("finished", False))
             layer = ev.get("layer")
+            eta = self._eta("calibrate", ev["done"], ev["total"]) if layer is not None else None
+            msg = ev.get("message", "").replace("sampling calibration text: ", "sampling ")
+            if layer is not None and resumed and layer < resumed:
+                msg = f"resuming: layer {layer + 1} (done before) · dense pass"
+            elif resumed and layer is not None:
+                msg += f" · resumed at {resumed + 1}"
+            panel.update_stage("calibrate", ev["done"], ev["total"], eta=eta,
+                               message=msg.replace(" samples, ", " · "), finished=ev.get("finished", False))
             if layer is not None:
                 n = ev.get("n_layers") or ev["total"]
                 panel.update_stage("layer", 0 if ev["done"] == layer else 1, 1, count=False,
@@ -243,13 +405,14 @@ class CalibrateScreen(Screen):
         if stage == "allocate":
             layer = ev.get("layer")
             n = ev.get("n_layers")
-            panel.update_stage("allocate", ev["done"], ev["total"], eta=ev.get("eta_s"),
-                               message=ev.get("message", "") or (f"layer {layer + 1}/{n}" if layer is not None and n else ""),
+            eta = None if ev.get("finished") else self._eta("allocate", ev["done"], ev["total"])
+            msg = ev.get("message", "") or (f"layer {layer + 1}/{n}" if layer is not None and n else "")
+            if resumed and not ev.get("finished"):
+                msg += f" · resumed at {resumed + 1}"
+            panel.update_stage("allocate", ev["done"], ev["total"], eta=eta, message=msg,
                                finished=ev.get("finished", False))
             if "sparsity" in metrics and "error" in metrics:
                 chart = self.query_one(TrajectoryChart)
-                if chart.current_layer != layer and chart.points.get(chart.current_layer):
-                    self._dirty_chart = True
                 chart.add_point(layer, metrics["sparsity"], metrics["error"], str(metrics.get("matrix") or ""),
                                 n_layers=n, redraw=False)
                 self._dirty_chart = True
@@ -272,11 +435,15 @@ class CalibrateScreen(Screen):
         if self._dirty_chart:
             self._dirty_chart = False
             self.query_one(TrajectoryChart).replot()
+        if self._dirty_hist:
+            self._dirty_hist = False
+            self.query_one(ScoreHistogram).replot()
 
     @on(Finished)
     def _finished(self, message: "CalibrateScreen.Finished") -> None:
         self._flush_chart()
         self._last_log.clear()
+        self.phase = None
         panel = self.query_one(ProgressPanel)
         if message.ok:
             self.state = "done"
@@ -286,9 +453,17 @@ class CalibrateScreen(Screen):
             self.show_allocation()
             sp = self.session.sparsifier
             extra = f" · nominal {fmt_pct(sp.nominal_sparsity())}" if sp is not None else ""
-            self.log_line(f"done: the model is sparsified with the plan{extra}. ctrl+o opens the chat.", "bold green")
-            self.notify("calibration done: ctrl+o to chat with the sparse model")
+            then, self.then = self.then, None
+            if then == "chat":
+                self.log_line(f"done: the model is sparsified with the plan{extra}; opening the chat.", "bold green")
+                self.notify("plan ready: chatting with the sparse model")
+                self.app.switch_mode("chat")
+            else:
+                self.log_line(f"done: the model is sparsified with the plan{extra}. ctrl+o opens the chat.",
+                              "bold green")
+                self.notify("calibration done: ctrl+o to chat with the sparse model")
         else:
+            self.then = None
             self.state = "cancelled" if message.cancelled else "failed"
             for key in ("calibrate", "allocate"):
                 row = panel.rows.get(key)
@@ -310,7 +485,8 @@ class CalibrateScreen(Screen):
         except Exception as e:
             self.log_line(f"allocation: {describe_error(e)}", "red")
             return
-        self.query_one(AllocationHeatmap).show_allocation(alloc, target=settings.options.sparsity)
+        note = {"uniform": "uniform", "layer": "greedy within-layer", "global": "greedy cross-layer"}[mode]
+        self.query_one(AllocationHeatmap).show_allocation(alloc, target=settings.options.sparsity, note=note)
         try:
             eff = plan.effective_at(settings.options.sparsity, mode)
             self.log_line(f"allocation at target {settings.options.sparsity:.0%} ({mode}): effective {eff:.1%}")

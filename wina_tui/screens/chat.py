@@ -2,11 +2,19 @@
 
 The model is not thread-safe and there is one copy of the weights: one worker runs the dense reply
 (``sparsifier.paused()``) and then the sparse one, each streaming into its pane through messages.
+Each pane has its own cancel token: ``esc`` stops the reply that is streaming, not the other one.
+
+Lines that start with ``/`` are commands, never sent to the models: ``/reset``, ``/system TEXT``,
+``/save FILE`` (``.md``: Markdown, else JSON), ``/help``; ``//text`` sends ``/text``.
 """
 from __future__ import annotations
 
 import contextlib
-import math
+import datetime as _dt
+import json
+import threading
+import time
+from pathlib import Path
 from typing import Optional
 
 from textual import on, work
@@ -20,10 +28,45 @@ from textual.worker import Worker, WorkerState
 from wina.api import CancelToken, chat_input_ids
 from wina.generate import generation_backend, stream_reply, warm_up
 
-from ..state import Throttle, describe_error
-from ..widgets.chat_pane import ChatPane, ReplyStats
+from ..state import Throttle, atomic_write_text, describe_error, job_label
+from ..widgets.chat_pane import ChatPane, ReplyStats, format_ttft
 
 NO_MODEL = "No model loaded yet: press F2 for setup, then Load & chat (ctrl+g)."
+COMMANDS = ("/reset (or ctrl+n): a new conversation · /system TEXT: the system prompt (no text: none) · "
+            "/save FILE: the conversation as JSON, or Markdown for .md · //text sends /text")
+
+
+def reply_timings(gen, t_start: float, t_first: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+    """(time to first token, decode tokens/s) of a reply: the library's own figures where its
+    Generation carries them, else from when the first text arrived through the streaming callback
+    (prefill + the first decode step) and the tokens after it."""
+    ttft = next((getattr(gen, n) for n in ("ttft_s", "ttft", "time_to_first_token") if
+                 isinstance(getattr(gen, n, None), (int, float))), None)
+    tps = next((getattr(gen, n) for n in ("decode_tokens_per_s", "decode_tps") if
+                isinstance(getattr(gen, n, None), (int, float))), None)
+    if ttft is None and t_first is not None:
+        ttft = max(0.0, t_first - t_start)
+    if tps is None and ttft is not None and gen.tokens > 1 and gen.seconds - ttft > 0:
+        tps = (gen.tokens - 1) / (gen.seconds - ttft)
+    return ttft, tps
+
+
+def conversation_markdown(doc: dict) -> str:
+    lines = [f"# Chat · {doc['model']}", "", f"Saved {doc['saved']} · {doc['setup']}", ""]
+    if doc.get("system"):
+        lines += [f"**System:** {doc['system']}", ""]
+    for pane in doc["panes"]:
+        lines += [f"## {pane['title']}", ""]
+        stats = iter(pane["replies"])
+        for m in pane["messages"]:
+            if m["role"] == "user":
+                lines += [f"**User:** {m['content']}", ""]
+            elif m["role"] == "assistant":
+                lines += [m["content"], ""]
+                st = next(stats, None)
+                if st:
+                    lines += [f"*{ChatPane.format_reply(ReplyStats(**{k: st[k] for k in ReplyStats.__dataclass_fields__}))}*", ""]
+    return "\n".join(lines)
 
 
 class ChatScreen(Screen):
@@ -38,11 +81,19 @@ class ChatScreen(Screen):
         self.session = session
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.cancel: Optional[CancelToken] = None
+        self.cancels: dict[str, CancelToken] = {}   # per pane id, for the reply in flight
+        self.generating: Optional[str] = None      # the pane id whose reply streams now
         self.sparse_only = False
         self.turns = 0
+        self.system = ""
         self.worker: Optional[Worker] = None
+        self.thread: Optional[threading.Thread] = None
         self.backend = ""
+
+    @property
+    def cancel(self) -> Optional[CancelToken]:
+        """The token of the reply streaming now (None when idle)."""
+        return self.cancels.get(self.generating or "")
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -50,7 +101,7 @@ class ChatScreen(Screen):
             yield ChatPane("dense", placeholder=NO_MODEL, id="dense")
             yield ChatPane("sparse", placeholder=NO_MODEL, id="sparse")
         with Horizontal(id="prompt-row"):
-            yield Input(placeholder="Ask both models…  (enter sends · esc stops · ctrl+n new chat)",
+            yield Input(placeholder="Ask both models…  (enter sends · esc stops · /help commands)",
                         id="prompt")
         yield Static("", id="chat-status")
         yield Footer(compact=True)
@@ -59,10 +110,21 @@ class ChatScreen(Screen):
         self.sub_title = "chat"
         self.refresh_titles()
         self.query_one("#prompt", Input).focus()
+        self.set_interval(1.0, self._refresh_if_waiting)
 
     def on_screen_resume(self) -> None:
         self.refresh_titles()
         self.query_one("#prompt", Input).focus()
+
+    @property
+    def is_generating(self) -> bool:
+        return self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
+
+    def _refresh_if_waiting(self) -> None:
+        """While another job holds the model, keep the placeholder and status saying so."""
+        if self.app.screen is self and not self.is_generating and (self.session.busy or
+                                                                   self.session.loaded is None):
+            self.refresh_titles()
 
     # --- titles --------------------------------------------------------------------------------------
     def refresh_titles(self) -> None:
@@ -70,12 +132,20 @@ class ChatScreen(Screen):
             return
         dense, sparse = self.query_one("#dense", ChatPane), self.query_one("#sparse", ChatPane)
         s = self.session
+        busy = s.busy if not self.is_generating else None
         if s.loaded is None or s.applied is None:
             dense.set_title("dense")
             sparse.set_title("sparse")
-            dense.set_placeholder(NO_MODEL)
-            sparse.set_placeholder(NO_MODEL)
-            self.set_status("no model")
+            if busy:
+                wait = (f"{job_label(busy).capitalize()} is running (F3 shows it); the chat opens "
+                        "with its model when it is done.")
+                dense.set_placeholder(wait)
+                sparse.set_placeholder(wait)
+                self.set_status(f"⏳ {job_label(busy)} running · the chat waits for it")
+            else:
+                dense.set_placeholder(NO_MODEL)
+                sparse.set_placeholder(NO_MODEL)
+                self.set_status("no model")
             return
         model = s.loaded.model_id
         tr = " + transform" if s.applied.options.transform else ""
@@ -89,14 +159,29 @@ class ChatScreen(Screen):
             sparse.set_placeholder("The sparse model's replies stream here.")
         dense.set_placeholder("The dense model's replies stream here. One copy of the weights: the "
                               "sparse gates are paused for this pane.")
+        if self.is_generating:
+            return
+        if busy:
+            self.set_status(f"⏳ {job_label(busy)} running: the chat waits for it")
+            return
         mode = "greedy" if self.temperature <= 0 else f"T={self.temperature:g}"
         template = "chat template" if getattr(s.loaded.tokenizer, "chat_template", None) else "plain prompt"
         backend = f" · {self.backend}" if self.backend else ""
-        self.set_status(f"{mode} · max {self.max_new_tokens} new tokens · {template}{backend}"
+        system = " · system prompt set" if self.system else ""
+        self.set_status(f"{mode} · max {self.max_new_tokens} new tokens · {template}{backend}{system}"
                         + (" · sparse only" if self.sparse_only else ""))
 
     def set_status(self, text: str) -> None:
         self.query_one("#chat-status", Static).update(text)
+
+    def _set_generating(self, pane_id: Optional[str]) -> None:
+        """UI thread: which pane streams now (the busy line says it)."""
+        self.generating = pane_id
+        if pane_id is None:
+            self.refresh_titles()
+            return
+        rest = " · the sparse reply follows" if pane_id == "dense" and "sparse" in self.cancels else ""
+        self.set_status(f"⏳ {pane_id} reply streaming (esc stops it){rest}")
 
     # --- actions -------------------------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
@@ -104,38 +189,114 @@ class ChatScreen(Screen):
         prompt = event.value.strip()
         if not prompt:
             return
+        if prompt.startswith("/") and not prompt.startswith("//"):
+            if self.command(prompt):
+                event.input.value = ""
+            return
+        if prompt.startswith("//"):
+            prompt = prompt[1:]
         if self.send(prompt):
             event.input.value = ""
 
+    def command(self, line: str) -> bool:
+        """Run a ``/`` command; True when the input line may be cleared."""
+        name, _, arg = line.partition(" ")
+        name, arg = name.lower(), arg.strip()
+        if name in ("/reset", "/new", "/clear"):
+            return self.action_new_chat()
+        if name == "/system":
+            if self.is_generating:
+                self.notify("wait for the reply (or esc) before changing the system prompt", severity="warning")
+                return False
+            self.system = arg
+            for pane in self.query(ChatPane):
+                pane.note(f"system prompt: {arg}" if arg else "system prompt: none")
+            self.notify("system prompt set for the next messages" if arg else "system prompt cleared")
+            self.refresh_titles()
+            return True
+        if name == "/save":
+            if not arg:
+                self.notify("/save needs a file name: chat.json, or chat.md for Markdown", severity="warning")
+                return False
+            return self.save(arg)
+        if name in ("/help", "/?"):
+            self.notify(COMMANDS, timeout=10)
+            return True
+        self.notify(f"unknown command {name}: {COMMANDS}", severity="warning", timeout=10)
+        return False
+
+    def conversation(self) -> dict:
+        s = self.session
+        panes = []
+        for pane in self.query(ChatPane):
+            panes.append({"pane": pane.id, "title": pane.title, "messages": list(pane.history),
+                          "replies": list(pane.reply_stats)})
+        return {"saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "model": s.loaded.model_id if s.loaded else s.settings.model,
+                "setup": s.applied.describe() if s.applied else s.settings.describe(),
+                "system": self.system, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "panes": panes}
+
+    def save(self, name: str) -> bool:
+        path = Path(name).expanduser()
+        doc = self.conversation()
+        md = path.suffix.lower() in (".md", ".markdown")
+        try:
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder")
+            atomic_write_text(path, conversation_markdown(doc) if md else json.dumps(doc, indent=1,
+                                                                                     ensure_ascii=False))
+        except OSError as e:
+            self.notify(f"not saved: {describe_error(e)}", severity="error", timeout=8)
+            return False
+        n = sum(len(p["replies"]) for p in doc["panes"])
+        self.notify(f"saved the conversation ({n} replies) to {path}")
+        return True
+
     def send(self, prompt: str) -> bool:
         s = self.session
+        if s.busy and not self.is_generating:
+            self.notify(f"{job_label(s.busy)} running: the chat waits for it", severity="warning")
+            return False
         if s.loaded is None or s.applied is None:
             self.notify(NO_MODEL, severity="warning")
             return False
-        if self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
+        if self.is_generating:
             self.notify("still generating: press esc to stop", severity="warning")
             return False
-        if s.busy:
-            self.notify(f"the model is busy ({s.busy})", severity="warning")
-            return False
-        self.cancel = CancelToken()
+        sp = s.sparsifier
+        panes = []
+        if not (self.sparse_only and sp is not None):
+            panes.append("dense")
+        if sp is not None:
+            panes.append("sparse")
+        self.cancels = {p: CancelToken() for p in panes}
         self.turns += 1
-        self.worker = self.generate(prompt, self.cancel)
+        self.worker = self.generate(prompt, dict(self.cancels), self.system)
         return True
 
     def action_stop(self) -> None:
-        if self.cancel is not None and not self.cancel.cancelled:
-            self.cancel.cancel()
-            self.set_status("stopping…")
+        """Stop the reply that is streaming; the other pane's reply (if it follows) still runs."""
+        tok = self.cancel
+        if tok is not None and not tok.cancelled:
+            tok.cancel()
+            self.set_status(f"stopping the {self.generating} reply…")
 
-    def action_new_chat(self) -> None:
-        if self.worker is not None and self.worker.state == WorkerState.RUNNING:
+    def cancel_all(self) -> None:
+        for tok in self.cancels.values():
+            tok.cancel()
+
+    def action_new_chat(self) -> bool:
+        if self.is_generating:
             self.notify("stop the current reply first (esc)", severity="warning")
-            return
+            return False
         for pane in self.query(ChatPane):
             pane.clear()
+            if self.system:
+                pane.note(f"system prompt: {self.system}")
         self.turns = 0
         self.refresh_titles()
+        return True
 
     def action_toggle_sparse_only(self) -> None:
         self.sparse_only = not self.sparse_only
@@ -143,29 +304,30 @@ class ChatScreen(Screen):
 
     # --- the worker ------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="chat")
-    def generate(self, prompt: str, cancel: CancelToken) -> None:
+    def generate(self, prompt: str, cancels: dict[str, CancelToken], system: str) -> None:
         s = self.session
-        dense, sparse = self.query_one("#dense", ChatPane), self.query_one("#sparse", ChatPane)
-        sp = s.sparsifier
-        runs = []
-        if not (self.sparse_only and sp is not None):
-            runs.append((dense, True))
-        if sp is not None:
-            runs.append((sparse, False))
+        self.thread = threading.current_thread()
+        panes = {pid: self.query_one(f"#{pid}", ChatPane) for pid in cancels}
+        history = {pid: list(p.history) for pid, p in panes.items()}   # read before any reply changes it
+        started: set[str] = set()
         try:
             with s.using("chat"):
-                self._warm_up(s, runs)
-                for pane, is_dense in runs:
-                    self._one_reply(pane, prompt, is_dense, cancel)
+                self._warm_up(s, list(cancels))
+                for pid, cancel in cancels.items():
+                    started.add(pid)
+                    self.app.call_from_thread(self._set_generating, pid)
+                    self._one_reply(panes[pid], history[pid], prompt, system, pid == "dense", cancel)
         except Exception as e:  # Busy, WinaError, or a model failure: show it, never crash
-            self.app.call_from_thread(self.notify, describe_error(e), severity="error")
-            for pane, _ in runs:
-                if pane.streaming:
-                    pane.post_message(ChatPane.Done(None, error=describe_error(e)))
+            msg = describe_error(e)
+            with contextlib.suppress(Exception):
+                self.app.call_from_thread(self.notify, msg, severity="error")
+            for pid in started:
+                panes[pid].post_message(ChatPane.Done(None, error=msg, prompt=prompt))
         finally:
-            self.app.call_from_thread(self.refresh_titles)
+            with contextlib.suppress(Exception):
+                self.app.call_from_thread(self._set_generating, None)
 
-    def _warm_up(self, s, runs) -> None:
+    def _warm_up(self, s, pane_ids) -> None:
         """On the GPU engine path, compile and capture the decode step(s) the replies will use
         before the first one streams (seconds, once per model), saying so in the status line."""
         model, sp = s.loaded.model, s.sparsifier
@@ -174,7 +336,7 @@ class ChatScreen(Screen):
         self.app.call_from_thread(self.set_status, "preparing the decode engine (the first use compiles "
                                                    "its kernels)…")
         try:
-            for is_dense in {d for _, d in runs}:
+            for is_dense in {pid == "dense" for pid in pane_ids}:
                 with (sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()):
                     warm_up(model, sampled=self.temperature > 0)
         finally:
@@ -188,27 +350,36 @@ class ChatScreen(Screen):
         return stream_reply(model, tok, ids, max_new_tokens=self.max_new_tokens,
                             temperature=self.temperature, on_text=on_text, cancel=cancel)
 
-    def _one_reply(self, pane: ChatPane, prompt: str, is_dense: bool, cancel: CancelToken) -> None:
+    def _one_reply(self, pane: ChatPane, history: list[dict], prompt: str, system: str, is_dense: bool,
+                   cancel: CancelToken) -> None:
         s = self.session
         sp = s.sparsifier
         model, tok = s.loaded.model, s.loaded.tokenizer
-        messages = list(pane.history) + [{"role": "user", "content": prompt}]
-        pane.streaming = True
+        messages = ([{"role": "system", "content": system}] if system else []) + history + [
+            {"role": "user", "content": prompt}]
         pane.post_message(ChatPane.Start(prompt))
         if cancel.cancelled:
-            pane.history.extend([messages[-1], {"role": "assistant", "content": ""}])
-            pane.post_message(ChatPane.Done(ReplyStats(0, 0.0, "cancelled", None, None)))
+            pane.post_message(ChatPane.Done(ReplyStats(0, 0.0, "cancelled", None, None), prompt=prompt))
             return
         ids = chat_input_ids(tok, messages)
         ctx = sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()
         if sp is not None and not is_dense:
             sp.reset_counters()
         out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), 0.04)
+        first: list[float] = []
+
+        def on_text(t: str) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            out.push(t)
+
         with ctx:
+            t0 = time.perf_counter()
             try:
-                gen = self._generate(model, tok, ids, out.push, cancel)
+                gen = self._generate(model, tok, ids, on_text, cancel)
             finally:
                 out.flush()
+        ttft, tps = reply_timings(gen, t0, first[0] if first else None)
         if is_dense or sp is None:
             sparsity, flops = 0.0, s.dense_flop_fraction()
         else:
@@ -216,5 +387,8 @@ class ChatScreen(Screen):
             # engine replies are counted too (wina.generate.count_gates); nominal if nothing was
             sparsity = sp.nominal_sparsity() if m != m else m
             flops = s.flop_fraction(measured=True)
-        pane.history.extend([messages[-1], {"role": "assistant", "content": gen.text}])
-        pane.post_message(ChatPane.Done(ReplyStats(gen.tokens, gen.seconds, gen.stopped, sparsity, flops)))
+        pane.post_message(ChatPane.Done(ReplyStats(gen.tokens, gen.seconds, gen.stopped, sparsity, flops,
+                                                   ttft=ttft, decode_tps=tps), prompt=prompt))
+
+
+__all__ = ["ChatScreen", "NO_MODEL", "reply_timings", "format_ttft"]

@@ -66,6 +66,23 @@ def parse_limit(text: str) -> tuple[Optional[float], Optional[str]]:
     return int(v), None
 
 
+def metric_note(runs, short: dict) -> str:
+    """Which lm-eval metric each task's column shows (acc_norm where the task has it), e.g.
+    ``accuracy %: piqa acc_norm · arc-e acc_norm · boolq acc``."""
+    seen: dict[str, str] = {}
+    for r in runs:
+        try:
+            for task, h in (r.headline or {}).items():
+                m = h.get("metric") if isinstance(h, dict) else None
+                if m and task not in seen:
+                    seen[task] = str(m)
+        except Exception:
+            continue
+    if not seen:
+        return ""
+    return "accuracy %: " + " · ".join(f"{short.get(t, t)} {m}" for t, m in sorted(seen.items()))
+
+
 class EvaluateScreen(Screen):
     BINDINGS = [
         Binding("ctrl+r", "run", "Run", priority=True),
@@ -99,6 +116,7 @@ class EvaluateScreen(Screen):
         self.state = "idle"
         self.metric = "avg"
         self._pending_preset = None
+        self._restore_data: Optional[dict] = None
 
     def compose(self) -> ComposeResult:
         from wina.tasks import TASKS, known_tasks
@@ -139,12 +157,52 @@ class EvaluateScreen(Screen):
         self.query_one("#results-notes", Static).update(Text(
             "No runs yet: ctrl+r runs the form, ctrl+l loads earlier runs from the results store.",
             style="dim"))
+        if self._restore_data is not None:
+            self.restore(self._restore_data)
+            self._restore_data = None
         if self._pending_preset is not None:
             self.apply_preset(self._pending_preset)
             self._pending_preset = None
 
     def on_screen_resume(self) -> None:
         self._describe()
+
+    # --- what the app remembers and cancels ----------------------------------------------------
+    @property
+    def job_running(self) -> bool:
+        return self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING)
+
+    def cancel_all(self) -> None:
+        if self.cancel is not None:
+            self.cancel.cancel()
+
+    def snapshot(self) -> Optional[dict]:
+        """The form as the settings file keeps it (None before the screen was shown)."""
+        if not self.is_mounted:
+            return self._restore_data
+        return {"tasks": list(self.query_one("#tasks", SelectionList).selected),
+                "limit": self.query_one("#limit", Input).value,
+                "methods": list(self.query_one("#methods", SelectionList).selected),
+                "sparsities": self.query_one("#sparsities", Input).value}
+
+    def restore(self, data: dict) -> None:
+        """Fill the form from :meth:`snapshot`'s dict (values of the wrong type are skipped)."""
+        if not self.is_mounted:
+            self._restore_data = dict(data)
+            return
+        for key, wid in (("tasks", "#tasks"), ("methods", "#methods")):
+            vals = data.get(key)
+            if isinstance(vals, list) and vals:
+                sel = self.query_one(wid, SelectionList)
+                sel.deselect_all()
+                for v in vals:
+                    try:
+                        sel.select(v)
+                    except Exception:
+                        pass
+        for key, wid in (("limit", "#limit"), ("sparsities", "#sparsities")):
+            if isinstance(data.get(key), str):
+                self.query_one(wid, Input).value = data[key]
 
     def apply_preset(self, preset) -> None:
         """Fill the form from a :class:`wina.presets.Preset` (tasks, limit, methods, sparsities)."""
@@ -222,7 +280,7 @@ class EvaluateScreen(Screen):
             self.notify(err, severity="warning")
             return False
         self.show_error("")
-        if self.worker is not None and self.worker.state in (WorkerState.PENDING, WorkerState.RUNNING):
+        if self.job_running:
             self.notify("an evaluation is running (esc cancels)", severity="warning")
             return False
         if self.session.busy:
@@ -242,6 +300,10 @@ class EvaluateScreen(Screen):
         self.state = "running"
         self._describe()
         self.worker = self.run_jobs(jobs, form, self.cancel)
+        try:
+            self.app.remember()
+        except Exception:
+            pass
         return True
 
     def action_cancel(self) -> None:
@@ -250,13 +312,14 @@ class EvaluateScreen(Screen):
             self.notify("cancelling after the current chunk…")
 
     def action_load_runs(self) -> None:
+        from ..state import result_folders
         from .load_runs import LoadRunsScreen
 
         def loaded(paths: Optional[list[str]]) -> None:
             if paths:
                 self.load_paths(paths)
 
-        self.app.push_screen(LoadRunsScreen(self.session.results_dir), loaded)
+        self.app.push_screen(LoadRunsScreen(result_folders(self.session.results_dir)), loaded)
 
     def load_paths(self, paths: list[str]) -> None:
         from wina.results import load_run
@@ -425,7 +488,8 @@ class EvaluateScreen(Screen):
             cells += [cell(c, row.values.get(c), pct=False) for c in cmp.low_columns]
             cells.append(Text(fmt_pct(row.measured), style="dim", justify="right"))
             table.add_row(*cells)
-        notes = "; ".join(cmp.notes)
+        notes = [metric_note(self.runs, SHORT)] + list(cmp.notes)
+        notes = "; ".join(n for n in notes if n)
         self.query_one("#results-notes", Static).update(Text(notes, style="dim") if notes else "")
         self.query_one(PlotView).replot()
 

@@ -1,4 +1,6 @@
-"""A modal list of the results store's run files; returns the chosen paths."""
+"""The results browser: the run files of the results store (and ``runs/*/runs`` of the current
+directory, where ``wina run`` writes), newest first, each with its method, model, tasks, average
+and date; returns the chosen paths, which the evaluate screen loads into its table and chart."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,27 +20,41 @@ def describe_run_file(path: Path) -> str:
     w = run.wina
     tasks = ",".join(run.headline) or ("ppl" if run.perplexity is not None else "—")
     s = "" if run.method == "dense" else f" {run.sparsity:.0%}"
-    return f"{run.label}{s} · {w.get('model', '?')} · {tasks} · {(w.get('date') or '')[:16]}"
+    vals = [h.get("value") for h in run.headline.values() if isinstance(h, dict)
+            and isinstance(h.get("value"), (int, float))]
+    avg = f" · avg {100 * sum(vals) / len(vals):.1f}" if vals else (
+        f" · ppl {run.perplexity:.2f}" if run.perplexity is not None else "")
+    return (f"{run.label}{s} · {w.get('model', '?')} · {tasks}{avg} · "
+            f"{(w.get('date') or '')[:16].replace('T', ' ')}")
 
 
 class LoadRunsScreen(ModalScreen[list]):
     BINDINGS = [Binding("escape", "dismiss_none", "Close"), Binding("ctrl+a", "all", "All")]
 
-    def __init__(self, folder: Path, **kw) -> None:
+    def __init__(self, folders, **kw) -> None:
         super().__init__(**kw)
-        self.folder = Path(folder)
+        self.folders = [Path(f) for f in (folders if isinstance(folders, (list, tuple)) else [folders])]
+        self.folder = self.folders[0]
 
     def compose(self) -> ComposeResult:
         items = []
-        files = sorted(self.folder.glob("*.json"), reverse=True) if self.folder.is_dir() else []
+        files = []
+        for folder in self.folders:
+            if folder.is_dir():
+                files += list(folder.glob("*.json"))
+        files.sort(key=lambda f: (-f.stat().st_mtime, str(f)) if f.exists() else (0, str(f)))
         for f in files:
             try:
-                items.append(Selection(describe_run_file(f), str(f)))
+                label = describe_run_file(f)
             except Exception:
                 continue
+            if len(self.folders) > 1 and f.parent != self.folder:
+                label += f" · {f.parent.parent.name}"
+            items.append(Selection(label, str(f)))
+        where = " + ".join(str(f) for f in self.folders[:3]) + (" …" if len(self.folders) > 3 else "")
         with Vertical(id="load-runs", classes="modal"):
-            yield Label(f"Runs in {self.folder}" if items else f"No run files in {self.folder}",
-                        classes="modal-title")
+            yield Label(f"Past evaluations ({len(items)}) in {where}: space picks · ctrl+a all" if items
+                        else f"No run files in {where}", classes="modal-title")
             yield SelectionList(*items, id="run-files")
             with Horizontal(classes="modal-buttons"):
                 yield Button("Load", variant="primary", id="load", compact=True)

@@ -9,7 +9,7 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
@@ -94,6 +94,7 @@ class SetupScreen(Screen):
         Binding("ctrl+g", "go('chat')", "Load & chat", priority=True),
         Binding("ctrl+b", "go('calibrate')", "Calibrate", priority=True),
         Binding("ctrl+e", "go('evaluate')", "Evaluate", priority=True),
+        Binding("ctrl+l", "plans", "Plans", priority=True),
     ]
 
     class Submitted(Message):
@@ -109,6 +110,8 @@ class SetupScreen(Screen):
         self.session = session
         self.presets = list_presets()
         self.errors: dict[str, str] = {}
+        self.fill_form_from_preset = True     # False once, when the saved settings bring a preset back
+        self._status_error = False
 
     # --- layout ------------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -120,6 +123,17 @@ class SetupScreen(Screen):
         model_opts += [("other: hub id or local path…", OTHER)]
         preset_opts = [("none", NO_PRESET)] + [(name, name) for name, _ in self.presets]
         yield Header()
+        with VerticalScroll(id="setup-scroll"):
+            yield from self._form(s, o, model_opts, preset_opts, recent)
+        with Horizontal(id="setup-buttons"):
+            yield Button("Load & chat", id="go-chat", variant="primary", compact=True)
+            yield Button("Calibrate", id="go-calibrate", compact=True)
+            yield Button("Evaluate", id="go-evaluate", compact=True)
+            yield Button("Plans…", id="go-plans", compact=True)
+            yield Static("", id="setup-status")
+        yield Footer(compact=True)
+
+    def _form(self, s, o, model_opts, preset_opts, recent) -> ComposeResult:
         with Horizontal(id="setup-columns"):
             with Vertical(id="model-box", classes="box") as box:
                 box.border_title = "Model"
@@ -154,12 +168,6 @@ class SetupScreen(Screen):
                                                      compact=True, id="calib-source"))
                 yield Label("", id="err-calib-source", classes="field-error")
         yield Static("", id="summary")
-        with Horizontal(id="setup-buttons"):
-            yield Button("Load & chat", id="go-chat", variant="primary", compact=True)
-            yield Button("Calibrate", id="go-calibrate", compact=True)
-            yield Button("Evaluate", id="go-evaluate", compact=True)
-            yield Static("", id="setup-status")
-        yield Footer(compact=True)
 
     @staticmethod
     def _row(label: str, widget) -> Horizontal:
@@ -234,8 +242,28 @@ class SetupScreen(Screen):
         alloc = self.query_one("#allocation", Select).value
         self.query_one("#calib-source", Input).disabled = not (sparse and (alloc != "uniform" or gating == "threshold"))
 
+    def fill(self, settings: Settings) -> None:
+        """Put ``settings`` into the form (a plan opened from the plan browser)."""
+        if not self.is_mounted:
+            return
+        sel = self.query_one("#model", Select)
+        try:
+            sel.value = settings.model           # the embedded one or a recent one
+        except Exception:
+            sel.value = OTHER
+            self.query_one("#model-path", Input).value = settings.model
+        o = settings.options
+        self.query_one("#method", Select).value = o.method
+        self.query_one("#transform", Checkbox).value = bool(o.transform)
+        self.query_one("#sparsity", Input).value = f"{o.sparsity:g}"
+        self.query_one("#gating", Select).value = o.gating
+        self.query_one("#allocation", Select).value = settings.allocation
+        self.query_one("#calib-source", Input).value = settings.calib_source
+
     def _update_summary(self) -> None:
         settings, errors = self.read(show=False)
+        if settings is not None and self._status_error:
+            self.set_status("")                  # the error next to the buttons is fixed now
         if settings is None:
             self.query_one("#summary", Static).update(Text(f"fix: {next(iter(errors.values()))}", style="bold red"))
             return
@@ -285,6 +313,7 @@ class SetupScreen(Screen):
         preset = dict(self.presets).get(name)
         if preset is None:
             return
+        fill, self.fill_form_from_preset = self.fill_form_from_preset, True
         self.session.settings.preset = name
         self.query_one("#model-info", Static).update(Text.assemble(
             ("preset ", "dim"), (name, "bold"), f": {preset.description or ''}".rstrip(": "),
@@ -292,20 +321,21 @@ class SetupScreen(Screen):
         try:
             variant = next((v for v in preset.variants if v.method == "wina"),
                            next((v for v in preset.variants if v.method != "dense"), preset.variants[0]))
-            model_sel = self.query_one("#model", Select)
-            if preset.model == EMBEDDED:
-                model_sel.value = EMBEDDED
-            else:
-                model_sel.value = OTHER
-                self.query_one("#model-path", Input).value = preset.model
-            self.query_one("#method", Select).value = variant.method
-            self.query_one("#transform", Checkbox).value = bool(variant.transform)
-            if preset.eval.sparsities:
-                self.query_one("#sparsity", Input).value = f"{preset.eval.sparsities[0]:g}"
-            self.query_one("#gating", Select).value = preset.eval.gating
-            self.query_one("#allocation", Select).value = (
-                preset.allocation.mode if variant.allocation == "greedy" else "uniform")
-            self.query_one("#calib-source", Input).value = preset.resolved_source()
+            if fill:
+                model_sel = self.query_one("#model", Select)
+                if preset.model == EMBEDDED:
+                    model_sel.value = EMBEDDED
+                else:
+                    model_sel.value = OTHER
+                    self.query_one("#model-path", Input).value = preset.model
+                self.query_one("#method", Select).value = variant.method
+                self.query_one("#transform", Checkbox).value = bool(variant.transform)
+                if preset.eval.sparsities:
+                    self.query_one("#sparsity", Input).value = f"{preset.eval.sparsities[0]:g}"
+                self.query_one("#gating", Select).value = preset.eval.gating
+                self.query_one("#allocation", Select).value = (
+                    preset.allocation.mode if variant.allocation == "greedy" else "uniform")
+                self.query_one("#calib-source", Input).value = preset.resolved_source()
             self.session.preset = preset
             cal, alloc = preset.calibration, preset.allocation
             self.session.calibrate_options = {k: v for k, v in (("samples", cal.samples), ("seq_len", cal.seq_len))
@@ -329,15 +359,20 @@ class SetupScreen(Screen):
     def _b_eval(self) -> None:
         self.action_go("evaluate")
 
+    @on(Button.Pressed, "#go-plans")
+    def action_plans(self) -> None:
+        self.app.action_plans()
+
     def action_go(self, target: str) -> None:
         settings, errors = self.read()
         if settings is None:
             first = next(iter(errors))
             self.query_one(f"#{first}", Input).focus()
-            self.set_status(Text("⚠ " + errors[first], style="bold red"))
+            self.set_status(Text("⚠ " + errors[first], style="bold red"), error=True)
             return
         if target == "calibrate" and settings.options.method == "dense":
-            self.set_status(Text("⚠ dense needs no calibration: choose TEAL or WINA", style="bold red"))
+            self.set_status(Text("⚠ dense needs no calibration: choose TEAL or WINA", style="bold red"),
+                            error=True)
             return
         if target == "calibrate" and not settings.needs_plan:
             # calibrating for a uniform top-k setting: calibrate anyway (threshold-ready plan)
@@ -346,5 +381,7 @@ class SetupScreen(Screen):
         self.set_status("")
         self.post_message(self.Submitted(settings, target))
 
-    def set_status(self, text) -> None:
+    def set_status(self, text, error: bool = False) -> None:
+        """The line next to the buttons; an ``error`` one goes away as soon as the form is valid."""
+        self._status_error = error
         self.query_one("#setup-status", Static).update(text)

@@ -21,7 +21,10 @@ def cell_color(s: float, lo: float, hi: float) -> str:
     return RAMP[min(int(t * len(RAMP)), len(RAMP) - 1)]
 
 
-def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None) -> Table:
+def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None,
+                  n_layers: Optional[int] = None, note: str = "") -> Table:
+    """Rows: layers (1-based, as everywhere in the app); a layer not allocated yet is a row of dots
+    when ``n_layers`` is given, so that the map fills in layer by layer."""
     projs: list[str] = []
     layers: list[int] = []
     for (layer, proj) in alloc:
@@ -29,10 +32,14 @@ def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None)
             projs.append(proj)
         if layer not in layers:
             layers.append(layer)
+    if n_layers:
+        layers = list(range(n_layers))
     layers.sort()
     vals = list(alloc.values())
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
     title = "sparsity % by layer × matrix" + (f" · target {target:.0%}" if target is not None else "")
+    if note:
+        title += f" · {note}"
     table = Table(title=title, box=None, pad_edge=False, padding=(0, 1, 0, 0), expand=False,
                   title_style="bold", header_style="bold")
     table.add_column("layer", justify="right")
@@ -40,7 +47,7 @@ def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None)
         table.add_column(p.replace("_proj", "")[:4], justify="center", min_width=4)
     table.add_column("mean", justify="right")
     for layer in layers:
-        row: list[Text] = [Text(str(layer))]
+        row: list[Text] = [Text(str(layer + 1))]
         vs = []
         for p in projs:
             s = alloc.get((layer, p))
@@ -54,17 +61,42 @@ def heatmap_table(alloc: Mapping[Key, float], *, target: Optional[float] = None)
     return table
 
 
+EMPTY = "the allocation per layer and matrix fills in here, layer by layer, while allocation runs"
+
+
 class AllocationHeatmap(Static):
-    """Set :attr:`allocation` (``{(layer, proj): sparsity}``) to show it."""
+    """:meth:`show_allocation` shows a whole allocation (``{(layer, proj): sparsity}``);
+    :meth:`set_layer` adds one layer's row while allocation runs; :meth:`reset` empties it."""
 
     def __init__(self, **kw) -> None:
-        super().__init__(Text("the allocation per layer and matrix appears here when calibration is done",
-                              style="dim"), **kw)
+        super().__init__(Text(EMPTY, style="dim"), **kw)
         self.allocation: dict[Key, float] = {}
+        self.n_layers: Optional[int] = None
+        self.target: Optional[float] = None
+        self.updates = 0
 
-    def show_allocation(self, alloc: Mapping[Key, float], target: Optional[float] = None) -> None:
+    def reset(self, message: str = EMPTY) -> None:
+        self.allocation = {}
+        self.n_layers = None
+        self.update(Text(message, style="dim"))
+
+    def set_layer(self, layer: int, row: Mapping[str, float], *, n_layers: Optional[int] = None,
+                  target: Optional[float] = None) -> None:
+        for p, v in row.items():
+            self.allocation[(layer, p)] = float(v)
+        self.n_layers = n_layers or self.n_layers
+        self.target = target if target is not None else self.target
+        self.updates += 1
+        done = len({k[0] for k in self.allocation})
+        note = f"{done}/{self.n_layers} layers" if self.n_layers else ""
+        self.update(heatmap_table(self.allocation, target=self.target, n_layers=self.n_layers, note=note))
+
+    def show_allocation(self, alloc: Mapping[Key, float], target: Optional[float] = None,
+                        note: str = "") -> None:
         self.allocation = {tuple(k): float(v) for k, v in alloc.items()}
+        self.target = target
+        self.updates += 1
         if not self.allocation:
             self.update(Text("no allocation", style="dim"))
             return
-        self.update(heatmap_table(self.allocation, target=target))
+        self.update(heatmap_table(self.allocation, target=target, note=note))

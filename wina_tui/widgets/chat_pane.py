@@ -3,11 +3,14 @@
 A worker thread talks to the pane only through messages (:class:`ChatPane.Start`, ``Delta``,
 ``Done``), posted with ``post_message`` (thread-safe, ordered). Deltas are appended through
 Textual's ``MarkdownStream``: only the last Markdown block is re-parsed, never the whole reply.
+The conversation (:attr:`ChatPane.history`) is only changed here, on the UI thread, when a reply
+is done; a reply stopped before any text, or an empty one, is shown but not kept, so the history
+never holds an empty turn.
 """
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from rich.text import Text
@@ -17,28 +20,51 @@ from textual.widgets import Markdown, Static
 
 from ..state import fmt_pct
 
+STOP_REASONS = {"eos": "end of reply", "length": "max tokens", "cancelled": "stopped"}
+
 
 @dataclass
 class ReplyStats:
     tokens: int
-    seconds: float
-    stopped: str
+    seconds: float                 # the whole reply: prefill + decode
+    stopped: str                   # "eos" | "length" | "cancelled"
     sparsity: Optional[float]      # measured, size-weighted (0 for dense)
     flops: Optional[float]         # FLOP fraction of dense (shortcuts included)
+    ttft: Optional[float] = None   # seconds to the first token (prefill + one decode step)
+    decode_tps: Optional[float] = None   # tokens/s after the first token
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rate(self) -> float:
+        """The decode rate where known, else tokens/s over the whole reply."""
+        return self.decode_tps if self.decode_tps is not None else self.tokens_per_s
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["stop_reason"] = STOP_REASONS.get(self.stopped, self.stopped)
+        return d
+
+
+def format_ttft(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    return f"{1000 * s:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
 class ChatPane(Vertical):
     DEFAULT_CSS = """
     ChatPane { width: 1fr; height: 1fr; border: round $primary 60%; padding: 0 0; }
     ChatPane:focus-within { border: round $primary; }
+    ChatPane.-generating { border: round $accent; }
     ChatPane > VerticalScroll { height: 1fr; padding: 0 1; }
     ChatPane .user-msg { margin: 1 0 0 6; padding: 0 1; background: $primary 15%; color: $text; }
+    ChatPane .system-msg { margin: 1 0 0 0; padding: 0 1; color: $text-muted; text-style: italic; }
     ChatPane .bot-msg { margin: 1 0 0 0; padding: 0 0; }
     ChatPane .bot-msg > * { margin: 0 0 0 0; }
+    ChatPane .reply-stats { color: $text-muted; height: auto; }
     ChatPane .placeholder { color: $text-muted; margin: 1 0; }
     ChatPane .stopped { color: $warning; }
     """
@@ -54,18 +80,23 @@ class ChatPane(Vertical):
             self.text = text
 
     class Done(Message):
-        def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None) -> None:
+        """The reply ended. ``prompt``: the user message it answered (kept in the history with the
+        reply unless the reply is empty); ``stats`` None with ``error`` when it failed."""
+
+        def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None, prompt: str = "") -> None:
             super().__init__()
             self.stats = stats
             self.error = error
+            self.prompt = prompt
 
     def __init__(self, title: str, *, placeholder: str = "", **kw) -> None:
         super().__init__(**kw)
         self.title = title
         self.placeholder = placeholder
         self.history: list[dict] = []           # the conversation of this model (chat template input)
-        self.replies: list[str] = []
-        self.stats: Optional[ReplyStats] = None
+        self.replies: list[str] = []             # every reply shown, kept or not
+        self.reply_stats: list[dict] = []        # per kept assistant turn, aligned with the history
+        self.stats: Optional[ReplyStats] = None  # the last reply's
         self.streaming = False
         self._stream = None
         self._current: Optional[Markdown] = None
@@ -91,11 +122,20 @@ class ChatPane(Vertical):
     def clear(self) -> None:
         self.history.clear()
         self.replies.clear()
+        self.reply_stats.clear()
         self.stats = None
         scroll = self.query_one(VerticalScroll)
         scroll.remove_children()
         scroll.mount(Static(self.placeholder, classes="placeholder"))
         self.border_subtitle = "— tok/s · — sparse · FLOPs —"
+
+    def note(self, text: str, classes: str = "system-msg") -> None:
+        """A line in the conversation that is not a message (a system prompt change, a saved file)."""
+        scroll = self.query_one(VerticalScroll)
+        for w in list(scroll.query(".placeholder")):
+            w.remove()
+        scroll.mount(Static(Text(text), classes=classes))
+        scroll.anchor()
 
     # --- messages from the worker --------------------------------------------------------------
     async def on_chat_pane_start(self, message: "ChatPane.Start") -> None:
@@ -109,6 +149,7 @@ class ChatPane(Vertical):
         await scroll.mount(self._current)
         self._stream = Markdown.get_stream(self._current)
         self.streaming = True
+        self.add_class("-generating")
         self.border_subtitle = "generating…"
         scroll.anchor()
 
@@ -131,6 +172,7 @@ class ChatPane(Vertical):
             if self._current is not None and getattr(self._current, "source", text) != text:
                 await self._current.update(text)
         self.streaming = False
+        self.remove_class("-generating")
         self.replies.append(text)
         scroll = self.query_one(VerticalScroll)
         if message.error:
@@ -139,14 +181,30 @@ class ChatPane(Vertical):
             return
         st = message.stats
         self.stats = st
-        if st is not None:
-            if st.stopped == "cancelled":
-                await scroll.mount(Static("■ stopped", classes="stopped"))
-            if not text.strip():
-                await scroll.mount(Static("(empty reply)", classes="placeholder"))
-            self.border_subtitle = self.format_stats(st)
+        if st is None:
+            return
+        kept = bool(text.strip())
+        if kept:
+            self.history.extend([{"role": "user", "content": message.prompt},
+                                 {"role": "assistant", "content": text}])
+            self.reply_stats.append(st.to_dict())
+        if st.stopped == "cancelled":
+            await scroll.mount(Static("■ stopped" + ("" if kept else " before any text: not kept in the "
+                                                                   "conversation"), classes="stopped"))
+        elif not kept:
+            await scroll.mount(Static("(empty reply: not kept in the conversation)", classes="placeholder"))
+        await scroll.mount(Static(self.format_reply(st), classes="reply-stats"))
+        self.border_subtitle = self.format_stats(st)
+        scroll.anchor()
 
     @staticmethod
     def format_stats(st: ReplyStats) -> str:
         flops = "—" if st.flops is None else f"{st.flops:.2f}×"
-        return f"{st.tokens_per_s:.1f} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"
+        return f"{st.rate:.1f} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"
+
+    @staticmethod
+    def format_reply(st: ReplyStats) -> str:
+        """The line under a reply: tokens, time to first token, decode rate, stop reason, sparsity."""
+        rate = "—" if st.decode_tps is None else f"{st.decode_tps:.1f}"
+        return (f"{st.tokens} tok · first token {format_ttft(st.ttft)} · {rate} tok/s decode · "
+                f"{STOP_REASONS.get(st.stopped, st.stopped)} · {fmt_pct(st.sparsity)} sparse")

@@ -49,7 +49,7 @@ class TrajectoryChart(PlotView):
         fig.draw(line)
         last = next((p[2] for p in reversed(pts) if p[2]), "")
         where = "all layers" if self.current_layer is None else (
-            f"layer {self.current_layer}" + (f"/{self.n_layers - 1}" if self.n_layers else ""))
+            f"layer {self.current_layer + 1}" + (f"/{self.n_layers}" if self.n_layers else ""))
         fig.title(f"error vs sparsity · {where} · {len(pts) - 1} steps" + (f" · {last}" if last else ""))
         fig.label("effective sparsity of the layer (%)", "x")
         return True
