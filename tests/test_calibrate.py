@@ -125,7 +125,7 @@ def test_sources(tmp_path, monkeypatch):
         calibration_ids(model, tok, "random", 0, 32)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="hub dataset"):
+    with pytest.raises(DataError, match="calibration dataset .* hub is off"):
         calibration_ids(model, tok, "hub:tatsu-lab/alpaca", 2, 32)
 
 

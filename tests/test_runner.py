@@ -157,25 +157,44 @@ def test_cli_run_tiny_preset(tiny_preset, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_embedded_preset_end_to_end(tmp_path, shared_data):
-    """`wina run smollm2-quick` on the real embedded model, 2 documents per task (the local data:
-    without it a skip, the hub is not used in tests)."""
+def test_quick_preset_offline_from_a_copy_without_shared_data(tmp_path):
+    """The quick start as a new user meets it: `wina run smollm2-quick` from a copy of the package
+    with no ../shared beside it, no $WINA_DATA and the hub off. The tasks come from the subsets
+    shipped in wina/data, the whole pipeline runs, and the table and the stage times are printed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
     try:
         from wina.models import embedded_gguf
         embedded_gguf()
     except Exception as e:
         pytest.skip(f"embedded model unavailable: {e}")
-    out = tmp_path / "quick"
-    res = CliRunner().invoke(app, ["run", "smollm2-quick", "--limit", "2", "--out", str(out)])
-    assert res.exit_code == 0, (res.output, res.exception)
+    repo = Path(__file__).resolve().parents[1]
+    copy = tmp_path / "clone"
+    shutil.copytree(repo / "wina", copy / "wina", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "presets", copy / "presets")
+    assert not (copy.parent / "shared").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("WINA_DATA", "WINA_DATA_DIR")}
+    env.update(PYTHONPATH=str(copy), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WINA_PRESETS="",
+               COLUMNS="200")
+    out = copy / "runs" / "quick"
+    res = subprocess.run([sys.executable, "-m", "wina.cli", "run", "smollm2-quick", "--out", str(out)],
+                         cwd=copy, env=env, capture_output=True, text=True, timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
     assert runs == ["dense.json", "teal-s25.json", "teal-s50.json", "wina-s25.json", "wina-s50.json"]
     for name in runs:
         w = json.loads((out / "runs" / name).read_text())["wina"]
         assert set(w["headline"]) == {"piqa", "arc_easy"}
-        assert w["eval"]["limit"] == 2
-    assert "WINA-transform" in (out / "compare.md").read_text()
+        assert w["eval"]["limit"] == 100
+        assert w["eval"]["data"] == "shipped"
+        assert all(0.2 < v < 1.0 for v in w["headline"].values())
+    table = (out / "compare.md").read_text()
+    assert "WINA-transform" in table and "TEAL" in table
     assert "finished" in res.stdout
+    for stage in ("calibrate teal", "allocate wina", "eval dense", "total"):
+        assert stage in res.stdout                  # the stage-times table
 
 
 @pytest.mark.slow

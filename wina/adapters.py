@@ -8,6 +8,8 @@ the architecture.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from .errors import UnsupportedArchitecture
@@ -109,3 +111,29 @@ def projection_shapes(config) -> dict[str, tuple[int, int]]:
                 "gate_up_proj": (2 * ff, d), "down_proj": (d, ff)}
     return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
             "gate_proj": (ff, d), "up_proj": (ff, d), "down_proj": (d, ff)}
+
+
+# --- a model's identity (plans check it) -------------------------------------------------------
+_HASH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+                "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias")
+
+
+def config_hash(config) -> str:
+    """sha256 (16 hex) of the fields that define a model's computation (not its dtype or ties)."""
+    d = {}
+    for k in _HASH_FIELDS:
+        v = getattr(config, k, None)
+        if v is not None:
+            d[k] = v
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def weight_fingerprint(model) -> list[float]:
+    """16 column norms of the first down/o projection: unchanged by the transform (only its output
+    side is rotated), different for different weights."""
+    a = adapter_for(model)
+    w = projection(model, 0, a.mlp_output, a).weight.detach()
+    return [float(v) for v in w[:, :16].float().norm(dim=0).cpu()]

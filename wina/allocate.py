@@ -12,6 +12,18 @@ sequence. Every committed step raises the layer's parameter-weighted sparsity by
 ``step / Σ weights`` (less where a matrix hits the 0.99 cap). The whole trajectory up to
 ``max_sparsity`` is recorded; a target ``s`` later picks, per layer, the row nearest ``s``.
 
+Two protocol settings reproduce the seed's greedy where it differs (docs/seed-fidelity.md):
+
+- ``error`` (:data:`ERROR_RULES`): ``"wina"`` (default) is the error above, the L2 norm over the
+  channels of each position, averaged over positions; ``"seed"`` is the official rule
+  (microsoft/wina @8153dbf, wina/greedyopt.py:109-113): per sequence, the L2 norm over the positions
+  of the last 25 % for each channel, averaged over channels, then averaged over sequences (the
+  official code sums over sequences: the same choices, values divided by the count).
+- ``step_norm`` (:data:`STEP_NORMS`): which matrix a step of size ``step`` refers to. ``"wina"``
+  (default): the layer's first attention projection (q_proj; qkv_proj for phi3); ``"seed"``: o_proj,
+  as the official step table (greedyopt.py:41-66). The two agree except on phi3 models whose fused
+  qkv_proj is larger than o_proj (Phi-4: 1.5×, so ``"wina"`` steps are 1.5× coarser there).
+
 Trials use the plan's histogram thresholds (threshold gating, as deployed). They are batched: the
 attention-side trials run the attention block once on stacked copies of the layer input (and are
 cached until an attention matrix is committed); the MLP, being position-wise, runs only on the last
@@ -39,12 +51,34 @@ from typing import Optional
 import torch
 
 from .adapters import adapter_for, decoder_layers, projection
-from .calibrate import LayerRunner, _nullctx, default_sizes, gate_scale_and_live, is_weighted, prefix_start
+from .calibrate import LayerRunner, _nullctx
+from .scores import default_sizes, gate_scale_and_live, is_weighted, prefix_start
 from .errors import InvalidArgument, PlanError
 from .events import CancelToken, ProgressCallback, Reporter
 from .plan import MAX_MATRIX_SPARSITY, Plan, TrajectoryRow
 
 TAIL_FRACTION = 0.25
+ERROR_RULES = ("wina", "seed")
+STEP_NORMS = ("wina", "seed")
+ERROR_DESCRIPTIONS = {
+    "wina": "mean L2 of layer output, last 25% of positions",
+    "seed": "seed: per sequence, L2 over the last 25% of positions per channel, mean over channels",
+}
+
+
+def step_weights(plan: Plan, step_norm: str = "wina") -> dict[str, float]:
+    """Per-matrix step divisors: a greedy step raises matrix ``p`` by ``step / w[p]``.
+
+    ``"wina"``: the plan's parameter weights (relative to the first attention projection);
+    ``"seed"``: relative to the attention output projection (o_proj), as the official step table.
+    """
+    if step_norm not in STEP_NORMS:
+        raise InvalidArgument(f"unknown step normalisation {step_norm!r}; choose {' or '.join(STEP_NORMS)}")
+    w = plan.weights
+    if step_norm == "wina":
+        return w
+    ref = "o_proj" if "o_proj" in w else plan.projections[-1]
+    return {p: v / w[ref] for p, v in w.items()}
 
 
 def tail_start(seq_len: int) -> int:
@@ -99,8 +133,11 @@ class LayerTrials:
     """Evaluates per-matrix sparsity configurations of one layer against its dense output."""
 
     def __init__(self, model, plan: Plan, runner: LayerRunner, layer: int, h: torch.Tensor,
-                 y_dense: torch.Tensor, dense_prefix: float) -> None:
+                 y_dense: torch.Tensor, dense_prefix: float, error: str = "wina") -> None:
+        if error not in ERROR_RULES:
+            raise InvalidArgument(f"unknown error rule {error!r}; choose {' or '.join(ERROR_RULES)}")
         self.model, self.plan, self.runner, self.layer = model, plan, runner, layer
+        self.error = error
         self.a = adapter_for(model)
         block = decoder_layers(model, self.a)[layer]
         self.attn = block.get_submodule(self.a.attn)
@@ -170,8 +207,11 @@ class LayerTrials:
             x = self.mlp_norm(flat)
             y = flat + self.mlp(x)
             diff = y.reshape(n, nb, L4, d).float() - self.y_tail[s0:s0 + nb].float().unsqueeze(0)
-            err += diff.norm(dim=-1).sum(dim=(1, 2)).double().cpu()
-        return (err / (B * L4)).tolist()
+            if self.error == "seed":         # norm over positions, mean over channels, per sequence
+                err += diff.norm(dim=2).mean(dim=2).sum(dim=1).double().cpu()
+            else:                            # norm over channels, per position
+                err += diff.norm(dim=-1).sum(dim=(1, 2)).double().cpu()
+        return (err / (B if self.error == "seed" else B * L4)).tolist()
 
     def errors(self, configs: list[dict[str, float]]) -> list[float]:
         """Full evaluation of n whole-layer configurations."""
@@ -180,17 +220,19 @@ class LayerTrials:
 
 
 def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_sparsity: float,
-                  emit, lazy: bool = False, refresh: int = 8) -> tuple[list[TrajectoryRow], list[Optional[str]]]:
+                  emit, lazy: bool = False, refresh: int = 8,
+                  weights: Optional[dict[str, float]] = None) -> tuple[list[TrajectoryRow], list[Optional[str]]]:
     """One layer's greedy trajectory.
 
     ``lazy``: instead of trying every matrix at every step, keep each matrix's last measured
     marginal error and re-measure only the most promising one(s) until the best is fresh (lazy
     greedy); all matrices are re-measured every ``refresh`` steps. It picks the same matrix as the
     full greedy whenever marginal errors only grow with sparsity, and costs about 2 trials a step
-    instead of one per matrix.
+    instead of one per matrix. ``weights``: the step divisors (:func:`step_weights`; default the
+    plan's parameter weights).
     """
     P = plan.projections
-    w = plan.weights
+    w = weights if weights is not None else plan.weights
     cur = {p: plan.floor(layer, p) for p in P}
     attn_side = trials.attn_side
     h1c = trials.attn_tails([cur])[0]
@@ -249,8 +291,8 @@ def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_
     return rows, steps
 
 
-def expected_steps(plan: Plan, layer: int, step: float, max_sparsity: float) -> int:
-    w = plan.weights
+def expected_steps(plan: Plan, layer: int, step: float, max_sparsity: float, step_norm: str = "wina") -> int:
+    w = step_weights(plan, step_norm)
     eff0 = plan.effective(layer, {p: plan.floor(layer, p) for p in plan.projections})
     return max(0, math.ceil((max_sparsity - eff0) * sum(w.values()) / step - 1e-9))
 
@@ -260,7 +302,8 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
              mode: str = "layer", on_event: Optional[ProgressCallback] = None,
              cancel: Optional[CancelToken] = None, samples: Optional[int] = None,
              seq_len: Optional[int] = None, grid: tuple[float, ...] = (0.5, 0.8),
-             lazy: Optional[bool] = None, chunk_tokens: int = 16384) -> Plan:
+             lazy: Optional[bool] = None, chunk_tokens: int = 16384, error: str = "wina",
+             step_norm: str = "wina") -> Plan:
     """Greedy per-matrix sparsity allocation; stores the trajectories in ``plan`` (and saves it).
 
     ``samples``/``seq_len``: how much of the plan's calibration data the greedy uses (the first
@@ -269,13 +312,19 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
     ``step``: the base step; default the seed's 0.025 for models of 1 B parameters and more, 0.1 for
     smaller ones (a CPU budget; pass 0.025 for the seed's exact recipe). ``lazy``: lazy greedy
     (see :func:`_greedy_layer`); default on for small models, off (the seed's full greedy) for large.
-    ``mode="global"`` adds the cross-layer allocation (module docstring). Events:
+    ``mode="global"`` adds the cross-layer allocation (module docstring). ``error`` and
+    ``step_norm``: the protocol settings of the module docstring ("seed" reproduces the official
+    greedy); both are recorded in the plan, and changing one restarts the allocation. Events:
     ``stage="allocate"`` with ``layer``, ``n_layers`` and metrics ``sparsity`` (the layer's effective
     sparsity), ``error``, ``matrix`` (the projection just committed; None for the first row), ``row``.
     """
-    from .transform import is_transformed, transform
+    from .transform import ensure
     if mode not in ("layer", "global"):
         raise InvalidArgument(f"unknown allocation mode {mode!r}; choose layer or global")
+    if error not in ERROR_RULES:
+        raise InvalidArgument(f"unknown error rule {error!r}; choose {' or '.join(ERROR_RULES)}")
+    if step_norm not in STEP_NORMS:
+        raise InvalidArgument(f"unknown step normalisation {step_norm!r}; choose {' or '.join(STEP_NORMS)}")
     d = default_sizes(model.config)
     if step is None:
         step = float(d["alloc_step"])
@@ -287,13 +336,8 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
     plan._require_calibrated()
     plan.check_model(model)
-    if plan.meta["transform"] and not is_transformed(model):
-        sp = getattr(model, "_wina_sparsifier", None)
-        if sp is not None:
-            sp.remove()
-        transform(model)
-    elif not plan.meta["transform"] and is_transformed(model):
-        raise PlanError("this plan was calibrated on the untransformed model, but the model is transformed")
+    ensure(model, bool(plan.meta["transform"]), what="this plan (calibrated on the untransformed model)",
+           error=PlanError)
     d = default_sizes(model.config)
     ids = plan.calib_ids
     samples = int(samples or d["alloc_samples"] or ids.shape[0])
@@ -304,7 +348,11 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         lazy = bool(d["alloc_lazy"])
     traj_args = {"max_sparsity": max_sparsity, "step": step, "samples": samples, "seq_len": seq_len,
                  "lazy": bool(lazy),
-                 "error": "mean L2 of layer output, last 25% of positions", "gating": "threshold"}
+                 "error": ERROR_DESCRIPTIONS[error], "gating": "threshold"}
+    if step_norm != "wina":            # absent for the default, so plans made before this stay valid
+        traj_args["step_norm"] = step_norm
+    if error != "wina":
+        traj_args["error_rule"] = error
     old = plan.meta.get("allocation") or {}
     if {k: v for k, v in old.items() if k not in ("mode", "grid")} != traj_args:
         plan.reset_allocation({**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None})
@@ -314,7 +362,8 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         plan.meta["allocation"] = {**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None}
     N = plan.n_layers
     dense_prefix = float(plan.meta["calibration"].get("dense_prefix", 0.01))
-    per_layer = [expected_steps(plan, i, step, max_sparsity) + 1 for i in range(N)]
+    per_layer = [expected_steps(plan, i, step, max_sparsity, step_norm) + 1 for i in range(N)]
+    sw = step_weights(plan, step_norm)
     total = sum(per_layer) + (N if mode == "global" else 0)
     rep = Reporter("allocate", total, on_event, cancel, n_layers=N)
     sp = getattr(model, "_wina_sparsifier", None)
@@ -337,7 +386,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
                 h = y
                 continue
             rep.emit(done, layer=i, message=f"layer {i + 1}/{N}")
-            trials = LayerTrials(model, plan, runner, i, h, y, dense_prefix)
+            trials = LayerTrials(model, plan, runner, i, h, y, dense_prefix, error=error)
             counter = {"row": 0}
 
             def emit(row: TrajectoryRow, matrix, _i=i, _c=counter):
@@ -346,7 +395,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
                          sparsity=row.effective, error=row.error, matrix=matrix, row=_c["row"] - 1)
 
             try:
-                rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit, lazy=lazy)
+                rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit, lazy=lazy, weights=sw)
             finally:
                 trials.close()
             done += per_layer[i]

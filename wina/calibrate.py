@@ -13,6 +13,10 @@ Data sources (``source=``):
 - ``"hub:<name>"`` or a bare hub dataset name such as ``"tatsu-lab/alpaca"`` (needs the
   ``datasets`` package and network; the seed's recipe is alpaca, 20 samples × 2048 tokens; its
   ``text`` field is used). Offline this fails with a :class:`~wina.errors.DataError`.
+- ``"wikitext"``: wikitext-2's raw test text (``wikitext2/wiki.test.raw``) from the data folder
+  (:func:`wina.data.find_data_dir`: ``$WINA_DATA`` or ``../shared/data``), read as a text file.
+  It is the text ``wina ppl`` and the presets measure perplexity on: a plan calibrated on it
+  has seen the evaluation text, so prefer ``self`` or another text when wikitext perplexity matters.
 - ``"random"``: uniformly random token ids (tests and shape-only benchmarks on random weights).
 
 Default sizes (``samples``/``seq_len`` left as ``None``), from the model's projection parameter count:
@@ -40,140 +44,46 @@ result is identical to an uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .adapters import adapter_for, decoder_layers, projection, projection_shapes
+from .adapters import adapter_for, decoder_layers, projection
+from .files import read_text
 from .errors import DataError, InvalidArgument, PlanError
 from .events import CancelToken, ProgressCallback, Reporter
-
-# ---- histogram binning ---------------------------------------------------------------------------
-LO_EXP = -24
-HI_EXP = 24
-BINS_PER_OCTAVE = 256
-N_BINS = (HI_EXP - LO_EXP) * BINS_PER_OCTAVE + 2      # + underflow (incl. exact zeros) + overflow
+from .scores import (BINS_PER_OCTAVE, LO_EXP, N_BINS, bin_scores, default_sizes,  # noqa: F401 (histogram API)
+                     gate_scale_and_live, hist_threshold, is_weighted, matrix_threshold, prefix_start)
 
 SELF_TEMPERATURE = 1.0
 SELF_TOP_P = 0.95
 
-SIZE_DEFAULTS = {
-    # name: (max projection params, calibration samples, seq_len, allocation samples, allocation
-    # seq_len, lazy greedy, allocation base step)
-    "small": (1e9, 16, 512, 4, 128, True, 0.1),
-    "large": (float("inf"), 20, 2048, None, None, False, 0.025),  # None: all calibration data (the seed)
-}
-
-
-def size_class(config) -> str:
-    n = projection_params(config)
-    for name, (limit, *_rest) in SIZE_DEFAULTS.items():
-        if n < limit:
-            return name
-    return "large"
-
-
-def projection_params(config) -> int:
-    shapes = projection_shapes(config)
-    return config.num_hidden_layers * sum(o * i for o, i in shapes.values())
-
-
-def default_sizes(config) -> dict[str, Optional[int]]:
-    _, s, L, a_s, a_L, lazy, step = SIZE_DEFAULTS[size_class(config)]
-    return {"samples": s, "seq_len": L, "alloc_samples": a_s, "alloc_seq_len": a_L, "alloc_lazy": lazy,
-            "alloc_step": step}
-
-
-def bin_scores(score: torch.Tensor) -> torch.Tensor:
-    """Histogram (float64 counts, N_BINS) of non-negative scores."""
-    s = score.float().flatten()
-    idx = torch.floor((torch.log2(s) - LO_EXP) * BINS_PER_OCTAVE)
-    idx = torch.nan_to_num(idx, nan=-1.0, neginf=-1.0, posinf=float(N_BINS)).clamp_(-1, N_BINS - 2) + 1
-    return torch.bincount(idx.long(), minlength=N_BINS).double().cpu()
-
-
-def hist_threshold(counts: torch.Tensor, q: float) -> float:
-    """Score value below which a fraction ``q`` of the histogram's mass lies (log-linear in the bin)."""
-    counts = counts.double()
-    total = float(counts.sum())
-    if q <= 0.0 or total == 0.0:
-        return 0.0
-    cum = torch.cumsum(counts, 0)
-    r = min(q, 1.0) * total
-    b = int(torch.searchsorted(cum, torch.tensor([r], dtype=cum.dtype)).clamp(max=N_BINS - 1))
-    prev = float(cum[b - 1]) if b > 0 else 0.0
-    frac = (r - prev) / float(counts[b]) if float(counts[b]) > 0 else 1.0
-    frac = min(max(frac, 0.0), 1.0)
-    if b == 0:
-        return 0.0                                     # inside the underflow bin (zeros, tiny values)
-    if b == N_BINS - 1:
-        return float(2.0 ** HI_EXP)
-    return float(2.0 ** (LO_EXP + (b - 1 + frac) / BINS_PER_OCTAVE))
-
-
-def matrix_threshold(counts: torch.Tensor, sparsity: float, n_live: int, in_features: int) -> float:
-    """Threshold that drops a fraction ``sparsity`` of a matrix's inputs, dead columns included."""
-    floor = 1.0 - n_live / in_features
-    if sparsity <= floor + 1e-12 or n_live == 0:
-        return 0.0
-    return hist_threshold(counts, (sparsity - floor) / (1.0 - floor))
-
-
-# ---- config identity -----------------------------------------------------------------------------
-_HASH_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
-                "max_position_embeddings", "hidden_act", "attention_bias", "mlp_bias")
-
-
-def config_hash(config) -> str:
-    """sha256 (16 hex) of the fields that define a model's computation (not its dtype or ties)."""
-    d = {}
-    for k in _HASH_FIELDS:
-        v = getattr(config, k, None)
-        if v is not None:
-            d[k] = v
-    blob = json.dumps(d, sort_keys=True, default=str)
-    import hashlib
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def weight_fingerprint(model) -> list[float]:
-    """16 column norms of the first down/o projection: unchanged by the transform (only its output
-    side is rotated), different for different weights."""
-    a = adapter_for(model)
-    w = projection(model, 0, a.mlp_output, a).weight.detach()
-    return [float(v) for v in w[:, :16].float().norm(dim=0).cpu()]
-
-
-def is_weighted(method: str, weighted: str, proj: str, adapter) -> bool:
-    if method != "wina":
-        return False
-    return weighted == "all" or proj in adapter.weighted_default
-
-
-def gate_scale_and_live(lin, weighted_proj: bool):
-    """The same column norms / dead columns as Sparsifier.refresh_scales."""
-    norms = lin.weight.detach().float().norm(dim=0)
-    dead = norms == 0
-    live = (~dead) if bool(dead.any()) else None
-    scale = norms.to(lin.weight.dtype) if weighted_proj else None
-    return scale, live
-
-
-def prefix_start(n_tok: int, dense_prefix: float) -> int:
-    """First gated position of a sequence of n_tok tokens (as the sparsifier's hook)."""
-    if n_tok <= 1 or dense_prefix <= 0:
-        return 0
-    return n_tok - int((1.0 - dense_prefix) * n_tok)
-
-
 # ---- calibration data ----------------------------------------------------------------------------
+WIKITEXT_FILE = "wikitext2/wiki.test.raw"
+
+
+def wikitext_path() -> Path:
+    """The file behind the ``wikitext`` calibration source; a clear error when there is no data folder."""
+    from .data import candidates, find_data_dir
+    root = find_data_dir()
+    if root is None:
+        looked = ", ".join(str(c) for c in candidates())
+        raise DataError(f"calibration source wikitext reads {WIKITEXT_FILE} from a data folder, and "
+                        f"none was found ($WINA_DATA unset; {looked} absent); set WINA_DATA or use "
+                        "'self' or a text file")
+    p = root / WIKITEXT_FILE
+    if not p.is_file():
+        raise DataError(f"calibration source wikitext: {p} not found (the data folder is {root})")
+    return p
+
+
 def _check_source(source: str) -> str:
     if source in ("self", "random"):
         return source
+    if source == "wikitext":
+        wikitext_path()
+        return "wikitext"
     if source.startswith("hub:"):
         return "hub"
     p = Path(source).expanduser()
@@ -183,31 +93,30 @@ def _check_source(source: str) -> str:
         return "file"
     if source.count("/") == 1 and not source.startswith((".", "/", "~")) and not p.suffix:
         return "hub"
-    raise DataError(f"calibration source not found: {source} (use 'self', a .txt/.jsonl file, "
-                    "or hub:<dataset>)")
+    raise DataError(f"calibration source not found: {source} (use 'self', 'wikitext', a .txt/.jsonl "
+                    "file, or hub:<dataset>)")
 
 
 def _read_texts(path: Path, field: str) -> list[str]:
     if path.suffix == ".jsonl":
         texts = []
-        with path.open(encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if isinstance(rec, dict) and field in rec:
-                    texts.append(str(rec[field]))
-                elif isinstance(rec, dict) and "instruction" in rec:    # alpaca-style records
-                    texts.append("\n\n".join(str(rec[k]) for k in ("instruction", "input", "output")
-                                             if rec.get(k)))
-                else:
-                    raise DataError(f"{path}:{n}: no field {field!r} (choose one with field=)")
+        for n, line in enumerate(read_text(path).splitlines(), 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(rec, dict) and field in rec:
+                texts.append(str(rec[field]))
+            elif isinstance(rec, dict) and "instruction" in rec:    # alpaca-style records
+                texts.append("\n\n".join(str(rec[k]) for k in ("instruction", "input", "output")
+                                         if rec.get(k)))
+            else:
+                raise DataError(f"{path}:{n}: no field {field!r} (choose one with field=)")
         return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
+    return [read_text(path)]
 
 
 def _hub_texts(name: str, field: str) -> list[str]:
@@ -218,9 +127,17 @@ def _hub_texts(name: str, field: str) -> list[str]:
     except ImportError:
         raise DataError(f"hub dataset {name!r} needs the 'datasets' package (pip install datasets), "
                         "or use source='self' or a local file") from None
+    from . import hub
+    from .errors import is_network_error, network_error
+    if not hub.usable():
+        why = "the hub is off (HF_HUB_OFFLINE)" if hub.offline() else "the hub is unreachable"
+        raise DataError(f"calibration dataset {name!r} comes from the Hugging Face hub and {why}; "
+                        "calibrate on 'self' (text the model writes), 'wikitext' or a local .txt/.jsonl file")
     try:
         ds = load_dataset(name, split="train")
     except Exception as e:  # network, missing dataset: many types
+        if is_network_error(e):
+            raise network_error(f"calibration dataset {name!r}", e) from None
         raise DataError(f"cannot load hub dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                         "; offline, use source='self' or a local file") from None
     if field not in ds.column_names:
@@ -350,8 +267,8 @@ def calibration_ids(model, tokenizer, source: str, samples: int, seq_len: int, *
     if kind == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=g)
-    if kind == "file":
-        p = Path(source).expanduser()
+    if kind in ("file", "wikitext"):
+        p = wikitext_path() if kind == "wikitext" else Path(source).expanduser()
         return _windows_from_texts(_read_texts(p, field), tokenizer, samples, seq_len, str(p))
     return _windows_from_texts(_hub_texts(source, field), tokenizer, samples, seq_len, source)
 

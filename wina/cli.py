@@ -96,10 +96,15 @@ class WinaGroup(TyperGroup):
             sys.exit(e.exit_code)
         except SystemExit:
             raise
-        except Exception as e:  # a bug, not a user error: say so, traceback with --debug
+        except Exception as e:  # an environment fault (one line, exit 2) or a bug (traceback with --debug)
+            from .errors import user_error
             if _STATE["debug"]:
                 traceback.print_exc()
-            else:
+            fault = user_error(e)
+            if fault is not None:
+                _red_line(str(fault))
+                sys.exit(2)
+            if not _STATE["debug"]:
                 _red_line(f"internal error: {type(e).__name__}: {e} (run again with --debug for the traceback)")
             sys.exit(1)
         if rv == 130:                        # Ctrl-C (typer turns it into exit code 130)
@@ -277,16 +282,11 @@ def _suppress():
 
 
 def _load(spec: str, device: str, dtype: str, r: Optional[ProgressRenderer] = None):
-    from .models import load, resolve_source
+    from . import api
+    from .models import resolve_source
     resolve_source(spec)                     # a bad path fails before any slow import
     _quiet_libraries()
-    dev = _device(device)
-    if r is not None:
-        r.note("load", f"{spec} on {dev}")
-    loaded = load(spec, dtype=None if dtype == "auto" else dtype, device=dev)
-    if r is not None:
-        r.done("load", f"{spec} on {dev}")
-    return loaded
+    return api.load(spec, device=_device(device), dtype=dtype, on_event=r)
 
 
 def _limit(v: Optional[float]):
@@ -297,47 +297,19 @@ def _limit(v: Optional[float]):
 
 def _opts(method: Optional[str], sparsity: Optional[float], transform: bool, plan: Optional[str],
           gating: str, weighted: str = "default"):
-    """Build and check SparseOptions before anything slow. Method defaults: dense unless a sparsity
-    or a plan is given (then wina, or the plan's own method)."""
-    from .pipeline import SparseOptions
-    if plan is not None:
-        meta = _plan_meta(plan)
-        pm = meta.get("method")
-        if method is not None and pm and method != pm:
-            from .errors import InvalidArgument
-            raise InvalidArgument(f"--method {method} does not match the plan's method {pm} ({plan})")
-        method = method or pm or "wina"
-        if meta.get("transform") and not transform:
-            transform = True
-    if method is None:
-        method = "wina" if sparsity is not None else "dense"
-    opts = SparseOptions(method=method, sparsity=0.5 if sparsity is None else sparsity,
-                         transform=transform, gating=gating, weighted=weighted, plan=plan)
-    if method == "dense":
-        opts.sparsity = 0.0 if sparsity is None else sparsity
-    return opts.validate()
-
-
-def _plan_meta(plan: str) -> dict:
-    """The plan's metadata, read from its JSON file (cheap; the full plan is loaded later)."""
-    from .errors import PlanError
-    p = Path(plan).expanduser()
-    if not p.exists():
-        raise PlanError(f"plan not found: {plan}")
-    f = p / "plan.json" if p.is_dir() else p
-    try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise PlanError(f"{plan} is not a calibration plan: {e}") from None
-    if not isinstance(data, dict):
-        raise PlanError(f"{plan} is not a calibration plan")
-    meta = data.get("meta", data)
-    return meta if isinstance(meta, dict) else {}
+    """Options checked before anything slow, with the library's defaults (wina.api.sparse_options)."""
+    from .api import sparse_options
+    return sparse_options(method, sparsity, transform, plan, gating, weighted)
 
 
 def _prepare(loaded, opts):
-    from .pipeline import prepare
-    return prepare(loaded.model, opts)
+    from .api import apply
+    return apply(loaded, opts)
+
+
+def _plan_info(plan: str) -> dict:
+    from .api import plan_info
+    return plan_info(plan)
 
 
 def _sparsity_line(sp, opts) -> str:
@@ -435,16 +407,13 @@ def calibrate_cmd(
         raise InvalidArgument(f"--samples must be at least 1, got {samples}")
     if seq_len is not None and seq_len < 8:
         raise InvalidArgument(f"--seq-len must be at least 8, got {seq_len}")
+    from .api import Calibration, calibrate
+    from .results import check_writable
+    check_writable(out_plan, folder=True)               # before loading anything
     with ProgressRenderer() as r:
         loaded = _load(model, device, dtype, r)
-        if transform:
-            from .transform import transform as do_transform
-            r.note("transform", "column-orthogonal transform")
-            do_transform(loaded.model)
-            r.done("transform")
-        from .calibrate import calibrate
-        plan = calibrate(loaded.model, loaded.tokenizer, method=method, source=data, samples=samples,
-                         seq_len=seq_len, out=str(out_plan), weighted=weighted, model_id=model,
+        plan = calibrate(loaded, out_plan, Calibration(method=method, transform=transform, source=data,
+                                                       samples=samples, seq_len=seq_len, weighted=weighted),
                          on_event=r)
     n = getattr(plan, "n_calibrated", None)
     out.print(f"[green]plan written:[/] {escape(str(out_plan))}" + (f" ({n} layers calibrated)" if n else ""))
@@ -460,6 +429,10 @@ def allocate_cmd(
                                                               "default 0.025 for models >= 1 B, 0.1 below)."),
     mode: str = typer.Option("layer", "--mode", help="layer (greedy within each layer, as the seed) | "
                                                      "global (greedy across layers)."),
+    error_rule: str = typer.Option("wina", "--error-rule", help="wina (L2 over channels per position) | seed "
+                                                               "(the official: L2 over positions per channel)."),
+    step_norm: str = typer.Option("wina", "--step-norm", help="wina (steps relative to q_proj/qkv_proj) | "
+                                                             "seed (to o_proj, as the official; differs on Phi-4)."),
     out_plan: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the allocated plan here "
                                                                      "(default: update PLAN in place)."),
     model: Optional[str] = typer.Option(None, "--model", help="Load this model instead of the plan's own."),
@@ -475,30 +448,21 @@ def allocate_cmd(
     for name, v in (("--max-sparsity", max_sparsity), ("--step", step)):
         if v is not None and not (0.0 < v < 1.0):
             raise InvalidArgument(f"{name} must be in (0, 1), got {v}")
-    meta = _plan_meta(str(plan))
+    meta = _plan_info(str(plan))
     spec = model or meta.get("model_id") or meta.get("model")
     if not spec:
         raise InvalidArgument(f"{plan} does not name its model; give --model")
     target = Path(out_plan) if out_plan is not None else Path(plan)
     if target.resolve() != Path(plan).resolve():
-        if target.exists() and any(target.iterdir()):
-            raise InvalidArgument(f"--out {target} exists and is not empty")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise InvalidArgument(f"--out {target} exists and is not empty (or not a folder)")
         import shutil
         shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
+    from .api import Allocation, allocate
     with ProgressRenderer() as r:
         loaded = _load(spec, device, dtype, r)
-        from .plan import Plan
-        p = Plan.load(str(target), allow_partial=True)
-        if meta.get("transform"):
-            from .transform import transform as do_transform
-            r.note("transform", "column-orthogonal transform (as calibrated)")
-            do_transform(loaded.model)
-            r.done("transform")
-        from .allocate import allocate
-        new = allocate(loaded.model, loaded.tokenizer, p, max_sparsity=max_sparsity, step=step, mode=mode,
-                       on_event=r)
-        if getattr(new, "path", None) is None or Path(new.path).resolve() != target.resolve():
-            new.save(str(target))
+        allocate(loaded, target, Allocation(mode=mode, max_sparsity=max_sparsity, step=step,
+                                            error=error_rule, step_norm=step_norm), on_event=r)
     out.print(f"[green]allocated plan written:[/] {escape(str(target))}")
 
 
@@ -511,8 +475,9 @@ def eval_cmd(
     tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Comma-separated lm-eval tasks, e.g. "
                                                                     "piqa,winogrande,hellaswag,arc_challenge,mmlu,gsm8k."),
     limit: Optional[float] = typer.Option(None, "--limit", "-l", help="Documents per task (or a fraction < 1)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Read the tasks from local files "
-                                                                     "(e.g. ../shared/data); default: the hub."),
+    data_dir: str = typer.Option("auto", "--data-dir", help="Where the tasks come from: a folder laid out like "
+                                 "../shared/data, 'hub', or 'auto' ($WINA_DATA, ../shared/data, the shipped "
+                                 "subsets, then the hub)."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Override every task's few-shot count."),
     batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size."),
     ppl_text: Optional[Path] = typer.Option(None, "--ppl-text", help="Also the fast perplexity on this text file."),
@@ -532,12 +497,16 @@ def eval_cmd(
     opts = _opts(method, sparsity, transform, plan, gating, weighted)
     if not tasks and ppl_text is None:
         raise InvalidArgument("nothing to evaluate: give --tasks and/or --ppl-text")
-    from .evaluate import run_evaluation
+    from . import api
     from .results import check_writable
     from .tasks import check_local, parse_tasks
     names = parse_tasks(tasks) if tasks else []
-    if names and data_dir is not None:
-        check_local(names, data_dir)
+    lim = _limit(limit)
+    if names:
+        from .data import resolve
+        data_path = resolve(data_dir, names, lim).path
+        if data_path is not None:
+            check_local(names, data_path)
     if ppl_text is not None and not ppl_text.is_file():
         from .errors import DataError
         raise DataError(f"text file not found: {ppl_text}")
@@ -548,15 +517,11 @@ def eval_cmd(
         raise typer.Exit(distributed.relaunch(_without_procs(sys.argv[1:]), procs,
                                               cpu=not _device(device).startswith("cuda")))
     main_rank = distributed.world().is_main
+    ev = api.Evaluation(tasks=tuple(names), limit=lim, data_dir=data_dir, num_fewshot=num_fewshot,
+                        batch_size=batch_size, ppl_text=ppl_text, ppl_max_tokens=ppl_max_tokens)
     with ProgressRenderer() as r:
         loaded = _load(model, distributed.device_for_rank(_device(device)), dtype, r if main_rank else None)
-        sp = _prepare(loaded, opts)
-        run = run_evaluation(loaded.model, loaded.tokenizer, names, model_id=model, sparsifier=sp,
-                             method=opts.method, sparsity=opts.sparsity if opts.method != "dense" else 0.0,
-                             allocation=("greedy" if plan else "uniform") if opts.method != "dense" else None,
-                             plan=plan, out=output, ppl_file=ppl_text, ppl_max_tokens=ppl_max_tokens,
-                             limit=_limit(limit), data_dir=data_dir, num_fewshot=num_fewshot,
-                             batch_size=batch_size, on_event=r if main_rank else None)
+        run = api.evaluate(loaded, opts, ev, out=output, on_event=r if main_rank else None)
     if run is not None:
         _print_run(run)
 
@@ -609,6 +574,9 @@ def ppl_cmd(
     weighted: str = O_WEIGHTED,
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
     context: int = typer.Option(512, "--context", help="Window length in tokens (non-overlapping windows)."),
+    protocol: str = typer.Option("windows", "--protocol", help="windows (non-overlapping windows of --context) | "
+                                                               "seed (the official ppl script: 1000 rows shuffled "
+                                                               "with seed 42, 2048 + 512 sliding windows)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     device: str = O_DEVICE, dtype: str = O_DTYPE,
 ) -> None:
@@ -618,15 +586,14 @@ def ppl_cmd(
     ../shared/data/wikitext2/wiki.test.raw --max-tokens 8192[/]
     """
     opts = _opts(method, sparsity, transform, plan, gating, weighted)
-    from .perplexity import perplexity, read_text
-    body = read_text(text)
+    from . import api
+    from .perplexity import read_text
+    read_text(text)                                  # a missing or non-UTF-8 file: before loading
     with ProgressRenderer(transient=as_json) as r:
         loaded = _load(model, device, dtype, r)
-        sp = _prepare(loaded, opts)
-        if sp is not None:
-            sp.reset_counters()
-        res = perplexity(loaded.model, loaded.tokenizer, body, context=context, max_tokens=max_tokens,
-                         on_event=r)
+        res, _ = api.perplexity(loaded, opts, text, context=context, max_tokens=max_tokens,
+                                protocol=protocol, on_event=r)
+        sp = getattr(loaded.model, "_wina_sparsifier", None)
     measured = 0.0 if sp is None else sp.measured_sparsity()
     if measured is not None and isinstance(measured, float) and math.isnan(measured):
         measured = None
@@ -636,7 +603,7 @@ def ppl_cmd(
                           "plan": plan, "gating": opts.gating if sp is not None else None,
                           "sparsity": opts.sparsity if opts.method != "dense" else 0.0,
                           "perplexity": res.perplexity, "nll": res.nll, "tokens": res.tokens,
-                          "windows": res.windows, "context": res.context,
+                          "windows": res.windows, "context": res.context, "protocol": res.protocol,
                           "measured_sparsity": measured, "nominal_sparsity": nominal,
                           "text": str(text)}))
         return
@@ -815,8 +782,27 @@ def run_cmd(
     if summary.runs:
         from .compare import comparison_table
         out.print(comparison_table(summary.runs, title=f"{p.name}: {p.model}"))
+    if summary.seconds:
+        _print_stage_times(summary)
     out.print(f"[green]finished:[/] {len(summary.ran)} steps run, {len(summary.skipped)} skipped; "
               f"outputs in {escape(str(folder))}", soft_wrap=True)
+
+
+def _print_stage_times(summary) -> None:
+    """Wall time of each step this run executed (the model load counts in the first step that needed it)."""
+    from rich.table import Table
+    t = Table(title="wall time of each step run", title_justify="left")
+    t.add_column("step")
+    t.add_column("time", justify="right")
+    for title, sec in summary.seconds.items():
+        t.add_row(escape(title), _fmt_seconds(sec))
+    t.add_row("[bold]total[/]", f"[bold]{_fmt_seconds(summary.total_s)}[/]")
+    out.print(t)
+
+
+def _fmt_seconds(s: float) -> str:
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m}:{sec:02d}" if m else f"{s:.1f} s"
 
 
 @app.command("eval-step", hidden=True)

@@ -316,9 +316,20 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
         from . import distributed
         distributed.attach(lm, distributed.init())      # one rank of N under `accelerate launch`
         t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=tm, log_samples=log_samples, gen_kwargs=gen_kwargs,
-                                      bootstrap_iters=bootstrap_iters, verbosity=verbosity.upper())
+        from . import hub
+        from .errors import is_network_error, network_error
+        if data_dir is None and not hub.offline() and not hub.reachable():
+            raise DataError(f"the tasks {', '.join(names)} come from the Hugging Face hub, which is "
+                            "unreachable; give --data-dir a folder laid out like ../shared/data "
+                            "(or set WINA_DATA), or set HF_HUB_OFFLINE=1 to use the datasets cache")
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=tm, log_samples=log_samples, gen_kwargs=gen_kwargs,
+                                          bootstrap_iters=bootstrap_iters, verbosity=verbosity.upper())
+        except Exception as e:
+            if data_dir is None and is_network_error(e):
+                raise network_error(f"the data of {', '.join(names)}", e) from None
+            raise
         elapsed = time.perf_counter() - t0
         if res is None and lm.world_size > 1 and lm.rank != 0:
             return None                                  # data-parallel: rank 0 holds the results
@@ -327,8 +338,16 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
         res = json.loads(json.dumps(res, default=handle_non_serializable))
     res["wina_eval"] = {"tasks": names, "limit": limit, "data_dir": data_dir, "num_fewshot": num_fewshot,
                         "batch_size": batch_size, "elapsed_s": elapsed,
-                        "offline": data_dir is not None}
+                        "offline": data_dir is not None, "data": _data_kind(data_dir)}
     return res
+
+
+def _data_kind(data_dir) -> str:
+    """"shipped" (the package's subsets), "folder" or "hub": where a run's documents came from."""
+    from .data import SHIPPED_DIR
+    if data_dir is None:
+        return "hub"
+    return "shipped" if Path(data_dir).resolve() == SHIPPED_DIR else "folder"
 
 
 # --- a whole run: eval and/or perplexity, then one results file -------------------------------------
@@ -338,7 +357,7 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
                    allocation: Optional[str] = None, plan: Optional[str] = None,
                    out: Union[str, Path, None] = None, ppl_file: Union[str, Path, None] = None,
                    ppl_max_tokens: Optional[int] = None, ppl_context: int = 512,
-                   limit=None, data_dir=None, num_fewshot: Optional[int] = None,
+                   ppl_protocol: str = "windows", limit=None, data_dir=None, num_fewshot: Optional[int] = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, on_event: Optional[ProgressCallback] = None,
                    cancel: Optional[CancelToken] = None, gen_kwargs: Optional[dict] = None,
                    extra: Optional[dict] = None) -> "Any":
@@ -347,7 +366,8 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
     ``tasks``: lm-eval tasks (may be empty when only ``ppl_file`` is given). ``sparsifier``: the
     :class:`wina.sparsify.Sparsifier` attached to ``model`` (None: dense); its counters are reset
     here and the measured sparsity is read after the run. ``ppl_file``: also compute the fast
-    perplexity (:func:`wina.perplexity.perplexity`) on that text. ``out``: a file path or a folder
+    perplexity (:func:`wina.perplexity.perplexity`) on that text, with ``ppl_protocol`` ("windows" or
+    the seed's, "seed"). ``out``: a file path or a folder
     (a name is made up); None writes nothing. Everything is checked before any work; on any error
     nothing is written. Returns a :class:`wina.results.Run`.
     """
@@ -373,11 +393,11 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
         if sparsifier is not None:
             sparsifier.reset_counters()
         r = perplexity(model, tokenizer, text, context=ppl_context, max_tokens=ppl_max_tokens,
-                       on_event=on_event, cancel=cancel)
+                       protocol=ppl_protocol, on_event=on_event, cancel=cancel)
         measured_ppl = _measured(sparsifier)
         ppl_block = {"file": str(ppl_file), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
                      "windows": r.windows, "context": r.context, "max_tokens": ppl_max_tokens,
-                     "measured_sparsity": measured_ppl}
+                     "protocol": r.protocol, "measured_sparsity": measured_ppl}
     if names:
         if sparsifier is not None:
             sparsifier.reset_counters()

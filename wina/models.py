@@ -106,15 +106,28 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _from_dir_or_hub(name: str, dtype, device: str, **kw):
+def _from_dir_or_hub(name: str, dtype, device: str, *, hub_id: bool = False, **kw):
+    """Tokenizer and model from a local folder or a hub id (never running code from the repo)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from . import hub
+    from .errors import is_network_error, network_error, user_error
+    kw["trust_remote_code"] = False
+    if hub_id and not hub.usable():
+        kw["local_files_only"] = True            # the cache only: fail at once, not after retries
     try:
         tok = AutoTokenizer.from_pretrained(name, **kw)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
-    except OSError as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
-    except ValueError as e:
-        raise ModelLoadError(f"cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    except Exception as e:                       # transformers raises many types for a bad model
+        if hub_id and kw.get("local_files_only"):
+            why = "the hub is off (HF_HUB_OFFLINE)" if hub.offline() else "the hub is unreachable"
+            raise ModelLoadError(f"model {name!r} is not in the Hugging Face cache and {why}: pass a "
+                                 "local model folder or .gguf file, or smollm2-135m (the embedded "
+                                 "model), or fetch it once where the hub is reachable") from e
+        if hub_id and is_network_error(e):
+            raise network_error(f"model {name!r}", e, ModelLoadError) from e
+        fault = user_error(e, f"loading {name}")
+        first = str(fault) if fault is not None else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelLoadError(f"cannot load model {name!r}: {first}") from e
     return model, tok
 
 
@@ -157,7 +170,8 @@ def load(spec: str = EMBEDDED, *, dtype=None, device: str = "cpu", device_map=No
         source = str(cached)
     else:
         kw = {"device_map": device_map} if device_map else {}
-        model, tok = _from_dir_or_hub(str(path) if path else spec, torch_dtype, device, **kw)
+        model, tok = _from_dir_or_hub(str(path) if path else spec, torch_dtype, device,
+                                      hub_id=path is None, **kw)
         source = str(path) if path else spec
     if not device_map:
         model.to(device)

@@ -1,9 +1,20 @@
 """Perplexity on a text, fast: token-level, fixed non-overlapping windows.
 
-The text is tokenised once (no BOS added), cut to ``max_tokens``, split into windows of
-``context`` tokens with stride = context (a last partial window is dropped), and every window is
-scored independently: each token but a window's first is predicted from the tokens before it in
-its window. Perplexity = exp(mean NLL over all predicted tokens). Defaults: context 512, all tokens.
+Protocol ``"windows"`` (the default): the text is tokenised once (no BOS added), cut to
+``max_tokens``, split into windows of ``context`` tokens with stride = context (a last partial window
+is dropped), and every window is scored independently: each token but a window's first is predicted
+from the tokens before it in its window. Perplexity = exp(mean NLL over all predicted tokens).
+Defaults: context 512, all tokens.
+
+Protocol ``"seed"`` (the official wina/ppl_test.py + utils/eval_ppl.py, microsoft/wina @8153dbf):
+the text is read as wikitext rows (one per line, blank lines empty), the rows are shuffled with
+numpy's ``default_rng(42).permutation`` (what ``datasets.Dataset.shuffle(seed=42)`` does) and the
+first 1000 kept; each row plus ``"\n\n"`` is concatenated and tokenised with the tokenizer's
+special tokens (BOS for Llama), cut to ``max_tokens``; windows of 2048 context + 512 scored tokens
+slide with stride 512 over the first multiple of 512 tokens (the first window scores tokens
+2048-2559), and the perplexity is exp of the mean of the windows' mean NLLs. The official script
+also runs the model in bfloat16 on a GPU: that is the loader's dtype here, not part of the protocol.
+See docs/seed-fidelity.md.
 """
 from __future__ import annotations
 
@@ -14,8 +25,16 @@ from typing import Optional, Union
 
 import torch
 
+from . import files
 from .errors import DataError, InvalidArgument
 from .events import CancelToken, ProgressCallback, Reporter
+
+
+PROTOCOLS = ("windows", "seed")
+SEED_ROWS = 1000            # ppl_test.py --sample_size default
+SEED_SHUFFLE = 42           # ppl_test.py --seed default
+SEED_CONTEXT = 2048         # eval_ppl.py context_size
+SEED_STRIDE = 512           # eval_ppl.py window_size (scored tokens per window, and the stride)
 
 
 @dataclass
@@ -25,19 +44,52 @@ class PerplexityResult:
     tokens: int           # tokens predicted
     windows: int
     context: int
+    protocol: str = "windows"
 
 
 def read_text(path: Union[str, Path]) -> str:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"text file not found: {path}")
-    return p.read_text(encoding="utf-8", errors="replace")
+    return files.read_text(p)
+
+
+def seed_rows(text: str, rows: int = SEED_ROWS, seed: int = SEED_SHUFFLE) -> list[str]:
+    """The official script's sample of wikitext rows: every line of the raw file is a row (with its
+    newline; blank lines are empty rows), shuffled as ``datasets`` does with ``seed``, first ``rows``."""
+    import numpy as np
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()                                  # the file's final newline ends the last row
+    all_rows = [ln + "\n" if ln.strip() else "" for ln in lines]
+    perm = np.random.default_rng(seed).permutation(len(all_rows))
+    return [all_rows[int(i)] for i in perm[:rows]]
+
+
+def seed_windows(n_tokens: int, context: int = SEED_CONTEXT, stride: int = SEED_STRIDE) -> list[tuple[int, int]]:
+    """(begin, end) of the official sliding windows over ``n_tokens`` ids; the last ``stride``
+    tokens of each window are scored (eval_ppl.py's loop, including its stop rule)."""
+    seq_len = n_tokens - n_tokens % stride
+    out = []
+    for begin in range(0, seq_len, stride):
+        end = begin + context + stride
+        out.append((begin, min(end, n_tokens)))
+        if end >= seq_len:
+            break
+    return out
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: Optional[int] = None,
                batch_size: int = 1, on_event: Optional[ProgressCallback] = None,
-               cancel: Optional[CancelToken] = None) -> PerplexityResult:
+               cancel: Optional[CancelToken] = None, protocol: str = "windows") -> PerplexityResult:
+    """Perplexity of ``text`` (module docstring). ``protocol``: "windows" (default) or "seed"; with
+    "seed", ``context`` and ``batch_size`` are the official script's (2048 + 512, one window a batch)."""
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(f"unknown perplexity protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    if protocol == "seed":
+        return _seed_perplexity(model, tokenizer, text, max_tokens=max_tokens, on_event=on_event,
+                                cancel=cancel)
     if context < 2:
         raise InvalidArgument(f"context must be at least 2 tokens, got {context}")
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
@@ -64,3 +116,34 @@ def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: O
     total_nll, total_tok = all_reduce_sum([total_nll, total_tok])
     mean = total_nll / total_tok
     return PerplexityResult(math.exp(mean), mean, int(total_tok), n_windows, context)
+
+
+@torch.no_grad()
+def _seed_perplexity(model, tokenizer, text: str, *, max_tokens: Optional[int] = None,
+                     on_event: Optional[ProgressCallback] = None,
+                     cancel: Optional[CancelToken] = None) -> PerplexityResult:
+    body = "".join(r + "\n\n" for r in seed_rows(text))
+    ids = tokenizer(body, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() <= SEED_STRIDE:
+        raise DataError(f"the text has {ids.numel()} tokens, too few for one window of {SEED_STRIDE} scored tokens")
+    wins = seed_windows(ids.numel())
+    device = next(model.parameters()).device
+    from .distributed import all_reduce_sum, shard
+    mine = list(shard(len(wins)))
+    rep = Reporter("ppl", len(mine), on_event, cancel)
+    rep.emit(0)
+    sum_means, n_tok = 0.0, 0
+    for j, w in enumerate(mine):
+        b, e = wins[w]
+        x = ids[b:e].unsqueeze(0).to(device)
+        logits = model(x, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0, -SEED_STRIDE - 1:-1], x[0, -SEED_STRIDE:],
+                                                reduction="none")
+        sum_means += float(nll.double().mean())        # the mean of each window, as outputs.loss
+        n_tok += SEED_STRIDE
+        rep.emit(j + 1, ppl=math.exp(sum_means / (j + 1)))
+    sum_means, n_tok = all_reduce_sum([sum_means, n_tok])
+    mean = sum_means / len(wins)
+    return PerplexityResult(math.exp(mean), mean, int(n_tok), len(wins), SEED_CONTEXT + SEED_STRIDE, "seed")

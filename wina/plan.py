@@ -29,14 +29,13 @@ import datetime as _dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .errors import InvalidArgument, PlanError
+from .files import write_bytes
 
 FORMAT = "wina-plan"
 VERSION = 1
@@ -50,24 +49,6 @@ class TrajectoryRow(NamedTuple):
     sparsities: dict[str, float]      # per projection of the layer
     effective: float                  # parameter-weighted sparsity of the layer
     error: float                      # layer-output error (mean L2 over the last 25 % of positions)
-
-
-# ---- atomic file helpers -------------------------------------------------------------------------
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _st_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -256,7 +237,7 @@ class Plan:
         return best_rows
 
     def threshold(self, layer: int, proj: str, sparsity: float) -> float:
-        from .calibrate import matrix_threshold
+        from .scores import matrix_threshold
         self._require_calibrated()
         j = self.projections.index(proj)
         return matrix_threshold(self.histograms[layer][j], sparsity, self.n_live[layer][j],
@@ -275,7 +256,7 @@ class Plan:
     # --- checks --------------------------------------------------------------------------------
     def check_model(self, model) -> None:
         from .adapters import adapter_for
-        from .calibrate import config_hash, weight_fingerprint
+        from .adapters import config_hash, weight_fingerprint
         mt = adapter_for(model).model_type
         if mt != self.meta["architecture"]:
             raise PlanError(f"plan is for a {self.meta['architecture']} model, this one is {mt}")
@@ -294,12 +275,14 @@ class Plan:
     # --- disk ----------------------------------------------------------------------------------
     def _write_file(self, rel: str, tensors: dict[str, torch.Tensor]) -> None:
         data = _st_bytes(tensors)
-        _atomic_write_bytes(self.path / rel, data)
+        write_bytes(self.path / rel, data)
         self.meta["files"][rel] = _sha(data)
 
     def _write_json(self) -> None:
+        from .plan_meta import SEAL, seal
         self.meta["saved_at"] = _now()
-        _atomic_write_bytes(self.path / "plan.json", json.dumps(self.meta, indent=1, sort_keys=True).encode())
+        self.meta[SEAL] = seal(self.meta)
+        write_bytes(self.path / "plan.json", json.dumps(self.meta, indent=1, sort_keys=True).encode())
 
     def _hist_tensors(self, i: int) -> dict[str, torch.Tensor]:
         return {"counts": self.histograms[i], "n_live": torch.tensor(self.n_live[i], dtype=torch.int64)}
@@ -374,14 +357,9 @@ class Plan:
         root = Path(path)
         if not root.is_dir():
             raise PlanError(f"plan directory not found: {path}")
-        pj = root / "plan.json"
-        if not pj.is_file():
-            raise PlanError(f"{path} is not a plan (no plan.json)")
-        try:
-            meta = json.loads(pj.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PlanError(f"corrupt plan {path}: plan.json is not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        from .plan_meta import read_meta
+        meta = read_meta(root)
+        if meta.get("format") != FORMAT:
             raise PlanError(f"{path} is not a wina plan (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("version") != VERSION:
             raise PlanError(f"plan format version {meta.get('version')!r} is not supported "
@@ -454,8 +432,8 @@ def _now() -> str:
 def plan_from_model(model, calib_ids: torch.Tensor, *, model_id: str, args: dict, version: str) -> Plan:
     """A fresh, empty plan for a model and its calibration ids."""
     from .adapters import adapter_for, decoder_layers, projection_shapes
-    from .calibrate import (BINS_PER_OCTAVE, HI_EXP, LO_EXP, N_BINS, config_hash, size_class,
-                            weight_fingerprint)
+    from .adapters import config_hash, weight_fingerprint
+    from .scores import BINS_PER_OCTAVE, HI_EXP, LO_EXP, N_BINS, size_class
     a = adapter_for(model)
     shapes = projection_shapes(model.config)
     P = list(a.projections)
@@ -507,20 +485,13 @@ def apply_plan(model, plan: Plan, sparsity: float, *, gating: str = "threshold",
     target on the calibration data. ``refine=False`` keeps the histogram (dense) thresholds.
     """
     from .sparsify import sparsify
-    from .transform import is_transformed, transform
+    from .transform import ensure
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     plan._require_calibrated()
     plan.check_model(model)
-    want = bool(plan.meta["transform"])
-    if want and not is_transformed(model):
-        existing = getattr(model, "_wina_sparsifier", None)
-        if existing is not None:
-            existing.remove()
-        transform(model)
-    elif not want and is_transformed(model):
-        raise PlanError("this plan was calibrated on the untransformed model, but the model is "
-                        "transformed; reload it or calibrate the transformed model")
+    ensure(model, bool(plan.meta["transform"]), what="this plan (calibrated on the untransformed model)",
+           error=PlanError)
     sp_map = plan.sparsities_at(sparsity, mode)
     thresholds = plan.thresholds_at(sparsity, mode) if gating == "threshold" else None
     sp = sparsify(model, plan.method, sp_map, gating=gating, thresholds=thresholds,
@@ -534,7 +505,7 @@ def apply_plan(model, plan: Plan, sparsity: float, *, gating: str = "threshold",
 def refine_thresholds(model, sp, plan: Plan, *, tokens: int = 1024) -> None:
     """Set each gate's threshold to the exact quantile of its actual (upstream-gated) input scores
     on the plan's calibration data, in forward order (one forward pass); see :func:`apply_plan`."""
-    from .calibrate import prefix_start
+    from .scores import prefix_start
     from .sparsify import gate_scores
     ids = plan.calib_ids
     L = min(ids.shape[1], max(8, tokens))

@@ -27,6 +27,10 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
                                     #   the seed; 0.1 below)
     samples = 4                     # calibration sequences the greedy uses (omit: the library's
     seq_len = 128                   #   default: all for >= 1 B parameters, 4 × 128 below)
+    error = "wina"                  # wina (L2 over channels per position) | seed (the official rule:
+                                    #   L2 over positions per channel); docs/seed-fidelity.md
+    step_norm = "wina"              # wina (steps relative to q_proj/qkv_proj) | seed (to o_proj; differs
+                                    #   on Phi-4 only)
 
     [eval]
     sparsities = [0.25, 0.40, 0.50, 0.65]
@@ -38,6 +42,8 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
     data_dir = "auto"               # "auto" | "hub" | a folder (see below)
     ppl_text = "{data}/wikitext2/wiki.test.raw"   # optional: also the fast perplexity on a text
     ppl_max_tokens = 8192
+    ppl_protocol = "windows"        # windows (non-overlapping 512-token windows) | seed (the official
+                                    #   ppl script: 1000 shuffled rows, 2048 + 512 sliding windows)
 
     [[variants]]                    # one per method variant; at least one
     name = "wina"                   # unique, [A-Za-z0-9_.-]; names the output files
@@ -46,9 +52,10 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
     allocation = "greedy"           # greedy (calibrate + allocate; the default) | uniform (plain top-k)
 
 Paths (``calibration.source`` when it is a file, ``eval.data_dir``, ``eval.ppl_text``) are relative
-to the preset file's folder. ``data_dir = "auto"`` means: ``$WINA_DATA_DIR`` if set, else the first
-existing of ``<repo>/../shared/data`` and ``./data``; if none exists, the tasks come from the hub.
-``"hub"`` always uses lm-eval's hub datasets. ``{data}`` in ``ppl_text`` stands for that folder.
+to the preset file's folder. ``data_dir = "auto"`` follows :func:`wina.data.resolve`: ``$WINA_DATA``
+if set, else ``<repo>/../shared/data`` or ``./data``, else the subsets shipped with the package when
+they cover the tasks and limit, else the hub. ``"hub"`` always uses lm-eval's hub datasets. ``{data}``
+in ``ppl_text`` stands for the full data folder.
 
 Errors name the file and the key, e.g. ``presets/x.toml: eval.sparsities[1]: must be in [0, 1), got 1.5``.
 """
@@ -102,6 +109,8 @@ class Allocation:
     step: Optional[float] = None
     samples: Optional[int] = None
     seq_len: Optional[int] = None
+    error: str = "wina"
+    step_norm: str = "wina"
 
 
 @dataclass
@@ -115,6 +124,7 @@ class EvalSpec:
     data_dir: str = "auto"
     ppl_text: Optional[str] = None
     ppl_max_tokens: Optional[int] = None
+    ppl_protocol: str = "windows"
 
 
 @dataclass
@@ -151,14 +161,19 @@ class Preset:
         q = Path(p).expanduser()
         return q if q.is_absolute() else (self.base_dir / q)
 
-    def resolved_data_dir(self) -> Optional[Path]:
-        """The folder tasks are read from, or None for lm-eval's hub datasets."""
+    def data_source(self, limit=None):
+        """Where the tasks are read from (:func:`wina.data.resolve`), for ``limit`` documents per task
+        (None: the preset's own limit)."""
+        from . import data
+        from .tasks import parse_tasks
         d = self.eval.data_dir
-        if d == "hub":
-            return None
-        if d == "auto":
-            return find_data_dir()
-        return self._rel(d).resolve()
+        tasks = parse_tasks(self.eval.tasks) if self.eval.tasks else []
+        lim = self.eval.limit if limit is None else limit
+        return data.resolve(d if d in ("auto", "hub") else self._rel(d), tasks, lim)
+
+    def resolved_data_dir(self, limit=None) -> Optional[Path]:
+        """The folder tasks are read from, or None for lm-eval's hub datasets."""
+        return self.data_source(limit).path
 
     def resolved_source(self) -> str:
         """The calibration source with a relative file path made absolute."""
@@ -175,13 +190,20 @@ class Preset:
             d = find_data_dir() if self.eval.data_dir in ("auto", "hub") else self.resolved_data_dir()
             if d is None:
                 raise PresetError(f"{self.where}: eval.ppl_text: {t!r} needs a data folder, and none was "
-                                  f"found (set WINA_DATA_DIR)")
+                                  f"found (set eval.data_dir or $WINA_DATA)")
             t = t.replace("{data}", str(d))
         return self._rel(t).resolve()
 
     @property
     def where(self) -> str:
         return str(self.path) if self.path is not None else f"preset {self.name!r}"
+
+    def protocol(self) -> dict:
+        """The settings where the seed's protocol and this project's defaults differ, as this preset
+        chooses them (docs/seed-fidelity.md); "seed" values reproduce microsoft/wina."""
+        return {"allocation.error": self.allocation.error, "allocation.step_norm": self.allocation.step_norm,
+                "eval.ppl_protocol": self.eval.ppl_protocol, "dtype": self.dtype,
+                "eval.batch_size": self.eval.batch_size}
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -192,14 +214,9 @@ class Preset:
 # --- data folder ---------------------------------------------------------------------------------
 
 def find_data_dir() -> Optional[Path]:
-    """``$WINA_DATA_DIR``, else ``<repo>/../shared/data``, else ``./data`` (first that exists)."""
-    env = os.environ.get("WINA_DATA_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    for cand in (PACKAGE_DIR.parent.parent / "shared" / "data", Path.cwd() / "data"):
-        if cand.is_dir():
-            return cand.resolve()
-    return None
+    """The full data folder ``auto`` finds (:func:`wina.data.find_data_dir`), or None."""
+    from .data import find_data_dir as find
+    return find()
 
 
 # --- finding presets -----------------------------------------------------------------------------
@@ -336,9 +353,12 @@ def _step(a: "_V") -> Optional[float]:
 TOP_KEYS = ("name", "description", "model", "dtype", "device", "calibration", "allocation", "eval",
             "variants")
 CAL_KEYS = ("source", "samples", "seq_len", "weighted")
-ALLOC_KEYS = ("mode", "max_sparsity", "step", "samples", "seq_len")
+ALLOC_KEYS = ("mode", "max_sparsity", "step", "samples", "seq_len", "error", "step_norm")
 EVAL_KEYS = ("sparsities", "gating", "tasks", "limit", "num_fewshot", "batch_size", "data_dir",
-             "ppl_text", "ppl_max_tokens")
+             "ppl_text", "ppl_max_tokens", "ppl_protocol")
+ERROR_RULES = ("wina", "seed")          # = wina.allocate.ERROR_RULES (no torch import here)
+STEP_NORMS = ("wina", "seed")           # = wina.allocate.STEP_NORMS
+PPL_PROTOCOLS = ("windows", "seed")     # = wina.perplexity.PROTOCOLS
 VARIANT_KEYS = ("name", "method", "transform", "allocation")
 
 
@@ -381,7 +401,8 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
         a.fail("seq_len", f"must be at least 8, got {a_seq}")
     alloc = Allocation(a.choice("mode", MODES, "layer"),
                        _fraction(a, "max_sparsity", a.get("max_sparsity", float, 0.9), lo_open=True),
-                       _step(a), a_samples, a_seq)
+                       _step(a), a_samples, a_seq, a.choice("error", ERROR_RULES, "wina"),
+                       a.choice("step_norm", STEP_NORMS, "wina"))
 
     e = top.sub("eval")
     e.check_keys(EVAL_KEYS)
@@ -424,7 +445,7 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
     if not tasks and not ppl_text:
         e.fail("tasks", "nothing to evaluate: give tasks and/or ppl_text")
     ev = EvalSpec(sparsities, e.choice("gating", GATINGS, "topk"), tasks, limit, num_fewshot,
-                  batch_size, data_dir, ppl_text, ppl_max)
+                  batch_size, data_dir, ppl_text, ppl_max, e.choice("ppl_protocol", PPL_PROTOCOLS, "windows"))
 
     raw_variants = top.get("variants", list, None, required=True)
     if not raw_variants:

@@ -29,19 +29,19 @@ Files are written atomically (a temporary file in the same folder, then ``os.rep
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import platform
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from .errors import DataError, InvalidArgument
+from . import files
+from .files import write_text
 
 SCHEMA = 1
 REQUIRED = ("schema", "model", "method", "transform", "allocation", "nominal_sparsity",
@@ -213,6 +213,8 @@ def make_wina_block(*, model_id: str, model=None, sparsifier=None, method: Optio
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device), "elapsed_s": elapsed_s,
     }
+    from .fidelity import record as _fidelity      # which seed corrections / protocol (docs/seed-fidelity.md)
+    block["seed_fidelity"] = _fidelity(model, sparsifier, transform, plan, perplexity)
     if extra:
         block["extra"] = extra
     return block
@@ -236,15 +238,9 @@ def default_filename(wina: dict) -> str:
     return f"{date}_{model}_{tag}.json"
 
 
-def check_writable(out: Union[str, Path]) -> None:
+def check_writable(out: Union[str, Path], *, folder: bool = False) -> None:
     """Raise before any work if ``out`` (a file or a folder) cannot be written."""
-    p = Path(out).expanduser()
-    folder = p if (p.is_dir() or p.suffix == "") else p.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise InvalidArgument(f"cannot write results to {out}: {probe} is not a writable folder")
+    files.check_writable(out, folder=folder)
 
 
 def write_run(record: dict, out: Union[str, Path]) -> Run:
@@ -254,19 +250,8 @@ def write_run(record: dict, out: Union[str, Path]) -> Run:
     p = Path(out).expanduser()
     if p.is_dir() or p.suffix == "":
         p = p / default_filename(record["wina"])
-    p.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(record, indent=1, sort_keys=False, default=str, allow_nan=True)
-    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_text(p, text)
     return Run(p, record)
 
 

@@ -24,15 +24,15 @@ processes print goes to ``logs/<results file>.log`` in the output folder.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .errors import InvalidArgument, PlanError, WinaError
+from .errors import InvalidArgument, WinaError
+from .files import write_text
 from .events import CancelToken, ProgressCallback
 from .presets import Preset, PresetError, Variant
 
@@ -85,6 +85,8 @@ class Summary:
     skipped: list[Step] = field(default_factory=list)
     runs: list[Any] = field(default_factory=list)          # wina.results.Run of every eval output
     compare_path: Optional[Path] = None
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step run (title -> s)
+    total_s: float = 0.0
 
 
 # --- plan.json reading (no torch) ------------------------------------------------------------------
@@ -189,19 +191,17 @@ def describe(preset: Preset, limit=None) -> dict[str, str]:
     e = preset.eval
     info["sparsities"] = ", ".join(f"{s:g}" for s in e.sparsities)
     info["gating"] = e.gating
-    data_dir = preset.resolved_data_dir()
+    lim = limit if limit is not None else e.limit
     if e.tasks:
         names = _tasks.parse_tasks(e.tasks)
-        if data_dir is not None:
-            if not data_dir.is_dir():
-                raise PresetError(f"{preset.where}: eval.data_dir: folder not found: {data_dir}")
-            _tasks.check_local(names, data_dir)
-            where = f"local files in {data_dir}"
+        src = preset.data_source(lim)
+        if src.path is not None:
+            _tasks.check_local(names, src.path)
+            where = src.label
         else:
             hub = [n for n in names if n not in _tasks.TASKS]
             where = "lm-eval hub datasets" + (f" ({', '.join(hub)}: checked when run)" if hub else "")
         info["tasks"] = f"{', '.join(names)} from {where}"
-    lim = limit if limit is not None else e.limit
     info["limit"] = "all documents" if lim is None else f"{lim:g} per task"
     ppl = preset.resolved_ppl_text()
     if ppl is not None:
@@ -231,30 +231,16 @@ class _Model:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def get(self, transform: bool):
+    def get(self, transform: bool, on_event=None):
+        """The loaded model, reloaded when a step needs it untransformed after the transform; the
+        steps themselves (wina.api) transform it when they need to."""
         from .transform import is_transformed
         if self.loaded is not None and not transform and is_transformed(self.loaded.model):
-            self.loaded = None
+            self.release()
         if self.loaded is None:
-            import torch
-            from .models import load
-            dev = resolve_device(self.preset, self.device)
-            if self.r is not None:
-                self.r.note("load", f"{self.preset.model} on {dev}")
-            dtype = None if self.preset.dtype == "auto" else self.preset.dtype
-            self.loaded = load(self.preset.model, dtype=dtype, device=dev)
-            if self.r is not None:
-                self.r.done("load", f"{self.preset.model} on {dev}")
-        if transform and not is_transformed(self.loaded.model):
-            from .transform import transform as do_transform
-            sp = getattr(self.loaded.model, "_wina_sparsifier", None)
-            if sp is not None:
-                sp.remove()
-            if self.r is not None:
-                self.r.note("transform", "column-orthogonal transform")
-            do_transform(self.loaded.model)
-            if self.r is not None:
-                self.r.done("transform")
+            from . import api
+            self.loaded = api.load(self.preset.model, device=resolve_device(self.preset, self.device),
+                                   dtype=self.preset.dtype, on_event=on_event)
         return self.loaded
 
 
@@ -263,19 +249,6 @@ def resolve_device(preset: Preset, device: Optional[str]) -> str:
     import torch
     return (device if device not in (None, "auto") else None) or (
         preset.device if preset.device != "auto" else None) or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=None,
@@ -297,8 +270,9 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
     describe(preset, limit)                          # fail early on a bad path / task / data folder
     steps = plan_steps(preset, out, limit=limit)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
+    write_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
     summary = Summary(out)
+    t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
     notify = on_step or (lambda s, st: None)
     ran_eval = False
@@ -312,6 +286,7 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
             notify(step, "skip")
             continue
         notify(step, "start")
+        t0 = time.perf_counter()
         if step.kind == CALIBRATE:
             _calibrate(step, preset, holder, on_event, cancel)
         elif step.kind == ALLOCATE:
@@ -327,65 +302,75 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
         elif step.kind == COMPARE:
             _compare(step, preset)
         summary.ran.append(step)
+        summary.seconds[step.title] = time.perf_counter() - t0
         notify(step, "done")
     from .results import load_run
     compare = next(s for s in steps if s.kind == COMPARE)
     summary.runs = [load_run(p) for p in compare.inputs if p.is_file()]
     summary.compare_path = compare.output if compare.output.is_file() else None
+    summary.total_s = time.perf_counter() - t_start
     return summary
 
 
 def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
-    from .calibrate import calibrate
+    from . import api
     v = step.variant
-    loaded = holder.get(v.transform)
-    c = preset.calibration
-    calibrate(loaded.model, loaded.tokenizer, method=v.method, source=preset.resolved_source(),
-              samples=c.samples, seq_len=c.seq_len, out=str(step.output), weighted=c.weighted,
-              model_id=preset.model, on_event=on_event, cancel=cancel)
+    api.calibrate(holder.get(v.transform, on_event), step.output, calibration_of(preset, v),
+                  on_event=on_event, cancel=cancel)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
-    from .allocate import allocate
-    from .plan import Plan
-    v = step.variant
-    loaded = holder.get(v.transform)
-    plan = Plan.load(str(step.output), allow_partial=True)
-    if not plan.calibrated:
-        raise PlanError(f"{step.output}: calibration is not finished; run the calibrate step first")
-    a = preset.allocation
-    new = allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=a.max_sparsity, step=a.step,
-                   mode=a.mode, samples=a.samples, seq_len=a.seq_len, on_event=on_event, cancel=cancel)
-    if new is not None and getattr(new, "path", None) is None:
-        new.save(str(step.output))
-    elif new is not None and Path(new.path).resolve() != step.output.resolve():
-        new.save(str(step.output))
+    from . import api
+    api.allocate(holder.get(step.variant.transform, on_event), step.output, allocation_of(preset),
+                 on_event=on_event, cancel=cancel)
 
 
 def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:
-    from .evaluate import run_evaluation
-    from .pipeline import SparseOptions, prepare
+    from . import api
     v = step.variant
-    e = preset.eval
-    loaded = holder.get(v.transform)
-    plan = str(step.inputs[0]) if v.needs_plan else None
-    opts = SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
+    api.evaluate(holder.get(v.transform, on_event), options_of(preset, step), evaluation_of(preset, limit),
+                 out=step.output, on_event=on_event, cancel=cancel,
+                 extra={"preset": preset.name, "variant": v.name,
+                        "preset_file": str(preset.path) if preset.path else None})
+
+
+# --- a preset's settings as the pipeline's (the one translation) ---------------------------------
+
+def calibration_of(preset: Preset, v: Variant):
+    from .api import Calibration
+    c = preset.calibration
+    return Calibration(method=v.method, transform=v.transform, source=preset.resolved_source(),
+                       samples=c.samples, seq_len=c.seq_len, weighted=c.weighted)
+
+
+def allocation_of(preset: Preset):
+    from .api import Allocation
+    a = preset.allocation
+    return Allocation(mode=a.mode, max_sparsity=a.max_sparsity, step=a.step, samples=a.samples,
+                      seq_len=a.seq_len, **_protocol(a, ("error", "step_norm")))
+
+
+def options_of(preset: Preset, step: Step):
+    from .api import SparseOptions
+    v, e = step.variant, preset.eval
+    return SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
                          gating=e.gating if v.method != "dense" else "topk",
-                         weighted=preset.calibration.weighted, plan=plan)
-    sp = prepare(loaded.model, opts)
-    try:
-        run_evaluation(
-            loaded.model, loaded.tokenizer, e.tasks or None, model_id=preset.model, sparsifier=sp,
-            method=v.method, sparsity=step.sparsity or 0.0,
-            allocation=None if v.method == "dense" else v.allocation, plan=plan, out=step.output,
-            ppl_file=preset.resolved_ppl_text(), ppl_max_tokens=e.ppl_max_tokens,
-            limit=limit if limit is not None else e.limit, data_dir=preset.resolved_data_dir(),
-            num_fewshot=e.num_fewshot, batch_size=e.batch_size, on_event=on_event, cancel=cancel,
-            extra={"preset": preset.name, "variant": v.name,
-                   "preset_file": str(preset.path) if preset.path else None})
-    finally:
-        if sp is not None:
-            sp.remove()
+                         weighted=preset.calibration.weighted,
+                         plan=str(step.inputs[0]) if v.needs_plan else None)
+
+
+def evaluation_of(preset: Preset, limit=None):
+    from .api import Evaluation
+    e = preset.eval
+    lim = limit if limit is not None else e.limit
+    return Evaluation(tasks=tuple(e.tasks or ()), limit=lim, data_dir=preset.resolved_data_dir(lim) or "hub",
+                      num_fewshot=e.num_fewshot, batch_size=e.batch_size, ppl_text=preset.resolved_ppl_text(),
+                      ppl_max_tokens=e.ppl_max_tokens, **_protocol(e, ("ppl_protocol",)))
+
+
+def _protocol(section, names) -> dict:
+    """The protocol settings a preset section carries (absent in older schemas: the defaults)."""
+    return {n: getattr(section, n) for n in names if getattr(section, n, None) is not None}
 
 
 EVENT_PREFIX = "@wina-event "
@@ -468,4 +453,4 @@ def _compare(step: Step, preset: Preset) -> None:
     if not runs:
         raise InvalidArgument("nothing to compare: no results files")
     head = f"# {preset.name}: {preset.model}\n\n"
-    _atomic_text(step.output, head + comparison_markdown(runs) + "\n")
+    write_text(step.output, head + comparison_markdown(runs) + "\n")

@@ -54,6 +54,22 @@ def is_transformed(model) -> bool:
     return getattr(model, "_wina_transform", None) is not None
 
 
+def ensure(model, transformed: bool, *, what: str = "this step", error=TransformError,
+           on_event=None) -> None:
+    """Put a loaded model in the state a step needs, the one rule every step follows: the attached
+    sparsifier (if any) is removed, and the model is transformed in place when ``transformed`` and it
+    is not yet. A transformed model cannot go back: that is a :class:`TransformError` asking for a
+    reload (``what`` names who needs the untransformed model)."""
+    sp = getattr(model, "_wina_sparsifier", None)
+    if sp is not None:
+        sp.remove()
+    if transformed and not is_transformed(model):
+        transform(model, on_event=on_event)
+    elif not transformed and is_transformed(model):
+        raise error(f"{what} needs the untransformed model, but the loaded model is transformed; "
+                    "reload it")
+
+
 def _is_rmsnorm(mod) -> bool:
     return (type(mod).__name__.endswith("RMSNorm") and isinstance(getattr(mod, "weight", None), torch.Tensor)
             and getattr(mod, "bias", None) is None)

@@ -1,0 +1,86 @@
+"""Files on disk: written atomically with the user's umask, read strictly.
+
+Every file the project writes (plans, results, presets' records, comparison tables) goes through
+:func:`write_bytes` / :func:`write_text`: a temporary file in the same folder, flushed and synced,
+then renamed over the target, so a crash or a full disk never leaves a half-written file, and the
+file gets the permissions any new file of the user gets (``mkstemp`` alone would make it 0600).
+Text is read with :func:`read_text`, which refuses bytes that are not UTF-8 instead of guessing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+from .errors import DataError
+
+PathLike = Union[str, Path]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (the parent folder is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text(path: PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, obj: Any, **kw: Any) -> None:
+    kw.setdefault("indent", 1)
+    write_text(path, json.dumps(obj, **kw) + "\n")
+
+
+def read_text(path: PathLike) -> str:
+    """A UTF-8 text file's content; a binary or otherwise encoded file is a :class:`DataError`."""
+    p = Path(path).expanduser()
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start} cannot be decoded); give a text file") from None
+
+
+def check_writable(out: PathLike, *, folder: bool = False) -> None:
+    """Raise before any work if ``out`` cannot be written: a folder (``folder=True``, or a path
+    without a suffix) must not be an existing file; the nearest existing parent must be a folder in
+    which a file can really be created (a read-only or full disk shows up here, not hours later)."""
+    p = Path(out).expanduser()
+    is_folder = folder or p.is_dir() or p.suffix == ""
+    if is_folder and p.exists() and not p.is_dir():
+        raise DataError(f"{out} is an existing file, not a folder; choose another --out")
+    if not is_folder and p.is_dir():
+        raise DataError(f"{out} is a folder; give a file name")
+    probe = p if is_folder else p.parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(f"cannot write {out}: {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".wina-write-test.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {probe}: {e.strerror.lower() if e.strerror else e}") from None
