@@ -7,6 +7,7 @@ models tens of times slower.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from conftest import DATA_DIR
 from test_tui_support import SIZE, set_greedy, tiny_app, wait_for
 
-from textual.widgets import Checkbox, DataTable, Input, Label, Select, SelectionList
+from textual.widgets import Checkbox, DataTable, Input, Label, Select, SelectionList, TabbedContent
 
 from wina_tui.app import WinaApp
 from wina_tui.screens.help import HelpScreen
@@ -336,3 +337,483 @@ async def test_engine_warm_up_before_the_first_reply(tmp_path, monkeypatch):
     assert sorted(calls) == [(False, False), (True, False)]
     assert any("preparing the decode engine" in t for t in statuses)
     assert not statuses[-1].startswith("preparing")            # the usual status line is back
+
+
+# --- quitting ----------------------------------------------------------------------------------------
+
+def slow_text(monkeypatch, delay: float = 0.05):
+    """The chat's real generation (tiny model), each streamed piece delayed: a reply that streams for
+    seconds and honours its cancel token between tokens, as a real model on a slow CPU does."""
+    import wina_tui.screens.chat as chat_mod
+    real = chat_mod.stream_reply
+
+    def slow(model, tok, ids, on_text=None, **kw):
+        def on(t):
+            time.sleep(delay)
+            on_text(t)
+        return real(model, tok, ids, on_text=on, **kw)
+    monkeypatch.setattr(chat_mod, "stream_reply", slow)
+
+
+def hold_calibration(monkeypatch, at_layer: int = 0, stage: str = "calibrate"):
+    """Hold the calibration worker inside layer ``at_layer`` (a long layer) until its cancel token is
+    set; returns the Event set when it is held."""
+    import wina.calibrate as calmod
+    real = calmod.calibrate
+    held = threading.Event()
+
+    def gated(*a, **kw):
+        on_event, cancel = kw["on_event"], kw["cancel"]
+
+        def ev(e):
+            on_event(e)
+            if e.stage == stage and e.layer == at_layer:
+                held.set()
+                t0 = time.monotonic()
+                while not cancel.cancelled and time.monotonic() - t0 < 30:
+                    time.sleep(0.01)
+        kw["on_event"] = ev
+        return real(*a, **kw)
+    monkeypatch.setattr(calmod, "calibrate", gated)
+    return held
+
+
+async def test_quit_while_streaming_exits_within_2s(tmp_path, monkeypatch):
+    slow_text(monkeypatch)
+    app = make_app(tmp_path, max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "wina")
+        chat = app.chat_screen
+        dense = chat.query_one("#dense", ChatPane)
+        assert chat.send("a long answer please")
+        await wait_for(pilot, lambda: len(dense._buffer) > 2)
+        assert chat.is_generating and app.session.busy == "chat"
+        t0 = time.perf_counter()
+        await pilot.press("ctrl+q")                     # a streaming reply does not ask
+    assert app.wait_idle(2.0), "the chat worker still holds the model"
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 2.0, elapsed
+    assert all(t.cancelled for t in chat.cancels.values())
+    assert json.loads((tmp_path / "config" / "settings.json").read_text())["setup"]["method"] == "wina"
+
+
+async def test_quit_while_calibrating_asks_then_exits_within_2s(tmp_path, monkeypatch):
+    from wina_tui.screens.confirm import ConfirmScreen
+    held = hold_calibration(monkeypatch)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        await wait_for(pilot, held.is_set)
+        await pilot.press("ctrl+q")                     # asks first
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=5)
+        assert "calibration running: quit anyway?" in app.screen.question
+        assert "Finished layers are kept" in app.screen.detail
+        await pilot.press("n")                          # stay: nothing cancelled
+        await wait_for(pilot, lambda: app.screen is cal, timeout=5)
+        assert cal.state == "running" and not cal.cancel.cancelled
+        await pilot.press("ctrl+q")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=5)
+        t0 = time.perf_counter()
+        await pilot.press("ctrl+q")                     # a second ctrl+q answers yes
+    assert app.wait_idle(2.0), "the calibration worker still holds the model"
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 2.0, elapsed
+    from wina.plan import Plan
+    plan = Plan.load(app.session.plan_dir_for(app.session.settings), allow_partial=True)
+    assert plan.n_calibrated <= 1                       # whole layers only: nothing half-written
+
+
+CHILD = r"""
+import sys, time
+from dataclasses import replace
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import wina.calibrate as calmod
+from test_tui_support import tiny_app
+from wina_tui.app import run_app
+
+def stuck(*a, **kw):                       # a layer that never reaches a cancel check
+    Path({ready!r}).write_text("held")
+    time.sleep(600)
+calmod.calibrate = stuck
+
+app = tiny_app(Path({tmp!r}), handle_signals=True, start="calibrate")
+def go():
+    s = app.session.settings
+    app.calibrate_screen.start(replace(s, allocation="layer", calib_source="random"))
+app.call_later(lambda: app.set_timer(0.3, go))
+code = run_app(app, headless=True)
+print("exited", code, flush=True)
+"""
+
+
+def test_sigterm_ends_the_process_within_2s(tmp_path):
+    """The real process (headless), calibration stuck in a long op that never checks its token:
+    SIGTERM cancels, the app exits and the process ends within 2 s anyway."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    ready = tmp_path / "ready"
+    code = CHILD.format(tests=str(Path(__file__).parent), ready=str(ready), tmp=str(tmp_path))
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        t0 = time.monotonic()
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 120, "the child never started calibrating"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert elapsed < 2.0, (elapsed, err[-2000:])
+    assert proc.returncode == 0, err[-2000:]
+    assert "exited" not in out                          # ended by run_app without waiting for the worker
+    assert (tmp_path / "config" / "settings.json").exists()
+
+
+# --- chat like a chat app --------------------------------------------------------------------------
+
+async def test_chat_commands_are_not_sent_to_the_model(tmp_path, monkeypatch):
+    import wina_tui.screens.chat as chat_mod
+    seen: list[list[dict]] = []
+    real = chat_mod.chat_input_ids
+    monkeypatch.setattr(chat_mod, "chat_input_ids", lambda tok, msgs: (seen.append(list(msgs)), real(tok, msgs))[1])
+    app = make_app(tmp_path, max_new_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "teal")
+        chat = app.chat_screen
+        dense, sparse = chat.query_one("#dense", ChatPane), chat.query_one("#sparse", ChatPane)
+        prompt = chat.query_one("#prompt", Input)
+
+        async def type_line(text):
+            prompt.value = text
+            await pilot.press("enter")
+            await pilot.pause()
+
+        await type_line("/bogus")                       # unknown: a message, nothing sent, line kept
+        assert chat.worker is None and prompt.value == "/bogus" and not seen
+        await type_line("/system You are terse.")
+        assert chat.system == "You are terse." and chat.worker is None and not seen
+        await type_line("hi")
+        await wait_for(pilot, lambda: not chat.is_generating and sparse.stats is not None)
+        assert [m["role"] for m in seen[0]] == ["system", "user"] and seen[0][0]["content"] == "You are terse."
+        await type_line("//slash")                      # // sends a line that starts with /
+        await wait_for(pilot, lambda: not chat.is_generating and len(sparse.replies) == 2)
+        assert seen[-1][-1] == {"role": "user", "content": "/slash"}
+        n_sent = len(seen)
+
+        await type_line(f"/save {tmp_path / 'chat.json'}")
+        doc = json.loads((tmp_path / "chat.json").read_text())
+        assert doc["system"] == "You are terse." and [p["pane"] for p in doc["panes"]] == ["dense", "sparse"]
+        kept = [m for m in doc["panes"][1]["messages"] if m["role"] == "assistant"]
+        assert len(doc["panes"][1]["replies"]) == len(kept) and all(r["ttft"] is not None
+                                                                    for r in doc["panes"][1]["replies"])
+        await type_line(f"/save {tmp_path / 'chat.md'}")
+        md = (tmp_path / "chat.md").read_text()
+        assert md.startswith("# Chat · ") and "**User:** hi" in md and "**System:** You are terse." in md
+
+        await type_line("/reset")
+        assert dense.history == [] and sparse.history == [] and len(seen) == n_sent
+        assert chat.system == "You are terse."        # a new conversation keeps the system prompt
+
+
+async def test_reply_stats_show_ttft_and_decode_rate(tmp_path):
+    app = make_app(tmp_path, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "wina")
+        chat = app.chat_screen
+        assert chat.send("hello")
+        panes = [chat.query_one("#dense", ChatPane), chat.query_one("#sparse", ChatPane)]
+        await wait_for(pilot, lambda: not chat.is_generating and all(p.stats for p in panes))
+        await pilot.pause(0.1)
+        for pane in panes:
+            st = pane.stats
+            assert st.tokens > 1 and st.stopped in ("eos", "length")
+            assert st.ttft is not None and 0 < st.ttft < st.seconds
+            assert st.decode_tps is not None and st.decode_tps > 0
+            line = str(pane.query(".reply-stats").last().render())
+            assert "first token" in line and "tok/s decode" in line and "sparse" in line
+            assert ("max tokens" in line) or ("end of reply" in line)
+        assert "sparse" in str(panes[1].border_subtitle) and "tok/s" in str(panes[1].border_subtitle)
+
+
+async def test_esc_stops_only_the_pane_that_generates(tmp_path, monkeypatch):
+    slow_text(monkeypatch, delay=0.03)
+    app = make_app(tmp_path, max_new_tokens=30)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "teal")
+        chat = app.chat_screen
+        dense, sparse = chat.query_one("#dense", ChatPane), chat.query_one("#sparse", ChatPane)
+        assert chat.send("tell me more")
+        await wait_for(pilot, lambda: len(dense._buffer) > 1)
+        assert "dense reply streaming" in str(chat.query_one("#chat-status").render())
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: not chat.is_generating, timeout=60)
+        await pilot.pause(0.2)
+        assert dense.stats.stopped == "cancelled" and sparse.stats.stopped != "cancelled"
+        assert sparse.stats.tokens > dense.stats.tokens
+        assert len(dense.history) == 2 and len(sparse.history) == 2   # partial text is a kept turn
+
+
+async def test_a_reply_stopped_before_any_text_leaves_no_empty_turn(tmp_path, monkeypatch):
+    from wina.api import Generation
+    import wina_tui.screens.chat as chat_mod
+    real = chat_mod.ChatScreen._generate
+
+    def gen(self, model, tok, ids, on_text, cancel):
+        if not model._wina_sparsifier.enabled:         # the dense pane: stopped before any text
+            return Generation("", 0, 0.01, "cancelled", [])
+        return real(self, model, tok, ids, on_text, cancel)
+    monkeypatch.setattr(chat_mod.ChatScreen, "_generate", gen)
+    app = make_app(tmp_path, max_new_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "teal")
+        chat = app.chat_screen
+        dense, sparse = chat.query_one("#dense", ChatPane), chat.query_one("#sparse", ChatPane)
+        assert chat.send("hi")
+        await wait_for(pilot, lambda: not chat.is_generating and sparse.stats is not None)
+        await pilot.pause(0.1)
+        assert dense.history == [] and dense.reply_stats == []
+        assert [m["role"] for m in sparse.history] == ["user", "assistant"]
+        assert "not kept" in str(dense.query(".stopped").last().render())
+
+
+async def test_chat_says_calibration_is_running(tmp_path, monkeypatch):
+    held = hold_calibration(monkeypatch)
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        await wait_for(pilot, held.is_set)
+        await pilot.press("f4")
+        await wait_for(pilot, lambda: app.screen is app.chat_screen)
+        await pilot.pause(0.2)
+        chat = app.chat_screen
+        pane = chat.query_one("#dense", ChatPane)
+        text = str(pane.query_one(".placeholder").render())
+        assert "Calibration is running" in text and "No model loaded" not in text
+        assert "calibration running" in str(chat.query_one("#chat-status").render())
+        assert not chat.send("hi")
+        app.calibrate_screen.action_cancel()
+        await wait_for(pilot, lambda: app.calibrate_screen.state == "cancelled")
+
+
+# --- the calibrate screen shows what it promises --------------------------------------------------
+
+async def test_histogram_and_heatmap_update_while_running(tmp_path, monkeypatch):
+    """The score histogram shows layer 1's matrices while layer 2 is calibrated, the threshold of the
+    target marked; the heat map has layer 1's row while layer 2 is allocated."""
+    import wina.allocate as allocmod
+    import wina.calibrate as calmod
+    gates = {"calibrate": (threading.Event(), threading.Event()),
+             "allocate": (threading.Event(), threading.Event())}
+
+    def gate(module, name):
+        real = getattr(module, name)
+
+        def wrapped(*a, **kw):
+            on_event = kw["on_event"]
+            entered, release = gates[name]
+
+            def ev(e):
+                on_event(e)
+                if e.stage == name and e.layer == 1 and not entered.is_set():
+                    entered.set()
+                    release.wait(30)
+            kw["on_event"] = ev
+            return real(*a, **kw)
+        monkeypatch.setattr(module, name, wrapped)
+
+    gate(calmod, "calibrate")
+    gate(allocmod, "allocate")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        hist, heat = cal.query_one(ScoreHistogram), cal.query_one(AllocationHeatmap)
+        await wait_for(pilot, gates["calibrate"][0].is_set)
+        await wait_for(pilot, lambda: 0 in hist.hists, timeout=10)
+        await pilot.pause(0.3)                           # the chart is redrawn at most every 0.2 s
+        assert cal.state == "running" and cal.phase == "calibration" and sorted(hist.hists) == [0]
+        assert cal.query_one(TabbedContent).active == "tab-scores"
+        shown = str(hist.render())
+        assert "layer 1/2 · q_proj" in shown and "threshold" in shown and "│" in shown
+        await pilot.press("m")                           # the next matrix
+        await pilot.pause()
+        assert hist.cur_matrix == "k_proj" and "k_proj" in str(hist.render())
+        assert not heat.allocation                       # no earlier plan's table
+        gates["calibrate"][1].set()
+
+        await wait_for(pilot, gates["allocate"][0].is_set)
+        await wait_for(pilot, lambda: bool(heat.allocation), timeout=10)
+        assert cal.state == "running" and cal.phase == "allocation"
+        assert {k[0] for k in heat.allocation} == {0} and len(heat.allocation) == 7
+        assert heat.note == "1/2 layers"
+        gates["allocate"][1].set()
+        await wait_for(pilot, lambda: cal.state != "running")
+        assert cal.state == "done" and {k[0] for k in heat.allocation} == {0, 1}
+
+
+async def test_resume_says_where_and_eta_counts_this_run(tmp_path, monkeypatch):
+    import wina.calibrate as calmod
+    real = calmod.calibrate
+    app = make_app(tmp_path)
+    calls = {"n": 0}
+
+    def cancelling(*a, **kw):
+        on_event = kw["on_event"]
+        calls["n"] += 1
+
+        def ev(e):
+            on_event(e)
+            if calls["n"] == 1 and e.layer == 0:        # cancelled in layer 1: it is finished, not 2
+                app.calibrate_screen.cancel.cancel()
+        kw["on_event"] = ev
+        return real(*a, **kw)
+    monkeypatch.setattr(calmod, "calibrate", cancelling)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app, allocation="uniform")
+        app.setup_screen.query_one("#gating", Select).value = "threshold"
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        await wait_for(pilot, lambda: cal.state not in ("idle", "running"))
+        assert cal.state == "cancelled"
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: cal.state not in ("idle", "running"))
+        assert cal.state == "done"
+        log = "\n".join(line.text for line in cal.query_one("#cal-log").lines)
+        assert "calibration resumes at layer 2/2" in log.replace("\n", " ").replace("  ", " ")
+        assert cal.resume == {"calibrate": 1}
+
+
+def test_run_eta_ignores_what_a_resume_skipped():
+    from wina_tui.state import RunEta
+    clock = [0.0]
+    eta = RunEta(start=10)
+    eta._time = type("T", (), {"perf_counter": staticmethod(lambda: clock[0])})
+    for done in range(10):                              # skipped layers go by at once
+        assert eta.update(done, 30) is None
+    assert eta.update(10, 30) is None                   # this run starts here
+    clock[0] = 20.0
+    assert eta.update(12, 30) == pytest.approx(10.0 * 18)   # 10 s per layer, 18 layers left
+
+
+# --- the app remembers --------------------------------------------------------------------------------
+
+async def test_last_settings_come_back_at_launch(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        s = app.setup_screen
+        s.query_one("#method", Select).value = "teal"
+        s.query_one("#sparsity", Input).value = "0.3"
+        set_greedy(app, source="random", allocation="global")
+        await pilot.pause()
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+        app.evaluate_screen.query_one("#limit", Input).value = "7"
+        app.chat_screen.system = "Be brief."
+        await pilot.pause()
+        await pilot.press("ctrl+q")
+    path = tmp_path / "config" / "settings.json"
+    saved = json.loads(path.read_text())
+    assert saved["setup"]["sparsity"] == pytest.approx(0.3) and saved["evaluate"]["limit"] == "7"
+    assert not list(path.parent.glob("*.tmp"))            # written atomically
+
+    app2 = make_app(tmp_path)
+    async with app2.run_test(size=SIZE) as pilot:
+        s = app2.setup_screen
+        await pilot.pause()
+        assert s.query_one("#method", Select).value == "teal"
+        assert s.query_one("#sparsity", Input).value == "0.3"
+        assert s.query_one("#allocation", Select).value == "global"
+        assert s.query_one("#calib-source", Input).value == "random"
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app2.screen is app2.evaluate_screen)
+        assert app2.evaluate_screen.query_one("#limit", Input).value == "7"
+        assert app2.chat_screen.system == "Be brief."
+
+    path.write_text('{"setup": {"sparsity": 7, "method": "magic", "model": 3}}')   # odd values: ignored
+    app3 = make_app(tmp_path)
+    async with app3.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert set(app3.settings_ignored) == {"sparsity", "method", "model"}
+        assert app3.setup_screen.query_one("#sparsity", Input).value == "0.5"
+
+
+async def test_plan_browser_opens_a_saved_plan_for_chat_and_evaluation(tmp_path):
+    from wina_tui.screens.plans import PlansScreen
+    plans = tmp_path / "plans"
+    app = make_app(tmp_path, plans_dir=plans)
+    async with app.run_test(size=SIZE) as pilot:           # make a plan
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        await wait_for(pilot, lambda: app.calibrate_screen.state in ("done", "failed"))
+        assert app.calibrate_screen.state == "done"
+    plan_dir = next(plans.iterdir())
+
+    app2 = make_app(tmp_path, plans_dir=plans)             # a new launch
+    async with app2.run_test(size=(110, 32)) as pilot:
+        app2.setup_screen.query_one("#method", Select).value = "teal"   # the plan's own settings win
+        await pilot.pause()
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app2.screen, PlansScreen))
+        browser = app2.screen
+        assert len(browser.plans) == 1 and browser.plans[0].path == plan_dir.resolve()
+        row = [str(c) for c in browser.query_one(DataTable).get_row_at(0)]
+        assert row[1] == "WINA" and row[3] == "greedy layer" and row[-1] == "ready" and row[6]
+        await pilot.press("c")
+        await wait_for(pilot, lambda: app2.screen is app2.chat_screen)
+        s = app2.session
+        assert s.applied.options.method == "wina" and s.applied.allocation == "layer"
+        assert Path(s.applied.options.plan).resolve() == plan_dir.resolve() and s.sparsifier is not None
+        assert app2.setup_screen.query_one("#method", Select).value == "wina"
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app2.screen is app2.setup_screen)
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app2.screen, PlansScreen))
+        await pilot.press("e")
+        await wait_for(pilot, lambda: app2.screen is app2.evaluate_screen)
+        assert s.plan is not None and s.plan_path.resolve() == plan_dir.resolve()
+
+
+# --- small things -------------------------------------------------------------------------------------
+
+async def test_setup_error_next_to_the_buttons_goes_when_fixed(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        s = app.setup_screen
+        s.query_one("#sparsity", Input).value = "2"
+        await pilot.pause()
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        assert "⚠" in str(s.query_one("#setup-status").render())
+        s.query_one("#sparsity", Input).value = "0.4"
+        await pilot.pause()
+        assert "⚠" not in str(s.query_one("#setup-status").render())
+
+
+async def test_small_terminal_keeps_the_buttons_on_screen(tmp_path):
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        for bid in ("#go-chat", "#go-calibrate", "#go-evaluate", "#go-plans"):
+            b = app.setup_screen.query_one(bid)
+            r = b.region
+            assert r.height > 0 and r.bottom <= 24 and r.right <= 80, (bid, r)

@@ -158,7 +158,7 @@ class EvaluateScreen(Screen):
             "No runs yet: ctrl+r runs the form, ctrl+l loads earlier runs from the results store.",
             style="dim"))
         if self._restore_data is not None:
-            self.restore(self._restore_data)
+            self._fill(self._restore_data)
             self._restore_data = None
         if self._pending_preset is not None:
             self.apply_preset(self._pending_preset)
@@ -190,6 +190,9 @@ class EvaluateScreen(Screen):
         if not self.is_mounted:
             self._restore_data = dict(data)
             return
+        self._fill(data)
+
+    def _fill(self, data: dict) -> None:
         for key, wid in (("tasks", "#tasks"), ("methods", "#methods")):
             vals = data.get(key)
             if isinstance(vals, list) and vals:

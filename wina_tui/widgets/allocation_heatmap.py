@@ -73,6 +73,7 @@ class AllocationHeatmap(Static):
         self.allocation: dict[Key, float] = {}
         self.n_layers: Optional[int] = None
         self.target: Optional[float] = None
+        self.note = ""                       # what the title adds ("5/30 layers" while it fills in)
         self.updates = 0
 
     def reset(self, message: str = EMPTY) -> None:
@@ -89,12 +90,14 @@ class AllocationHeatmap(Static):
         self.updates += 1
         done = len({k[0] for k in self.allocation})
         note = f"{done}/{self.n_layers} layers" if self.n_layers else ""
+        self.note = note
         self.update(heatmap_table(self.allocation, target=self.target, n_layers=self.n_layers, note=note))
 
     def show_allocation(self, alloc: Mapping[Key, float], target: Optional[float] = None,
                         note: str = "") -> None:
         self.allocation = {tuple(k): float(v) for k, v in alloc.items()}
         self.target = target
+        self.note = note
         self.updates += 1
         if not self.allocation:
             self.update(Text("no allocation", style="dim"))
