@@ -124,7 +124,8 @@ def test_run_skip_and_resume(tiny_preset, tmp_path, monkeypatch):
     md = (out / "compare.md").read_text()
     assert "| sparsity" in md and "WINA-transform" in md and "TEAL" in md
     assert json.loads((out / "preset.json").read_text())["name"] == "tiny"
-    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    leftovers = [p for p in out.rglob("*") if (p.name.startswith(".") and p.name != ".wina-lock")
+                 or p.suffix == ".tmp"]
     assert leftovers == []
 
     # 3. everything done: nothing runs, and the model is never loaded
@@ -142,6 +143,53 @@ def test_run_skip_and_resume(tiny_preset, tmp_path, monkeypatch):
     (out / "runs" / "teal-s50.json").unlink()
     s = run_preset(preset, out)
     assert [x.title for x in s.ran] == ["eval teal @ 50%", "compare all runs"]
+
+
+def test_edited_preset_reruns_what_changed(tiny_preset, tmp_path):
+    """Outputs know the settings that made them: after an edit, exactly the steps whose settings
+    changed run again (and say why); the others are kept byte for byte."""
+    out = tmp_path / "out"
+    run_preset(load_preset(tiny_preset), out)
+    before = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
+    teal_hist = (out / "plans" / "teal" / "histograms" / "layer_000.safetensors").read_bytes()
+
+    # 1. the perplexity budget changes: every evaluation reruns, no plan is touched
+    edited = tmp_path / "tiny.toml"
+    edited.write_text(tiny_preset.read_text().replace("ppl_max_tokens = 1024", "ppl_max_tokens = 512")
+                      .replace('source = "text.txt"', f'source = "{tiny_preset.parent / "text.txt"}"')
+                      .replace('ppl_text = "text.txt"', f'ppl_text = "{tiny_preset.parent / "text.txt"}"'))
+    seen = []
+    s = run_preset(load_preset(edited), out, on_step=lambda st, status: seen.append((st.title, status, st.why)))
+    assert [x.title for x in s.ran] == ["eval dense", "eval teal @ 25%", "eval teal @ 50%", "eval wina @ 25%",
+                                        "eval wina @ 50%", "compare all runs"]
+    reasons = [w for _, status, w in seen if status == "rerun"]
+    assert reasons and all("ppl_max_tokens 1024 → 512" in w for w in reasons)
+    assert json.loads((out / "runs" / "dense.json").read_text())["wina"]["perplexity"]["max_tokens"] == 512
+
+    # 2. the calibration of one variant changes: its plan, its evaluations; the rest is kept
+    kept = {n: (out / "runs" / n).read_bytes() for n in ("dense.json", "teal-s25.json", "teal-s50.json")}
+    edited.write_text(edited.read_text().replace("samples = 2\n", "samples = 3\n", 1))
+    s = run_preset(load_preset(edited), out)
+    ran = [x.title for x in s.ran]
+    assert "calibrate teal" in ran and "calibrate wina" in ran and "eval dense" not in ran
+    assert (out / "runs" / "dense.json").read_bytes() == kept["dense.json"]
+    assert json.loads((out / "plans" / "teal" / "plan.json").read_text())["calibration"]["samples"] == 3
+    assert (out / "plans" / "teal" / "histograms" / "layer_000.safetensors").read_bytes() != teal_hist
+    assert not any(p.name.endswith((".new", ".replaced", ".allocating")) for p in (out / "plans").iterdir())
+
+    # 3. unchanged: nothing runs
+    s = run_preset(load_preset(edited), out)
+    assert s.ran == []
+    assert before.keys() == {p.name for p in (out / "runs").iterdir()}
+
+
+def test_second_writer_is_refused(tiny_preset, tmp_path):
+    from wina.errors import DataError
+    from wina.files import locked
+    out = tmp_path / "out"
+    with locked(out):
+        with pytest.raises(DataError, match="is being written by process"):
+            run_preset(load_preset(tiny_preset), out)
 
 
 def test_cli_run_tiny_preset(tiny_preset, tmp_path):

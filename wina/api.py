@@ -145,27 +145,45 @@ def calibrate(loaded: Loaded, out: PathLike, cal: Calibration = Calibration(), *
     from .transform import ensure
     if cal.method not in ("teal", "wina"):
         raise InvalidArgument(f"unknown calibration method {cal.method!r}; choose teal or wina")
+    from .files import check_writable, locked
+    check_writable(out, folder=True)
     ensure(loaded.model, cal.transform, what="an untransformed calibration", on_event=on_event)
-    return _calibrate(loaded.model, loaded.tokenizer, method=cal.method, source=cal.source,
-                      samples=cal.samples, seq_len=cal.seq_len, out=str(out), weighted=cal.weighted,
-                      model_id=loaded.model_id, on_event=on_event, cancel=cancel)
+    with locked(out, f"plan {out}"):
+        return _calibrate(loaded.model, loaded.tokenizer, method=cal.method, source=cal.source,
+                          samples=cal.samples, seq_len=cal.seq_len, out=str(out), weighted=cal.weighted,
+                          model_id=loaded.model_id, on_event=on_event, cancel=cancel)
 
 
 def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(), *,
              on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
     """Greedy allocation for the calibrated plan in ``plan_dir``, stored in the same folder (a
     finished allocation with other settings is replaced only once the new one is complete)."""
+    import shutil
     from .allocate import allocate as _allocate
+    from .files import locked, recover_folder, replace_folder
     from .plan import Plan
-    plan = Plan.load(str(plan_dir), allow_partial=True)
-    if not plan.calibrated:
-        raise PlanError(f"{plan_dir}: calibration is not finished; run calibrate first")
-    new = _allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=alloc.max_sparsity, step=alloc.step,
-                    mode=alloc.mode, samples=alloc.samples, seq_len=alloc.seq_len, error=alloc.error,
-                    step_norm=alloc.step_norm, on_event=on_event, cancel=cancel)
-    if getattr(new, "path", None) is None or Path(new.path).resolve() != Path(plan_dir).resolve():
-        new.save(str(plan_dir))
-    return new
+    target = Path(plan_dir)
+    recover_folder(target)
+    with locked(target, f"plan {target}"):
+        meta = plan_info(target)
+        st = meta["status"]
+        finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]
+        # a finished allocation is replaced only when the new one is complete: work on a copy
+        work = target.with_name(target.name + ".allocating") if finished else target
+        if finished and not work.exists():
+            shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
+        plan = Plan.load(str(work), allow_partial=True)
+        if not plan.calibrated:
+            raise PlanError(f"{target}: calibration is not finished; run calibrate first")
+        new = _allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=alloc.max_sparsity, step=alloc.step,
+                        mode=alloc.mode, samples=alloc.samples, seq_len=alloc.seq_len, error=alloc.error,
+                        step_norm=alloc.step_norm, on_event=on_event, cancel=cancel)
+        if getattr(new, "path", None) is None or Path(new.path).resolve() != work.resolve():
+            new.save(str(work))
+        if work != target:
+            replace_folder(work, target)
+            new.path = target
+        return new
 
 
 def plan_info(path: PathLike) -> dict:

@@ -768,7 +768,9 @@ def run_cmd(
               f"({len(steps)} steps, {len(steps) - len(todo)} already done)", soft_wrap=True)
     with ProgressRenderer(steps=len(steps)) as r:
         def on_step(step, status: str) -> None:
-            if status == "start":
+            if status == "rerun":
+                r.print(f"[yellow]rerun[/] {escape(step.title)}: {escape(step.why or '')}", soft_wrap=True)
+            elif status == "start":
                 r.step(step.title)
                 for stage in list(r.tasks):
                     r.done(stage, keep=False)
@@ -821,6 +823,13 @@ def eval_step_cmd(
                   device=None if device == "auto" else device)
 
 
+def _step_status(s) -> str:
+    why = s.stale()
+    if why is not None:
+        return f"[yellow]rerun[/] ({escape(why)})"
+    return "[dim]done, skipped[/]" if s.done() else "to run"
+
+
 def _print_steps(p, folder: Path, steps, limit) -> None:
     from rich.table import Table
     from .runner import describe
@@ -836,7 +845,7 @@ def _print_steps(p, folder: Path, steps, limit) -> None:
     t.add_column("status")
     for i, s in enumerate(steps, 1):
         t.add_row(str(i), s.title, str(s.output.relative_to(folder)) if s.output.is_relative_to(folder)
-                  else str(s.output), "[dim]done, skipped[/]" if s.done() else "to run")
+                  else str(s.output), _step_status(s))
     out.print(t)
     out.print("dry run: nothing was executed")
 

@@ -8,11 +8,12 @@ Text is read with :func:`read_text`, which refuses bytes that are not UTF-8 inst
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 from .errors import DataError
 
@@ -84,3 +85,54 @@ def check_writable(out: PathLike, *, folder: bool = False) -> None:
         os.unlink(tmp)
     except OSError as e:
         raise DataError(f"cannot write {out}: {probe}: {e.strerror.lower() if e.strerror else e}") from None
+
+
+LOCK_NAME = ".wina-lock"
+
+
+@contextlib.contextmanager
+def locked(folder: PathLike, what: str = "") -> Iterator[None]:
+    """Hold ``folder`` for writing: a second writer (another process) gets one clear error naming
+    the process that holds it. The lock is the kernel's (``flock``), so a killed writer leaves no
+    stale lock behind."""
+    import fcntl
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / LOCK_NAME, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise DataError(f"{what or d} is being written by process {pid}; wait for it to finish "
+                            "or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def replace_folder(new: PathLike, target: PathLike) -> None:
+    """Put the finished folder ``new`` where ``target`` is (the old one is removed only once the new
+    one is in place; :func:`recover_folder` finishes a swap cut short)."""
+    import shutil
+    new, target = Path(new), Path(target)
+    old = target.with_name(target.name + ".replaced")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: PathLike) -> None:
+    """After a crash between the two renames of :func:`replace_folder`: put the old folder back."""
+    target = Path(target)
+    old = target.with_name(target.name + ".replaced")
+    if old.exists() and not target.exists():
+        os.rename(old, target)

@@ -47,6 +47,9 @@ class Step:
     sparsity: Optional[float] = None
     inputs: list[Path] = field(default_factory=list)
     preset: Optional[Preset] = None
+    limit: Optional[float] = None
+    root: Optional[Path] = None              # the run folder (where the ledger steps.json lives)
+    why: Optional[str] = None                # set by run_preset: why an existing output is rerun
 
     @property
     def title(self) -> str:
@@ -60,8 +63,69 @@ class Step:
             return f"eval {v.name}{tr} @ {self.sparsity:.0%}"
         return f"{self.kind} {v.name}{tr}"
 
-    def done(self) -> bool:
-        """Whether the output exists and is complete (cheap: reads JSON only, never torch)."""
+    def settings(self) -> dict:
+        """Everything that decides this step's output: what its key hashes. Plain JSON values."""
+        from dataclasses import asdict
+        p, v = self.preset, self.variant
+        d: dict = {"kind": self.kind, "model": p.model, "dtype": p.dtype}
+        if self.kind in (CALIBRATE, ALLOCATE) or (self.kind == EVAL and v.needs_plan):
+            d["calibration"] = asdict(calibration_of(p, v))
+        if self.kind == ALLOCATE or (self.kind == EVAL and v.needs_plan):
+            d["allocation"] = asdict(allocation_of(p))
+        if self.kind == EVAL:
+            e = p.eval
+            o = asdict(options_of(p, self))
+            o.pop("plan", None)                      # the folder; what made it is recorded above
+            d["options"] = o
+            d["eval"] = {"tasks": list(e.tasks or []), "limit": self.limit if self.limit is not None else e.limit,
+                         "data_dir": e.data_dir, "num_fewshot": e.num_fewshot, "batch_size": e.batch_size,
+                         "ppl_text": str(p.resolved_ppl_text()) if e.ppl_text else None,
+                         "ppl_max_tokens": e.ppl_max_tokens, "ppl_protocol": getattr(e, "ppl_protocol", None)}
+        if self.kind == COMPARE:
+            d = {"kind": COMPARE, "inputs": [x.name for x in self.inputs]}
+        return d
+
+    @property
+    def key(self) -> str:
+        import hashlib
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def rel(self) -> str:
+        """The step's name in the ledger: kind and output (calibrate and allocate share a folder)."""
+        where = self.output.relative_to(self.root) if self.root else self.output
+        return f"{self.kind} {where}"
+
+    def recorded(self) -> Optional[dict]:
+        """What the ledger says made this step's output (None: nothing recorded)."""
+        if self.root is None:
+            return None
+        return _ledger(self.root).get(self.rel)
+
+    def stale(self, ledger: Optional[dict] = None) -> Optional[str]:
+        """Why the existing output no longer fits the preset (which settings changed), or None."""
+        if self.root is None or self.kind == COMPARE or not self.output.exists():
+            return None
+        led = _ledger(self.root) if ledger is None else ledger
+        if not led:
+            return None                              # a run folder from before the ledger: trusted
+        rec = led.get(self.rel)
+        if rec is None:
+            return "made by an unknown run"
+        if rec.get("key") == self.key:
+            return None
+        changed = _diff(rec.get("settings") or {}, self.settings())
+        return "settings changed: " + (", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
+                                       if changed else "unknown")
+
+    def done(self, ledger: Optional[dict] = None) -> bool:
+        """Whether the output exists, is complete, and was made with this step's settings (cheap:
+        reads JSON only, never torch)."""
+        if self.stale(ledger) is not None:
+            return False
+        return self._complete()
+
+    def _complete(self) -> bool:
         if self.kind == CALIBRATE:
             meta = _plan_json(self.output)
             return meta is not None and _calibrated(meta)
@@ -128,6 +192,42 @@ def _allocated(meta: dict, preset: Optional[Preset]) -> bool:
     return True
 
 
+# --- the ledger: which settings made each output ------------------------------------------------
+
+LEDGER = "steps.json"
+
+
+def _ledger(root: Path) -> dict:
+    f = Path(root) / LEDGER
+    if not f.is_file():
+        return {}
+    try:
+        d = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        raise InvalidArgument(f"{f} is damaged (not JSON); delete it to rerun every step") from None
+    if not isinstance(d, dict) or not all(isinstance(v, dict) for v in d.values()):
+        raise InvalidArgument(f"{f} is damaged (not a ledger); delete it to rerun every step")
+    return d
+
+
+def _record(step: Step) -> None:
+    led = _ledger(step.root)
+    led[step.rel] = {"key": step.key, "settings": step.settings()}
+    write_text(Path(step.root) / LEDGER, json.dumps(led, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``a.b: old → new`` for every leaf that differs."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} → {b!r}")
+    return out
+
+
 # --- planning ------------------------------------------------------------------------------------
 
 def default_out_dir(preset: Preset, limit=None) -> Path:
@@ -149,8 +249,8 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
     for v in ordered:
         plan_dir = out / "plans" / v.name
         if v.needs_plan:
-            steps.append(Step(CALIBRATE, plan_dir, v, preset=preset))
-            steps.append(Step(ALLOCATE, plan_dir, v, inputs=[plan_dir], preset=preset))
+            steps.append(Step(CALIBRATE, plan_dir, v, preset=preset, limit=limit, root=out))
+            steps.append(Step(ALLOCATE, plan_dir, v, inputs=[plan_dir], preset=preset, limit=limit, root=out))
         if v.method == "dense":
             targets = [None]
         else:
@@ -159,8 +259,9 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
             name = f"{v.name}.json" if s is None else f"{v.name}-{_tag(s)}.json"
             p = out / "runs" / name
             evals.append(p)
-            steps.append(Step(EVAL, p, v, s, inputs=[plan_dir] if v.needs_plan else [], preset=preset))
-    steps.append(Step(COMPARE, out / "compare.md", inputs=evals, preset=preset))
+            steps.append(Step(EVAL, p, v, s, inputs=[plan_dir] if v.needs_plan else [], preset=preset,
+                              limit=limit, root=out))
+    steps.append(Step(COMPARE, out / "compare.md", inputs=evals, preset=preset, limit=limit, root=out))
     return steps
 
 
@@ -268,23 +369,36 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
         limit = _check_limit(limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
     describe(preset, limit)                          # fail early on a bad path / task / data folder
+    from .files import check_writable, locked
+    check_writable(out, folder=True)
+    with locked(out, f"run folder {out}"):
+        return _run_steps(preset, out, limit, device, on_step, on_event, cancel, renderer, procs)
+
+
+def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, cancel, renderer,
+               procs: int) -> Summary:
     steps = plan_steps(preset, out, limit=limit)
-    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
     summary = Summary(out)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
     notify = on_step or (lambda s, st: None)
     ran_eval = False
+    legacy = not _ledger(out)        # outputs of a run from before the ledger are adopted as they are
     for step in steps:
         if cancel is not None:
             cancel.check()
+        step.why = step.stale() if not legacy else None
         if step.kind == COMPARE and ran_eval and step.output.exists():
             pass                                     # new results: always redo the comparison
-        elif step.done():
+        elif step.why is None and step._complete():
+            if step.kind != COMPARE and step.recorded() is None:
+                _record(step)
             summary.skipped.append(step)
             notify(step, "skip")
             continue
+        if step.why is not None:
+            notify(step, "rerun")
         notify(step, "start")
         t0 = time.perf_counter()
         if step.kind == CALIBRATE:
@@ -301,6 +415,8 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
             ran_eval = True
         elif step.kind == COMPARE:
             _compare(step, preset)
+        if step.kind != COMPARE:
+            _record(step)
         summary.ran.append(step)
         summary.seconds[step.title] = time.perf_counter() - t0
         notify(step, "done")
@@ -313,10 +429,18 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
 
 
 def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
+    """Calibrate into the plan folder; a plan made with other settings is replaced only once the new
+    calibration is complete (it is made beside it, in ``<variant>.new``, which a rerun resumes)."""
     from . import api
+    from .files import recover_folder, replace_folder
     v = step.variant
-    api.calibrate(holder.get(v.transform, on_event), step.output, calibration_of(preset, v),
+    recover_folder(step.output)
+    fresh = not step.output.exists() or getattr(step, "why", None) is None
+    work = step.output if fresh else step.output.with_name(step.output.name + ".new")
+    api.calibrate(holder.get(v.transform, on_event), work, calibration_of(preset, v),
                   on_event=on_event, cancel=cancel)
+    if work != step.output:
+        replace_folder(work, step.output)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
@@ -421,7 +545,7 @@ def _evaluate_parallel(step: Step, index: int, preset: Preset, out: Path, limit,
             raise
     if cancel is not None:
         cancel.check()
-    if rc != 0 or not step.done():
+    if rc != 0 or not step._complete():
         tail = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
         raise WinaError(f"{step.title}: the {procs} data-parallel processes failed (exit {rc}): "
                         f"{tail[0][:200]} (whole log: {log_path})")
