@@ -33,7 +33,7 @@ import torch
 
 from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
-from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, mlp_decode, reserve_workspace, rope_cache,
+from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, mlp_decode, reserve_workspace,
                        use_triton)
 from ..kernels.kernels import _prepare_input, gemv_reference
 
@@ -519,8 +519,52 @@ class Engine:
         return gemv(x, g.wt, scales=g.scales, thresholds=g.thresholds, sparse=sp, ssq_in=ssq_in,
                     res=res, **kw)
 
+    def _rope_prefill(self, qkv: torch.Tensor, L: Layer, p0: int) -> torch.Tensor:
+        """RoPE + cache write of T > 1 rows at positions p0 .. (the math of the kernels' torch
+        reference, with the start known on the host: no device sync per layer)."""
+        t, nh, nkv, hd = qkv.shape[0], self.n_heads, self.n_kv, self.head_dim
+        q = qkv[:, :nh * hd].reshape(t, nh, hd)
+        k = qkv[:, nh * hd:(nh + nkv) * hd].reshape(t, nkv, hd)
+        v = qkv[:, (nh + nkv) * hd:].reshape(t, nkv, hd)
+        c = self.cos[p0:p0 + t].to(qkv.dtype)[:, None, :]
+        sn = self.sin[p0:p0 + t].to(qkv.dtype)[:, None, :]
+        rot = c.shape[-1]
+
+        def rope(x):
+            xr, xp = x[..., :rot], x[..., rot:]
+            half = rot // 2
+            out = xr * c + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sn
+            return torch.cat((out, xp), dim=-1) if xp.shape[-1] else out
+        q, k = rope(q), rope(k)
+        L.k_cache[0, :, p0:p0 + t] = k.transpose(0, 1)
+        L.v_cache[0, :, p0:p0 + t] = v.transpose(0, 1)
+        return q.reshape(t, nh * hd)
+
+    def _attn_prefill(self, q: torch.Tensor, L: Layer, p0: int) -> torch.Tensor:
+        """Causal attention of T > 1 query rows at positions p0 .. over the cache."""
+        t, nh, nkv, hd = q.shape[0], self.n_heads, self.n_kv, self.head_dim
+        length = p0 + t
+        qh = q.reshape(t, nh, hd).transpose(0, 1).unsqueeze(0)
+        k, v = L.k_cache[:, :, :length], L.v_cache[:, :, :length]
+        if nh != nkv:
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if p0 == 0 and not L.window:
+            out = sdpa(qh, k, v, is_causal=True)
+        else:
+            qpos = torch.arange(p0, length, device=q.device)[:, None]
+            kpos = torch.arange(length, device=q.device)[None, :]
+            allowed = kpos <= qpos
+            if L.window:
+                allowed = allowed & (kpos > qpos - L.window)
+            out = sdpa(qh, k, v, attn_mask=allowed[None, None])
+        return out[0].transpose(0, 1).reshape(t, nh * hd)
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
-                 record=None) -> torch.Tensor:
+                 record=None, start: Optional[int] = None) -> torch.Tensor:
+        if ids.shape[0] > 1 and start is None:
+            start = int(pos.reshape(-1)[0])
         h = self.embed.index_select(0, ids)
         ssq = h.float().pow(2).sum(-1, keepdim=True)
         for L in self.layers:
@@ -535,9 +579,9 @@ class Engine:
                               sparse=sparse and g.gating)
             else:
                 qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record)
-                q = rope_cache(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads, self.n_kv,
-                               self.head_dim)
-            att = attn_decode(q, L.k_cache, L.v_cache, pos, L.window)
+                q = self._rope_prefill(qkv, L, start)
+            att = (attn_decode(q, L.k_cache, L.v_cache, pos, L.window) if ids.shape[0] == 1
+                   else self._attn_prefill(q, L, start))
             if L.s_attn is None:
                 h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, record=record)
             else:
@@ -593,7 +637,7 @@ class Engine:
             else:
                 record = self._count
             self._count_rows += t - d0 if t > 1 else 1
-        return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record)
+        return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record, start=start)
 
     # --------------------------------------------------------------------------------------------
     # decode step, CUDA graph
