@@ -482,6 +482,8 @@ def eval_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size."),
     ppl_text: Optional[Path] = typer.Option(None, "--ppl-text", help="Also the fast perplexity on this text file."),
     ppl_max_tokens: Optional[int] = typer.Option(None, "--ppl-max-tokens", help="Cut the perplexity text to N tokens."),
+    ppl_protocol: str = typer.Option("windows", "--ppl-protocol", help="windows | seed (the official ppl "
+                                                                        "script's protocol, see wina ppl --help)."),
     output: Path = typer.Option(Path("runs"), "--output", "-o", help="Results file (.json) or folder."),
     device: str = O_DEVICE, dtype: str = O_DTYPE,
     procs: int = typer.Option(1, "--procs", "--gpus", min=1,
@@ -518,7 +520,8 @@ def eval_cmd(
                                               cpu=not _device(device).startswith("cuda")))
     main_rank = distributed.world().is_main
     ev = api.Evaluation(tasks=tuple(names), limit=lim, data_dir=data_dir, num_fewshot=num_fewshot,
-                        batch_size=batch_size, ppl_text=ppl_text, ppl_max_tokens=ppl_max_tokens)
+                        batch_size=batch_size, ppl_text=ppl_text, ppl_max_tokens=ppl_max_tokens,
+                        ppl_protocol=ppl_protocol)
     with ProgressRenderer() as r:
         loaded = _load(model, distributed.device_for_rank(_device(device)), dtype, r if main_rank else None)
         run = api.evaluate(loaded, opts, ev, out=output, on_event=r if main_rank else None)
