@@ -158,3 +158,30 @@ def test_wina_ppl_json_parses(shared_data):
     obj = json.loads(p.stdout)
     assert obj["tokens"] == 2 * 511 and obj["perplexity"] > 1
     assert 0.45 < obj["measured_sparsity"] <= 0.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
+@pytest.mark.parametrize("method", ["dense", "teal"])
+def test_shared_context_scores_equal_one_pass_per_choice(arch, method):
+    """Choices that share a context run it once; the log-likelihoods and greedy flags are those of one
+    whole forward pass per (context + continuation), dense and sparsified (the dense prefix stays in
+    the context)."""
+    import torch
+    from conftest import tiny_model
+    from wina.evaluate import shared_context_scores
+    from wina.sparsify import sparsify
+    m = tiny_model(arch)
+    sp = sparsify(m, "teal", 0.5) if method == "teal" else None
+    ctxs = [[1, 5, 9, 11, 3], [1, 7, 8], [1, 4, 4, 4, 4, 4, 4, 4]]
+    conts = [[[20, 21, 22], [30], [40, 41]], [[50, 51, 52, 53, 54], [60, 61]], [[70], [71, 72]]]
+    got = shared_context_scores(m, ctxs, conts)
+    for c, cs, g in zip(ctxs, conts, got):
+        assert len(g) == len(cs)
+        for cont, (lp, greedy) in zip(cs, g):
+            with torch.no_grad():
+                lg = m(torch.tensor([c + cont[:-1]])).logits.float().log_softmax(-1)[0, len(c) - 1:]
+            want = torch.tensor(cont)
+            assert lp == pytest.approx(float(lg.gather(1, want.unsqueeze(1)).sum()), abs=1e-4)
+            assert greedy == bool((lg.argmax(-1) == want).all())
+    if sp is not None:
+        sp.remove()

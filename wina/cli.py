@@ -978,14 +978,14 @@ def tui_cmd(ctx: typer.Context) -> None:
     Example: [bold]wina tui --model smollm2-135m[/]
     """
     args = list(ctx.args)
+    from importlib.metadata import entry_points
+    found = [ep for ep in entry_points(group="console_scripts") if ep.name == "wina-tui"]
+    if not found:
+        raise WinaError("the TUI is not installed (no wina-tui entry point); pip install -e . again")
     try:
-        from wina_tui import app as tui_app
+        entry = found[0].load()                  # the app is a separate package: found, not imported
     except ImportError as e:
-        from .errors import WinaError as _W
-        raise _W(f"the TUI is not available: {e}") from None
-    entry = getattr(tui_app, "main", None)
-    if entry is None:
-        raise WinaError("the TUI is not available: wina_tui.app has no main()")
+        raise WinaError(f"the TUI is not available: {e}") from None
     try:
         rv = entry(list(args or []))
     except SystemExit as e:             # argparse's --help / a bad option

@@ -224,6 +224,36 @@ def _classes():
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return self._chunked(super().loglikelihood, requests, disable_tqdm)
 
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            """The choices of a multiple-choice question share their context: it runs once, and every
+            choice's continuation then runs on its cached keys and values (:func:`shared_context_scores`).
+            Requests whose context no other request shares go the harness's own way."""
+            groups: dict[tuple, list[int]] = {}
+            for i, (_, ctx, cont) in enumerate(requests):
+                if ctx and cont and len(ctx) + len(cont) <= self.max_length + 1 and self.backend == "causal":
+                    groups.setdefault(tuple(ctx), []).append(i)
+            shared = [k for k, v in groups.items() if len(v) > 1]
+            if not shared:
+                return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+            out: list = [None] * len(requests)
+            in_groups = {i for k in shared for i in groups[k]}
+            rest = [i for i in range(len(requests)) if i not in in_groups]
+            if rest:
+                for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], True, override_bs)):
+                    out[i] = r
+            bs = self.batch_size if isinstance(self.batch_size, int) else 8
+            for b in range(0, len(shared), bs):
+                keys = shared[b:b + bs]
+                conts = [[requests[i][2] for i in groups[k]] for k in keys]
+                scores = shared_context_scores(self.model, [list(k) for k in keys], conts,
+                                               pad_id=self.tokenizer.pad_token_id or 0)
+                for k, sc in zip(keys, scores):
+                    for i, answer in zip(groups[k], sc):
+                        out[i] = answer
+                        if requests[i][0] is not None:
+                            self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            return out
+
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm)
 
@@ -232,6 +262,79 @@ def _classes():
 
     _CLASSES["lm"], _CLASSES["tm"] = ProgressHFLM, WinaTaskManager
     return ProgressHFLM, WinaTaskManager
+
+
+def shared_context_scores(model, contexts: list[list[int]], continuations: list[list[list[int]]], *,
+                          pad_id: int = 0) -> list[list[tuple[float, bool]]]:
+    """Log-likelihood and greedy match of each continuation after its context, computing each context
+    once: a batch of contexts (right-padded) fills a key/value cache; every continuation then runs on
+    its context's rows of that cache, at the positions it has in the whole sequence. The same numbers
+    as one forward pass per (context + continuation), up to float rounding; the sparsifier gates the
+    same positions (its dense prefix lies in the context, so the continuations' pass keeps none dense).
+    Returns, per context, ``(sum of log-probabilities, all tokens greedy)`` per continuation."""
+    import torch
+    with torch.no_grad():
+        return _shared_context_scores(torch, model, contexts, continuations, pad_id)
+
+
+def _shared_context_scores(torch, model, contexts, continuations, pad_id):
+    dev = next(model.parameters()).device
+    n = len(contexts)
+    lens = [len(c) for c in contexts]
+    lp = max(lens)
+    ids = torch.full((n, lp), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, lp), dtype=torch.long)
+    for j, c in enumerate(contexts):
+        ids[j, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[j, :len(c)] = 1
+    pos = torch.arange(lp).unsqueeze(0).expand(n, lp)
+    o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
+    last = torch.stack([o.logits[j, lens[j] - 1] for j in range(n)]).float().log_softmax(-1)   # [n, V]
+    import inspect
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache = getattr(o, "cache", None) if cache_kw == "cache" else o.past_key_values
+    if cache is None:
+        cache = o.past_key_values
+    del o
+    rows = [(j, c) for j, cs in enumerate(continuations) for c in cs]
+    ls = max(len(c) - 1 for _, c in rows)
+    tail = None
+    if ls > 0:
+        g = torch.tensor([j for j, _ in rows], device=dev)
+        cache.reorder_cache(g)                                   # each continuation's context rows
+        m = len(rows)
+        ids2 = torch.full((m, ls), pad_id, dtype=torch.long)
+        mask2 = torch.zeros((m, ls), dtype=torch.long)
+        pos2 = torch.zeros((m, ls), dtype=torch.long)
+        for r, (j, c) in enumerate(rows):
+            k = len(c) - 1
+            if k:
+                ids2[r, :k] = torch.tensor(c[:-1], dtype=torch.long)
+                mask2[r, :k] = 1
+            pos2[r] = lens[j] + torch.arange(ls)
+        attn = torch.cat([mask[[j for j, _ in rows]], mask2], 1)
+        sp = getattr(model, "_wina_sparsifier", None)
+        keep = sp.dense_prefix if sp is not None else None
+        if sp is not None:
+            sp.dense_prefix = 0.0                                # the sequence's start is in the context
+        try:
+            tail = model(input_ids=ids2.to(dev), attention_mask=attn.to(dev), position_ids=pos2.to(dev),
+                         use_cache=True, **{cache_kw: cache}).logits.float().log_softmax(-1)
+        finally:
+            if sp is not None:
+                sp.dense_prefix = keep
+    out: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+    for r, (j, c) in enumerate(rows):
+        first = last[j]
+        total = float(first[c[0]])
+        greedy = int(first.argmax()) == c[0]
+        if len(c) > 1:
+            t = tail[r, :len(c) - 1]
+            want = torch.tensor(c[1:], device=t.device)
+            total += float(t.gather(1, want.unsqueeze(1)).sum())
+            greedy = greedy and bool((t.argmax(-1) == want).all())
+        out[j].append((total, greedy))
+    return out
 
 
 def _check_limit(limit) -> Optional[Union[int, float]]:
