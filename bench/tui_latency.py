@@ -87,7 +87,7 @@ async def main(args) -> None:
         from test_tui_support import tiny_loader
         loader = tiny_loader
     tmp = Path(tempfile.mkdtemp(prefix="wina-tui-latency-"))
-    app = WinaApp(loader=loader, state_dir=tmp, max_new_tokens=args.tokens)
+    app = WinaApp(loader=loader, state_dir=tmp, config_dir=tmp / "config", max_new_tokens=args.tokens)
     if args.tiny:
         app.session.calibrate_options = {"samples": 4, "seq_len": 256}
     out = []

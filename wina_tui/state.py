@@ -145,7 +145,8 @@ class Session:
     def prepare(self, settings: Settings, plan_path=None, plan=None):
         """Apply ``settings`` to the loaded model: transform, then sparsify (uniform top-k) or apply a
         calibration plan (``plan_path``; ``plan`` if it is already in memory). Returns the sparsifier."""
-        from wina.api import prepare, transform
+        from wina import api
+        from wina.api import transform
         from wina.transform import is_transformed
         assert self.loaded is not None
         model = self.loaded.model
@@ -163,8 +164,12 @@ class Session:
             mode = settings.allocation if settings.allocation in ("layer", "global") else "uniform"
             self.sparsifier = apply_plan(model, plan, opts.sparsity, gating=opts.gating,
                                          dense_prefix=opts.dense_prefix, mode=mode)
+        elif hasattr(api, "apply"):
+            # the Loaded, not the bare model: apply() takes ``getattr(x, "model", x)``, which is the
+            # inner decoder of a transformers model
+            self.sparsifier = api.apply(self.loaded, opts)
         else:
-            self.sparsifier = prepare(model, opts)
+            self.sparsifier = api.prepare(model, opts)
         self.applied = replace(settings, options=opts)
         return self.sparsifier
 

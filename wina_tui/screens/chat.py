@@ -357,10 +357,9 @@ class ChatScreen(Screen):
         model, tok = s.loaded.model, s.loaded.tokenizer
         messages = ([{"role": "system", "content": system}] if system else []) + history + [
             {"role": "user", "content": prompt}]
-        pane.post_message(ChatPane.Start(prompt))
-        if cancel.cancelled:
-            pane.post_message(ChatPane.Done(ReplyStats(0, 0.0, "cancelled", None, None), prompt=prompt))
+        if cancel.cancelled:         # only quitting cancels a reply before it starts
             return
+        pane.post_message(ChatPane.Start(prompt))
         ids = chat_input_ids(tok, messages)
         ctx = sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()
         if sp is not None and not is_dense:

@@ -16,6 +16,7 @@ from typing import Optional
 from rich.text import Text
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
+from textual.widget import MountError
 from textual.widgets import Markdown, Static
 
 from ..state import fmt_pct
@@ -140,6 +141,12 @@ class ChatPane(Vertical):
     # --- messages from the worker --------------------------------------------------------------
     async def on_chat_pane_start(self, message: "ChatPane.Start") -> None:
         message.stop()
+        try:
+            await self._start(message)
+        except MountError:           # the app is closing
+            pass
+
+    async def _start(self, message: "ChatPane.Start") -> None:
         scroll = self.query_one(VerticalScroll)
         for w in list(scroll.query(".placeholder")):
             await w.remove()
@@ -161,6 +168,12 @@ class ChatPane(Vertical):
 
     async def on_chat_pane_done(self, message: "ChatPane.Done") -> None:
         message.stop()
+        try:
+            await self._done(message)
+        except MountError:           # the app is closing (quit while a reply streamed): nothing to show
+            self.streaming = False
+
+    async def _done(self, message: "ChatPane.Done") -> None:
         text = "".join(self._buffer)
         if self._stream is not None:
             stream, self._stream = self._stream, None
