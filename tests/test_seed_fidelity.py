@@ -21,17 +21,56 @@ WIKI = DATA_DIR / "wikitext2" / "wiki.test.raw"
 
 # Issue 23: the official code and this project, side by side on the embedded model (fp32, the first
 # 8192 tokens of wikitext-2 test without BOS, 16 windows of 512, uniform top-k on all seven
-# projections, WINA's column norms on k_proj and gate_proj only, one thread).
+# projections, WINA's column norms on k_proj and gate_proj only, one thread): identical figures.
+# In float32 with top-k these figures depend on the machine's float arithmetic (which BLAS kernels
+# run): a rounding difference of 1e-6 in an activation flips a top-k choice now and then, and the
+# flips add up to ~1 % of perplexity at 50 %. So the figures are pinned per numerical environment,
+# recognised by the dense figure (which moves only at 1e-5), to 1e-4; on an unknown environment
+# they are held to a 2 % band, and the bit-identity with the official gating rule (which is what
+# made the figures equal) is checked in the same process, where it does not depend on the machine.
 PINNED = {
-    ("dense", 0.0): 36.00230,
-    ("teal", 0.25): 37.81371,
-    ("wina", 0.25): 37.75521,
-    ("teal", 0.50): 63.03291,
-    ("wina", 0.50): 62.29772,
+    # the environment of the side-by-side run (issue 23, shared/notes/reference-numbers.md)
+    "issue 23": {("dense", 0.0): 36.00230, ("teal", 0.25): 37.81371, ("wina", 0.25): 37.75521,
+                 ("teal", 0.50): 63.03291, ("wina", 0.50): 62.29772},
+    # 2-core AMD EPYC VM, AVX2, torch 2.13.0+cpu (MKL), 2026-12-06 (docs/seed-fidelity.md)
+    "epyc-avx2": {("dense", 0.0): 36.00201, ("teal", 0.25): 37.77228, ("wina", 0.25): 37.82035,
+                  ("teal", 0.50): 62.36399, ("wina", 0.50): 62.28183},
 }
+CONFIGS = tuple(PINNED["issue 23"])
 
 
-# ---- the pinned figures (one load of the embedded model, ~1 min on one thread) ------------------
+class _OfficialTopK:
+    """The official top-k gate, written from its definition (microsoft/wina @8153dbf,
+    utils/utils.py:63-71, wina/mlp.py:146-149, wina/self_attn.py:275-282): on the last int(0.99·L) positions keep
+    the k = int(d·(1 − s)) inputs of largest |x| (|x|·‖W[:, i]‖ for k_proj and gate_proj under WINA),
+    zero the rest; the first positions stay dense."""
+
+    def __init__(self, model, method, s):
+        from wina.adapters import iter_projections
+        self.handles = []
+        for _, proj, lin in iter_projections(model):
+            scale = lin.weight.norm(dim=0) if method == "wina" and proj in ("k_proj", "gate_proj") else None
+            self.handles.append(lin.register_forward_pre_hook(self._hook(scale, s)))
+
+    @staticmethod
+    def _hook(scale, s):
+        def hook(module, args):
+            x = args[0]
+            L, d = x.shape[-2], x.shape[-1]
+            n = int(0.99 * L)
+            tail = x[..., L - n:, :]
+            score = tail.abs() if scale is None else (tail * scale).abs()
+            idx = score.topk(int(d * (1 - s)), dim=-1).indices
+            mask = torch.zeros_like(tail).scatter(-1, idx, 1.0)
+            return (torch.cat([x[..., :L - n, :], tail * mask], dim=-2), *args[1:])
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ---- the pinned figures (one load of the embedded model, ~2 min on one thread) ------------------
 
 @pytest.mark.slow
 def test_pinned_perplexities_match_the_official_code(embedded):
@@ -46,9 +85,9 @@ def test_pinned_perplexities_match_the_official_code(embedded):
     text = WIKI.read_text(encoding="utf-8")
     old = torch.get_num_threads()
     torch.set_num_threads(1)
-    got = {}
+    got, official = {}, {}
     try:
-        for (method, s), want in PINNED.items():
+        for method, s in CONFIGS:
             sp = None if method == "dense" else sparsify(model, method, s, gating="topk", weighted="default")
             try:
                 r = perplexity(model, tok, text, context=512, max_tokens=8192)
@@ -57,12 +96,24 @@ def test_pinned_perplexities_match_the_official_code(embedded):
                     sp.remove()
             assert (r.windows, r.tokens) == (16, 16 * 511)
             got[(method, s)] = r.perplexity
+            if s == 0.5:                       # the official rule, same process: bit-identical
+                ref = _OfficialTopK(model, method, s)
+                try:
+                    official[(method, s)] = perplexity(model, tok, text, context=512, max_tokens=8192).perplexity
+                finally:
+                    ref.remove()
     finally:
         torch.set_num_threads(old)
-    print("\npinned perplexities (ours vs the official code's):",
-          {f"{m} {s:g}": (round(v, 5), PINNED[(m, s)]) for (m, s), v in got.items()})
-    for key, want in PINNED.items():
-        assert got[key] == pytest.approx(want, rel=1e-4), key
+    env = next((k for k, v in PINNED.items() if abs(got[("dense", 0.0)] / v[("dense", 0.0)] - 1) < 2e-6), None)
+    print(f"\npinned perplexities, environment {env or 'unknown'}:",
+          {f"{m} {s:g}": round(v, 5) for (m, s), v in got.items()}, "official rule:", official)
+    for key, value in official.items():
+        assert got[key] == pytest.approx(value, rel=1e-9), key
+    for key in CONFIGS:
+        if env is not None:
+            assert got[key] == pytest.approx(PINNED[env][key], rel=1e-4), (env, key)
+        else:                                    # another machine's float32 arithmetic
+            assert got[key] == pytest.approx(PINNED["issue 23"][key], rel=2e-2), key
 
 
 # ---- allocation: error rule ---------------------------------------------------------------------
@@ -256,3 +307,30 @@ def test_protocol_keys_are_validated():
         doc = {**base, table: {**base.get(table, {}), key: bad}}
         with pytest.raises(PresetError, match=rf"{table}\.{key}: must be one of"):
             parse_preset(doc, name="x")
+
+
+# ---- what a results file records ----------------------------------------------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_results_record_the_corrections_and_the_protocol(tmp_path):
+    from wina.results import make_wina_block
+    from wina.sparsify import sparsify
+    from wina.transform import transform
+    model = tiny_model("llama", tie_word_embeddings=True)
+    dense = make_wina_block(model_id="tiny", model=model)["seed_fidelity"]
+    assert dense["corrections"] == {"exact_transform": False, "untied_embeddings": False,
+                                    "live_column_topk": False, "measured_sparsity_all_positions": True}
+    assert dense["protocol"] == {"dtype": "float32"}
+    transform(model)                                   # GQA: k_proj gets dead columns; ties are cut
+    sp = sparsify(model, "teal", 0.5)
+    block = make_wina_block(model_id="tiny", sparsifier=sp, perplexity={"protocol": "seed"})["seed_fidelity"]
+    assert block["corrections"] == {"exact_transform": True, "untied_embeddings": True,
+                                    "live_column_topk": True, "measured_sparsity_all_positions": True}
+    assert block["protocol"]["ppl_protocol"] == "seed"
+    sp.remove()
+    plan = calibrate(model, CharTok(), method="teal", source="random", samples=2, seq_len=32,
+                     out=tmp_path / "plan")
+    allocate(model, CharTok(), plan, step=0.3, max_sparsity=0.5, error="seed")
+    block = make_wina_block(model_id="tiny", model=model, plan=str(tmp_path / "plan"))["seed_fidelity"]
+    assert block["protocol"]["allocation_error"] == "seed"
+    assert block["protocol"]["allocation_step_norm"] == "wina"
