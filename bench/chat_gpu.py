@@ -6,9 +6,9 @@ and `wina chat --prompt` on a 7B-shaped random model folder.
 The tokenizer folder (the embedded SmolLM2's, `tokenizer.save_pretrained(DIR)`) is carried: the
 device has no network. Steps, each logged with its time; outputs under $OUT (chat.json, probe.json,
 pytest.log, *.log):
-1. GPU tests of the engine and the chat sessions;
-2. `wina bench --chat llama-2-7b --tokenizer DIR` (random weights of the Llama-2-7B shape, the vocabulary
+1. `wina bench --chat llama-2-7b --tokenizer DIR` (random weights of the Llama-2-7B shape, the vocabulary
    grown to the tokenizer's 49152): 5 turns, dense and sparse side by side, vs the engine alone;
+2. GPU tests of the chat sessions (``--tests`` to add the engine's);
 3. in process: decode tokens/s at a 2k context with the gate counting off / every 8th / every step,
    and the 512-token prefill dense vs sparse;
 4. a model folder of that shape (save_pretrained), then `wina calibrate` (self, 4 x 64) and
@@ -27,6 +27,7 @@ os.makedirs(OUT, exist_ok=True)
 ap = argparse.ArgumentParser()
 ap.add_argument("--tokenizer", required=True)
 ap.add_argument("--skip-tests", action="store_true")
+ap.add_argument("--tests", default="tests/test_chat.py")
 ap.add_argument("--skip-folder", action="store_true")
 ap.add_argument("--skip-probe", action="store_true")
 ap.add_argument("--turns", type=int, default=5)
@@ -35,7 +36,7 @@ ap.add_argument("--shape", default="llama-2-7b")
 ap.add_argument("--layers", type=int, default=None)
 args = ap.parse_args()
 T0 = time.time()
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 
 
 def stamp(msg):
@@ -67,14 +68,14 @@ for mod in ("typer", "rich", "tokenizers", "xdist"):
     except ImportError:
         stamp(f"missing: {mod}")
 
-if not args.skip_tests:
-    run("pytest", [sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", "-m", "gpu",
-                   "tests/test_chat.py", "tests/test_engine.py"], tail=12)
-
 layers = ["--layers", str(args.layers)] if args.layers else []
-run("bench_chat", [sys.executable, "-m", "wina.cli", "bench", "--chat", args.shape, "--tokenizer", args.tokenizer,
+run("bench_chat", [sys.executable, "-m", "wina.cli", "--debug", "bench", "--chat", args.shape, "--tokenizer", args.tokenizer,
                    "--turns", str(args.turns), "--new-tokens", str(args.new_tokens), "--json", f"{OUT}/chat.json",
                    *layers], tail=45)
+
+if not args.skip_tests:
+    run("pytest", [sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", "-m", "gpu",
+                   *args.tests.split()], tail=12)
 
 if not args.skip_probe:
     stamp("probe: gate-count cost and 512-token prefill")
