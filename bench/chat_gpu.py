@@ -73,6 +73,16 @@ run("bench_chat", [sys.executable, "-m", "wina.cli", "--debug", "bench", "--chat
                    "--turns", str(args.turns), "--new-tokens", str(args.new_tokens), "--json", f"{OUT}/chat.json",
                    *layers], tail=45)
 
+try:
+    from wina.bench import chat_bench_markdown  # noqa: E402
+    with open(f"{OUT}/chat.json") as f:
+        _res = json.load(f)
+    print(chat_bench_markdown(_res), flush=True)
+    print(json.dumps({k: _res.get(k) for k in ("memory", "prefill_512", "targets", "warm_up_s", "gating")},
+                     indent=1), flush=True)
+except Exception as e:  # noqa: BLE001
+    stamp(f"no chat.json table: {e}")
+
 if not args.skip_tests:
     run("pytest", [sys.executable, "-m", "pytest", "-q", "-rP", "-p", "no:cacheprovider", "-m", "gpu",
                    *args.tests.split()], tail=12)

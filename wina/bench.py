@@ -836,3 +836,22 @@ def print_chat_bench(res: dict, console=None) -> None:
         for k, (v, ok) in res["targets"].items():
             tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
         con.print(tt)
+
+
+def chat_bench_markdown(res: dict) -> str:
+    """The per-turn table of :func:`run_chat_bench` as GitHub markdown (docs/gpu-results.md)."""
+    def f(v, fmt, scale=1.0):
+        return "-" if v is None else format(v * scale, fmt)
+    lines = ["| turn | context | prefilled | mode | TTFT ms | prefill alone ms | decode tok/s | engine alone tok/s "
+             "| chat / engine | measured sparsity | sparse / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res.get("turns_detail", []):
+        for m in ("dense", "sparse"):
+            c = r[m]
+            sod = f(r.get("sparse_over_dense"), ".2f") + "×" if m == "sparse" else ""
+            cells = [str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
+                     f(c["ttft_s"], ".1f", 1000), f(c.get("engine_prefill_s"), ".1f", 1000),
+                     f(c["decode_tokens_per_s"], ".1f"), f(c.get("engine_decode_tokens_per_s"), ".1f"),
+                     f(c.get("decode_ratio"), ".3f"), f(c["sparsity"], ".1%"), sod]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
