@@ -137,3 +137,12 @@ def test_help_screen_light(snap_compare, tmp_path):
         await pilot.press("f1")
         await pilot.pause(0.2)
     assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
+
+
+def test_calibrate_screen_scores(snap_compare, tmp_path):
+    async def before(pilot):
+        await calibrated(pilot)
+        pilot.app.calibrate_screen.query_one("#cal-tabs").active = "tab-scores"
+        await pilot.press("m")                        # layer 2's second matrix, k_proj
+        await pilot.pause(0.3)
+    assert snap_compare(make_app(tmp_path), terminal_size=SIZE, run_before=before)
