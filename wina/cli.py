@@ -590,7 +590,8 @@ def ppl_cmd(
     """
     opts = _opts(method, sparsity, transform, plan, gating, weighted)
     from . import api
-    from .perplexity import read_text
+    from .perplexity import check_max_tokens, read_text
+    check_max_tokens(max_tokens)
     read_text(text)                                  # a missing or non-UTF-8 file: before loading
     with ProgressRenderer(transient=as_json) as r:
         loaded = _load(model, device, dtype, r)

@@ -479,6 +479,8 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
     if not names and ppl_file is None:
         raise InvalidArgument("nothing to evaluate: give tasks and/or a perplexity text file")
     _check_limit(limit)
+    from .perplexity import check_max_tokens
+    check_max_tokens(ppl_max_tokens)
     if names:
         check_tasks(names, data_dir)          # unknown task / missing file: before any work
     text = None

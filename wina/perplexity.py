@@ -47,6 +47,13 @@ class PerplexityResult:
     protocol: str = "windows"
 
 
+def check_max_tokens(max_tokens) -> None:
+    """None (the whole text) or an integer of at least 2 (a negative one used to cut tokens silently)."""
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 2):
+        raise InvalidArgument(f"max_tokens must be an integer of at least 2, got {max_tokens!r}")
+
+
 def read_text(path: Union[str, Path]) -> str:
     p = Path(path)
     if not p.is_file():
@@ -87,6 +94,7 @@ def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: O
     "seed", ``context`` and ``batch_size`` are the official script's (2048 + 512, one window a batch)."""
     if protocol not in PROTOCOLS:
         raise InvalidArgument(f"unknown perplexity protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    check_max_tokens(max_tokens)
     if protocol == "seed":
         return _seed_perplexity(model, tokenizer, text, max_tokens=max_tokens, on_event=on_event,
                                 cancel=cancel)

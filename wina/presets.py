@@ -266,6 +266,8 @@ def load_preset(name_or_path: Union[str, Path]) -> Preset:
             data = _toml.load(f)
     except _toml.TOMLDecodeError as e:
         raise PresetError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise PresetError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
     except OSError as e:
         raise PresetError(f"{path}: cannot read: {e.strerror}") from None
     return parse_preset(data, path=path)

@@ -1,0 +1,279 @@
+"""The fault suite: every class of fault a user can meet ends as one red line and exit code 2, never
+"internal error", and leaves nothing half-written, stale or lost on disk. Each test names the fault,
+the command, and what the line must say. Tiny random Llama (tests/test_cli.py), no downloads."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import wina.errors
+
+from test_cli import invoke, make_tiny, ok, user_error, TEXT
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("faults") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("faults-text") / "text.txt"
+    p.write_text(TEXT, encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def plan(tiny, text_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults-plan") / "plan"
+    ok(invoke("calibrate", tiny, "--method", "teal", "--data", text_file, "--samples", "2",
+              "--seq-len", "32", "--out", out))
+    return out
+
+
+def _no_leftovers(folder: Path) -> None:
+    bad = [p for p in folder.rglob("*") if p.suffix == ".tmp" or p.name.startswith(".wina-write-test")]
+    assert bad == [], bad
+
+
+# --- output locations ------------------------------------------------------------------------------
+
+def test_out_is_an_existing_file_fails_before_loading(tiny, tmp_path, monkeypatch):
+    f = tmp_path / "plan"
+    f.write_text("not a folder")
+    import wina.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(wina.models, "load", no_load)
+    user_error(invoke("calibrate", tiny, "--out", f), "existing file")
+    assert f.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("code,needle", [(errno.EROFS, "read-only file system"),
+                                         (errno.EACCES, "permission denied")])
+def test_output_folder_not_writable(tiny, text_file, tmp_path, monkeypatch, code, needle):
+    import wina.files
+
+    def refuse(*a, **k):
+        raise OSError(code, os.strerror(code), str(tmp_path / "runs"))
+
+    monkeypatch.setattr(wina.files.tempfile, "mkstemp", refuse)
+    user_error(invoke("eval", tiny, "--ppl-text", text_file, "--output", tmp_path / "runs" / "r.json"), needle)
+    assert not (tmp_path / "runs" / "r.json").exists()
+
+
+def test_disk_full_while_writing_leaves_nothing(tiny, text_file, tmp_path, monkeypatch):
+    import wina.files
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def fdopen(fd, *a, **k):
+        return Full(real(fd, *a, **k))
+
+    out = tmp_path / "runs"
+    ok(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "600", "--output", out / "first.json"))
+    monkeypatch.setattr(wina.files.os, "fdopen", fdopen)
+    user_error(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "600",
+                      "--output", out / "first.json"), "no space left")
+    monkeypatch.undo()
+    json.loads((out / "first.json").read_text())              # the earlier file is intact
+    _no_leftovers(tmp_path)
+
+
+def test_files_get_the_users_umask(tiny, text_file, tmp_path):
+    old = os.umask(0o022)
+    try:
+        ok(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "600", "--output", tmp_path / "r.json"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "r.json").stat().st_mode) == 0o644
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+
+def test_binary_file_is_not_text(tiny, tmp_path):
+    b = tmp_path / "blob.txt"
+    b.write_bytes(bytes(range(256)) * 8)
+    user_error(invoke("ppl", tiny, "--text", b), "not UTF-8")
+    user_error(invoke("calibrate", tiny, "--data", b, "--samples", "1", "--seq-len", "16",
+                      "--out", tmp_path / "p"), "not UTF-8")
+
+
+def test_negative_max_tokens_is_refused(tiny, text_file):
+    user_error(invoke("ppl", tiny, "--text", text_file, "--max-tokens", "-5"), "max_tokens")
+    user_error(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "-5"), "max_tokens")
+
+
+def test_preset_that_is_not_utf8(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_bytes(b'name = "x"\nmodel = "\xff\xfe"\n')
+    user_error(invoke("run", p, "--dry-run"), "bad.toml")
+
+
+def test_plan_json_with_wrong_types(plan, tiny, tmp_path):
+    import shutil
+    bad = tmp_path / "plan"
+    shutil.copytree(plan, bad)
+    meta = json.loads((bad / "plan.json").read_text())
+    meta["n_layers"] = "two"
+    (bad / "plan.json").write_text(json.dumps(meta))
+    user_error(invoke("eval", tiny, "--plan", bad, "--sparsity", "0.5", "--ppl-text", bad / "plan.json"),
+               "wrong type")
+
+
+def test_edited_plan_is_refused(plan, tiny, text_file, tmp_path):
+    """A plan whose method was edited to dense used to give dense numbers labelled 50 %."""
+    import shutil
+    bad = tmp_path / "plan"
+    shutil.copytree(plan, bad)
+    meta = json.loads((bad / "plan.json").read_text())
+    meta["method"] = "dense"
+    (bad / "plan.json").write_text(json.dumps(meta))
+    user_error(invoke("eval", tiny, "--plan", bad, "--sparsity", "0.5", "--ppl-text", text_file), "edited")
+
+
+def test_results_file_with_wrong_types(tmp_path):
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"results": {}, "wina": {"method": 5, "sparsity": "half", "headline": []}}))
+    user_error(invoke("compare", f))
+
+
+def test_truncated_weights(tiny, text_file, tmp_path):
+    import shutil
+    bad = tmp_path / "model"
+    shutil.copytree(tiny, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    user_error(invoke("ppl", bad, "--text", text_file), "truncated or corrupt")
+
+
+def test_pickle_that_is_not_plain_tensors_is_refused(tiny, text_file, tmp_path):
+    import pickle
+    import shutil
+    bad = tmp_path / "model"
+    shutil.copytree(tiny, bad)
+    (bad / "model.safetensors").unlink()
+    (bad / "pytorch_model.bin").write_bytes(pickle.dumps({"w": Path("/etc")}))
+    line = user_error(invoke("ppl", bad, "--text", text_file))
+    assert "internal error" not in line
+
+
+# --- the network and missing data ---------------------------------------------------------------
+
+def test_hub_model_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    user_error(invoke("eval", "someone/no-such-model", "--tasks", "piqa", "--limit", "5"),
+               "no-such-model", "not in the Hugging Face cache")
+
+
+def test_task_without_local_data_offline(tiny, monkeypatch):
+    import wina.data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WINA_DATA", raising=False)
+    monkeypatch.delenv("WINA_DATA_DIR", raising=False)
+    monkeypatch.setattr(wina.data, "candidates", lambda: [])
+    user_error(invoke("eval", tiny, "--tasks", "winogrande", "--limit", "5"),
+               "winogrande", "--data-dir")
+
+
+def test_calibration_dataset_offline(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    user_error(invoke("calibrate", tiny, "--data", "tatsu-lab/alpaca", "--out", tmp_path / "p"),
+               "tatsu-lab/alpaca", "hub is off")
+
+
+def test_shipped_subsets_serve_the_quick_tasks_offline(monkeypatch):
+    import wina.data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("WINA_DATA", raising=False)
+    monkeypatch.delenv("WINA_DATA_DIR", raising=False)
+    monkeypatch.setattr(wina.data, "candidates", lambda: [])
+    src = wina.data.resolve("auto", ["piqa", "arc_easy"], 100)
+    assert src.kind == "shipped" and src.path == wina.data.SHIPPED_DIR
+    from wina.tasks import read_docs
+    assert len(read_docs("piqa", src.path)) == 100 and len(read_docs("arc_easy", src.path)) == 100
+    with pytest.raises(wina.errors.DataError, match="piqa"):
+        wina.data.resolve("auto", ["piqa"], 101)               # more than is shipped
+
+
+def test_damaged_shipped_file_is_detected(tmp_path, monkeypatch):
+    import shutil
+    import wina.data
+    copy = tmp_path / "data"
+    shutil.copytree(wina.data.SHIPPED_DIR, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    f = copy / "piqa" / "valid-labels.lst"
+    f.write_text(f.read_text().replace("0", "1", 1))
+    monkeypatch.setattr(wina.data, "SHIPPED_DIR", copy)
+    with pytest.raises(wina.errors.DataError, match="damaged"):
+        wina.data.verify_shipped()
+
+
+# --- concurrent writers and replacing finished work ---------------------------------------------
+
+def test_second_calibrate_into_the_same_folder(tiny, tmp_path):
+    from wina.files import locked
+    out = tmp_path / "plan"
+    with locked(out):
+        user_error(invoke("calibrate", tiny, "--samples", "1", "--seq-len", "16", "--data", "random",
+                          "--out", out), "being written by process")
+
+
+def test_reallocation_keeps_the_finished_allocation_until_the_new_one_is_done(plan, tiny, tmp_path):
+    """`wina allocate` with new settings on an allocated plan, interrupted: the old allocation is
+    still there and usable; run again, the new one replaces it."""
+    import shutil
+    from wina import api
+    from wina.errors import Cancelled
+    from wina.events import CancelToken
+    p = tmp_path / "plan"
+    shutil.copytree(plan, p)
+    ok(invoke("allocate", p, "--step", "0.2", "--max-sparsity", "0.8"))
+    before = json.loads((p / "plan.json").read_text())["allocation"]
+    loaded = api.load(str(tiny), device="cpu")
+    cancel = CancelToken()
+
+    def stop(ev):
+        if ev.stage == "allocate" and ev.done >= 1:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        api.allocate(loaded, p, api.Allocation(step=0.1, max_sparsity=0.8), on_event=stop, cancel=cancel)
+    assert json.loads((p / "plan.json").read_text())["allocation"] == before
+    api.plan_info(p)
+    from wina.plan import Plan
+    assert Plan.load(p).allocated                                 # still whole and usable
+    api.allocate(loaded, p, api.Allocation(step=0.1, max_sparsity=0.8))
+    assert json.loads((p / "plan.json").read_text())["allocation"]["step"] == 0.1
+    assert not (tmp_path / "plan.allocating").exists() and not (tmp_path / "plan.replaced").exists()
+
+
+# --- no "internal error" for environment faults ---------------------------------------------------
+
+def test_user_error_translates_environment_faults():
+    from wina.errors import user_error as translate
+    assert "permission denied" in str(translate(PermissionError(errno.EACCES, "x", "/a/b")))
+    assert "no space left" in str(translate(OSError(errno.ENOSPC, "x", "/a/b")))
+    assert "not UTF-8" in str(translate(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")))
+    import requests
+    msg = str(translate(requests.exceptions.ConnectionError("Couldn't reach 'baber/piqa' on the Hub")))
+    assert "hub" in msg and "offline" in msg
+    assert translate(ValueError("a bug")) is None
