@@ -268,7 +268,20 @@ def load_run(path: Union[str, Path]) -> Run:
     missing = [k for k in REQUIRED if k not in data["wina"]]
     if missing:
         raise DataError(f"{p}: the 'wina' block lacks {', '.join(missing)}")
+    w = data["wina"]
+    for key, types in _TYPES.items():
+        v = w.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            raise DataError(f"{p}: wina.{key} has the wrong type ({type(v).__name__})")
+    for task, h in (w.get("headline") or {}).items():
+        if not isinstance(h, dict) or not isinstance(h.get("value", 0.0), (int, float, type(None))):
+            raise DataError(f"{p}: wina.headline.{task} is not a metric record")
     return Run(p, data)
+
+
+_TYPES = {"model": (str,), "method": (str,), "transform": (bool,), "allocation": (str,),
+          "nominal_sparsity": (int, float), "measured_sparsity": (int, float), "sparsity": (int, float),
+          "headline": (dict,), "perplexity": (dict,), "eval": (dict,), "date": (str,), "machine": (dict, str)}
 
 
 def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
