@@ -45,6 +45,9 @@ class CalibrateScreen(Screen):
         Binding("left_square_bracket", "layer(-1)", "Layers [ ]"),
         Binding("right_square_bracket", "layer(1)", "Next layer", show=False),
         Binding("m", "next_matrix", "Matrix"),
+        Binding("s", "tab('tab-scores')", "Scores", show=False),
+        Binding("t", "tab('tab-trajectory')", "Trajectory", show=False),
+        Binding("a", "tab('tab-allocation')", "Allocation", show=False),
     ]
 
     class Scores(Message):
@@ -205,6 +208,9 @@ class CalibrateScreen(Screen):
         cur = self._layer_view if self._layer_view is not None else n - 1
         self._layer_view = (cur + step) % n
         self._show_plan_trajectory(self._layer_view)
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
 
     def action_next_matrix(self) -> None:
         self.query_one(ScoreHistogram).next_matrix()
