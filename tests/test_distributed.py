@@ -29,7 +29,7 @@ def test_shards_partition_the_windows():
 
 
 def test_launch_command_and_argv_stripping():
-    from wina.cli import _without_procs
+    from wina.cli.quality import _without_procs
     assert _without_procs(["eval", "m", "--procs", "2", "--limit", "4", "--gpus=3"]) == ["eval", "m", "--limit", "4"]
     cmd = distributed.launch_command(["eval", "m"], 2, cpu=True)
     assert cmd[-4:] == ["-m", "wina.cli", "eval", "m"] and "--cpu" in cmd and "2" in cmd

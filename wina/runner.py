@@ -334,13 +334,13 @@ class _Model:
 
     def get(self, transform: bool, on_event=None):
         """The loaded model, reloaded when a step needs it untransformed after the transform; the
-        steps themselves (wina.api) transform it when they need to."""
+        steps themselves (wina.pipeline) transform it when they need to."""
         from .transform import is_transformed
         if self.loaded is not None and not transform and is_transformed(self.loaded.model):
             self.release()
         if self.loaded is None:
-            from . import api
-            self.loaded = api.load(self.preset.model, device=resolve_device(self.preset, self.device),
+            from . import pipeline
+            self.loaded = pipeline.load(self.preset.model, device=resolve_device(self.preset, self.device),
                                    dtype=self.preset.dtype, on_event=on_event)
         return self.loaded
 
@@ -431,28 +431,28 @@ def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, canc
 def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
     """Calibrate into the plan folder; a plan made with other settings is replaced only once the new
     calibration is complete (it is made beside it, in ``<variant>.new``, which a rerun resumes)."""
-    from . import api
+    from . import pipeline
     from .files import recover_folder, replace_folder
     v = step.variant
     recover_folder(step.output)
     fresh = not step.output.exists() or getattr(step, "why", None) is None
     work = step.output if fresh else step.output.with_name(step.output.name + ".new")
-    api.calibrate(holder.get(v.transform, on_event), work, calibration_of(preset, v),
+    pipeline.calibrate(holder.get(v.transform, on_event), work, calibration_of(preset, v),
                   on_event=on_event, cancel=cancel)
     if work != step.output:
         replace_folder(work, step.output)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
-    from . import api
-    api.allocate(holder.get(step.variant.transform, on_event), step.output, allocation_of(preset),
+    from . import pipeline
+    pipeline.allocate(holder.get(step.variant.transform, on_event), step.output, allocation_of(preset),
                  on_event=on_event, cancel=cancel)
 
 
 def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:
-    from . import api
+    from . import pipeline
     v = step.variant
-    api.evaluate(holder.get(v.transform, on_event), options_of(preset, step), evaluation_of(preset, limit),
+    pipeline.evaluate(holder.get(v.transform, on_event), options_of(preset, step), evaluation_of(preset, limit),
                  out=step.output, on_event=on_event, cancel=cancel,
                  extra={"preset": preset.name, "variant": v.name,
                         "preset_file": str(preset.path) if preset.path else None})
@@ -461,21 +461,21 @@ def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cance
 # --- a preset's settings as the pipeline's (the one translation) ---------------------------------
 
 def calibration_of(preset: Preset, v: Variant):
-    from .api import Calibration
+    from .pipeline import Calibration
     c = preset.calibration
     return Calibration(method=v.method, transform=v.transform, source=preset.resolved_source(),
                        samples=c.samples, seq_len=c.seq_len, weighted=c.weighted)
 
 
 def allocation_of(preset: Preset):
-    from .api import Allocation
+    from .pipeline import Allocation
     a = preset.allocation
     return Allocation(mode=a.mode, max_sparsity=a.max_sparsity, step=a.step, samples=a.samples,
                       seq_len=a.seq_len, **_protocol(a, ("error", "step_norm")))
 
 
 def options_of(preset: Preset, step: Step):
-    from .api import SparseOptions
+    from .pipeline import SparseOptions
     v, e = step.variant, preset.eval
     return SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
                          gating=e.gating if v.method != "dense" else "topk",
@@ -484,7 +484,7 @@ def options_of(preset: Preset, step: Step):
 
 
 def evaluation_of(preset: Preset, limit=None):
-    from .api import Evaluation
+    from .pipeline import Evaluation
     e = preset.eval
     lim = limit if limit is not None else e.limit
     return Evaluation(tasks=tuple(e.tasks or ()), limit=lim, data_dir=preset.resolved_data_dir(lim) or "hub",

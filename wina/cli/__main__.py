@@ -1,0 +1,3 @@
+from wina.cli import main
+
+main()

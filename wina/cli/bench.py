@@ -1,0 +1,129 @@
+"""``wina bench``: decode speed, kernels, and the chat path on a GPU."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+
+from .app import app, out, err
+from .common import _device, _load, _opts, _prepare, _quiet_libraries
+from .render import ProgressRenderer
+from ..errors import WinaError
+
+
+@app.command("bench")
+def bench_cmd(
+    models: Optional[List[str]] = typer.Argument(None, help="Shape names with random weights (llama-2-7b, "
+                                                            "llama-3-8b, qwen-2.5-7b, phi-4, tiny-llama) and/or "
+                                                            "model specs. Default: llama-2-7b."),
+    sparsities: str = typer.Option("0.25,0.40,0.50,0.65", "--sparsities", help="Comma-separated targets in (0, 1)."),
+    method: str = typer.Option("wina", "--method", "-m", help="wina | teal: the score the sparse engine gates by."),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="Prompt tokens."),
+    new_tokens: int = typer.Option(256, "--new-tokens", help="Decoded tokens per measurement."),
+    hf_new_tokens: Optional[int] = typer.Option(None, "--hf-new-tokens", help="Tokens for the transformers "
+                                                                              "baseline (default --new-tokens; 0 skips it)."),
+    device: str = typer.Option("cuda", "--device", help="cuda | cuda:N | cpu (slow, for smoke runs)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32."),
+    kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Also the per-kernel bandwidth table (CUDA)."),
+    kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
+    fuse_mlp: Optional[int] = typer.Option(None, "--fuse-mlp", min=0, max=2,
+                                           help="Sparse decode (experimental): 1 = gate/up compacts down's input, "
+                                                "2 = also one launch for both; 0 = off (default: the "
+                                                "WINA_FUSE_MLP environment variable, else 0). Measured on an "
+                                                "H200: no gain (docs/gpu-notes.md run 12)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    chat: bool = typer.Option(False, "--chat", help="Measure the user's path instead: a scripted multi-turn "
+                                                   "chat through the chat session, dense and sparse side by "
+                                                   "side, per turn TTFT and decode tokens/s against the engine "
+                                                   "alone at the same context; peak GPU memory."),
+    plan: Optional[str] = typer.Option(None, "--plan", "-p", help="--chat: threshold gating from this plan "
+                                                                  "(default: thresholds calibrated on the script)."),
+    chat_sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="--chat: the target sparsity."),
+    turns: int = typer.Option(5, "--turns", help="--chat: user turns (the context grows past 2k tokens)."),
+    user_tokens: int = typer.Option(500, "--user-tokens", help="--chat: tokens of each user message after "
+                                                               "the first (~110)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="--chat with a shape name: the tokenizer "
+                                                                      "folder to use (the vocabulary grows to fit)."),
+) -> None:
+    """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the
+    memory floor; per-kernel bandwidth on CUDA. With --chat: the chat as users run it.
+
+    Example: [bold]wina bench llama-2-7b llama-3-8b --sparsities 0.25,0.5 --json bench.json[/]   ·
+    [bold]wina bench --chat ./my-model --new-tokens 200[/]
+    """
+    from ..errors import InvalidArgument
+    if chat:
+        _bench_chat((models or ["llama-2-7b"]), plan, chat_sparsity, method, turns, new_tokens, user_tokens,
+                    tokenizer, device, dtype, layers, seed, json_out)
+        return
+    try:
+        sps = [float(x) for x in sparsities.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgument(f"--sparsities must be comma-separated numbers, got {sparsities!r}") from None
+    if not sps:
+        raise InvalidArgument("--sparsities is empty")
+    for name, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
+        if v < 1:
+            raise InvalidArgument(f"{name} must be at least 1, got {v}")
+    if json_out is not None:
+        from ..api import check_writable
+        check_writable(json_out)
+    _quiet_libraries()
+    from ..api import run_bench
+    with ProgressRenderer() as r:
+        res = run_bench(tuple(models or ("llama-2-7b",)), sparsities=sps, method=method, prompt_len=prompt_len,
+                        new_tokens=new_tokens, hf_new_tokens=hf_new_tokens, device=device, dtype=dtype,
+                        kernels=kernels, kernel_layers=kernel_layers, num_hidden_layers=layers, seed=seed,
+                        fuse_mlp=fuse_mlp, on_event=r, json_path=str(json_out) if json_out else None)
+    from ..api import print_bench
+    print_bench(res, out)
+    failed = [m for m in res.get("models", []) if "error" in m]
+    for m in failed:
+        err.print(f"[red]{escape(m['model'])}: {escape(m['error'])}[/]", soft_wrap=True)
+    if json_out is not None:
+        out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)
+    if failed and len(failed) == len(res.get("models", [])):
+        raise WinaError(f"every benchmark failed; first: {failed[0]['model']}: {failed[0]['error']}")
+
+
+def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, tokenizer, device, dtype,
+                layers, seed, json_out) -> None:
+    """wina bench --chat: load (or build) the model, attach the gating, run wina.bench.run_chat_bench."""
+    from ..errors import InvalidArgument
+    if len(models) != 1:
+        raise InvalidArgument("--chat measures one model at a time")
+    if turns < 1 or new_tokens < 2:
+        raise InvalidArgument("--turns must be >= 1 and --new-tokens >= 2")
+    if not 0.0 < sparsity < 1.0:
+        raise InvalidArgument(f"--sparsity must be in (0, 1), got {sparsity}")
+    if json_out is not None:
+        from ..api import check_writable
+        check_writable(json_out)
+    spec = models[0]
+    _quiet_libraries()
+    from ..api import SHAPES, print_chat_bench, random_model, run_chat_bench, shape_config
+    with ProgressRenderer() as r:
+        if spec in SHAPES:
+            if tokenizer is None:
+                raise InvalidArgument(f"{spec} is a shape with random weights: --chat needs --tokenizer DIR")
+            from transformers import AutoTokenizer
+            from ..api import resolve_dtype
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+            cfg = shape_config(spec, layers)
+            cfg.vocab_size = max(cfg.vocab_size, len(tok))
+            model = random_model(cfg, _device(device), resolve_dtype(dtype, _device(device)), seed)
+        else:
+            loaded = _load(spec, device, dtype, r)
+            model, tok = loaded.model, loaded.tokenizer
+        if plan is not None:
+            _prepare(type("L", (), {"model": model})(), _opts(None, sparsity, False, plan, "threshold"))
+        res = run_chat_bench(model, tok, turns=turns, new_tokens=new_tokens, user_tokens=user_tokens,
+                             sparsity=sparsity, method=method, seed=seed, label=spec, on_event=r,
+                             json_path=str(json_out) if json_out else None)
+    print_chat_bench(res, out)
+    if json_out is not None:
+        out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)

@@ -1,0 +1,102 @@
+"""Helpers and option declarations the commands share."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import typer
+
+from .app import _STATE
+from .render import ProgressRenderer
+
+# --- shared helpers ---------------------------------------------------------------------------------
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _quiet_libraries() -> None:
+    """Our own bars replace transformers' and datasets' tqdm bars and their info logs."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with _suppress():
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    with _suppress():
+        import datasets
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    _threads()
+
+
+def _threads() -> None:
+    n = _STATE.get("threads")
+    if n:
+        import torch
+        torch.set_num_threads(max(1, int(n)))
+
+
+def _suppress():
+    import contextlib
+    return contextlib.suppress(Exception)
+
+
+def _load(spec: str, device: str, dtype: str, r: Optional[ProgressRenderer] = None):
+    from .. import api
+    from ..api import resolve_source
+    resolve_source(spec)                     # a bad path fails before any slow import
+    _quiet_libraries()
+    return api.load(spec, device=_device(device), dtype=dtype, on_event=r)
+
+
+def _limit(v: Optional[float]):
+    if v is None:
+        return None
+    return int(v) if float(v).is_integer() else float(v)
+
+
+def _opts(method: Optional[str], sparsity: Optional[float], transform: bool, plan: Optional[str],
+          gating: str, weighted: str = "default"):
+    """Options checked before anything slow, with the library's defaults (wina.api.sparse_options)."""
+    from ..api import sparse_options
+    return sparse_options(method, sparsity, transform, plan, gating, weighted)
+
+
+def _prepare(loaded, opts):
+    from ..api import apply
+    return apply(loaded, opts)
+
+
+def _plan_info(plan: str) -> dict:
+    from ..api import plan_info
+    return plan_info(plan)
+
+
+def _sparsity_line(sp, opts) -> str:
+    if sp is None:
+        return "dense (no sparsity)"
+    m = sp.measured_sparsity()
+    ms = "n/a" if m is None or (isinstance(m, float) and math.isnan(m)) else f"{m:.1%}"
+    return f"{opts.label}: nominal {sp.nominal_sparsity():.1%}, measured {ms}"
+
+
+# Reusable option declarations (typer.Option objects are immutable descriptions: safe to share)
+O_METHOD = typer.Option(None, "--method", "-m", help="dense | teal | wina (default: dense, or wina when "
+                                                     "--sparsity is given, or the plan's method).")
+O_SPARSITY = typer.Option(None, "--sparsity", "-s", help="Target sparsity in [0, 1), e.g. 0.5.")
+O_TRANSFORM = typer.Option(False, "--transform/--no-transform",
+                           help="Apply the column-orthogonal transform first (exact; the seed's --transform).")
+O_PLAN = typer.Option(None, "--plan", "-p", help="A calibration plan (from wina calibrate / allocate).")
+O_GATING = typer.Option("topk", "--gating", help="topk (exact per-token top-k) | threshold (needs --plan).")
+O_WEIGHTED = typer.Option("default", "--weighted",
+                          help="default (k/gate projections weight-informed, as the seed) | all.")
+O_DEVICE = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N.")
+O_DTYPE = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16.")

@@ -1,0 +1,97 @@
+"""``wina calibrate`` and ``wina allocate``: make a plan."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from .app import app, out, EPILOG_MODEL
+from .common import _load, _plan_info
+from .common import O_DEVICE, O_DTYPE, O_TRANSFORM, O_WEIGHTED
+from .render import ProgressRenderer
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = typer.Argument(..., help=EPILOG_MODEL),
+    method: str = typer.Option("wina", "--method", "-m", help="teal | wina: the gating score to record."),
+    transform: bool = O_TRANSFORM,
+    data: str = typer.Option("self", "--data", help="Calibration text: 'self' (model-generated, offline), "
+                                                    "a .txt/.jsonl file, or a hub dataset such as tatsu-lab/alpaca."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Sequences (default: 16 for small "
+                                                                  "models, 20 for large ones as the seed)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 512 / 2048)."),
+    weighted: str = O_WEIGHTED,
+    out_plan: Path = typer.Option(..., "--out", "-o", help="Plan directory to write (resumed if interrupted)."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """Record the gating-score histograms of every projection, layer by layer, into a plan.
+
+    Example: [bold]wina calibrate smollm2-135m --method wina --transform --out plans/smol-wina[/]
+    """
+    from ..errors import InvalidArgument
+    if method not in ("teal", "wina"):
+        raise InvalidArgument(f"unknown calibration method {method!r}; choose teal or wina")
+    if samples is not None and samples < 1:
+        raise InvalidArgument(f"--samples must be at least 1, got {samples}")
+    if seq_len is not None and seq_len < 8:
+        raise InvalidArgument(f"--seq-len must be at least 8, got {seq_len}")
+    from ..api import Calibration, calibrate
+    from ..api import check_writable
+    check_writable(out_plan, folder=True)               # before loading anything
+    with ProgressRenderer() as r:
+        loaded = _load(model, device, dtype, r)
+        plan = calibrate(loaded, out_plan, Calibration(method=method, transform=transform, source=data,
+                                                       samples=samples, seq_len=seq_len, weighted=weighted),
+                         on_event=r)
+    n = getattr(plan, "n_calibrated", None)
+    out.print(f"[green]plan written:[/] {escape(str(out_plan))}" + (f" ({n} layers calibrated)" if n else ""))
+    out.print(f"next: wina allocate {escape(str(out_plan))}   or   "
+              f"wina eval {escape(model)} --plan {escape(str(out_plan))} --sparsity 0.5 --tasks piqa")
+
+
+@app.command("allocate")
+def allocate_cmd(
+    plan: Path = typer.Argument(..., help="A calibrated plan directory (from wina calibrate)."),
+    max_sparsity: float = typer.Option(0.9, "--max-sparsity", help="Highest sparsity allocated to any matrix."),
+    step: Optional[float] = typer.Option(None, "--step", help="Greedy base step (the seed's base_step_size; "
+                                                              "default 0.025 for models >= 1 B, 0.1 below)."),
+    mode: str = typer.Option("layer", "--mode", help="layer (greedy within each layer, as the seed) | "
+                                                     "global (greedy across layers)."),
+    error_rule: str = typer.Option("wina", "--error-rule", help="wina (L2 over channels per position) | seed "
+                                                               "(the official: L2 over positions per channel)."),
+    step_norm: str = typer.Option("wina", "--step-norm", help="wina (steps relative to q_proj/qkv_proj) | "
+                                                             "seed (to o_proj, as the official; differs on Phi-4)."),
+    out_plan: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the allocated plan here "
+                                                                     "(default: update PLAN in place)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Load this model instead of the plan's own."),
+    device: str = O_DEVICE, dtype: str = O_DTYPE,
+) -> None:
+    """Greedy allocation of per-matrix sparsities (the seed's greedyopt.py) for a calibrated plan.
+
+    Example: [bold]wina allocate plans/smol-wina --mode layer --step 0.025[/]
+    """
+    from ..errors import InvalidArgument
+    if mode not in ("layer", "global"):
+        raise InvalidArgument(f"unknown allocation mode {mode!r}; choose layer or global")
+    for name, v in (("--max-sparsity", max_sparsity), ("--step", step)):
+        if v is not None and not (0.0 < v < 1.0):
+            raise InvalidArgument(f"{name} must be in (0, 1), got {v}")
+    meta = _plan_info(str(plan))
+    spec = model or meta.get("model_id") or meta.get("model")
+    if not spec:
+        raise InvalidArgument(f"{plan} does not name its model; give --model")
+    target = Path(out_plan) if out_plan is not None else Path(plan)
+    if target.resolve() != Path(plan).resolve():
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise InvalidArgument(f"--out {target} exists and is not empty (or not a folder)")
+        import shutil
+        shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
+    from ..api import Allocation, allocate
+    with ProgressRenderer() as r:
+        loaded = _load(spec, device, dtype, r)
+        allocate(loaded, target, Allocation(mode=mode, max_sparsity=max_sparsity, step=step,
+                                            error=error_rule, step_norm=step_norm), on_event=r)
+    out.print(f"[green]allocated plan written:[/] {escape(str(target))}")

@@ -1,0 +1,286 @@
+"""The pipeline in one file: load → calibrate → allocate → apply → evaluate / perplexity. Every
+front-end reaches it through :mod:`wina.api` (which also exports presets, results, chat and bench);
+the preset runner (:mod:`wina.runner`) drives it directly. No caller decides on its own what a
+step needs::
+
+    from wina import api
+    loaded = api.load("smollm2-135m")                                       # 1. model + tokenizer
+    api.calibrate(loaded, "plans/smol", api.Calibration(method="wina", transform=True))
+    api.allocate(loaded, "plans/smol", api.Allocation(mode="layer"))        # 2. histograms, greedy
+    opts = api.SparseOptions(method="wina", sparsity=0.5, plan="plans/smol")
+    run = api.evaluate(loaded, opts, api.Evaluation(tasks=("piqa",), limit=100), out="runs/x.json")
+    ppl = api.perplexity(loaded, opts, "wiki.test.raw")                    # 3. quality
+    chat = api.ChatSession(loaded, sparse=opts)                             # 4. talk to it
+
+The rules that live here and nowhere else:
+
+- a step's model state: :func:`wina.transform.ensure` (drop the sparsifier, transform when the
+  method asks for it, refuse to un-transform) before calibrating, allocating or applying;
+- method defaults (:func:`sparse_options`): dense unless a sparsity is given (then WINA) or a plan is
+  given (then the plan's method, and its transform);
+- where evaluation data comes from: :func:`wina.data.resolve`;
+- how an allocation is named in results (:func:`allocation_label`): ``uniform``, ``greedy`` (within
+  layers, the seed's) or ``greedy-global``.
+
+Every function reports progress through ``on_event`` (:class:`wina.events.Progress`) and stops at the
+next unit of work when ``cancel`` (:class:`wina.events.CancelToken`) is set. Errors a user can fix are
+:class:`wina.errors.WinaError` with one line of text.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import InvalidArgument, PlanError
+from .events import CancelToken, ProgressCallback, Reporter
+from .models import EMBEDDED, Loaded
+from .sparsify import GATINGS, METHODS, WEIGHTED, _check_sparsity
+
+PathLike = Union[str, Path]
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+@dataclass
+class SparseOptions:
+    """How a loaded model is sparsified for evaluation or chat."""
+    method: str = "wina"            # dense | teal | wina
+    sparsity: float = 0.5           # target (uniform with top-k; plan-allocated with a plan)
+    transform: bool = False
+    gating: str = "topk"            # topk | threshold (threshold needs a plan)
+    weighted: str = "default"       # default (k/gate only, as the official code) | all
+    plan: Optional[str] = None      # calibration plan directory
+    dense_prefix: float = 0.01
+    mode: Optional[str] = None      # with a plan: "layer" | "global" | "uniform" (None: the plan's)
+
+    def validate(self) -> "SparseOptions":
+        if self.method not in METHODS:
+            raise InvalidArgument(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.gating not in GATINGS:
+            raise InvalidArgument(f"unknown gating {self.gating!r}; choose one of {', '.join(GATINGS)}")
+        if self.weighted not in WEIGHTED:
+            raise InvalidArgument(f"unknown weighting {self.weighted!r}; choose one of {', '.join(WEIGHTED)}")
+        _check_sparsity(self.sparsity)
+        if self.gating == "threshold" and not self.plan and self.method != "dense":
+            raise InvalidArgument("threshold gating needs a calibration plan (--plan)")
+        return self
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def label(self) -> str:
+        if self.method == "dense":
+            return "dense"
+        name = self.method.upper() + ("-transform" if self.transform else "")
+        return f"{name} {self.sparsity:.0%}"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``calibrate`` records: the gating score of ``method`` on ``source`` text."""
+    method: str = "wina"            # teal | wina
+    transform: bool = False
+    source: str = "self"            # self | wikitext | a .txt/.jsonl file | hub:<dataset>
+    samples: Optional[int] = None   # None: the library's default for the model's size
+    seq_len: Optional[int] = None
+    weighted: str = "default"
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Greedy per-matrix sparsities (:mod:`wina.allocate`)."""
+    mode: str = "layer"             # layer (the seed's) | global
+    max_sparsity: float = 0.9
+    step: Optional[float] = None    # None: 0.025 for models >= 1 B parameters, 0.1 below
+    samples: Optional[int] = None   # calibration sequences the greedy uses (None: size default)
+    seq_len: Optional[int] = None
+    error: str = "wina"             # layer-error rule: wina | seed
+    step_norm: str = "wina"         # step normalisation: wina | seed
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate`` measures: lm-eval tasks and/or the perplexity of a text."""
+    tasks: tuple = ()
+    limit: Optional[float] = None   # documents per task (or a fraction < 1)
+    data_dir: Any = "auto"          # auto | hub | a folder (wina.data.resolve)
+    num_fewshot: Optional[int] = None
+    batch_size: int = 8
+    ppl_text: Optional[PathLike] = None
+    ppl_max_tokens: Optional[int] = None
+    ppl_protocol: str = "windows"   # windows | seed
+
+
+# --- 1. load --------------------------------------------------------------------------------------
+
+def resolve_device(device: Optional[str] = "auto") -> str:
+    """``auto`` is cuda when a GPU is visible, else cpu."""
+    if device not in (None, "", "auto"):
+        return str(device)
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(model: str = EMBEDDED, *, device: Optional[str] = "auto", dtype: Optional[str] = "auto",
+         on_event: Optional[ProgressCallback] = None) -> Loaded:
+    """The model and its tokenizer: the embedded default, a .gguf file, a local folder or a hub id."""
+    from .models import load as _load, resolve_source
+    resolve_source(model)                       # a bad path fails before any slow import
+    dev = resolve_device(device)
+    rep = Reporter("load", 1, on_event)
+    rep.emit(0, message=f"{model} on {dev}")
+    loaded = _load(model, dtype=None if dtype in (None, "auto") else dtype, device=dev)
+    rep.emit(1, message=f"{model} on {dev}")
+    return loaded
+
+
+# --- 2. calibrate and allocate ---------------------------------------------------------------------
+
+def calibrate(loaded: Loaded, out: PathLike, cal: Calibration = Calibration(), *,
+              on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+    """Score histograms of every projection, layer by layer, into the plan folder ``out`` (resumed
+    when it holds an unfinished calibration with the same settings). Returns the plan."""
+    from .calibrate import calibrate as _calibrate
+    from .transform import ensure
+    if cal.method not in ("teal", "wina"):
+        raise InvalidArgument(f"unknown calibration method {cal.method!r}; choose teal or wina")
+    from .files import check_writable, locked
+    check_writable(out, folder=True)
+    ensure(loaded.model, cal.transform, what="an untransformed calibration", on_event=on_event)
+    with locked(out, f"plan {out}"):
+        return _calibrate(loaded.model, loaded.tokenizer, method=cal.method, source=cal.source,
+                          samples=cal.samples, seq_len=cal.seq_len, out=str(out), weighted=cal.weighted,
+                          model_id=loaded.model_id, on_event=on_event, cancel=cancel)
+
+
+def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(), *,
+             on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+    """Greedy allocation for the calibrated plan in ``plan_dir``, stored in the same folder (a
+    finished allocation with other settings is replaced only once the new one is complete)."""
+    import shutil
+    from .allocate import allocate as _allocate
+    from .files import locked, recover_folder, replace_folder
+    from .plan import Plan
+    target = Path(plan_dir)
+    recover_folder(target)
+    with locked(target, f"plan {target}"):
+        meta = plan_info(target)
+        st = meta["status"]
+        finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]
+        # a finished allocation is replaced only when the new one is complete: work on a copy
+        work = target.with_name(target.name + ".allocating") if finished else target
+        if finished and not work.exists():
+            shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
+        plan = Plan.load(str(work), allow_partial=True)
+        if not plan.calibrated:
+            raise PlanError(f"{target}: calibration is not finished; run calibrate first")
+        new = _allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=alloc.max_sparsity, step=alloc.step,
+                        mode=alloc.mode, samples=alloc.samples, seq_len=alloc.seq_len, error=alloc.error,
+                        step_norm=alloc.step_norm, on_event=on_event, cancel=cancel)
+        if getattr(new, "path", None) is None or Path(new.path).resolve() != work.resolve():
+            new.save(str(work))
+        if work != target:
+            replace_folder(work, target)
+            new.path = target
+        return new
+
+
+def plan_info(path: PathLike) -> dict:
+    """A plan's metadata (method, transform, model, allocation, ...) from its plan.json, checked,
+    without reading its tensors."""
+    from .plan_meta import read_meta
+    return read_meta(path)
+
+
+# --- 3. apply ---------------------------------------------------------------------------------------
+
+def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = None, transform: bool = False,
+                   plan: Optional[str] = None, gating: str = "topk", weighted: str = "default",
+                   mode: Optional[str] = None) -> SparseOptions:
+    """Options from what a user typed, with the defaults: dense unless a sparsity is given (then
+    wina), or the plan's method and transform when a plan is given."""
+    if plan is not None:
+        meta = plan_info(plan)
+        pm = meta.get("method")
+        if method is not None and pm and method != pm:
+            raise InvalidArgument(f"--method {method} does not match the plan's method {pm} ({plan})")
+        method = method or pm or "wina"
+        transform = transform or bool(meta.get("transform"))
+    if method is None:
+        method = "wina" if sparsity is not None else "dense"
+    if sparsity is None:
+        sparsity = 0.0 if method == "dense" else 0.5
+    return SparseOptions(method=method, sparsity=sparsity, transform=transform, gating=gating,
+                         weighted=weighted, plan=plan, mode=mode).validate()
+
+
+def apply(loaded: Loaded, opts: SparseOptions):
+    """Put the options on the loaded model (in place): the transform, then the gates (uniform top-k,
+    or a plan's allocation and thresholds). Returns the sparsifier, or None for dense.
+    ``loaded`` may also be the bare model."""
+    from .sparsify import sparsify
+    from .transform import ensure
+    opts.validate()
+    model = getattr(loaded, "model", loaded)
+    if opts.plan and opts.method != "dense":
+        from .plan import Plan, apply_plan
+        plan = Plan.load(opts.plan)
+        return apply_plan(model, plan, opts.sparsity, gating=opts.gating, dense_prefix=opts.dense_prefix,
+                          mode=opts.mode)
+    ensure(model, opts.transform, what="dense or untransformed sparsity")
+    if opts.method == "dense":
+        return None
+    return sparsify(model, opts.method, opts.sparsity, gating=opts.gating, weighted=opts.weighted,
+                    dense_prefix=opts.dense_prefix)
+
+
+def allocation_label(opts: SparseOptions) -> Optional[str]:
+    """How results name the allocation: None (dense), uniform, greedy (within layers) or greedy-global."""
+    if opts.method == "dense":
+        return None
+    if not opts.plan or opts.mode == "uniform":
+        return "uniform"
+    mode = opts.mode or (plan_info(opts.plan).get("allocation") or {}).get("mode")
+    return {"layer": "greedy", "global": "greedy-global"}.get(mode, "uniform")
+
+
+# --- 4. evaluate ------------------------------------------------------------------------------------
+
+def evaluate(loaded: Loaded, opts: SparseOptions, ev: Evaluation, *, out: Optional[PathLike] = None,
+             extra: Optional[dict] = None, on_event: Optional[ProgressCallback] = None,
+             cancel: Optional[CancelToken] = None):
+    """lm-eval tasks and/or perplexity of the model under ``opts``; one results file at ``out``
+    (written atomically; None writes nothing). Returns a :class:`wina.results.Run`."""
+    from . import data, tasks as _tasks
+    from .evaluate import run_evaluation
+    names = _tasks.parse_tasks(ev.tasks) if ev.tasks else []
+    data_dir = data.resolve(ev.data_dir, names, ev.limit).path if names else None
+    sp = apply(loaded, opts)
+    try:
+        return run_evaluation(
+            loaded.model, loaded.tokenizer, names, model_id=loaded.model_id, sparsifier=sp,
+            method=opts.method, sparsity=opts.sparsity if opts.method != "dense" else 0.0,
+            allocation=allocation_label(opts), plan=opts.plan, out=out, ppl_file=ev.ppl_text,
+            ppl_max_tokens=ev.ppl_max_tokens, ppl_protocol=ev.ppl_protocol, limit=ev.limit,
+            data_dir=data_dir, num_fewshot=ev.num_fewshot, batch_size=ev.batch_size,
+            on_event=on_event, cancel=cancel, extra=extra)
+    finally:
+        if sp is not None:
+            sp.remove()
+
+
+def perplexity(loaded: Loaded, opts: SparseOptions, text_file: PathLike, *, context: int = 512,
+               max_tokens: Optional[int] = None, protocol: str = "windows",
+               on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+    """Perplexity of a UTF-8 text under ``opts`` and the sparsity measured while computing it.
+    Returns ``(PerplexityResult, measured sparsity or None)``; the sparsifier stays on the model."""
+    from .perplexity import perplexity as _perplexity, read_text
+    text = read_text(text_file)
+    sp = apply(loaded, opts)
+    if sp is not None:
+        sp.reset_counters()
+    r = _perplexity(loaded.model, loaded.tokenizer, text, context=context, max_tokens=max_tokens,
+                    protocol=protocol, on_event=on_event, cancel=cancel)
+    return r, (sp.measured_sparsity() if sp is not None else None)
