@@ -13,19 +13,7 @@ import pytest
 
 import wina.errors
 
-from test_cli import invoke, make_tiny, ok, user_error, TEXT
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("faults") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("faults-text") / "text.txt"
-    p.write_text(TEXT, encoding="utf-8")
-    return p
+from test_cli import invoke, ok, text_file, tiny, user_error  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
