@@ -604,7 +604,7 @@ async def test_chat_says_calibration_is_running(tmp_path, monkeypatch):
         chat = app.chat_screen
         pane = chat.query_one("#dense", ChatPane)
         text = str(pane.query_one(".placeholder").render())
-        assert "Calibration is running" in text and "No model loaded" not in text
+        assert "Calibration running (F3)" in text and "No model loaded" not in text
         assert "calibration running" in str(chat.query_one("#chat-status").render())
         assert not chat.send("hi")
         app.calibrate_screen.action_cancel()

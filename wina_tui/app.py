@@ -213,7 +213,9 @@ class WinaApp(App):
                 sel.set_options([("none", NO_PRESET)] + [(n, n) for n, _ in self.setup_screen.presets])
                 sel.value = p.name
             except Exception as e:
-                self.notify(describe_error(e), severity="error", timeout=8)
+                self.setup_screen.fill_form_from_preset = True
+                if not self._restoring_preset:      # a remembered preset that is gone: skip it quietly
+                    self.notify(describe_error(e), severity="error", timeout=8)
         del values
 
     # --- navigation and commands --------------------------------------------------------------

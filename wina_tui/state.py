@@ -243,6 +243,14 @@ def job_label(job: Optional[str]) -> str:
     return JOB_LABELS.get(job or "", job or "")
 
 
+def busy_text(job: Optional[str]) -> str:
+    """A status line for a busy model: "calibration running (F3)", "loading the model (F2)"."""
+    label = job_label(job)
+    key = {"calibrate": "F3", "allocate": "F3", "evaluate": "F5", "loading": "F2", "chat": "F4"}.get(job or "")
+    text = f"{label} running" if job in ("calibrate", "allocate", "evaluate") else label
+    return f"{text} ({key})" if key else text
+
+
 def fmt_pct(x: Optional[float]) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"

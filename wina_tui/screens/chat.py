@@ -28,7 +28,7 @@ from textual.worker import Worker, WorkerState
 from wina.api import CancelToken, chat_input_ids
 from wina.generate import generation_backend, stream_reply, warm_up
 
-from ..state import Throttle, atomic_write_text, describe_error, job_label
+from ..state import Throttle, atomic_write_text, busy_text, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats, format_ttft
 
 NO_MODEL = "No model loaded yet: press F2 for setup, then Load & chat (ctrl+g)."
@@ -137,11 +137,11 @@ class ChatScreen(Screen):
             dense.set_title("dense")
             sparse.set_title("sparse")
             if busy:
-                wait = (f"{job_label(busy).capitalize()} is running (F3 shows it); the chat opens "
-                        "with its model when it is done.")
+                what = busy_text(busy)
+                wait = f"{what[0].upper()}{what[1:]}: the chat can use the model when it is done."
                 dense.set_placeholder(wait)
                 sparse.set_placeholder(wait)
-                self.set_status(f"⏳ {job_label(busy)} running · the chat waits for it")
+                self.set_status(f"⏳ {what} · the chat waits for it")
             else:
                 dense.set_placeholder(NO_MODEL)
                 sparse.set_placeholder(NO_MODEL)
@@ -162,7 +162,7 @@ class ChatScreen(Screen):
         if self.is_generating:
             return
         if busy:
-            self.set_status(f"⏳ {job_label(busy)} running: the chat waits for it")
+            self.set_status(f"⏳ {busy_text(busy)} · the chat waits for it")
             return
         mode = "greedy" if self.temperature <= 0 else f"T={self.temperature:g}"
         template = "chat template" if getattr(s.loaded.tokenizer, "chat_template", None) else "plain prompt"
@@ -256,7 +256,7 @@ class ChatScreen(Screen):
     def send(self, prompt: str) -> bool:
         s = self.session
         if s.busy and not self.is_generating:
-            self.notify(f"{job_label(s.busy)} running: the chat waits for it", severity="warning")
+            self.notify(f"{busy_text(s.busy)}: the chat waits for it", severity="warning")
             return False
         if s.loaded is None or s.applied is None:
             self.notify(NO_MODEL, severity="warning")
