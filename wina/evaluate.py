@@ -232,7 +232,9 @@ def _classes():
             for i, (_, ctx, cont) in enumerate(requests):
                 if ctx and cont and len(ctx) + len(cont) <= self.max_length + 1 and self.backend == "causal":
                     groups.setdefault(tuple(ctx), []).append(i)
-            shared = [k for k, v in groups.items() if len(v) > 1]
+            # share a context where that saves work: its repeats outweigh the continuations it carries
+            shared = [k for k, v in groups.items()
+                      if len(v) > 1 and (len(v) - 1) * len(k) >= sum(len(requests[i][2]) for i in v)]
             if not shared:
                 return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
             out: list = [None] * len(requests)
@@ -242,6 +244,8 @@ def _classes():
                 for i, r in zip(rest, super()._loglikelihood_tokens([requests[i] for i in rest], True, override_bs)):
                     out[i] = r
             bs = self.batch_size if isinstance(self.batch_size, int) else 8
+            # longest first, as the harness does: batches of similar lengths pad little
+            shared.sort(key=lambda k: (-max(len(requests[i][2]) for i in groups[k]), -len(k)))
             for b in range(0, len(shared), bs):
                 keys = shared[b:b + bs]
                 conts = [[requests[i][2] for i in groups[k]] for k in keys]
@@ -288,8 +292,11 @@ def _shared_context_scores(torch, model, contexts, continuations, pad_id):
         ids[j, :len(c)] = torch.tensor(c, dtype=torch.long)
         mask[j, :len(c)] = 1
     pos = torch.arange(lp).unsqueeze(0).expand(n, lp)
-    o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
-    last = torch.stack([o.logits[j, lens[j] - 1] for j in range(n)]).float().log_softmax(-1)   # [n, V]
+    ends = sorted(set(x - 1 for x in lens))               # the head runs only where a context ends
+    kw = {"logits_to_keep": torch.tensor(ends, device=dev)} if _keeps_logits(model) else {}
+    o = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True, **kw)
+    at = {e: i for i, e in enumerate(ends)} if kw else {e: e for e in ends}
+    last = torch.stack([o.logits[j, at[lens[j] - 1]] for j in range(n)]).float().log_softmax(-1)   # [n, V]
     import inspect
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = getattr(o, "cache", None) if cache_kw == "cache" else o.past_key_values
@@ -319,7 +326,7 @@ def _shared_context_scores(torch, model, contexts, continuations, pad_id):
             sp.dense_prefix = 0.0                                # the sequence's start is in the context
         try:
             tail = model(input_ids=ids2.to(dev), attention_mask=attn.to(dev), position_ids=pos2.to(dev),
-                         use_cache=True, **{cache_kw: cache}).logits.float().log_softmax(-1)
+                         use_cache=True, **{cache_kw: cache}).logits
         finally:
             if sp is not None:
                 sp.dense_prefix = keep
@@ -329,12 +336,17 @@ def _shared_context_scores(torch, model, contexts, continuations, pad_id):
         total = float(first[c[0]])
         greedy = int(first.argmax()) == c[0]
         if len(c) > 1:
-            t = tail[r, :len(c) - 1]
+            t = tail[r, :len(c) - 1].float()                  # the real positions only, not the padding
             want = torch.tensor(c[1:], device=t.device)
-            total += float(t.gather(1, want.unsqueeze(1)).sum())
+            total += float((t.gather(1, want.unsqueeze(1)).squeeze(1) - t.logsumexp(-1)).sum())
             greedy = greedy and bool((t.argmax(-1) == want).all())
         out[j].append((total, greedy))
     return out
+
+
+def _keeps_logits(model) -> bool:
+    import inspect
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _check_limit(limit) -> Optional[Union[int, float]]:
