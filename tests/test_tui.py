@@ -547,6 +547,8 @@ async def test_reply_stats_show_ttft_and_decode_rate(tmp_path):
             assert "first token" in line and "tok/s decode" in line and "sparse" in line
             assert ("max tokens" in line) or ("end of reply" in line)
         assert "sparse" in str(panes[1].border_subtitle) and "tok/s" in str(panes[1].border_subtitle)
+        status = str(chat.query_one("#chat-status").render())
+        assert "streaming" not in status and status.startswith("greedy")   # the busy line is gone
 
 
 async def test_esc_stops_only_the_pane_that_generates(tmp_path, monkeypatch):

@@ -132,7 +132,7 @@ class ChatScreen(Screen):
             return
         dense, sparse = self.query_one("#dense", ChatPane), self.query_one("#sparse", ChatPane)
         s = self.session
-        busy = s.busy if not self.is_generating else None
+        busy = s.busy if not (self.is_generating or s.busy == "chat") else None
         if s.loaded is None or s.applied is None:
             dense.set_title("dense")
             sparse.set_title("sparse")
@@ -159,7 +159,7 @@ class ChatScreen(Screen):
             sparse.set_placeholder("The sparse model's replies stream here.")
         dense.set_placeholder("The dense model's replies stream here. One copy of the weights: the "
                               "sparse gates are paused for this pane.")
-        if self.is_generating:
+        if self.generating is not None:         # the busy line says which reply streams
             return
         if busy:
             self.set_status(f"⏳ {busy_text(busy)} · the chat waits for it")

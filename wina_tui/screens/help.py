@@ -23,21 +23,29 @@ inputs with the largest score: **TEAL** ranks by `|x_i|`, **WINA** by `|x_i|·�
 
 **Setup** (`F2`) — model (the embedded SmolLM2-135M, a recent one, a hub id or a local path,
 or a preset), method, transform, target sparsity, gating, allocation, calibration source.
-Fields are checked as you type. `ctrl+g` load & chat · `ctrl+b` calibrate · `ctrl+e` evaluate.
-Greedy allocation or threshold gating needs a calibration plan: *Load & chat* calibrates first.
+Fields are checked as you type; the last settings come back at the next launch.
+`ctrl+g` load & chat · `ctrl+b` calibrate · `ctrl+e` evaluate · `ctrl+l` saved plans.
+Greedy allocation or threshold gating needs a calibration plan: *Load & chat* builds it, then
+opens the chat. In the plan list, `c` opens a plan for chat, `e` for evaluation.
 
-**Calibrate** (`F3`) — progress per stage and per layer with ETA, a log, the live greedy
-trajectory (error against effective sparsity for the current layer) and, when done, the
-allocation per layer and matrix. `esc` cancels (finished layers are kept, nothing half-written),
-`ctrl+r` starts or resumes, `[` `]` browse layers' trajectories, `ctrl+o` chat with the result.
+**Calibrate** (`F3`) — progress per stage and per layer with an ETA from this run's pace, a log,
+and three tabs (`s` `t` `a`): the score histogram of each matrix with the target's threshold
+(`m` next matrix), the live greedy trajectory, and the allocation heat map filling in layer by
+layer. `esc` cancels (finished layers are kept, nothing half-written), `ctrl+r` starts or resumes
+(the log says where), `[` `]` browse layers, `ctrl+o` chat with the result.
 
 **Chat** (`F4`) — one prompt goes to the dense model (left) and the sparse one (right), one after
-the other on the same weights. Each pane shows tokens/s, the measured sparsity and the FLOP
-fraction of dense. `enter` sends · `esc` stops · `ctrl+n` new conversation · `ctrl+s` sparse only.
+the other on the same weights. Under each reply: tokens, time to first token, decode tokens/s,
+stop reason, measured sparsity. `enter` sends · `esc` stops the streaming pane · `ctrl+n` new
+conversation · `ctrl+s` sparse only. Commands: `/reset`, `/system TEXT`, `/save FILE` (`.md`:
+Markdown, else JSON), `/help`; `//text` sends `/text`.
 
 **Evaluate** (`F5`) — tasks, a limit (documents per task), methods and sparsities. Each run is
-saved to the results store; `ctrl+l` loads earlier runs to compare, `ctrl+y` changes the chart's
-metric, `ctrl+r` runs, `esc` cancels.
+saved to the results store; `ctrl+l` browses past evaluations to compare, `ctrl+y` changes the
+chart's metric, `ctrl+r` runs, `esc` cancels.
+
+`ctrl+q` quits at once; while calibration, allocation or an evaluation runs it asks first
+(a second `ctrl+q` confirms). Work in flight is cancelled; finished work is kept.
 
 Press `esc` or `F1` to close.
 """
