@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from wina.api import load, perplexity, read_text, sparsify, transform
+from wina.models import load
+from wina.perplexity import perplexity, read_text
+from wina.sparsify import sparsify
+from wina.transform import transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
