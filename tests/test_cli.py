@@ -268,10 +268,6 @@ def test_chat_one_shot_and_interactive(tiny):
 
 
 def test_tui_command_is_wired():
-    try:
-        import wina_tui.app  # noqa: F401
-    except ImportError:
-        pytest.skip("wina_tui.app not available yet")
     res = ok(invoke("tui", "--help"))          # the app's own options, passed on
     assert "wina-tui" in res.stdout and "--model" in res.stdout
     assert invoke("tui", "--no-such-option").exit_code == 2
