@@ -227,7 +227,9 @@ def test_quick_preset_offline_from_a_copy_without_shared_data(tmp_path):
     env.update(PYTHONPATH=str(copy), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WINA_PRESETS="",
                COLUMNS="200")
     out = copy / "runs" / "quick"
-    res = subprocess.run([sys.executable, "-m", "wina.cli", "run", "smollm2-quick", "--out", str(out)],
+    # 20 documents a task keeps CI short; the shipped subsets serve any limit up to 100
+    res = subprocess.run([sys.executable, "-m", "wina.cli", "run", "smollm2-quick", "--limit", "20",
+                          "--out", str(out)],
                          cwd=copy, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = sorted(p.name for p in (out / "runs").glob("*.json"))
@@ -235,9 +237,9 @@ def test_quick_preset_offline_from_a_copy_without_shared_data(tmp_path):
     for name in runs:
         w = json.loads((out / "runs" / name).read_text())["wina"]
         assert set(w["headline"]) == {"piqa", "arc_easy"}
-        assert w["eval"]["limit"] == 100
+        assert w["eval"]["limit"] == 20
         assert w["eval"]["data"] == "shipped"
-        assert all(0.2 < v < 1.0 for v in w["headline"].values())
+        assert all(0.0 <= h["value"] <= 1.0 for h in w["headline"].values())
     table = (out / "compare.md").read_text()
     assert "WINA-transform" in table and "TEAL" in table
     assert "finished" in res.stdout
