@@ -207,7 +207,7 @@ class WinaApp(App):
             sel.value = name
         else:
             try:
-                from wina.presets import load_preset
+                from wina.api import load_preset
                 p = load_preset(name)
                 self.setup_screen.presets.append((p.name, p))
                 sel.set_options([("none", NO_PRESET)] + [(n, n) for n, _ in self.setup_screen.presets])
@@ -290,7 +290,7 @@ class WinaApp(App):
             with s.using("loading"):
                 s.ensure_loaded(settings.model, settings.options.transform)
                 if plan_path is not None:
-                    from wina.plan import Plan
+                    from wina.api import Plan
                     plan = Plan.load(plan_path)
                     s.prepare(settings, plan_path=plan_path, plan=plan)
                     s.plan, s.plan_path = plan, Path(plan_path)

@@ -35,7 +35,7 @@ def default_loader(spec: str) -> Loaded:
 
 
 def config_dir() -> Path:
-    from wina.models import cache_dir
+    from wina.api import cache_dir
     return cache_dir()
 
 
@@ -125,7 +125,7 @@ class Session:
         transformed earlier (the transform is in place; a plan made without it refuses it)."""
         stale = self.loaded is None or self.loaded.model_id != spec
         if not stale and transform is False:
-            from wina.transform import is_transformed
+            from wina.api import is_transformed
             stale = is_transformed(self.loaded.model)
         if stale:
             self.drop_sparsifier()
@@ -146,8 +146,7 @@ class Session:
         """Apply ``settings`` to the loaded model: transform, then sparsify (uniform top-k) or apply a
         calibration plan (``plan_path``; ``plan`` if it is already in memory). Returns the sparsifier."""
         from wina import api
-        from wina.api import transform
-        from wina.transform import is_transformed
+        from wina.api import is_transformed, transform
         assert self.loaded is not None
         model = self.loaded.model
         opts = replace(settings.options, plan=str(plan_path) if plan_path else None)
@@ -158,18 +157,10 @@ class Session:
         if opts.transform and not is_transformed(model):
             transform(model)
         if opts.plan:
-            from wina.plan import Plan, apply_plan
-            if plan is None:
-                plan = Plan.load(opts.plan)
-            mode = settings.allocation if settings.allocation in ("layer", "global") else "uniform"
-            self.sparsifier = apply_plan(model, plan, opts.sparsity, gating=opts.gating,
-                                         dense_prefix=opts.dense_prefix, mode=mode)
-        elif hasattr(api, "apply"):
-            # the Loaded, not the bare model: apply() takes ``getattr(x, "model", x)``, which is the
-            # inner decoder of a transformers model
-            self.sparsifier = api.apply(self.loaded, opts)
-        else:
-            self.sparsifier = api.prepare(model, opts)
+            opts.mode = settings.allocation if settings.allocation in ("layer", "global") else "uniform"
+        # the Loaded, not the bare model: apply() takes ``getattr(x, "model", x)``, which is the
+        # inner decoder of a transformers model
+        self.sparsifier = api.apply(self.loaded, opts)
         self.applied = replace(settings, options=opts)
         return self.sparsifier
 
@@ -185,8 +176,7 @@ class Session:
 
     # --- numbers for the chat panes --------------------------------------------------------------
     def flop_fraction(self, measured: bool = True) -> float:
-        from wina.api import flops_per_token
-        from wina.transform import is_transformed
+        from wina.api import flops_per_token, is_transformed
         model = self.loaded.model
         tr = is_transformed(model)
         if self.sparsifier is None:
@@ -196,8 +186,7 @@ class Session:
         return f.fraction
 
     def dense_flop_fraction(self) -> float:
-        from wina.api import flops_per_token
-        from wina.transform import is_transformed
+        from wina.api import flops_per_token, is_transformed
         model = self.loaded.model
         return flops_per_token(model.config, 0.0, transform=is_transformed(model)).fraction
 
@@ -513,6 +502,8 @@ def plan_folders(*roots: Path) -> list[Path]:
         try:
             for pj in root.glob(pattern):
                 d = pj.parent.resolve()
+                if d.name.endswith(".allocating"):      # a new allocation being written beside a plan
+                    continue
                 if d not in seen:
                     with contextlib.suppress(OSError):
                         seen[d] = pj.stat().st_mtime

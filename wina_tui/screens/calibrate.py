@@ -30,7 +30,7 @@ from ..state import (ALLOCATIONS, RunEta, Settings, Throttle, describe_error, ev
                      read_plan_info)
 from ..widgets.allocation_heatmap import AllocationHeatmap
 from ..widgets.progress_panel import ProgressPanel
-from ..widgets.score_histogram import ScoreHistogram, read_layer_scores
+from ..widgets.score_histogram import ScoreHistogram, read_layer_allocation, read_layer_scores
 from ..widgets.trajectory_chart import TrajectoryChart
 from .messages import WorkerFinished
 
@@ -229,8 +229,7 @@ class CalibrateScreen(Screen):
     # --- the worker --------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="calibrate")
     def run_calibration(self, settings: Settings, cancel: CancelToken) -> None:
-        from wina.calibrate import calibrate
-        from wina.transform import is_transformed, transform
+        from wina.api import Allocation, Calibration, allocate, calibrate, is_transformed, transform
         s = self.session
         self.thread = threading.current_thread()
         target = settings.options.sparsity
@@ -258,15 +257,17 @@ class CalibrateScreen(Screen):
             live["scores"] = max(live["scores"], upto)
 
         def post_rows(upto: int, n_layers: int) -> None:
-            """Each newly allocated layer's sparsities at the target (its trajectory row nearest it)."""
-            plan = live["plan"]
+            """Each newly allocated layer's sparsities at the target (its trajectory row nearest it),
+            read back from the plan folder the allocation writes (``<plan>.allocating`` while a
+            finished allocation is being replaced)."""
             for j in range(live["rows"], upto):
-                rows = plan.trajectories[j] if plan is not None else []
-                if not rows:
-                    continue
-                r = min(range(len(rows)), key=lambda k: (abs(rows[k].effective - target), k))
-                batch.flush()
-                self.post_message(self.AllocRow(j, n_layers, dict(rows[r].sparsities)))
+                try:
+                    row = read_layer_allocation(live["out"], j, target)
+                except Exception:          # a view only: never let it stop allocation
+                    row = None
+                if row:
+                    batch.flush()
+                    self.post_message(self.AllocRow(j, n_layers, row))
             live["rows"] = max(live["rows"], upto)
 
         def on_event(ev) -> None:
@@ -300,23 +301,23 @@ class CalibrateScreen(Screen):
                     post(self.Progressed({"stage": "resume", "what": "calibrate", "from": info.calibrated,
                                           "total": info.n_layers, "path": str(out)}))
                 post(self.Progressed({"stage": "phase", "phase": "calibration"}))
-                plan = calibrate(model, tok, method=settings.options.method, source=settings.calib_source,
-                                 out=out, weighted=settings.options.weighted, model_id=settings.model,
-                                 on_event=on_event, cancel=cancel, **s.calibrate_options)
+                c = s.calibrate_options
+                cal = Calibration(method=settings.options.method, transform=settings.options.transform,
+                                  source=settings.calib_source, samples=c.get("samples"),
+                                  seq_len=c.get("seq_len"), weighted=settings.options.weighted)
+                plan = calibrate(loaded, out, cal, on_event=on_event, cancel=cancel)
                 post_scores(plan.n_layers, plan.n_layers)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
                                       "finished": True, "message": f"plan saved: {out.name}"}))
                 if settings.allocation != "uniform":
-                    from wina.allocate import allocate
-                    alloc_kw = dict(s.allocate_options or {})
-                    if plan.n_allocated:
+                    alloc_kw = {k: v for k, v in (s.allocate_options or {}).items() if v is not None}
+                    if 0 < plan.n_allocated < plan.n_layers:
                         post(self.Progressed({"stage": "resume", "what": "allocate", "from": plan.n_allocated,
                                               "total": plan.n_layers, "path": str(out)}))
                     s.job = "allocate"
                     post(self.Progressed({"stage": "phase", "phase": "allocation"}))
-                    live["plan"] = plan
-                    plan = allocate(model, tok, plan, mode=settings.allocation, on_event=on_event,
-                                    cancel=cancel, **alloc_kw)
+                    plan = allocate(loaded, out, Allocation(mode=settings.allocation, **alloc_kw),
+                                    on_event=on_event, cancel=cancel)
                     post_rows(plan.n_layers, plan.n_layers)
                     post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
                                           "message": f"{ALLOCATIONS[settings.allocation]} allocation saved in the plan"}))

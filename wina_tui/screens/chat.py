@@ -25,8 +25,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 from textual.worker import Worker, WorkerState
 
-from wina.api import CancelToken, chat_input_ids
-from wina.generate import generation_backend, stream_reply, warm_up
+from wina.api import CancelToken, chat_input_ids, generation_backend, stream_reply, warm_up
 
 from ..state import Throttle, atomic_write_text, busy_text, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats, format_ttft

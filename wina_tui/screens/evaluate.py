@@ -119,7 +119,7 @@ class EvaluateScreen(Screen):
         self._restore_data: Optional[dict] = None
 
     def compose(self) -> ComposeResult:
-        from wina.tasks import TASKS, known_tasks
+        from wina.api import TASKS, known_tasks
         yield Header()
         with Horizontal(id="eval-columns"):
             with Vertical(id="eval-form", classes="box"):
@@ -325,7 +325,7 @@ class EvaluateScreen(Screen):
         self.app.push_screen(LoadRunsScreen(result_folders(self.session.results_dir)), loaded)
 
     def load_paths(self, paths: list[str]) -> None:
-        from wina.results import load_run
+        from wina.api import load_run
         n = 0
         for p in paths:
             try:
@@ -342,7 +342,7 @@ class EvaluateScreen(Screen):
             self.notify(f"loaded {n} run{'s' if n != 1 else ''}")
 
     def action_cycle_metric(self) -> None:
-        from wina.compare import comparison_rows
+        from wina.api import comparison_rows
         if not self.runs:
             return
         cmp = comparison_rows(self.runs)
@@ -357,14 +357,14 @@ class EvaluateScreen(Screen):
     # --- worker ------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="evaluate")
     def run_jobs(self, jobs: list[tuple[str, float]], form: dict, cancel: CancelToken) -> None:
-        from wina.evaluate import run_evaluation
+        from wina.api import Evaluation, evaluate
         s = self.session
         post = self.post_message
         settings = s.settings
         try:
             with s.using("evaluate"):
                 loaded = s.ensure_loaded(settings.model, settings.options.transform)
-                model, tok = loaded.model, loaded.tokenizer
+                ev = Evaluation(tasks=tuple(form["tasks"]), limit=form["limit"], data_dir=s.data_dir or "auto")
                 for i, (method, sparsity) in enumerate(jobs):
                     cancel.check()
                     label = "dense" if method == "dense" else f"{METHOD_NAMES[method]} {sparsity:.0%}"
@@ -372,18 +372,12 @@ class EvaluateScreen(Screen):
                     use_plan = (s.plan is not None and s.plan_path is not None and method == s.plan.method
                                 and settings.allocation != "uniform" and method != "dense")
                     opts = replace(settings.options, method=method, sparsity=sparsity if method != "dense" else 0.5,
-                                   gating="topk" if not use_plan else settings.options.gating, plan=None)
-                    job = replace(settings, options=opts, allocation=settings.allocation if use_plan else "uniform")
-                    sp = s.prepare(job, plan_path=s.plan_path if use_plan else None,
-                                   plan=s.plan if use_plan else None)
-                    run = run_evaluation(
-                        model, tok, form["tasks"], model_id=loaded.model_id, sparsifier=sp, method=method,
-                        sparsity=sparsity if method != "dense" else 0.0,
-                        allocation=("greedy-" + settings.allocation) if use_plan else (
-                            None if method == "dense" else "uniform"),
-                        plan=str(s.plan_path) if use_plan else None, out=s.results_dir,
-                        limit=form["limit"], data_dir=s.data_dir,
-                        on_event=lambda ev: post(self.Progressed(event_dict(ev))), cancel=cancel)
+                                   gating="topk" if not use_plan else settings.options.gating,
+                                   plan=str(s.plan_path) if use_plan else None,
+                                   mode=settings.allocation if use_plan else None)
+                    s.drop_sparsifier()          # wina.api.evaluate puts its own on, and takes it off
+                    run = evaluate(loaded, opts, ev, out=s.results_dir,
+                                   on_event=lambda e: post(self.Progressed(event_dict(e))), cancel=cancel)
                     post(self.RunDone(run, i, len(jobs)))
                 self._restore()
             post(self.Finished(True, f"{len(jobs)} run{'s' if len(jobs) != 1 else ''} done"))
@@ -453,7 +447,7 @@ class EvaluateScreen(Screen):
 
     # --- results -----------------------------------------------------------------------------------
     def refresh_results(self) -> None:
-        from wina.compare import SHORT, comparison_rows
+        from wina.api import SHORT, comparison_rows
         table = self.query_one("#results", DataTable)
         table.clear(columns=True)
         if not self.runs:
@@ -497,7 +491,7 @@ class EvaluateScreen(Screen):
         self.query_one(PlotView).replot()
 
     def _draw_chart(self, fig, width: int, height: int) -> bool:
-        from wina.compare import chart_series, comparison_rows
+        from wina.api import chart_series, comparison_rows
         if not self.runs:
             return False
         cmp = comparison_rows(self.runs)

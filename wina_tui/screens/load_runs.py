@@ -15,7 +15,7 @@ from textual.widgets.selection_list import Selection
 
 
 def describe_run_file(path: Path) -> str:
-    from wina.results import load_run
+    from wina.api import load_run
     run = load_run(path)
     w = run.wina
     tasks = ",".join(run.headline) or ("ppl" if run.perplexity is not None else "—")

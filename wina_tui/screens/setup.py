@@ -43,7 +43,7 @@ def check_sparsity(text: str) -> tuple[Optional[float], Optional[str]]:
 
 
 def check_model(spec: str) -> Optional[str]:
-    from wina.models import resolve_source
+    from wina.api import resolve_source
     if not spec.strip():
         return "type a hub id (org/name) or a local path"
     try:
@@ -67,24 +67,19 @@ def check_source(src: str) -> Optional[str]:
     return None
 
 
+PRESET_ERRORS: list[str] = []      # why the preset list is empty, when a preset file is broken
+
+
 def list_presets() -> list[tuple[str, object]]:
-    """(label, Preset) for every preset file that parses; broken ones are skipped."""
+    """(name, Preset) for every preset (``wina.api.list_presets``). One broken preset file makes the
+    library refuse the whole list: then none is offered and the error is kept in PRESET_ERRORS."""
+    from wina.api import list_presets as _list
+    PRESET_ERRORS.clear()
     try:
-        from wina import presets as _p
-    except ImportError:
+        return [(p.name, p) for p in _list()]
+    except WinaError as e:
+        PRESET_ERRORS.append(str(e))
         return []
-    out = []
-    seen = set()
-    for d in _p.preset_dirs():
-        for f in sorted(d.glob("*.toml")):
-            if f.stem in seen:
-                continue
-            seen.add(f.stem)
-            try:
-                out.append((f.stem, _p.load_preset(f)))
-            except WinaError:
-                continue
-    return out
 
 
 class SetupScreen(Screen):

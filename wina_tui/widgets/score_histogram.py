@@ -25,7 +25,7 @@ class MatrixScores:
 
 def _bin_edges_log2(b: int) -> float:
     """Lower edge (log2 of the score) of histogram bin ``b`` (1 .. N_BINS-2)."""
-    from wina.calibrate import BINS_PER_OCTAVE, LO_EXP
+    from wina.api import BINS_PER_OCTAVE, LO_EXP
     return LO_EXP + (b - 1) / BINS_PER_OCTAVE
 
 
@@ -33,7 +33,7 @@ def rebin(counts, columns: int, trim: float = 0.001) -> tuple[list[float], list[
     """(log10 score of each column's centre, share of the scores in it in %, share in the underflow
     bin in %) over the occupied range, tails of ``trim`` cut on each side."""
     import torch
-    from wina.calibrate import BINS_PER_OCTAVE
+    from wina.api import BINS_PER_OCTAVE
     c = torch.as_tensor(counts, dtype=torch.float64)
     total = float(c.sum())
     if total <= 0:
@@ -121,7 +121,7 @@ class ScoreHistogram(PlotView):
         m = self.hists.get(self.cur_layer, {}).get(self.cur_matrix)
         if m is None:
             return None
-        from wina.calibrate import matrix_threshold
+        from wina.api import matrix_threshold
         return matrix_threshold(m.counts, self.target, m.n_live, m.in_features)
 
     def _plot(self, fig, width: int, height: int) -> bool:
@@ -175,3 +175,26 @@ def read_layer_scores(plan_dir, layer: int, meta: Optional[dict] = None) -> dict
     counts, live = t["counts"], t["n_live"].tolist()
     return {p: MatrixScores(counts[j].clone(), int(live[j]), int(meta["shapes"][p][1]))
             for j, p in enumerate(projs)}
+
+
+def read_layer_allocation(plan_dir, layer: int, target: float) -> Optional[dict[str, float]]:
+    """One allocated layer's per-matrix sparsities at ``target``: the row of its greedy trajectory
+    (``trajectories/layer_NNN.safetensors``) whose effective sparsity is nearest the target, as the
+    plan's within-layer mode chooses. While a finished allocation is being replaced the new one is
+    written to ``<plan>.allocating`` beside it; that folder is read first. None when the layer's
+    file is not there yet. Call it from a worker thread."""
+    import json
+    from pathlib import Path
+    from safetensors.torch import load_file
+    root = Path(plan_dir)
+    for d in (root.with_name(root.name + ".allocating"), root):
+        f = d / "trajectories" / f"layer_{layer:03d}.safetensors"
+        if f.is_file():
+            meta = json.loads((d / "plan.json").read_text(encoding="utf-8"))
+            t = load_file(str(f))
+            eff = t["effective"].tolist()
+            if not eff:
+                return None
+            r = min(range(len(eff)), key=lambda k: (abs(eff[k] - target), k))
+            return {p: float(v) for p, v in zip(meta["projections"], t["sparsities"][r].tolist())}
+    return None
