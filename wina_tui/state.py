@@ -69,6 +69,20 @@ class Settings:
         o = self.options
         return o.method != "dense" and (self.allocation != "uniform" or o.gating == "threshold")
 
+    def calibration(self, extra: Optional[dict] = None):
+        """The pipeline's calibration settings for this form (``extra``: the session's sizes)."""
+        from wina.api import Calibration
+        c = extra or {}
+        o = self.options
+        return Calibration(method=o.method, transform=o.transform, source=self.calib_source,
+                           samples=c.get("samples"), seq_len=c.get("seq_len"), weighted=o.weighted)
+
+    def allocation_settings(self, extra: Optional[dict] = None):
+        """The pipeline's allocation settings for this form (``extra``: the session's overrides)."""
+        from wina.api import Allocation
+        kw = {k: v for k, v in (extra or {}).items() if v is not None}
+        return Allocation(mode=self.allocation, **kw)
+
     def describe(self) -> str:
         o = self.options
         if o.method == "dense":

@@ -229,7 +229,7 @@ class CalibrateScreen(Screen):
     # --- the worker --------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="calibrate")
     def run_calibration(self, settings: Settings, cancel: CancelToken) -> None:
-        from wina.api import Allocation, Calibration, allocate, calibrate, is_transformed, transform
+        from wina.api import allocate, calibrate, is_transformed
         s = self.session
         self.thread = threading.current_thread()
         target = settings.options.sparsity
@@ -286,11 +286,10 @@ class CalibrateScreen(Screen):
                 t0 = time.perf_counter()
                 post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": f"loading {settings.model}"}))
                 loaded = s.ensure_loaded(settings.model, settings.options.transform)
-                model, tok = loaded.model, loaded.tokenizer
+                model = loaded.model
                 s.drop_sparsifier()
                 if settings.options.transform and not is_transformed(model):
                     post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": "transform"}))
-                    transform(model)
                 post(self.Progressed({"stage": "load", "done": 1, "total": 1, "message": s.model_summary(),
                                       "finished": True, "elapsed": time.perf_counter() - t0}))
                 cancel.check()
@@ -301,22 +300,18 @@ class CalibrateScreen(Screen):
                     post(self.Progressed({"stage": "resume", "what": "calibrate", "from": info.calibrated,
                                           "total": info.n_layers, "path": str(out)}))
                 post(self.Progressed({"stage": "phase", "phase": "calibration"}))
-                c = s.calibrate_options
-                cal = Calibration(method=settings.options.method, transform=settings.options.transform,
-                                  source=settings.calib_source, samples=c.get("samples"),
-                                  seq_len=c.get("seq_len"), weighted=settings.options.weighted)
-                plan = calibrate(loaded, out, cal, on_event=on_event, cancel=cancel)
+                plan = calibrate(loaded, out, settings.calibration(s.calibrate_options), on_event=on_event,
+                                 cancel=cancel)
                 post_scores(plan.n_layers, plan.n_layers)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
                                       "finished": True, "message": f"plan saved: {out.name}"}))
                 if settings.allocation != "uniform":
-                    alloc_kw = {k: v for k, v in (s.allocate_options or {}).items() if v is not None}
                     if 0 < plan.n_allocated < plan.n_layers:
                         post(self.Progressed({"stage": "resume", "what": "allocate", "from": plan.n_allocated,
                                               "total": plan.n_layers, "path": str(out)}))
                     s.job = "allocate"
                     post(self.Progressed({"stage": "phase", "phase": "allocation"}))
-                    plan = allocate(loaded, out, Allocation(mode=settings.allocation, **alloc_kw),
+                    plan = allocate(loaded, out, settings.allocation_settings(s.allocate_options),
                                     on_event=on_event, cancel=cancel)
                     post_rows(plan.n_layers, plan.n_layers)
                     post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
