@@ -819,3 +819,19 @@ async def test_small_terminal_keeps_the_buttons_on_screen(tmp_path):
             b = app.setup_screen.query_one(bid)
             r = b.region
             assert r.height > 0 and r.bottom <= 24 and r.right <= 80, (bid, r)
+
+
+async def test_every_offered_calibration_source_works(tmp_path):
+    """The setup form offers self, wikitext and a file: wikitext calibrates (from the data folder)."""
+    if not (DATA_DIR / "wikitext2").is_dir():
+        pytest.skip(f"wikitext-2 not found at {DATA_DIR}")
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app, source="wikitext", allocation="uniform")
+        app.setup_screen.query_one("#gating", Select).value = "threshold"
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        await wait_for(pilot, lambda: cal.state not in ("idle", "running"), timeout=120)
+        assert cal.state == "done", [line.text for line in cal.query_one("#cal-log").lines[-3:]]
+        assert app.session.plan_path.name.endswith("-wikitext-2x32")
