@@ -217,3 +217,45 @@ def test_gpu_sessions_graphs_equal_eager_and_one_copy():
     assert m.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
     with torch.no_grad():
         m(torch.tensor([[1, 2, 3]], device="cuda"))
+
+
+# ------------------------------------------------------------------------------------------------
+# the commands: wina chat's footer, wina bench --chat (CPU, a tiny model folder)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cli import make_tiny
+    return make_tiny(tmp_path_factory.mktemp("tinychat") / "model")
+
+
+def _invoke(*args, input=None):
+    from typer.testing import CliRunner
+    from wina.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def test_wina_chat_footer_has_ttft_and_decode_rate(tiny_folder):
+    res = _invoke("chat", tiny_folder, "--max-new-tokens", "4", "--sparsity", "0.5",
+                  input="hello there\nthe city\n/exit\n")
+    assert res.exit_code == 0, (res.output, res.exception)
+    feet = [line for line in res.stderr.splitlines() if "first token" in line]
+    assert len(feet) == 2 and all("decode" in f and "tokens/s" in f and "prefilled" in f for f in feet)
+
+
+def test_wina_bench_chat_on_cpu(tiny_folder, tmp_path):
+    import json
+    out = tmp_path / "chat.json"
+    res = _invoke("bench", "--chat", tiny_folder, "--device", "cpu", "--dtype", "float32", "--turns", "2",
+                  "--user-tokens", "20", "--new-tokens", "3", "--json", out)
+    assert res.exit_code == 0, (res.output, res.exception)
+    data = json.loads(out.read_text())
+    rows = data["turns_detail"]
+    assert len(rows) == 2 and data["backend"] == "transformers"
+    for m in ("dense", "sparse"):
+        assert rows[1][m]["prefilled"] < rows[1][m]["context"]
+        assert rows[1][m]["ttft_s"] > 0 and rows[1][m]["decode_tokens_per_s"] > 0
+    assert 0.3 < rows[0]["sparse"]["sparsity"] < 0.7 and rows[0]["dense"]["sparsity"] == 0.0
+    assert "per turn" in res.stdout
