@@ -4,11 +4,20 @@
 phi3 model into the layout the kernels want (input-channel-major, RMSNorm gains folded into the
 consuming weights, q/k/v and gate/up concatenated), keeps a static KV cache, and runs
 
-* prefill: the whole prompt in one forward (masked cuBLAS matmuls on the GPU),
+* prefill: the prompt (or, in a later chat turn, only its new tokens: ``start``) in one forward, one
+  masked cuBLAS matmul per projection (the sparsifier's rule on each row; ``sparse_prefill=False``
+  runs prompts dense), RoPE and attention with the start known on the host,
 * decode: one token per step through :mod:`wina.kernels` — five launches per layer (q/k/v GEMV
   with the RMSNorm fused in and RoPE + cache write in its finishing programs, flash-decoding
   attention, o GEMV + residual, gate/up GEMV, SiLU·up + down GEMV + residual; a sparse launch with
   pre-compaction adds its small compaction launch) — captured once in a CUDA graph and replayed.
+
+KV caches: the engine owns one (:attr:`Engine.cache`); :meth:`Engine.new_cache` / :meth:`Engine.bind`
+give each conversation its own over the same weights (dense and sparse chat panes), each with its
+own captured graphs. Gate counts: ``generate(count_every=N)`` counts, on the device, the inputs the
+sparse launches keep for the prompt and every N-th decode step (a second captured step that stashes
+each launch's input and counts all layers of a role at once); :meth:`Engine.gate_counts` reads them
+once. The engine knows nothing of tokenizers or chat (:mod:`wina.generate`, :mod:`wina.chat`).
 
 Sparsity: per projection a score scale c (WINA column norms, ones for TEAL) and a threshold t; an
 input is kept iff ``|x_i|·c_i > t`` — the same rule as :mod:`wina.sparsify`'s threshold gating, and
