@@ -223,7 +223,7 @@ def apply(loaded: Loaded, opts: SparseOptions):
     from .sparsify import sparsify
     from .transform import ensure
     opts.validate()
-    model = getattr(loaded, "model", loaded)
+    model = loaded.model if isinstance(loaded, Loaded) else loaded
     if opts.plan and opts.method != "dense":
         from .plan import Plan, apply_plan
         plan = Plan.load(opts.plan)
