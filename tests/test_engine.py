@@ -341,3 +341,25 @@ def test_engine_caches_and_continuation():
     r1 = eng.generate(seq[12:], 5, start=12, stop=())
     r2 = eng.generate(seq, 5, stop=())
     assert r1.tokens == r2.tokens and r1.prompt_tokens == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_linear_equals_the_kernel_reference(dtype):
+    """The engine's prefill launches compute exactly gemv_reference in the model's dtype (dense,
+    sparse, with a dense prefix, with bias/residual/RMSNorm/SiLU·up)."""
+    from wina.kernels import ACT_SILU_MUL, gemv_reference
+    m = tiny("qwen2").to(dtype)                        # q/k/v biases
+    e = Engine.from_model(m, max_seq_len=64)
+    e.set_sparsity(e.calibrate(list(range(3, 40)), 0.5))
+    torch.manual_seed(3)
+    for g in (e.layers[0].attn_in, e.layers[1].mlp_in, e.layers[0].down, e.layers[1].o):
+        k = g.wt.shape[0]
+        act = ACT_SILU_MUL if g.name == "down" else 0
+        x = torch.randn(9, 2 * k if act else k).to(dtype)
+        ssq = torch.rand(9, 2) * 50 if g.name in ("attn_in", "mlp_in") else None
+        res = torch.randn(9, g.wt.shape[1]).to(dtype)
+        for sp, d in ((False, 0), (True, 0), (True, 2)):
+            a = e._prefill_lin(x, g, sp, d, ssq, res, act)
+            b = gemv_reference(x, g.wt, g.scales, g.thresholds, g.bounds, g.bias, res, ssq, e.eps, act, sp,
+                               compute_dtype=dtype, dense_rows=d)
+            assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])

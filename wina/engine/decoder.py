@@ -508,10 +508,7 @@ class Engine:
         if x.shape[0] > 1:
             # prefill: one (masked) matmul per segment in the model's dtype (cuBLAS on the GPU);
             # the multi-row Triton variants would each compile at their first prompt length
-            y, s = gemv_reference(x, g.wt, g.scales, g.thresholds, g.bounds, g.bias, res, ssq_in,
-                                  self.eps, act, sp, compute_dtype=self.dtype,
-                                  dense_rows=dense_rows if sp else 0)
-            return y, s
+            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act)
         kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
@@ -569,6 +566,37 @@ class Engine:
                 allowed = allowed & (kpos > qpos - L.window)
             out = sdpa(qh, k, v, attn_mask=allowed[None, None])
         return out[0].transpose(0, 1).reshape(t, nh * hd)
+
+    def _prefill_lin(self, x, g: Group, sparse: bool, dense_rows: int, ssq_in, res, act):
+        """:func:`wina.kernels.gemv_reference` in the model's dtype (the same values), with the
+        sparse masks cheaper: |x| and the cast once per launch, one select per segment."""
+        k, n = g.wt.shape
+        xf = _prepare_input(x, k, ssq_in, self.eps, act)
+        xc = xf.to(self.dtype)
+        if not sparse:
+            y = xc @ g.wt
+        else:
+            xa = xf.abs()
+            edges = [0, *[int(b) for b in g.bounds], n]
+            outs = []
+            for j in range(len(edges) - 1):
+                keep = xa * g.scales[j] > g.thresholds[j]
+                if dense_rows:
+                    keep[:dense_rows] = True
+                outs.append(torch.where(keep, xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
+                            @ g.wt[:, edges[j]:edges[j + 1]])
+            y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        if g.bias is not None or res is not None:
+            yf = y.float()
+            if g.bias is not None:
+                yf = yf + g.bias.float()
+            if res is not None:
+                yf = yf + res.float()
+            y = yf.to(x.dtype)
+        else:
+            y = y.to(x.dtype)
+        yf = y.float()
+        return y, (yf * yf).sum(-1, keepdim=True)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
                  record=None, start: Optional[int] = None) -> torch.Tensor:
