@@ -265,3 +265,73 @@ def test_user_error_translates_environment_faults():
     msg = str(translate(requests.exceptions.ConnectionError("Couldn't reach 'baber/piqa' on the Hub")))
     assert "hub" in msg and "offline" in msg
     assert translate(ValueError("a bug")) is None
+
+
+# --- crash and resume -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_mid_run_resumes_to_the_same_outputs(tmp_path):
+    """`wina run` killed with SIGKILL in the middle, then run again, ends with the same plans (byte
+    for byte) and the same results as a run that was never interrupted; nothing half-written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from test_runner import TEXT as RUN_TEXT
+    from test_cli import make_tiny
+    model = make_tiny(tmp_path / "model")
+    (tmp_path / "text.txt").write_text(RUN_TEXT, encoding="utf-8")
+    preset = tmp_path / "p.toml"
+    preset.write_text(f'''
+name = "crash"
+model = "{model}"
+device = "cpu"
+dtype = "float32"
+[calibration]
+source = "text.txt"
+samples = 2
+seq_len = 32
+[allocation]
+step = 0.1
+max_sparsity = 0.8
+[eval]
+sparsities = [0.25, 0.5]
+ppl_text = "text.txt"
+ppl_max_tokens = 1024
+data_dir = "hub"
+[[variants]]
+name = "dense"
+method = "dense"
+[[variants]]
+name = "teal"
+method = "teal"
+[[variants]]
+name = "wina"
+method = "wina"
+transform = true
+''')
+    cmd = [sys.executable, "-m", "wina.cli", "run", str(preset), "--out"]
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    r = subprocess.run(cmd + [str(clean)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    proc = subprocess.Popen(cmd + [str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (crashed / "runs" / "teal-s25.json").exists() and time.time() - t0 < 600:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (crashed / "compare.md").exists()              # it really stopped midway
+    r = subprocess.run(cmd + [str(crashed)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def tensors(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "plans").rglob("*.safetensors"))}
+
+    assert tensors(crashed) == tensors(clean)
+    for name in ("dense.json", "teal-s25.json", "teal-s50.json", "wina-s25.json", "wina-s50.json"):
+        a = json.loads((clean / "runs" / name).read_text())["wina"]
+        b = json.loads((crashed / "runs" / name).read_text())["wina"]
+        assert a["perplexity"]["perplexity"] == b["perplexity"]["perplexity"], name
+        assert a["measured_sparsity"] == b["measured_sparsity"], name
+    _no_leftovers(crashed)
