@@ -4,7 +4,6 @@ the greedy's error rule and step table, the perplexity protocol, and the presets
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
