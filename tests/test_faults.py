@@ -14,6 +14,7 @@ import pytest
 import wina.errors
 
 from test_cli import invoke, ok, text_file, tiny, user_error  # noqa: F401 (fixtures)
+from test_runner import tiny_preset  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -270,46 +271,14 @@ def test_user_error_translates_environment_faults():
 # --- crash and resume -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_to_the_same_outputs(tmp_path):
+def test_sigkill_mid_run_resumes_to_the_same_outputs(tiny_preset, tmp_path):
     """`wina run` killed with SIGKILL in the middle, then run again, ends with the same plans (byte
     for byte) and the same results as a run that was never interrupted; nothing half-written."""
     import signal
     import subprocess
     import sys
     import time
-    from test_runner import TEXT as RUN_TEXT
-    from test_cli import make_tiny
-    model = make_tiny(tmp_path / "model")
-    (tmp_path / "text.txt").write_text(RUN_TEXT, encoding="utf-8")
-    preset = tmp_path / "p.toml"
-    preset.write_text(f'''
-name = "crash"
-model = "{model}"
-device = "cpu"
-dtype = "float32"
-[calibration]
-source = "text.txt"
-samples = 2
-seq_len = 32
-[allocation]
-step = 0.1
-max_sparsity = 0.8
-[eval]
-sparsities = [0.25, 0.5]
-ppl_text = "text.txt"
-ppl_max_tokens = 1024
-data_dir = "hub"
-[[variants]]
-name = "dense"
-method = "dense"
-[[variants]]
-name = "teal"
-method = "teal"
-[[variants]]
-name = "wina"
-method = "wina"
-transform = true
-''')
+    preset = tiny_preset
     cmd = [sys.executable, "-m", "wina.cli", "run", str(preset), "--out"]
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     r = subprocess.run(cmd + [str(clean)], capture_output=True, text=True, timeout=900)
