@@ -333,3 +333,14 @@ def test_results_record_the_corrections_and_the_protocol(tmp_path):
     block = make_wina_block(model_id="tiny", model=model, plan=str(tmp_path / "plan"))["seed_fidelity"]
     assert block["protocol"]["allocation_error"] == "seed"
     assert block["protocol"]["allocation_step_norm"] == "wina"
+
+
+@pytest.mark.parametrize("name", ["llama2-7b", "llama3-8b", "qwen2.5-7b", "phi4"])
+def test_seed_presets_dry_run_shows_the_seed_protocol(name):
+    from typer.testing import CliRunner
+    from wina.cli import app
+    res = CliRunner().invoke(app, ["run", name, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("protocol:"))
+    for want in ("allocation.error=seed", "allocation.step_norm=seed", "eval.ppl_protocol=seed", "dtype=float16"):
+        assert want in line, line

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .errors import InvalidArgument, WinaError
+from .errors import DataError, InvalidArgument, WinaError
 from .files import write_text
 from .events import CancelToken, ProgressCallback
 from .presets import Preset, PresetError, Variant
@@ -265,7 +265,7 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
     return steps
 
 
-def describe(preset: Preset, limit=None) -> dict[str, str]:
+def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, str]:
     """What a dry run shows about a preset, after resolving and checking what can be checked cheaply
     (model spec, data folder, task names and files, calibration file, perplexity text)."""
     from . import tasks as _tasks
@@ -290,24 +290,40 @@ def describe(preset: Preset, limit=None) -> dict[str, str]:
         f"{v.name} ({v.method}{', transform' if v.transform else ''}"
         f"{', ' + v.allocation if v.method != 'dense' else ''})" for v in preset.variants)
     e = preset.eval
+    info["protocol"] = ", ".join(f"{k}={v}" for k, v in preset.protocol().items())
     info["sparsities"] = ", ".join(f"{s:g}" for s in e.sparsities)
     info["gating"] = e.gating
     lim = limit if limit is not None else e.limit
     if e.tasks:
         names = _tasks.parse_tasks(e.tasks)
-        src = preset.data_source(lim)
-        if src.path is not None:
+        try:
+            src = preset.data_source(lim)
+        except DataError as err:
+            if strict:
+                raise
+            info["tasks"] = f"{', '.join(names)}: NOT AVAILABLE here ({err})"
+            src = None
+        if src is None:
+            pass
+        elif src.path is not None:
             _tasks.check_local(names, src.path)
             where = src.label
         else:
             hub = [n for n in names if n not in _tasks.TASKS]
             where = "lm-eval hub datasets" + (f" ({', '.join(hub)}: checked when run)" if hub else "")
-        info["tasks"] = f"{', '.join(names)} from {where}"
+        if src is not None:
+            info["tasks"] = f"{', '.join(names)} from {where}"
     info["limit"] = "all documents" if lim is None else f"{lim:g} per task"
-    ppl = preset.resolved_ppl_text()
-    if ppl is not None:
-        if not ppl.is_file():
+    try:
+        ppl = preset.resolved_ppl_text()
+        if ppl is not None and not ppl.is_file():
             raise PresetError(f"{preset.where}: eval.ppl_text: file not found: {ppl}")
+    except PresetError as err:
+        if strict:
+            raise
+        info["perplexity"] = f"NOT AVAILABLE here ({err})"
+        ppl = None
+    if ppl is not None:
         info["perplexity"] = f"{ppl} ({e.ppl_max_tokens or 'all'} tokens)"
     return info
 

@@ -115,7 +115,7 @@ def _step_status(s) -> str:
 def _print_steps(p, folder: Path, steps, limit) -> None:
     from rich.table import Table
     from ..api import describe
-    info = describe(p, limit)
+    info = describe(p, limit, strict=False)      # a dry run shows what is missing instead of stopping
     out.print(f"[bold]preset[/] {escape(p.name)} ({escape(str(p.path))})", soft_wrap=True)
     for k, v in info.items():
         out.print(f"  {k}: {escape(str(v))}", soft_wrap=True)
