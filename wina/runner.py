@@ -299,7 +299,7 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
         try:
             src = preset.data_source(lim)
         except DataError as err:
-            if strict:
+            if strict or e.data_dir not in ("auto", "hub"):     # a folder the preset names must exist
                 raise
             info["tasks"] = f"{', '.join(names)}: NOT AVAILABLE here ({err})"
             src = None
