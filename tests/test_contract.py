@@ -32,9 +32,11 @@ def _files(plan: Path) -> dict[str, bytes]:
 
 
 def _meta(plan: Path) -> dict:
-    m = json.loads((plan / "plan.json").read_text())
-    m = {k: v for k, v in m.items() if k not in VOLATILE}
-    return m
+    """plan.json without times, paths and the calibration text's name."""
+    def clean(d):
+        return {k: clean(v) if isinstance(v, dict) else v for k, v in d.items()
+                if k not in VOLATILE and not k.endswith("_at")}
+    return clean(json.loads((plan / "plan.json").read_text()))
 
 
 def _source_free(plan: Path) -> dict:
