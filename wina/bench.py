@@ -586,14 +586,7 @@ def print_bench(res: dict, console=None) -> None:
                        f"{r['tb_per_s']:.2f}", f"{r['of_copy_bw']:.2f}", str(r.get("programs", "")),
                        str(r.get("regs", "")) + (f" ({r['spills']} spilled)" if r.get("spills") else ""))
         con.print(kt)
-    if res.get("targets"):
-        tt = Table(title="targets")
-        tt.add_column("target")
-        tt.add_column("value", justify="right")
-        tt.add_column("met")
-        for k, (v, ok) in res["targets"].items():
-            tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
-        con.print(tt)
+    _print_targets(con, res, "targets")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -828,14 +821,7 @@ def print_chat_bench(res: dict, console=None) -> None:
         p = res["prefill_512"]
         con.print(f"512-token prefill: dense {p['dense_s'] * 1000:.1f} ms, sparse {p['sparse_s'] * 1000:.1f} ms "
                   f"({p['sparse_over_dense']:.2f}×)")
-    if res.get("targets"):
-        tt = Table(title="targets (issue 19)")
-        tt.add_column("target")
-        tt.add_column("value", justify="right")
-        tt.add_column("met")
-        for k, (v, ok) in res["targets"].items():
-            tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
-        con.print(tt)
+    _print_targets(con, res, "targets (issue 19)")
 
 
 def chat_bench_markdown(res: dict) -> str:
@@ -855,3 +841,17 @@ def chat_bench_markdown(res: dict) -> str:
                      f(c.get("decode_ratio"), ".3f"), f(c["sparsity"], ".1%"), sod]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _print_targets(con, res: dict, title: str) -> None:
+    """The ``targets`` block of a benchmark result as a table: value and whether it is met."""
+    if not res.get("targets"):
+        return
+    from rich.table import Table
+    tt = Table(title=title)
+    tt.add_column("target")
+    tt.add_column("value", justify="right")
+    tt.add_column("met")
+    for k, (v, ok) in res["targets"].items():
+        tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
+    con.print(tt)

@@ -372,11 +372,7 @@ def run_app(app: WinaApp, *, headless: bool = False, grace: float = 1.0) -> int:
         app.cancel_all()
     code = int(app.return_code or 0)
     if not app.wait_idle(grace):
-        for f in (sys.stdout, sys.stderr):
-            try:
-                f.flush()
-            except Exception:
-                pass
+        _flush()
         os._exit(code)
     return code
 
@@ -394,12 +390,16 @@ def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_di
     code = run_app(app)
     # The terminal is restored and every file is written (atomically); skip the interpreter's
     # teardown of torch and friends, which took 1-3 s on a loaded 2-CPU machine.
+    _flush()
+    os._exit(code)
+
+
+def _flush() -> None:
     for f in (sys.stdout, sys.stderr):
         try:
             f.flush()
         except Exception:
             pass
-    os._exit(code)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
