@@ -136,3 +136,17 @@ def recover_folder(target: PathLike) -> None:
     old = target.with_name(target.name + ".replaced")
     if old.exists() and not target.exists():
         os.rename(old, target)
+
+
+def sweep_temps(folder: PathLike) -> int:
+    """Remove the temporary files a killed writer left in ``folder`` and below (``.NAME.*.tmp``, what
+    :func:`write_bytes` makes). Call it only while holding the folder's lock (:func:`locked`), so that
+    no live writer's file is taken. Returns how many were removed."""
+    n = 0
+    for p in Path(folder).rglob(".*.tmp"):
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n

@@ -146,10 +146,11 @@ def calibrate(loaded: Loaded, out: PathLike, cal: Calibration = Calibration(), *
     from .transform import ensure
     if cal.method not in ("teal", "wina"):
         raise InvalidArgument(f"unknown calibration method {cal.method!r}; choose teal or wina")
-    from .files import check_writable, locked
+    from .files import check_writable, locked, sweep_temps
     check_writable(out, folder=True)
     ensure(loaded.model, cal.transform, what="an untransformed calibration", on_event=on_event)
     with locked(out, f"plan {out}"):
+        sweep_temps(out)
         return _calibrate(loaded.model, loaded.tokenizer, method=cal.method, source=cal.source,
                           samples=cal.samples, seq_len=cal.seq_len, out=str(out), weighted=cal.weighted,
                           model_id=loaded.model_id, on_event=on_event, cancel=cancel)
@@ -161,11 +162,12 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
     finished allocation with other settings is replaced only once the new one is complete)."""
     import shutil
     from .allocate import allocate as _allocate
-    from .files import locked, recover_folder, replace_folder
+    from .files import locked, recover_folder, replace_folder, sweep_temps
     from .plan import Plan
     target = Path(plan_dir)
     recover_folder(target)
     with locked(target, f"plan {target}"):
+        sweep_temps(target)
         meta = plan_info(target)
         st = meta["status"]
         finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]

@@ -388,6 +388,8 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
     from .files import check_writable, locked
     check_writable(out, folder=True)
     with locked(out, f"run folder {out}"):
+        from .files import sweep_temps
+        sweep_temps(out)                             # what a killed run left half-written
         return _run_steps(preset, out, limit, device, on_step, on_event, cancel, renderer, procs)
 
 
