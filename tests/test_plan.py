@@ -12,6 +12,7 @@ from wina.allocate import allocate
 from wina.calibrate import calibrate
 from wina.errors import InvalidArgument, PlanError
 from wina.plan import THRESHOLD_TARGETS, Plan, apply_plan
+from wina.plan_meta import SEAL, seal
 from wina.transform import is_transformed, transform
 
 
@@ -152,6 +153,10 @@ def test_corrupt_partial_and_unknown_plans(made, tmp_path):
     meta["status"]["calibrated_layers"] = 1
     meta["status"]["allocated_layers"] = 0
     (c / "plan.json").write_text(json.dumps(meta))
+    with pytest.raises(PlanError, match="edited after it was written"):     # a hand edit: refused
+        Plan.load(c)
+    meta[SEAL] = seal(meta)                             # as the library writes a partial plan
+    (c / "plan.json").write_text(json.dumps(meta))
     with pytest.raises(PlanError, match="partial plan: calibrated 1 of 2"):
         Plan.load(c)
     part = Plan.load(c, allow_partial=True)
@@ -164,6 +169,7 @@ def test_corrupt_partial_and_unknown_plans(made, tmp_path):
     meta = json.loads((c / "plan.json").read_text())
     import hashlib
     meta["files"]["calibration.safetensors"] = hashlib.sha256(b"garbage").hexdigest()
+    meta[SEAL] = seal(meta)
     (c / "plan.json").write_text(json.dumps(meta))
     with pytest.raises(PlanError, match="cannot read calibration"):
         Plan.load(c)

@@ -36,9 +36,7 @@ import torch
 
 from .errors import InvalidArgument, PlanError
 from .files import write_bytes
-
-FORMAT = "wina-plan"
-VERSION = 1
+from .plan_meta import FORMAT, VERSION
 MAX_MATRIX_SPARSITY = 0.99
 THRESHOLD_TARGETS = tuple(round(0.05 * i, 2) for i in range(20))
 
@@ -359,11 +357,6 @@ class Plan:
             raise PlanError(f"plan directory not found: {path}")
         from .plan_meta import read_meta
         meta = read_meta(root)
-        if meta.get("format") != FORMAT:
-            raise PlanError(f"{path} is not a wina plan (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-        if meta.get("version") != VERSION:
-            raise PlanError(f"plan format version {meta.get('version')!r} is not supported "
-                            f"(this wina reads version {VERSION}); re-run calibrate")
         try:
             n, P, files = int(meta["n_layers"]), list(meta["projections"]), dict(meta["files"])
             meta["status"]["calibrated_layers"]

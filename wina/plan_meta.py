@@ -15,6 +15,8 @@ from typing import Any, Union
 
 from .errors import PlanError
 
+FORMAT = "wina-plan"
+VERSION = 1
 SEAL = "meta_sha256"
 UNSEALED = (SEAL, "saved_at")
 
@@ -38,6 +40,11 @@ def check(meta: Any, where: Union[str, Path]) -> dict:
     """Types of the fields the library reads, and the seal; raises :class:`PlanError`."""
     if not isinstance(meta, dict):
         raise PlanError(f"{where}: plan.json does not hold an object")
+    if meta.get("format") != FORMAT:
+        raise PlanError(f"{where} is not a wina plan (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise PlanError(f"plan format version {meta.get('version')!r} is not supported "
+                        f"(this wina reads version {VERSION}); re-run calibrate")
     for key, (types, required) in _FIELDS.items():
         if key not in meta:
             if required:
