@@ -338,6 +338,8 @@ def test_engine_caches_and_continuation():
     eng.bind(first)
     cont = eng.prefill(seq[12:], start=12)
     assert (cont - full[12:]).abs().max() < 1e-4
+    last = eng.prefill(seq[12:], start=12, last_only=True)   # what generation asks for
+    assert last.shape[0] == 1 and (last[0] - full[-1]).abs().max() < 1e-4
     r1 = eng.generate(seq[12:], 5, start=12, stop=())
     r2 = eng.generate(seq, 5, stop=())
     assert r1.tokens == r2.tokens and r1.prompt_tokens == 8

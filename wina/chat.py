@@ -273,7 +273,7 @@ class ChatSession:
         for t in (2, 64):
             t = min(t, eng.max_seq_len // 2)
             eng.prefill([0] * t, self.sparse, start=eng.max_seq_len - t,
-                        count=self.sparse and self.count_every > 0)
+                        count=self.sparse and self.count_every > 0, last_only=True)
         eng._kept.copy_(counts)
         eng._count_rows = rows
         if eng.device.type == "cuda":

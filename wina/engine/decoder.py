@@ -599,7 +599,7 @@ class Engine:
         return y, (yf * yf).sum(-1, keepdim=True)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
-                 record=None, start: Optional[int] = None) -> torch.Tensor:
+                 record=None, start: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
         if ids.shape[0] > 1 and start is None:
             start = int(pos.reshape(-1)[0])
         h = self.embed.index_select(0, ids)
@@ -640,6 +640,8 @@ class Engine:
             else:
                 delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, record=record)
                 h, ssq = gemv(h, L.s_mlp, res=delta, want_ssq=True)
+        if last_only:                          # a prompt needs the next token's logits only
+            h, ssq = h[-1:], ssq[-1:]
         logits, _ = gemv(h, self.head, ssq_in=ssq, bias=self.head_bias, eps=self.eps, role="head")
         return logits
 
@@ -650,11 +652,12 @@ class Engine:
 
     @torch.no_grad()
     def prefill(self, ids: Sequence[int], sparse: Optional[bool] = None, start: int = 0,
-                count: bool = False) -> torch.Tensor:
+                count: bool = False, last_only: bool = False) -> torch.Tensor:
         """Run ``ids`` through the model at positions ``start`` .. (the cache must hold the
         positions before ``start``: a later chat turn prefills only its new tokens); returns logits
         [T, V]. The dense prefix covers the first positions of the whole sequence, as a prefill of
         everything from 0 would. ``count``: add the gates' decisions to the device counters.
+        ``last_only``: logits [1, V] of the last position only (generation needs no more).
         With :attr:`sparse_prefill` False, prompts run dense (decode steps stay sparse)."""
         sparse = self.sparse if sparse is None else bool(sparse)
         t = len(ids)
@@ -674,7 +677,8 @@ class Engine:
             else:
                 record = self._count
             self._count_rows += t - d0 if t > 1 else 1
-        return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record, start=start)
+        return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record, start=start,
+                             last_only=last_only)
 
     # --------------------------------------------------------------------------------------------
     # decode step, CUDA graph
@@ -823,8 +827,8 @@ class Engine:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        logits = self.prefill(ids, sparse, start=start, count=count)
-        first = self._select(logits[-1:], sampled)
+        logits = self.prefill(ids, sparse, start=start, count=count, last_only=True)
+        first = self._select(logits, sampled)
         tokens: list[int] = []
         stopped = "length"
 
