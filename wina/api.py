@@ -20,7 +20,7 @@ from .data import DataSource, find_data_dir, resolve as resolve_data  # noqa: F4
 from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, PlanError,  # noqa: F401
                      TransformError, UnsupportedArchitecture, WinaError, user_error)
 from .evaluate import _check_limit as check_limit  # noqa: F401
-from .events import CancelToken, Progress, ProgressCallback  # noqa: F401
+from .events import CancelToken, Progress, ProgressCallback, format_duration  # noqa: F401
 from .files import check_writable, locked, write_json, write_text as atomic_write_text  # noqa: F401
 from .generate import Generation, chat_input_ids, generation_backend, stream_generate, stream_reply, warm_up  # noqa: F401
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401

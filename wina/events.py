@@ -33,6 +33,19 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+def format_duration(s: Optional[float]) -> str:
+    """Seconds as people read them, the one rule for ETAs and wall times: ``42 s``, ``3:07``,
+    ``1:02:05``; "" for an unknown, negative or infinite duration."""
+    if s is None or s != s or s < 0 or s == float("inf"):
+        return ""
+    if s < 60:
+        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+    t = int(round(s))
+    h, rem = divmod(t, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
 class CancelToken:
     """Thread-safe flag; long loops call :meth:`check` between units of work."""
 

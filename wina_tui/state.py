@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from wina.api import EMBEDDED, Loaded, SparseOptions, WinaError
+from wina.api import EMBEDDED, Loaded, SparseOptions, WinaError, format_duration
 
 Loader = Callable[[str], Loaded]
 
@@ -261,14 +261,8 @@ def fmt_pct(x: Optional[float]) -> str:
 
 
 def fmt_eta(s: Optional[float]) -> str:
-    if s is None or s != s:
-        return "ETA —"
-    s = int(round(s))
-    if s >= 3600:
-        return f"ETA {s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"ETA {s // 60}m{s % 60:02d}s"
-    return f"ETA {s}s"
+    d = format_duration(s)
+    return f"ETA {d}" if d else "ETA —"
 
 
 def describe_error(e: BaseException) -> str:

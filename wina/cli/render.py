@@ -7,6 +7,8 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.markup import escape
 
+from ..events import format_duration
+
 from .app import err
 
 # --- progress rendering -----------------------------------------------------------------------------
@@ -26,12 +28,8 @@ def _fmt_metric(v: Any) -> Optional[str]:
 
 
 def _fmt_eta(s: Optional[float]) -> str:
-    if s is None or s < 0 or math.isinf(s) or math.isnan(s):
-        return ""
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"eta {h}:{m:02d}:{sec:02d}" if h else f"eta {m}:{sec:02d}"
+    d = format_duration(s)
+    return f"eta {d}" if d else ""
 
 
 class ProgressRenderer:

@@ -7,6 +7,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from ..events import format_duration
+
 from .app import app, out, err
 from .common import _limit, _quiet_libraries
 from .render import ProgressRenderer
@@ -79,14 +81,9 @@ def _print_stage_times(summary) -> None:
     t.add_column("step")
     t.add_column("time", justify="right")
     for title, sec in summary.seconds.items():
-        t.add_row(escape(title), _fmt_seconds(sec))
-    t.add_row("[bold]total[/]", f"[bold]{_fmt_seconds(summary.total_s)}[/]")
+        t.add_row(escape(title), format_duration(sec))
+    t.add_row("[bold]total[/]", f"[bold]{format_duration(summary.total_s)}[/]")
     out.print(t)
-
-
-def _fmt_seconds(s: float) -> str:
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m}:{sec:02d}" if m else f"{s:.1f} s"
 
 
 @app.command("eval-step", hidden=True)
