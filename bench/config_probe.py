@@ -50,8 +50,9 @@ from wina.kernels import kernels as K  # noqa: E402
 ROLES = ("attn_in", "o", "mlp_in", "down")
 CANDIDATES = {
     "base": GemvConfig(256, 64, 264, 4),                     # run 4's sparse winner
-    "pipe": GemvConfig(128, 64, 264, 4, 1),                  # two-tile pipeline (o_proj's winner)
-    "precompact": GemvConfig(128, 64, 528, 4, 1, 0, 0, 1),   # runs 6-7 sweep winner on 3 shapes
+    "pipe": GemvConfig(128, 64, 264, 4, pipeline=1),         # two-tile pipeline (o_proj's winner)
+    # runs 6-7 sweep winner on 3 shapes (min_ctas=3 since run 11: the library's _PRE)
+    "precompact": GemvConfig(128, 64, 528, 4, pipeline=1, precompact=1, min_ctas=3),
 }
 PROMPT = 128
 

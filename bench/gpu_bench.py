@@ -24,8 +24,8 @@ ap.add_argument("--tests", default="tests/test_kernels.py tests/test_engine.py")
 ap.add_argument("--force-sparse", default="",
                 help="one sparse GemvConfig for every shape, e.g. 256,64,264,4")
 ap.add_argument("--shape-config", action="append", default=[],
-                help="a sparse GemvConfig for one exact shape, K,N:fields (repeatable), e.g. "
-                     "4096,4096:128,64,528,8,1,1,0,1,0,2")
+                help="a sparse GemvConfig for one exact shape, K,N:fields (repeatable; block_n, block_k, "
+                     "programs, num_warps, pipeline, precompact, min_ctas), e.g. 4096,4096:128,64,528,4,1,1,3")
 ap.add_argument("--dense-tune", action="store_true", help="sweep the dense kernel's configs too")
 ap.add_argument("--precompact", type=float, default=0.5,
                 help="kernel table: time the pre-compaction variant at this sparsity (negative: no)")
@@ -64,14 +64,13 @@ shapes = {(4096, 12288): "attn_in", (4096, 4096): "o", (4096, 22016): "mlp_in", 
 # default; wina/kernels/kernels.py). A sweep sets exact entries for the Llama-2-7B shapes only: its
 # winners are not mapped onto other models' shapes by kind (run 8: that cost Llama-3-8B 10 %).
 if not args.skip_tune:
-    # run 5: the 1-D accumulator (acc1d) and num_stages join the sweep, dense and sparse
-    # run 6: acc1d dropped from the sparse sweep (run 5: it won nowhere); pre-compaction added
-    sweeps = {True: [GemvConfig(bn, bk, p, w, pipe) for bn in (128, 256) for bk in (32, 64) for p in (264, 528)
-                     for w in (4, 8) for pipe in (0, 1)]
-                    + [GemvConfig(bn, bk, p, 4, pipe, 0, 0, 1) for bn in (128, 256) for bk in (32, 64)
+    # run 6: pre-compaction joins the sparse sweep
+    sweeps = {True: [GemvConfig(bn, bk, p, w, pipeline=pipe) for bn in (128, 256) for bk in (32, 64)
+                     for p in (264, 528) for w in (4, 8) for pipe in (0, 1)]
+                    + [GemvConfig(bn, bk, p, 4, pipeline=pipe, precompact=1) for bn in (128, 256) for bk in (32, 64)
                        for p in (264, 528) for pipe in (0, 1)],
               # run 7: the split-K partials are summed in one load per 16-32 rows, so larger splits
-              # (more programs) may pay now; acc1d dropped (it won nowhere in run 5)
+              # (more programs) may pay now
               False: [GemvConfig(bn, bk, p, w) for bn in (128, 256) for bk in (32, 64) for p in (264, 528, 1056)
                       for w in (4, 8)]}
     for sp in ((True, False) if args.dense_tune else (True,)):

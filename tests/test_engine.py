@@ -1,7 +1,5 @@
 """The decode engine against the transformers forward: exact (fp32) on the CPU in CI, bf16 on a GPU
 (skipped without CUDA)."""
-import math
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
@@ -73,26 +71,6 @@ def test_sparse_logits_equal_sparsified_transformers(kind, transformed):
     assert (ref - dense_ref).abs().max() > 1e-2          # the gating did something
     dense = eng.forward_logits(ids[0], prefill_len=12, sparse=False)
     assert (dense - dense_ref).abs().max() < 1e-4
-
-
-@pytest.mark.parametrize("transformed", [False, True])
-def test_fused_mlp_flag_keeps_the_logits(transformed):
-    """Engine(fuse_mlp=True) (gate/up compacts down's input on the GPU) computes the same thing;
-    on the CPU it runs as the two plain launches, so the logits are identical."""
-    m = tiny("llama")
-    if transformed:
-        transform(m)
-    ids = ids_for(14, seed=6)
-    plain = Engine.from_model(m, max_seq_len=32)
-    thr = plain.calibrate(ids[0].tolist(), 0.5)
-    plain.set_sparsity(thr)
-    fused = Engine.from_model(m, max_seq_len=32, fuse_mlp=2, thresholds=thr)
-    assert fused.fuse_mlp == 2 and not plain.fuse_mlp
-    with pytest.raises(InvalidArgument):
-        Engine.from_model(m, max_seq_len=32, fuse_mlp=3)
-    a = plain.forward_logits(ids[0], prefill_len=6)
-    b = fused.forward_logits(ids[0], prefill_len=6)
-    assert torch.equal(a, b)
 
 
 def test_transformed_dense_equals_original():
@@ -252,12 +230,6 @@ def test_gpu_sparse_engine_matches_sparsified_model():
     e_hf, e_eng = _rel(hf16, ref), _rel(out, ref)
     print(f"sparse 50%: transformers bf16 {e_hf:.4f}, engine {e_eng:.4f}")
     assert e_eng <= max(5e-2, 2 * e_hf), (e_hf, e_eng)
-    # the same with down's input compacted by gate/up's finishing programs (Engine(fuse_mlp=True))
-    for level in (1, 2):             # 2: gate/up and down in one launch
-        fused = Engine.from_model(m16, max_seq_len=64, fuse_mlp=level).forward_logits(ids[0], prefill_len=30)
-        e_fused = _rel(fused, ref)
-        print(f"sparse 50%, fused gate/up → down compaction (level {level}): engine {e_fused:.4f}")
-        assert e_fused <= max(5e-2, 2 * e_hf), (e_hf, e_fused)
     sp32.remove()
     sp16.remove()
 

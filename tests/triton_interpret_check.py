@@ -1,7 +1,7 @@
 """The Triton GEMV kernel run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32), against
 the torch reference, for every code path of the single-row kernel: dense, per-program compaction,
-two-tile pipeline, 1-D accumulator, pre-compaction (incl. reusing the kept lists), with segments,
-fused RMSNorm and SiLU·up; and the flash-decoding attention kernel. Run as a script (the variable must be set before Triton is imported);
+two-tile pipeline, pre-compaction (incl. reusing the kept lists), with segments, fused RMSNorm and
+SiLU·up, fused RoPE + cache write; and the flash-decoding attention kernel. Run as a script (the variable must be set before Triton is imported);
 ``tests/test_kernels.py::test_triton_kernel_in_the_interpreter`` does that where Triton is installed.
 Prints the worst relative error and exits non-zero above 1e-5."""
 import os
@@ -24,18 +24,17 @@ def _patch_lang_tensor(tensor, scope):
 
 _interp._patch_lang_tensor = _patch_lang_tensor
 
-from wina.kernels.kernels import (GemvConfig, _attn_decode_triton, _gemv_triton, _mlp_decode_triton,  # noqa: E402
-                                  _counters, _mlp_fused_triton, _mlp_plan, _prepare_input, attention_reference, gemv_reference,
-                                  rope_cache_reference)
+from wina.kernels.kernels import (GemvConfig, _attn_decode_triton, _gemv_triton, _prepare_input,  # noqa: E402
+                                  attention_reference, gemv_reference, rope_cache_reference)
 
 
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     k, n = 512, 192
     worst = 0.0
-    configs = (GemvConfig(64, 32, 8, 4), GemvConfig(64, 32, 8, 4, 0, 1), GemvConfig(64, 32, 8, 4, 0, 0, 0, 1),
-               GemvConfig(32, 32, 40, 4, 1, 0, 0, 1), GemvConfig(64, 32, 4, 4, 1, 1, 0, 0),
-               GemvConfig(64, 32, 8, 4, 0, 0, 0, 0, 1), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1, 1),
+    configs = (GemvConfig(64, 32, 8, 4), GemvConfig(64, 32, 8, 4, precompact=1),
+               GemvConfig(32, 32, 40, 4, pipeline=1, precompact=1), GemvConfig(64, 32, 4, 4, pipeline=1),
+               GemvConfig(32, 32, 40, 4, pipeline=1, precompact=1, min_ctas=3),
                GemvConfig(256, 16, 40, 4))      # dense, one segment: 32 splits, summed 16 rows at a time
     for act in (0, 1):
         for pre in (False, True):
@@ -83,7 +82,8 @@ def main() -> int:
     for n_heads, n_kv, hd, rot in ((2, 2, 32, 32), (4, 2, 32, 16)):
         n = (n_heads + 2 * n_kv) * hd
         bounds = [n_heads * hd, (n_heads + n_kv) * hd]
-        for cfg in (GemvConfig(32, 32, 16, 4), GemvConfig(64, 32, 8, 4), GemvConfig(32, 32, 40, 4, 1, 0, 0, 1)):
+        for cfg in (GemvConfig(32, 32, 16, 4), GemvConfig(64, 32, 8, 4),
+                    GemvConfig(32, 32, 40, 4, pipeline=1, precompact=1)):
             for sparse in (False, True):
                 s_max, p = 24, 13
                 x = torch.randn(1, k, generator=g)
@@ -104,38 +104,6 @@ def main() -> int:
                 worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
                             float((caches[0] - caches[2]).norm() / caches[2].norm()),
                             float((caches[1] - caches[3]).norm() / caches[3].norm()))
-    # gate/up → down with down's input compacted by gate/up's finishing programs (mlp_decode), as two
-    # launches and as one (the interpreter runs programs in order, so down's waits find their flags):
-    # whole and partial last chunks, gate/up dense and sparse, with and without split-K
-    d = 192
-    for f in (512, 448):
-        for gu_cfg in (GemvConfig(64, 32, 8, 4), GemvConfig(32, 32, 128, 4), GemvConfig(64, 32, 40, 4, 1, 0, 0, 1)):
-            for gu_sparse in (False, True):
-                x = torch.randn(1, k, generator=g)
-                gu_wt = torch.randn(k, 2 * f, generator=g) * 0.05
-                gu_sc = torch.rand(2, k, generator=g) + 0.5
-                ssq = torch.rand(1, 2, generator=g) * k
-                xf = _prepare_input(x, k, ssq, 1e-6, 0)
-                gu_thr = torch.tensor([float(torch.quantile(xf.abs() * gu_sc[j], q)) for j, q in enumerate((0.4, 0.6))])
-                down_wt = torch.randn(f, d, generator=g) * 0.05
-                down_sc = torch.rand(1, f, generator=g) + 0.5
-                res = torch.randn(1, d, generator=g)
-                gu_ref, _ = gemv_reference(x, gu_wt, gu_sc, gu_thr, [f], None, None, ssq, 1e-6, 0, gu_sparse)
-                h = _prepare_input(gu_ref, f, None, 1e-6, 1)
-                down_thr = torch.tensor([float(torch.quantile(h.abs() * down_sc[0], 0.5))])
-                ref, rs = gemv_reference(gu_ref, down_wt, down_sc, down_thr, [], None, res, None, 1e-6, 1, True)
-                plan = _mlp_plan(1, k, f, d, [f], gu_cfg, gu_sparse, GemvConfig(64, 32, 8, 4))
-                if plan is None:
-                    print("mlp plan not fusable", f, gu_cfg)
-                    return 1
-                for run in (_mlp_decode_triton, _mlp_fused_triton):    # two launches, then one
-                    y, ss = run(x, gu_wt, gu_sc, gu_thr, None, gu_sparse, ssq, down_wt, down_sc, down_thr,
-                                res, 1e-6, True, gu_cfg, plan)
-                    worst = max(worst, float((y - ref).norm() / ref.norm()),
-                                float((ss.sum(-1) - rs[:, 0]).abs().max() / rs.abs().max()))
-                    if int(_counters(x.device).abs().sum()):
-                        print("arrival counters / flags not reset", run.__name__)
-                        return 1
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-5 else 1
 

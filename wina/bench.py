@@ -232,11 +232,10 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             return fn
 
         def run_variant(thr_list, consumer_only: bool = False, **changes):
-            # the experiments of docs/gpu-notes.md run 6: the sparse config with ``changes``
-            # (precompact=1: compaction in its own small launch; with consumer_only, the kept lists
-            # are computed once (first matrix's scales) and only the GEMV launches are timed: what
-            # compaction fused into the producer could reach; full_dense=1: all-kept chunks stream
-            # like the dense kernel)
+            # docs/gpu-notes.md run 6: the sparse config with ``changes`` (precompact=1: compaction
+            # in its own small launch; with consumer_only, the kept lists are computed once (first
+            # matrix's scales) and only the GEMV launches are timed: what compaction fused into the
+            # producer could reach)
             cfg = replace(config_for(k, n, True, role), **changes)
 
             def call(w, b, c, t, compacted):
@@ -261,8 +260,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             settings += [("sparse", True, 0.0)] + [("sparse", True, float(s)) for s in sparsities]
             if precompact_at is not None:
                 settings += [("precompact", True, float(precompact_at)),
-                             ("consumer only", True, float(precompact_at)),
-                             ("full-dense chunks", True, 0.0)]
+                             ("consumer only", True, float(precompact_at))]
         for label, sparse, s in settings:
             thr_list = [None] * len(wts)
             rows_kept = k
@@ -282,8 +280,6 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                 fn = run_cublas
             elif label in ("precompact", "consumer only"):
                 fn = run_variant(thr_list, consumer_only=label == "consumer only", precompact=1)
-            elif label == "full-dense chunks":
-                fn = run_variant(thr_list, full_dense=1)
             else:
                 fn = run_ours(bool(sparse), thr_list)
             try:
@@ -374,7 +370,7 @@ def tune_gemv(device, dtype, shapes: Sequence[tuple[int, int]], configs, sparsit
                 rows.append(row)
                 if on_row:
                     on_row(row)
-        del ws
+        ws.clear()                # frees the weights before empty_cache (the closures hold the list)
         torch.cuda.empty_cache()
     return rows
 
@@ -386,8 +382,8 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               method: str = "wina", prompt_len: int = 128, new_tokens: int = 256,
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
-              compare_pdl: bool = False, precompact_at: Optional[float] = None,
-              copy_bw: Optional[float] = None, fuse_mlp: Optional[int] = None,
+              precompact_at: Optional[float] = None, copy_bw: Optional[float] = None,
+              fuse_mlp: Optional[int] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
@@ -397,12 +393,16 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
     (default ``new_tokens``; 0 skips it). ``num_hidden_layers``: shrink shape-only configs (tests).
     ``copy_bw``: bytes/s to take as the copy bandwidth instead of measuring it (on the H200 a copy
     measured after minutes of load came out ~10 % lower than one measured first in the process).
-    ``fuse_mlp``: the engine's fused down-input compaction (None: the WINA_FUSE_MLP default).
+    ``fuse_mlp``: only None or 0 (the fused gate/up → down launches were removed, docs/gpu-notes.md
+    "Experiments removed from the product"; the keyword stays until the CLI's --fuse-mlp goes).
     ``method``: "wina" (column-norm scores) or "teal" (|x| alone)."""
     from .engine import Engine
     from .models import resolve_dtype
     if method not in ("wina", "teal"):
         raise InvalidArgument(f"method must be 'wina' or 'teal', got {method!r}")
+    if fuse_mlp:
+        raise InvalidArgument("fuse_mlp was removed: fusing gate/up and down measured no gain "
+                              "(docs/gpu-notes.md, runs 11-12)")
     for s in sparsities:
         if not 0.0 < float(s) < 1.0:
             raise InvalidArgument(f"sparsities must be in (0, 1), got {s}")
@@ -450,9 +450,8 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
                 rec["hf"] = _hf_generate_tps(model, prompt.to(device), hf_new)
             scales = _scales_for(model, method)
             eng = Engine.from_model(model, scales=scales, max_seq_len=prompt_len + new_tokens + 8,
-                                    use_sparsifier=False, fuse_mlp=fuse_mlp)
+                                    use_sparsifier=False)
             rec["params"] = sum(p.numel() for p in model.parameters())
-            rec["fuse_mlp"] = eng.fuse_mlp
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -476,25 +475,6 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
                 r["floor_tokens_per_s"] = bw / floor_bytes
                 r["of_floor"] = r["decode_tokens_per_s"] / r["floor_tokens_per_s"]
                 rec["sparse"][f"{s:.2f}"] = r
-            if compare_pdl and device.startswith("cuda"):
-                from .kernels import kernels as _k
-                emit(Progress("bench", mi, len(models), message=f"{spec}: without PDL"))
-                old = _k.PDL_ENABLED
-                try:
-                    _k.set_pdl(False)
-                    eng._graphs.clear()
-                    eng._static_logits.clear()
-                    nop = {}
-                    eng.set_sparsity(None)
-                    nop["dense"] = _engine_tps(eng, ids, new_tokens, sparse=False)["decode_tokens_per_s"]
-                    if 0.5 in [float(x) for x in sparsities]:
-                        eng.set_sparsity(eng.calibrate(ids, 0.5))
-                        nop["sparse_0.50"] = _engine_tps(eng, ids, new_tokens, sparse=True)["decode_tokens_per_s"]
-                    rec["without_pdl"] = nop
-                finally:
-                    _k.set_pdl(old)
-                    eng._graphs.clear()
-                    eng._static_logits.clear()
             if kernels and mi == 0 and device.startswith("cuda"):
                 emit(Progress("bench", mi, len(models), message=f"{spec}: kernels"))
                 out["kernels"] = kernel_table(eng, sparsities, bw, kernel_layers, seed,

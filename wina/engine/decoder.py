@@ -33,7 +33,6 @@ weights, the config and the model's rotary-embedding module (for the exact RoPE 
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -42,9 +41,8 @@ import torch
 
 from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
-from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, mlp_decode, reserve_workspace,
-                       use_triton)
-from ..kernels.kernels import _prepare_input, gemv_reference
+from ..kernels import ACT_SILU_MUL, attn_decode, gemv, gemv_rope, reserve_workspace, use_triton
+from ..kernels.kernels import _prepare_input
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
@@ -188,20 +186,15 @@ class Engine:
                    shortcuts: Optional[Mapping[tuple[int, str], Optional[torch.Tensor]]] = None,
                    max_seq_len: Optional[int] = None, dense_prefix: Optional[float] = None,
                    use_sparsifier: bool = True, use_graphs: bool = True,
-                   fuse_mlp: Optional[int] = None,
                    on_layer: Optional[Callable[[int, torch.nn.Module], None]] = None) -> "Engine":
         """Copy ``model``'s weights into a decode engine on the model's device and dtype.
 
         ``thresholds`` {(layer, proj): t} and ``scales`` {(layer, proj): c [in_features] or None}
         give the gating (absent = dense); when omitted and the model carries a threshold-gated
         :class:`wina.sparsify.Sparsifier`, its thresholds and scales are used. ``shortcuts``
-        defaults to :func:`wina.transform.shortcuts` of a transformed model. ``fuse_mlp``: in sparse
-        decode steps, 1 = gate/up's finishing programs compact down's input, 2 = the same with
-        gate/up and down in one launch (:func:`wina.kernels.mlp_decode`); 0 = off; default: the
-        WINA_FUSE_MLP environment variable, else off (run 12 of docs/gpu-notes.md measured no gain:
-        down's weight reads wait on gate/up's output either way). ``on_layer(i, block)`` is called
-        once layer i's weights are copied (``wina.chat`` moves the model's own copy of them off
-        the GPU there, so that building the engine never holds two copies of every layer).
+        defaults to :func:`wina.transform.shortcuts` of a transformed model. ``on_layer(i, block)``
+        is called once layer i's weights are copied (``wina.chat`` moves the model's own copy of
+        them off the GPU there, so that building the engine never holds two copies of every layer).
         """
         eng = cls()
         a = adapter_for(model)
@@ -220,12 +213,6 @@ class Engine:
         eng.max_seq_len = int(max_seq_len or min(limit, 4096))
         eng.eos_ids = _eos_from(model)
         eng.use_graphs = use_graphs
-        if fuse_mlp is None:
-            env = os.environ.get("WINA_FUSE_MLP", "0").strip()
-            fuse_mlp = int(env) if env in ("0", "1", "2") else 0
-        if int(fuse_mlp) not in (0, 1, 2):
-            raise InvalidArgument(f"fuse_mlp must be 0, 1 or 2, got {fuse_mlp}")
-        eng.fuse_mlp = int(fuse_mlp)
 
         sp = getattr(model, "_wina_sparsifier", None) if use_sparsifier else None
         if sp is not None and (not sp.enabled or sp.method == "dense" or not sp._handles):
@@ -624,15 +611,6 @@ class Engine:
             else:
                 delta, _ = self._lin(att, L.o, sparse, dense_rows, record=record)
                 h, ssq = gemv(h, L.s_attn, res=delta, want_ssq=True)
-            if (self.fuse_mlp and ids.shape[0] == 1 and sparse and L.down.gating and record is None):
-                # decode, sparse down: its input is compacted by gate/up's finishing programs
-                gi, gd = L.mlp_in, L.down
-                y, s2 = mlp_decode(h, gi.wt, gd.wt, gu_scales=gi.scales, gu_thresholds=gi.thresholds,
-                                   gu_bias=gi.bias, gu_sparse=gi.gating, ssq_in=ssq, down_scales=gd.scales,
-                                   down_thresholds=gd.thresholds, res=h if L.s_mlp is None else None,
-                                   eps=self.eps, want_ssq=L.s_mlp is None, one_launch=self.fuse_mlp >= 2)
-                h, ssq = (y, s2) if L.s_mlp is None else gemv(h, L.s_mlp, res=y, want_ssq=True)
-                continue
             gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, record=record)
             if L.s_mlp is None:
                 h, ssq = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, res=h, want_ssq=True,

@@ -30,11 +30,9 @@ written into the static cache at the position held in a device tensor) and :func
 program, again in a fixed order). Thresholds, positions and lengths are read from device memory, so
 one captured CUDA graph serves every step and every sparsity level.
 
-Fusions for the single-token decode step: :func:`gemv_rope` runs RoPE + the cache write in the q/k/v
-GEMV's finishing programs; :func:`mlp_decode` lets gate/up's finishing programs compact down's input
-per K-chunk, optionally with gate/up and down in one launch (down's programs wait for their chunk's
-flag). Launch configs come from :func:`config_for` (exact shape, then the decode-step role, then
-the defaults; tuned on an H200, docs/gpu-notes.md).
+Fusion for the single-token decode step: :func:`gemv_rope` runs RoPE + the cache write in the q/k/v
+GEMV's finishing programs. Launch configs come from :func:`config_for` (exact shape, then the
+decode-step role, then the defaults; tuned on an H200, docs/gpu-notes.md).
 
 Each op is a ``torch.library`` custom op (``wina::gemv``, ``wina::gemv_rope``, ``wina::rope_cache``,
 ``wina::attn_decode``) with a CPU/reference implementation, so torch.compile and CUDA graphs see
@@ -60,23 +58,6 @@ except Exception:  # pragma: no cover - depends on the install
     triton = None
     tl = None
     HAS_TRITON = False
-try:  # grid dependency control (programmatic dependent launch, Hopper+)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except Exception:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
-
-import os as _os
-
-# Programmatic dependent launch (sm_90+): a GEMV lets the next kernel be scheduled once its
-# weight streaming is done, and a dense GEMV fetches its first weight tile before waiting for its
-# producer. Off by default (run 2's start-of-kernel trigger measured no gain on the H200;
-# docs/gpu-notes.md); WINA_PDL=1 turns it on.
-PDL_ENABLED = _os.environ.get("WINA_PDL", "0") == "1"
-
-
-def set_pdl(on: bool) -> None:
-    global PDL_ENABLED
-    PDL_ENABLED = bool(on)
 
 ACT_NONE = 0
 ACT_SILU_MUL = 1
@@ -94,25 +75,16 @@ class GemvConfig:
     programs: int = 528       # target grid size; K is split to reach it
     num_warps: int = 4
     pipeline: int = 0         # sparse, single row: keep two weight tiles in flight
-    acc1d: int = 0            # single row: reduce each tile over K at once (a [BLOCK_N] accumulator,
-                              # fewer registers, more programs resident) instead of a 2-D accumulator
-    stages: int = 0           # Triton num_stages for the launch (0: Triton's default)
     precompact: int = 0       # sparse, single row: a separate small launch scores and compacts each
                               # (segment, K-chunk) once; the GEMV programs only read the kept lists
-                              # (an experiment: the first step to compaction fused into the producer)
-    full_dense: int = 0       # sparse, single row: a K-chunk whose inputs are all kept (e.g. a matrix
-                              # at 0 % in a fused q/k/v launch) streams its rows like the dense kernel
-                              # (no scratch, no index loads)
     min_ctas: int = 0         # programs that must fit on one SM at once: caps the registers per thread
                               # (ptxas .maxnreg) at 64K / (min_ctas * 32 * num_warps); 0: ptxas decides.
                               # ptxas's own choice moves with unrelated kernel changes (run 11: 168 ->
                               # 211 registers, 3 -> 2 programs per SM, the sparse MLP GEMVs 25 % slower)
 
     def launch_options(self) -> dict:
-        """Triton launch options of this config (warps, stages, register cap)."""
+        """Triton launch options of this config (warps, register cap)."""
         opt = {"num_warps": self.num_warps}
-        if self.stages:
-            opt["num_stages"] = self.stages
         if self.min_ctas:
             opt["maxnreg"] = min(255, max(24, 65536 // (self.min_ctas * 32 * self.num_warps) // 8 * 8))
         return opt
@@ -124,8 +96,8 @@ class GemvConfig:
 DEFAULT_CONFIG = GemvConfig(128, 64, 528, 4)
 DEFAULT_SPARSE_CONFIG = GemvConfig(256, 64, 264, 4)
 ROLES = ("attn_in", "o", "mlp_in", "down", "head")
-_BASE, _PIPE = DEFAULT_SPARSE_CONFIG, GemvConfig(128, 64, 264, 4, 1)
-_PRE = GemvConfig(128, 64, 528, 4, 1, 0, 0, 1, min_ctas=3)      # 3 per SM: the 168 registers of run 10
+_BASE, _PIPE = DEFAULT_SPARSE_CONFIG, GemvConfig(128, 64, 264, 4, pipeline=1)
+_PRE = GemvConfig(128, 64, 528, 4, pipeline=1, precompact=1, min_ctas=3)   # 3 per SM: the 168 registers of run 10
 # sparse roles: run 9 timed the whole engine at 50 % on the four shapes with one role at a time
 # switched (bench/config_probe.py); these won by geometric mean over the shapes
 _ROLE_CONFIGS: dict[tuple[str, bool], GemvConfig] = {
@@ -309,9 +281,7 @@ if HAS_TRITON:
                      y_ptr, bias_ptr, res_ptr, ssq_out_ptr,
                      q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_SSQ: tl.constexpr,
-                     ROPE: tl.constexpr, HD: tl.constexpr,
-                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
-                     NC: tl.constexpr, NC_KPS: tl.constexpr, BLOCK_N: tl.constexpr, NC_FLAG: tl.constexpr):
+                     ROPE: tl.constexpr, HD: tl.constexpr):
         mn_ok = m_ok[:, None] & n_ok[None, :]
         offs_y = offs_m[:, None] * N + offs_n[None, :]
         if HAS_BIAS:
@@ -326,36 +296,6 @@ if HAS_TRITON:
         if ROPE:
             _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
                         n_heads, n_kv, s_max, rot, HD)
-        if NC:
-            # this launch is gate/up and the next is down: the last of the blocks that cover a
-            # K-chunk of down's input (its gate and its up columns) compacts that chunk for it
-            tl.debug_barrier()
-            F = N // 2
-            n0 = pid_n * BLOCK_N
-            col = tl.where(n0 >= F, n0 - F, n0)
-            chunk = col // NC_KPS
-            lo = chunk * NC_KPS
-            expect = 2 * ((tl.minimum(F - lo, NC_KPS) + BLOCK_N - 1) // BLOCK_N)
-            done = tl.atomic_add(nc_cnt_ptr + chunk, 1, sem="acq_rel", scope="gpu")
-            if done == expect - 1:
-                offs = lo + tl.arange(0, NC_KPS)
-                ok = offs < F
-                g = tl.load(y_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                u = tl.load(y_ptr + F + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-                xa = g / (1.0 + tl.exp(-g)) * u
-                c = tl.load(nc_c_ptr + offs, mask=ok, other=0.0)
-                keep = ok & (tl.abs(xa) * c > tl.load(nc_t_ptr))
-                ki = keep.to(tl.int32)
-                slot = tl.cumsum(ki, 0) - 1
-                base = chunk * (2 * NC_KPS)
-                tl.store(nc_scr_ptr + base + slot, offs.to(tl.float32, bitcast=False), mask=keep)
-                tl.store(nc_scr_ptr + base + NC_KPS + slot, xa, mask=keep)
-                tl.store(nc_kept_ptr + chunk, tl.sum(ki, 0))
-                tl.store(nc_cnt_ptr + chunk, 0)
-                if NC_FLAG:
-                    # fused gate/up + down launch: the down programs of this chunk wait for this flag
-                    tl.debug_barrier()
-                    tl.atomic_xchg(nc_ready_ptr + chunk, 1, sem="release", scope="gpu")
 
     @triton.jit
     def _rope_block(yv, offs_n, n_ok, y_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
@@ -401,108 +341,53 @@ if HAS_TRITON:
         return xv
 
     @triton.jit
-    def _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc2, acc1,
-                     BLOCK_K: tl.constexpr, ACT: tl.constexpr, PRE_NORM: tl.constexpr,
-                     ACC1D: tl.constexpr, CLIP: tl.constexpr):
-        """acc += W[k_lo:k_hi, block]ᵀ·x[k_lo:k_hi] (one row), BLOCK_K input rows per step
-        (CLIP: k_hi - k_lo may not be a multiple of BLOCK_K)."""
+    def _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc,
+                     BLOCK_K: tl.constexpr, ACT: tl.constexpr, PRE_NORM: tl.constexpr):
+        """acc += W[k_lo:k_hi, block]ᵀ·x[k_lo:k_hi] (one row), BLOCK_K input rows per step."""
         for k0 in range(k_lo, k_hi, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_ok = offs_k < K
-            if CLIP:
-                k_ok = k_ok & (offs_k < k_hi)
             xv = _load_x(x_ptr, offs_k, k_ok, K, rstd, ACT, PRE_NORM)
             w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if ACC1D:
-                acc1 += tl.sum(w.to(tl.float32) * xv[:, None], 0)
-            else:
-                acc2 += w.to(tl.float32) * xv[:, None]
-        return acc2, acc1
+            acc += w.to(tl.float32) * xv[:, None]
+        return acc
 
     @triton.jit
     def _gemv_kernel(x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
                      ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
                      q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
-                     nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
-                     lr_ptr, lrd_ptr, n_readers,
                      M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
                      ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
-                     PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
-                     PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
-                     ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr,
-                     NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr):
-        _gemv_body(tl.program_id(0), tl.program_id(1),
-                   x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
-                   ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
-                   q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
-                   nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
-                   lr_ptr, lrd_ptr, n_readers,
-                   M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
-                   BLOCK_M, BLOCK_N, BLOCK_K, NB_P, SPARSE, PRE_NORM, ACT, HAS_BIAS, HAS_RES, OUT_SSQ, USE_WS,
-                   KPS, PDL, PIPE, ACC1D, PRECOMP, FULL_DENSE, SPLIT_C, ROPE, HD, NC, NC_KPS, NC_FLAG,
-                   WAIT_LISTS)
-
-    @triton.jit
-    def _gemv_body(pid_n, pid_s, x_ptr, wt_ptr, y_ptr, c_ptr, t_ptr, bias_ptr, res_ptr, ssq_in_ptr, ssq_out_ptr,
-                   ws_ptr, cnt_ptr, scr_ptr, kept_ptr,
-                   q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, n_heads, n_kv, s_max, rot,
-                   nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr,
-                   lr_ptr, lrd_ptr, n_readers,
-                   M, K, N, b1, b2, stride_xm, nb_in, nb_out, eps, k_per_split, n_split,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NB_P: tl.constexpr, SPARSE: tl.constexpr, PRE_NORM: tl.constexpr,
-                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   OUT_SSQ: tl.constexpr, USE_WS: tl.constexpr, KPS: tl.constexpr,
-                   PDL: tl.constexpr, PIPE: tl.constexpr, ACC1D: tl.constexpr,
-                   PRECOMP: tl.constexpr, FULL_DENSE: tl.constexpr, SPLIT_C: tl.constexpr,
-                   ROPE: tl.constexpr, HD: tl.constexpr, NC: tl.constexpr, NC_KPS: tl.constexpr,
-                   NC_FLAG: tl.constexpr, WAIT_LISTS: tl.constexpr):
-        """One program (output block pid_n, K-split pid_s) of the GEMV; see :func:`gemv`."""
+                     PIPE: tl.constexpr, PRECOMP: tl.constexpr, SPLIT_C: tl.constexpr,
+                     ROPE: tl.constexpr, HD: tl.constexpr):
+        """One program (output block, K-split) of the GEMV; see :func:`gemv`."""
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         k_lo = pid_s * k_per_split
         k_hi = k_lo + k_per_split
-        # PDL (programmatic dependent launch): this grid may start while the previous kernel still
-        # runs; nothing the previous kernels write (x, ssq_in, res, scratch, counters) is read
-        # before gdc_wait(). Only static data (weights, scales, thresholds) is read before it.
         if SPARSE:
             n0 = pid_n * BLOCK_N
             seg = (n0 >= b1).to(tl.int32) + (n0 >= b2).to(tl.int32)
             thr = tl.load(t_ptr + seg)
             c_row = c_ptr + seg * K
         if BLOCK_M == 1:
-            offs_k0 = k_lo + tl.arange(0, BLOCK_K)
-            k0_ok = offs_k0 < K
-            w0 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-            if PDL:
-                if not SPARSE:
-                    # the first weight tile does not depend on the producer: in flight before the wait
-                    w0 = tl.load(wt_ptr + offs_k0[:, None] * N + offs_n[None, :],
-                                 mask=k0_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-                gdc_wait()
             rstd = 1.0
             if PRE_NORM:
                 offs_b = tl.arange(0, NB_P)
                 ssq = tl.load(ssq_in_ptr + offs_b, mask=offs_b < nb_in, other=0.0)
                 rstd = tl.rsqrt(tl.sum(ssq, 0) / K + eps)
             acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
             if SPARSE:
                 if PRECOMP:
-                    # the kept lists of (segment, split) were written by _compact_kernel (or by the
-                    # gate/up programs of a fused launch: wait for their flag, the last reader resets it)
-                    if WAIT_LISTS:
-                        while tl.atomic_add(lr_ptr + pid_s, 0, sem="acquire", scope="gpu") == 0:
-                            pass
-                        if tl.atomic_add(lrd_ptr + pid_s, 1, sem="relaxed", scope="gpu") == n_readers - 1:
-                            tl.store(lr_ptr + pid_s, 0)
-                            tl.store(lrd_ptr + pid_s, 0)
+                    # the kept lists of (segment, split) were written by _compact_kernel
                     base = (seg * n_split + pid_s) * (2 * KPS)
                     count = tl.load(kept_ptr + seg * n_split + pid_s)
                 else:
@@ -518,17 +403,9 @@ if HAS_TRITON:
                     slot = tl.cumsum(ki, 0) - 1
                     count = tl.sum(ki, 0)
                     base = (pid_s * nb_out + pid_n) * (2 * KPS)
-                    if FULL_DENSE:
-                        keep = keep & (count < tl.minimum(K - k_lo, KPS))   # all kept: no lists
                     tl.store(scr_ptr + base + slot, offs_c.to(tl.float32, bitcast=False), mask=keep)
                     tl.store(scr_ptr + base + KPS + slot, xa, mask=keep)
                     tl.debug_barrier()
-                if FULL_DENSE:
-                    n_in = tl.minimum(K - k_lo, KPS)
-                    if count == n_in:
-                        acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_lo + n_in, K, N,
-                                                  rstd, acc2, acc1, BLOCK_K, ACT, PRE_NORM, ACC1D, True)
-                        count = 0 * count          # the list loops below then do nothing
                 # the kept indices of tile j+1 are fetched while tile j's weight rows are in flight
                 jj = tl.arange(0, BLOCK_K)
                 j_ok = jj < count
@@ -549,10 +426,7 @@ if HAS_TRITON:
                         j2_ok = j2 < count
                         ks = tl.load(scr_ptr + base + j2, mask=j2_ok, other=0.0).to(tl.int32)
                         xs_2 = tl.load(scr_ptr + base + KPS + j2, mask=j2_ok, other=0.0)
-                        if ACC1D:
-                            acc1 += tl.sum(w.to(tl.float32) * xs[:, None], 0)
-                        else:
-                            acc2 += w.to(tl.float32) * xs[:, None]
+                        acc2 += w.to(tl.float32) * xs[:, None]
                         w = w_n
                         xs = xs_n
                         xs_n = xs_2
@@ -565,30 +439,14 @@ if HAS_TRITON:
                         jn_ok = jn < count
                         ks = tl.load(scr_ptr + base + jn, mask=jn_ok, other=0.0).to(tl.int32)
                         xs_n = tl.load(scr_ptr + base + KPS + jn, mask=jn_ok, other=0.0)
-                        if ACC1D:
-                            acc1 += tl.sum(w.to(tl.float32) * xs[:, None], 0)
-                        else:
-                            acc2 += w.to(tl.float32) * xs[:, None]
+                        acc2 += w.to(tl.float32) * xs[:, None]
                         xs = xs_n
                         j_ok = jn_ok
-            elif PDL:
-                xv0 = _load_x(x_ptr, offs_k0, k0_ok, K, rstd, ACT, PRE_NORM)
-                if ACC1D:
-                    acc1 += tl.sum(w0 * xv0[:, None], 0)
-                else:
-                    acc2 += w0 * xv0[:, None]
-                acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo + BLOCK_K, k_hi, K, N, rstd, acc2,
-                                          acc1, BLOCK_K, ACT, PRE_NORM, ACC1D, False)
             else:
-                acc2, acc1 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc2, acc1,
-                                          BLOCK_K, ACT, PRE_NORM, ACC1D, False)
-            if ACC1D:
-                part = acc1[None, :]
-            else:
-                part = tl.sum(acc2, 0)[None, :]
+                acc2 = _dense_tiles(x_ptr, wt_ptr, offs_n, n_ok, k_lo, k_hi, K, N, rstd, acc2,
+                                    BLOCK_K, ACT, PRE_NORM)
+            part = tl.sum(acc2, 0)[None, :]
         else:
-            if PDL:
-                gdc_wait()
             if PRE_NORM:
                 offs_b = tl.arange(0, NB_P)
                 ssq = tl.load(ssq_in_ptr + offs_m[:, None] * nb_in + offs_b[None, :],
@@ -617,10 +475,6 @@ if HAS_TRITON:
                 w = tl.load(wt_ptr + offs_k[:, None] * N + offs_n[None, :],
                             mask=row_ok[:, None] & n_ok[None, :], other=0.0)
                 part += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], 1)
-        if PDL:
-            # the streaming is done: the next kernel's programs may be scheduled (they fetch their
-            # first weight tile while this grid sums its partials and finishes)
-            gdc_launch_dependents()
         if USE_WS:
             mn_ok = m_ok[:, None] & n_ok[None, :]
             offs_y = offs_m[:, None] * N + offs_n[None, :]
@@ -646,77 +500,12 @@ if HAS_TRITON:
                                        cache_modifier=".cg")
                 _gemv_finish(tot, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                              res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
-                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD,
-                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr, NC, NC_KPS,
-                             BLOCK_N, NC_FLAG)
+                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD)
                 tl.store(cnt_ptr + pid_n, 0)
         else:
             _gemv_finish(part, offs_m, offs_n, m_ok, n_ok, pid_n, N, nb_out, y_ptr, bias_ptr,
                          res_ptr, ssq_out_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
-                             n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD,
-                             nc_c_ptr, nc_t_ptr, nc_scr_ptr, nc_kept_ptr, nc_cnt_ptr, nc_ready_ptr, NC, NC_KPS,
-                             BLOCK_N, NC_FLAG)
-
-    @triton.jit
-    def _mlp_kernel(g_x_ptr, g_wt_ptr, g_y_ptr, g_c_ptr, g_t_ptr, g_bias_ptr, g_res_ptr, g_ssq_in_ptr,
-                    g_ssq_out_ptr, g_ws_ptr, g_cnt_ptr, g_scr_ptr, g_kept_ptr, g_q_ptr, g_kc_ptr, g_vc_ptr,
-                    g_cos_ptr, g_sin_ptr, g_pos_ptr, g_n_heads, g_n_kv, g_s_max, g_rot, g_nc_c_ptr, g_nc_t_ptr,
-                    g_nc_scr_ptr, g_nc_kept_ptr, g_nc_cnt_ptr, g_nc_ready_ptr, g_lr_ptr, g_lrd_ptr,
-                    g_n_readers, g_M, g_K, g_N, g_b1, g_b2, g_stride_xm, g_nb_in, g_nb_out, g_eps,
-                    g_k_per_split, g_n_split, d_x_ptr, d_wt_ptr, d_y_ptr, d_c_ptr, d_t_ptr, d_bias_ptr,
-                    d_res_ptr, d_ssq_in_ptr, d_ssq_out_ptr, d_ws_ptr, d_cnt_ptr, d_scr_ptr, d_kept_ptr,
-                    d_q_ptr, d_kc_ptr, d_vc_ptr, d_cos_ptr, d_sin_ptr, d_pos_ptr, d_n_heads, d_n_kv, d_s_max,
-                    d_rot, d_nc_c_ptr, d_nc_t_ptr, d_nc_scr_ptr, d_nc_kept_ptr, d_nc_cnt_ptr, d_nc_ready_ptr,
-                    d_lr_ptr, d_lrd_ptr, d_n_readers, d_M, d_K, d_N, d_b1, d_b2, d_stride_xm, d_nb_in,
-                    d_nb_out, d_eps, d_k_per_split, d_n_split, P1, NBG, NBD, G_BLOCK_M: tl.constexpr,
-                    G_BLOCK_N: tl.constexpr, G_BLOCK_K: tl.constexpr, G_NB_P: tl.constexpr,
-                    G_SPARSE: tl.constexpr, G_PRE_NORM: tl.constexpr, G_ACT: tl.constexpr,
-                    G_HAS_BIAS: tl.constexpr, G_HAS_RES: tl.constexpr, G_OUT_SSQ: tl.constexpr,
-                    G_USE_WS: tl.constexpr, G_KPS: tl.constexpr, G_PDL: tl.constexpr, G_PIPE: tl.constexpr,
-                    G_ACC1D: tl.constexpr, G_PRECOMP: tl.constexpr, G_FULL_DENSE: tl.constexpr,
-                    G_SPLIT_C: tl.constexpr, G_ROPE: tl.constexpr, G_HD: tl.constexpr, G_NC: tl.constexpr,
-                    G_NC_KPS: tl.constexpr, G_NC_FLAG: tl.constexpr, G_WAIT_LISTS: tl.constexpr,
-                    D_BLOCK_M: tl.constexpr, D_BLOCK_N: tl.constexpr, D_BLOCK_K: tl.constexpr,
-                    D_NB_P: tl.constexpr, D_SPARSE: tl.constexpr, D_PRE_NORM: tl.constexpr,
-                    D_ACT: tl.constexpr, D_HAS_BIAS: tl.constexpr, D_HAS_RES: tl.constexpr,
-                    D_OUT_SSQ: tl.constexpr, D_USE_WS: tl.constexpr, D_KPS: tl.constexpr, D_PDL: tl.constexpr,
-                    D_PIPE: tl.constexpr, D_ACC1D: tl.constexpr, D_PRECOMP: tl.constexpr,
-                    D_FULL_DENSE: tl.constexpr, D_SPLIT_C: tl.constexpr, D_ROPE: tl.constexpr,
-                    D_HD: tl.constexpr, D_NC: tl.constexpr, D_NC_KPS: tl.constexpr, D_NC_FLAG: tl.constexpr,
-                    D_WAIT_LISTS: tl.constexpr):
-        """gate/up and down in one launch (single row, sparse down): programs [0, P1) are gate/up's
-        (their finishing programs list down's kept inputs per K-chunk and raise the chunk's flag),
-        the rest are down's, each waiting only for its own chunk's flag. Programs are dispatched in
-        order, so every gate/up program is resident or done before a down program can wait: no
-        deadlock; down's streaming starts while gate/up's last blocks still finish. NBG (gate/up's
-        blocks) is even: gate and up have the same width, a multiple of the block."""
-        pid = tl.program_id(0)
-        if pid < P1:
-            # gate/up programs in the order [gate block 0, up block 0, gate block 1, ...], the K-splits of
-            # a block next to each other: down's K-chunks become ready in order, the first ones early
-            blk = pid // g_n_split
-            _gemv_body(blk // 2 + (blk % 2) * (NBG // 2), pid % g_n_split,
-                       g_x_ptr, g_wt_ptr, g_y_ptr, g_c_ptr, g_t_ptr, g_bias_ptr, g_res_ptr, g_ssq_in_ptr,
-                       g_ssq_out_ptr, g_ws_ptr, g_cnt_ptr, g_scr_ptr, g_kept_ptr, g_q_ptr, g_kc_ptr,
-                       g_vc_ptr, g_cos_ptr, g_sin_ptr, g_pos_ptr, g_n_heads, g_n_kv, g_s_max, g_rot,
-                       g_nc_c_ptr, g_nc_t_ptr, g_nc_scr_ptr, g_nc_kept_ptr, g_nc_cnt_ptr, g_nc_ready_ptr,
-                       g_lr_ptr, g_lrd_ptr, g_n_readers, g_M, g_K, g_N, g_b1, g_b2, g_stride_xm, g_nb_in,
-                       g_nb_out, g_eps, g_k_per_split, g_n_split, G_BLOCK_M, G_BLOCK_N, G_BLOCK_K, G_NB_P,
-                       G_SPARSE, G_PRE_NORM, G_ACT, G_HAS_BIAS, G_HAS_RES, G_OUT_SSQ, G_USE_WS, G_KPS,
-                       G_PDL, G_PIPE, G_ACC1D, G_PRECOMP, G_FULL_DENSE, G_SPLIT_C, G_ROPE, G_HD, G_NC,
-                       G_NC_KPS, G_NC_FLAG, G_WAIT_LISTS)
-        else:
-            q = pid - P1
-            _gemv_body(q % NBD, q // NBD,
-                       d_x_ptr, d_wt_ptr, d_y_ptr, d_c_ptr, d_t_ptr, d_bias_ptr, d_res_ptr, d_ssq_in_ptr,
-                       d_ssq_out_ptr, d_ws_ptr, d_cnt_ptr, d_scr_ptr, d_kept_ptr, d_q_ptr, d_kc_ptr,
-                       d_vc_ptr, d_cos_ptr, d_sin_ptr, d_pos_ptr, d_n_heads, d_n_kv, d_s_max, d_rot,
-                       d_nc_c_ptr, d_nc_t_ptr, d_nc_scr_ptr, d_nc_kept_ptr, d_nc_cnt_ptr, d_nc_ready_ptr,
-                       d_lr_ptr, d_lrd_ptr, d_n_readers, d_M, d_K, d_N, d_b1, d_b2, d_stride_xm, d_nb_in,
-                       d_nb_out, d_eps, d_k_per_split, d_n_split, D_BLOCK_M, D_BLOCK_N, D_BLOCK_K, D_NB_P,
-                       D_SPARSE, D_PRE_NORM, D_ACT, D_HAS_BIAS, D_HAS_RES, D_OUT_SSQ, D_USE_WS, D_KPS,
-                       D_PDL, D_PIPE, D_ACC1D, D_PRECOMP, D_FULL_DENSE, D_SPLIT_C, D_ROPE, D_HD, D_NC,
-                       D_NC_KPS, D_NC_FLAG, D_WAIT_LISTS)
+                         n_heads, n_kv, s_max, rot, HAS_BIAS, HAS_RES, OUT_SSQ, ROPE, HD)
 
     @triton.jit
     def _compact_kernel(x_ptr, c_ptr, t_ptr, ssq_in_ptr, scr_ptr, kept_ptr, K, nb_in, eps, n_split,
@@ -746,10 +535,7 @@ if HAS_TRITON:
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr,
                            n_heads, n_kv, s_max, rot,
-                           HD: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+                           HD: tl.constexpr, BLOCK_D: tl.constexpr):
         h = tl.program_id(0)
         pos = tl.load(pos_ptr).to(tl.int32)
         d = tl.arange(0, BLOCK_D)
@@ -777,10 +563,7 @@ if HAS_TRITON:
     def _attn_decode_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, ws_ptr, cnt_ptr,
                             n_kv, s_max, n_split, window, scale,
                             G: tl.constexpr, G_P: tl.constexpr, HD: tl.constexpr,
-                            BLOCK_S: tl.constexpr, PDL: tl.constexpr, NS_P: tl.constexpr):
-        if PDL:
-            gdc_launch_dependents()
-            gdc_wait()
+                            BLOCK_S: tl.constexpr, NS_P: tl.constexpr):
         kvh = tl.program_id(0)
         sp = tl.program_id(1)
         length = tl.load(pos_ptr).to(tl.int32) + 1
@@ -844,10 +627,6 @@ _SCRATCH: dict = {}
 _KEEP_ALIVE: list = []        # old workspaces stay alive: captured graphs may still point at them
 _N_COUNTERS = 1 << 16
 _ATTN_COUNTERS = 1 << 15      # attention uses the upper half of the counter array
-_NC_COUNTERS = 3 << 14        # the fused down-input compaction's per-chunk arrivals (above attention's)
-_FLAG_COUNTERS = _NC_COUNTERS + 4096       # fused MLP launch: per-chunk "lists ready" flags
-_READER_COUNTERS = _NC_COUNTERS + 8192     # ... and the down programs that have read them
-_DOWN_COUNTERS = 1 << 14                   # ... down's split-K arrivals (gate/up's stay below)
 
 
 def _counters(device) -> torch.Tensor:
@@ -890,68 +669,30 @@ def _n_sm(device) -> int:
 # ------------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------------
-def _pdl(device) -> bool:
-    if not PDL_ENABLED or gdc_wait is None or torch.device(device).type != "cuda":
-        return False
-    key = ("cc", str(device))
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.cuda.get_device_capability(device)[0]
-    return _SCRATCH[key] >= 9
-
-
 def _gemv_triton(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
-                 cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None,
-                 info: Optional[dict] = None):
-    """Launch one GEMV (see :func:`_gemv_launch`); returns (y or the rotated q, ssq). ``info``: a
-    dict to receive the launch's programs, and the compiled kernel's registers and spills (for
-    benchmarks: ptxas's register count decides how many programs share an SM, docs/gpu-notes.md
-    run 11)."""
-    out, ssq_out, grid, args, meta, pre = _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps,
-                                                       act, want_ssq, sparse, cfg, compacted, rope, next_compact,
-                                                       lists)
-    for launch in pre:
-        launch()
-    compiled = _gemv_kernel[grid](*args, **meta, launch_pdl=meta["PDL"], **cfg.launch_options())
-    if info is not None:
-        info["programs"] = int(grid[0]) * int(grid[1])
-        try:
-            compiled._init_handles()          # loads the binary (lazily done by Triton) and its counts
-            info["regs"], info["spills"] = int(compiled.n_regs), int(compiled.n_spills)
-        except Exception:                     # the interpreter, or a Triton without these fields
-            pass
-    return out, ssq_out
-
-
-def _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act, want_ssq, sparse,
-                 cfg: GemvConfig, compacted: bool = False, rope=None, next_compact=None, lists=None,
-                 fused=None):
-    """Launch the GEMV (and the compaction pre-pass). ``rope`` = (cos, sin, pos, k_cache, v_cache,
-    n_heads, n_kv, head_dim) fuses RoPE + the KV-cache write into the finishing programs (one row,
-    output blocks holding whole heads); the rotated q is then returned in place of y.
-    ``next_compact`` = (scales [F], threshold [1], kps, split, scr, kept): this is a gate/up launch
-    (N = 2F) whose finishing programs also write the kept lists of SiLU(gate)·up for the down launch
-    that follows (see :func:`mlp_decode`); ``lists`` = (scr, kept): this sparse single-row launch
-    reads its kept lists from there instead of compacting. ``fused``: the gate/up ("gu") or down
-    ("down") half of a fused MLP launch (:func:`_mlp_fused_triton`): flags raised / waited for, its
-    own counters and split-K workspace.
-    Returns (out, ssq_out, grid, args, constexprs, pre-launches) for ``_gemv_kernel``."""
+                 cfg: GemvConfig, compacted: bool = False, rope=None, info: Optional[dict] = None):
+    """Launch the GEMV (and the compaction pre-pass); returns (y or the rotated q, ssq). ``rope`` =
+    (cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim) fuses RoPE + the KV-cache write into
+    the finishing programs (one row, output blocks holding whole heads); the rotated q is then
+    returned in place of y. ``compacted=True``: the pre-compacted kept lists are already there
+    (benchmarks only). ``info``: a dict to receive the launch's programs, and the compiled kernel's
+    registers and spills (for benchmarks: ptxas's register count decides how many programs share an
+    SM, docs/gpu-notes.md run 11)."""
     m = x.shape[0]
     k, n = wt.shape
     if k * n >= 2 ** 31 or m * n * 64 >= 2 ** 31:
         raise InvalidArgument(f"gemv: {k}x{n} is too large for 32-bit offsets")
     block_m, block_n, block_k, n_blocks, split, k_per_split = plan_gemv(m, k, n, bounds, cfg, sparse)
     compact = sparse and block_m == 1
-    precomp = compact and (bool(cfg.precompact) or lists is not None)
+    precomp = compact and bool(cfg.precompact)
     dev = x.device
     y = torch.empty(m, n, dtype=x.dtype, device=dev)
     ssq_out = torch.empty(m, n_blocks, dtype=torch.float32, device=dev) if want_ssq else y
-    ws = _workspace(dev, split * m * n, "ws2" if fused == "down" else "ws") if split > 1 else y
+    ws = _workspace(dev, split * m * n, "ws") if split > 1 else y
     n_seg = len(bounds) + 1
     scr = (_workspace(dev, (n_seg if precomp else n_blocks) * split * 2 * k_per_split, "scr")
            if compact else y)
     cnt = _counters(dev)
-    if fused == "down":            # the gate/up half counts in [0, its blocks): down counts above
-        cnt = cnt[_DOWN_COUNTERS:]
     b = [int(v) for v in bounds] + [n, n]
     nb_in = ssq_in.shape[1] if ssq_in is not None else 1
     kept = y
@@ -963,127 +704,34 @@ def _gemv_launch(x, wt, scales, thresholds, bounds, bias, res, ssq_in, eps, act,
             raise InvalidArgument("gemv: RoPE fuses only into single-row launches whose blocks hold whole heads")
         q = torch.empty(1, n_heads * hd, dtype=x.dtype, device=dev)
         rp = (q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1])
-    nc = (y, y, y, y, y)
-    nc_kps = 16
-    if fused is not None and (m != 1 or (fused == "down" and lists is None)
-                              or (fused == "gu" and next_compact is None)):
-        raise InvalidArgument("gemv: bad fused MLP launch")
-    if next_compact is not None:
-        nc_c, nc_t, nc_kps, nc_split, nc_scr, nc_kept = next_compact
-        if m != 1 or n % 2 or nc_kps % block_n or (n // 2) % block_n:
-            raise InvalidArgument("gemv: the down input's compaction fuses only into single-row gate/up "
-                                  "launches whose blocks tile its K-chunks")
-        nc = (nc_c, nc_t, nc_scr, nc_kept, _counters(dev)[_NC_COUNTERS:], _counters(dev)[_FLAG_COUNTERS:])
-    else:
-        nc = nc + (y,)
-    # fused down half: wait for the chunk flags (raised by the gate/up half), count the readers
-    waits = (_counters(dev)[_FLAG_COUNTERS:], _counters(dev)[_READER_COUNTERS:], n_blocks) \
-        if fused == "down" else (y, y, 0)
-    if lists is not None:
-        scr, kept = lists
-        compacted = True
-    pre = []
-    if lists is None and precomp:
+    if precomp:
         kept = _workspace(dev, n_seg * split, "kept", torch.int32, 4096)
         if not compacted:      # compacted=True: the lists are already there (benchmarks only)
-            def _pre(scr=scr, kept=kept):
-                _compact_kernel[(n_seg, split)](
-                    x, scales, thresholds, ssq_in if ssq_in is not None else y, scr, kept, k, nb_in,
-                    float(eps), split, KPS=k_per_split, NB_P=max(2, _next_pow2(nb_in)), ACT=int(act),
-                    PRE_NORM=ssq_in is not None, num_warps=COMPACT_WARPS)
-            pre.append(_pre)
+            _compact_kernel[(n_seg, split)](
+                x, scales, thresholds, ssq_in if ssq_in is not None else y, scr, kept, k, nb_in,
+                float(eps), split, KPS=k_per_split, NB_P=max(2, _next_pow2(nb_in)), ACT=int(act),
+                PRE_NORM=ssq_in is not None, num_warps=COMPACT_WARPS)
     args = [x, wt, y, scales if sparse else y, thresholds if sparse else y,
             bias if bias is not None else y, res if res is not None else y,
-            ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp, *nc, *waits,
+            ssq_in if ssq_in is not None else y, ssq_out, ws, cnt, scr, kept, *rp,
             m, k, n, b[0], b[1], x.stride(0), nb_in, n_blocks, float(eps), k_per_split, split]
-    pdl = _pdl(dev) and fused is None
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, NB_P=max(2, _next_pow2(nb_in)),
                 SPARSE=bool(sparse), PRE_NORM=ssq_in is not None, ACT=int(act), HAS_BIAS=bias is not None,
                 HAS_RES=res is not None, OUT_SSQ=bool(want_ssq), USE_WS=split > 1,
-                KPS=k_per_split if compact else 16, PDL=pdl, PIPE=bool(compact and cfg.pipeline),
-                ACC1D=bool(cfg.acc1d and block_m == 1), PRECOMP=precomp,
-                FULL_DENSE=bool(compact and cfg.full_dense), SPLIT_C=_split_rows(split, block_n),
-                ROPE=rope is not None, HD=hd, NC=next_compact is not None, NC_KPS=nc_kps,
-                NC_FLAG=fused == "gu", WAIT_LISTS=fused == "down")
+                KPS=k_per_split if compact else 16, PIPE=bool(compact and cfg.pipeline), PRECOMP=precomp,
+                SPLIT_C=_split_rows(split, block_n), ROPE=rope is not None, HD=hd)
+    grid = (n_blocks, split)
+    compiled = _gemv_kernel[grid](*args, **meta, **cfg.launch_options())
+    if info is not None:
+        info["programs"] = int(grid[0]) * int(grid[1])
+        try:
+            compiled._init_handles()          # loads the binary (lazily done by Triton) and its counts
+            info["regs"], info["spills"] = int(compiled.n_regs), int(compiled.n_spills)
+        except Exception:                     # the interpreter, or a Triton without these fields
+            pass
     if not want_ssq:
         ssq_out = torch.empty(m, 0, dtype=torch.float32, device=dev)
-    return (y if rope is None else rp[0]), ssq_out, (n_blocks, split), args, meta, pre
-
-
-def _mlp_plan(m, k, f, d, bounds, gu_cfg, gu_sparse, down_cfg):
-    """(down config with precompact, its split, its K-chunk) if gate/up can compact down's input."""
-    from dataclasses import replace
-    dcfg = replace(down_cfg, precompact=1)
-    _, _, _, _, split, kps = plan_gemv(1, f, d, [], dcfg, True)
-    bn = plan_gemv(1, k, 2 * f, bounds, gu_cfg, gu_sparse)[1]
-    ok = m == 1 and list(bounds) == [f] and kps % bn == 0 and f % bn == 0 and split <= (1 << 14)
-    return (dcfg, split, kps) if ok else None
-
-
-def _mlp_lists(device, split: int, kps: int):
-    """Where gate/up writes down's kept lists: (index/value lists, counts) per K-chunk."""
-    return (_workspace(device, split * 2 * kps, "mlp_lists"),
-            _workspace(device, split, "mlp_kept", torch.int32, 1024))
-
-
-def _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ssq_in, down_wt, down_scales,
-                       down_thresholds, res, eps, want_ssq, gu_cfg, plan):
-    dcfg, split, kps = plan
-    f = down_wt.shape[0]
-    scr, kept = _mlp_lists(x.device, split, kps)
-    gu, _ = _gemv_triton(x, gu_wt, gu_scales, gu_thresholds, [f], gu_bias, None, ssq_in, eps, ACT_NONE, False,
-                         gu_sparse, gu_cfg,
-                         next_compact=(down_scales.reshape(-1), down_thresholds, kps, split, scr, kept))
-    return _gemv_triton(gu, down_wt, down_scales, down_thresholds, [], None, res, None, eps, ACT_SILU_MUL,
-                        want_ssq, True, dcfg, lists=(scr, kept))
-
-
-def _mlp_fused_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, gu_sparse, ssq_in, down_wt, down_scales,
-                      down_thresholds, res, eps, want_ssq, gu_cfg, plan):
-    """gate/up and down as one launch (:func:`_mlp_kernel`), down's programs waiting per K-chunk."""
-    dcfg, split, kps = plan
-    f = down_wt.shape[0]
-    scr, kept = _mlp_lists(x.device, split, kps)
-    gu, _, ggrid, gargs, gmeta, gpre = _gemv_launch(
-        x, gu_wt, gu_scales, gu_thresholds, [f], gu_bias, None, ssq_in, eps, ACT_NONE, False, gu_sparse, gu_cfg,
-        next_compact=(down_scales.reshape(-1), down_thresholds, kps, split, scr, kept), fused="gu")
-    y, ssq, dgrid, dargs, dmeta, _ = _gemv_launch(
-        gu, down_wt, down_scales, down_thresholds, [], None, res, None, eps, ACT_SILU_MUL, want_ssq, True, dcfg,
-        lists=(scr, kept), fused="down")
-    for launch in gpre:            # gate/up's own pre-compaction launch, if its config has one
-        launch()
-    p1 = ggrid[0] * ggrid[1]
-    _mlp_kernel[(p1 + dgrid[0] * dgrid[1],)](
-        *gargs, *dargs, p1, ggrid[0], dgrid[0], **{"G_" + k: v for k, v in gmeta.items()},
-        **{"D_" + k: v for k, v in dmeta.items()}, **gu_cfg.launch_options())
-    return y, ssq
-
-
-def mlp_decode(x, gu_wt, down_wt, *, gu_scales=None, gu_thresholds=None, gu_bias=None, gu_sparse=False,
-               ssq_in=None, down_scales, down_thresholds, res=None, eps: float = 1e-6, want_ssq: bool = False,
-               one_launch: bool = False):
-    """gate/up GEMV then SiLU(gate)·up → sparse down GEMV (+ residual), with down's input compacted
-    by gate/up's finishing programs: the last block to finish over each of down's K-chunks scores
-    and lists that chunk, so the down launch neither compacts nor needs a compaction launch. One row
-    on the GPU (blocks must tile the chunks); anything else runs as the two plain :func:`gemv` calls,
-    with the same results. ``one_launch``: gate/up and down in a single launch whose down programs
-    each wait for their own K-chunk's list (needs equal warp counts). Returns (y, ssq) as
-    :func:`gemv` does for down."""
-    f, d = down_wt.shape
-    k = gu_wt.shape[0]
-    gu_cfg = config_for(k, 2 * f, gu_sparse, "mlp_in")
-    plan = _mlp_plan(x.shape[0], k, f, d, [f], gu_cfg, bool(gu_sparse), config_for(f, d, True, "down"))
-    if use_triton(x) and plan is not None:
-        _check_gemv_args(x, gu_wt, gu_scales, gu_thresholds, [f], ACT_NONE, bool(gu_sparse))
-        if one_launch and gu_cfg.num_warps == plan[0].num_warps:
-            return _mlp_fused_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, bool(gu_sparse), ssq_in, down_wt,
-                                     down_scales, down_thresholds, res, eps, want_ssq, gu_cfg, plan)
-        return _mlp_decode_triton(x, gu_wt, gu_scales, gu_thresholds, gu_bias, bool(gu_sparse), ssq_in, down_wt,
-                                  down_scales, down_thresholds, res, eps, want_ssq, gu_cfg, plan)
-    gu, _ = gemv(x, gu_wt, scales=gu_scales, thresholds=gu_thresholds, bounds=[f], bias=gu_bias, ssq_in=ssq_in,
-                 eps=eps, sparse=gu_sparse, role="mlp_in")
-    return gemv(gu, down_wt, scales=down_scales, thresholds=down_thresholds, res=res, eps=eps, act=ACT_SILU_MUL,
-                want_ssq=want_ssq, sparse=True, role="down")
+    return (y if rope is None else rp[0]), ssq_out
 
 
 def rope_fuses(m: int, k: int, n: int, bounds: Sequence[int], cfg: GemvConfig, sparse: bool,
@@ -1104,11 +752,9 @@ def _attn_decode_triton(q, k_cache, v_cache, pos, window: int, n_split: int):
     o = torch.empty_like(q)
     ws = _workspace(q.device, n_kv * n_split * g_p * (hd + 2), "attn")
     cnt = _counters(q.device)[_ATTN_COUNTERS:]
-    pdl = _pdl(q.device)
     _attn_decode_kernel[(n_kv, n_split)](
         q, k_cache, v_cache, o, pos, ws, cnt, n_kv, s_max, n_split, int(window), 1.0 / math.sqrt(hd),
-        G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32, PDL=pdl, NS_P=_next_pow2(n_split),
-        num_warps=4, launch_pdl=pdl)
+        G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32, NS_P=_next_pow2(n_split), num_warps=4)
     return o
 
 
@@ -1189,8 +835,7 @@ if hasattr(torch.library, "custom_op"):
             q = torch.empty(1, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
             _rope_cache_kernel[(n_heads + 2 * n_kv,)](
                 qkv, q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1],
-                HD=head_dim, BLOCK_D=_next_pow2(head_dim), PDL=_pdl(qkv.device), num_warps=1,
-                launch_pdl=_pdl(qkv.device))
+                HD=head_dim, BLOCK_D=_next_pow2(head_dim), num_warps=1)
             return q
         return rope_cache_reference(qkv, cos, sin, pos, k_cache, v_cache, n_heads, n_kv, head_dim)
 
