@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from wina import bench  # noqa: E402
 from wina.engine import Engine  # noqa: E402
 from wina.kernels import GemvConfig, set_role_config  # noqa: E402
-from wina.kernels import kernels as K  # noqa: E402
+from wina.kernels import config as K  # noqa: E402
 
 ROLES = ("attn_in", "o", "mlp_in", "down")
 CANDIDATES = {

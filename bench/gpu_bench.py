@@ -61,7 +61,7 @@ from wina.kernels import GemvConfig, config_for, set_config  # noqa: E402
 shapes = {(4096, 12288): "attn_in", (4096, 4096): "o", (4096, 22016): "mlp_in", (11008, 4096): "down",
           (4096, 32000): "head"}
 # Without a sweep every shape takes the library's configs (exact shape, then decode-step role, then
-# default; wina/kernels/kernels.py). A sweep sets exact entries for the Llama-2-7B shapes only: its
+# default; wina/kernels/config.py). A sweep sets exact entries for the Llama-2-7B shapes only: its
 # winners are not mapped onto other models' shapes by kind (run 8: that cost Llama-3-8B 10 %).
 if not args.skip_tune:
     # run 6: pre-compaction joins the sparse sweep
@@ -97,7 +97,7 @@ if not args.skip_tune:
 
 
 if args.force_sparse:
-    import wina.kernels.kernels as _kk
+    import wina.kernels.config as _kk
     _kk.DEFAULT_SPARSE_CONFIG = GemvConfig(*[int(v) for v in args.force_sparse.split(",")])
     for key in [k for k in _kk._CONFIGS if len(k) == 3 and k[2]]:
         del _kk._CONFIGS[key]

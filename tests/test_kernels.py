@@ -7,7 +7,8 @@ import torch
 
 from wina.errors import InvalidArgument
 from wina.kernels import (ACT_NONE, ACT_SILU_MUL, HAS_TRITON, GemvConfig, attention_reference, attn_decode,
-                          gemv, gemv_reference, plan_gemv, rope_cache, rope_cache_reference)
+                          gemv, gemv_reference, plan_gemv, prepare_input, rope_cache, rope_cache_reference)
+from wina.kernels.runtime import counters
 
 CUDA = torch.cuda.is_available() and HAS_TRITON
 _skip_no_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
@@ -105,13 +106,13 @@ def test_config_launch_options_cap_registers_for_min_ctas():
     assert GemvConfig(128, 64, 528, 8, min_ctas=2).launch_options()["maxnreg"] == 128
     assert GemvConfig(128, 64, 528, 4, min_ctas=1).launch_options()["maxnreg"] == 255   # the hardware's cap
     # the custom ops carry the config as ints: every field survives the round trip
-    from wina.kernels.kernels import _config_ints
+    from wina.kernels.config import config_ints
     cfg = GemvConfig(128, 32, 264, 8, pipeline=1, precompact=1, min_ctas=3)
-    assert GemvConfig(*_config_ints(cfg)) == cfg
+    assert GemvConfig(*config_ints(cfg)) == cfg
 
 
 def test_config_precedence_exact_shape_then_role_then_default(monkeypatch):
-    from wina.kernels import kernels as kk
+    from wina.kernels import config as kk
     monkeypatch.setattr(kk, "_CONFIGS", dict(kk._CONFIGS))
     monkeypatch.setattr(kk, "_ROLE_CONFIGS", dict(kk._ROLE_CONFIGS))
     c1, c2 = GemvConfig(64, 32, 8, 4), GemvConfig(32, 32, 16, 4)
@@ -185,7 +186,6 @@ def _poison(shape, dtype):
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("case", ["plain", "qkv", "down", "dense_res"])
 def test_triton_gemv_matches_reference(dtype, m, case):
-    from wina.kernels.kernels import _counters, _prepare_input
     g = torch.Generator(device="cuda").manual_seed(hash((str(dtype), m, case)) % 2 ** 31)
     k, n, bounds, act, sparse, pre, res_on = 1024, 1536, [], ACT_NONE, True, False, False
     if case == "qkv":
@@ -202,7 +202,7 @@ def test_triton_gemv_matches_reference(dtype, m, case):
         bias = torch.randn(n, generator=g, device="cuda").to(dtype) if case == "qkv" else None
         res = torch.randn(m, n, generator=g, device="cuda").to(dtype) if res_on else None
         ssq = (torch.rand(m, 3, generator=g, device="cuda") * k) if pre else None
-        xf = _prepare_input(x, k, ssq, 1e-6, act)
+        xf = prepare_input(x, k, ssq, 1e-6, act)
         thr = torch.tensor([float(torch.quantile((xf.abs() * scales[j]).flatten(), q))
                             for j, q in enumerate((0.3, 0.5, 0.7)[:s])], device="cuda")
         if trial == 1 and case == "qkv":
@@ -219,10 +219,35 @@ def test_triton_gemv_matches_reference(dtype, m, case):
             ref, rs = gemv_reference(x, wt, scales, thr, bounds, bias, res, ssq, 1e-6, act, sparse)
             assert rel(y, ref) <= 1e-2, (cfg, rel(y, ref))
             assert rel(ss.sum(-1), rs[:, 0]) <= 1e-2
-            assert int(_counters(x.device).abs().sum()) == 0, "arrival counters not reset"
+            assert int(counters(x.device).abs().sum()) == 0, "arrival counters not reset"
             y2, _ = gemv(x, wt, scales=scales, thresholds=thr, bounds=bounds, bias=bias, res=res, ssq_in=ssq,
                          act=act, sparse=sparse, want_ssq=True, config=cfg)
             assert torch.equal(y, y2), "not deterministic"
+
+
+@gpu
+def test_triton_precompacted_lists_are_read_as_they_are():
+    """A pre-compacting sparse launch equals, bitwise, the same GEMV launch reading lists that its
+    compaction launch made apart (what the kernel table's "consumer only" row times)."""
+    from wina.kernels.gemv_launch import kept_lists, launch_gemv
+    g = torch.Generator(device="cuda").manual_seed(5)
+    k, n, bounds = 1024, 1536, [512, 1024]
+    x = torch.randn(1, k, generator=g, device="cuda").to(torch.bfloat16)
+    wt = (torch.randn(k, n, generator=g, device="cuda") * 0.05).to(torch.bfloat16)
+    sc = torch.rand(3, k, generator=g, device="cuda") + 0.5
+    ssq = torch.rand(1, 3, generator=g, device="cuda") * k
+    xf = prepare_input(x, k, ssq, 1e-6, ACT_NONE)
+    thr = torch.tensor([float(torch.quantile(xf.abs() * sc[j], q)) for j, q in enumerate((0.3, 0.5, 0.7))],
+                       device="cuda")
+    for cfg in (GemvConfig(128, 64, 528, 4, pipeline=1, precompact=1, min_ctas=3),
+                GemvConfig(256, 64, 264, 4, precompact=1)):
+        y, ss = launch_gemv(x, wt, sc, thr, bounds, None, None, ssq, 1e-6, ACT_NONE, True, True, cfg)
+        lists = kept_lists(x, wt, sc, thr, bounds, ssq, 1e-6, ACT_NONE, cfg)
+        y2, ss2 = launch_gemv(x, wt, sc, thr, bounds, None, None, ssq, 1e-6, ACT_NONE, True, True, cfg, lists=lists)
+        torch.cuda.synchronize()
+        assert torch.equal(y, y2) and torch.equal(ss, ss2)
+        ref, _ = gemv_reference(x, wt, sc, thr, bounds, None, None, ssq, 1e-6, ACT_NONE, True)
+        assert rel(y, ref) <= 1e-2, (cfg, rel(y, ref))
 
 
 @gpu
@@ -270,7 +295,7 @@ def test_triton_qkv_gemv_with_fused_rope(dtype, nh, nkv, hd):
     """gemv_rope (RoPE + cache write in the GEMV's finishing programs) against the reference GEMV
     followed by the reference RoPE, dense and sparse, for configs with and without split-K."""
     from wina.kernels import gemv_rope
-    from wina.kernels.kernels import _prepare_input, rope_fuses
+    from wina.kernels.config import rope_fuses
     g = torch.Generator(device="cuda").manual_seed(nh * 1000 + hd)
     k, s = 1024, 256
     n = (nh + 2 * nkv) * hd
@@ -286,7 +311,7 @@ def test_triton_qkv_gemv_with_fused_rope(dtype, nh, nkv, hd):
             sc = torch.rand(3, k, generator=g, device="cuda") + 0.5
             bias = torch.randn(n, generator=g, device="cuda").to(dtype)
             ssq = torch.rand(1, 3, generator=g, device="cuda") * k
-            xf = _prepare_input(x, k, ssq, 1e-6, 0)
+            xf = prepare_input(x, k, ssq, 1e-6, 0)
             thr = torch.tensor([float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
                                 for j, q in enumerate((0.3, 0.5, 0.7))], device="cuda")
             kc = torch.randn(1, nkv, s, hd, generator=g, device="cuda").to(dtype)

@@ -1,7 +1,8 @@
-"""The Triton GEMV kernel run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32), against
-the torch reference, for every code path of the single-row kernel: dense, per-program compaction,
+"""The Triton GEMV kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32), against
+the torch reference, for every code path of the single-row kernels: dense, per-program compaction,
 two-tile pipeline, pre-compaction (incl. reusing the kept lists), with segments, fused RMSNorm and
-SiLU·up, fused RoPE + cache write; and the flash-decoding attention kernel. Run as a script (the variable must be set before Triton is imported);
+SiLU·up, fused RoPE + cache write; the multi-row kernels (3 rows, dense and sparse); and the
+flash-decoding attention kernel and the RoPE + cache-write kernel. Run as a script (the variable must be set before Triton is imported);
 ``tests/test_kernels.py::test_triton_kernel_in_the_interpreter`` does that where Triton is installed.
 Prints the worst relative error and exits non-zero above 1e-5."""
 import os
@@ -24,8 +25,12 @@ def _patch_lang_tensor(tensor, scope):
 
 _interp._patch_lang_tensor = _patch_lang_tensor
 
-from wina.kernels.kernels import (GemvConfig, _attn_decode_triton, _gemv_triton, _prepare_input,  # noqa: E402
-                                  attention_reference, gemv_reference, rope_cache_reference)
+from wina.kernels.attention import attn_decode_triton, rope_cache_triton  # noqa: E402
+from wina.kernels.config import GemvConfig  # noqa: E402
+from wina.kernels.gemv_launch import kept_lists, launch_gemv  # noqa: E402
+from wina.kernels.reference import (attention_reference, gemv_reference, prepare_input,  # noqa: E402
+                                   rope_cache_reference)
+from wina.kernels.runtime import counters  # noqa: E402
 
 
 def main() -> int:
@@ -40,28 +45,33 @@ def main() -> int:
         for pre in (False, True):
             for bounds in ([], [64, 128]):
                 for sparse in (False, True):
-                    for cfg in configs:
-                        x = torch.randn(1, 2 * k if act else k, generator=g)
-                        wt = torch.randn(k, n, generator=g) * 0.05
-                        s = len(bounds) + 1
-                        sc = torch.rand(s, k, generator=g) + 0.5
-                        ssq = torch.rand(1, 3, generator=g) * k if pre else None
-                        res = torch.randn(1, n, generator=g)
-                        xf = _prepare_input(x, k, ssq, 1e-6, act)
-                        # segment 0 keeps everything (a matrix at 0 % in a fused launch), then 60 / 80 %
-                        thr = torch.tensor([-1.0] + [float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
-                                                     for j, q in enumerate((0.6, 0.8)[:s - 1], 1)])
-                        if s == 1 and cfg.block_n == 64:     # the one-segment cases: 30 % and (above) 0 %
-                            thr = torch.tensor([float(torch.quantile(xf.abs().flatten() * sc[0], 0.3))])
-                        y, ss = _gemv_triton(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, sparse, cfg)
-                        ref, rs = gemv_reference(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, sparse)
-                        worst = max(worst, float((y - ref).norm() / ref.norm()),
-                                    float((ss.sum(-1) - rs[:, 0]).abs().max() / rs.abs().max()))
-                        if sparse and cfg.precompact:       # the kept lists are reusable as they are
-                            y2, _ = _gemv_triton(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, True,
-                                                 cfg, compacted=True)
-                            if not torch.equal(y, y2):
-                                print("compacted=True differs")
+                    for ci, cfg in enumerate(configs):
+                        for m in ((1, 3) if ci == 0 else (1,)):        # 3 rows: the multi-row kernels
+                            x = torch.randn(m, 2 * k if act else k, generator=g)
+                            wt = torch.randn(k, n, generator=g) * 0.05
+                            s = len(bounds) + 1
+                            sc = torch.rand(s, k, generator=g) + 0.5
+                            ssq = torch.rand(m, 3, generator=g) * k if pre else None
+                            res = torch.randn(m, n, generator=g)
+                            xf = prepare_input(x, k, ssq, 1e-6, act)
+                            # segment 0 keeps everything (a matrix at 0 % in a fused launch), then 60 / 80 %
+                            thr = torch.tensor([-1.0] + [float(torch.quantile((xf.abs() * sc[j]).flatten(), q))
+                                                         for j, q in enumerate((0.6, 0.8)[:s - 1], 1)])
+                            if s == 1 and cfg.block_n == 64:     # the one-segment cases: 30 % and (above) 0 %
+                                thr = torch.tensor([float(torch.quantile((xf.abs() * sc[0]).flatten(), 0.3))])
+                            y, ss = launch_gemv(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, sparse, cfg)
+                            ref, rs = gemv_reference(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, sparse)
+                            worst = max(worst, float((y - ref).norm() / ref.norm()),
+                                        float((ss.sum(-1) - rs[:, 0]).abs().max() / rs.abs().max()))
+                            if sparse and m == 1 and cfg.precompact:    # the kept lists, made apart, read as they are
+                                lists = kept_lists(x, wt, sc, thr, bounds, ssq, 1e-6, act, cfg)
+                                y2, _ = launch_gemv(x, wt, sc, thr, bounds, None, res, ssq, 1e-6, act, True, True,
+                                                    cfg, lists=lists)
+                                if not torch.equal(y, y2):
+                                    print("the GEMV launch on lists made apart differs")
+                                    return 1
+                            if int(counters(x.device).abs().sum()):
+                                print("arrival counters not reset", cfg, m)
                                 return 1
     # flash-decoding attention: MHA and GQA, one to several sequence splits (some of them empty),
     # with and without a sliding window
@@ -74,7 +84,7 @@ def main() -> int:
                     kc = torch.randn(1, n_kv, s_max, hd, generator=g)
                     vc = torch.randn(1, n_kv, s_max, hd, generator=g)
                     pos = torch.tensor([pos_v])
-                    out = _attn_decode_triton(q, kc, vc, pos, window, n_split)
+                    out = attn_decode_triton(q, kc, vc, pos, window, n_split)
                     ref = attention_reference(q, kc, vc, pos, window)
                     worst = max(worst, float((out - ref).norm() / ref.norm()))
     # q/k/v GEMV with RoPE + cache write fused into the finishing programs: MHA and GQA, full and
@@ -97,13 +107,24 @@ def main() -> int:
                 pos = torch.tensor([p])
                 caches = [torch.randn(1, n_kv, s_max, hd, generator=g) for _ in range(2)]
                 caches += [c.clone() for c in caches]
-                q = _gemv_triton(x, wt, sc, thr, bounds, bias, None, ssq, 1e-6, 0, False, sparse, cfg,
-                                 rope=(cos, sin, pos, caches[0], caches[1], n_heads, n_kv, hd))[0]
+                q = launch_gemv(x, wt, sc, thr, bounds, bias, None, ssq, 1e-6, 0, False, sparse, cfg,
+                                rope=(cos, sin, pos, caches[0], caches[1], n_heads, n_kv, hd))[0]
                 y, _ = gemv_reference(x, wt, sc, thr, bounds, bias, None, ssq, 1e-6, 0, sparse)
                 ref_q = rope_cache_reference(y, cos, sin, pos, caches[2], caches[3], n_heads, n_kv, hd)
                 worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
                             float((caches[0] - caches[2]).norm() / caches[2].norm()),
                             float((caches[1] - caches[3]).norm() / caches[3].norm()))
+        # RoPE + cache write on its own (the kernel rope_cache launches for one row)
+        qkv = torch.randn(1, n, generator=g)
+        cos, sin = torch.randn(24, rot, generator=g), torch.randn(24, rot, generator=g)
+        caches = [torch.randn(1, n_kv, 24, hd, generator=g) for _ in range(2)]
+        caches += [c.clone() for c in caches]
+        pos = torch.tensor([7])
+        q = rope_cache_triton(qkv, cos, sin, pos, caches[0], caches[1], n_heads, n_kv, hd)
+        ref_q = rope_cache_reference(qkv, cos, sin, pos, caches[2], caches[3], n_heads, n_kv, hd)
+        worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
+                    float((caches[0] - caches[2]).norm() / caches[2].norm()),
+                    float((caches[1] - caches[3]).norm() / caches[3].norm()))
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-5 else 1
 

@@ -198,8 +198,8 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
     its GEMV launches alone (``GemvConfig.precompact``)."""
     from dataclasses import replace
 
-    from .kernels import gemv
-    from .kernels.kernels import _gemv_triton, _prepare_input, config_for
+    from .kernels import config_for, gemv, prepare_input
+    from .kernels.gemv_launch import kept_lists, launch_gemv
     dev, dt = engine.device, engine.dtype
     gen = torch.Generator(device=dev).manual_seed(seed)
     rows = []
@@ -219,7 +219,7 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
         x = torch.randn(1, 2 * k if act else k, generator=gen, device=dev).to(dt)
         ssq = (x.float() ** 2).sum(-1, keepdim=True) if fl.get("pre") else None
         res = torch.randn(1, n, generator=gen, device=dev).to(dt) if fl.get("res") else None
-        xf = _prepare_input(x, k, ssq, engine.eps, act)
+        xf = prepare_input(x, k, ssq, engine.eps, act)
         n_seg = len(bounds) + 1
         edges = [0, *bounds, n]
         vec_bytes = x.numel() * x.element_size() + n * x.element_size() * (2 if res is not None else 1)
@@ -237,16 +237,13 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
             # matrix's scales) and only the GEMV launches are timed: what compaction fused into the
             # producer could reach)
             cfg = replace(config_for(k, n, True, role), **changes)
-
-            def call(w, b, c, t, compacted):
-                _gemv_triton(x, w, c, t, bounds, b, res, ssq, engine.eps, act, res is not None, True,
-                             cfg, compacted=compacted)
-            if consumer_only:
-                call(wts[0], biases[0], scl[0], thr_list[0], False)
+            lists = kept_lists(x, wts[0], scl[0], thr_list[0], bounds, ssq, engine.eps, act, cfg) \
+                if consumer_only else None
 
             def fn():
                 for w, b, c, t in zip(wts, biases, scl, thr_list):
-                    call(w, b, c, t, consumer_only)
+                    launch_gemv(x, w, c, t, bounds, b, res, ssq, engine.eps, act, res is not None, True, cfg,
+                                lists=lists)
             return fn
 
         xin = xf.to(dt)
@@ -293,9 +290,9 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
                 # the launch's programs and registers (a register count past a residency step is
                 # a silent 25 % on the same code, docs/gpu-notes.md run 11)
                 try:
-                    _gemv_triton(x, wts[0], scl[0] if sparse else None, thr_list[0], bounds, biases[0], res, ssq,
-                                 engine.eps, act, res is not None, bool(sparse), config_for(k, n, bool(sparse), role),
-                                 info=launch)
+                    launch_gemv(x, wts[0], scl[0] if sparse else None, thr_list[0], bounds, biases[0], res, ssq,
+                                engine.eps, act, res is not None, bool(sparse), config_for(k, n, bool(sparse), role),
+                                info=launch)
                 except Exception:  # the table is still worth printing without it
                     launch = {}
             wbytes = rows_kept * n * wts[0].element_size()

@@ -41,8 +41,8 @@ import torch
 
 from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
-from ..kernels import ACT_SILU_MUL, attn_decode, gemv, gemv_rope, reserve_workspace, use_triton
-from ..kernels.kernels import _prepare_input
+from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, prepare_input, reserve_workspace,
+                       use_triton)
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
@@ -420,7 +420,7 @@ class Engine:
         are accounted for when the counts are read."""
         if not g.gating:
             return
-        xf = _prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
+        xf = prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
         if skip_rows:
             xf = xf[skip_rows:]
         keep = (xf.abs().unsqueeze(1) * g.scales.unsqueeze(0)) > g.thresholds.view(1, -1, 1)
@@ -558,7 +558,7 @@ class Engine:
         """:func:`wina.kernels.gemv_reference` in the model's dtype (the same values), with the
         sparse masks cheaper: |x| and the cast once per launch, one select per segment."""
         k, n = g.wt.shape
-        xf = _prepare_input(x, k, ssq_in, self.eps, act)
+        xf = prepare_input(x, k, ssq_in, self.eps, act)
         xc = xf.to(self.dtype)
         if not sparse:
             y = xc @ g.wt
@@ -881,11 +881,10 @@ class Engine:
         in a dense forward of ``ids`` falls at or below them (uniform sparsity)."""
         if not 0.0 <= sparsity < 1.0:
             raise InvalidArgument(f"sparsity must be in [0, 1), got {sparsity}")
-        from ..kernels.kernels import _prepare_input
         out: dict[Key, float] = {}
 
         def record(g: Group, x, ssq_in, act):
-            xf = _prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
+            xf = prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
             for j, p in enumerate(g.projs):
                 sc = xf.abs() * g.scales[j]
                 sc = (sc if g.live[j] is None else sc[:, g.live[j]]).flatten()
@@ -902,14 +901,13 @@ class Engine:
     def measure_sparsity(self, ids: Sequence[int]) -> float:
         """Fraction of the sparsifiable weight bytes a token skips, averaged over a sparse forward of
         ``ids`` (each matrix weighted by its size; rows of the dense prefix excluded)."""
-        from ..kernels.kernels import _prepare_input
         num = den = 0.0
         t = len(ids)
         d0 = self._dense_rows(t)
 
         def record(g: Group, x, ssq_in, act):
             nonlocal num, den
-            xf = _prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)[d0:]
+            xf = prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)[d0:]
             edges = [0, *g.bounds, g.wt.shape[1]]
             for j in range(len(g.projs)):
                 n_out = edges[j + 1] - edges[j]
