@@ -89,7 +89,7 @@ if not args.skip_tests:
 
 if not args.skip_probe:
     stamp("probe: gate-count cost and 512-token prefill")
-    from wina.bench import random_model, shape_config  # noqa: E402
+    from wina.bench import random_model, shape_config, weight_bytes  # noqa: E402
     from wina.engine import Engine  # noqa: E402
     from wina.sparsify import sparsify  # noqa: E402
     cfg = shape_config(args.shape, args.layers)
@@ -124,7 +124,7 @@ if not args.skip_probe:
     for n in (128, 512, 2048):
         d, s = tp(ctx[:n], False), tp(ctx[:n], True)
         probe[f"prefill_{n}"] = {"dense_ms": d * 1e3, "sparse_ms": s * 1e3, "ratio": s / d}
-    probe["weight_gib"] = eng.weight_bytes() / 2**30
+    probe["weight_gib"] = weight_bytes(eng) / 2**30
     print(json.dumps(probe, indent=1), flush=True)
     with open(f"{OUT}/probe.json", "w") as f:
         json.dump(probe, f, indent=1)

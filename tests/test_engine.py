@@ -100,6 +100,22 @@ def test_explicit_thresholds_and_set_sparsity():
         Engine.from_model(m, thresholds={(9, "q_proj"): 0.1})
 
 
+def test_bench_weight_bytes_counts_every_decode_weight_once():
+    """wina.bench.weight_bytes (the memory floor's bytes): every layer's four launches, the shortcuts
+    of a transformed model and the head, not the embedding."""
+    from wina.bench import weight_bytes
+    m = tiny("qwen2")
+    cfg = m.config
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
+    per_layer = d * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd + d * d + 2 * d * f + f * d
+    want = (cfg.num_hidden_layers * per_layer + d * cfg.vocab_size) * 4
+    assert weight_bytes(Engine.from_model(m, max_seq_len=16)) == want
+    transform(m)
+    eng = Engine.from_model(m, max_seq_len=16)
+    shortcuts = sum(s.numel() for L in eng.layers for s in (L.s_attn, L.s_mlp) if s is not None)
+    assert shortcuts > 0 and weight_bytes(eng) == want + 4 * shortcuts
+
+
 def test_zero_thresholds_run_the_dense_kernel():
     """A threshold <= 0 keeps every input but exact zeros and dead columns: that launch computes the
     dense product, so it runs the dense kernel (bitwise the dense forward); a positive threshold in

@@ -139,6 +139,16 @@ def _engine_tps(engine, prompt: list[int], new_tokens: int, sparse: bool, repeat
             "runs": runs, "tokens": best.tokens[:16]}
 
 
+def weight_bytes(engine) -> int:
+    """Bytes of the weights one dense decode step of ``engine`` reads (embedding row excluded): the
+    memory floor's numerator."""
+    n = engine.head.numel()
+    for L in engine.layers:
+        n += sum(g.wt.numel() for g in (L.attn_in, L.o, L.mlp_in, L.down))
+        n += sum(s.numel() for s in (L.s_attn, L.s_mlp) if s is not None)
+    return n * engine.head.element_size()
+
+
 def _scales_for(model, method: str) -> dict:
     from .adapters import iter_projections
     if method == "teal":
@@ -452,7 +462,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
             del model
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            wb = eng.weight_bytes()
+            wb = weight_bytes(eng)
             rec["weight_bytes"] = wb
             rec["floor_tokens_per_s"] = bw / wb
             ids = prompt[0].tolist()
@@ -675,7 +685,7 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     if cuda:
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-        wb = eng.weight_bytes() + eng.embed.numel() * eng.embed.element_size()
+        wb = weight_bytes(eng) + eng.embed.numel() * eng.embed.element_size()
         kv = dense._cache.nbytes() + sparse._cache.nbytes()
         out["memory"] = {"peak_allocated_gib": peak / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30,
                          "weight_gib": wb / 2**30, "kv_caches_gib": kv / 2**30,

@@ -373,14 +373,6 @@ class Engine:
     def sparse(self) -> bool:
         return any(g.sparse for _, g in self.groups())
 
-    def weight_bytes(self) -> int:
-        """Bytes of the weights one decode step reads when dense (embedding row excluded)."""
-        n = self.head.numel()
-        for L in self.layers:
-            n += sum(g.wt.numel() for g in (L.attn_in, L.o, L.mlp_in, L.down))
-            n += sum(s.numel() for s in (L.s_attn, L.s_mlp) if s is not None)
-        return n * self.head.element_size()
-
     # --------------------------------------------------------------------------------------------
     # KV caches
     # --------------------------------------------------------------------------------------------
