@@ -277,12 +277,11 @@ def test_bench_tiny_shape_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     res = ok(invoke("bench", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--prompt-len", "8",
                     "--new-tokens", "4", "--hf-new-tokens", "2", "--sparsities", "0.5", "--no-kernels",
-                    "--fuse-mlp", "2", "--json", out))
+                    "--json", out))
     assert "tiny-llama" in res.stdout
     data = json.loads(out.read_text())
     m = data["models"][0]
     assert "error" not in m, m.get("error")
-    assert m["fuse_mlp"] == 2
     assert m["dense"]["decode_tokens_per_s"] > 0 and "0.50" in m["sparse"]
     user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "half"), "--sparsities")
     user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "1.5"), "1.5")

@@ -390,7 +390,6 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               hf_new_tokens: Optional[int] = None, device: str = "cuda", dtype: str = "bfloat16",
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
               precompact_at: Optional[float] = None, copy_bw: Optional[float] = None,
-              fuse_mlp: Optional[int] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
               print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
@@ -400,16 +399,11 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
     (default ``new_tokens``; 0 skips it). ``num_hidden_layers``: shrink shape-only configs (tests).
     ``copy_bw``: bytes/s to take as the copy bandwidth instead of measuring it (on the H200 a copy
     measured after minutes of load came out ~10 % lower than one measured first in the process).
-    ``fuse_mlp``: only None or 0 (the fused gate/up → down launches were removed, docs/gpu-notes.md
-    "Experiments removed from the product"; the keyword stays until the CLI's --fuse-mlp goes).
     ``method``: "wina" (column-norm scores) or "teal" (|x| alone)."""
     from .engine import Engine
     from .models import resolve_dtype
     if method not in ("wina", "teal"):
         raise InvalidArgument(f"method must be 'wina' or 'teal', got {method!r}")
-    if fuse_mlp:
-        raise InvalidArgument("fuse_mlp was removed: fusing gate/up and down measured no gain "
-                              "(docs/gpu-notes.md, runs 11-12)")
     for s in sparsities:
         if not 0.0 < float(s) < 1.0:
             raise InvalidArgument(f"sparsities must be in (0, 1), got {s}")

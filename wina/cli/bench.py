@@ -30,11 +30,6 @@ def bench_cmd(
     kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
-    fuse_mlp: Optional[int] = typer.Option(None, "--fuse-mlp", min=0, max=2,
-                                           help="Sparse decode (experimental): 1 = gate/up compacts down's input, "
-                                                "2 = also one launch for both; 0 = off (default: the "
-                                                "WINA_FUSE_MLP environment variable, else 0). Measured on an "
-                                                "H200: no gain (docs/gpu-notes.md run 12)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     chat: bool = typer.Option(False, "--chat", help="Measure the user's path instead: a scripted multi-turn "
                                                    "chat through the chat session, dense and sparse side by "
@@ -78,7 +73,7 @@ def bench_cmd(
         res = run_bench(tuple(models or ("llama-2-7b",)), sparsities=sps, method=method, prompt_len=prompt_len,
                         new_tokens=new_tokens, hf_new_tokens=hf_new_tokens, device=device, dtype=dtype,
                         kernels=kernels, kernel_layers=kernel_layers, num_hidden_layers=layers, seed=seed,
-                        fuse_mlp=fuse_mlp, on_event=r, json_path=str(json_out) if json_out else None)
+                        on_event=r, json_path=str(json_out) if json_out else None)
     from ..api import print_bench
     print_bench(res, out)
     failed = [m for m in res.get("models", []) if "error" in m]
