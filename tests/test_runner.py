@@ -223,6 +223,13 @@ def test_quick_preset_offline_from_a_copy_without_shared_data(tmp_path):
     shutil.copytree(repo / "wina", copy / "wina", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(repo / "presets", copy / "presets")
     assert not (copy.parent / "shared").exists()
+    # a smaller calibration and greedy budget keep CI short; every step of the pipeline still runs
+    quick = copy / "presets" / "smollm2-quick.toml"
+    text = quick.read_text(encoding="utf-8")
+    text = text.replace("samples = 8\nseq_len = 256", "samples = 2\nseq_len = 64")
+    text = text.replace("max_sparsity = 0.9", "max_sparsity = 0.9\nstep = 0.25\nsamples = 1\nseq_len = 64")
+    assert "seq_len = 64" in text and "step = 0.25" in text
+    quick.write_text(text, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("WINA_DATA", "WINA_DATA_DIR")}
     env.update(PYTHONPATH=str(copy), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WINA_PRESETS="",
                COLUMNS="200")
