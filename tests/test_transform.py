@@ -88,3 +88,35 @@ def test_transform_errors():
     transform(model)
     with pytest.raises(TransformError, match="already"):
         transform(model)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rotation", ["pca", "pca-block"])
+def test_pca_rotations_are_exact(arch, rotation, exact_rmsnorm):
+    """The activation-PCA rotations keep the outputs (float64, 1e-9); one basis needs no shortcuts
+    and decorrelates the block inputs it was fitted on."""
+    from wina.transform import block_input_moments
+    model = tiny_model(arch, dtype=torch.float64, tie_word_embeddings=(arch == "llama"))
+    ids = torch.randint(3, 128, (2, 33), generator=torch.Generator().manual_seed(2))
+    before = model(ids).logits
+    moments = block_input_moments(model, ids)
+    info = transform(model, rotation=rotation, moments=moments)
+    assert (model(ids).logits - before).abs().max().item() <= 1e-9
+    n_blocks = 2 * model.config.num_hidden_layers
+    if rotation == "pca":
+        assert info.n_shortcuts == 0 and info.basis.shape == (64, 64)
+        q = info.basis.double()
+        assert torch.allclose(q.T @ q, torch.eye(64, dtype=torch.float64), atol=1e-6)
+        c = q.T @ sum(moments) @ q                      # diagonal, eigenvalues descending
+        assert (c - torch.diag(torch.diagonal(c))).abs().max() <= 1e-6 * c.abs().max()
+        assert torch.all(torch.diagonal(c)[:-1] >= torch.diagonal(c)[1:] - 1e-9)
+    else:
+        assert info.n_shortcuts == n_blocks - 1
+
+
+def test_pca_needs_calibration_text():
+    model = tiny_model("llama")
+    with pytest.raises(TransformError, match="basis or the block inputs"):
+        transform(model, rotation="pca")
+    with pytest.raises(TransformError, match="unknown rotation"):
+        transform(model, rotation="hadamard")

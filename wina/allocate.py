@@ -336,7 +336,8 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
     plan._require_calibrated()
     plan.check_model(model)
-    ensure(model, bool(plan.meta["transform"]), what="this plan (calibrated on the untransformed model)",
+    ensure(model, bool(plan.meta["transform"]), rotation=plan.rotation, basis=plan.rotation_basis,
+           what="this plan",
            error=PlanError)
     d = default_sizes(model.config)
     ids = plan.calib_ids

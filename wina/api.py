@@ -28,6 +28,7 @@ from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F
 from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_label,  # noqa: F401
                        apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, sparse_options)
 from .plan import Plan  # noqa: F401
+from .plan_meta import PLAN_ROTATIONS as ROTATIONS  # noqa: F401
 from .presets import Preset, PresetError, list_presets, load_preset  # noqa: F401
 from .results import Run, load_run, load_runs  # noqa: F401
 from .runner import default_out_dir, describe, plan_steps, run_eval_step, run_preset  # noqa: F401

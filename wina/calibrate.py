@@ -394,18 +394,27 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
               out: Optional[str | Path] = None, weighted: str = "default", model_id: str = "",
               on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
               field: str = "text", seed: int = 0, dense_prefix: float = 0.01,
-              chunk_tokens: int = 16384, input_ids: Optional[torch.Tensor] = None):
+              chunk_tokens: int = 16384, input_ids: Optional[torch.Tensor] = None,
+              rotation: Optional[str] = None):
     """Collect per-projection gating-score histograms, layer by layer; returns a :class:`~wina.plan.Plan`.
 
     ``out``: plan directory, written as layers finish and resumed if it holds an unfinished
     calibration made with the same arguments (a finished one with the same arguments is returned
     as is). The model may be transformed already (:func:`wina.transform.transform`); the plan
-    records it. Progress: ``stage="calibrate"`` events, one per layer (``done`` = layers finished).
+    records it. ``rotation`` ("svd" or "pca"): transform the model first (pca: its basis from the
+    calibration text, stored in the plan); None: calibrate the model as it is. Progress: ``stage="calibrate"`` events, one per layer (``done`` = layers finished).
     """
     from . import __version__
     from .plan import Plan, plan_from_model
-    from .transform import is_transformed
+    from .plan_meta import PLAN_ROTATIONS
+    from .transform import block_input_moments, ensure, global_pca_basis, is_transformed
 
+    if rotation is not None and rotation not in PLAN_ROTATIONS:
+        raise InvalidArgument(f"unknown rotation {rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
+    if rotation is None and is_transformed(model):
+        rotation = model._wina_transform.rotation
+        if rotation not in PLAN_ROTATIONS:
+            raise InvalidArgument(f"a plan cannot record the {rotation} transform; reload the model")
     if method not in ("wina", "teal"):
         raise InvalidArgument(f"calibration method must be 'wina' or 'teal', got {method!r}")
     if weighted not in ("default", "all"):
@@ -427,7 +436,9 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
     args = {"method": method, "weighted": weighted, "source": src,
             "field": field if kind in ("file", "hub") else None,
             "samples": samples, "seq_len": seq_len, "seed": seed, "dense_prefix": dense_prefix,
-            "transform": bool(is_transformed(model))}
+            "transform": rotation is not None}
+    if rotation == "pca":
+        args["rotation"] = "pca"
 
     rep = Reporter("calibrate", n_layers, on_event, cancel, n_layers=n_layers)
     plan = None
@@ -437,11 +448,24 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
         if plan.meta.get("calibration_args") != args:
             raise PlanError(f"{out} holds a calibration made with other arguments; "
                             "use another directory or delete it")
+        if rotation is not None:
+            ensure(model, True, rotation=rotation, basis=plan.rotation_basis, what="this calibration",
+                   on_event=on_event)
     if plan is None:
         rep.emit(0, message="preparing calibration data")
         ids = input_ids if input_ids is not None else calibration_ids(
             model, tokenizer, source, samples, seq_len, field=field, seed=seed, reporter=rep)
+        basis = None
+        if rotation is not None:
+            if rotation == "pca":
+                if is_transformed(model):
+                    basis = model._wina_transform.basis
+                else:
+                    rep.emit(0, message="the pca rotation's basis from the calibration text")
+                    basis = global_pca_basis(block_input_moments(model, ids)).float()
+            ensure(model, True, rotation=rotation, basis=basis, what="this calibration", on_event=on_event)
         plan = plan_from_model(model, ids, model_id=model_id, args=args, version=__version__)
+        plan.rotation_basis = basis
         if out is not None:
             plan.save(out)
     if plan.n_calibrated == n_layers:

@@ -20,7 +20,7 @@ from .errors import InvalidArgument
 from .results import Run
 
 TASK_ORDER = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge", "boolq", "mmlu", "gsm8k")
-METHOD_ORDER = ("dense", "TEAL", "TEAL-transform", "WINA", "WINA-transform")
+METHOD_ORDER = ("dense", "TEAL", "TEAL-transform", "TEAL-pca", "WINA", "WINA-transform", "WINA-pca")
 SHORT = {"winogrande": "wino", "hellaswag": "hswag", "arc_easy": "arc-e", "arc_challenge": "arc-c"}
 PPL_COLUMN = "ppl"          # the fast perplexity of a run (wina.perplexity), lower is better
 

@@ -48,6 +48,7 @@ class SparseOptions:
     method: str = "wina"            # dense | teal | wina
     sparsity: float = 0.5           # target (uniform with top-k; plan-allocated with a plan)
     transform: bool = False
+    rotation: str = "svd"           # with transform: svd | pca (pca needs a plan: its basis is there)
     gating: str = "topk"            # topk | threshold (threshold needs a plan)
     weighted: str = "default"       # default (k/gate only, as the official code) | all
     plan: Optional[str] = None      # calibration plan directory
@@ -64,6 +65,12 @@ class SparseOptions:
         _check_sparsity(self.sparsity)
         if self.gating == "threshold" and not self.plan and self.method != "dense":
             raise InvalidArgument("threshold gating needs a calibration plan (--plan)")
+        from .plan_meta import PLAN_ROTATIONS
+        if self.rotation not in PLAN_ROTATIONS:
+            raise InvalidArgument(f"unknown rotation {self.rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
+        if self.transform and self.rotation == "pca" and not self.plan:
+            raise InvalidArgument("the pca rotation comes from a calibration plan: calibrate with "
+                                  "--transform --rotation pca and pass --plan")
         return self
 
     def as_dict(self) -> dict:
@@ -73,7 +80,7 @@ class SparseOptions:
     def label(self) -> str:
         if self.method == "dense":
             return "dense"
-        name = self.method.upper() + ("-transform" if self.transform else "")
+        name = self.method.upper() + (("-pca" if self.rotation == "pca" else "-transform") if self.transform else "")
         return f"{name} {self.sparsity:.0%}"
 
 
@@ -82,6 +89,7 @@ class Calibration:
     """What ``calibrate`` records: the gating score of ``method`` on ``source`` text."""
     method: str = "wina"            # teal | wina
     transform: bool = False
+    rotation: str = "svd"           # with transform: svd (the seed's) | pca (activation PCA, no shortcuts)
     source: str = "self"            # self | wikitext | a .txt/.jsonl file | hub:<dataset>
     samples: Optional[int] = None   # None: the library's default for the model's size
     seq_len: Optional[int] = None
@@ -143,17 +151,22 @@ def calibrate(loaded: Loaded, out: PathLike, cal: Calibration = Calibration(), *
     """Score histograms of every projection, layer by layer, into the plan folder ``out`` (resumed
     when it holds an unfinished calibration with the same settings). Returns the plan."""
     from .calibrate import calibrate as _calibrate
+    from .plan_meta import PLAN_ROTATIONS
     from .transform import ensure
     if cal.method not in ("teal", "wina"):
         raise InvalidArgument(f"unknown calibration method {cal.method!r}; choose teal or wina")
     from .files import check_writable, locked, sweep_temps
     check_writable(out, folder=True)
-    ensure(loaded.model, cal.transform, what="an untransformed calibration", on_event=on_event)
+    if cal.rotation not in PLAN_ROTATIONS:
+        raise InvalidArgument(f"unknown rotation {cal.rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
+    if not cal.transform:               # a transform is made by the calibration (pca needs its text)
+        ensure(loaded.model, False, what="an untransformed calibration", on_event=on_event)
     with locked(out, f"plan {out}"):
         sweep_temps(out)
         return _calibrate(loaded.model, loaded.tokenizer, method=cal.method, source=cal.source,
                           samples=cal.samples, seq_len=cal.seq_len, out=str(out), weighted=cal.weighted,
-                          model_id=loaded.model_id, on_event=on_event, cancel=cancel)
+                          model_id=loaded.model_id, on_event=on_event, cancel=cancel,
+                          rotation=cal.rotation if cal.transform else None)
 
 
 def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(), *,
@@ -210,11 +223,14 @@ def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = Non
             raise InvalidArgument(f"--method {method} does not match the plan's method {pm} ({plan})")
         method = method or pm or "wina"
         transform = transform or bool(meta.get("transform"))
+        rotation = meta.get("rotation") or "svd"
+    else:
+        rotation = "svd"
     if method is None:
         method = "wina" if sparsity is not None else "dense"
     if sparsity is None:
         sparsity = 0.0 if method == "dense" else 0.5
-    return SparseOptions(method=method, sparsity=sparsity, transform=transform, gating=gating,
+    return SparseOptions(method=method, sparsity=sparsity, transform=transform, rotation=rotation, gating=gating,
                          weighted=weighted, plan=plan, mode=mode).validate()
 
 

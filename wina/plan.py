@@ -78,6 +78,7 @@ class Plan:
         self.trajectory_steps: list[list[Optional[str]]] = [[] for _ in range(n)]
         self.global_order: Optional[torch.Tensor] = None
         self.sensitivity: Optional[torch.Tensor] = None
+        self.rotation_basis: Optional[torch.Tensor] = None     # the pca transform's basis
 
     # --- shape information ---------------------------------------------------------------------
     @property
@@ -315,6 +316,8 @@ class Plan:
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta["files"] = {}
         self._write_file("calibration.safetensors", {"input_ids": self.calib_ids})
+        if self.rotation_basis is not None:
+            self._write_file("rotation.safetensors", {"basis": self.rotation_basis.float().contiguous()})
         for i in range(self.n_layers):
             if self.histograms[i] is not None:
                 self._write_file(f"histograms/layer_{i:03d}.safetensors", self._hist_tensors(i))
@@ -378,6 +381,10 @@ class Plan:
         if "calibration.safetensors" not in files:
             raise PlanError(f"partial or corrupt plan {path}: no calibration data listed")
         plan = cls(meta, read("calibration.safetensors")["input_ids"], root)
+        if meta.get("rotation") == "pca":
+            if "rotation.safetensors" not in files:
+                raise PlanError(f"partial or corrupt plan {path}: the pca transform's basis is missing")
+            plan.rotation_basis = read("rotation.safetensors")["basis"]
         n_cal = plan.n_calibrated
         for i in range(n_cal):
             rel = f"histograms/layer_{i:03d}.safetensors"
@@ -411,6 +418,11 @@ class Plan:
                                 "re-run allocate with the same arguments")
         return plan
 
+    @property
+    def rotation(self) -> str:
+        """The transform's rotation (svd or pca) when the plan was calibrated on a transformed model."""
+        return self.meta.get("rotation") or "svd"
+
     def __repr__(self) -> str:
         a = self.meta.get("allocation") or {}
         return (f"Plan({self.meta.get('model_id') or self.meta['architecture']}, {self.method}, "
@@ -443,6 +455,7 @@ def plan_from_model(model, calib_ids: torch.Tensor, *, model_id: str, args: dict
         "weights": {p: shapes[p][0] * shapes[p][1] / ref_n for p in P},
         "size_class": size_class(model.config),
         "method": args["method"], "weighted": args["weighted"], "transform": args["transform"],
+        "rotation": args.get("rotation"),
         "calibration": {"source": args["source"], "samples": int(calib_ids.shape[0]),
                         "seq_len": int(calib_ids.shape[1]), "seed": args["seed"], "field": args["field"],
                         "dense_prefix": args["dense_prefix"]},
@@ -483,8 +496,8 @@ def apply_plan(model, plan: Plan, sparsity: float, *, gating: str = "threshold",
         plan = Plan.load(plan)
     plan._require_calibrated()
     plan.check_model(model)
-    ensure(model, bool(plan.meta["transform"]), what="this plan (calibrated on the untransformed model)",
-           error=PlanError)
+    ensure(model, bool(plan.meta["transform"]), rotation=plan.rotation, basis=plan.rotation_basis,
+           what="this plan", error=PlanError)
     sp_map = plan.sparsities_at(sparsity, mode)
     thresholds = plan.thresholds_at(sparsity, mode) if gating == "threshold" else None
     sp = sparsify(model, plan.method, sp_map, gating=gating, thresholds=thresholds,

@@ -16,6 +16,7 @@ from typing import Any, Union
 from .errors import PlanError
 
 FORMAT = "wina-plan"
+PLAN_ROTATIONS = ("svd", "pca")     # the transform's rotations a plan records (wina.transform)
 VERSION = 1
 SEAL = "meta_sha256"
 UNSEALED = (SEAL, "saved_at")
@@ -25,6 +26,7 @@ _FIELDS: dict[str, tuple[tuple, bool]] = {
     "format": ((str,), True), "version": ((int,), True), "n_layers": ((int,), True),
     "projections": ((list,), True), "files": ((dict,), True), "status": ((dict,), True),
     "method": ((str,), True), "transform": ((bool,), True), "weighted": ((str,), False),
+    "rotation": ((str, type(None)), False),
     "model_id": ((str,), False), "architecture": ((str,), False), "allocation": ((dict, type(None)), False),
     "calibration": ((dict,), False), "created": ((str,), False),
 }

@@ -49,6 +49,8 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
     name = "wina"                   # unique, [A-Za-z0-9_.-]; names the output files
     method = "wina"                 # dense | teal | wina
     transform = true                # column-orthogonal transform first (default false)
+    rotation = "pca"                # the transform's rotation: svd (the seed's, default) | pca
+                                    # (activation PCA from the calibration text; implies transform)
     allocation = "greedy"           # greedy (calibrate + allocate; the default) | uniform (plain top-k)
 
 Paths (``calibration.source`` when it is a file, ``eval.data_dir``, ``eval.ppl_text``) are relative
@@ -69,6 +71,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import WinaError
+from .plan_meta import PLAN_ROTATIONS
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -133,6 +136,7 @@ class Variant:
     method: str
     transform: bool = False
     allocation: str = "greedy"
+    rotation: str = "svd"           # with the transform: svd (the seed's) | pca (needs greedy: a plan)
 
     @property
     def needs_plan(self) -> bool:
@@ -361,7 +365,7 @@ EVAL_KEYS = ("sparsities", "gating", "tasks", "limit", "num_fewshot", "batch_siz
 ERROR_RULES = ("wina", "seed")          # = wina.allocate.ERROR_RULES (no torch import here)
 STEP_NORMS = ("wina", "seed")           # = wina.allocate.STEP_NORMS
 PPL_PROTOCOLS = ("windows", "seed")     # = wina.perplexity.PROTOCOLS
-VARIANT_KEYS = ("name", "method", "transform", "allocation")
+VARIANT_KEYS = ("name", "method", "transform", "allocation", "rotation")
 
 
 def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str] = None) -> Preset:
@@ -462,9 +466,14 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
             v.fail("name", f"must be letters, digits, '_', '.', '-', got {vname!r}")
         if any(x.name == vname for x in variants):
             v.fail("name", f"{vname!r} is used by two variants")
-        transform = v.get("transform", bool, False)
+        rotation = v.choice("rotation", PLAN_ROTATIONS, "svd")
+        transform = v.get("transform", bool, rotation == "pca")
+        if rotation == "pca" and not transform:
+            v.fail("rotation", "the pca rotation is a transform: drop transform = false")
         allocation = v.choice("allocation", ALLOCATIONS, "greedy")
-        variants.append(Variant(vname, method, transform, allocation))
+        if rotation == "pca" and allocation != "greedy":
+            v.fail("rotation", "the pca rotation's basis comes from the calibration: use allocation = \"greedy\"")
+        variants.append(Variant(vname, method, transform, allocation, rotation))
     if any(x.method != "dense" for x in variants) and not sparsities:
         e.fail("sparsities", "must list at least one sparsity for the sparse variants")
     if ev.gating == "threshold" and any(x.method != "dense" and x.allocation == "uniform" for x in variants):

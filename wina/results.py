@@ -74,7 +74,8 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Method label as in the paper's tables: dense, TEAL, TEAL-transform, WINA, WINA-transform."""
+        """Method label as in the paper's tables: dense, TEAL, TEAL-transform, WINA, WINA-transform
+        (WINA-pca, TEAL-pca: the activation-PCA rotation)."""
         return method_label(self.wina)
 
     @property
@@ -93,7 +94,7 @@ def method_label(wina: dict) -> str:
         return "dense"
     label = METHOD_LABELS.get(method, method)
     if wina.get("transform"):
-        label += "-transform"
+        label += "-pca" if wina.get("rotation") == "pca" else "-transform"
     alloc = wina.get("allocation")
     if alloc and alloc != "uniform":
         label += f" ({alloc})"
@@ -203,6 +204,7 @@ def make_wina_block(*, model_id: str, model=None, sparsifier=None, method: Optio
                 flops = fl.as_dict()
             except Exception:      # an architecture the accountant does not know: no FLOPs
                 flops = None
+    info = getattr(model, "_wina_transform", None) if model is not None else None
     block = {
         "schema": SCHEMA, "model": model_id, "model_type": model_type, "n_params": n_params,
         "method": method, "transform": bool(transform), "allocation": allocation, "plan": plan,
@@ -213,6 +215,8 @@ def make_wina_block(*, model_id: str, model=None, sparsifier=None, method: Optio
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device), "elapsed_s": elapsed_s,
     }
+    if transform and info is not None and info.rotation != "svd":
+        block["rotation"] = info.rotation          # absent: the seed's svd transform
     from .fidelity import record as _fidelity      # which seed corrections / protocol (docs/seed-fidelity.md)
     block["seed_fidelity"] = _fidelity(model, sparsifier, transform, plan, perplexity)
     if extra:
@@ -234,7 +238,8 @@ def default_filename(wina: dict) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(wina.get("model", "model"))).name)[:40]
     method = wina.get("method") or "dense"
     s = wina.get("nominal_sparsity") or 0.0
-    tag = f"{method}{'-tr' if wina.get('transform') else ''}-s{round(100 * s):02d}"
+    rot = ("-pca" if wina.get("rotation") == "pca" else "-tr") if wina.get("transform") else ""
+    tag = f"{method}{rot}-s{round(100 * s):02d}"
     return f"{date}_{model}_{tag}.json"
 
 

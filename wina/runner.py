@@ -39,6 +39,14 @@ from .presets import Preset, PresetError, Variant
 CALIBRATE, ALLOCATE, EVAL, COMPARE = "calibrate", "allocate", "eval", "compare"
 
 
+def _without_default_rotation(d: dict) -> dict:
+    """Settings without ``rotation`` when it is the default svd: ledgers written before the option
+    existed keep their keys (their steps are not rerun for nothing)."""
+    if d.get("rotation") == "svd":
+        d.pop("rotation")
+    return d
+
+
 @dataclass
 class Step:
     kind: str                                # calibrate | allocate | eval | compare
@@ -69,12 +77,12 @@ class Step:
         p, v = self.preset, self.variant
         d: dict = {"kind": self.kind, "model": p.model, "dtype": p.dtype}
         if self.kind in (CALIBRATE, ALLOCATE) or (self.kind == EVAL and v.needs_plan):
-            d["calibration"] = asdict(calibration_of(p, v))
+            d["calibration"] = _without_default_rotation(asdict(calibration_of(p, v)))
         if self.kind == ALLOCATE or (self.kind == EVAL and v.needs_plan):
             d["allocation"] = asdict(allocation_of(p))
         if self.kind == EVAL:
             e = p.eval
-            o = asdict(options_of(p, self))
+            o = _without_default_rotation(asdict(options_of(p, self)))
             o.pop("plan", None)                      # the folder; what made it is recorded above
             d["options"] = o
             d["eval"] = {"tasks": list(e.tasks or []), "limit": self.limit if self.limit is not None else e.limit,
@@ -245,7 +253,9 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
     out = Path(out_dir)
     steps: list[Step] = []
     evals: list[Path] = []
-    ordered = [v for v in preset.variants if not v.transform] + [v for v in preset.variants if v.transform]
+    ordered = ([v for v in preset.variants if not v.transform]
+               + [v for v in preset.variants if v.transform and v.rotation == "svd"]
+               + [v for v in preset.variants if v.transform and v.rotation != "svd"])
     for v in ordered:
         plan_dir = out / "plans" / v.name
         if v.needs_plan:
@@ -287,7 +297,7 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
                               f"max_sparsity={a.max_sparsity}") + (
             f", on {a.samples or 'all'} × {a.seq_len or 'all'} tokens" if (a.samples or a.seq_len) else "")
     info["variants"] = ", ".join(
-        f"{v.name} ({v.method}{', transform' if v.transform else ''}"
+        f"{v.name} ({v.method}{(', pca rotation' if v.rotation == 'pca' else ', transform') if v.transform else ''}"
         f"{', ' + v.allocation if v.method != 'dense' else ''})" for v in preset.variants)
     e = preset.eval
     info["protocol"] = ", ".join(f"{k}={v}" for k, v in preset.protocol().items())
@@ -348,11 +358,11 @@ class _Model:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def get(self, transform: bool, on_event=None):
-        """The loaded model, reloaded when a step needs it untransformed after the transform; the
-        steps themselves (wina.pipeline) transform it when they need to."""
-        from .transform import is_transformed
-        if self.loaded is not None and not transform and is_transformed(self.loaded.model):
+    def get(self, transform: bool, on_event=None, rotation: str = "svd"):
+        """The loaded model, reloaded when a step needs it untransformed, or with another rotation,
+        after a transform; the steps themselves (wina.pipeline) transform it when they need to."""
+        info = getattr(self.loaded.model, "_wina_transform", None) if self.loaded is not None else None
+        if info is not None and (not transform or info.rotation != rotation):
             self.release()
         if self.loaded is None:
             from . import pipeline
@@ -455,7 +465,7 @@ def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> 
     recover_folder(step.output)
     fresh = not step.output.exists() or getattr(step, "why", None) is None
     work = step.output if fresh else step.output.with_name(step.output.name + ".new")
-    pipeline.calibrate(holder.get(v.transform, on_event), work, calibration_of(preset, v),
+    pipeline.calibrate(holder.get(v.transform, on_event, v.rotation), work, calibration_of(preset, v),
                   on_event=on_event, cancel=cancel)
     if work != step.output:
         replace_folder(work, step.output)
@@ -463,14 +473,14 @@ def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
     from . import pipeline
-    pipeline.allocate(holder.get(step.variant.transform, on_event), step.output, allocation_of(preset),
+    pipeline.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output, allocation_of(preset),
                  on_event=on_event, cancel=cancel)
 
 
 def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:
     from . import pipeline
     v = step.variant
-    pipeline.evaluate(holder.get(v.transform, on_event), options_of(preset, step), evaluation_of(preset, limit),
+    pipeline.evaluate(holder.get(v.transform, on_event, v.rotation), options_of(preset, step), evaluation_of(preset, limit),
                  out=step.output, on_event=on_event, cancel=cancel,
                  extra={"preset": preset.name, "variant": v.name,
                         "preset_file": str(preset.path) if preset.path else None})
@@ -481,8 +491,8 @@ def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cance
 def calibration_of(preset: Preset, v: Variant):
     from .pipeline import Calibration
     c = preset.calibration
-    return Calibration(method=v.method, transform=v.transform, source=preset.resolved_source(),
-                       samples=c.samples, seq_len=c.seq_len, weighted=c.weighted)
+    return Calibration(method=v.method, transform=v.transform, rotation=v.rotation,
+                       source=preset.resolved_source(), samples=c.samples, seq_len=c.seq_len, weighted=c.weighted)
 
 
 def allocation_of(preset: Preset):
@@ -496,7 +506,7 @@ def options_of(preset: Preset, step: Step):
     from .pipeline import SparseOptions
     v, e = step.variant, preset.eval
     return SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
-                         gating=e.gating if v.method != "dense" else "topk",
+                         rotation=v.rotation, gating=e.gating if v.method != "dense" else "topk",
                          weighted=preset.calibration.weighted,
                          plan=str(step.inputs[0]) if v.needs_plan else None)
 

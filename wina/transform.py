@@ -44,6 +44,8 @@ class TransformInfo:
     n_shortcuts: int
     hidden_size: int
     untied: bool
+    rotation: str = "svd"
+    basis: Optional[torch.Tensor] = None    # the pca rotation's d×d basis (what a plan stores)
 
     @property
     def shortcut_macs_per_token(self) -> int:
@@ -54,18 +56,28 @@ def is_transformed(model) -> bool:
     return getattr(model, "_wina_transform", None) is not None
 
 
-def ensure(model, transformed: bool, *, what: str = "this step", error=TransformError,
-           on_event=None) -> None:
+def ensure(model, transformed: bool, *, rotation: str = "svd", basis=None, what: str = "this step",
+           error=TransformError, on_event=None) -> None:
     """Put a loaded model in the state a step needs, the one rule every step follows: the attached
     sparsifier (if any) is removed, and the model is transformed in place when ``transformed`` and it
-    is not yet. A transformed model cannot go back: that is a :class:`TransformError` asking for a
-    reload (``what`` names who needs the untransformed model)."""
+    is not yet (``rotation`` and, for "pca", its ``basis``: a tensor, or a function that computes
+    it, called only when needed). A transformed model cannot go back, nor change its rotation: that
+    is a :class:`TransformError` asking for a reload (``what`` names who needs the other state)."""
     sp = getattr(model, "_wina_sparsifier", None)
     if sp is not None:
         sp.remove()
-    if transformed and not is_transformed(model):
-        transform(model, on_event=on_event)
-    elif not transformed and is_transformed(model):
+    current = getattr(model, "_wina_transform", None)
+    if transformed and current is None:
+        transform(model, rotation=rotation, basis=basis() if callable(basis) else basis, on_event=on_event)
+    elif transformed:
+        same = current.rotation == rotation
+        if same and rotation == "pca" and basis is not None:
+            b = basis() if callable(basis) else basis
+            same = current.basis is not None and torch.equal(current.basis, b.float().cpu())
+        if not same:
+            raise error(f"{what} needs the model with the {rotation} transform, but the loaded model "
+                        f"has another ({current.rotation}); reload it")
+    elif current is not None:
         raise error(f"{what} needs the untransformed model, but the loaded model is transformed; "
                     "reload it")
 
@@ -136,12 +148,87 @@ def _shortcut_hooks(block: nn.Module, norm: nn.Module) -> list:
 
 
 @torch.no_grad()
-def transform(model, *, on_event=None) -> TransformInfo:
+def block_input_moments(model, ids: torch.Tensor, *, batch_size: int = 4) -> list[torch.Tensor]:
+    """E[x xᵀ] (float64, d×d) of every block's normalised input x = h / rms(h), in block order
+    (layer 0 attention, layer 0 MLP, layer 1 attention, ...), over the token ids [N, T]. RMSNorm with
+    unit gain commutes with a rotation, so these are the moments a rotated block sees, rotated."""
+    adapter = adapter_for(model)
+    layers = list(decoder_layers(model, adapter))
+    d = model.get_submodule(adapter.embed).weight.shape[1]
+    moments = [torch.zeros(d, d, dtype=torch.float64) for _ in range(2 * len(layers))]
+    count = [0]
+    handles = []
+
+    def hook_for(b: int, norm):
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+        def hook(module, args):
+            h = args[0].detach().double().reshape(-1, d)
+            x = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+            moments[b].add_((x.T @ x).cpu())
+            if b == 0:
+                count[0] += x.shape[0]
+        return hook
+
+    for i, layer in enumerate(layers):
+        for j, norm_name in enumerate((adapter.attn_norm, adapter.mlp_norm)):
+            norm = layer.get_submodule(norm_name)
+            handles.append(norm.register_forward_pre_hook(hook_for(2 * i + j, norm)))
+    dev = next(model.parameters()).device
+    try:
+        for k in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[k:k + batch_size].to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [m / max(count[0], 1) for m in moments]
+
+
+def pca_basis(moment: torch.Tensor) -> torch.Tensor:
+    """The eigenvectors of a second-moment matrix, largest eigenvalue first, each with its largest
+    component positive (a deterministic sign): the activation-PCA rotation of a block."""
+    evals, evecs = torch.linalg.eigh(moment.double())
+    q = evecs.flip(-1)
+    idx = q.abs().argmax(0)
+    sign = torch.sign(q[idx, torch.arange(q.shape[1])])
+    sign[sign == 0] = 1
+    return (q * sign).contiguous()
+
+
+ROTATIONS = ("svd", "pca", "pca-block")
+
+
+def global_pca_basis(moments: list[torch.Tensor]) -> torch.Tensor:
+    """One basis for the whole residual stream: the PCA of every block's normalised input."""
+    return pca_basis(sum(m.double() for m in moments))
+
+
+@torch.no_grad()
+def transform(model, *, on_event=None, rotation: str = "svd", basis: Optional[torch.Tensor] = None,
+              moments: Optional[list[torch.Tensor]] = None) -> TransformInfo:
     """Apply the transform in place; returns what it added. Logits are unchanged up to rounding.
 
+    ``rotation``:
+
+    - ``"svd"`` (the seed's): each block's basis from the SVD of its key matrix, so that the key
+      matrix's columns are orthogonal (WINA's assumption); a d×d shortcut between blocks.
+    - ``"pca"``: one basis for the whole residual stream, the eigenvectors of the block inputs'
+      second moment on calibration text (``basis``, or computed from ``moments`` of
+      :func:`block_input_moments`): the coordinates a gate sees are decorrelated, the energy in
+      few of them; no shortcuts (the residual stream stays in one basis, decoding costs nothing).
+    - ``"pca-block"``: a PCA basis per block (from ``moments``) with shortcuts; for study.
+
     ``on_event`` receives :class:`wina.events.Progress` (stage "transform", one unit per layer for
-    the SVDs and one per layer for the rotations). Not cancellable: a half-rotated model is wrong.
+    the bases and one per layer for the rotations). Not cancellable: a half-rotated model is wrong.
     """
+    if rotation not in ROTATIONS:
+        raise TransformError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+    if rotation == "pca" and basis is None and moments is None:
+        raise TransformError("the pca rotation needs its basis or the block inputs' moments (calibration text)")
+    if rotation == "pca-block" and moments is None:
+        raise TransformError("the pca-block rotation needs the block inputs' moments (calibration text)")
+    if rotation == "pca" and basis is None:
+        basis = global_pca_basis(moments)
     from .events import Reporter
     adapter = adapter_for(model)
     _check(model, adapter)
@@ -175,15 +262,20 @@ def transform(model, *, on_event=None) -> TransformInfo:
     _fold([head], final_norm.weight.data.double())
     final_norm.weight.data.fill_(1.0)
 
-    # 2. one basis per block, from the key matrix after folding
+    # 2. one basis per block, from the key matrix after folding (svd) or the block's inputs (pca)
     bases: list[torch.Tensor] = []
-    exact: list[torch.Tensor] = []          # the key matrices after rotation, exactly UΣ
-    for layer in layers:
-        for key in (adapter.attn_key, adapter.mlp_key):
-            v, rotated = _basis(lin(layer, key).weight.data)
+    exact: list[Optional[torch.Tensor]] = []    # svd: the key matrices after rotation, exactly UΣ
+    for i, layer in enumerate(layers):
+        for j, key in enumerate((adapter.attn_key, adapter.mlp_key)):
+            if rotation == "svd":
+                v, rotated = _basis(lin(layer, key).weight.data)
+            elif rotation == "pca-block":
+                v, rotated = pca_basis(moments[2 * i + j]), None
+            else:                               # the same object: no shortcut between blocks
+                v, rotated = (bases[0] if bases else basis.double()), None
             bases.append(v)
             exact.append(rotated)
-        rep.advance(layer=len(bases) // 2 - 1, message="SVD")
+        rep.advance(layer=i, message="SVD" if rotation == "svd" else "PCA basis")
 
     # 3. rotate, block by block
     n_short = 0
@@ -196,14 +288,14 @@ def transform(model, *, on_event=None) -> TransformInfo:
             q_next = bases[b + 1] if b + 1 < len(bases) else q
             key = adapter.attn_key if j == 0 else adapter.mlp_key
             for p in inputs:
-                if p == key:
+                if p == key and exact[b] is not None:
                     w = lin(layer, p).weight
                     w.data = exact[b].to(device=w.device, dtype=w.dtype)
                 else:
                     _rotate_inputs(lin(layer, p), q)
             _rotate_outputs(lin(layer, output), q_next)
             block = layer.get_submodule(block_name)
-            if b + 1 < len(bases):
+            if b + 1 < len(bases) and q_next is not q:
                 dev = lin(layer, output).weight.device
                 dtype = lin(layer, output).weight.dtype
                 block.register_buffer(SHORTCUT, (q_next.transpose(0, 1) @ q).to(device=dev, dtype=dtype),
@@ -215,7 +307,8 @@ def transform(model, *, on_event=None) -> TransformInfo:
     emb.weight.data = (emb.weight.data.double() @ bases[0].to(emb.weight.device)).to(emb.weight.dtype)
     _rotate_inputs(head, bases[-1])
 
-    info = TransformInfo(n_shortcuts=n_short, hidden_size=d, untied=untied)
+    info = TransformInfo(n_shortcuts=n_short, hidden_size=d, untied=untied, rotation=rotation,
+                         basis=bases[0].float().cpu() if rotation == "pca" else None)
     model._wina_transform = info
     return info
 

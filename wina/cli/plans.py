@@ -18,6 +18,9 @@ def calibrate_cmd(
     model: str = typer.Argument(..., help=EPILOG_MODEL),
     method: str = typer.Option("wina", "--method", "-m", help="teal | wina: the gating score to record."),
     transform: bool = O_TRANSFORM,
+    rotation: str = typer.Option("svd", "--rotation", help="The transform's rotation: svd (the seed's: "
+                                 "orthogonal columns of k/gate) | pca (activation PCA from the calibration "
+                                 "text, one basis, no decode cost; implies --transform)."),
     data: str = typer.Option("self", "--data", help="Calibration text: 'self' (model-generated, offline), "
                                                     "a .txt/.jsonl file, or a hub dataset such as tatsu-lab/alpaca."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Sequences (default: 16 for small "
@@ -34,6 +37,10 @@ def calibrate_cmd(
     from ..errors import InvalidArgument
     if method not in ("teal", "wina"):
         raise InvalidArgument(f"unknown calibration method {method!r}; choose teal or wina")
+    from ..api import ROTATIONS
+    if rotation not in ROTATIONS:
+        raise InvalidArgument(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+    transform = transform or rotation == "pca"
     if samples is not None and samples < 1:
         raise InvalidArgument(f"--samples must be at least 1, got {samples}")
     if seq_len is not None and seq_len < 8:
@@ -43,7 +50,7 @@ def calibrate_cmd(
     check_writable(out_plan, folder=True)               # before loading anything
     with ProgressRenderer() as r:
         loaded = _load(model, device, dtype, r)
-        plan = calibrate(loaded, out_plan, Calibration(method=method, transform=transform, source=data,
+        plan = calibrate(loaded, out_plan, Calibration(method=method, transform=transform, rotation=rotation, source=data,
                                                        samples=samples, seq_len=seq_len, weighted=weighted),
                          on_event=r)
     n = getattr(plan, "n_calibrated", None)
