@@ -33,7 +33,7 @@ dry-run: install
 	$(BIN)/wina run $(PRESET) --dry-run
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
