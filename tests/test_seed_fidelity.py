@@ -4,6 +4,7 @@ the greedy's error rule and step table, the perplexity protocol, and the presets
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -35,7 +36,10 @@ PINNED = {
     "epyc-avx2": {("dense", 0.0): 36.00201, ("teal", 0.25): 37.77228, ("wina", 0.25): 37.82035,
                   ("teal", 0.50): 62.36399, ("wina", 0.50): 62.28183},
 }
-CONFIGS = tuple(PINNED["issue 23"])
+# CI runs dense and the 50 % pair (where TEAL and WINA differ most); the 25 % figures stay pinned
+# above, and WINA_FULL_PINNED=1 checks them too (two more passes of 8192 tokens on one thread)
+CONFIGS = tuple(PINNED["issue 23"]) if os.environ.get("WINA_FULL_PINNED") else (
+    ("dense", 0.0), ("teal", 0.50), ("wina", 0.50))
 
 
 class _OfficialTopK:
