@@ -194,13 +194,15 @@ def test_gpu_sessions_graphs_equal_eager_and_one_copy():
     m.generation_config.eos_token_id = None
     _sparsify(m)
     w_bytes = sum(p.numel() * p.element_size() for p in m.parameters())
+    torch.cuda.synchronize()
+    other = torch.cuda.memory_allocated() - w_bytes    # what earlier tests in this process still hold
     dense, sparse = ChatSession.pair(m, Tok(), max_new_tokens=12, max_seq_len=256, one_copy=True,
                                      count_every=1, ignore_eos=True)
     assert dense.backend == "engine"
     dense.warm_up()
     sparse.warm_up()
     assert m.model.layers[0].self_attn.q_proj.weight.device.type == "cpu"     # the engine's copy only
-    assert torch.cuda.memory_allocated() < 1.6 * w_bytes
+    assert torch.cuda.memory_allocated() - other < 1.6 * w_bytes
     rs = [sparse.send(t) for t in TURNS]
     rd = [dense.send(t) for t in TURNS]
     assert all(r.tokens == 12 and r.ttft_s > 0 and r.decode_tokens_per_s > 0 for r in rs + rd)

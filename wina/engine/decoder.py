@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
@@ -526,24 +527,25 @@ class Engine:
         return q.reshape(t, nh * hd)
 
     def _attn_prefill(self, q: torch.Tensor, L: Layer, p0: int) -> torch.Tensor:
-        """Causal attention of T > 1 query rows at positions p0 .. over the cache."""
+        """Causal attention of T > 1 query rows at positions p0 .. over the cache. A later chat turn
+        (p0 > 0) is causal aligned to the bottom right, which SDPA's flash kernels take without a
+        mask tensor (a boolean mask sends it to a kernel planned per shape); grouped-query heads
+        are read in place (enable_gqa), not repeated over the whole cache."""
         t, nh, nkv, hd = q.shape[0], self.n_heads, self.n_kv, self.head_dim
         length = p0 + t
         qh = q.reshape(t, nh, hd).transpose(0, 1).unsqueeze(0)
         k, v = L.k_cache[:, :, :length], L.v_cache[:, :, :length]
-        if nh != nkv:
-            k = k.repeat_interleave(nh // nkv, dim=1)
-            v = v.repeat_interleave(nh // nkv, dim=1)
+        gqa = nh != nkv
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        if p0 == 0 and not L.window:
-            out = sdpa(qh, k, v, is_causal=True)
-        else:
+        if L.window:
             qpos = torch.arange(p0, length, device=q.device)[:, None]
             kpos = torch.arange(length, device=q.device)[None, :]
-            allowed = kpos <= qpos
-            if L.window:
-                allowed = allowed & (kpos > qpos - L.window)
-            out = sdpa(qh, k, v, attn_mask=allowed[None, None])
+            allowed = (kpos <= qpos) & (kpos > qpos - L.window)
+            out = sdpa(qh, k, v, attn_mask=allowed[None, None], enable_gqa=gqa)
+        elif p0 == 0:
+            out = sdpa(qh, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = sdpa(qh, k, v, attn_mask=causal_lower_right(t, length), enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(t, nh * hd)
 
     def _prefill_lin(self, x, g: Group, sparse: bool, dense_rows: int, ssq_in, res, act):
