@@ -407,15 +407,13 @@ class Engine:
         self._kept.zero_()
         self._count_rows = 0
 
-    def _count(self, g: Group, x, ssq_in, act, skip_rows: int = 0) -> None:
+    def _count(self, g: Group, x, ssq_in, act) -> None:
         """Add the inputs each segment of ``g`` keeps (|x_i|·c_i > t, as the kernels decide) to the
         device counters; graph-safe (no host sync). Launches that run dense keep everything and
         are accounted for when the counts are read."""
         if not g.gating:
             return
         xf = prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
-        if skip_rows:
-            xf = xf[skip_rows:]
         keep = (xf.abs().unsqueeze(1) * g.scales.unsqueeze(0)) > g.thresholds.view(1, -1, 1)
         self._kept[g.index, :len(g.projs)] += keep.sum((0, 2))
 
@@ -481,14 +479,14 @@ class Engine:
     # the forward: T tokens at positions pos .. pos+T-1 (prefill: T = prompt, decode: T = 1)
     # --------------------------------------------------------------------------------------------
     def _lin(self, x, g: Group, sparse: bool, dense_rows: int, *, ssq_in=None, res=None, act=0,
-             want_ssq=False, record=None):
+             want_ssq=False, record=None, count_from: Optional[int] = None):
         if record is not None:
             record(g, x, ssq_in, act)
         sp = sparse and g.gating
         if x.shape[0] > 1:
             # prefill: one (masked) matmul per segment in the model's dtype (cuBLAS on the GPU);
             # the multi-row Triton variants would each compile at their first prompt length
-            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act)
+            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act, count_from)
         kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
@@ -548,25 +546,29 @@ class Engine:
             out = sdpa(qh, k, v, attn_mask=causal_lower_right(t, length), enable_gqa=gqa)
         return out[0].transpose(0, 1).reshape(t, nh * hd)
 
-    def _prefill_lin(self, x, g: Group, sparse: bool, dense_rows: int, ssq_in, res, act):
+    def _prefill_lin(self, x, g: Group, sparse: bool, dense_rows: int, ssq_in, res, act,
+                     count_from: Optional[int] = None):
         """:func:`wina.kernels.gemv_reference` in the model's dtype (the same values), with the
-        sparse masks cheaper: |x| and the cast once per launch, one select per segment."""
+        sparse masks cheaper: the gates of every segment in one comparison [S, T, K], the cast
+        once, one select. ``count_from``: add the gates' decisions on the rows from there on to the
+        device counters (what :meth:`_count` adds, from the same comparison)."""
         k, n = g.wt.shape
         xf = prepare_input(x, k, ssq_in, self.eps, act)
         xc = xf.to(self.dtype)
         if not sparse:
             y = xc @ g.wt
         else:
-            xa = xf.abs()
-            edges = [0, *[int(b) for b in g.bounds], n]
-            outs = []
-            for j in range(len(edges) - 1):
-                keep = xa * g.scales[j] > g.thresholds[j]
-                if dense_rows:
-                    keep[:dense_rows] = True
-                outs.append(torch.where(keep, xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
-                            @ g.wt[:, edges[j]:edges[j + 1]])
-            y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+            keep = xf.abs().unsqueeze(0) * g.scales.unsqueeze(1) > g.thresholds.view(-1, 1, 1)
+            if count_from is not None:
+                self._kept[g.index, :len(g.projs)] += keep[:, count_from:].sum((1, 2))
+            if dense_rows:
+                keep[:, :dense_rows] = True
+            xm = torch.where(keep, xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
+            if not g.bounds:
+                y = xm[0] @ g.wt
+            else:
+                edges = [0, *[int(b) for b in g.bounds], n]
+                y = torch.cat([xm[j] @ g.wt[:, edges[j]:edges[j + 1]] for j in range(len(edges) - 1)], dim=-1)
         if g.bias is not None or res is not None:
             yf = y.float()
             if g.bias is not None:
@@ -580,7 +582,10 @@ class Engine:
         return y, (yf * yf).sum(-1, keepdim=True)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
-                 record=None, start: Optional[int] = None, last_only: bool = False) -> torch.Tensor:
+                 record=None, start: Optional[int] = None, last_only: bool = False,
+                 count_from: Optional[int] = None) -> torch.Tensor:
+        """Logits of ``ids`` at positions ``pos`` ..; ``record``: a decode step's hook on each launch's
+        input; ``count_from``: a prefill counts its gates from that row on (see :meth:`prefill`)."""
         if ids.shape[0] > 1 and start is None:
             start = int(pos.reshape(-1)[0])
         h = self.embed.index_select(0, ids)
@@ -596,21 +601,25 @@ class Engine:
                               bounds=g.bounds, bias=g.bias, ssq_in=ssq, eps=self.eps,
                               sparse=sparse and g.gating)
             else:
-                qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record)
+                qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record,
+                                   count_from=count_from)
                 q = self._rope_prefill(qkv, L, start)
             att = (attn_decode(q, L.k_cache, L.v_cache, pos, L.window) if ids.shape[0] == 1
                    else self._attn_prefill(q, L, start))
             if L.s_attn is None:
-                h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, record=record)
+                h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, record=record,
+                                     count_from=count_from)
             else:
-                delta, _ = self._lin(att, L.o, sparse, dense_rows, record=record)
+                delta, _ = self._lin(att, L.o, sparse, dense_rows, record=record, count_from=count_from)
                 h, ssq = gemv(h, L.s_attn, res=delta, want_ssq=True)
-            gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, record=record)
+            gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, record=record,
+                                   count_from=count_from)
             if L.s_mlp is None:
                 h, ssq = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, res=h, want_ssq=True,
-                                   record=record)
+                                   record=record, count_from=count_from)
             else:
-                delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, record=record)
+                delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, record=record,
+                                     count_from=count_from)
                 h, ssq = gemv(h, L.s_mlp, res=delta, want_ssq=True)
         if last_only:                          # a prompt needs the next token's logits only
             h, ssq = h[-1:], ssq[-1:]
@@ -642,15 +651,15 @@ class Engine:
         d0 = min(t, max(0, self._dense_rows(start + t) - start))
         x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
         pos = torch.tensor([start], dtype=torch.long, device=self.device)
-        record = None
+        record, count_from = None, None
         if count and sparse:
             if t > 1:
-                record = lambda g, xx, ssq, act: self._count(g, xx, ssq, act, d0)  # noqa: E731
+                count_from = d0
             else:
                 record = self._count
             self._count_rows += t - d0 if t > 1 else 1
         return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record, start=start,
-                             last_only=last_only)
+                             last_only=last_only, count_from=count_from)
 
     # --------------------------------------------------------------------------------------------
     # decode step, CUDA graph
