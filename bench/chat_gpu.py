@@ -89,7 +89,7 @@ if not args.skip_tests:
 
 if not args.skip_probe:
     stamp("probe: gate-count cost and 512-token prefill")
-    from wina.bench import random_model, shape_config, weight_bytes  # noqa: E402
+    from wina.bench import engine_thresholds, random_model, shape_config, weight_bytes  # noqa: E402
     from wina.engine import Engine  # noqa: E402
     from wina.sparsify import sparsify  # noqa: E402
     cfg = shape_config(args.shape, args.layers)
@@ -102,7 +102,7 @@ if not args.skip_probe:
     torch.cuda.empty_cache()
     g = torch.Generator().manual_seed(0)
     ctx = torch.randint(0, cfg.vocab_size, (2048,), generator=g).tolist()
-    eng.set_sparsity(eng.calibrate(ctx[:512], 0.5))
+    eng.set_sparsity(engine_thresholds(eng, ctx[:512], 0.5))
     probe = {}
     for every in (0, 8, 1):
         eng.generate(ctx[:64], 8, stop=(), count_every=every)            # capture

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from wina import bench  # noqa: E402
 from wina.engine import Engine  # noqa: E402
 from wina.kernels import GemvConfig, set_role_config  # noqa: E402
-from wina.kernels import config as K  # noqa: E402
+from wina.kernels.config import clear_shape_configs  # noqa: E402
 
 ROLES = ("attn_in", "o", "mlp_in", "down")
 CANDIDATES = {
@@ -63,13 +63,11 @@ def use(assign: dict) -> None:
 
 
 def tps(eng, ids) -> float:
-    eng._graphs.clear()
-    eng._static_logits.clear()
-    return bench._engine_tps(eng, ids, args.new, sparse=True)["decode_tokens_per_s"]
+    eng.drop_cache(eng.cache)      # the configs are baked into a capture: capture again
+    return bench.engine_tps(eng, ids, args.new, sparse=True)["decode_tokens_per_s"]
 
 
-for key in [k for k in K._CONFIGS if len(k) == 3 and k[2]]:     # exact-shape sparse entries off
-    del K._CONFIGS[key]
+clear_shape_configs(sparse=True)                                 # exact-shape sparse entries off
 models = args.models.split(",")
 base = {r: "base" for r in ROLES}
 probe = {}
@@ -77,12 +75,12 @@ for mname in models:
     stamp(f"{mname}: building")
     cfg = bench.shape_config(mname, args.layers)
     model = bench.random_model(cfg, args.device, torch.bfloat16 if args.device == "cuda" else torch.float32, 0)
-    eng = Engine.from_model(model, scales=bench._scales_for(model, "wina"), max_seq_len=PROMPT + args.new + 8,
+    eng = Engine.from_model(model, scales=bench.scales_for(model, "wina"), max_seq_len=PROMPT + args.new + 8,
                             use_sparsifier=False)
     del model
     torch.cuda.empty_cache()
     ids = torch.randint(0, cfg.vocab_size, (PROMPT,), generator=torch.Generator().manual_seed(0)).tolist()
-    eng.set_sparsity(eng.calibrate(ids, args.sparsity))
+    eng.set_sparsity(bench.engine_thresholds(eng, ids, args.sparsity))
     use(base)
     rec = {"base": tps(eng, ids)}
     for role in ROLES:

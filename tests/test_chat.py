@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from wina.bench import engine_thresholds
 from wina.chat import ChatSession, Reply
 from wina.engine import Engine
 from wina.events import Progress
@@ -58,7 +59,7 @@ TURNS = ["hello there how are you", "tell me about the city of lights", "and the
 
 
 def _sparsify(m, dense_prefix=0.0):
-    thr = Engine.from_model(m, max_seq_len=64).calibrate(list(range(3, 40)), 0.5)
+    thr = engine_thresholds(Engine.from_model(m, max_seq_len=64), list(range(3, 40)), 0.5)
     return sparsify(m, "wina", 0.5, gating="threshold", thresholds=thr, dense_prefix=dense_prefix)
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
+from wina.bench import engine_sparsity, engine_thresholds
 from wina.engine import Engine
 from wina.generate import engine_available, engine_for, engine_stream_generate
 from wina.errors import Cancelled, InvalidArgument
@@ -59,7 +60,7 @@ def test_sparse_logits_equal_sparsified_transformers(kind, transformed):
     if transformed:
         transform(m)
     ids = ids_for(20, seed=2)
-    thr = Engine.from_model(m, max_seq_len=48).calibrate(ids[0].tolist(), 0.5)
+    thr = engine_thresholds(Engine.from_model(m, max_seq_len=48), ids[0].tolist(), 0.5)
     sp = sparsify(m, "wina", 0.5, gating="threshold", thresholds=thr)
     ref = m(ids).logits[0]
     with sp.paused():
@@ -88,11 +89,11 @@ def test_explicit_thresholds_and_set_sparsity():
     ids = ids_for(12, seed=4)[0].tolist()
     eng = Engine.from_model(m, max_seq_len=32)
     assert not eng.sparse
-    thr = eng.calibrate(ids, 0.4)
+    thr = engine_thresholds(eng, ids, 0.4)
     assert len(thr) == 2 * 7
     eng.set_sparsity(thr)
     assert eng.sparse
-    s = eng.measure_sparsity(ids)
+    s = engine_sparsity(eng, ids)
     assert 0.2 < s < 0.6
     eng.set_sparsity(None)
     assert not eng.sparse
@@ -124,7 +125,7 @@ def test_zero_thresholds_run_the_dense_kernel():
     ids = ids_for(12, seed=9)[0]
     eng = Engine.from_model(m, max_seq_len=32)
     dense = eng.forward_logits(ids, prefill_len=6, sparse=False)
-    thr = eng.calibrate(ids.tolist(), 0.5)
+    thr = engine_thresholds(eng, ids.tolist(), 0.5)
     zero = {k: 0.0 for k in thr}
     eng.set_sparsity(zero)
     assert eng.sparse and not any(g.gating for _, g in eng.groups())
@@ -191,7 +192,7 @@ def test_chat_glue_on_cpu():
     # engine_for builds once per model and follows the attached sparsifier
     e1 = engine_for(m, max_seq_len=32)
     assert engine_for(m, max_seq_len=32) is e1 and not e1.sparse
-    thr = e1.calibrate([1, 2, 3, 4, 5, 6], 0.5)
+    thr = engine_thresholds(e1, [1, 2, 3, 4, 5, 6], 0.5)
     sp = sparsify(m, "teal", 0.5, gating="threshold", thresholds=thr)
     assert engine_for(m, max_seq_len=32) is e1 and e1.sparse
     sp.remove()
@@ -236,7 +237,7 @@ def test_gpu_sparse_engine_matches_sparsified_model():
     m32 = _gpu_model("llama").float()
     m16 = _gpu_model("llama")
     ids = ids_for(40, vocab=4096, seed=12).cuda()
-    thr = Engine.from_model(m32, max_seq_len=64).calibrate(ids[0].tolist(), 0.5)
+    thr = engine_thresholds(Engine.from_model(m32, max_seq_len=64), ids[0].tolist(), 0.5)
     sp32 = sparsify(m32, "wina", 0.5, gating="threshold", thresholds=thr)
     sp16 = sparsify(m16, "wina", 0.5, gating="threshold", thresholds=thr)
     with torch.no_grad():
@@ -287,7 +288,7 @@ def test_engine_gate_counts_equal_the_sparsifier_counts():
 
         def decode(self, ids, skip_special_tokens=True):
             return " ".join(str(i) for i in ids)
-    thr = Engine.from_model(m, max_seq_len=32).calibrate([1, 2, 3, 4, 5, 6], 0.5)
+    thr = engine_thresholds(Engine.from_model(m, max_seq_len=32), [1, 2, 3, 4, 5, 6], 0.5)
     sp = sparsify(m, "teal", 0.5, gating="threshold", thresholds=thr, dense_prefix=0.0)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     sp.reset_counters()
@@ -304,7 +305,7 @@ def test_engine_gate_counts_equal_the_sparsifier_counts():
     counted = sp.measured()
     assert all(abs(counted[k] - portable[k]) < 0.02 for k in portable)
     assert 0.2 < sp.measured_sparsity() < 0.8
-    assert abs(c["sparsity"] - eng.measure_sparsity(ids[0].tolist() + r.tokens[:-1])) < 0.02
+    assert abs(c["sparsity"] - engine_sparsity(eng, ids[0].tolist() + r.tokens[:-1])) < 0.02
     # every 4th decode step: rows 5 + steps 0 and 4
     eng.reset_counts()
     eng.generate(ids, 6, stop=(), count_every=4)
@@ -340,7 +341,7 @@ def test_prefill_linear_equals_the_kernel_reference(dtype):
     from wina.kernels import ACT_SILU_MUL, gemv_reference
     m = tiny("qwen2").to(dtype)                        # q/k/v biases
     e = Engine.from_model(m, max_seq_len=64)
-    e.set_sparsity(e.calibrate(list(range(3, 40)), 0.5))
+    e.set_sparsity(engine_thresholds(e, list(range(3, 40)), 0.5))
     torch.manual_seed(3)
     for g in (e.layers[0].attn_in, e.layers[1].mlp_in, e.layers[0].down, e.layers[1].o):
         k = g.wt.shape[0]

@@ -125,7 +125,9 @@ def _hf_generate_tps(model, prompt: torch.Tensor, new_tokens: int) -> dict:
     return {"tokens": int(n), "seconds": dt, "tokens_per_s": n / dt}
 
 
-def _engine_tps(engine, prompt: list[int], new_tokens: int, sparse: bool, repeats: int = 2) -> dict:
+def engine_tps(engine, prompt: list[int], new_tokens: int, sparse: bool, repeats: int = 2) -> dict:
+    """Decode speed of ``engine`` after ``prompt``: a short warm-up generate (it captures the graph),
+    then the best of ``repeats`` generates of ``new_tokens`` (eos ignored)."""
     engine.generate(prompt, min(8, new_tokens), sparse=sparse, stop=())   # capture + warm up
     best = None
     runs = []
@@ -149,11 +151,67 @@ def weight_bytes(engine) -> int:
     return n * engine.head.element_size()
 
 
-def _scales_for(model, method: str) -> dict:
+def scales_for(model, method: str) -> dict:
+    """The engine's score scales for ``method``: WINA's column norms of each projection's weight
+    ({(layer, proj): [K]}), none for TEAL (|x| alone)."""
     from .adapters import iter_projections
     if method == "teal":
         return {}
     return {(l, p): lin.weight.detach().float().norm(dim=0) for l, p, lin in iter_projections(model)}
+
+
+# ------------------------------------------------------------------------------------------------
+# thresholds and sparsity of an engine (benchmarks on random weights: no calibration plan)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def engine_thresholds(engine, ids: Sequence[int], sparsity: float) -> dict[tuple[int, str], float]:
+    """Per-matrix thresholds for ``engine`` such that a fraction ``sparsity`` of the scores
+    |x_i|·c_i seen in a dense forward of ``ids`` falls at or below them (uniform sparsity); give
+    them to :meth:`wina.engine.Engine.set_sparsity`."""
+    from .kernels import prepare_input
+    if not 0.0 <= sparsity < 1.0:
+        raise InvalidArgument(f"sparsity must be in [0, 1), got {sparsity}")
+    neg_inf = float("-inf")
+    out: dict[tuple[int, str], float] = {}
+
+    def record(g, x, ssq_in, act):
+        xf = prepare_input(x, g.wt.shape[0], ssq_in, engine.eps, act)
+        for j, p in enumerate(g.projs):
+            sc = xf.abs() * g.scales[j]
+            sc = (sc if g.live[j] is None else sc[:, g.live[j]]).flatten()
+            if sc.numel() > 8_000_000:
+                sc = sc[torch.randperm(sc.numel(), device=sc.device)[:8_000_000]]
+            out[(g.layer, p)] = float(torch.quantile(sc.float(), sparsity)) if sparsity > 0 else neg_inf
+
+    x = torch.tensor(list(ids), dtype=torch.long, device=engine.device)
+    pos = torch.zeros(1, dtype=torch.long, device=engine.device)
+    engine._forward(x, pos, False, 0, record=record)
+    return {k: v for k, v in out.items() if v != neg_inf}
+
+
+@torch.no_grad()
+def engine_sparsity(engine, ids: Sequence[int]) -> float:
+    """Fraction of the sparsifiable weight bytes a token skips in ``engine`` at its current
+    thresholds, averaged over a sparse forward of ``ids`` (each matrix weighted by its size; rows of
+    the dense prefix excluded)."""
+    from .kernels import prepare_input
+    num = den = 0.0
+    d0 = engine._dense_rows(len(ids))
+
+    def record(g, x, ssq_in, act):
+        nonlocal num, den
+        xf = prepare_input(x, g.wt.shape[0], ssq_in, engine.eps, act)[d0:]
+        edges = [0, *g.bounds, g.wt.shape[1]]
+        for j in range(len(g.projs)):
+            n_out = edges[j + 1] - edges[j]
+            keep = (xf.abs() * g.scales[j] > g.thresholds[j]).float().mean()
+            num += float(1.0 - keep) * n_out * g.wt.shape[0]
+            den += n_out * g.wt.shape[0]
+
+    x = torch.tensor(list(ids), dtype=torch.long, device=engine.device)
+    pos = torch.zeros(1, dtype=torch.long, device=engine.device)
+    engine._forward(x, pos, True, d0, record=record)
+    return num / den if den else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -449,7 +507,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
             if hf_new > 0:
                 emit(Progress("bench", mi, len(models), message=f"{spec}: transformers generate"))
                 rec["hf"] = _hf_generate_tps(model, prompt.to(device), hf_new)
-            scales = _scales_for(model, method)
+            scales = scales_for(model, method)
             eng = Engine.from_model(model, scales=scales, max_seq_len=prompt_len + new_tokens + 8,
                                     use_sparsifier=False)
             rec["params"] = sum(p.numel() for p in model.parameters())
@@ -461,16 +519,16 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
             rec["floor_tokens_per_s"] = bw / wb
             ids = prompt[0].tolist()
             emit(Progress("bench", mi, len(models), message=f"{spec}: dense engine"))
-            rec["dense"] = _engine_tps(eng, ids, new_tokens, sparse=False)
+            rec["dense"] = engine_tps(eng, ids, new_tokens, sparse=False)
             rec["dense"]["of_floor"] = rec["dense"]["decode_tokens_per_s"] / rec["floor_tokens_per_s"]
             sparsifiable = sum(gr.wt.numel() for _, gr in eng.groups()) * eng.head.element_size()
             rec["sparse"] = {}
             for s in sparsities:
                 emit(Progress("bench", mi, len(models), message=f"{spec}: sparse {s:.0%}"))
-                thr = eng.calibrate(ids, float(s))
+                thr = engine_thresholds(eng, ids, float(s))
                 eng.set_sparsity(thr)
-                r = _engine_tps(eng, ids, new_tokens, sparse=True)
-                r["realized_sparsity"] = eng.measure_sparsity(ids)
+                r = engine_tps(eng, ids, new_tokens, sparse=True)
+                r["realized_sparsity"] = engine_sparsity(eng, ids)
                 r["speedup_vs_dense"] = r["decode_tokens_per_s"] / rec["dense"]["decode_tokens_per_s"]
                 floor_bytes = wb - sparsifiable * r["realized_sparsity"]
                 r["floor_tokens_per_s"] = bw / floor_bytes
@@ -609,7 +667,7 @@ def _threshold_sparsifier(model, method: str, sparsity: float, ids: list[int], m
     scales = tmp_sp.scales
     tmp_sp.remove()
     tmp = Engine.from_model(model, scales=scales, max_seq_len=max(len(ids) + 8, 64), use_sparsifier=False)
-    thr = tmp.calibrate(ids, sparsity)
+    thr = engine_thresholds(tmp, ids, sparsity)
     del tmp
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

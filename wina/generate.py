@@ -40,14 +40,10 @@ def chat_input_ids(tokenizer, messages: Sequence[dict]) -> torch.Tensor:
 
 
 def _eos_ids(tokenizer, model=None) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), tokenizer):
-        e = getattr(src, "eos_token_id", None)
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return ids
+    """The ids that end a reply here: the model's generation config's and the tokenizer's eos ids
+    (:func:`wina.engine.decoder.eos_ids`, the one rule for reading them)."""
+    from .engine.decoder import eos_ids
+    return eos_ids(getattr(model, "generation_config", None), tokenizer)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: Optional[torch.Generator]) -> int:

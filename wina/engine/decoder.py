@@ -158,15 +158,23 @@ def _rope_tables(model, config, head_dim: int, s_max: int, device, dtype):
     return emb.cos().to(dtype).float().contiguous(), emb.sin().to(dtype).float().contiguous()
 
 
-def _eos_from(model) -> set[int]:
-    out = set()
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+def eos_ids(*sources) -> set[int]:
+    """The end-of-sequence token ids that ``sources`` name (a generation config, a model config, a
+    tokenizer: each one's ``eos_token_id``, an int or a list of ints; None, or no such attribute,
+    names none). The one rule for eos ids: :mod:`wina.generate` and :mod:`wina.chat` use it too."""
+    out: set[int] = set()
+    for src in sources:
         e = getattr(src, "eos_token_id", None)
         if isinstance(e, int):
             out.add(e)
         elif isinstance(e, (list, tuple)):
             out.update(int(v) for v in e)
     return out
+
+
+def _eos_from(model) -> set[int]:
+    """The engine's stop ids: those of the model's generation config and its config."""
+    return eos_ids(getattr(model, "generation_config", None), getattr(model, "config", None))
 
 
 class Engine:
@@ -456,7 +464,7 @@ class Engine:
     def gate_counts(self) -> dict:
         """The counts since :meth:`reset_counts` (one device read): ``rows`` (token positions
         counted), ``sparsity`` (fraction of the sparsifiable weight bytes skipped, each matrix
-        weighted by its size, as :meth:`measure_sparsity`; None when nothing was counted) and
+        weighted by its size, as :func:`wina.bench.engine_sparsity`; None when nothing was counted) and
         ``per_matrix`` {(layer, proj): fraction of inputs skipped}."""
         rows = self._count_rows
         if rows <= 0:
@@ -874,52 +882,3 @@ class Engine:
         if pending is not None:
             events[pending].synchronize()
             emit(int(host[pending][0]))
-
-    # --------------------------------------------------------------------------------------------
-    # calibration (for benchmarks on random weights): thresholds that reach a target sparsity
-    # --------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def calibrate(self, ids: Sequence[int], sparsity: float) -> dict[Key, float]:
-        """Per-matrix thresholds such that a fraction ``sparsity`` of the scores |x_i|·c_i seen
-        in a dense forward of ``ids`` falls at or below them (uniform sparsity)."""
-        if not 0.0 <= sparsity < 1.0:
-            raise InvalidArgument(f"sparsity must be in [0, 1), got {sparsity}")
-        out: dict[Key, float] = {}
-
-        def record(g: Group, x, ssq_in, act):
-            xf = prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)
-            for j, p in enumerate(g.projs):
-                sc = xf.abs() * g.scales[j]
-                sc = (sc if g.live[j] is None else sc[:, g.live[j]]).flatten()
-                if sc.numel() > 8_000_000:
-                    sc = sc[torch.randperm(sc.numel(), device=sc.device)[:8_000_000]]
-                out[(g.layer, p)] = float(torch.quantile(sc.float(), sparsity)) if sparsity > 0 else NEG_INF
-
-        x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
-        pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._forward(x, pos, False, 0, record=record)
-        return {k: v for k, v in out.items() if v != NEG_INF}
-
-    @torch.no_grad()
-    def measure_sparsity(self, ids: Sequence[int]) -> float:
-        """Fraction of the sparsifiable weight bytes a token skips, averaged over a sparse forward of
-        ``ids`` (each matrix weighted by its size; rows of the dense prefix excluded)."""
-        num = den = 0.0
-        t = len(ids)
-        d0 = self._dense_rows(t)
-
-        def record(g: Group, x, ssq_in, act):
-            nonlocal num, den
-            xf = prepare_input(x, g.wt.shape[0], ssq_in, self.eps, act)[d0:]
-            edges = [0, *g.bounds, g.wt.shape[1]]
-            for j in range(len(g.projs)):
-                n_out = edges[j + 1] - edges[j]
-                keep = (xf.abs() * g.scales[j] > g.thresholds[j]).float().mean()
-                num += float(1.0 - keep) * n_out * g.wt.shape[0]
-                den += n_out * g.wt.shape[0]
-
-        x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
-        pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._forward(x, pos, True, d0, record=record)
-        return num / den if den else 0.0
-

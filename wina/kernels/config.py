@@ -69,6 +69,14 @@ def set_config(k: int, n: int, cfg: GemvConfig, sparse: Optional[bool] = None) -
     _CONFIGS[key] = cfg
 
 
+def clear_shape_configs(sparse: Optional[bool] = None) -> None:
+    """Forget the exact-shape entries (:func:`set_config` and the tuned ones above) that are keyed
+    for the sparse or the dense variant only, per ``sparse``; None: every exact-shape entry. Such
+    launches then take their role's config (a probe that times role configs on those shapes)."""
+    for key in [k for k in _CONFIGS if sparse is None or (len(k) == 3 and k[2] == bool(sparse))]:
+        del _CONFIGS[key]
+
+
 def set_role_config(role: str, cfg: GemvConfig, sparse: bool) -> None:
     """Use ``cfg`` for the decode step's ``role`` launches (one of :data:`ROLES`), dense or sparse,
     on every shape without an exact entry."""
