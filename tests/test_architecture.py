@@ -99,13 +99,27 @@ def test_library_never_imports_the_app():
 
 def _front_end_files():
     yield from (REPO / "wina_tui").rglob("*.py")
-    cli = REPO / "wina" / "cli"
-    yield from (cli.rglob("*.py") if cli.is_dir() else [REPO / "wina" / "cli.py"])
+    yield from (REPO / "wina" / "cli").rglob("*.py")
+    yield REPO / "wina" / "runner.py"             # the preset runner, behind `wina run`
+
+
+FRONT_ENDS = ("wina.cli", "wina.runner")          # front-ends may drive each other (`wina run`)
 
 
 def test_front_ends_use_only_the_api():
     for p in _front_end_files():
-        deep = {i for i in _imports(p) if i.startswith("wina.") and not i.startswith("wina.cli")
+        deep = {i for i in _imports(p) if i.startswith("wina.") and not i.startswith(FRONT_ENDS)
                 and i not in FRONT_ALLOWED and not any(i.startswith(a + ".") for a in FRONT_ALLOWED)}
         deep = {i for i in deep if i.rpartition(".")[0] not in FRONT_ALLOWED}
         assert not deep, f"{p.relative_to(REPO)} reaches below wina.api: {sorted(deep)}"
+
+
+def test_the_library_never_imports_a_front_end():
+    """The pipeline and everything under it work without the front-ends: nothing in wina/ outside
+    them imports the CLI or the runner."""
+    fronts = set(_front_end_files())
+    for p in (REPO / "wina").rglob("*.py"):
+        if p in fronts:
+            continue
+        bad = {i for i in _imports(p) if i.startswith(FRONT_ENDS)}
+        assert not bad, f"{p.relative_to(REPO)} imports the front-end {sorted(bad)}"

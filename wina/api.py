@@ -1,11 +1,12 @@
 """The one way in: what the front-ends (the ``wina`` commands, the TUI) use of the library.
 
 The pipeline itself — load, calibrate, allocate, apply, evaluate, perplexity — is :mod:`wina.pipeline`
-(one file, read it top to bottom); this module adds what sits around it: presets and the runner that
-executes them, results files and the comparison table, the chat session, the benchmarks, the task
-and data-folder rules, and the library's errors and progress events. A front-end imports from here
-(and :mod:`wina.errors`, :mod:`wina.events`) and nothing deeper; ``tests/test_architecture.py``
-keeps it so.
+(one file, read it top to bottom); this module adds what sits around it: presets, results files and
+the comparison table, the chat session, the benchmarks, the task and data-folder rules, the files
+helpers (atomic writes, locks), and the library's errors and progress events. The front-ends — the
+``wina`` commands (:mod:`wina.cli`), the preset runner (:mod:`wina.runner`, behind ``wina run``)
+and the TUI — import from here (and :mod:`wina.errors`, :mod:`wina.events`) and nothing deeper;
+``tests/test_architecture.py`` keeps it so.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, Plan
                      TransformError, UnsupportedArchitecture, WinaError, user_error)
 from .evaluate import _check_limit as check_limit  # noqa: F401
 from .events import CancelToken, Progress, ProgressCallback, format_duration  # noqa: F401
-from .files import check_writable, locked, write_json, write_text as atomic_write_text  # noqa: F401
+from .files import (check_writable, locked, recover_folder, replace_folder, sweep_temps,  # noqa: F401
+                    write_json, write_text as atomic_write_text)
 from .generate import Generation, chat_input_ids, generation_backend, stream_generate, stream_reply, warm_up  # noqa: F401
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
@@ -29,9 +31,8 @@ from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, alloc
                        apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, sparse_options)
 from .plan import Plan  # noqa: F401
 from .plan_meta import PLAN_ROTATIONS as ROTATIONS  # noqa: F401
-from .presets import Preset, PresetError, list_presets, load_preset  # noqa: F401
+from .presets import Preset, PresetError, Variant, list_presets, load_preset  # noqa: F401
 from .results import Run, load_run, load_runs  # noqa: F401
-from .runner import default_out_dir, describe, plan_steps, run_eval_step, run_preset  # noqa: F401
 from .scores import BINS_PER_OCTAVE, LO_EXP, N_BINS, matrix_threshold  # noqa: F401
 from .sparsify import GATINGS, METHODS, Sparsifier, sparsify  # noqa: F401
 from .tasks import TASKS, check_local, known_tasks, parse_tasks, read_docs  # noqa: F401

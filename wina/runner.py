@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from .errors import DataError, InvalidArgument, WinaError
-from .files import write_text
-from .events import CancelToken, ProgressCallback
-from .presets import Preset, PresetError, Variant
+from . import api
+from .api import Preset, PresetError, Variant
+from .errors import DataError, InvalidArgument, PlanError, WinaError
+from .events import CancelToken, Progress, ProgressCallback
 
 CALIBRATE, ALLOCATE, EVAL, COMPARE = "calibrate", "allocate", "eval", "compare"
 
@@ -164,14 +164,13 @@ class Summary:
 # --- plan.json reading (no torch) ------------------------------------------------------------------
 
 def _plan_json(path: Path) -> Optional[dict]:
-    f = path / "plan.json"
-    if not f.is_file():
+    """The plan's checked metadata, or None where there is no usable plan (the step runs)."""
+    if not (path / "plan.json").is_file():
         return None
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return api.plan_info(path)
+    except (PlanError, OSError):
         return None
-    return d if isinstance(d, dict) else None
 
 
 def _calibrated(meta: dict) -> bool:
@@ -221,7 +220,7 @@ def _ledger(root: Path) -> dict:
 def _record(step: Step) -> None:
     led = _ledger(step.root)
     led[step.rel] = {"key": step.key, "settings": step.settings()}
-    write_text(Path(step.root) / LEDGER, json.dumps(led, indent=1, sort_keys=True, default=str) + "\n")
+    api.atomic_write_text(Path(step.root) / LEDGER, json.dumps(led, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -278,9 +277,7 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
 def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, str]:
     """What a dry run shows about a preset, after resolving and checking what can be checked cheaply
     (model spec, data folder, task names and files, calibration file, perplexity text)."""
-    from . import tasks as _tasks
-    from .models import resolve_source
-    kind, path = resolve_source(preset.model)
+    kind, path = api.resolve_source(preset.model)
     info: dict[str, str] = {"model": f"{preset.model} ({kind})"}
     if preset.description:
         info["description"] = preset.description
@@ -305,7 +302,7 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
     info["gating"] = e.gating
     lim = limit if limit is not None else e.limit
     if e.tasks:
-        names = _tasks.parse_tasks(e.tasks)
+        names = api.parse_tasks(e.tasks)
         try:
             src = preset.data_source(lim)
         except DataError as err:
@@ -316,10 +313,10 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
         if src is None:
             pass
         elif src.path is not None:
-            _tasks.check_local(names, src.path)
+            api.check_local(names, src.path)
             where = src.label
         else:
-            hub = [n for n in names if n not in _tasks.TASKS]
+            hub = [n for n in names if n not in api.TASKS]
             where = "lm-eval hub datasets" + (f" ({', '.join(hub)}: checked when run)" if hub else "")
         if src is not None:
             info["tasks"] = f"{', '.join(names)} from {where}"
@@ -365,8 +362,7 @@ class _Model:
         if info is not None and (not transform or info.rotation != rotation):
             self.release()
         if self.loaded is None:
-            from . import pipeline
-            self.loaded = pipeline.load(self.preset.model, device=resolve_device(self.preset, self.device),
+            self.loaded = api.load(self.preset.model, device=resolve_device(self.preset, self.device),
                                    dtype=self.preset.dtype, on_event=on_event)
         return self.loaded
 
@@ -391,22 +387,19 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
     if procs < 1:
         raise InvalidArgument(f"procs must be at least 1, got {procs}")
     if limit is not None:
-        from .evaluate import _check_limit
-        limit = _check_limit(limit)
+        limit = api.check_limit(limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
     describe(preset, limit)                          # fail early on a bad path / task / data folder
-    from .files import check_writable, locked
-    check_writable(out, folder=True)
-    with locked(out, f"run folder {out}"):
-        from .files import sweep_temps
-        sweep_temps(out)                             # what a killed run left half-written
+    api.check_writable(out, folder=True)
+    with api.locked(out, f"run folder {out}"):
+        api.sweep_temps(out)                             # what a killed run left half-written
         return _run_steps(preset, out, limit, device, on_step, on_event, cancel, renderer, procs)
 
 
 def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, cancel, renderer,
                procs: int) -> Summary:
     steps = plan_steps(preset, out, limit=limit)
-    write_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
+    api.atomic_write_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
     summary = Summary(out)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
@@ -448,9 +441,8 @@ def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, canc
         summary.ran.append(step)
         summary.seconds[step.title] = time.perf_counter() - t0
         notify(step, "done")
-    from .results import load_run
     compare = next(s for s in steps if s.kind == COMPARE)
-    summary.runs = [load_run(p) for p in compare.inputs if p.is_file()]
+    summary.runs = [api.load_run(p) for p in compare.inputs if p.is_file()]
     summary.compare_path = compare.output if compare.output.is_file() else None
     summary.total_s = time.perf_counter() - t_start
     return summary
@@ -459,28 +451,24 @@ def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, canc
 def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
     """Calibrate into the plan folder; a plan made with other settings is replaced only once the new
     calibration is complete (it is made beside it, in ``<variant>.new``, which a rerun resumes)."""
-    from . import pipeline
-    from .files import recover_folder, replace_folder
     v = step.variant
-    recover_folder(step.output)
+    api.recover_folder(step.output)
     fresh = not step.output.exists() or getattr(step, "why", None) is None
     work = step.output if fresh else step.output.with_name(step.output.name + ".new")
-    pipeline.calibrate(holder.get(v.transform, on_event, v.rotation), work, calibration_of(preset, v),
+    api.calibrate(holder.get(v.transform, on_event, v.rotation), work, calibration_of(preset, v),
                   on_event=on_event, cancel=cancel)
     if work != step.output:
-        replace_folder(work, step.output)
+        api.replace_folder(work, step.output)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
-    from . import pipeline
-    pipeline.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output, allocation_of(preset),
+    api.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output, allocation_of(preset),
                  on_event=on_event, cancel=cancel)
 
 
 def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:
-    from . import pipeline
     v = step.variant
-    pipeline.evaluate(holder.get(v.transform, on_event, v.rotation), options_of(preset, step), evaluation_of(preset, limit),
+    api.evaluate(holder.get(v.transform, on_event, v.rotation), options_of(preset, step), evaluation_of(preset, limit),
                  out=step.output, on_event=on_event, cancel=cancel,
                  extra={"preset": preset.name, "variant": v.name,
                         "preset_file": str(preset.path) if preset.path else None})
@@ -489,33 +477,29 @@ def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cance
 # --- a preset's settings as the pipeline's (the one translation) ---------------------------------
 
 def calibration_of(preset: Preset, v: Variant):
-    from .pipeline import Calibration
     c = preset.calibration
-    return Calibration(method=v.method, transform=v.transform, rotation=v.rotation,
+    return api.Calibration(method=v.method, transform=v.transform, rotation=v.rotation,
                        source=preset.resolved_source(), samples=c.samples, seq_len=c.seq_len, weighted=c.weighted)
 
 
 def allocation_of(preset: Preset):
-    from .pipeline import Allocation
     a = preset.allocation
-    return Allocation(mode=a.mode, max_sparsity=a.max_sparsity, step=a.step, samples=a.samples,
+    return api.Allocation(mode=a.mode, max_sparsity=a.max_sparsity, step=a.step, samples=a.samples,
                       seq_len=a.seq_len, **_protocol(a, ("error", "step_norm")))
 
 
 def options_of(preset: Preset, step: Step):
-    from .pipeline import SparseOptions
     v, e = step.variant, preset.eval
-    return SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
+    return api.SparseOptions(method=v.method, sparsity=step.sparsity or 0.0, transform=v.transform,
                          rotation=v.rotation, gating=e.gating if v.method != "dense" else "topk",
                          weighted=preset.calibration.weighted,
                          plan=str(step.inputs[0]) if v.needs_plan else None)
 
 
 def evaluation_of(preset: Preset, limit=None):
-    from .pipeline import Evaluation
     e = preset.eval
     lim = limit if limit is not None else e.limit
-    return Evaluation(tasks=tuple(e.tasks or ()), limit=lim, data_dir=preset.resolved_data_dir(lim) or "hub",
+    return api.Evaluation(tasks=tuple(e.tasks or ()), limit=lim, data_dir=preset.resolved_data_dir(lim) or "hub",
                       num_fewshot=e.num_fewshot, batch_size=e.batch_size, ppl_text=preset.resolved_ppl_text(),
                       ppl_max_tokens=e.ppl_max_tokens, **_protocol(e, ("ppl_protocol",)))
 
@@ -537,8 +521,7 @@ def _evaluate_parallel(step: Step, index: int, preset: Preset, out: Path, limit,
     """One eval step in ``procs`` processes (``wina eval-step`` under accelerate launch)."""
     import subprocess
     import sys
-    from . import distributed
-    from .events import Progress
+    distributed = api.distributed
     argv = ["eval-step", _preset_ref(preset), "--out", str(out), "--index", str(index)]
     if limit is not None:
         argv += ["--limit", repr(limit)]
@@ -583,7 +566,7 @@ def run_eval_step(preset: Preset, out_dir: Union[str, Path], index: int, *, limi
                   device: Optional[str] = None) -> None:
     """Run eval step ``index`` of a preset in this process: one rank of ``_evaluate_parallel``'s
     group (or alone). Rank 0 prints its progress events as JSON lines when WINA_EVENTS is set."""
-    from . import distributed
+    distributed = api.distributed
     steps = plan_steps(preset, Path(out_dir), limit=limit)
     if not (0 <= index < len(steps)) or steps[index].kind != EVAL:
         raise InvalidArgument(f"step {index} of preset {preset.name} is not an eval step")
@@ -599,10 +582,8 @@ def run_eval_step(preset: Preset, out_dir: Union[str, Path], index: int, *, limi
 
 
 def _compare(step: Step, preset: Preset) -> None:
-    from .compare import comparison_markdown
-    from .results import load_run
-    runs = [load_run(p) for p in step.inputs if p.is_file()]
+    runs = [api.load_run(p) for p in step.inputs if p.is_file()]
     if not runs:
         raise InvalidArgument("nothing to compare: no results files")
     head = f"# {preset.name}: {preset.model}\n\n"
-    write_text(step.output, head + comparison_markdown(runs) + "\n")
+    api.atomic_write_text(step.output, head + api.comparison_markdown(runs) + "\n")

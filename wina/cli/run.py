@@ -34,7 +34,7 @@ def run_cmd(
     Example: [bold]wina run smollm2-quick[/]   ·   [bold]wina run llama2-7b --dry-run[/]
     """
     from ..api import load_preset
-    from ..api import default_out_dir, plan_steps, run_preset
+    from ..runner import default_out_dir, plan_steps, run_preset
     p = load_preset(preset)
     if not dry_run:
         _quiet_libraries()
@@ -96,7 +96,7 @@ def eval_step_cmd(
 ) -> None:
     """One eval step of `wina run --gpus N` (what each data-parallel process runs)."""
     from ..api import load_preset
-    from ..api import run_eval_step
+    from ..runner import run_eval_step
     _quiet_libraries()
     run_eval_step(load_preset(preset), out_dir, index, limit=_limit(limit),
                   device=None if device == "auto" else device)
@@ -111,7 +111,7 @@ def _step_status(s) -> str:
 
 def _print_steps(p, folder: Path, steps, limit) -> None:
     from rich.table import Table
-    from ..api import describe
+    from ..runner import describe
     info = describe(p, limit, strict=False)      # a dry run shows what is missing instead of stopping
     out.print(f"[bold]preset[/] {escape(p.name)} ({escape(str(p.path))})", soft_wrap=True)
     for k, v in info.items():
