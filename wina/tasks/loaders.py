@@ -4,8 +4,9 @@ Each ``load_<task>`` returns a :class:`datasets.DatasetDict` with the split name
 that lm-evaluation-harness's own task config for that task reads from the hub dataset, so the
 YAML files next to this module keep the harness's prompts, targets and metrics unchanged. They are
 called by lm-eval as ``custom_dataset`` with the task's metadata as keyword arguments; the data
-folder comes from ``data_dir`` there (set by :func:`wina.evaluate.evaluate`), else from the
-environment variable ``WINA_DATA_DIR``. Nothing here touches the network.
+folder comes from ``data_dir`` there (set by :func:`wina.evaluate.evaluate`), else from
+:func:`wina.data.find_data_dir` (``$WINA_DATA``, then ``../shared/data``, as everywhere). Nothing
+here touches the network.
 
 Differences from the hub versions (documented in :mod:`wina.tasks`):
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 import bz2
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,9 +32,11 @@ GSM8K_FEWSHOT = 5          # first N problems of test.jsonl: few-shot pool, not 
 
 
 def data_root(data_dir: Optional[str] = None) -> Path:
-    d = data_dir or os.environ.get("WINA_DATA_DIR")
+    """``data_dir``, else the data folder of :func:`wina.data.find_data_dir` (the one rule)."""
+    from ..data import find_data_dir
+    d = data_dir or find_data_dir()
     if not d:
-        raise DataError("no data folder given: pass data_dir (--data-dir) or set WINA_DATA_DIR")
+        raise DataError("no data folder given or found: pass data_dir (--data-dir) or set WINA_DATA")
     p = Path(d).expanduser()
     if not p.is_dir():
         raise DataError(f"data folder not found: {p}")
