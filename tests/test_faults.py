@@ -146,6 +146,43 @@ def test_results_file_with_wrong_types(tmp_path):
     user_error(invoke("compare", f))
 
 
+def _results_file(folder: Path) -> Path:
+    """A real results file, as `wina eval` writes it (lm-eval part reduced to its results)."""
+    from wina.evaluate import headlines
+    from wina.results import make_record, make_wina_block, write_run
+    lm = {"results": {"piqa": {"alias": "piqa", "acc_norm,none": 0.61, "acc_norm_stderr,none": 0.01}}}
+    w = make_wina_block(model_id="tiny", method="wina", sparsity=0.5, transform=True, allocation="greedy",
+                        measured=0.49, headline=headlines(lm, ["piqa"]),
+                        eval_info={"tasks": ["piqa"], "limit": 10, "data_dir": "/data"},
+                        perplexity={"file": "wiki.test.raw", "perplexity": 40.0, "tokens": 1000})
+    return write_run(make_record(lm, w), folder / "r.json").path
+
+
+@pytest.mark.parametrize("key,value", [
+    ("perplexity.perplexity", "big"), ("perplexity.perplexity", [1]), ("perplexity.perplexity", -3.0),
+    ("perplexity.tokens", 1.5), ("measured_sparsity", 1e9), ("measured_sparsity", -0.2),
+    ("nominal_sparsity", 2), ("nominal_sparsity", "half"), ("headline.piqa.value", 1.7),
+    ("headline.piqa.value", "x"), ("headline.piqa.stderr", -1), ("headline.piqa", 3),
+    ("headline.piqa.higher_is_better", "yes"), ("method", "sparse"), ("transform", "yes"),
+    ("eval.limit", -5), ("eval.tasks", "piqa"), ("flops", [1]), ("schema", 99)])
+def test_damaged_value_in_a_results_file(tmp_path, key, value):
+    """A real results file with one value of the wrong type, or out of its range, nested or not:
+    `wina compare` says which file and which key, one line, exit 2 (it used to be an internal
+    error, or a measured sparsity of 100000000000.0 %)."""
+    f = _results_file(tmp_path)
+    ok(invoke("compare", f))
+    data = json.loads(f.read_text())
+    *parents, last = key.split(".")
+    d = data["wina"]
+    for k in parents:
+        d = d[k]
+    d[last] = value
+    f.write_text(json.dumps(data))
+    for args in ((), ("--markdown",)):
+        line = user_error(invoke("compare", f, *args), f"wina.{key}")
+        assert str(f) in line and "internal error" not in line
+
+
 def test_truncated_weights(tiny, text_file, tmp_path):
     import shutil
     bad = tmp_path / "model"

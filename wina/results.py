@@ -25,7 +25,10 @@ A run file is lm-eval's own results dictionary (``results``, ``groups``, ``confi
       "elapsed_s": 123.4
     }
 
-Files are written atomically (a temporary file in the same folder, then ``os.replace``).
+Files are written atomically (a temporary file in the same folder, then ``os.replace``). They are
+read strictly (:func:`load_run`, the one reader): every value the readers use is checked for its type
+and its range (sparsities in [0, 1], accuracies in [0, 1], perplexities > 0, counts whole numbers,
+...), and a damaged file is one error naming the file and the key.
 """
 from __future__ import annotations
 
@@ -85,7 +88,8 @@ class Run:
     @property
     def perplexity(self) -> Optional[float]:
         p = self.wina.get("perplexity")
-        return None if not p else p.get("perplexity")
+        v = None if not p else p.get("perplexity")
+        return None if v is None or math.isnan(v) else float(v)   # NaN: the model's numbers overflowed
 
 
 def method_label(wina: dict) -> str:
@@ -261,32 +265,141 @@ def write_run(record: dict, out: Union[str, Path]) -> Run:
 
 
 def load_run(path: Union[str, Path]) -> Run:
+    """Read one results file, strictly: every value a reader uses (:mod:`wina.compare`, the CLI, the
+    TUI) is checked for its type and its range here, so a damaged file is one error naming the file
+    and the key (``runs/x.json: wina.perplexity.perplexity: must be a number > 0, got 'big'``)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"results file not found: {p}")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = json.loads(p.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{p} is not a JSON results file: {e}") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read: {e.strerror or e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("wina"), dict):
         raise DataError(f"{p} has no 'wina' block (not a wina results file)")
     missing = [k for k in REQUIRED if k not in data["wina"]]
     if missing:
         raise DataError(f"{p}: the 'wina' block lacks {', '.join(missing)}")
-    w = data["wina"]
-    for key, types in _TYPES.items():
-        v = w.get(key)
-        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            raise DataError(f"{p}: wina.{key} has the wrong type ({type(v).__name__})")
-    for task, h in (w.get("headline") or {}).items():
-        if not isinstance(h, dict) or not isinstance(h.get("value", 0.0), (int, float, type(None))):
-            raise DataError(f"{p}: wina.headline.{task} is not a metric record")
+    check_wina_block(data["wina"], str(p))
     return Run(p, data)
 
 
-_TYPES = {"model": (str,), "method": (str,), "transform": (bool,), "allocation": (str,),
-          "nominal_sparsity": (int, float), "measured_sparsity": (int, float), "sparsity": (int, float),
-          "headline": (dict,), "perplexity": (dict,), "eval": (dict,), "date": (str,), "machine": (dict, str)}
+# --- the reader's rules: every key a reader uses, its type and its range ------------------------------
+
+def _show(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (dict, list)):
+        return "an object" if isinstance(v, dict) else "a list"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class _Checker:
+    """Typed, bounded reads of one ``wina`` block; a failure names the file and the dotted key."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, what: str, v) -> None:
+        raise DataError(f"{self.where}: wina.{key}: must be {what}, got {_show(v)}")
+
+    def number(self, d: dict, key: str, name: str, *, lo=None, hi=None, lo_open=False, hi_open=False,
+               optional=True, nan=False, integer=False) -> None:
+        if key not in d or d[key] is None:
+            if not optional:
+                self.fail(name, "a number", d.get(key))
+            return
+        v = d[key]
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        hi_s = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        what = ("an integer" if integer else "a number") + (
+            f" in {lo_s}, {hi_s}" if lo is not None and hi is not None else
+            f" {'>' if lo_open else '>='} {lo:g}" if lo is not None else "")
+        if not _is_num(v) or (integer and not isinstance(v, int)):
+            self.fail(name, what, v)
+        if isinstance(v, float) and math.isnan(v):
+            if nan:
+                return
+            self.fail(name, what, v)
+        if (lo is not None and (v < lo or (lo_open and v == lo))) or \
+                (hi is not None and (v > hi or (hi_open and v == hi))) or (isinstance(v, float) and math.isinf(v)):
+            self.fail(name, what, v)
+
+    def kind(self, d: dict, key: str, name: str, types: tuple, what: str, *, optional=True, choices=None) -> None:
+        if key not in d or d[key] is None:
+            if not optional:
+                self.fail(name, what, d.get(key))
+            return
+        v = d[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            self.fail(name, what, v)
+        if choices is not None and v not in choices:
+            self.fail(name, f"one of {', '.join(choices)}", v)
+
+
+FRACTION = dict(lo=0.0, hi=1.0)
+
+
+def check_wina_block(w: dict, where: str = "results") -> None:
+    """Raise :class:`~wina.errors.DataError` naming ``where`` and the key at the first value of the
+    ``wina`` block that has the wrong type or lies out of its range (module docstring)."""
+    c = _Checker(where)
+    c.number(w, "schema", "schema", lo=1, hi=SCHEMA, integer=True, optional=False)
+    c.kind(w, "model", "model", (str,), "a string", optional=False)
+    c.kind(w, "method", "method", (str,), "a string", optional=False, choices=tuple(METHOD_LABELS))
+    c.kind(w, "transform", "transform", (bool,), "true or false", optional=False)
+    c.kind(w, "rotation", "rotation", (str,), "a string", choices=("svd", "pca"))
+    for key in ("allocation", "plan", "gating", "weighted", "model_type", "date"):
+        c.kind(w, key, key, (str,), "a string")
+    c.number(w, "n_params", "n_params", lo=0, integer=True)
+    c.number(w, "nominal_sparsity", "nominal_sparsity", **FRACTION)
+    c.number(w, "measured_sparsity", "measured_sparsity", **FRACTION)
+    c.number(w, "sparsity", "sparsity", **FRACTION)                  # older files
+    c.number(w, "elapsed_s", "elapsed_s", lo=0)
+    c.kind(w, "machine", "machine", (dict, str), "an object")
+    c.kind(w, "versions", "versions", (dict,), "an object")
+    c.kind(w, "flops", "flops", (dict,), "an object")
+    for k, v in (w.get("flops") or {}).items():
+        c.number(w["flops"], k, f"flops.{k}", lo=0)
+    c.kind(w, "headline", "headline", (dict,), "an object (task: metric record)")
+    for task, h in (w.get("headline") or {}).items():
+        name = f"headline.{task}"
+        if not isinstance(h, dict):
+            c.fail(name, "a metric record (an object)", h)
+        c.kind(h, "metric", f"{name}.metric", (str,), "a string")
+        c.kind(h, "filter", f"{name}.filter", (str,), "a string")
+        c.kind(h, "higher_is_better", f"{name}.higher_is_better", (bool,), "true or false")
+        if h.get("higher_is_better", True) is not False:                  # an accuracy: a fraction
+            c.number(h, "value", f"{name}.value", **FRACTION)
+        else:                                                              # a perplexity
+            c.number(h, "value", f"{name}.value", lo=0, nan=True)
+        c.number(h, "stderr", f"{name}.stderr", lo=0, nan=True)
+    c.kind(w, "perplexity", "perplexity", (dict,), "an object")
+    ppl = w.get("perplexity")
+    if ppl:
+        c.number(ppl, "perplexity", "perplexity.perplexity", lo=0, lo_open=True, nan=True, optional=False)
+        c.number(ppl, "nll", "perplexity.nll", lo=0, nan=True)
+        for k in ("tokens", "windows", "context", "max_tokens"):
+            c.number(ppl, k, f"perplexity.{k}", lo=0, integer=True)
+        c.number(ppl, "measured_sparsity", "perplexity.measured_sparsity", **FRACTION)
+        for k in ("file", "protocol"):
+            c.kind(ppl, k, f"perplexity.{k}", (str,), "a string")
+    c.kind(w, "eval", "eval", (dict,), "an object")
+    ev = w.get("eval") or {}
+    c.number(ev, "limit", "eval.limit", lo=0, lo_open=True)
+    c.number(ev, "num_fewshot", "eval.num_fewshot", lo=0, integer=True)
+    c.kind(ev, "data_dir", "eval.data_dir", (str,), "a string")
+    c.kind(ev, "tasks", "eval.tasks", (list,), "a list of task names")
+    for i, t in enumerate(ev.get("tasks") or []):
+        if not isinstance(t, str):
+            c.fail(f"eval.tasks[{i}]", "a task name", t)
 
 
 def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
