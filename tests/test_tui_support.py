@@ -89,3 +89,52 @@ def set_greedy(app, source: str = "random", allocation: str = "layer") -> None:
     setup = app.setup_screen
     setup.query_one("#allocation", Select).value = allocation
     setup.query_one("#calib-source", Input).value = source
+
+
+# --- tests of the session and the app's edges (here, beside the helpers they use) ----------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def torch_one_thread():
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _pca_plan(out: Path) -> Path:
+    from wina import api
+    api.calibrate(tiny_loaded(), out, api.Calibration(method="wina", transform=True, rotation="pca",
+                                                      source="random", samples=2, seq_len=32))
+    return out
+
+
+def test_session_prepares_a_pca_plan_through_the_api(tmp_path, torch_one_thread):
+    """A plan calibrated with the pca rotation: the session leaves the transform to api.apply (the
+    plan's own rotation); a model that carries another transform is loaded again, not refused."""
+    from wina import api
+    from wina_tui.state import Session, Settings
+    plan = _pca_plan(tmp_path / "pca")
+    s = Session(tiny_loader, state_dir=tmp_path / "state")
+    settings = Settings(model="tiny", options=api.SparseOptions(method="wina", sparsity=0.5, transform=True))
+    s.ensure_loaded("tiny", True)
+    assert s.prepare(settings, plan_path=plan) is not None
+    assert s.loaded.model._wina_transform.rotation == "pca"
+    assert s.applied.options.plan == str(plan)
+    first = s.loaded
+    s.prepare(settings)                                 # uniform top-k with the (svd) transform
+    assert s.loaded is not first and s.loaded.model._wina_transform.rotation == "svd"
+    s.prepare(settings, plan_path=plan)                 # and the pca plan again
+    assert s.loaded.model._wina_transform.rotation == "pca" and s.sparsifier is not None

@@ -2,11 +2,11 @@
 
 ``import wina`` is cheap (no torch); the public API lives in :mod:`wina.api`::
 
-    from wina.api import load, transform, sparsify, perplexity
-    loaded = load("smollm2-135m")                   # model + tokenizer (embedded default)
-    transform(loaded.model)                         # optional: column-orthogonal weights, same outputs
-    sp = sparsify(loaded.model, "wina", 0.5)        # gates on every projection's input
-    print(perplexity(loaded.model, loaded.tokenizer, text).perplexity)
+    from wina import api
+    loaded = api.load("smollm2-135m")               # model + tokenizer (embedded default)
+    opts = api.SparseOptions(method="wina", sparsity=0.5, transform=True)
+    sp = api.apply(loaded, opts)                    # the transform (optional, same outputs), the gates
+    ppl, measured = api.perplexity(loaded, opts, "wiki.test.raw")
     print(sp.report())                              # nominal / measured sparsity, FLOPs
     sp.remove()
 """

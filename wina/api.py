@@ -17,6 +17,7 @@ from .bench import SHAPES, print_bench, print_chat_bench, random_model, run_benc
 from .chat import ChatSession, Reply  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
 from .compare import SHORT  # noqa: F401
+from .calibrate import wikitext_path  # noqa: F401
 from .data import DataSource, find_data_dir, resolve as resolve_data  # noqa: F401
 from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, PlanError,  # noqa: F401
                      TransformError, UnsupportedArchitecture, WinaError, user_error)
@@ -29,14 +30,15 @@ from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
 from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_label,  # noqa: F401
                        apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, sparse_options)
-from .plan import Plan  # noqa: F401
+from .plan import (LayerHistogram, Plan, TrajectoryRow, nearest_row, plan_folders, plan_histogram,  # noqa: F401
+                   plan_trajectory)
 from .plan_meta import PLAN_ROTATIONS as ROTATIONS  # noqa: F401
 from .presets import Preset, PresetError, Variant, list_presets, load_preset  # noqa: F401
 from .results import Run, load_run, load_runs  # noqa: F401
 from .scores import BINS_PER_OCTAVE, LO_EXP, N_BINS, matrix_threshold  # noqa: F401
 from .sparsify import GATINGS, METHODS, Sparsifier, sparsify  # noqa: F401
 from .tasks import TASKS, check_local, known_tasks, parse_tasks, read_docs  # noqa: F401
-from .transform import is_transformed, transform  # noqa: F401
+from .transform import is_transformed  # noqa: F401
 
 prepare = apply          # the older name
 

@@ -176,7 +176,7 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
     import shutil
     from .allocate import allocate as _allocate
     from .files import locked, recover_folder, replace_folder, sweep_temps
-    from .plan import Plan
+    from .plan import Plan, allocating_folder
     target = Path(plan_dir)
     recover_folder(target)
     with locked(target, f"plan {target}"):
@@ -185,7 +185,7 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         st = meta["status"]
         finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]
         # a finished allocation is replaced only when the new one is complete: work on a copy
-        work = target.with_name(target.name + ".allocating") if finished else target
+        work = allocating_folder(target) if finished else target
         if finished and not work.exists():
             shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
         plan = Plan.load(str(work), allow_partial=True)

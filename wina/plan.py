@@ -218,8 +218,7 @@ class Plan:
     def rows_at(self, sparsity: float, mode: str = "layer") -> list[int]:
         """Index of the chosen trajectory row of every layer for a target sparsity."""
         if mode == "layer":
-            return [min(range(len(t)), key=lambda r: (abs(t[r].effective - sparsity), r))
-                    for t in self.trajectories]
+            return [nearest_row(t, sparsity) for t in self.trajectories]
         if mode != "global" or self.global_order is None:
             raise PlanError("this plan has no cross-layer allocation (allocate with mode='global')")
         rows = [0] * self.n_layers
@@ -432,6 +431,113 @@ class Plan:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def nearest_row(rows: list[TrajectoryRow], sparsity: float) -> int:
+    """The within-layer ("layer") mode's choice: the trajectory row whose effective sparsity is
+    nearest ``sparsity`` (the lower one on a tie)."""
+    return min(range(len(rows)), key=lambda r: (abs(rows[r].effective - sparsity), r))
+
+
+# ---- one layer at a time, from a plan folder being written (live views) ---------------------------
+
+ALLOCATING = ".allocating"
+
+
+def allocating_folder(plan_dir: Union[str, Path]) -> Path:
+    """Where a new allocation of a plan whose allocation is finished is written, beside the plan,
+    until it replaces it (:func:`wina.pipeline.allocate`)."""
+    p = Path(plan_dir)
+    return p.with_name(p.name + ALLOCATING)
+
+
+class LayerHistogram(NamedTuple):
+    counts: torch.Tensor      # [N_BINS] float64, the gating scores' histogram
+    n_live: int               # input columns that are not all zero
+    in_features: int
+
+
+def _layer_file(root: Path, meta: dict, rel: str) -> Optional[dict[str, torch.Tensor]]:
+    """A layer's tensors, checked against plan.json's checksum; None while the file is not listed."""
+    sha = meta["files"].get(rel)
+    f = root / rel
+    if sha is None or not f.is_file():
+        return None
+    data = f.read_bytes()
+    if _sha(data) != sha:
+        raise PlanError(f"corrupt plan {root}: {rel} does not match its checksum")
+    try:
+        return _st_load(data)
+    except Exception as e:
+        raise PlanError(f"corrupt plan {root}: cannot read {rel} ({e})") from None
+
+
+def _check_layer(root: Path, meta: dict, layer: int) -> None:
+    if not isinstance(layer, int) or not 0 <= layer < meta["n_layers"]:
+        raise InvalidArgument(f"{root}: no layer {layer} (the plan has {meta['n_layers']})")
+
+
+def plan_histogram(plan_dir: Union[str, Path], layer: int) -> dict[str, LayerHistogram]:
+    """The score histograms of one calibrated layer of the plan folder ``plan_dir`` (a calibration
+    in progress included: every finished layer is whole), per projection; checked against plan.json.
+    A layer not calibrated yet is a :class:`PlanError`."""
+    from .plan_meta import read_meta
+    root = Path(plan_dir)
+    meta = read_meta(root)
+    _check_layer(root, meta, layer)
+    t = _layer_file(root, meta, f"histograms/layer_{layer:03d}.safetensors")
+    if t is None:
+        raise PlanError(f"{root}: layer {layer + 1} is not calibrated yet")
+    try:
+        live = [int(v) for v in t["n_live"].tolist()]
+        return {p: LayerHistogram(t["counts"][j].double().clone(), live[j], int(meta["shapes"][p][1]))
+                for j, p in enumerate(meta["projections"])}
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise PlanError(f"corrupt plan {root}: layer {layer + 1}'s histograms do not fit plan.json ({e})") from None
+
+
+def plan_trajectory(plan_dir: Union[str, Path], layer: int) -> Optional[list[TrajectoryRow]]:
+    """The greedy trajectory of one allocated layer of the plan folder ``plan_dir`` (an allocation
+    in progress included; while a finished allocation is being replaced, the new one), checked
+    against plan.json; None when the layer is not allocated yet."""
+    from .plan_meta import read_meta
+    root = Path(plan_dir)
+    for d in (allocating_folder(root), root):
+        if not (d / "plan.json").is_file():
+            continue
+        meta = read_meta(d)
+        _check_layer(d, meta, layer)
+        t = _layer_file(d, meta, f"trajectories/layer_{layer:03d}.safetensors")
+        if t is None:
+            continue
+        P = list(meta["projections"])
+        try:
+            return [TrajectoryRow({p: float(v) for p, v in zip(P, sp.tolist())}, float(e), float(er))
+                    for sp, e, er in zip(t["sparsities"], t["effective"], t["error"])]
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"corrupt plan {d}: layer {layer + 1}'s trajectory is unreadable ({e})") from None
+    return None
+
+
+def plan_folders(*roots: Union[str, Path]) -> list[Path]:
+    """The plan folders directly under each root (a new allocation being written beside a plan left
+    out), newest first."""
+    seen: dict[Path, float] = {}
+    for root in roots:
+        if root is None:
+            continue
+        try:
+            for pj in Path(root).glob("*/plan.json"):
+                d = pj.parent.resolve()
+                if d.name.endswith(ALLOCATING) or d in seen:
+                    continue
+                try:
+                    seen[d] = pj.stat().st_mtime
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return sorted(seen, key=lambda d: -seen[d])
 
 
 def plan_from_model(model, calib_ids: torch.Tensor, *, model_id: str, args: dict, version: str) -> Plan:

@@ -62,7 +62,8 @@ def ensure(model, transformed: bool, *, rotation: str = "svd", basis=None, what:
     sparsifier (if any) is removed, and the model is transformed in place when ``transformed`` and it
     is not yet (``rotation`` and, for "pca", its ``basis``: a tensor, or a function that computes
     it, called only when needed). A transformed model cannot go back, nor change its rotation: that
-    is a :class:`TransformError` asking for a reload (``what`` names who needs the other state)."""
+    is a :class:`TransformError` asking for a reload (``what`` names who needs the other state; the
+    error's ``needs_reload`` is True)."""
     sp = getattr(model, "_wina_sparsifier", None)
     if sp is not None:
         sp.remove()
@@ -75,11 +76,18 @@ def ensure(model, transformed: bool, *, rotation: str = "svd", basis=None, what:
             b = basis() if callable(basis) else basis
             same = current.basis is not None and torch.equal(current.basis, b.float().cpu())
         if not same:
-            raise error(f"{what} needs the model with the {rotation} transform, but the loaded model "
-                        f"has another ({current.rotation}); reload it")
+            raise _reload(error(f"{what} needs the model with the {rotation} transform, but the loaded "
+                                f"model has another ({current.rotation}); reload it"))
     elif current is not None:
-        raise error(f"{what} needs the untransformed model, but the loaded model is transformed; "
-                    "reload it")
+        raise _reload(error(f"{what} needs the untransformed model, but the loaded model is transformed; "
+                            "reload it"))
+
+
+def _reload(e: Exception) -> Exception:
+    """Mark an error of :func:`ensure` that loading the model again resolves (``e.needs_reload``):
+    a front-end that keeps a model loaded reloads it and tries once more."""
+    e.needs_reload = True
+    return e
 
 
 def _is_rmsnorm(mod) -> bool:

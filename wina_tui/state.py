@@ -142,14 +142,17 @@ class Session:
             from wina.api import is_transformed
             stale = is_transformed(self.loaded.model)
         if stale:
-            self.drop_sparsifier()
-            self.loaded = None
-            self.applied = None
             self.plan = None
             self.plan_path = None
-            self.loaded = self.loader(spec)
-            self.remember_model(spec)
+            self._load(spec)
         return self.loaded
+
+    def _load(self, spec: str) -> None:
+        self.drop_sparsifier()
+        self.loaded = None
+        self.applied = None
+        self.loaded = self.loader(spec)
+        self.remember_model(spec)
 
     def drop_sparsifier(self) -> None:
         if self.sparsifier is not None:
@@ -157,24 +160,29 @@ class Session:
             self.sparsifier = None
 
     def prepare(self, settings: Settings, plan_path=None, plan=None):
-        """Apply ``settings`` to the loaded model: transform, then sparsify (uniform top-k) or apply a
-        calibration plan (``plan_path``; ``plan`` if it is already in memory). Returns the sparsifier."""
+        """Apply ``settings`` to the loaded model through :func:`wina.api.apply`, which owns the
+        transform (a plan's own rotation included): uniform top-k, or the calibration plan
+        ``plan_path``. When the model carries a transform the step cannot use (the library's error
+        says ``needs_reload``), the model is loaded again and the step runs once more. Returns the
+        sparsifier (None for dense). ``plan``: unused, kept for callers that have it in memory."""
         from wina import api
-        from wina.api import is_transformed, transform
         assert self.loaded is not None
-        model = self.loaded.model
         opts = replace(settings.options, plan=str(plan_path) if plan_path else None)
         if opts.method == "dense":
             opts.plan = None
         opts.validate()
         self.drop_sparsifier()
-        if opts.transform and not is_transformed(model):
-            transform(model)
         if opts.plan:
             opts.mode = settings.allocation if settings.allocation in ("layer", "global") else "uniform"
         # the Loaded, not the bare model: apply() takes ``getattr(x, "model", x)``, which is the
         # inner decoder of a transformers model
-        self.sparsifier = api.apply(self.loaded, opts)
+        try:
+            self.sparsifier = api.apply(self.loaded, opts)
+        except WinaError as e:
+            if not getattr(e, "needs_reload", False):
+                raise
+            self._load(self.loaded.model_id)
+            self.sparsifier = api.apply(self.loaded, opts)
         self.applied = replace(settings, options=opts)
         return self.sparsifier
 
