@@ -317,26 +317,37 @@ async def test_load_runs_modal(tmp_path):
         assert len(ev.runs) == 2 and ev.query_one("#results", DataTable).row_count == 2
 
 
-async def test_engine_warm_up_before_the_first_reply(tmp_path, monkeypatch):
-    """Where the GPU engine applies, the chat compiles/captures the decode step for each pane's mode
-    (sparse, and dense with the sparsifier paused) before replying, and says so in the status line."""
-    import wina_tui.screens.chat as chat_mod
+async def test_chat_sessions_warm_up_in_the_worker_before_the_first_reply(tmp_path, monkeypatch):
+    """Each pane's ChatSession is warmed up once (on the GPU engine: weights copied, kernels
+    compiled, the decode step captured) in the chat worker before its first reply, the status line
+    saying so; the second turn reuses the warm sessions."""
+    from wina.chat import ChatSession
+    from wina.events import Progress
     calls, statuses = [], []
-    monkeypatch.setattr(chat_mod, "generation_backend", lambda model: "engine")
-    monkeypatch.setattr(chat_mod, "warm_up", lambda model, sampled=False: calls.append(
-        (model._wina_sparsifier.enabled, sampled)))
+    real = ChatSession.warm_up
+
+    def warm_up(self, on_event=None):
+        calls.append((self.want_sparse, threading.current_thread() is threading.main_thread()))
+        on_event(Progress("warm-up", 0, 3, message="compiling and capturing the decode step"))
+        return real(self, on_event)
+    monkeypatch.setattr(ChatSession, "warm_up", warm_up)
     app = make_app(tmp_path, max_new_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "teal")
         chat = app.chat_screen
         orig = chat.set_status
-        monkeypatch.setattr(chat, "set_status", lambda text: (statuses.append(text), orig(text)))
-        assert chat.send("hi")
-        await wait_for(pilot, lambda: not chat.worker.is_running)
+        monkeypatch.setattr(chat, "set_status", lambda text: (statuses.append(str(text)), orig(text)))
+        for prompt in ("hi", "again"):
+            assert chat.send(prompt)
+            await wait_for(pilot, lambda: not chat.is_generating)
         await pilot.pause(0.2)
-    assert sorted(calls) == [(False, False), (True, False)]
-    assert any("preparing the decode engine" in t for t in statuses)
-    assert not statuses[-1].startswith("preparing")            # the usual status line is back
+        assert all(s.warm for s in chat.sessions.values())
+    assert sorted(calls) == [(False, False), (True, False)]     # once per session, never on the UI thread
+    warm = [i for i, t in enumerate(statuses) if "warming up" in t]
+    assert warm and any("compiling" in statuses[i] for i in warm)
+    streaming = [i for i, t in enumerate(statuses) if "reply streaming" in t]
+    assert max(warm) < min(streaming)                          # before the first reply
+    assert "warming up" not in statuses[-1]                    # the usual status line is back
 
 
 # --- quitting ----------------------------------------------------------------------------------------
@@ -344,15 +355,15 @@ async def test_engine_warm_up_before_the_first_reply(tmp_path, monkeypatch):
 def slow_text(monkeypatch, delay: float = 0.05):
     """The chat's real generation (tiny model), each streamed piece delayed: a reply that streams for
     seconds and honours its cancel token between tokens, as a real model on a slow CPU does."""
-    import wina_tui.screens.chat as chat_mod
-    real = chat_mod.stream_reply
+    from wina.chat import ChatSession
+    real = ChatSession.send
 
-    def slow(model, tok, ids, on_text=None, **kw):
+    def slow(self, text, *, on_text=None, **kw):
         def on(t):
             time.sleep(delay)
             on_text(t)
-        return real(model, tok, ids, on_text=on, **kw)
-    monkeypatch.setattr(chat_mod, "stream_reply", slow)
+        return real(self, text, on_text=on, **kw)
+    monkeypatch.setattr(ChatSession, "send", slow)
 
 
 def hold_calibration(monkeypatch, at_layer: int = 0, stage: str = "calibrate"):
@@ -486,10 +497,10 @@ def test_sigterm_ends_the_process_within_2s(tmp_path):
 # --- chat like a chat app --------------------------------------------------------------------------
 
 async def test_chat_commands_are_not_sent_to_the_model(tmp_path, monkeypatch):
-    import wina_tui.screens.chat as chat_mod
+    import wina.chat as chat_lib
     seen: list[list[dict]] = []
-    real = chat_mod.chat_input_ids
-    monkeypatch.setattr(chat_mod, "chat_input_ids", lambda tok, msgs: (seen.append(list(msgs)), real(tok, msgs))[1])
+    real = chat_lib.chat_input_ids
+    monkeypatch.setattr(chat_lib, "chat_input_ids", lambda tok, msgs: (seen.append(list(msgs)), real(tok, msgs))[1])
     app = make_app(tmp_path, max_new_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "teal")
@@ -527,6 +538,10 @@ async def test_chat_commands_are_not_sent_to_the_model(tmp_path, monkeypatch):
         await type_line("/reset")
         assert dense.history == [] and sparse.history == [] and len(seen) == n_sent
         assert chat.system == "You are terse."        # a new conversation keeps the system prompt
+        for sess in chat.sessions.values():           # /reset and /system are the sessions' own state
+            assert sess.messages == [] and sess.context_tokens == 0 and sess.system == "You are terse."
+        await type_line("/system")
+        assert all(sess.system is None for sess in chat.sessions.values())
 
 
 async def test_reply_stats_show_ttft_and_decode_rate(tmp_path):
@@ -551,6 +566,81 @@ async def test_reply_stats_show_ttft_and_decode_rate(tmp_path):
         assert "streaming" not in status and status.startswith("greedy")   # the busy line is gone
 
 
+async def test_chat_two_turns_keep_the_kv_cache_and_show_ttft_and_decode_rate(tmp_path, monkeypatch):
+    """Each pane is one ChatSession kept across turns: the second turn prefills only the new tokens
+    (the rest comes from the KV cache), and both panes show the time to first token and the decode
+    rate of each reply."""
+    from wina.chat import ChatSession
+    replies: list[tuple[bool, object]] = []
+    real = ChatSession.send
+
+    def send(self, text, **kw):
+        r = real(self, text, **kw)
+        replies.append((self.want_sparse, r))
+        return r
+    monkeypatch.setattr(ChatSession, "send", send)
+    app = make_app(tmp_path, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "wina")
+        chat = app.chat_screen
+        panes = {pid: chat.query_one(f"#{pid}", ChatPane) for pid in ("dense", "sparse")}
+        made = None
+        for n, prompt in enumerate(("hello there", "and then?"), 1):
+            assert chat.send(prompt)
+            await wait_for(pilot, lambda: not chat.is_generating and all(len(p.replies) == n for p in panes.values()))
+            await pilot.pause(0.1)
+            made = made or dict(chat.sessions)
+            assert chat.sessions == made                   # the same sessions, turn after turn
+            for pid, pane in panes.items():
+                st = pane.stats
+                assert st.tokens > 1 and st.ttft is not None and st.ttft > 0
+                assert st.decode_tps is not None and st.decode_tps > 0
+                line = str(pane.query(".reply-stats").last().render())
+                assert "first token" in line and "tok/s decode" in line
+                assert pane.history == chat.sessions[pid].messages   # the session holds the conversation
+        assert [sp for sp, _ in replies] == [False, True, False, True]
+        assert made["sparse"].sparse and not made["dense"].sparse
+        for sparse, r in replies[:2]:                      # turn 1: everything prefilled
+            assert r.prefill_tokens == r.context_tokens > 0
+        for sparse, r in replies[2:]:                      # turn 2: only the new tokens
+            assert 0 < r.prefill_tokens < r.context_tokens
+            assert r.ttft_s > 0 and r.decode_tokens_per_s > 0
+        for pid, pane in panes.items():
+            st = pane.stats
+            assert 0 < st.prefill_tokens < st.context_tokens
+            assert [m["role"] for m in pane.history] == ["user", "assistant"] * 2
+        sp = replies[3][1]
+        assert sp.sparsity is not None and panes["sparse"].stats.sparsity == pytest.approx(sp.sparsity)
+        assert panes["dense"].stats.sparsity == 0.0
+
+
+async def test_chat_a_new_model_closes_the_sessions_and_new_ones_take_the_conversation(tmp_path, monkeypatch):
+    from wina.chat import ChatSession
+    closed: list[ChatSession] = []
+    real = ChatSession.close
+    monkeypatch.setattr(ChatSession, "close", lambda self: (closed.append(self), real(self))[1])
+    app = make_app(tmp_path, max_new_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "teal")
+        chat = app.chat_screen
+        assert chat.send("hi")
+        await wait_for(pilot, lambda: not chat.is_generating and len(chat.query_one("#sparse", ChatPane).replies) == 1)
+        old = dict(chat.sessions)
+        history = {pid: list(sess.messages) for pid, sess in old.items()}
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen is app.setup_screen)
+        app.setup_screen.query_one("#sparsity", Input).value = "0.3"
+        await load_and_chat(app, pilot, "wina")          # a new sparsifier on the same model
+        await wait_for(pilot, lambda: app.session.applied.options.method == "wina")
+        assert chat.send("more")
+        await wait_for(pilot, lambda: not chat.is_generating and len(chat.query_one("#sparse", ChatPane).replies) == 2)
+        assert set(closed) == set(old.values())
+        assert all(chat.sessions[pid] is not old[pid] for pid in old)
+        for pid, sess in chat.sessions.items():        # the conversation went on where it was
+            assert sess.messages[:2] == history[pid] and len(sess.messages) in (2, 4)
+            assert chat.query_one(f"#{pid}", ChatPane).history == sess.messages
+
+
 async def test_esc_stops_only_the_pane_that_generates(tmp_path, monkeypatch):
     slow_text(monkeypatch, delay=0.03)
     app = make_app(tmp_path, max_new_tokens=30)
@@ -570,15 +660,14 @@ async def test_esc_stops_only_the_pane_that_generates(tmp_path, monkeypatch):
 
 
 async def test_a_reply_stopped_before_any_text_leaves_no_empty_turn(tmp_path, monkeypatch):
-    from wina.api import Generation
-    import wina_tui.screens.chat as chat_mod
-    real = chat_mod.ChatScreen._generate
+    from wina.chat import ChatSession
+    real = ChatSession.send
 
-    def gen(self, model, tok, ids, on_text, cancel):
-        if not model._wina_sparsifier.enabled:         # the dense pane: stopped before any text
-            return Generation("", 0, 0.01, "cancelled", [])
-        return real(self, model, tok, ids, on_text, cancel)
-    monkeypatch.setattr(chat_mod.ChatScreen, "_generate", gen)
+    def send(self, text, *, cancel=None, **kw):
+        if not self.want_sparse:                      # the dense pane: stopped before any text
+            cancel.cancel()
+        return real(self, text, cancel=cancel, **kw)
+    monkeypatch.setattr(ChatSession, "send", send)
     app = make_app(tmp_path, max_new_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "teal")
@@ -588,7 +677,10 @@ async def test_a_reply_stopped_before_any_text_leaves_no_empty_turn(tmp_path, mo
         await wait_for(pilot, lambda: not chat.is_generating and sparse.stats is not None)
         await pilot.pause(0.1)
         assert dense.history == [] and dense.reply_stats == []
+        assert dense.stats.stopped == "cancelled"
+        assert chat.sessions["dense"].messages == []   # ChatSession.send kept an empty answer: dropped
         assert [m["role"] for m in sparse.history] == ["user", "assistant"]
+        assert sparse.history == chat.sessions["sparse"].messages
         assert "not kept" in str(dense.query(".stopped").last().render())
 
 

@@ -1,7 +1,15 @@
 """Chat: one prompt goes to the dense model (left) and the sparse one (right), streamed side by side.
 
-The model is not thread-safe and there is one copy of the weights: one worker runs the dense reply
-(``sparsifier.paused()``) and then the sparse one, each streaming into its pane through messages.
+Each pane talks to its own :class:`wina.chat.ChatSession`: ``ChatSession.pair`` when a sparse model
+is applied (one engine on a GPU, one copy of the weights, two KV caches; on the CPU the dense
+session pauses the sparse gates), a lone dense session otherwise. The sessions are made once per
+applied model (model, sparsifier, settings) and kept across turns, so a turn prefills only the
+tokens its session's KV cache does not hold yet. They hold the conversation: a pane's
+``history`` is a copy of its session's messages, handed over with each finished reply. When the
+applied model changes, the old sessions are closed and new ones take the conversation over.
+
+The model is not thread-safe: one worker warms the sessions up (once, before their first reply)
+and runs the dense reply and then the sparse one, each streaming into its pane through messages.
 Each pane has its own cancel token: ``esc`` stops the reply that is streaming, not the other one.
 
 Lines that start with ``/`` are commands, never sent to the models: ``/reset``, ``/system TEXT``,
@@ -25,7 +33,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 from textual.worker import Worker, WorkerState
 
-from wina.api import CancelToken, chat_input_ids, generation_backend, stream_reply, warm_up
+from wina.api import CancelToken, ChatSession
 
 from ..state import Throttle, atomic_write_text, busy_text, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats, format_ttft
@@ -33,21 +41,16 @@ from ..widgets.chat_pane import ChatPane, ReplyStats, format_ttft
 NO_MODEL = "No model loaded yet: press F2 for setup, then Load & chat (ctrl+g)."
 COMMANDS = ("/reset (or ctrl+n): a new conversation · /system TEXT: the system prompt (no text: none) · "
             "/save FILE: the conversation as JSON, or Markdown for .md · //text sends /text")
+BACKENDS = {"engine": "decode engine (CUDA)", "transformers": "torch"}
 
 
-def reply_timings(gen, t_start: float, t_first: Optional[float]) -> tuple[Optional[float], Optional[float]]:
-    """(time to first token, decode tokens/s) of a reply: the library's own figures where its
-    Generation carries them, else from when the first text arrived through the streaming callback
-    (prefill + the first decode step) and the tokens after it."""
-    ttft = next((getattr(gen, n) for n in ("ttft_s", "ttft", "time_to_first_token") if
-                 isinstance(getattr(gen, n, None), (int, float))), None)
-    tps = next((getattr(gen, n) for n in ("decode_tokens_per_s", "decode_tps") if
-                isinstance(getattr(gen, n, None), (int, float))), None)
-    if ttft is None and t_first is not None:
-        ttft = max(0.0, t_first - t_start)
-    if tps is None and ttft is not None and gen.tokens > 1 and gen.seconds - ttft > 0:
-        tps = (gen.tokens - 1) / (gen.seconds - ttft)
-    return ttft, tps
+def reply_stats(reply, sparsity: Optional[float], flops: Optional[float]) -> ReplyStats:
+    """A pane's figures for a :class:`wina.chat.Reply`: its tokens, time to first token, decode
+    rate (none for a reply of one token) and stop reason, and the given sparsity and FLOPs."""
+    return ReplyStats(reply.tokens, reply.seconds, reply.stopped, sparsity, flops, ttft=reply.ttft_s,
+                      decode_tps=reply.decode_tokens_per_s if reply.tokens > 1 else None,
+                      context_tokens=reply.context_tokens, prefill_tokens=reply.prefill_tokens,
+                      truncated=reply.truncated)
 
 
 def conversation_markdown(doc: dict) -> str:
@@ -64,7 +67,8 @@ def conversation_markdown(doc: dict) -> str:
                 lines += [m["content"], ""]
                 st = next(stats, None)
                 if st:
-                    lines += [f"*{ChatPane.format_reply(ReplyStats(**{k: st[k] for k in ReplyStats.__dataclass_fields__}))}*", ""]
+                    fields = {k: st[k] for k in ReplyStats.__dataclass_fields__ if k in st}
+                    lines += [f"*{ChatPane.format_reply(ReplyStats(**fields))}*", ""]
     return "\n".join(lines)
 
 
@@ -88,6 +92,11 @@ class ChatScreen(Screen):
         self.worker: Optional[Worker] = None
         self.thread: Optional[threading.Thread] = None
         self.backend = ""
+        # pane id -> its ChatSession, made for the applied model in ``_made_for``; changed by the
+        # worker (inside session.using) or, when nothing generates, on the UI thread
+        self.sessions: dict[str, ChatSession] = {}
+        self._made_for: Optional[tuple] = None     # (model, sparsifier, applied settings)
+        self._carry: dict[str, list[dict]] = {}    # the conversation of sessions closed for a new model
 
     @property
     def cancel(self) -> Optional[CancelToken]:
@@ -121,12 +130,72 @@ class ChatScreen(Screen):
 
     def _refresh_if_waiting(self) -> None:
         """While another job holds the model, keep the placeholder and status saying so."""
+        self._drop_sessions_of_another_model()
         if self.app.screen is self and not self.is_generating and (self.session.busy or
                                                                    self.session.loaded is None):
             self.refresh_titles()
 
+    # --- the sessions ----------------------------------------------------------------------------------
+    def _applied_key(self) -> Optional[tuple]:
+        s = self.session
+        if s.loaded is None or s.applied is None:
+            return None
+        return (s.loaded.model, s.sparsifier, s.applied)
+
+    def _sessions_current(self) -> bool:
+        old, now = self._made_for, self._applied_key()
+        return (old is not None and now is not None and old[0] is now[0] and old[1] is now[1]
+                and old[2] == now[2])
+
+    def _close_sessions(self) -> None:
+        """Close the sessions (their KV caches go), keeping their conversation for the next ones."""
+        for pid, sess in self.sessions.items():
+            self._carry[pid] = list(sess.messages)
+            with contextlib.suppress(Exception):
+                sess.close()
+        self.sessions = {}
+        self._made_for = None
+
+    def _drop_sessions_of_another_model(self) -> None:
+        """UI thread: sessions of a model that is no longer loaded (a new one loads, or has) are closed
+        now, so that they do not keep the old model's weights in memory while nothing chats. Only
+        the old model is touched, which no other job uses any more."""
+        if not self.sessions or self.is_generating or self._made_for is None:
+            return
+        s = self.session
+        if s.loaded is None or s.loaded.model is not self._made_for[0]:
+            self._close_sessions()
+
+    def _ensure_sessions(self, system: str) -> dict[str, ChatSession]:
+        """Worker, inside ``session.using``: the sessions for the applied model, made once and kept
+        across turns; new ones (the old closed) when the model, its sparsifier or the settings
+        changed, each taking over its pane's conversation."""
+        if self.sessions and self._sessions_current():
+            return self.sessions
+        s = self.session
+        old = self._made_for
+        model, tok = s.loaded.model, s.loaded.tokenizer
+        was_engine = any(x.backend == "engine" for x in self.sessions.values())
+        self._close_sessions()
+        if (was_engine and old is not None and old[0] is model
+                and old[2].options.transform != s.applied.options.transform):
+            from wina.chat import release_engine       # the transform changed the weights in place
+            release_engine(model)
+        kw = dict(system=system or None, max_new_tokens=self.max_new_tokens, temperature=self.temperature)
+        if s.sparsifier is not None:
+            dense, sparse = ChatSession.pair(model, tok, **kw)
+        else:
+            dense, sparse = ChatSession(model, tok, sparse=False, **kw), None
+        sessions = {"dense": dense} if sparse is None else {"dense": dense, "sparse": sparse}
+        for pid, sess in sessions.items():
+            sess.messages = list(self._carry.get(pid, []))
+        self._carry = {}
+        self.sessions, self._made_for = sessions, self._applied_key()
+        return sessions
+
     # --- titles --------------------------------------------------------------------------------------
     def refresh_titles(self) -> None:
+        self._drop_sessions_of_another_model()
         if not self.is_mounted:
             return
         dense, sparse = self.query_one("#dense", ChatPane), self.query_one("#sparse", ChatPane)
@@ -208,6 +277,8 @@ class ChatScreen(Screen):
                 self.notify("wait for the reply (or esc) before changing the system prompt", severity="warning")
                 return False
             self.system = arg
+            for sess in self.sessions.values():     # the next turn's template starts with it
+                sess.system = arg or None
             for pane in self.query(ChatPane):
                 pane.note(f"system prompt: {arg}" if arg else "system prompt: none")
             self.notify("system prompt set for the next messages" if arg else "system prompt cleared")
@@ -289,6 +360,9 @@ class ChatScreen(Screen):
         if self.is_generating:
             self.notify("stop the current reply first (esc)", severity="warning")
             return False
+        for sess in self.sessions.values():     # a new conversation: the KV caches are cleared
+            sess.reset()
+        self._carry = {}
         for pane in self.query(ChatPane):
             pane.clear()
             if self.system:
@@ -302,91 +376,89 @@ class ChatScreen(Screen):
         self.refresh_titles()
 
     # --- the worker ------------------------------------------------------------------------------------
+    def _ui(self, fn, *args) -> None:
+        """Run ``fn`` on the UI thread (from the worker); nothing when the app is closing."""
+        with contextlib.suppress(Exception):
+            self.app.call_from_thread(fn, *args)
+
     @work(thread=True, exclusive=True, group="chat")
     def generate(self, prompt: str, cancels: dict[str, CancelToken], system: str) -> None:
         s = self.session
         self.thread = threading.current_thread()
         panes = {pid: self.query_one(f"#{pid}", ChatPane) for pid in cancels}
-        history = {pid: list(p.history) for pid, p in panes.items()}   # read before any reply changes it
         started: set[str] = set()
         try:
             with s.using("chat"):
-                self._warm_up(s, list(cancels))
-                for pid, cancel in cancels.items():
+                sessions = self._ensure_sessions(system)
+                todo = [pid for pid in cancels if pid in sessions]
+                self._warm_up({pid: sessions[pid] for pid in todo})
+                for pid in todo:
                     started.add(pid)
-                    self.app.call_from_thread(self._set_generating, pid)
-                    self._one_reply(panes[pid], history[pid], prompt, system, pid == "dense", cancel)
+                    self._ui(self._set_generating, pid)
+                    self._one_reply(panes[pid], sessions[pid], prompt, system, cancels[pid])
         except Exception as e:  # Busy, WinaError, or a model failure: show it, never crash
             msg = describe_error(e)
-            with contextlib.suppress(Exception):
-                self.app.call_from_thread(self.notify, msg, severity="error")
+            self._ui(lambda: self.notify(msg, severity="error"))
             for pid in started:
                 panes[pid].post_message(ChatPane.Done(None, error=msg, prompt=prompt))
         finally:
-            with contextlib.suppress(Exception):
-                self.app.call_from_thread(self._set_generating, None)
+            self._ui(self._set_generating, None)
 
-    def _warm_up(self, s, pane_ids) -> None:
-        """On the GPU engine path, compile and capture the decode step(s) the replies will use
-        before the first one streams (seconds, once per model), saying so in the status line."""
-        model, sp = s.loaded.model, s.sparsifier
-        if generation_backend(model) != "engine":
+    def _warm_up(self, sessions: dict[str, ChatSession]) -> None:
+        """Before a session's first reply: ChatSession.warm_up (on the GPU engine: the weights into
+        the engine, the kernels compiled, the decode step captured; nothing to do on the CPU),
+        the status line saying so."""
+        cold = {pid: x for pid, x in sessions.items() if not x.warm}
+        if not cold:
             return
-        self.app.call_from_thread(self.set_status, "preparing the decode engine (the first use compiles "
-                                                   "its kernels)…")
+        self._ui(self.set_status, "⏳ warming up…")
+        last = [0.0]
+
+        def progress(pid: str, ev) -> None:
+            now = time.monotonic()
+            if ev.done not in (0, ev.total) and now - last[0] < 0.1:
+                return
+            last[0] = now
+            step = f" {ev.done}/{ev.total}" if ev.total else ""
+            what = f": {ev.message}" if ev.message else ""
+            self._ui(self.set_status, f"⏳ warming up… the {pid} session{what}{step}")
+
         try:
-            for is_dense in {pid == "dense" for pid in pane_ids}:
-                with (sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()):
-                    warm_up(model, sampled=self.temperature > 0)
+            for pid, sess in cold.items():
+                sess.warm_up(on_event=lambda ev, pid=pid: progress(pid, ev))
         finally:
-            self.app.call_from_thread(self.refresh_titles)
+            self._ui(self.refresh_titles)
 
-    def _generate(self, model, tok, ids, on_text, cancel):
-        """Through :func:`wina.generate.stream_reply`: the GPU decode engine when it applies (CUDA,
-        bf16/fp16, threshold gating), else the portable loop. Both follow the sparsifier's current
-        state (paused: dense)."""
-        self.backend = "decode engine (CUDA)" if generation_backend(model) == "engine" else "torch"
-        return stream_reply(model, tok, ids, max_new_tokens=self.max_new_tokens,
-                            temperature=self.temperature, on_text=on_text, cancel=cancel)
-
-    def _one_reply(self, pane: ChatPane, history: list[dict], prompt: str, system: str, is_dense: bool,
+    def _one_reply(self, pane: ChatPane, sess: ChatSession, prompt: str, system: str,
                    cancel: CancelToken) -> None:
+        """One turn of ``sess`` (its KV cache kept from the turns before), streamed into ``pane``."""
         s = self.session
-        sp = s.sparsifier
-        model, tok = s.loaded.model, s.loaded.tokenizer
-        messages = ([{"role": "system", "content": system}] if system else []) + history + [
-            {"role": "user", "content": prompt}]
         if cancel.cancelled:         # only quitting cancels a reply before it starts
             return
+        sess.system = system or None
+        self.backend = BACKENDS.get(sess.backend, sess.backend)
         pane.post_message(ChatPane.Start(prompt))
-        ids = chat_input_ids(tok, messages)
-        ctx = sp.paused() if (is_dense and sp is not None) else contextlib.nullcontext()
-        if sp is not None and not is_dense:
-            sp.reset_counters()
         out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), 0.04)
-        first: list[float] = []
-
-        def on_text(t: str) -> None:
-            if not first:
-                first.append(time.perf_counter())
-            out.push(t)
-
-        with ctx:
-            t0 = time.perf_counter()
-            try:
-                gen = self._generate(model, tok, ids, on_text, cancel)
-            finally:
-                out.flush()
-        ttft, tps = reply_timings(gen, t0, first[0] if first else None)
-        if is_dense or sp is None:
+        try:
+            r = sess.send(prompt, on_text=out.push, cancel=cancel, max_new_tokens=self.max_new_tokens)
+        finally:
+            out.flush()
+        kept = bool(r.text.strip())
+        if not kept:
+            # stopped before any text, or an empty reply: the session keeps no empty turn (send()
+            # added the user message and an empty answer); its cache is trimmed at the next turn
+            msgs = sess.messages
+            if len(msgs) >= 2 and msgs[-1]["role"] == "assistant" and msgs[-2]["role"] == "user":
+                sess.messages = msgs[:-2]
+        sp = s.sparsifier
+        if not sess.sparse or sp is None:
             sparsity, flops = 0.0, s.dense_flop_fraction()
         else:
-            m = sp.measured_sparsity()
-            # engine replies are counted too (wina.generate.count_gates); nominal if nothing was
-            sparsity = sp.nominal_sparsity() if m != m else m
+            # measured on the reply itself (device counts on the engine); nominal if nothing was
+            sparsity = r.sparsity if r.sparsity is not None else sp.nominal_sparsity()
             flops = s.flop_fraction(measured=True)
-        pane.post_message(ChatPane.Done(ReplyStats(gen.tokens, gen.seconds, gen.stopped, sparsity, flops,
-                                                   ttft=ttft, decode_tps=tps), prompt=prompt))
+        pane.post_message(ChatPane.Done(reply_stats(r, sparsity, flops), prompt=prompt,
+                                        history=list(sess.messages), kept=kept))
 
 
-__all__ = ["ChatScreen", "NO_MODEL", "reply_timings", "format_ttft"]
+__all__ = ["ChatScreen", "NO_MODEL", "reply_stats", "format_ttft"]

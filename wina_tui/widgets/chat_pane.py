@@ -4,8 +4,9 @@ A worker thread talks to the pane only through messages (:class:`ChatPane.Start`
 ``Done``), posted with ``post_message`` (thread-safe, ordered). Deltas are appended through
 Textual's ``MarkdownStream``: only the last Markdown block is re-parsed, never the whole reply.
 The conversation (:attr:`ChatPane.history`) is only changed here, on the UI thread, when a reply
-is done; a reply stopped before any text, or an empty one, is shown but not kept, so the history
-never holds an empty turn.
+is done: it is then the copy of the chat session's messages that ``Done`` carries (the session
+holds the conversation; the pane shows it and saves it). A reply stopped before any text, or an
+empty one, is shown but not kept (by the session either), so the history never holds an empty turn.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ class ReplyStats:
     flops: Optional[float]         # FLOP fraction of dense (shortcuts included)
     ttft: Optional[float] = None   # seconds to the first token (prefill + one decode step)
     decode_tps: Optional[float] = None   # tokens/s after the first token
+    context_tokens: Optional[int] = None  # the conversation's tokens before the reply
+    prefill_tokens: Optional[int] = None  # of which prefilled for it (the rest: the kept KV cache)
+    truncated: bool = False               # older turns were dropped to fit the context
 
     @property
     def tokens_per_s(self) -> float:
@@ -82,13 +86,18 @@ class ChatPane(Vertical):
 
     class Done(Message):
         """The reply ended. ``prompt``: the user message it answered (kept in the history with the
-        reply unless the reply is empty); ``stats`` None with ``error`` when it failed."""
+        reply unless the reply is empty); ``stats`` None with ``error`` when it failed.
+        ``history``: the chat session's messages after the reply (the pane's history becomes a
+        copy); ``kept``: whether the session kept the exchange (default: the reply has text)."""
 
-        def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None, prompt: str = "") -> None:
+        def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None, prompt: str = "",
+                     history: Optional[list[dict]] = None, kept: Optional[bool] = None) -> None:
             super().__init__()
             self.stats = stats
             self.error = error
             self.prompt = prompt
+            self.history = history
+            self.kept = kept
 
     def __init__(self, title: str, *, placeholder: str = "", **kw) -> None:
         super().__init__(**kw)
@@ -196,16 +205,24 @@ class ChatPane(Vertical):
         self.stats = st
         if st is None:
             return
-        kept = bool(text.strip())
-        if kept:
+        kept = bool(text.strip()) if message.kept is None else message.kept
+        if message.history is not None:
+            self.history = [dict(m) for m in message.history]
+        elif kept:
             self.history.extend([{"role": "user", "content": message.prompt},
                                  {"role": "assistant", "content": text}])
+        if kept:
             self.reply_stats.append(st.to_dict())
+        answers = sum(1 for m in self.history if m.get("role") == "assistant")
+        if len(self.reply_stats) > answers:     # older turns dropped to fit the context
+            del self.reply_stats[:len(self.reply_stats) - answers]
         if st.stopped == "cancelled":
             await scroll.mount(Static("■ stopped" + ("" if kept else " before any text: not kept in the "
                                                                    "conversation"), classes="stopped"))
         elif not kept:
             await scroll.mount(Static("(empty reply: not kept in the conversation)", classes="placeholder"))
+        if st.truncated:
+            await scroll.mount(Static("(older turns dropped to fit the context)", classes="system-msg"))
         await scroll.mount(Static(self.format_reply(st), classes="reply-stats"))
         self.border_subtitle = self.format_stats(st)
         scroll.anchor()
