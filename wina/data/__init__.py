@@ -13,6 +13,11 @@ A data folder has the layout of ``../shared/data`` (one folder per task, the ori
      the quick preset evaluates);
   4. the hub.
 
+A text that a preset names inside the data folder (``ppl_text = "{data}/wikitext2/wiki.test.raw"``)
+comes from the full data folder when there is one, else from the shipped excerpt (the first 100
+lines of wikitext-2's test text, about 5,700 tokens: a perplexity over its first
+:data:`SHIPPED_TEXT_TOKENS` tokens is the full file's), see :func:`data_text`.
+
 A task that none of these can serve fails before any work with one line saying which task, where
 it looked and how to point ``--data-dir`` at a copy.
 """
@@ -29,6 +34,8 @@ from ..errors import DataError
 
 SHIPPED_DIR = Path(__file__).resolve().parent
 SHIPPED_DOCS = {"piqa": 100, "arc_easy": 100}     # task -> documents shipped (the first N)
+SHIPPED_TEXTS = {"wikitext2/wiki.test.raw": 4096}  # text -> tokens its excerpt serves (perplexity)
+SHIPPED_TEXT_TOKENS = 4096
 ENV_VARS = ("WINA_DATA", "WINA_DATA_DIR")
 PROJECT_DIR = SHIPPED_DIR.parent.parent            # the checkout (or site-packages) holding wina/
 
@@ -79,6 +86,24 @@ def shipped_covers(tasks: Sequence[str], limit: Optional[float]) -> bool:
     if not tasks or limit is None or limit < 1 or float(limit) != int(limit):
         return False
     return all(t in SHIPPED_DOCS and int(limit) <= SHIPPED_DOCS[t] for t in tasks)
+
+
+def data_text(rel: str, folder: Optional[Path] = None, max_tokens: Optional[int] = None) -> Path:
+    """The file ``rel`` (e.g. ``wikitext2/wiki.test.raw``) of the data folder ``folder`` (default:
+    :func:`find_data_dir`); without a data folder, the shipped excerpt when there is one and it
+    serves ``max_tokens`` (a perplexity over at most that many tokens gives the full file's figure).
+    Raises :class:`DataError` when neither serves."""
+    rel = rel.strip("/")
+    folder = folder if folder is not None else find_data_dir()
+    if folder is not None:
+        return (folder / rel).resolve()
+    serves = SHIPPED_TEXTS.get(rel)
+    if serves is not None and max_tokens is not None and 0 < max_tokens <= serves:
+        return (verify_shipped() / rel).resolve()
+    need = "no token limit" if max_tokens is None else f"{max_tokens} tokens"
+    raise DataError(f"{rel} needs a data folder and none was found (looked at {_looked(None)}); the "
+                    f"shipped excerpt serves at most {serves or 0} tokens ({need} asked): point "
+                    "--data-dir (or $WINA_DATA) at a folder laid out like ../shared/data")
 
 
 def verify_shipped() -> Path:
