@@ -16,7 +16,7 @@ A data folder has the layout of ``../shared/data`` (one folder per task, the ori
 A text that a preset names inside the data folder (``ppl_text = "{data}/wikitext2/wiki.test.raw"``)
 comes from the full data folder when there is one, else from the shipped excerpt (the first 100
 lines of wikitext-2's test text, about 5,700 tokens: a perplexity over its first
-:data:`SHIPPED_TEXT_TOKENS` tokens is the full file's), see :func:`data_text`.
+4096 tokens (:data:`SHIPPED_TEXTS`) is the full file's), see :func:`data_text`.
 
 A task that none of these can serve fails before any work with one line saying which task, where
 it looked and how to point ``--data-dir`` at a copy.
@@ -35,7 +35,6 @@ from ..errors import DataError
 SHIPPED_DIR = Path(__file__).resolve().parent
 SHIPPED_DOCS = {"piqa": 100, "arc_easy": 100}     # task -> documents shipped (the first N)
 SHIPPED_TEXTS = {"wikitext2/wiki.test.raw": 4096}  # text -> tokens its excerpt serves (perplexity)
-SHIPPED_TEXT_TOKENS = 4096
 ENV_VARS = ("WINA_DATA", "WINA_DATA_DIR")
 PROJECT_DIR = SHIPPED_DIR.parent.parent            # the checkout (or site-packages) holding wina/
 
