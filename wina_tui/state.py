@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from wina.api import EMBEDDED, Loaded, SparseOptions, WinaError, format_duration
+from wina.api import EMBEDDED, Loaded, SparseOptions, WinaError, atomic_write_text, format_duration
 
 Loader = Callable[[str], Loaded]
 
@@ -40,15 +40,10 @@ def config_dir() -> Path:
 
 
 def default_data_dir() -> Optional[Path]:
-    """``$WINA_DATA_DIR``, else ``../shared/data`` next to the project, else ``./data``; None if absent."""
-    env = os.environ.get("WINA_DATA_DIR")
-    cands = [Path(env)] if env else []
-    root = Path(__file__).resolve().parents[1]
-    cands += [root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "data"]
-    for c in cands:
-        if c.is_dir():
-            return c.resolve()
-    return None
+    """The library's data folder (:func:`wina.api.find_data_dir`: ``$WINA_DATA``, then
+    ``../shared/data`` beside the project, then ``./data``); None when there is none."""
+    from wina.api import find_data_dir
+    return find_data_dir()
 
 
 def slug(text: str) -> str:
@@ -237,10 +232,7 @@ class Session:
     def remember_model(self, spec: str) -> None:
         models = [spec] + [m for m in self.recent_models() if m != spec]
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._recent_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"models": models[:8]}), encoding="utf-8")
-            os.replace(tmp, self._recent_file)
+            atomic_write_text(self._recent_file, json.dumps({"models": models[:8]}))
         except OSError:
             pass
 
@@ -333,23 +325,6 @@ def user_config_dir() -> Path:
     """``$XDG_CONFIG_HOME/wina-tui`` (default ``~/.config/wina-tui``)."""
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "wina-tui"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (or a
-    crash) never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 SETTINGS_VERSION = 1
@@ -449,8 +424,8 @@ class RunEta:
 
 @dataclass
 class PlanInfo:
-    """What the plan browser lists (read from a plan folder's plan.json only; the histograms are
-    loaded when a plan is opened)."""
+    """What the plan browser lists (from a plan folder's metadata only; the histograms are loaded
+    when a plan is opened)."""
     path: Path
     model: str
     method: str
@@ -484,10 +459,11 @@ class PlanInfo:
 
 
 def read_plan_info(folder: Path) -> Optional[PlanInfo]:
+    """What the plan browser shows of a plan folder, from :func:`wina.api.plan_info` (the checked
+    reader of its metadata); None for a folder that is not a readable plan."""
+    from wina.api import plan_info
     try:
-        meta = json.loads((Path(folder) / "plan.json").read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or "n_layers" not in meta:
-            return None
+        meta = plan_info(folder)
         status = meta.get("status") or {}
         alloc = meta.get("allocation") or {}
         cal = meta.get("calibration") or {}
@@ -504,28 +480,18 @@ def read_plan_info(folder: Path) -> Optional[PlanInfo]:
                         max_sparsity=(float(alloc["max_sparsity"]) if isinstance(alloc, dict)
                                       and isinstance(alloc.get("max_sparsity"), (int, float)) else None),
                         date=date[:16].replace("T", " "))
-    except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError, AttributeError):
+    except (WinaError, ValueError, TypeError, KeyError, AttributeError):
         return None
 
 
 def plan_folders(*roots: Path) -> list[Path]:
-    """Plan folders (holding a plan.json) directly under each root, plus ``runs/*/plans/*`` under the
-    current directory (the plans ``wina run`` writes); newest first."""
-    seen: dict[Path, float] = {}
-    globs = [(Path(r), "*/plan.json") for r in roots if r is not None]
-    globs.append((Path.cwd(), "runs/*/plans/*/plan.json"))
-    for root, pattern in globs:
-        try:
-            for pj in root.glob(pattern):
-                d = pj.parent.resolve()
-                if d.name.endswith(".allocating"):      # a new allocation being written beside a plan
-                    continue
-                if d not in seen:
-                    with contextlib.suppress(OSError):
-                        seen[d] = pj.stat().st_mtime
-        except OSError:
-            continue
-    return sorted(seen, key=lambda d: -seen[d])
+    """The plan folders under each root, plus those of ``runs/*/plans`` under the current directory
+    (what ``wina run`` writes); newest first (:func:`wina.api.plan_folders`)."""
+    from wina.api import plan_folders as folders
+    extra: list[Path] = []
+    with contextlib.suppress(OSError):
+        extra = sorted(p for p in Path.cwd().glob("runs/*/plans") if p.is_dir())
+    return folders(*[r for r in roots if r is not None], *extra)
 
 
 def result_folders(results_dir: Path) -> list[Path]:

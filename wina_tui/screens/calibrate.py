@@ -9,7 +9,6 @@ cancelled run leaves only whole layers behind and starting again resumes at the 
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from typing import Optional
@@ -30,7 +29,7 @@ from ..state import (ALLOCATIONS, RunEta, Settings, Throttle, describe_error, ev
                      read_plan_info)
 from ..widgets.allocation_heatmap import AllocationHeatmap
 from ..widgets.progress_panel import ProgressPanel
-from ..widgets.score_histogram import ScoreHistogram, read_layer_allocation, read_layer_scores
+from ..widgets.score_histogram import ScoreHistogram
 from ..widgets.trajectory_chart import TrajectoryChart
 from .messages import WorkerFinished
 
@@ -229,11 +228,11 @@ class CalibrateScreen(Screen):
     # --- the worker --------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="calibrate")
     def run_calibration(self, settings: Settings, cancel: CancelToken) -> None:
-        from wina.api import allocate, calibrate, is_transformed
+        from wina.api import allocate, calibrate, is_transformed, nearest_row, plan_histogram, plan_trajectory
         s = self.session
         self.thread = threading.current_thread()
         target = settings.options.sparsity
-        live = {"plan": None, "out": None, "meta": None, "scores": 0, "rows": 0}
+        live = {"out": None, "scores": 0, "rows": 0}
 
         def post(msg) -> None:
             if not isinstance(msg, self.Progressed) or isinstance(msg.evs, dict):
@@ -244,12 +243,9 @@ class CalibrateScreen(Screen):
 
         def post_scores(upto: int, n_layers: int) -> None:
             """Histograms of the layers finished since the last call (read back from the plan folder)."""
-            out = live["out"]
             for j in range(live["scores"], upto):
                 try:
-                    if live["meta"] is None:
-                        live["meta"] = json.loads((out / "plan.json").read_text(encoding="utf-8"))
-                    mats = read_layer_scores(out, j, live["meta"])
+                    mats = plan_histogram(live["out"], j)
                 except Exception:          # a view only: never let it stop calibration
                     continue
                 batch.flush()
@@ -257,12 +253,12 @@ class CalibrateScreen(Screen):
             live["scores"] = max(live["scores"], upto)
 
         def post_rows(upto: int, n_layers: int) -> None:
-            """Each newly allocated layer's sparsities at the target (its trajectory row nearest it),
-            read back from the plan folder the allocation writes (``<plan>.allocating`` while a
-            finished allocation is being replaced)."""
+            """Each newly allocated layer's sparsities at the target (the trajectory row the
+            within-layer mode picks), read back from the plan folder the allocation writes."""
             for j in range(live["rows"], upto):
                 try:
-                    row = read_layer_allocation(live["out"], j, target)
+                    rows = plan_trajectory(live["out"], j)
+                    row = rows[nearest_row(rows, target)].sparsities if rows else None
                 except Exception:          # a view only: never let it stop allocation
                     row = None
                 if row:

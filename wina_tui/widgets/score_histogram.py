@@ -10,14 +10,13 @@ the part left of it is what the gate skips.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Protocol
 
 from .plot_view import PlotView
 
 
-@dataclass
-class MatrixScores:
+class MatrixScores(Protocol):
+    """One matrix's histogram, as :func:`wina.api.plan_histogram` gives it (``LayerHistogram``)."""
     counts: object          # torch tensor [N_BINS] (float64)
     n_live: int
     in_features: int
@@ -159,42 +158,3 @@ class ScoreHistogram(PlotView):
         fig.label(f"log10 gating score (% of inputs{extra})", "x")
         return True
 
-
-def read_layer_scores(plan_dir, layer: int, meta: Optional[dict] = None) -> dict[str, MatrixScores]:
-    """The histograms calibration wrote for one finished layer of the plan folder ``plan_dir`` (its
-    ``histograms/layer_NNN.safetensors``, atomic), as :class:`MatrixScores` per projection. Call it
-    from a worker thread. ``meta``: plan.json's content, if already read."""
-    import json
-    from pathlib import Path
-    from safetensors.torch import load_file
-    root = Path(plan_dir)
-    if meta is None:
-        meta = json.loads((root / "plan.json").read_text(encoding="utf-8"))
-    t = load_file(str(root / "histograms" / f"layer_{layer:03d}.safetensors"))
-    projs = list(meta["projections"])
-    counts, live = t["counts"], t["n_live"].tolist()
-    return {p: MatrixScores(counts[j].clone(), int(live[j]), int(meta["shapes"][p][1]))
-            for j, p in enumerate(projs)}
-
-
-def read_layer_allocation(plan_dir, layer: int, target: float) -> Optional[dict[str, float]]:
-    """One allocated layer's per-matrix sparsities at ``target``: the row of its greedy trajectory
-    (``trajectories/layer_NNN.safetensors``) whose effective sparsity is nearest the target, as the
-    plan's within-layer mode chooses. While a finished allocation is being replaced the new one is
-    written to ``<plan>.allocating`` beside it; that folder is read first. None when the layer's
-    file is not there yet. Call it from a worker thread."""
-    import json
-    from pathlib import Path
-    from safetensors.torch import load_file
-    root = Path(plan_dir)
-    for d in (root.with_name(root.name + ".allocating"), root):
-        f = d / "trajectories" / f"layer_{layer:03d}.safetensors"
-        if f.is_file():
-            meta = json.loads((d / "plan.json").read_text(encoding="utf-8"))
-            t = load_file(str(f))
-            eff = t["effective"].tolist()
-            if not eff:
-                return None
-            r = min(range(len(eff)), key=lambda k: (abs(eff[k] - target), k))
-            return {p: float(v) for p, v in zip(meta["projections"], t["sparsities"][r].tolist())}
-    return None
