@@ -53,11 +53,25 @@ def check_model(spec: str) -> Optional[str]:
     return None
 
 
+def wikitext_unavailable() -> Optional[str]:
+    """Why the ``wikitext`` calibration source cannot be used here (no data folder holding
+    wikitext2/wiki.test.raw, :func:`wina.api.wikitext_path`), or None when it can."""
+    from wina.api import wikitext_path
+    try:
+        wikitext_path()
+    except WinaError as e:
+        return str(e)
+    return None
+
+
 def check_source(src: str) -> Optional[str]:
     s = src.strip()
     if not s:
-        return "calibration source is required: self, wikitext or a text/jsonl file"
-    if s in ("self", "wikitext", "random") or s.startswith("hub:"):
+        return ("calibration source is required: self, wikitext or a text/jsonl file" if wikitext_unavailable()
+                is None else "calibration source is required: self or a text/jsonl file")
+    if s == "wikitext":
+        return wikitext_unavailable()
+    if s in ("self", "random") or s.startswith("hub:"):
         return None
     p = Path(s).expanduser()
     if not p.exists():
@@ -104,6 +118,7 @@ class SetupScreen(Screen):
         super().__init__(**kw)
         self.session = session
         self.presets = list_presets()
+        self.wikitext_missing = wikitext_unavailable()    # why the wikitext source is not offered
         self.errors: dict[str, str] = {}
         self.fill_form_from_preset = True     # False once, when the saved settings bring a preset back
         self._status_error = False
@@ -159,8 +174,9 @@ class SetupScreen(Screen):
                 yield self._row("Allocation", Select([(v, k) for k, v in ALLOCATIONS.items()],
                                                      value=s.allocation, allow_blank=False, compact=True,
                                                      id="allocation"))
-                yield self._row("Calibration", Input(s.calib_source, placeholder="self | wikitext | path",
-                                                     compact=True, id="calib-source"))
+                yield self._row("Calibration", Input(s.calib_source, placeholder=(
+                    "self | path (wikitext: no data folder)" if self.wikitext_missing else "self | wikitext | path"),
+                    compact=True, id="calib-source"))
                 yield Label("", id="err-calib-source", classes="field-error")
         yield Static("", id="summary")
 
@@ -266,7 +282,9 @@ class SetupScreen(Screen):
         if settings.options.transform:
             steps.append("transform")
         if settings.needs_plan:
-            steps.append(f"calibrate on {settings.calib_source}")
+            steps.append(f"calibrate on {settings.calib_source}" + (
+                " (the wikitext perplexity text: the plan sees the evaluation text)"
+                if settings.calib_source == "wikitext" else ""))
             if settings.allocation != "uniform":
                 steps.append(f"allocate ({ALLOCATIONS[settings.allocation]})")
         steps.append(settings.describe())
