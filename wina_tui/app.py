@@ -3,10 +3,11 @@
 ``wina-tui`` (console script) calls :func:`main`; the CLI calls :func:`run`. Tests and scripts build
 :class:`WinaApp` with their own ``loader`` (any callable ``spec -> wina.api.Loaded``).
 
-Leaving is quick in every state: ``ctrl+q``, the palette's quit and SIGTERM/SIGHUP cancel every
-worker through its cancel token (asking first while calibration, allocation or an evaluation
-runs), the app exits, and :func:`run_app` gives the workers a second to notice before it ends the
-process without them (everything the library writes is atomic, so nothing is left half-written).
+Leaving is quick in every state: ``ctrl+q`` and the palette's quit (asking first while calibration,
+allocation or an evaluation runs) and SIGINT/SIGTERM/SIGHUP (at once) cancel every worker through
+its cancel token, the settings are saved, the app exits, and :func:`run_app` gives the workers a
+second to notice before it ends the process without them (everything the library writes is
+atomic, so nothing is left half-written).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ QUIT_NOTES = {"calibration": "Finished layers are kept: calibrating again with t
               "loading the model": "Nothing is written while the model loads."}
 
 MODES_ORDER = ("setup", "calibrate", "chat", "evaluate")
+QUIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)   # quit as ctrl+q does, without asking
 
 
 class WinaApp(App):
@@ -114,7 +116,7 @@ class WinaApp(App):
         if self._handle_signals:
             import asyncio
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in QUIT_SIGNALS:
                 try:
                     loop.add_signal_handler(sig, self.shutdown)
                 except (NotImplementedError, RuntimeError, ValueError):
@@ -125,7 +127,7 @@ class WinaApp(App):
             import asyncio
             try:
                 loop = asyncio.get_running_loop()
-                for sig in (signal.SIGTERM, signal.SIGHUP):
+                for sig in QUIT_SIGNALS:
                     loop.remove_signal_handler(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
