@@ -325,8 +325,10 @@ class EvaluateScreen(Screen):
         self.app.push_screen(LoadRunsScreen(result_folders(self.session.results_dir)), loaded)
 
     def load_paths(self, paths: list[str]) -> None:
+        """Add results files to the table and the chart. A damaged file (unreadable, or read but
+        holding values the table cannot show) is left out with one error notice; never a crash."""
         from wina.api import load_run
-        n = 0
+        added = []
         for p in paths:
             try:
                 run = load_run(p)
@@ -334,10 +336,28 @@ class EvaluateScreen(Screen):
                 self.notify(describe_error(e), severity="error")
                 continue
             if not any(r.path is not None and run.path is not None and Path(r.path) == Path(run.path)
-                       for r in self.runs):
+                       for r in self.runs + added):
+                added.append(run)
+        before = list(self.runs)
+        self.runs = before + added
+        try:
+            self.refresh_results()
+        except Exception:
+            # one of the new files holds values the table cannot show: add them one by one
+            self.runs = list(before)
+            for run in list(added):
                 self.runs.append(run)
-                n += 1
-        self.refresh_results()
+                try:
+                    self.refresh_results()
+                except Exception as e:
+                    self.runs.pop()
+                    added.remove(run)
+                    self.notify(f"{run.path}: damaged results file ({describe_error(e)})", severity="error")
+            try:
+                self.refresh_results()
+            except Exception as e:       # the runs shown before are not shown now
+                self.notify(f"the results table cannot be shown: {describe_error(e)}", severity="error")
+        n = len(added)
         if n:
             self.notify(f"loaded {n} run{'s' if n != 1 else ''}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -28,6 +29,16 @@ def describe_run_file(path: Path) -> str:
             f"{(w.get('date') or '')[:16].replace('T', ' ')}")
 
 
+def one_line(e: BaseException, path: Path, width: int = 100) -> str:
+    """Why the results file ``path`` cannot be loaded, in one short line (its folder left out)."""
+    from wina.api import WinaError
+    msg = str(e).splitlines()[0] if str(e) else ""
+    if not isinstance(e, WinaError):
+        msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    msg = msg.replace(str(path), path.name)
+    return msg if len(msg) <= width else msg[:width - 1] + "…"
+
+
 class LoadRunsScreen(ModalScreen[list]):
     BINDINGS = [Binding("escape", "dismiss_none", "Close"), Binding("ctrl+a", "all", "All")]
 
@@ -35,6 +46,7 @@ class LoadRunsScreen(ModalScreen[list]):
         super().__init__(**kw)
         self.folders = [Path(f) for f in (folders if isinstance(folders, (list, tuple)) else [folders])]
         self.folder = self.folders[0]
+        self.damaged: dict[str, str] = {}     # path -> why it cannot be loaded (listed, not pickable)
 
     def compose(self) -> ComposeResult:
         items = []
@@ -46,14 +58,20 @@ class LoadRunsScreen(ModalScreen[list]):
         for f in files:
             try:
                 label = describe_run_file(f)
-            except Exception:
+            except Exception as e:
+                why = one_line(e, f)
+                self.damaged[str(f)] = why
+                label = Text.assemble(("damaged ", "bold red"), f.name, (f" · {why}", "red"))
+                items.append(Selection(label, str(f), disabled=True))
                 continue
             if len(self.folders) > 1 and f.parent != self.folder:
                 label += f" · {f.parent.parent.name}"
             items.append(Selection(label, str(f)))
         where = " + ".join(str(f) for f in self.folders[:3]) + (" …" if len(self.folders) > 3 else "")
         with Vertical(id="load-runs", classes="modal"):
-            yield Label(f"Past evaluations ({len(items)}) in {where}: space picks · ctrl+a all" if items
+            n = len(items) - len(self.damaged)
+            bad = f", {len(self.damaged)} damaged" if self.damaged else ""
+            yield Label(f"Past evaluations ({n}{bad}) in {where}: space picks · ctrl+a all" if items
                         else f"No run files in {where}", classes="modal-title")
             yield SelectionList(*items, id="run-files")
             with Horizontal(classes="modal-buttons"):
@@ -63,7 +81,7 @@ class LoadRunsScreen(ModalScreen[list]):
 
     @on(Button.Pressed, "#load")
     def _load(self) -> None:
-        self.dismiss(list(self.query_one(SelectionList).selected))
+        self.dismiss([p for p in self.query_one(SelectionList).selected if p not in self.damaged])
 
     @on(Button.Pressed, "#all")
     def action_all(self) -> None:

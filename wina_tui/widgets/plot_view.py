@@ -28,13 +28,14 @@ def render_figure(draw: DrawFn, width: int, height: int) -> Optional[Text]:
     import plotext as plt
     fig = plt.figure
     fig.clear()
-    fig.theme("default")
-    fig.plot_size(max(width, 20), max(height, 6))
-    if not draw(fig, width, height):
+    try:
+        fig.theme("default")
+        fig.plot_size(max(width, 20), max(height, 6))
+        if not draw(fig, width, height):
+            return None
+        out = fig.build().string()
+    finally:
         fig.clear()
-        return None
-    out = fig.build().string()
-    fig.clear()
     return ansi_to_text(out)
 
 
@@ -61,5 +62,10 @@ class PlotView(Static):
         w, h = self.content_region.width, self.content_region.height
         if w <= 0 or h <= 0:
             return
-        text = render_figure(self._draw, w, h) if self._draw is not None else None
+        try:
+            text = render_figure(self._draw, w, h) if self._draw is not None else None
+        except Exception as e:          # odd data (a damaged file): say so, never crash the screen
+            msg = str(e).splitlines()[0] if str(e) else ""
+            text = Text(f"the chart cannot be drawn: {type(e).__name__}{': ' + msg if msg else ''}",
+                        style="red")
         self.update(text if text is not None else Text(self._empty, style="dim"))
