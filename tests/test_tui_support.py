@@ -138,3 +138,257 @@ def test_session_prepares_a_pca_plan_through_the_api(tmp_path, torch_one_thread)
     assert s.loaded is not first and s.loaded.model._wina_transform.rotation == "svd"
     s.prepare(settings, plan_path=plan)                 # and the pca plan again
     assert s.loaded.model._wina_transform.rotation == "pca" and s.sparsifier is not None
+
+
+def _app(tmp_path: Path, **kw):
+    kw.setdefault("max_new_tokens", 4)
+    return tiny_app(tmp_path, results_dir=tmp_path / "runs", **kw)
+
+
+# --- the wikitext calibration source needs its data folder -------------------------------------------
+
+async def test_wikitext_source_is_offered_only_with_its_data_folder(tmp_path, monkeypatch, torch_one_thread):
+    from textual.widgets import Input, Label, Static
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    monkeypatch.setenv("WINA_DATA", str(empty))
+    app = _app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        setup = app.setup_screen
+        src = setup.query_one("#calib-source", Input)
+        assert "wikitext" not in src.placeholder.split("(")[0] and "no data folder" in src.placeholder
+        set_greedy(app, source="wikitext")
+        await pilot.pause()
+        err = str(setup.query_one("#err-calib-source", Label).render())
+        assert "wikitext2/wiki.test.raw" in err and "not found" in err
+        await pilot.press("ctrl+b")                     # refused, with the reason
+        await pilot.pause()
+        assert app.calibrate_screen.state == "idle"
+    (tmp_path / "data" / "wikitext2").mkdir(parents=True)
+    (tmp_path / "data" / "wikitext2" / "wiki.test.raw").write_text(" = T = \n text \n", encoding="utf-8")
+    monkeypatch.setenv("WINA_DATA", str(tmp_path / "data"))
+    app = _app(tmp_path / "second")
+    async with app.run_test(size=SIZE) as pilot:
+        setup = app.setup_screen
+        assert setup.query_one("#calib-source", Input).placeholder == "self | wikitext | path"
+        set_greedy(app, source="wikitext")
+        await pilot.pause()
+        assert not setup.query_one("#err-calib-source", Label).has_class("-shown")
+        summary = str(setup.query_one("#summary", Static).render())
+        assert "calibrate on wikitext" in summary and "evaluation text" in summary
+
+
+# --- damaged results files -----------------------------------------------------------------------------
+
+def _results_file(path: Path, **over) -> Path:
+    wina = {"schema": 1, "model": "tiny", "method": "dense", "transform": False, "allocation": None,
+            "nominal_sparsity": 0.0, "measured_sparsity": 0.0, "flops": None, "eval": {"limit": 20},
+            "headline": {"piqa": {"metric": "acc_norm", "value": 0.6, "stderr": 0.01, "higher_is_better": True}},
+            "perplexity": None, "date": "2026-11-29T00:00:00+00:00", "versions": {}, "machine": {}}
+    wina.update(over)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"wina": wina}), encoding="utf-8")
+    return path
+
+
+async def test_a_damaged_results_file_is_one_notice_and_listed_as_damaged(tmp_path, monkeypatch, torch_one_thread):
+    from textual.widgets import DataTable, SelectionList
+    import wina.api
+    from wina_tui.screens.load_runs import LoadRunsScreen
+    runs = tmp_path / "runs"
+    good = _results_file(runs / "dense.json")
+    odd = _results_file(runs / "odd.json", method="wina", nominal_sparsity=0.5, headline={},
+                        perplexity={"perplexity": "n/a"})     # read, but no number to show
+    broken = runs / "broken.json"
+    broken.write_text('{"wina": {"schema": 1, "model"', encoding="utf-8")
+    app = _app(tmp_path, start="evaluate")
+    notices: list[tuple[str, str]] = []
+    async with app.run_test(size=SIZE) as pilot:
+        real = app.notify
+        app.notify = lambda msg, *a, severity="information", **kw: (notices.append((str(msg), severity)),
+                                                                     real(msg, *a, severity=severity, **kw))
+        ev = app.evaluate_screen
+        await pilot.pause()
+        ev.load_paths([str(good), str(odd), str(broken)])        # no exception
+        await pilot.pause()
+        # a file the reader lets through but the table cannot show: the same single notice
+        real_load = wina.api.load_run
+        monkeypatch.setattr(wina.api, "load_run", lambda p: wina.api.Run(Path(p), json.loads(
+            Path(p).read_text())) if Path(p).name == "odd.json" else real_load(p))
+        ev.load_paths([str(good), str(odd)])
+        monkeypatch.setattr(wina.api, "load_run", real_load)
+        await pilot.pause()
+        errors = [m for m, sev in notices if sev == "error"]
+        assert len(errors) == 3, notices                          # one each time for odd and broken
+        assert "damaged results file" in errors[-1] and "odd.json" in errors[-1]
+        assert any("odd.json" in m for m in errors) and any("broken.json" in m for m in errors)
+        assert [r.path.name for r in ev.runs] == ["dense.json"]
+        assert ev.query_one("#results", DataTable).row_count == 1
+
+        ev.action_load_runs()
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadRunsScreen)
+                       and bool(app.screen.query(SelectionList)), timeout=10)
+        browser = app.screen
+        assert set(browser.damaged) == {str(odd), str(broken)}
+        assert "not a JSON results file" in browser.damaged[str(broken)]
+        assert str(tmp_path) not in browser.damaged[str(broken)]     # one short line
+        sel = browser.query_one(SelectionList)
+        options = [sel.get_option_at_index(i) for i in range(sel.option_count)]
+        listed = {o.value: o for o in options}
+        assert set(listed) == {str(good), str(odd), str(broken)}
+        assert listed[str(broken)].disabled and not listed[str(good)].disabled
+        assert "damaged" in str(listed[str(broken)].prompt)
+        await pilot.press("ctrl+a")
+        await pilot.pause()
+        browser._load()                                            # the damaged ones are not loaded
+        await pilot.pause()
+        assert [r.path.name for r in ev.runs] == ["dense.json"]
+
+
+# --- leaving in every state: ctrl+q (Pilot) and SIGINT (the real process) ------------------------------
+
+def _hold(monkeypatch, module, name: str, ready: threading.Event) -> None:
+    """Replace ``module.name`` with a long step that only notices its cancel token (a greedy step or
+    an evaluation chunk that takes long): ``ready`` is set once it holds."""
+    def held(*a, cancel=None, **kw):
+        ready.set()
+        t0 = time.monotonic()
+        while not (cancel is not None and cancel.cancelled) and time.monotonic() - t0 < 30:
+            time.sleep(0.01)
+        cancel.check()
+    monkeypatch.setattr(module, name, held)
+
+
+async def _confirm_quit(app, pilot, question: str) -> float:
+    """ctrl+q asks while long work runs; a second ctrl+q answers yes. Returns the time of the answer."""
+    from wina_tui.screens.confirm import ConfirmScreen
+    await pilot.press("ctrl+q")
+    await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=5)
+    assert question in app.screen.question
+    t0 = time.perf_counter()
+    await pilot.press("ctrl+q")
+    return t0
+
+
+async def test_quit_while_allocating_asks_then_exits_within_2s(tmp_path, monkeypatch, torch_one_thread):
+    import wina.allocate
+    ready = threading.Event()
+    _hold(monkeypatch, wina.allocate, "allocate", ready)
+    app = _app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        await wait_for(pilot, lambda: ready.is_set() and cal.phase == "allocation")
+        t0 = await _confirm_quit(app, pilot, "allocation running: quit anyway?")
+    assert app.wait_idle(2.0), "the allocation worker still holds the model"
+    assert time.perf_counter() - t0 < 2.0
+    assert cal.cancel.cancelled
+    assert json.loads((tmp_path / "config" / "settings.json").read_text())["setup"]["allocation"] == "layer"
+
+
+async def test_quit_while_evaluating_asks_then_exits_within_2s(tmp_path, monkeypatch, torch_one_thread):
+    import wina.api
+    ready = threading.Event()
+    _hold(monkeypatch, wina.api, "evaluate", ready)
+    app = _app(tmp_path, start="evaluate")
+    async with app.run_test(size=SIZE) as pilot:
+        ev = app.evaluate_screen
+        await pilot.pause()
+        assert ev.action_run()
+        await wait_for(pilot, ready.is_set)
+        t0 = await _confirm_quit(app, pilot, "evaluation running: quit anyway?")
+    assert app.wait_idle(2.0), "the evaluation worker still holds the model"
+    assert time.perf_counter() - t0 < 2.0
+    assert ev.cancel.cancelled
+    assert (tmp_path / "config" / "settings.json").exists()
+
+
+async def test_quit_while_the_model_loads_exits_within_2s(tmp_path, torch_one_thread):
+    """A model load has no cancel check: ctrl+q does not ask, the app exits at once (run_app then
+    ends the process without the load, see the SIGINT test)."""
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_loader(spec):
+        loading.set()
+        release.wait(30)
+        return tiny_loader(spec)
+    app = _app(tmp_path)
+    app.session.loader = slow_loader
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+g")                 # uniform top-k: load, prepare, chat
+            await wait_for(pilot, lambda: loading.is_set() and app.session.busy == "loading")
+            t0 = time.perf_counter()
+            await pilot.press("ctrl+q")                 # a load does not ask
+        assert time.perf_counter() - t0 < 2.0
+        assert app.quitting and (tmp_path / "config" / "settings.json").exists()
+    finally:
+        release.set()
+
+
+QUIT_CHILD = r"""
+import sys, time
+from dataclasses import replace
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_tui_support import tiny_app
+from wina_tui.app import run_app
+
+def stuck(*a, **kw):                       # a long op that never reaches a cancel check
+    Path({ready!r}).write_text("held")
+    time.sleep(600)
+
+tmp = Path({tmp!r})
+stage = {stage!r}
+app = tiny_app(tmp, handle_signals=True, results_dir=tmp / "runs",
+               start="calibrate" if stage == "allocation" else "setup")
+if stage == "allocation":
+    import wina.allocate
+    wina.allocate.allocate = stuck
+    def go():
+        s = app.session.settings
+        app.calibrate_screen.start(replace(s, allocation="layer", calib_source="random"))
+elif stage == "evaluation":
+    import wina.api
+    wina.api.evaluate = stuck
+    go = app._run_eval
+else:                                      # the model load
+    app.session.loader = stuck
+    go = lambda: app._from_setup("chat")
+app.call_later(lambda: app.set_timer(0.3, go))
+code = run_app(app, headless=True)
+print("exited", code, flush=True)
+"""
+
+
+@pytest.mark.parametrize("stage", ["allocation", "evaluation", "model load"])
+def test_sigint_ends_the_process_within_2s(tmp_path, stage):
+    """The real (headless) process with a worker stuck in an op that never checks its token: SIGINT
+    (as SIGTERM and SIGHUP) cancels, saves the settings, and the process ends within 2 s."""
+    ready = tmp_path / "ready"
+    code = QUIT_CHILD.format(tests=str(Path(__file__).parent), ready=str(ready), tmp=str(tmp_path), stage=stage)
+    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        t0 = time.monotonic()
+        while not ready.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 120, f"the child never reached the {stage}"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert elapsed < 2.0, (elapsed, err[-2000:])
+    assert proc.returncode == 0, err[-2000:]
+    assert "exited" not in out                          # ended by run_app without waiting for the worker
+    assert "KeyboardInterrupt" not in err
+    assert (tmp_path / "config" / "settings.json").exists()
