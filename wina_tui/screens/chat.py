@@ -179,7 +179,7 @@ class ChatScreen(Screen):
         self._close_sessions()
         if (was_engine and old is not None and old[0] is model
                 and old[2].options.transform != s.applied.options.transform):
-            from wina.chat import release_engine       # the transform changed the weights in place
+            from wina.api import release_engine        # the transform changed the weights in place
             release_engine(model)
         kw = dict(system=system or None, max_new_tokens=self.max_new_tokens, temperature=self.temperature)
         if s.sparsifier is not None:
