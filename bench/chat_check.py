@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_model(tok_dir: Path, out: Path, hidden: int, layers: int, seed: int) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=False)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
                       max_position_embeddings=2048, tie_word_embeddings=True,

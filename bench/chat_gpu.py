@@ -135,7 +135,7 @@ if not args.skip_folder:
     stamp("model folder")
     from transformers import AutoTokenizer  # noqa: E402
     from wina.bench import random_model, shape_config  # noqa: E402
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     cfg = shape_config(args.shape, args.layers)
     cfg.vocab_size = max(cfg.vocab_size, len(tok))
     cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id

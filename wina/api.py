@@ -17,14 +17,14 @@ from .bench import SHAPES, print_bench, print_chat_bench, random_model, run_benc
 from .chat import ChatSession, Reply, release_engine  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
 from .compare import SHORT  # noqa: F401
-from .calibrate import wikitext_path  # noqa: F401
+from .calibrate import source_file as calibration_file, wikitext_path  # noqa: F401
 from .data import DataSource, find_data_dir, resolve as resolve_data  # noqa: F401
 from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, PlanError,  # noqa: F401
                      TransformError, UnsupportedArchitecture, WinaError, user_error)
 from .evaluate import _check_limit as check_limit  # noqa: F401
 from .events import CancelToken, Progress, ProgressCallback, format_duration  # noqa: F401
-from .files import (check_writable, locked, recover_folder, replace_folder, sweep_temps,  # noqa: F401
-                    write_json, write_text as atomic_write_text)
+from .files import (check_name, check_writable, locked, name_problem, recover_folder, replace_folder,  # noqa: F401
+                    sha256 as file_sha256, sweep_temps, write_json, write_text as atomic_write_text)
 from .generate import Generation, chat_input_ids, generation_backend, stream_generate, stream_reply, warm_up  # noqa: F401
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401

@@ -97,6 +97,56 @@ def _check_source(source: str) -> str:
                     "file, or hub:<dataset>)")
 
 
+def source_file(source: str) -> Optional[Path]:
+    """The text file a calibration source reads (a file, or wikitext's in the data folder), or None
+    (self, random, a hub dataset, or a file that is not there)."""
+    try:
+        kind = _check_source(source)
+    except DataError:
+        return None
+    if kind == "file":
+        return Path(source).expanduser().resolve()
+    return wikitext_path().resolve() if kind == "wikitext" else None
+
+
+def check_source(source: str, field: str = "text") -> str:
+    """The one check of a calibration source before any model is loaded; returns its kind. A file
+    (or wikitext's, from the data folder) is read whole: missing, binary, not UTF-8, a .jsonl line
+    that is not JSON or lacks the field, or no text at all is refused here. A hub dataset needs the
+    ``datasets`` package and a usable hub."""
+    if not isinstance(source, str) or not source.strip():
+        raise DataError("the calibration source is empty (use 'self', 'wikitext', a .txt/.jsonl file, "
+                        "or hub:<dataset>)")
+    kind = _check_source(source)
+    if kind in ("file", "wikitext"):
+        p = wikitext_path() if kind == "wikitext" else Path(source).expanduser()
+        if not any(t.strip() for t in _read_texts(p, field)):
+            raise DataError(f"calibration source {p} holds no text")
+    elif kind == "hub":
+        _hub_ready(source[4:] if source.startswith("hub:") else source)
+    return kind
+
+
+def check_settings(*, method: str = "wina", rotation: str = "svd", weighted: str = "default",
+                   samples: Optional[int] = None, seq_len: Optional[int] = None,
+                   source: Optional[str] = "self") -> None:
+    """The one check of a calibration's settings, before any model is loaded (what
+    :meth:`wina.pipeline.Calibration.validate` calls). ``source=None`` skips the source (a resumed
+    calibration reads its ids from the plan, not from the source)."""
+    from .plan_meta import PLAN_ROTATIONS
+    if method not in ("teal", "wina"):
+        raise InvalidArgument(f"unknown calibration method {method!r}; choose teal or wina")
+    if rotation not in PLAN_ROTATIONS:
+        raise InvalidArgument(f"unknown rotation {rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
+    if weighted not in ("default", "all"):
+        raise InvalidArgument(f"unknown weighting {weighted!r}; choose default or all")
+    for name, v, lo in (("samples", samples, 1), ("seq_len", seq_len, 8)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise InvalidArgument(f"calibration {name} must be an integer of at least {lo}, got {v!r}")
+    if source is not None:
+        check_source(source)
+
+
 def _read_texts(path: Path, field: str) -> list[str]:
     if path.suffix == ".jsonl":
         texts = []
@@ -119,20 +169,24 @@ def _read_texts(path: Path, field: str) -> list[str]:
     return [read_text(path)]
 
 
-def _hub_texts(name: str, field: str) -> list[str]:
-    name = name[4:] if name.startswith("hub:") else name
-    try:
-        import datasets  # noqa: F401
-        from datasets import load_dataset
-    except ImportError:
+def _hub_ready(name: str) -> None:
+    """A hub dataset can be fetched: the ``datasets`` package is there and the hub usable."""
+    import importlib.util
+    if importlib.util.find_spec("datasets") is None:
         raise DataError(f"hub dataset {name!r} needs the 'datasets' package (pip install datasets), "
-                        "or use source='self' or a local file") from None
+                        "or use source='self' or a local file")
     from . import hub
-    from .errors import is_network_error, network_error
     if not hub.usable():
         why = "the hub is off (HF_HUB_OFFLINE)" if hub.offline() else "the hub is unreachable"
         raise DataError(f"calibration dataset {name!r} comes from the Hugging Face hub and {why}; "
                         "calibrate on 'self' (text the model writes), 'wikitext' or a local .txt/.jsonl file")
+
+
+def _hub_texts(name: str, field: str) -> list[str]:
+    name = name[4:] if name.startswith("hub:") else name
+    _hub_ready(name)
+    from datasets import load_dataset
+    from .errors import is_network_error, network_error
     try:
         ds = load_dataset(name, split="train")
     except Exception as e:  # network, missing dataset: many types

@@ -363,6 +363,33 @@ def _check_limit(limit) -> Optional[Union[int, float]]:
     return int(limit)
 
 
+def _check_counts(num_fewshot, batch_size) -> None:
+    if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
+                                    or num_fewshot < 0):
+        raise InvalidArgument(f"num_fewshot must be an integer of 0 or more, got {num_fewshot!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgument(f"batch_size must be an integer of at least 1, got {batch_size!r}")
+
+
+def check_settings(*, tasks=(), limit=None, num_fewshot: Optional[int] = None,
+                   batch_size: int = DEFAULT_BATCH_SIZE, ppl_text=None, ppl_max_tokens: Optional[int] = None,
+                   ppl_protocol: str = "windows", ppl_context: int = 512) -> list[str]:
+    """The one check of an evaluation's settings, made before any model is loaded (what
+    :meth:`wina.pipeline.Evaluation.validate` calls, and so the CLI, the runner and the TUI): task
+    names, the limit, the few-shot count, the batch size, the perplexity protocol and token budget
+    (at least one window), and the perplexity text (a UTF-8 text file). Returns the task names."""
+    names = _tasks.parse_tasks(tasks) if tasks else []
+    if not names and ppl_text is None:
+        raise InvalidArgument("nothing to evaluate: give tasks and/or a perplexity text file")
+    _check_limit(limit)
+    _check_counts(num_fewshot, batch_size)
+    from .perplexity import check_options, read_text
+    check_options(ppl_max_tokens, ppl_protocol, ppl_context, name="ppl_max_tokens")
+    if ppl_text is not None:
+        read_text(ppl_text)                  # missing, a folder, binary or not UTF-8: refused here
+    return names
+
+
 def check_tasks(tasks: Union[str, Sequence[str]], data_dir=None, *, task_manager=None) -> list[str]:
     """Parse and validate task names (and, with ``data_dir``, their files) before any work.
 
@@ -403,10 +430,7 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
     "task_done", "task_total", "tasks": {name: (done, total)}})`` per chunk of requests.
     """
     limit = _check_limit(limit)
-    if num_fewshot is not None and (not isinstance(num_fewshot, int) or num_fewshot < 0):
-        raise InvalidArgument(f"num_fewshot must be a non-negative integer, got {num_fewshot!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgument(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_counts(num_fewshot, batch_size)
     if data_dir is not None:
         data_dir = str(Path(data_dir).expanduser().resolve())
     Reporter(STAGE, 0, on_event, cancel).emit(0, message="loading tasks")
@@ -487,12 +511,9 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
     nothing is written. Returns a :class:`wina.results.Run`.
     """
     from . import results as _results
-    names = _tasks.parse_tasks(tasks) if tasks else []
-    if not names and ppl_file is None:
-        raise InvalidArgument("nothing to evaluate: give tasks and/or a perplexity text file")
-    _check_limit(limit)
-    from .perplexity import check_max_tokens
-    check_max_tokens(ppl_max_tokens)
+    names = check_settings(tasks=tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                           ppl_max_tokens=ppl_max_tokens, ppl_protocol=ppl_protocol, ppl_context=ppl_context,
+                           ppl_text=ppl_file)
     if names:
         check_tasks(names, data_dir)          # unknown task / missing file: before any work
     text = None

@@ -5,17 +5,20 @@ Every file the project writes (plans, results, presets' records, comparison tabl
 then renamed over the target, so a crash or a full disk never leaves a half-written file, and the
 file gets the permissions any new file of the user gets (``mkstemp`` alone would make it 0600).
 Text is read with :func:`read_text`, which refuses bytes that are not UTF-8 instead of guessing.
+Names that become paths (a preset's, a variant's) follow one rule, :func:`check_name`.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
-from .errors import DataError
+from .errors import DataError, InvalidArgument
 
 PathLike = Union[str, Path]
 
@@ -84,19 +87,103 @@ def check_writable(out: PathLike, *, folder: bool = False) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
+        import errno
+        if e.errno in (errno.ENOENT, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            # the folder exists, yet no file can be made in it: /proc, /sys and their like
+            raise DataError(f"cannot write {out}: {probe} does not accept new files (a special "
+                            "file system?); choose another place") from None
         raise DataError(f"cannot write {out}: {probe}: {e.strerror.lower() if e.strerror else e}") from None
+
+
+def sha256(path: PathLike) -> str:
+    """The sha256 (hex) of a file's bytes; cached while the file's size and modification time stay
+    the same (a text file that settings record by content is hashed once per process)."""
+    import hashlib
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    got = _SHA_CACHE.get(key)
+    if got is None:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        got = _SHA_CACHE[key] = h.hexdigest()
+    return got
+
+
+_SHA_CACHE: dict = {}
+
+
+# --- names that become paths ------------------------------------------------------------------------
+
+WORK_SUFFIXES = (".new", ".replaced", ".allocating")    # the folders writers make beside an output
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def name_problem(name: Any) -> Optional[str]:
+    """Why ``name`` cannot name a file or folder the project makes from it (a preset's run folder, a
+    variant's plan folder and results files), or None. The one rule: letters, digits, '_', '.', '-';
+    not starting with '.' (so not '.', '..' or a hidden file); not ending like a folder a writer
+    makes beside an output (``.new``, ``.replaced``, ``.allocating``); at most 100 characters."""
+    if not isinstance(name, str) or not name:
+        return f"must be a non-empty name, got {name!r}"
+    if not _NAME.fullmatch(name):
+        return f"must be letters, digits, '_', '.', '-', got {name!r}"
+    if name.startswith("."):
+        return f"must not start with '.' (it becomes a folder or file name), got {name!r}"
+    if name.endswith(WORK_SUFFIXES):
+        return f"must not end with {', '.join(WORK_SUFFIXES)} (the work folders' endings), got {name!r}"
+    if len(name) > 100:
+        return f"must be at most 100 characters, got {len(name)}"
+    return None
+
+
+def check_name(name: Any, what: str = "name") -> str:
+    """``name`` if it may become a path (:func:`name_problem`), else :class:`InvalidArgument`."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise InvalidArgument(f"{what} {problem}")
+    return name
 
 
 LOCK_NAME = ".wina-lock"
 
 
+_HELD: dict[str, tuple[int, int]] = {}        # folder -> (thread holding it, depth)
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def locked(folder: PathLike, what: str = "") -> Iterator[None]:
-    """Hold ``folder`` for writing: a second writer (another process) gets one clear error naming
-    the process that holds it. The lock is the kernel's (``flock``), so a killed writer leaves no
-    stale lock behind."""
+    """Hold ``folder`` for writing: a second writer (another process, or another thread of this one)
+    gets one clear error naming the process that holds it. The lock is the kernel's (``flock``), so
+    a killed writer leaves no stale lock behind. The thread holding it may take it again (a front-end
+    takes it before loading a model, the pipeline's step inside). A folder this call created and that
+    holds nothing but the lock when it is released is removed: a writer that failed before writing
+    anything leaves nothing behind."""
     import fcntl
     d = Path(folder)
+    key = str(d.expanduser().resolve())
+    me = threading.get_ident()
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None and held[0] == me:
+            _HELD[key] = (me, held[1] + 1)
+            reenter = True
+        else:
+            reenter = False
+    if reenter:
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD[key] = (me, _HELD[key][1] - 1)
+        return
+    if held is not None:
+        raise DataError(f"{what or d} is being written by process {os.getpid()} (this one); wait for it "
+                        "to finish or stop it")
+    created = not d.exists()
     d.mkdir(parents=True, exist_ok=True)
     f = open(d / LOCK_NAME, "a+", encoding="utf-8")
     try:
@@ -111,9 +198,27 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        yield
+        with _HELD_GUARD:
+            _HELD[key] = (me, 1)
+        try:
+            yield
+        finally:
+            with _HELD_GUARD:
+                _HELD.pop(key, None)
+            if created:
+                _remove_if_only_lock(d)
     finally:
         f.close()
+
+
+def _remove_if_only_lock(d: Path) -> None:
+    """Remove the folder ``d`` if it holds nothing but the lock file (called while holding it)."""
+    try:
+        if [p.name for p in d.iterdir()] == [LOCK_NAME]:
+            (d / LOCK_NAME).unlink()
+            d.rmdir()
+    except OSError:
+        pass
 
 
 def replace_folder(new: PathLike, target: PathLike) -> None:

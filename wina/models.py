@@ -79,9 +79,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float32, trust_remote_code=False)
     except Exception as e:  # transformers raises many types for a bad file
         raise ModelLoadError(f"cannot read GGUF file {gguf}: {e}") from e
     # The weights are plain float32 now: drop the GGUF "quantizer" so that the model can be saved.
@@ -147,6 +147,9 @@ def resolve_source(spec: str) -> tuple[str, Optional[Path]]:
         if not (p / "config.json").exists():
             raise ModelLoadError(f"{spec} is a directory without config.json (not a transformers model)")
         return "dir", p
+    if p.is_file():                             # an existing file is what was meant, not a hub id
+        raise ModelLoadError(f"{spec} is a file, not a model: give a transformers model folder (with "
+                             "config.json), a .gguf file, a hub id, or smollm2-135m (the embedded model)")
     if not spec.startswith((".", "/", "~")) and _HUB_ID.fullmatch(spec):
         return "hub", None                      # "gpt2", "Qwen/Qwen2.5-7B": dots are fine in hub ids
     raise ModelLoadError(f"model path not found: {spec}")

@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-
 from . import files
 from .errors import DataError, InvalidArgument
 from .events import CancelToken, ProgressCallback, Reporter
@@ -47,11 +45,42 @@ class PerplexityResult:
     protocol: str = "windows"
 
 
-def check_max_tokens(max_tokens) -> None:
-    """None (the whole text) or an integer of at least 2 (a negative one used to cut tokens silently)."""
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 2):
-        raise InvalidArgument(f"max_tokens must be an integer of at least 2, got {max_tokens!r}")
+CONTEXT = 512               # the windows protocol's default window
+
+
+def max_tokens_problem(max_tokens, protocol: str = "windows", context: int = CONTEXT) -> Optional[str]:
+    """Why a token budget cannot give one scored window under ``protocol`` (None: it can). None (the
+    whole text) is always fine; otherwise an integer of at least one window (``context`` tokens with
+    "windows", more than the 512 scored tokens of a window with "seed")."""
+    if max_tokens is None:
+        return None
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        return f"must be an integer, got {max_tokens!r}"
+    if protocol == "seed":
+        need, what = SEED_STRIDE + 1, f"more than the {SEED_STRIDE} scored tokens of one window of the seed protocol"
+    else:
+        need, what = max(int(context), 2), f"one window of {context} tokens"
+    if max_tokens < need:
+        return f"must be at least {need} ({what}), got {max_tokens}"
+    return None
+
+
+def check_options(max_tokens=None, protocol: str = "windows", context: int = CONTEXT, *,
+                  name: str = "max_tokens") -> None:
+    """The one check of perplexity settings, before any model is loaded: the protocol, the window,
+    and a token budget (``name`` says what the caller calls it) that holds at least one window."""
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(f"unknown perplexity protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
+    if protocol == "windows" and (isinstance(context, bool) or not isinstance(context, int) or context < 2):
+        raise InvalidArgument(f"context must be an integer of at least 2 tokens, got {context!r}")
+    problem = max_tokens_problem(max_tokens, protocol, context)
+    if problem is not None:
+        raise InvalidArgument(f"{name} {problem}")
+
+
+def check_max_tokens(max_tokens, protocol: str = "windows", context: int = CONTEXT) -> None:
+    """None (the whole text) or an integer of at least one window (:func:`check_options`)."""
+    check_options(max_tokens, protocol, context)
 
 
 def read_text(path: Union[str, Path]) -> str:
@@ -86,20 +115,25 @@ def seed_windows(n_tokens: int, context: int = SEED_CONTEXT, stride: int = SEED_
     return out
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: Optional[int] = None,
+def perplexity(model, tokenizer, text: str, *, context: int = CONTEXT, max_tokens: Optional[int] = None,
                batch_size: int = 1, on_event: Optional[ProgressCallback] = None,
                cancel: Optional[CancelToken] = None, protocol: str = "windows") -> PerplexityResult:
     """Perplexity of ``text`` (module docstring). ``protocol``: "windows" (default) or "seed"; with
     "seed", ``context`` and ``batch_size`` are the official script's (2048 + 512, one window a batch)."""
-    if protocol not in PROTOCOLS:
-        raise InvalidArgument(f"unknown perplexity protocol {protocol!r}; choose {' or '.join(PROTOCOLS)}")
-    check_max_tokens(max_tokens)
-    if protocol == "seed":
-        return _seed_perplexity(model, tokenizer, text, max_tokens=max_tokens, on_event=on_event,
-                                cancel=cancel)
-    if context < 2:
-        raise InvalidArgument(f"context must be at least 2 tokens, got {context}")
+    import torch
+    check_options(max_tokens, protocol, context)
+    with torch.no_grad():
+        if protocol == "seed":
+            return _seed_perplexity(model, tokenizer, text, max_tokens=max_tokens, on_event=on_event,
+                                    cancel=cancel)
+        return _windows_perplexity(model, tokenizer, text, context=context, max_tokens=max_tokens,
+                                   batch_size=batch_size, on_event=on_event, cancel=cancel)
+
+
+def _windows_perplexity(model, tokenizer, text: str, *, context: int, max_tokens: Optional[int],
+                        batch_size: int, on_event: Optional[ProgressCallback],
+                        cancel: Optional[CancelToken]) -> PerplexityResult:
+    import torch
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -126,10 +160,10 @@ def perplexity(model, tokenizer, text: str, *, context: int = 512, max_tokens: O
     return PerplexityResult(math.exp(mean), mean, int(total_tok), n_windows, context)
 
 
-@torch.no_grad()
 def _seed_perplexity(model, tokenizer, text: str, *, max_tokens: Optional[int] = None,
                      on_event: Optional[ProgressCallback] = None,
                      cancel: Optional[CancelToken] = None) -> PerplexityResult:
+    import torch
     body = "".join(r + "\n\n" for r in seed_rows(text))
     ids = tokenizer(body, return_tensors="pt").input_ids[0]
     if max_tokens is not None:

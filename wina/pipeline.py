@@ -95,6 +95,16 @@ class Calibration:
     seq_len: Optional[int] = None
     weighted: str = "default"
 
+    def validate(self, out: Optional[PathLike] = None) -> "Calibration":
+        """Checked before any model is loaded (:func:`wina.calibrate.check_settings`): the method,
+        rotation, weighting and sizes, and the source (a text file read whole, wikitext's data folder,
+        the hub for a hub dataset) unless ``out`` holds a calibration to resume (its ids are there)."""
+        from .calibrate import check_settings
+        resuming = out is not None and (Path(out) / "plan.json").is_file()
+        check_settings(method=self.method, rotation=self.rotation, weighted=self.weighted, samples=self.samples,
+                       seq_len=self.seq_len, source=None if resuming else self.source)
+        return self
+
 
 @dataclass(frozen=True)
 class Allocation:
@@ -119,6 +129,15 @@ class Evaluation:
     ppl_text: Optional[PathLike] = None
     ppl_max_tokens: Optional[int] = None
     ppl_protocol: str = "windows"   # windows | seed
+
+    def validate(self) -> "Evaluation":
+        """Checked before any model is loaded (:func:`wina.evaluate.check_settings`): tasks, limit,
+        few-shot count, batch size, perplexity protocol and budget (one window at least) and text."""
+        from .evaluate import check_settings
+        check_settings(tasks=self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
+                       batch_size=self.batch_size, ppl_text=self.ppl_text, ppl_max_tokens=self.ppl_max_tokens,
+                       ppl_protocol=self.ppl_protocol)
+        return self
 
 
 # --- 1. load --------------------------------------------------------------------------------------
@@ -151,14 +170,10 @@ def calibrate(loaded: Loaded, out: PathLike, cal: Calibration = Calibration(), *
     """Score histograms of every projection, layer by layer, into the plan folder ``out`` (resumed
     when it holds an unfinished calibration with the same settings). Returns the plan."""
     from .calibrate import calibrate as _calibrate
-    from .plan_meta import PLAN_ROTATIONS
     from .transform import ensure
-    if cal.method not in ("teal", "wina"):
-        raise InvalidArgument(f"unknown calibration method {cal.method!r}; choose teal or wina")
+    cal.validate(out)
     from .files import check_writable, locked, sweep_temps
     check_writable(out, folder=True)
-    if cal.rotation not in PLAN_ROTATIONS:
-        raise InvalidArgument(f"unknown rotation {cal.rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
     if not cal.transform:               # a transform is made by the calibration (pca needs its text)
         ensure(loaded.model, False, what="an untransformed calibration", on_event=on_event)
     with locked(out, f"plan {out}"):
@@ -186,6 +201,9 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]
         # a finished allocation is replaced only when the new one is complete: work on a copy
         work = allocating_folder(target) if finished else target
+        copy = allocating_folder(target)
+        if copy.exists() and (not finished or not _same_calibration(copy, meta)):
+            shutil.rmtree(copy)         # a copy left by an earlier allocation of another calibration
         if finished and not work.exists():
             shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
         plan = Plan.load(str(work), allow_partial=True)
@@ -200,6 +218,18 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
             replace_folder(work, target)
             new.path = target
         return new
+
+
+def _same_calibration(copy: Path, meta: dict) -> bool:
+    """Whether the plan folder ``copy`` holds the calibration of the plan whose metadata is ``meta``
+    (the same checksums of its calibration ids, rotation and histograms)."""
+    def calibration(m: dict) -> dict:
+        return {k: v for k, v in m.get("files", {}).items()
+                if k.startswith("histograms/") or k in ("calibration.safetensors", "rotation.safetensors")}
+    try:
+        return calibration(plan_info(copy)) == calibration(meta)
+    except PlanError:
+        return False
 
 
 def plan_info(path: PathLike) -> dict:
@@ -273,6 +303,7 @@ def evaluate(loaded: Loaded, opts: SparseOptions, ev: Evaluation, *, out: Option
     (written atomically; None writes nothing). Returns a :class:`wina.results.Run`."""
     from . import data, tasks as _tasks
     from .evaluate import run_evaluation
+    ev.validate()
     names = _tasks.parse_tasks(ev.tasks) if ev.tasks else []
     data_dir = data.resolve(ev.data_dir, names, ev.limit).path if names else None
     sp = apply(loaded, opts)
@@ -294,7 +325,8 @@ def perplexity(loaded: Loaded, opts: SparseOptions, text_file: PathLike, *, cont
                on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
     """Perplexity of a UTF-8 text under ``opts`` and the sparsity measured while computing it.
     Returns ``(PerplexityResult, measured sparsity or None)``; the sparsifier stays on the model."""
-    from .perplexity import perplexity as _perplexity, read_text
+    from .perplexity import check_options, perplexity as _perplexity, read_text
+    check_options(max_tokens, protocol, context)
     text = read_text(text_file)
     sp = apply(loaded, opts)
     if sp is not None:

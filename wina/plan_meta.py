@@ -75,6 +75,9 @@ def read_meta(path: Union[str, Path]) -> dict:
     f = p / "plan.json" if p.is_dir() else p
     if not p.exists():
         raise PlanError(f"plan not found: {path}")
+    if p.is_file() and p.name != "plan.json":
+        raise PlanError(f"{path} is a file, not a plan (a plan is a folder holding plan.json, made by "
+                        "wina calibrate)")
     if not f.is_file():
         raise PlanError(f"{path} is not a plan (no plan.json)")
     try:

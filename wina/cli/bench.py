@@ -107,7 +107,7 @@ def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, 
                 raise InvalidArgument(f"{spec} is a shape with random weights: --chat needs --tokenizer DIR")
             from transformers import AutoTokenizer
             from ..api import resolve_dtype
-            tok = AutoTokenizer.from_pretrained(tokenizer)
+            tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)   # never the repo's code
             cfg = shape_config(spec, layers)
             cfg.vocab_size = max(cfg.vocab_size, len(tok))
             model = random_model(cfg, _device(device), resolve_dtype(dtype, _device(device)), seed)

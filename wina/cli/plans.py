@@ -46,13 +46,13 @@ def calibrate_cmd(
     if seq_len is not None and seq_len < 8:
         raise InvalidArgument(f"--seq-len must be at least 8, got {seq_len}")
     from ..api import Calibration, calibrate
-    from ..api import check_writable
+    from ..api import check_writable, locked
+    cal = Calibration(method=method, transform=transform, rotation=rotation, source=data, samples=samples,
+                      seq_len=seq_len, weighted=weighted).validate(out_plan)    # the source too
     check_writable(out_plan, folder=True)               # before loading anything
-    with ProgressRenderer() as r:
+    with locked(out_plan, f"plan {out_plan}"), ProgressRenderer() as r:    # a second writer: refused at once
         loaded = _load(model, device, dtype, r)
-        plan = calibrate(loaded, out_plan, Calibration(method=method, transform=transform, rotation=rotation, source=data,
-                                                       samples=samples, seq_len=seq_len, weighted=weighted),
-                         on_event=r)
+        plan = calibrate(loaded, out_plan, cal, on_event=r)
     n = getattr(plan, "n_calibrated", None)
     out.print(f"[green]plan written:[/] {escape(str(out_plan))}" + (f" ({n} layers calibrated)" if n else ""))
     out.print(f"next: wina allocate {escape(str(out_plan))}   or   "
@@ -96,8 +96,8 @@ def allocate_cmd(
             raise InvalidArgument(f"--out {target} exists and is not empty (or not a folder)")
         import shutil
         shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
-    from ..api import Allocation, allocate
-    with ProgressRenderer() as r:
+    from ..api import Allocation, allocate, locked
+    with locked(target, f"plan {target}"), ProgressRenderer() as r:      # a second writer: refused at once
         loaded = _load(spec, device, dtype, r)
         allocate(loaded, target, Allocation(mode=mode, max_sparsity=max_sparsity, step=step,
                                             error=error_rule, step_norm=step_norm), on_event=r)

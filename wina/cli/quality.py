@@ -59,9 +59,9 @@ def eval_cmd(
         data_path = resolve(data_dir, names, lim).path
         if data_path is not None:
             check_local(names, data_path)
-    if ppl_text is not None and not ppl_text.is_file():
-        from ..errors import DataError
-        raise DataError(f"text file not found: {ppl_text}")
+    ev = api.Evaluation(tasks=tuple(names), limit=lim, data_dir=data_dir, num_fewshot=num_fewshot,
+                        batch_size=batch_size, ppl_text=ppl_text, ppl_max_tokens=ppl_max_tokens,
+                        ppl_protocol=ppl_protocol).validate()      # before the model loads
     check_writable(output)
     from ..api import distributed
     if procs > 1 and not distributed.in_child():
@@ -69,9 +69,6 @@ def eval_cmd(
         raise typer.Exit(distributed.relaunch(_without_procs(sys.argv[1:]), procs,
                                               cpu=not _device(device).startswith("cuda")))
     main_rank = distributed.world().is_main
-    ev = api.Evaluation(tasks=tuple(names), limit=lim, data_dir=data_dir, num_fewshot=num_fewshot,
-                        batch_size=batch_size, ppl_text=ppl_text, ppl_max_tokens=ppl_max_tokens,
-                        ppl_protocol=ppl_protocol)
     with ProgressRenderer() as r:
         loaded = _load(model, distributed.device_for_rank(_device(device)), dtype, r if main_rank else None)
         run = api.evaluate(loaded, opts, ev, out=output, on_event=r if main_rank else None)
@@ -141,7 +138,7 @@ def ppl_cmd(
     opts = _opts(method, sparsity, transform, plan, gating, weighted)
     from .. import api
     from ..api import check_max_tokens, read_text
-    check_max_tokens(max_tokens)
+    check_max_tokens(max_tokens, protocol, context)  # the protocol, the window, the budget: before loading
     read_text(text)                                  # a missing or non-UTF-8 file: before loading
     with ProgressRenderer(transient=as_json) as r:
         loaded = _load(model, device, dtype, r)
