@@ -99,12 +99,80 @@ def test_files_get_the_users_umask(tiny, text_file, tmp_path):
 
 # --- inputs ------------------------------------------------------------------------------------------
 
-def test_binary_file_is_not_text(tiny, tmp_path):
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any model load fails the test: what it guards must be refused before the model loads."""
+    import wina.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(wina.models, "load", no_load)
+
+
+def test_binary_file_is_not_text(tiny, tmp_path, no_model_load):
     b = tmp_path / "blob.txt"
     b.write_bytes(bytes(range(256)) * 8)
     user_error(invoke("ppl", tiny, "--text", b), "not UTF-8")
+    user_error(invoke("eval", tiny, "--ppl-text", b, "--output", tmp_path / "r.json"), "not UTF-8")
     user_error(invoke("calibrate", tiny, "--data", b, "--samples", "1", "--seq-len", "16",
                       "--out", tmp_path / "p"), "not UTF-8")
+    j = tmp_path / "blob.jsonl"
+    j.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
+    user_error(invoke("calibrate", tiny, "--data", j, "--out", tmp_path / "p"), "not UTF-8")
+    j.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
+    user_error(invoke("calibrate", tiny, "--data", j, "--out", tmp_path / "p"), "blob.jsonl:2", "not valid JSON")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (("eval", "--ppl-protocol", "bogus"), ("bogus", "windows or seed")),
+    (("eval", "--ppl-max-tokens", "100"), ("ppl_max_tokens", "at least 512", "100")),
+    (("eval", "--ppl-max-tokens", "512", "--ppl-protocol", "seed"), ("ppl_max_tokens", "at least 513")),
+    (("eval", "--num-fewshot", "-1"), ("num_fewshot", "-1")),
+    (("eval", "--batch-size", "0"), ("batch_size", "at least 1")),
+    (("ppl", "--protocol", "bogus"), ("bogus", "windows or seed")),
+    (("ppl", "--max-tokens", "100"), ("max_tokens", "at least 512")),
+    (("ppl", "--max-tokens", "100", "--context", "64"), None),
+    (("ppl", "--context", "1"), ("context", "at least 2")),
+])
+def test_evaluation_settings_are_checked_before_the_model_loads(tiny, text_file, tmp_path, no_model_load,
+                                                                args, needles):
+    cmd, *rest = args
+    text = ("--ppl-text",) if cmd == "eval" else ("--text",)
+    res = invoke(cmd, tiny, *text, text_file, *rest, *(("--output", tmp_path / "r.json") if cmd == "eval" else ()))
+    if needles is None:                          # a valid budget gets as far as loading the model
+        assert "was loaded before the input was checked" in res.stderr, res.stderr
+        return
+    user_error(res, *needles)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_wikitext_calibration_without_a_data_folder(tiny, tmp_path, monkeypatch, no_model_load):
+    import wina.data
+    monkeypatch.delenv("WINA_DATA", raising=False)
+    monkeypatch.delenv("WINA_DATA_DIR", raising=False)
+    monkeypatch.setattr(wina.data, "candidates", lambda: [])
+    user_error(invoke("calibrate", tiny, "--data", "wikitext", "--out", tmp_path / "p"), "wikitext", "WINA_DATA")
+    assert not (tmp_path / "p").exists()
+
+
+def test_failed_calibration_leaves_no_empty_plan_folder(tiny, tmp_path, monkeypatch):
+    """A calibration that fails on its source after the model loaded (here: the text the model
+    writes) leaves no plan folder holding only its lock file."""
+    import wina.calibrate
+    from wina.errors import DataError
+
+    def fail(*a, **k):
+        raise DataError("the calibration text could not be made")
+
+    monkeypatch.setattr(wina.calibrate, "calibration_ids", fail)
+    user_error(invoke("calibrate", tiny, "--samples", "1", "--seq-len", "16", "--out", tmp_path / "p"),
+               "could not be made")
+    assert not (tmp_path / "p").exists()
+    (tmp_path / "q").mkdir()                          # a folder that was there before is left alone
+    user_error(invoke("calibrate", tiny, "--samples", "1", "--seq-len", "16", "--out", tmp_path / "q"))
+    assert (tmp_path / "q").is_dir()
 
 
 def test_negative_max_tokens_is_refused(tiny, text_file):
@@ -203,6 +271,35 @@ def test_pickle_that_is_not_plain_tensors_is_refused(tiny, text_file, tmp_path):
     assert "internal error" not in line
 
 
+def test_messages_name_the_real_fault(tiny, text_file, tmp_path, no_model_load):
+    """An existing file given as a model or a plan, and a folder that takes no files, each said as
+    what it is (they read "model path not found", "plan.json is not valid JSON", "/proc: no such
+    file or directory")."""
+    user_error(invoke("ppl", text_file, "--text", text_file), str(text_file), "is a file, not a model")
+    user_error(invoke("allocate", text_file), str(text_file), "is a file, not a plan")
+    if Path("/proc/self").is_dir():
+        user_error(invoke("eval", tiny, "--ppl-text", text_file, "--output", "/proc/foo.json"),
+                   "/proc", "does not accept new files")
+
+
+def test_remote_code_is_never_trusted():
+    """Every from_pretrained call of the library and the benchmarks says trust_remote_code=False."""
+    import ast
+    repo = Path(__file__).resolve().parents[1]
+    calls = []
+    for f in sorted([*(repo / "wina").rglob("*.py"), *(repo / "bench").rglob("*.py")]):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "from_pretrained":
+                kws = {k.arg: k.value for k in node.keywords}
+                explicit = isinstance(kws.get("trust_remote_code"), ast.Constant) and \
+                    kws["trust_remote_code"].value is False
+                via_kw = any(k.arg is None for k in node.keywords)         # **kw: checked below
+                calls.append((f"{f.relative_to(repo)}:{node.lineno}", explicit or via_kw))
+    assert calls and all(ok_ for _, ok_ in calls), [c for c, ok_ in calls if not ok_]
+    src = (repo / "wina" / "models.py").read_text(encoding="utf-8")
+    assert 'kw["trust_remote_code"] = False' in src          # the **kw of _from_dir_or_hub
+
+
 # --- the network and missing data ---------------------------------------------------------------
 
 def test_hub_model_offline(monkeypatch):
@@ -255,12 +352,17 @@ def test_damaged_shipped_file_is_detected(tmp_path, monkeypatch):
 
 # --- concurrent writers and replacing finished work ---------------------------------------------
 
-def test_second_calibrate_into_the_same_folder(tiny, tmp_path):
-    from wina.files import locked
+def test_second_writer_of_a_plan_is_refused_before_loading(plan, tiny, tmp_path, no_model_load):
+    """The plan folder is locked before the model loads: a second calibrate or allocate into it is
+    refused at once (the lock held by another thread here; tests below use two processes)."""
+    import shutil
+    from test_runner import held_by_another_thread
     out = tmp_path / "plan"
-    with locked(out):
-        user_error(invoke("calibrate", tiny, "--samples", "1", "--seq-len", "16", "--data", "random",
-                          "--out", out), "being written by process")
+    shutil.copytree(plan, out)
+    for cmd in (("calibrate", tiny, "--samples", "1", "--seq-len", "16", "--data", "random", "--out", out),
+                ("allocate", out, "--model", tiny)):
+        with held_by_another_thread(out):
+            user_error(invoke(*cmd), "being written by process")
 
 
 def test_reallocation_keeps_the_finished_allocation_until_the_new_one_is_done(plan, tiny, tmp_path):
@@ -307,37 +409,131 @@ def test_user_error_translates_environment_faults():
 
 # --- crash and resume -------------------------------------------------------------------------------
 
+# A `wina run` whose plan layers are saved as usual, each followed by a pause (argv[1] seconds): a
+# window in which the test's SIGKILL lands inside a calibrate or allocate step, between two layers.
+SLOWED_RUN = r"""
+import sys, time
+import wina.plan
+PAUSE = float(sys.argv[1])
+for name in ("save_layer_histograms", "save_layer_trajectory"):
+    def slowed(self, i, _real=getattr(wina.plan.Plan, name)):
+        _real(self, i)
+        time.sleep(PAUSE)
+    setattr(wina.plan.Plan, name, slowed)
+from wina.cli import main
+sys.argv = ["wina"] + sys.argv[2:]
+main()
+"""
+
+
+def _run_cmd(preset: Path, out: Path, pause=None) -> list[str]:
+    import sys
+    if pause is None:
+        return [sys.executable, "-m", "wina.cli", "run", str(preset), "--out", str(out)]
+    return [sys.executable, "-c", SLOWED_RUN, str(pause), "run", str(preset), "--out", str(out)]
+
+
+def _plan_status(plan_dir: Path) -> dict:
+    try:
+        return json.loads((plan_dir / "plan.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _wait_for(proc, ready, what: str, timeout: float = 600) -> None:
+    import time
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_to_the_same_outputs(tiny_preset, tmp_path):
-    """`wina run` killed with SIGKILL in the middle, then run again, ends with the same plans (byte
-    for byte) and the same results as a run that was never interrupted; nothing half-written."""
+def test_sigkill_mid_calibrate_and_mid_allocate_resumes_to_the_same_outputs(tiny_preset, tmp_path):
+    """`wina run` killed with SIGKILL inside a calibration (one of two layers saved), run again and
+    killed inside the allocation of the same plan, then run to the end: each rerun resumes the step
+    where it stopped (the saved layers are not made again), and the plans (byte for byte), the
+    comparison table and the results equal those of a run that was never interrupted."""
     import signal
     import subprocess
-    import sys
-    import time
-    preset = tiny_preset
-    cmd = [sys.executable, "-m", "wina.cli", "run", str(preset), "--out"]
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    r = subprocess.run(cmd + [str(clean)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(_run_cmd(tiny_preset, clean), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
+    teal = crashed / "plans" / "teal"
 
-    proc = subprocess.Popen(cmd + [str(crashed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while not (crashed / "runs" / "teal-s25.json").exists() and time.time() - t0 < 600:
-        time.sleep(0.05)
+    # 1. killed inside `calibrate teal`: layer 1 of 2 saved
+    proc = subprocess.Popen(_run_cmd(tiny_preset, crashed, pause=10), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for(proc, lambda: _plan_status(teal).get("calibrated_layers", 0) >= 1, "a calibrated layer")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (crashed / "compare.md").exists()              # it really stopped midway
-    r = subprocess.run(cmd + [str(crashed)], capture_output=True, text=True, timeout=900)
+    assert _plan_status(teal)["calibrated_layers"] == 1 and not (crashed / "compare.md").exists()
+    hist0 = (teal / "histograms" / "layer_000.safetensors").stat().st_mtime_ns
+
+    # 2. run again: the calibration resumes in place; killed inside `allocate teal`: layer 1 of 2
+    log = tmp_path / "second.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_run_cmd(tiny_preset, crashed, pause=10), stdout=f, stderr=subprocess.STDOUT)
+        _wait_for(proc, lambda: _plan_status(teal).get("allocated_layers", 0) >= 1, "an allocated layer")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    st = _plan_status(teal)
+    assert st["calibrated_layers"] == 2 and st["allocated_layers"] == 1
+    assert (teal / "histograms" / "layer_000.safetensors").stat().st_mtime_ns == hist0   # resumed, not remade
+    assert not (crashed / "plans" / "teal.new").exists() and "rerun" not in log.read_text()
+    traj0 = (teal / "trajectories" / "layer_000.safetensors").stat().st_mtime_ns
+
+    # 3. run to the end: the allocation resumes too; everything equals the uninterrupted run
+    r = subprocess.run(_run_cmd(tiny_preset, crashed), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "rerun" not in r.stdout + r.stderr
+    assert (teal / "trajectories" / "layer_000.safetensors").stat().st_mtime_ns == traj0
 
     def tensors(root):
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "plans").rglob("*.safetensors"))}
 
-    assert tensors(crashed) == tensors(clean)
+    assert tensors(crashed) == tensors(clean) and len(tensors(clean)) > 4
+    assert (crashed / "compare.md").read_bytes() == (clean / "compare.md").read_bytes()
     for name in ("dense.json", "teal-s25.json", "teal-s50.json", "wina-s25.json", "wina-s50.json"):
         a = json.loads((clean / "runs" / name).read_text())["wina"]
         b = json.loads((crashed / "runs" / name).read_text())["wina"]
         assert a["perplexity"]["perplexity"] == b["perplexity"]["perplexity"], name
         assert a["measured_sparsity"] == b["measured_sparsity"], name
     _no_leftovers(crashed)
+    assert sorted(p.name for p in (crashed / "plans").iterdir()) == ["teal", "wina"]
+
+
+@pytest.mark.slow
+def test_two_processes_writing_one_run_folder(tiny_preset, tmp_path):
+    """While one `wina run` writes a run folder (here inside its first calibration), a second
+    `wina run` into the same folder, and a `wina calibrate` into its plan folder, stop at once with
+    one line naming the first process; once that process is gone (SIGKILL), the lock is free."""
+    import signal
+    import subprocess
+    import sys
+    from wina.files import locked
+    out = tmp_path / "out"
+    teal = out / "plans" / "teal"
+    first = subprocess.Popen(_run_cmd(tiny_preset, out, pause=120), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(first, lambda: _plan_status(teal).get("calibrated_layers", 0) >= 1, "a calibrated layer")
+        second = subprocess.run(_run_cmd(tiny_preset, out), capture_output=True, text=True, timeout=300)
+        model = tiny_preset.parent / "model"
+        third = subprocess.run([sys.executable, "-m", "wina.cli", "calibrate", str(model), "--method", "teal",
+                                "--data", str(tiny_preset.parent / "text.txt"), "--samples", "2",
+                                "--seq-len", "32", "--out", str(teal)],
+                               capture_output=True, text=True, timeout=300)
+        assert first.poll() is None                   # still running: the others stopped at once
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    for res, what in ((second, f"run folder {out}"), (third, f"plan {teal}")):
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert lines[0] == f"error: {what} is being written by process {first.pid}; wait for it to finish " \
+                           "or stop it", lines[0]
+    assert _plan_status(teal)["calibrated_layers"] == 1          # the second writers changed nothing
+    with locked(out), locked(teal):                              # a killed writer leaves no lock behind
+        pass

@@ -2,6 +2,7 @@
 quick embedded preset end to end (slow: the real SmolLM2-135M, a small --limit)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -183,11 +184,100 @@ def test_edited_preset_reruns_what_changed(tiny_preset, tmp_path):
     assert before.keys() == {p.name for p in (out / "runs").iterdir()}
 
 
-def test_second_writer_is_refused(tiny_preset, tmp_path):
-    from wina.errors import DataError
-    from wina.files import locked
+def _header_and_footer(res) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(steps, already done) from `wina run`'s header and (run, skipped) from its last line."""
+    import re
+    text = res.stdout + res.stderr
+    head = re.search(r"\((\d+) steps, (\d+) already done\)", text)
+    foot = re.search(r"finished: (\d+) steps run, (\d+) skipped", text)
+    assert head and foot, text[-2000:]
+    return (int(head[1]), int(head[2])), (int(foot[1]), int(foot[2]))
+
+
+def test_text_inputs_by_content_and_outputs_without_a_ledger(tiny_preset, tmp_path):
+    """The ledger records text inputs by their content: editing the perplexity text (same path)
+    reruns the evaluations, editing the calibration text reruns the plans made from it and their
+    evaluations, and the header's counts agree with the last line. A run folder whose steps.json
+    is gone is not adopted: every output is made again, each step saying why."""
+    root = tmp_path / "preset"
+    root.mkdir()
+    (root / "cal.txt").write_text(TEXT, encoding="utf-8")
+    (root / "ppl.txt").write_text(TEXT, encoding="utf-8")
+    f = root / "tiny.toml"
+    f.write_text(tiny_preset.read_text().replace('source = "text.txt"', 'source = "cal.txt"')
+                 .replace('ppl_text = "text.txt"', 'ppl_text = "ppl.txt"'))
     out = tmp_path / "out"
-    with locked(out):
+
+    def run():
+        res = CliRunner().invoke(app, ["run", str(f), "--out", str(out)])
+        assert res.exit_code == 0, (res.output, res.exception)
+        (n, done), (ran, skipped) = _header_and_footer(res)
+        assert n == ran + skipped == 10 and done == skipped, (n, done, ran, skipped)
+        return res, ran
+
+    run()
+    dense = (out / "runs" / "dense.json").read_bytes()
+
+    # 1. the perplexity text is edited in place: every evaluation and the comparison run again
+    (root / "ppl.txt").write_text(TEXT.replace("cold", "warm"), encoding="utf-8")
+    res, ran = run()
+    assert ran == 6 and "ppl_text_sha256" in res.stdout + res.stderr
+    assert (out / "runs" / "dense.json").read_bytes() != dense
+    dense = (out / "runs" / "dense.json").read_bytes()
+
+    # 2. the calibration text is edited: both plans, their allocations and evaluations, the comparison
+    (root / "cal.txt").write_text(TEXT.replace("water", "room"), encoding="utf-8")
+    res, ran = run()
+    assert ran == 9 and "source_sha256" in res.stdout + res.stderr
+    assert (out / "runs" / "dense.json").read_bytes() == dense            # not made from the plans
+    s = run_preset(load_preset(f), out)
+    assert s.ran == []
+
+    # 3. the ledger is lost: nothing proves how the outputs were made, so all of them are made again
+    (out / "steps.json").unlink()
+    seen = []
+    s = run_preset(load_preset(f), out, on_step=lambda st, status: seen.append((st.title, status, st.why)))
+    assert len(s.ran) == 10 and s.skipped == []
+    reruns = {t: w for t, status, w in seen if status == "rerun"}
+    assert set(reruns) == {x.title for x in s.ran if x.kind != "compare"}
+    assert all("unknown settings" in w for w in reruns.values()), reruns
+    assert not any(p.name.endswith((".new", ".replaced", ".allocating")) for p in (out / "plans").iterdir())
+    assert run_preset(load_preset(f), out).ran == []
+
+
+@contextlib.contextmanager
+def held_by_another_thread(folder: Path):
+    """``folder``'s writer lock held by another thread for the duration (the thread that holds a lock
+    may take it again; any other writer is refused)."""
+    import threading
+    from wina.files import locked
+    ready, release = threading.Event(), threading.Event()
+
+    def hold():
+        with locked(folder):
+            ready.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert ready.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        t.join()
+
+
+def test_second_writer_is_refused(tiny_preset, tmp_path, monkeypatch):
+    from wina.errors import DataError
+    import wina.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the run folder's lock was taken")
+
+    monkeypatch.setattr(wina.models, "load", no_load)
+    out = tmp_path / "out"
+    with held_by_another_thread(out):
         with pytest.raises(DataError, match="is being written by process"):
             run_preset(load_preset(tiny_preset), out)
 

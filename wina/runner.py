@@ -11,7 +11,13 @@ it is transformed in place once, when the first transformed variant needs it)::
 A step whose output exists (and is complete) is skipped, so an interrupted run resumes: results
 files are written atomically (temporary file + rename), and a plan records which layers are
 calibrated / allocated (``plan.json``), which calibrate and allocate resume from. The model is
-loaded only when a step has to run. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
+loaded only when a step has to run, and only after every input of the steps to run is checked.
+
+The ledger (``steps.json``) records the settings that made each output (text inputs by their
+sha256), and, while a calibrate or allocate step runs, that it started (so that a killed step
+resumes where it stopped). An output is kept only when the ledger proves it was made, to the end,
+with the settings asked for now: an edited setting or text reruns it (saying what changed), and an
+output the ledger does not know (a folder without ``steps.json``) is made again. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
 that quick checks never mix with full results. Nothing here draws anything: the CLI passes
 ``on_step`` and ``on_event`` callbacks.
 
@@ -77,7 +83,11 @@ class Step:
         p, v = self.preset, self.variant
         d: dict = {"kind": self.kind, "model": p.model, "dtype": p.dtype}
         if self.kind in (CALIBRATE, ALLOCATE) or (self.kind == EVAL and v.needs_plan):
-            d["calibration"] = _without_default_rotation(asdict(calibration_of(p, v)))
+            cal = calibration_of(p, v)
+            d["calibration"] = _without_default_rotation(asdict(cal))
+            text = api.calibration_file(cal.source)
+            if text is not None:                     # the text itself, not its name: an edit reruns
+                d["calibration"]["source_sha256"] = _sha256(text)
         if self.kind == ALLOCATE or (self.kind == EVAL and v.needs_plan):
             d["allocation"] = asdict(allocation_of(p))
         if self.kind == EVAL:
@@ -89,6 +99,8 @@ class Step:
                          "data_dir": e.data_dir, "num_fewshot": e.num_fewshot, "batch_size": e.batch_size,
                          "ppl_text": str(p.resolved_ppl_text()) if e.ppl_text else None,
                          "ppl_max_tokens": e.ppl_max_tokens, "ppl_protocol": getattr(e, "ppl_protocol", None)}
+            if e.ppl_text:
+                d["eval"]["ppl_text_sha256"] = _sha256(p.resolved_ppl_text())
         if self.kind == COMPARE:
             d = {"kind": COMPARE, "inputs": [x.name for x in self.inputs]}
         return d
@@ -110,16 +122,23 @@ class Step:
             return None
         return _ledger(self.root).get(self.rel)
 
+    def _has_output(self) -> bool:
+        """Whether something this step makes is on disk (for allocate: an allocation in the plan)."""
+        if self.kind == ALLOCATE:
+            meta = _plan_json(self.output)
+            return meta is not None and meta.get("allocation") is not None
+        return self.output.exists()
+
     def stale(self, ledger: Optional[dict] = None) -> Optional[str]:
-        """Why the existing output no longer fits the preset (which settings changed), or None."""
-        if self.root is None or self.kind == COMPARE or not self.output.exists():
+        """Why the existing output no longer fits the preset (which settings changed, or that no
+        settings are recorded for it), or None. An output the ledger does not know (a run folder
+        without steps.json, or from before it) is never adopted: nothing proves how it was made."""
+        if self.root is None or self.kind == COMPARE or not self._has_output():
             return None
         led = _ledger(self.root) if ledger is None else ledger
-        if not led:
-            return None                              # a run folder from before the ledger: trusted
         rec = led.get(self.rel)
         if rec is None:
-            return "made by an unknown run"
+            return UNKNOWN
         if rec.get("key") == self.key:
             return None
         changed = _diff(rec.get("settings") or {}, self.settings())
@@ -127,9 +146,12 @@ class Step:
                                        if changed else "unknown")
 
     def done(self, ledger: Optional[dict] = None) -> bool:
-        """Whether the output exists, is complete, and was made with this step's settings (cheap:
-        reads JSON only, never torch)."""
-        if self.stale(ledger) is not None:
+        """Whether the output exists, is complete, and was made with this step's settings, to the
+        end (a step the ledger records as started runs again, resuming) (cheap: reads JSON only)."""
+        led = _ledger(self.root) if (ledger is None and self.root is not None) else (ledger or {})
+        if self.stale(led) is not None:
+            return False
+        if (led.get(self.rel) or {}).get("state") == STARTED:
             return False
         return self._complete()
 
@@ -202,6 +224,18 @@ def _allocated(meta: dict, preset: Optional[Preset]) -> bool:
 # --- the ledger: which settings made each output ------------------------------------------------
 
 LEDGER = "steps.json"
+STARTED = "started"          # a ledger entry's state while its step runs (the output may be partial)
+UNKNOWN = "made with unknown settings (steps.json has no record of it)"
+
+
+def _sha256(path) -> Optional[str]:
+    """A text input's content hash (None when it cannot be read: the step's own check says why)."""
+    if path is None:
+        return None
+    try:
+        return api.file_sha256(path)
+    except OSError:
+        return None
 
 
 def _ledger(root: Path) -> dict:
@@ -217,10 +251,25 @@ def _ledger(root: Path) -> dict:
     return d
 
 
-def _record(step: Step) -> None:
+def _record(step: Step, *, rel: Optional[str] = None, started: bool = False) -> None:
+    """Write in the ledger the settings that made (``started``: that are making) ``rel`` (default:
+    the step's own output)."""
     led = _ledger(step.root)
-    led[step.rel] = {"key": step.key, "settings": step.settings()}
-    api.atomic_write_text(Path(step.root) / LEDGER, json.dumps(led, indent=1, sort_keys=True, default=str) + "\n")
+    entry = {"key": step.key, "settings": step.settings()}
+    if started:
+        entry["state"] = STARTED
+    led[rel or step.rel] = entry
+    _write_ledger(step.root, led)
+
+
+def _forget(root: Path, rel: str) -> None:
+    led = _ledger(root)
+    if led.pop(rel, None) is not None:
+        _write_ledger(root, led)
+
+
+def _write_ledger(root: Path, led: dict) -> None:
+    api.atomic_write_text(Path(root) / LEDGER, json.dumps(led, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -231,15 +280,41 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k} {a!r} → {b!r}")
+            out.append(f"{prefix}{k} {_short(a)} → {_short(b)}")
     return out
+
+
+def _short(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:13] + "…" + text[-1]
 
 
 # --- planning ------------------------------------------------------------------------------------
 
 def default_out_dir(preset: Preset, limit=None) -> Path:
+    api.check_name(preset.name, f"{preset.where}: name")
     name = preset.name + (f"-limit{limit:g}" if limit is not None else "")
     return Path("runs") / name
+
+
+def pending(steps: list[Step]) -> list[Step]:
+    """The steps that will run, in order (each with ``why`` set where an existing output is redone):
+    what the CLI's header counts and what :func:`run_preset` runs, decided once, by one rule. An
+    output is kept when it is complete and the ledger records that this step's settings made it to
+    the end; the comparison is redone when any evaluation runs."""
+    todo: list[Step] = []
+    ledgers: dict[Path, dict] = {}
+    eval_runs = False
+    for s in steps:
+        led = ledgers.setdefault(s.root, _ledger(s.root)) if s.root is not None else {}
+        s.why = s.stale(led)
+        if s.kind == COMPARE:
+            if eval_runs or not s._complete():
+                todo.append(s)
+        elif s.why is not None or not s.done(led):
+            todo.append(s)
+            eval_runs = eval_runs or s.kind == EVAL
+    return todo
 
 
 def _tag(s: float) -> str:
@@ -252,6 +327,10 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
     out = Path(out_dir)
     steps: list[Step] = []
     evals: list[Path] = []
+    for i, v in enumerate(preset.variants):          # names become folders and files: the one rule
+        if api.name_problem(v.name) is not None:
+            raise PresetError(f"{preset.where}: variants[{i}].name: {api.name_problem(v.name)}")
+    made_by: dict[Path, str] = {}
     ordered = ([v for v in preset.variants if not v.transform]
                + [v for v in preset.variants if v.transform and v.rotation == "svd"]
                + [v for v in preset.variants if v.transform and v.rotation != "svd"])
@@ -267,6 +346,10 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
         for s in targets:
             name = f"{v.name}.json" if s is None else f"{v.name}-{_tag(s)}.json"
             p = out / "runs" / name
+            if p in made_by:
+                raise PresetError(f"{preset.where}: variants {made_by[p]!r} and {v.name!r} would both write "
+                                  f"runs/{name}; rename one of them")
+            made_by[p] = v.name
             evals.append(p)
             steps.append(Step(EVAL, p, v, s, inputs=[plan_dir] if v.needs_plan else [], preset=preset,
                               limit=limit, root=out))
@@ -377,44 +460,60 @@ def resolve_device(preset: Preset, device: Optional[str]) -> str:
 def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=None,
                device: Optional[str] = None, on_step: Optional[Callable[[Step, str], None]] = None,
                on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-               renderer=None, procs: int = 1) -> Summary:
+               renderer=None, procs: int = 1,
+               on_plan: Optional[Callable[[list, list], None]] = None) -> Summary:
     """Run every step of a preset that is not done yet; returns what ran and the loaded runs.
 
-    ``on_step(step, status)`` is called with status "start", "done" or "skip". ``renderer``
-    (optional, the CLI's) gets ``note``/``done`` calls for work without progress events.
-    ``procs`` > 1: eval steps run data-parallel in that many processes (module docstring).
+    ``on_step(step, status)`` is called with status "rerun" (before "start", ``step.why`` says
+    why), "start", "done" or "skip". ``on_plan(steps, todo)`` is called once, before anything runs,
+    with every step and those that will run (:func:`pending`). ``renderer`` (optional, the CLI's)
+    gets ``note``/``done`` calls for work without progress events. ``procs`` > 1: eval steps run
+    data-parallel in that many processes (module docstring). Every input is checked before the
+    model is loaded (:meth:`wina.pipeline.Evaluation.validate`, :meth:`~wina.pipeline.Calibration.validate`).
     """
     if procs < 1:
         raise InvalidArgument(f"procs must be at least 1, got {procs}")
     if limit is not None:
         limit = api.check_limit(limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
+    steps = plan_steps(preset, out, limit=limit)     # names and outputs checked
     describe(preset, limit)                          # fail early on a bad path / task / data folder
     api.check_writable(out, folder=True)
     with api.locked(out, f"run folder {out}"):
         api.sweep_temps(out)                             # what a killed run left half-written
-        return _run_steps(preset, out, limit, device, on_step, on_event, cancel, renderer, procs)
+        for s in steps:
+            if s.kind == CALIBRATE:
+                api.recover_folder(s.output)             # a swap of plan folders cut short
+        return _run_steps(preset, out, steps, limit, device, on_step, on_event, cancel, renderer, procs,
+                          on_plan)
 
 
-def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, cancel, renderer,
-               procs: int) -> Summary:
-    steps = plan_steps(preset, out, limit=limit)
+def _check_inputs(preset: Preset, limit, todo: list[Step]) -> None:
+    """What the steps that will run read, checked before the model is loaded: the evaluation's
+    settings and texts, and each calibration's source (unless it resumes from its plan)."""
+    if any(s.kind == EVAL for s in todo):
+        evaluation_of(preset, limit).validate()
+    for s in todo:
+        if s.kind == CALIBRATE:
+            calibration_of(preset, s.variant).validate(out=_calibrate_work(s))
+
+
+def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_step, on_event, cancel,
+               renderer, procs: int, on_plan=None) -> Summary:
+    todo = pending(steps)
+    _check_inputs(preset, limit, todo)
+    if on_plan is not None:
+        on_plan(steps, todo)
     api.atomic_write_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
     summary = Summary(out)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
     notify = on_step or (lambda s, st: None)
-    ran_eval = False
-    legacy = not _ledger(out)        # outputs of a run from before the ledger are adopted as they are
+    runs = {id(s) for s in todo}
     for step in steps:
         if cancel is not None:
             cancel.check()
-        step.why = step.stale() if not legacy else None
-        if step.kind == COMPARE and ran_eval and step.output.exists():
-            pass                                     # new results: always redo the comparison
-        elif step.why is None and step._complete():
-            if step.kind != COMPARE and step.recorded() is None:
-                _record(step)
+        if id(step) not in runs:
             summary.skipped.append(step)
             notify(step, "skip")
             continue
@@ -433,7 +532,6 @@ def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, canc
                                    on_event, cancel)
             else:
                 _evaluate(step, preset, holder, limit, on_event, cancel)
-            ran_eval = True
         elif step.kind == COMPARE:
             _compare(step, preset)
         if step.kind != COMPARE:
@@ -448,20 +546,35 @@ def _run_steps(preset: Preset, out: Path, limit, device, on_step, on_event, canc
     return summary
 
 
+def _calibrate_work(step: Step) -> Path:
+    """Where a calibrate step writes: its plan folder when it is new or being resumed, else (an
+    existing plan made with other or unknown settings) ``<variant>.new`` beside it."""
+    if not step.output.exists() or step.why is None:
+        return step.output
+    return step.output.with_name(step.output.name + ".new")
+
+
 def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
     """Calibrate into the plan folder; a plan made with other settings is replaced only once the new
-    calibration is complete (it is made beside it, in ``<variant>.new``, which a rerun resumes)."""
+    calibration is complete (it is made beside it, in ``<variant>.new``, which a rerun resumes when
+    the ledger says that these settings started it, and removes otherwise)."""
+    import shutil
     v = step.variant
-    api.recover_folder(step.output)
-    fresh = not step.output.exists() or getattr(step, "why", None) is None
-    work = step.output if fresh else step.output.with_name(step.output.name + ".new")
+    work = _calibrate_work(step)
+    scratch = step.output.with_name(step.output.name + ".new")
+    scratch_rel = f"{CALIBRATE} {scratch.relative_to(step.root) if step.root else scratch}"
+    if scratch.exists() and (work != scratch or (_ledger(step.root).get(scratch_rel) or {}).get("key") != step.key):
+        shutil.rmtree(scratch)                       # left by a calibration with other settings
+    _record(step, rel=scratch_rel if work == scratch else None, started=True)
     api.calibrate(holder.get(v.transform, on_event, v.rotation), work, calibration_of(preset, v),
                   on_event=on_event, cancel=cancel)
     if work != step.output:
         api.replace_folder(work, step.output)
+        _forget(step.root, scratch_rel)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
+    _record(step, started=True)                      # a killed allocation resumes (wina.pipeline.allocate)
     api.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output, allocation_of(preset),
                  on_event=on_event, cancel=cancel)
 

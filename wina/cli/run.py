@@ -47,10 +47,11 @@ def run_cmd(
     if dry_run:
         _print_steps(p, folder, steps, lim)
         return
-    todo = [s for s in steps if not s.done()]
-    err.print(f"[bold]{escape(p.name)}[/]: {escape(p.model)} → {escape(str(folder))} "
-              f"({len(steps)} steps, {len(steps) - len(todo)} already done)", soft_wrap=True)
     with ProgressRenderer(steps=len(steps)) as r:
+        def on_plan(all_steps, todo) -> None:        # decided once, under the run folder's lock
+            r.print(f"[bold]{escape(p.name)}[/]: {escape(p.model)} → {escape(str(folder))} "
+                    f"({len(all_steps)} steps, {len(all_steps) - len(todo)} already done)", soft_wrap=True)
+
         def on_step(step, status: str) -> None:
             if status == "rerun":
                 r.print(f"[yellow]rerun[/] {escape(step.title)}: {escape(step.why or '')}", soft_wrap=True)
@@ -64,7 +65,7 @@ def run_cmd(
                 r.step(step.title, advance=True)
 
         summary = run_preset(p, folder, limit=lim, device=None if device == "auto" else device,
-                             on_step=on_step, on_event=r, renderer=r, procs=procs)
+                             on_step=on_step, on_event=r, renderer=r, procs=procs, on_plan=on_plan)
     if summary.runs:
         from ..api import comparison_table
         out.print(comparison_table(summary.runs, title=f"{p.name}: {p.model}"))
@@ -102,17 +103,17 @@ def eval_step_cmd(
                   device=None if device == "auto" else device)
 
 
-def _step_status(s) -> str:
-    why = s.stale()
-    if why is not None:
-        return f"[yellow]rerun[/] ({escape(why)})"
-    return "[dim]done, skipped[/]" if s.done() else "to run"
+def _step_status(s, todo) -> str:
+    if not any(s is t for t in todo):
+        return "[dim]done, skipped[/]"
+    return f"[yellow]rerun[/] ({escape(s.why)})" if s.why is not None else "to run"
 
 
 def _print_steps(p, folder: Path, steps, limit) -> None:
     from rich.table import Table
-    from ..runner import describe
+    from ..runner import describe, pending
     info = describe(p, limit, strict=False)      # a dry run shows what is missing instead of stopping
+    todo = pending(steps)                        # the rule wina run follows
     out.print(f"[bold]preset[/] {escape(p.name)} ({escape(str(p.path))})", soft_wrap=True)
     for k, v in info.items():
         out.print(f"  {k}: {escape(str(v))}", soft_wrap=True)
@@ -124,6 +125,6 @@ def _print_steps(p, folder: Path, steps, limit) -> None:
     t.add_column("status")
     for i, s in enumerate(steps, 1):
         t.add_row(str(i), s.title, str(s.output.relative_to(folder)) if s.output.is_relative_to(folder)
-                  else str(s.output), _step_status(s))
+                  else str(s.output), _step_status(s, todo))
     out.print(t)
     out.print("dry run: nothing was executed")
