@@ -138,6 +138,20 @@ BAD = [
     ('model = "m"\neval = 3\n[[variants]]\nmethod="dense"\n', "eval", "table"),
     (GOOD.replace("[eval]\n", "[eval]\ngating = \"threshold\"\n").replace(
         'transform = true', 'transform = true\nallocation = "uniform"'), "eval.gating", "calibration plan"),
+    # names become folders and files (runs/<preset>, plans/<variant>): never '.', '..' or hidden
+    ('name = ".."\n' + GOOD, "name", "must not start with '.'"),
+    ('name = "."\n' + GOOD, "name", "must not start with '.'"),
+    ('name = ""\n' + GOOD, "name", "non-empty"),
+    ('name = "a/b"\n' + GOOD, "name", "letters, digits"),
+    (GOOD.replace('method = "dense"', 'name = ".."\nmethod = "dense"'), "variants[0].name", "start with '.'"),
+    (GOOD.replace('method = "dense"', 'name = "."\nmethod = "dense"'), "variants[0].name", "start with '.'"),
+    (GOOD.replace('method = "dense"', 'name = ".dense"\nmethod = "dense"'), "variants[0].name", "start with '.'"),
+    (GOOD.replace('method = "dense"', 'name = "teal.new"\nmethod = "dense"'), "variants[0].name", "work folders"),
+    # a perplexity budget shorter than one window fails at load, not after the model loaded
+    (GOOD.replace("[eval]\n", '[eval]\nppl_text = "t.txt"\nppl_max_tokens = 256\n'), "eval.ppl_max_tokens",
+     "at least 512"),
+    (GOOD.replace("[eval]\n", '[eval]\nppl_text = "t.txt"\nppl_max_tokens = 512\nppl_protocol = "seed"\n'),
+     "eval.ppl_max_tokens", "at least 513"),
 ]
 
 
@@ -172,3 +186,12 @@ def test_dry_run_checks_what_it_can(tmp_path):
     f.write_text(GOOD.replace('model = "smollm2-135m"', 'model = "smollm2-135m"\n[calibration]\nsource = "nope.txt"'))
     res = CliRunner().invoke(app, ["run", str(f), "--dry-run"])
     assert res.exit_code == 2 and "nope.txt" in res.stderr
+
+
+def test_two_variants_writing_the_same_file(tmp_path):
+    """A dense variant named wina-s25 and a wina variant at 25 % would write the same results file."""
+    f = tmp_path / "p.toml"
+    f.write_text(GOOD.replace('method = "dense"', 'name = "wina-s25"\nmethod = "dense"')
+                 .replace("[eval]\n", "[eval]\nsparsities = [0.25]\n").replace('transform = true', 'name = "wina"'))
+    res = CliRunner().invoke(app, ["run", str(f), "--dry-run"])
+    assert res.exit_code == 2 and "runs/wina-s25.json" in res.stderr and "Traceback" not in res.output

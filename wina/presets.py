@@ -46,7 +46,7 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
                                     #   ppl script: 1000 shuffled rows, 2048 + 512 sliding windows)
 
     [[variants]]                    # one per method variant; at least one
-    name = "wina"                   # unique, [A-Za-z0-9_.-]; names the output files
+    name = "wina"                   # unique, [A-Za-z0-9_.-], not starting with '.'; names the output files
     method = "wina"                 # dense | teal | wina
     transform = true                # column-orthogonal transform first (default false)
     rotation = "pca"                # the transform's rotation: svd (the seed's, default) | pca
@@ -71,6 +71,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import WinaError
+from .files import name_problem
+from .perplexity import PROTOCOLS as PPL_PROTOCOLS, max_tokens_problem
 from .plan_meta import PLAN_ROTATIONS
 
 try:  # Python >= 3.11
@@ -87,7 +89,6 @@ MODES = ("layer", "global")
 ALLOCATIONS = ("greedy", "uniform")
 WEIGHTED = ("default", "all")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_PRESETS = PACKAGE_DIR.parent / "presets"          # the repo's presets/ (editable install)
@@ -364,7 +365,6 @@ EVAL_KEYS = ("sparsities", "gating", "tasks", "limit", "num_fewshot", "batch_siz
              "ppl_text", "ppl_max_tokens", "ppl_protocol")
 ERROR_RULES = ("wina", "seed")          # = wina.allocate.ERROR_RULES (no torch import here)
 STEP_NORMS = ("wina", "seed")           # = wina.allocate.STEP_NORMS
-PPL_PROTOCOLS = ("windows", "seed")     # = wina.perplexity.PROTOCOLS
 VARIANT_KEYS = ("name", "method", "transform", "allocation", "rotation")
 
 
@@ -374,8 +374,8 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
     top = _V(where, data)
     top.check_keys(TOP_KEYS)
     pname = top.get("name", str, name or (path.stem if path else None))
-    if not pname or not _NAME.match(pname):
-        top.fail("name", f"must be a non-empty name of letters, digits, '_', '.', '-', got {pname!r}")
+    if name_problem(pname) is not None:          # it names the run folder: the one rule (wina.files)
+        top.fail("name", name_problem(pname))
     model = top.get("model", str, required=True).strip()
     if not model:
         top.fail("model", "must not be empty")
@@ -446,12 +446,13 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
     data_dir = e.get("data_dir", str, "auto").strip() or "auto"
     ppl_text = e.get("ppl_text", str, None)
     ppl_max = e.get("ppl_max_tokens", int, None)
-    if ppl_max is not None and ppl_max < 2:
-        e.fail("ppl_max_tokens", f"must be at least 2, got {ppl_max}")
+    ppl_protocol = e.choice("ppl_protocol", PPL_PROTOCOLS, "windows")
+    if max_tokens_problem(ppl_max, ppl_protocol) is not None:     # the rule of wina.perplexity
+        e.fail("ppl_max_tokens", max_tokens_problem(ppl_max, ppl_protocol))
     if not tasks and not ppl_text:
         e.fail("tasks", "nothing to evaluate: give tasks and/or ppl_text")
     ev = EvalSpec(sparsities, e.choice("gating", GATINGS, "topk"), tasks, limit, num_fewshot,
-                  batch_size, data_dir, ppl_text, ppl_max, e.choice("ppl_protocol", PPL_PROTOCOLS, "windows"))
+                  batch_size, data_dir, ppl_text, ppl_max, ppl_protocol)
 
     raw_variants = top.get("variants", list, None, required=True)
     if not raw_variants:
@@ -462,8 +463,8 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
         v.check_keys(VARIANT_KEYS)
         method = v.choice("method", METHODS, None) if "method" in rv else v.fail("method", "missing (required)")
         vname = v.get("name", str, method + ("_transform" if rv.get("transform") is True else ""))
-        if not _NAME.match(vname):
-            v.fail("name", f"must be letters, digits, '_', '.', '-', got {vname!r}")
+        if name_problem(vname) is not None:      # it names plan folders and results files
+            v.fail("name", name_problem(vname))
         if any(x.name == vname for x in variants):
             v.fail("name", f"{vname!r} is used by two variants")
         rotation = v.choice("rotation", PLAN_ROTATIONS, "svd")
