@@ -355,6 +355,7 @@ def test_parallel_eval_steps_match_one_process(tiny_preset, tmp_path, monkeypatc
     one, two = tmp_path / "one", tmp_path / "two"
     run_preset(preset, one)
     shutil.copytree(one / "plans", two / "plans")       # the same plans: only the evaluations differ
+    shutil.copy(one / "steps.json", two / "steps.json")   # with the record of how they were made
     events = []
     s = run_preset(preset, two, procs=2, on_event=events.append)
     assert [x.title for x in s.ran if x.kind == "eval"] == [
