@@ -191,12 +191,16 @@ class Preset:
         t = self.eval.ppl_text
         if not t:
             return None
-        if "{data}" in t:
+        if t.startswith("{data}/"):
             d = find_data_dir() if self.eval.data_dir in ("auto", "hub") else self.resolved_data_dir()
-            if d is None:
-                raise PresetError(f"{self.where}: eval.ppl_text: {t!r} needs a data folder, and none was "
-                                  f"found (set eval.data_dir or $WINA_DATA)")
-            t = t.replace("{data}", str(d))
+            from .data import data_text
+            from .errors import DataError
+            try:                        # the data folder's file, else the shipped excerpt (wina.data)
+                return data_text(t[len("{data}/"):], d, self.eval.ppl_max_tokens)
+            except DataError as e:
+                raise PresetError(f"{self.where}: eval.ppl_text: {e}") from None
+        if "{data}" in t:
+            raise PresetError(f"{self.where}: eval.ppl_text: {{data}} must start the path, got {t!r}")
         return self._rel(t).resolve()
 
     @property
