@@ -63,10 +63,13 @@ def test_seed_reproduction_presets(name):
 
 
 def test_embedded_presets():
-    quick, full = load_preset("smollm2-quick"), load_preset("smollm2-full")
-    assert quick.model == full.model == "smollm2-135m"
-    assert quick.calibration.source == "self"          # offline: no data, no network
-    assert quick.eval.limit is not None and len(quick.eval.sparsities) <= 2
+    quick, tasks, full = load_preset("smollm2-quick"), load_preset("smollm2-tasks"), load_preset("smollm2-full")
+    assert quick.model == tasks.model == full.model == "smollm2-135m"
+    for p in (quick, tasks):                            # offline: no data folder, no network
+        assert p.calibration.source == "self" and p.eval.sparsities == [0.5]
+        assert p.eval.ppl_text == "{data}/wikitext2/wiki.test.raw" and p.eval.ppl_max_tokens <= 4096
+    assert not quick.eval.tasks                         # perplexity only: the 3-minute quick start
+    assert tasks.eval.tasks == ["piqa", "arc_easy"] and tasks.eval.limit == 100   # the shipped documents
     assert full.eval.sparsities == [0.25, 0.40, 0.50, 0.65] and full.eval.limit is None
     assert set(SEED_TASKS) <= set(full.eval.tasks)
 
