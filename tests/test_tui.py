@@ -927,3 +927,48 @@ async def test_every_offered_calibration_source_works(tmp_path):
         await wait_for(pilot, lambda: cal.state not in ("idle", "running"), timeout=120)
         assert cal.state == "done", [line.text for line in cal.query_one("#cal-log").lines[-3:]]
         assert app.session.plan_path.name.endswith("-wikitext-2x32")
+
+
+async def test_calibration_checks_and_locks_its_plan_before_loading_the_model(tmp_path):
+    """A plan folder another writer holds, or a calibration text that is not UTF-8, stops the
+    calibration at once with one line, and the model is never loaded."""
+    import threading
+    from wina.files import locked
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        out = app.session.plan_dir_for(app.setup_screen.read(show=False)[0])
+        held, release = threading.Event(), threading.Event()
+
+        def other_writer():
+            with locked(out, "plan"):
+                held.set()
+                release.wait(30)
+        t = threading.Thread(target=other_writer)
+        t.start()
+        try:
+            assert held.wait(10)
+            await pilot.press("ctrl+b")
+            cal = app.calibrate_screen
+            await wait_for(pilot, lambda: cal.state not in ("idle", "running"), timeout=60)
+            assert cal.state == "failed"
+            assert "being written by process" in " ".join(line.text for line in cal.query_one("#cal-log").lines)
+            assert app.session.loaded is None
+        finally:
+            release.set()
+            t.join()
+
+        binary = tmp_path / "calib.bin"
+        binary.write_bytes(bytes(range(256)) * 8)
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen is app.setup_screen)
+        set_greedy(app, source=str(binary))
+        await pilot.pause()
+        n = len(cal.query_one("#cal-log").lines)
+        await pilot.press("ctrl+b")
+        await wait_for(pilot, lambda: len(cal.query_one("#cal-log").lines) > n + 1 and cal.state != "running",
+                       timeout=60)
+        new = " ".join(line.text for line in cal.query_one("#cal-log").lines[n:])
+        assert cal.state == "failed" and "UTF-8" in new, new
+        assert app.session.loaded is None

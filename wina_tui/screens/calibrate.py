@@ -228,7 +228,8 @@ class CalibrateScreen(Screen):
     # --- the worker --------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="calibrate")
     def run_calibration(self, settings: Settings, cancel: CancelToken) -> None:
-        from wina.api import allocate, calibrate, is_transformed, nearest_row, plan_histogram, plan_trajectory
+        from wina.api import (allocate, calibrate, is_transformed, locked, nearest_row, plan_histogram,
+                              plan_trajectory)
         s = self.session
         self.thread = threading.current_thread()
         target = settings.options.sparsity
@@ -278,7 +279,11 @@ class CalibrateScreen(Screen):
                 post_rows(min(upto, n), n)
 
         try:
-            with s.using("calibrate"):
+            # the settings and the plan folder are checked, and the folder locked, before the model
+            # loads: a bad source or a second writer is told at once
+            out = s.plan_dir_for(settings)
+            calib = settings.calibration(s.calibrate_options).validate(out)
+            with s.using("calibrate"), locked(out, f"plan {out}"):
                 t0 = time.perf_counter()
                 post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": f"loading {settings.model}"}))
                 loaded = s.ensure_loaded(settings.model, settings.options.transform)
@@ -289,15 +294,13 @@ class CalibrateScreen(Screen):
                 post(self.Progressed({"stage": "load", "done": 1, "total": 1, "message": s.model_summary(),
                                       "finished": True, "elapsed": time.perf_counter() - t0}))
                 cancel.check()
-                out = s.plan_dir_for(settings)
                 live["out"] = out
                 info = read_plan_info(out)
                 if info is not None:
                     post(self.Progressed({"stage": "resume", "what": "calibrate", "from": info.calibrated,
                                           "total": info.n_layers, "path": str(out)}))
                 post(self.Progressed({"stage": "phase", "phase": "calibration"}))
-                plan = calibrate(loaded, out, settings.calibration(s.calibrate_options), on_event=on_event,
-                                 cancel=cancel)
+                plan = calibrate(loaded, out, calib, on_event=on_event, cancel=cancel)
                 post_scores(plan.n_layers, plan.n_layers)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
                                       "finished": True, "message": f"plan saved: {out.name}"}))

@@ -382,9 +382,10 @@ class EvaluateScreen(Screen):
         post = self.post_message
         settings = s.settings
         try:
+            # checked before the model loads: tasks, limit, data
+            ev = Evaluation(tasks=tuple(form["tasks"]), limit=form["limit"], data_dir=s.data_dir or "auto").validate()
             with s.using("evaluate"):
                 loaded = s.ensure_loaded(settings.model, settings.options.transform)
-                ev = Evaluation(tasks=tuple(form["tasks"]), limit=form["limit"], data_dir=s.data_dir or "auto")
                 for i, (method, sparsity) in enumerate(jobs):
                     cancel.check()
                     label = "dense" if method == "dense" else f"{METHOD_NAMES[method]} {sparsity:.0%}"
