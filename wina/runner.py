@@ -403,7 +403,8 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
             where = "lm-eval hub datasets" + (f" ({', '.join(hub)}: checked when run)" if hub else "")
         if src is not None:
             info["tasks"] = f"{', '.join(names)} from {where}"
-    info["limit"] = "all documents" if lim is None else f"{lim:g} per task"
+    if e.tasks:
+        info["limit"] = "all documents" if lim is None else f"{lim:g} per task"
     try:
         ppl = preset.resolved_ppl_text()
         if ppl is not None and not ppl.is_file():
