@@ -1,5 +1,5 @@
 # wina-tui: everything goes into a local virtual environment, .venv/.
-#   make run    install (once) and run the quick embedded preset (a few minutes on a CPU)
+#   make run    install (once) and run the quick embedded preset (under 3 minutes on 2 CPU cores)
 #   make test   install (once) and run the test suite
 # TORCH_INDEX=https://download.pytorch.org/whl/cpu make ...   picks the small CPU build of torch on
 # a machine without a GPU (by default pip takes torch==2.13.0 from your configured indexes).
