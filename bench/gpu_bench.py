@@ -97,13 +97,12 @@ if not args.skip_tune:
 
 
 if args.force_sparse:
-    import wina.kernels.config as _kk
-    _kk.DEFAULT_SPARSE_CONFIG = GemvConfig(*[int(v) for v in args.force_sparse.split(",")])
-    for key in [k for k in _kk._CONFIGS if len(k) == 3 and k[2]]:
-        del _kk._CONFIGS[key]
-    for key in [k for k in _kk._ROLE_CONFIGS if k[1]]:
-        del _kk._ROLE_CONFIGS[key]
-    stamp(f"sparse config forced: {_kk.DEFAULT_SPARSE_CONFIG}")
+    from wina.kernels.config import ROLES, clear_shape_configs, set_role_config
+    forced = GemvConfig(*[int(v) for v in args.force_sparse.split(",")])
+    clear_shape_configs(sparse=True)              # every sparse launch takes its role's config,
+    for role in ROLES:                            # and every role this one
+        set_role_config(role, forced, sparse=True)
+    stamp(f"sparse config forced: {forced}")
 
 for spec in args.shape_config:
     shape, fields = spec.split(":")
