@@ -267,12 +267,15 @@ class ChatSession:
         sampled = self.temperature > 0
         eng.capture(self.sparse, sampled, count=self.count_every > 0)
         emit(Progress("warm-up", 1, 3, message="warming up the prefill"))
-        # the prefill path (cuBLAS, attention, counting) at two lengths, at the end of the cache:
-        # positions past the conversation are written before they are ever read
+        # the prefill path (cuBLAS, attention, counting) at two lengths at the end of the cache (a
+        # later turn's form), and once from position 0 (a first prompt's causal form) while the
+        # cache holds no conversation: positions are written before they are ever read
         counts, rows = eng._kept.clone(), eng._count_rows
-        for t in (2, 64):
-            t = min(t, eng.max_seq_len // 2)
-            eng.prefill([0] * t, self.sparse, start=eng.max_seq_len - t,
+        runs = [(min(t, eng.max_seq_len // 2), None) for t in (2, 64)]
+        if not self._cached:
+            runs.append((min(32, eng.max_seq_len // 2), 0))
+        for t, start in runs:
+            eng.prefill([0] * t, self.sparse, start=eng.max_seq_len - t if start is None else start,
                         count=self.sparse and self.count_every > 0, last_only=True)
         eng._kept.copy_(counts)
         eng._count_rows = rows
