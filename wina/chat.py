@@ -254,11 +254,14 @@ class ChatSession:
     def warm_up(self, on_event: Optional[Callable[[Progress], None]] = None) -> None:
         """Everything a first reply would otherwise pay once: on the engine, build it (shared by the
         model's sessions), compile the kernels and capture this session's decode step(s), and run
-        the prefill path once. Progress events have stage "warm-up". No-op on transformers."""
+        the prefill path once; on any backend, compile the chat template. Progress events have stage
+        "warm-up"."""
         emit = on_event or (lambda ev: None)
+        # the chat template is compiled on its first use (tens of ms): here, not in the first reply
+        chat_input_ids(self.tokenizer, [{"role": "user", "content": "hi"}])
         if self.backend != "engine":
             self.warm = True
-            emit(Progress("warm-up", 1, 1, message="nothing to prepare (transformers)"))
+            emit(Progress("warm-up", 1, 1, message="the chat template (transformers: nothing else to prepare)"))
             return
         self._ensure_engine(emit)
         eng = self.engine
