@@ -181,6 +181,46 @@ class Session:
         self.applied = replace(settings, options=opts)
         return self.sparsifier
 
+    # --- the form's settings as the pipeline's (what the calibrate and evaluate workers run) -------
+    def calibration_for(self, settings: Settings):
+        """The plan folder and the checked :class:`wina.api.Calibration` the calibrate worker
+        uses for ``settings`` (with this session's sizes); raises before any model loads."""
+        out = self.plan_dir_for(settings)
+        return out, settings.calibration(self.calibrate_options).validate(out)
+
+    def allocation_for(self, settings: Settings):
+        """The :class:`wina.api.Allocation` the calibrate worker runs after calibration (with this
+        session's overrides), or None for the uniform allocation (no allocation step)."""
+        if settings.allocation == "uniform":
+            return None
+        return settings.allocation_settings(self.allocate_options)
+
+    def load_for_calibration(self, settings: Settings) -> Loaded:
+        """The loaded model, bare (no sparsifier), for a calibration of ``settings``; call inside
+        ``using()``."""
+        loaded = self.ensure_loaded(settings.model, settings.options.transform)
+        self.drop_sparsifier()
+        return loaded
+
+    def adopt_plan(self, settings: Settings, plan_path: Path, plan) -> None:
+        """Keep a finished calibration's plan (the evaluate worker uses it) and prepare the model
+        with it, as the calibrate worker does at its end."""
+        self.plan = plan
+        self.plan_path = Path(plan_path)
+        self.prepare(settings, plan_path=plan_path, plan=plan)
+
+    def eval_options(self, method: str, sparsity: float, settings: Optional[Settings] = None) -> SparseOptions:
+        """The :class:`wina.api.SparseOptions` of one evaluation run (``method`` at ``sparsity``):
+        the form's options, with the session's plan and allocation where the plan was calibrated
+        for that method and the allocation is not uniform, else uniform top-k."""
+        settings = settings or self.settings
+        use_plan = (self.plan is not None and self.plan_path is not None and method == self.plan.method
+                    and settings.allocation != "uniform" and method != "dense")
+        return replace(settings.options, method=method, sparsity=sparsity if method != "dense" else 0.5,
+                       gating="topk" if not use_plan else settings.options.gating,
+                       plan=str(self.plan_path) if use_plan else None,
+                       mode=settings.allocation if use_plan else None)
+
     def plan_dir_for(self, settings: Settings) -> Path:
         o = settings.options
         src = settings.calib_source

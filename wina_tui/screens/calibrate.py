@@ -281,15 +281,12 @@ class CalibrateScreen(Screen):
         try:
             # the settings and the plan folder are checked, and the folder locked, before the model
             # loads: a bad source or a second writer is told at once
-            out = s.plan_dir_for(settings)
-            calib = settings.calibration(s.calibrate_options).validate(out)
+            out, calib = s.calibration_for(settings)
             with s.using("calibrate"), locked(out, f"plan {out}"):
                 t0 = time.perf_counter()
                 post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": f"loading {settings.model}"}))
-                loaded = s.ensure_loaded(settings.model, settings.options.transform)
-                model = loaded.model
-                s.drop_sparsifier()
-                if settings.options.transform and not is_transformed(model):
+                loaded = s.load_for_calibration(settings)
+                if settings.options.transform and not is_transformed(loaded.model):
                     post(self.Progressed({"stage": "load", "done": 0, "total": 1, "message": "transform"}))
                 post(self.Progressed({"stage": "load", "done": 1, "total": 1, "message": s.model_summary(),
                                       "finished": True, "elapsed": time.perf_counter() - t0}))
@@ -304,20 +301,18 @@ class CalibrateScreen(Screen):
                 post_scores(plan.n_layers, plan.n_layers)
                 post(self.Progressed({"stage": "calibrate", "done": plan.n_layers, "total": plan.n_layers,
                                       "finished": True, "message": f"plan saved: {out.name}"}))
-                if settings.allocation != "uniform":
+                alloc = s.allocation_for(settings)
+                if alloc is not None:
                     if 0 < plan.n_allocated < plan.n_layers:
                         post(self.Progressed({"stage": "resume", "what": "allocate", "from": plan.n_allocated,
                                               "total": plan.n_layers, "path": str(out)}))
                     s.job = "allocate"
                     post(self.Progressed({"stage": "phase", "phase": "allocation"}))
-                    plan = allocate(loaded, out, settings.allocation_settings(s.allocate_options),
-                                    on_event=on_event, cancel=cancel)
+                    plan = allocate(loaded, out, alloc, on_event=on_event, cancel=cancel)
                     post_rows(plan.n_layers, plan.n_layers)
                     post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
                                           "message": f"{ALLOCATIONS[settings.allocation]} allocation saved in the plan"}))
-                s.plan = plan
-                s.plan_path = out
-                s.prepare(settings, plan_path=out, plan=plan)
+                s.adopt_plan(settings, out, plan)
             post(self.Finished(True, "done"))
         except Cancelled:
             post(self.Finished(False, "cancelled: finished layers are kept; ctrl+r resumes", cancelled=True))

@@ -7,7 +7,6 @@ of this session plus any earlier runs loaded from the store.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -390,12 +389,7 @@ class EvaluateScreen(Screen):
                     cancel.check()
                     label = "dense" if method == "dense" else f"{METHOD_NAMES[method]} {sparsity:.0%}"
                     post(self.Progressed({"stage": "runs", "done": i, "total": len(jobs), "message": label}))
-                    use_plan = (s.plan is not None and s.plan_path is not None and method == s.plan.method
-                                and settings.allocation != "uniform" and method != "dense")
-                    opts = replace(settings.options, method=method, sparsity=sparsity if method != "dense" else 0.5,
-                                   gating="topk" if not use_plan else settings.options.gating,
-                                   plan=str(s.plan_path) if use_plan else None,
-                                   mode=settings.allocation if use_plan else None)
+                    opts = s.eval_options(method, sparsity, settings)
                     s.drop_sparsifier()          # wina.api.evaluate puts its own on, and takes it off
                     run = evaluate(loaded, opts, ev, out=s.results_dir,
                                    on_event=lambda e: post(self.Progressed(event_dict(e))), cancel=cancel)
