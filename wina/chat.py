@@ -169,6 +169,9 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+WARM_UP_MESSAGES = [{"role": "user", "content": "hi"}]   # the warm-up renders the chat template with it
+
+
 class ChatSession:
     """A multi-turn conversation with ``model`` (see the module docstring).
 
@@ -258,7 +261,7 @@ class ChatSession:
         "warm-up"."""
         emit = on_event or (lambda ev: None)
         # the chat template is compiled on its first use (tens of ms): here, not in the first reply
-        chat_input_ids(self.tokenizer, [{"role": "user", "content": "hi"}])
+        chat_input_ids(self.tokenizer, WARM_UP_MESSAGES)
         if self.backend != "engine":
             self.warm = True
             emit(Progress("warm-up", 1, 1, message="the chat template (transformers: nothing else to prepare)"))
