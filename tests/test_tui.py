@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA_DIR
-from test_tui_support import SIZE, set_greedy, tiny_app, wait_for
+from test_tui_support import SIZE, set_greedy, signal_child, tiny_app, wait_for
 
 from textual.widgets import Checkbox, DataTable, Input, Label, Select, SelectionList, TabbedContent
 
@@ -466,30 +466,11 @@ print("exited", code, flush=True)
 def test_sigterm_ends_the_process_within_2s(tmp_path):
     """The real process (headless), calibration stuck in a long op that never checks its token:
     SIGTERM cancels, the app exits and the process ends within 2 s anyway."""
-    import os
     import signal
-    import subprocess
-    import sys
-    ready = tmp_path / "ready"
-    code = CHILD.format(tests=str(Path(__file__).parent), ready=str(ready), tmp=str(tmp_path))
-    env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env, text=True)
-    try:
-        t0 = time.monotonic()
-        while not ready.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - t0 < 120, "the child never started calibrating"
-            time.sleep(0.05)
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    code = CHILD.format(tests=str(Path(__file__).parent), ready=str(tmp_path / "ready"), tmp=str(tmp_path))
+    elapsed, rc, out, err = signal_child(code, tmp_path, signal.SIGTERM, "calibration")
     assert elapsed < 2.0, (elapsed, err[-2000:])
-    assert proc.returncode == 0, err[-2000:]
+    assert rc == 0, err[-2000:]
     assert "exited" not in out                          # ended by run_app without waiting for the worker
     assert (tmp_path / "config" / "settings.json").exists()
 

@@ -365,12 +365,10 @@ print("exited", code, flush=True)
 """
 
 
-@pytest.mark.parametrize("stage", ["allocation", "evaluation", "model load"])
-def test_sigint_ends_the_process_within_2s(tmp_path, stage):
-    """The real (headless) process with a worker stuck in an op that never checks its token: SIGINT
-    (as SIGTERM and SIGHUP) cancels, saves the settings, and the process ends within 2 s."""
+def signal_child(code: str, tmp_path: Path, sig, what: str):
+    """Start the headless app process ``code`` (it touches ``tmp_path/"ready"`` once its worker is
+    stuck), send it ``sig`` and wait for it: (seconds until it ended, exit code, stdout, stderr)."""
     ready = tmp_path / "ready"
-    code = QUIT_CHILD.format(tests=str(Path(__file__).parent), ready=str(ready), tmp=str(tmp_path), stage=stage)
     env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, text=True)
@@ -378,17 +376,26 @@ def test_sigint_ends_the_process_within_2s(tmp_path, stage):
         t0 = time.monotonic()
         while not ready.exists():
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() - t0 < 120, f"the child never reached the {stage}"
+            assert time.monotonic() - t0 < 120, f"the child never reached {what}"
             time.sleep(0.05)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=10)
-        elapsed = time.monotonic() - t0
+        return time.monotonic() - t0, proc.returncode, out, err
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("stage", ["allocation", "evaluation", "model load"])
+def test_sigint_ends_the_process_within_2s(tmp_path, stage):
+    """The real (headless) process with a worker stuck in an op that never checks its token: SIGINT
+    (as SIGTERM and SIGHUP) cancels, saves the settings, and the process ends within 2 s."""
+    code = QUIT_CHILD.format(tests=str(Path(__file__).parent), ready=str(tmp_path / "ready"), tmp=str(tmp_path),
+                             stage=stage)
+    elapsed, rc, out, err = signal_child(code, tmp_path, signal.SIGINT, f"the {stage}")
     assert elapsed < 2.0, (elapsed, err[-2000:])
-    assert proc.returncode == 0, err[-2000:]
+    assert rc == 0, err[-2000:]
     assert "exited" not in out                          # ended by run_app without waiting for the worker
     assert "KeyboardInterrupt" not in err
     assert (tmp_path / "config" / "settings.json").exists()
