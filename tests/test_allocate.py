@@ -79,6 +79,54 @@ def test_greedy_beats_uniform_and_errors_are_consistent():
     assert sum(ratios) / len(ratios) < 1.0, ratios
 
 
+
+def _plain_greedy(model, plan, step, error):
+    """The greedy written directly on LayerTrials.errors (a whole-layer evaluation of every trial):
+    the reference the allocation's shared-work evaluator must reproduce step for step."""
+    runner = LayerRunner(model)
+    h = runner.inputs(plan.calib_ids)
+    P, w = plan.projections, plan.weights
+    out = []
+    for i in range(plan.n_layers):
+        y = runner.run(i, h)
+        trials = LayerTrials(model, plan, runner, i, h, y, 0.01, error=error)
+        try:
+            cur = {p: plan.floor(i, p) for p in P}
+            rows, steps = [trials.errors([cur])[0]], [None]
+            while plan.effective(i, cur) < 0.9 - 1e-9:
+                cands = [p for p in P if cur[p] < 0.99 - 1e-9]
+                trial = {p: min(cur[p] + step / w[p], 0.99) for p in cands}
+                errs = dict(zip(cands, trials.errors([{**cur, p: trial[p]} for p in cands])))
+                best = min(cands, key=lambda p: (errs[p], P.index(p)))
+                cur[best] = trial[best]
+                rows.append(errs[best])
+                steps.append(best)
+        finally:
+            trials.close()
+        out.append((rows, steps))
+        h = y
+    return out
+
+
+@pytest.mark.parametrize("arch,transform,method,error", [
+    ("llama", False, "wina", "wina"), ("llama", True, "wina", "seed"), ("qwen2", False, "teal", "wina"),
+    ("phi3", True, "wina", "wina"), ("mistral", False, "wina", "seed")])
+def test_greedy_matches_a_plain_evaluation_step_for_step(arch, transform, method, error):
+    """The allocation reuses projection outputs between trials and runs o_proj and the MLP on the
+    error's positions only; in float64 it must take the plain greedy's every step with its errors.
+    A small chunk size makes every stage run in several chunks."""
+    model = tiny_model(arch, dtype=torch.float64, num_hidden_layers=2)
+    if transform:
+        from wina.transform import transform as tr
+        tr(model)
+    plan = calibrate(model, CharTok(), method=method, source="random", samples=4, seq_len=64)
+    got = allocate(model, CharTok(), plan, step=0.2, max_sparsity=0.9, lazy=False, error=error,
+                   samples=4, seq_len=64, chunk_tokens=40)
+    want = _plain_greedy(model, plan, 0.2, error)
+    for i, (errs, steps) in enumerate(want):
+        assert got.trajectory_steps[i] == steps
+        assert [r.error for r in got.trajectories[i]] == pytest.approx(errs, rel=1e-9, abs=1e-12)
+
 def test_lazy_greedy_close_to_full():
     model, plan = _plan("qwen2")
     full = allocate(model, CharTok(), plan, step=0.2, lazy=False)

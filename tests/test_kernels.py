@@ -343,3 +343,38 @@ def test_triton_kernel_in_the_interpreter():
                        capture_output=True, text=True, timeout=900,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_gate_rows_reference_rule():
+    """The whole-tensor gate (allocation trials): the score |x|·c rounded to x's dtype against each
+    copy's threshold, dead columns off, the dense prefix kept."""
+    from wina.kernels.masking import gate_rows, gate_rows_reference
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * 3, 5, 8, generator=g)                 # 2 copies of 3 sequences of 5 positions
+    c = torch.rand(8, generator=g) + 0.5
+    live = torch.tensor([True] * 6 + [False] * 2)
+    thr = torch.tensor([0.5, 1.0])
+    out = gate_rows(x, thr, c, live, 2)
+    assert torch.equal(out, gate_rows_reference(x, thr, c, live, 2))
+    for r in range(6):
+        for t in range(5):
+            for i in range(8):
+                keep = t < 2 or (abs(float(x[r, t, i])) * float(c[i]) > float(thr[r // 3]) and i < 6)
+                assert float(out[r, t, i]) == (float(x[r, t, i]) if keep else 0.0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_gate_rows_matches_reference_bit_for_bit(dtype):
+    from wina.kernels.masking import gate_rows, gate_rows_reference
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for n, b, L, K, start, has_scale, has_live in [(1, 20, 64, 4096, 1, True, False), (3, 2, 33, 1000, 0, True, True),
+                                                   (2, 1, 7, 11008, 3, False, False), (1, 4, 16, 576, 0, False, True)]:
+        x = torch.randn(n * b, L, K, device="cuda", generator=g).to(dtype)
+        scale = (torch.rand(K, device="cuda", generator=g) * 3).to(dtype) if has_scale else None
+        live = (torch.rand(K, device="cuda", generator=g) > 0.3) if has_live else None
+        thr = torch.rand(n, device="cuda", generator=g) * 1.5
+        thr[0] = -1.0 if n > 1 else thr[0]
+        a = gate_rows(x, thr, scale, live, start)
+        want = gate_rows_reference(x, thr, scale, live, start)
+        assert torch.equal(a != 0, want != 0) and torch.equal(a, want), (n, b, L, K, start)

@@ -24,10 +24,14 @@ Two protocol settings reproduce the seed's greedy where it differs (docs/seed-fi
   as the official step table (greedyopt.py:41-66). The two agree except on phi3 models whose fused
   qkv_proj is larger than o_proj (Phi-4: 1.5×, so ``"wina"`` steps are 1.5× coarser there).
 
-Trials use the plan's histogram thresholds (threshold gating, as deployed). They are batched: the
-attention-side trials run the attention block once on stacked copies of the layer input (and are
-cached until an attention matrix is committed); the MLP, being position-wise, runs only on the last
-25 % of positions, for all trials at once.
+Trials use the plan's histogram thresholds (threshold gating, as deployed). A greedy row's
+configurations differ from the current one in a single matrix, so the greedy evaluates them through
+:class:`RowEvaluator`, which computes every projection's output once per (input, threshold) and
+replays it into the attention and MLP modules for every configuration that shares it: a q trial
+computes q_proj alone and reuses k and v; an o trial reuses the attention output; a down trial reuses
+the MLP's gate and up outputs; and what a row computes is kept for the next row. The attention output
+projection and the MLP run only on the last 25 % of positions (the error's positions). The values
+are those of a plain evaluation of the whole layer (:meth:`LayerTrials.errors`, tested step for step).
 
 Cross-layer (``mode="global"``): after the within-layer trajectories, the model-level cost of each
 layer's rows is estimated: for a few grid sparsities (default 0.5 and 0.8), layer l alone is set to
@@ -46,6 +50,7 @@ re-propagated, deterministically) and gives the same result as an uninterrupted 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -54,6 +59,7 @@ from .adapters import adapter_for, decoder_layers, projection
 from .calibrate import LayerRunner, _nullctx
 from .scores import default_sizes, gate_scale_and_live, is_weighted, prefix_start
 from .errors import InvalidArgument, PlanError
+from .kernels.masking import gate_rows
 from .events import CancelToken, ProgressCallback, Reporter
 from .plan import MAX_MATRIX_SPARSITY, Plan, TrajectoryRow
 
@@ -108,19 +114,7 @@ class _CopyGates:
             t = self.thr[p]
             if t is None:
                 return None
-            x = args[0]
-            n = t.numel()
-            L, d = x.shape[-2], x.shape[-1]
-            xs = x.reshape(n, -1, L, d)
-            score = xs.abs()
-            if scale is not None:
-                score = score * scale.to(dtype=score.dtype, device=score.device)
-            mask = score > t.to(device=x.device, dtype=score.dtype).view(n, 1, 1, 1)
-            if live is not None:
-                mask &= live.to(mask.device)
-            if self.start > 0:
-                mask[:, :, :self.start] = True
-            return ((xs * mask.to(xs.dtype)).reshape(x.shape), *args[1:])
+            return (gate_rows(args[0], t, scale, live, self.start), *args[1:])
         return hook
 
     def remove(self) -> None:
@@ -206,17 +200,173 @@ class LayerTrials:
             flat = hc.reshape(n * nb, L4, d)
             x = self.mlp_norm(flat)
             y = flat + self.mlp(x)
-            diff = y.reshape(n, nb, L4, d).float() - self.y_tail[s0:s0 + nb].float().unsqueeze(0)
-            if self.error == "seed":         # norm over positions, mean over channels, per sequence
-                err += diff.norm(dim=2).mean(dim=2).sum(dim=1).double().cpu()
-            else:                            # norm over channels, per position
-                err += diff.norm(dim=-1).sum(dim=(1, 2)).double().cpu()
-        return (err / (B if self.error == "seed" else B * L4)).tolist()
+            err += self.error_sum(y.reshape(n, nb, L4, d), s0)
+        return (err / self.error_count()).tolist()
+
+    def error_sum(self, y: torch.Tensor, s0: int) -> torch.Tensor:
+        """Unnormalised error of n layer-output tails y (n, nb, L4, d) against the dense tails of
+        sequences s0 … s0+nb: (n,) float64 on the CPU."""
+        nb = y.shape[1]
+        dt = torch.promote_types(y.dtype, torch.float32)    # float32, float64 for a float64 model
+        if getattr(self, "_tail_f", (None,))[0] is not self.y_tail:
+            self._tail_f = (self.y_tail, self.y_tail.to(dt))
+        diff = y.to(dt) - self._tail_f[1][s0:s0 + nb].unsqueeze(0)
+        if self.error == "seed":             # norm over positions, mean over channels, per sequence
+            return diff.norm(dim=2).mean(dim=2).sum(dim=1).double().cpu()
+        return diff.norm(dim=-1).sum(dim=(1, 2)).double().cpu()      # norm over channels, per position
+
+    def error_count(self) -> int:
+        B, L4 = self.y_tail.shape[:2]
+        return B if self.error == "seed" else B * L4
 
     def errors(self, configs: list[dict[str, float]]) -> list[float]:
         """Full evaluation of n whole-layer configurations."""
         h1 = self.attn_tails(configs)
         return self.mlp_errors(h1, configs)
+
+
+@contextmanager
+def _replaying(outputs: dict) -> None:
+    """Let each module in ``outputs`` return the given tensor instead of computing; its hooks still
+    run (a gate on a replaying projection must be off; a norm's transform hook sees its input)."""
+    for lin, out in outputs.items():
+        lin.forward = lambda *args, _out=out, **kwargs: _out
+    try:
+        yield
+    finally:
+        for lin in outputs:
+            del lin.forward
+
+
+class RowEvaluator:
+    """Layer-output errors of whole-layer configurations, sharing work between them.
+
+    Every intermediate is memoised by what determines it: an attention input projection's output by
+    its threshold; the attention output (before o_proj, last 25 % of positions) by the q/k/v
+    thresholds; the residual stream after attention by all attention thresholds; an MLP input
+    projection's output by that and its own threshold; the error by the whole configuration.
+    Modules run with the memoised projection outputs replayed, so the attention, activation and
+    gating code is the model's own. :meth:`end_row` forgets what the last row did not use.
+    """
+
+    def __init__(self, trials: LayerTrials) -> None:
+        t = self.trials = trials
+        a = t.a
+        self.attn_in, self.o, self.mlp_in = list(a.attn_inputs), a.attn_output, list(a.mlp_inputs)
+        self.down = a.mlp_output
+        self.lin = {p: projection(t.model, t.layer, p, a) for p in t.plan.projections}
+        B, L, _ = t.h.shape
+        self.B, self.L, self.L4 = B, L, L - t.t0
+        self.b_full = max(1, t.tokens // L)          # sequences per chunk, whole sequences
+        self.b_tail = max(1, t.tokens // self.L4)    # sequences per chunk, tails
+        self.cache: dict[tuple, object] = {}
+        self.used: set[tuple] = set()
+
+    def _memo(self, key: tuple, make):
+        self.used.add(key)
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def end_row(self) -> None:
+        for k in [k for k in self.cache if k not in self.used]:
+            del self.cache[k]
+        self.used = set()
+
+    def _thr(self, cfg: dict[str, float], p: str) -> float:
+        return self.trials.thr(p, cfg[p]) if cfg[p] > 0 else -1.0
+
+    def _gated(self, p: str, thr: float, x: torch.Tensor, start: int) -> torch.Tensor:
+        g = self.trials.gates
+        for q in g.thr:
+            g.thr[q] = None
+        g.thr[p] = torch.tensor([thr], dtype=torch.float32)
+        g.start = start
+        try:
+            return self.lin[p](x)
+        finally:
+            g.thr[p] = None
+            g.start = 0
+
+    # ---- attention side: whole sequences in, the last 25 % of positions out --------------------
+    def _x(self) -> torch.Tensor:
+        return self._memo(("x",), lambda: torch.cat([self.trials.attn_norm(self.trials.h[s:s + self.b_full])
+                                                     for s in range(0, self.B, self.b_full)]))
+
+    def _proj(self, p: str, thr: float) -> torch.Tensor:
+        x = self._x()
+        return self._memo(("P", p, thr), lambda: torch.cat(
+            [self._gated(p, thr, x[s:s + self.b_full], self.trials.prefix) for s in range(0, self.B, self.b_full)]))
+
+    def _attn_out(self, thrs: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input of o_proj, residual stream without o_proj's output), last 25 % of positions, with
+        q/k/v at thresholds ``thrs``. The block runs as in the model, its norm just before it (the
+        transform's shortcut hooks pair the two), o_proj replaying zeros."""
+        def make():
+            t = self.trials
+            outs = [self._proj(p, th) for p, th in zip(self.attn_in, thrs)]
+            x, o = self._x(), self.lin[self.o]
+            got, base = [], []
+            hook = o.register_forward_pre_hook(lambda m, args: got.append(args[0][:, t.t0:]), prepend=True)
+            try:
+                for s in range(0, self.B, self.b_full):
+                    hc = t.h[s:s + self.b_full]
+                    zero = hc.new_zeros(()).expand(*hc.shape[:-1], o.out_features)
+                    replay = {self.lin[p]: out[s:s + self.b_full] for p, out in zip(self.attn_in, outs)}
+                    with _replaying({**replay, o: zero, t.attn_norm: x[s:s + self.b_full]}):
+                        y = t.attn(hidden_states=t.attn_norm(hc), **t.runner.kwargs)
+                    y = y[0] if isinstance(y, tuple) else y
+                    base.append((hc + y)[:, t.t0:])
+            finally:
+                hook.remove()
+            return torch.cat(got), torch.cat(base)
+        return self._memo(("A", thrs), make)
+
+    def _h1(self, akey: tuple[float, ...]) -> torch.Tensor:
+        """Residual stream after the attention block, last 25 % of positions: (B, L4, d)."""
+        def make():
+            t = self.trials
+            a, base = self._attn_out(akey[:-1])
+            start = max(0, t.prefix - t.t0)
+            return torch.cat([base[s:s + self.b_full] + self._gated(self.o, akey[-1], a[s:s + self.b_full], start)
+                              for s in range(0, self.B, self.b_full)])
+        return self._memo(("h1", akey), make)
+
+    # ---- MLP side, on the tails ----------------------------------------------------------------
+    def _x1(self, akey) -> torch.Tensor:
+        h1 = self._h1(akey)
+        return self._memo(("x1", akey), lambda: torch.cat([self.trials.mlp_norm(h1[s:s + self.b_tail])
+                                                           for s in range(0, self.B, self.b_tail)]))
+
+    def _mlp_proj(self, akey, p: str, thr: float) -> torch.Tensor:
+        x1 = self._x1(akey)
+        return self._memo(("G", akey, p, thr), lambda: torch.cat(
+            [self._gated(p, thr, x1[s:s + self.b_tail], 0) for s in range(0, self.B, self.b_tail)]))
+
+    def error(self, cfg: dict[str, float]) -> float:
+        akey = (*(self._thr(cfg, p) for p in self.attn_in), self._thr(cfg, self.o))
+        mkey = tuple(self._thr(cfg, p) for p in (*self.mlp_in, self.down))
+
+        def make():
+            t = self.trials
+            h1, x1 = self._h1(akey), self._x1(akey)
+            gs = [self._mlp_proj(akey, p, th) for p, th in zip(self.mlp_in, mkey)]
+            g = t.gates
+            for q in g.thr:
+                g.thr[q] = None
+            g.thr[self.down] = torch.tensor([mkey[-1]], dtype=torch.float32)
+            g.start = 0
+            err = torch.zeros(1, dtype=torch.float64)
+            try:
+                for s in range(0, self.B, self.b_tail):
+                    hc, sl = h1[s:s + self.b_tail], slice(s, s + self.b_tail)
+                    with _replaying({**{self.lin[p]: o[sl] for p, o in zip(self.mlp_in, gs)}, t.mlp_norm: x1[sl]}):
+                        y = hc + t.mlp(t.mlp_norm(hc))      # the norm's hooks see its input, as in the model
+                    err += t.error_sum(y.unsqueeze(0), s)
+            finally:
+                g.thr[self.down] = None
+            return float(err[0]) / t.error_count()
+        return self._memo(("E", akey, mkey), make)
 
 
 def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_sparsity: float,
@@ -234,32 +384,16 @@ def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_
     P = plan.projections
     w = weights if weights is not None else plan.weights
     cur = {p: plan.floor(layer, p) for p in P}
-    attn_side = trials.attn_side
-    h1c = trials.attn_tails([cur])[0]
-    err_cur = trials.mlp_errors(h1c.unsqueeze(0), [cur])[0]
+    ev = RowEvaluator(trials)
+    err_cur = ev.error(cur)
     rows = [TrajectoryRow(dict(cur), plan.effective(layer, cur), err_cur)]
     steps: list[Optional[str]] = [None]
     emit(rows[-1], None)
-    attn_cache: dict[str, torch.Tensor] = {}          # attention tails of trials at the current attn config
     delta: dict[str, float] = {}                      # last measured marginal error of each matrix
     n_step = 0
 
     def measure(ps: list[str], trial: dict[str, float]) -> dict[str, float]:
-        need = [p for p in ps if p in attn_side and p not in attn_cache]
-        if need:
-            tails = trials.attn_tails([{**cur, p: trial[p]} for p in need])
-            for j, p in enumerate(need):
-                attn_cache[p] = tails[j]
-        h_list, cfgs = [], []
-        for p in ps:
-            if p in attn_side:
-                h_list.append(attn_cache[p])
-                cfgs.append(dict(cur))
-            else:
-                h_list.append(h1c)
-                cfgs.append({**cur, p: trial[p]})
-        errs = trials.mlp_errors(torch.stack(h_list), cfgs)
-        return dict(zip(ps, errs))
+        return {p: ev.error({**cur, p: trial[p]}) for p in ps}
 
     while rows[-1].effective < max_sparsity - 1e-9:
         cands = [p for p in P if cur[p] < MAX_MATRIX_SPARSITY - 1e-9]
@@ -281,9 +415,7 @@ def _greedy_layer(trials: LayerTrials, plan: Plan, layer: int, step: float, max_
         best = min((p for p in cands if p in errs), key=lambda p: (errs[p], P.index(p)))
         cur[best] = trial[best]
         err_cur = errs[best]
-        if best in attn_side:
-            h1c = attn_cache[best]
-            attn_cache.clear()
+        ev.end_row()
         n_step += 1
         rows.append(TrajectoryRow(dict(cur), plan.effective(layer, cur), err_cur))
         steps.append(best)
