@@ -161,6 +161,41 @@ def test_resume_after_interruption_is_identical(tmp_path):
         assert t.trajectory_steps == full.trajectory_steps
 
 
+
+def test_layers_on_several_devices_give_the_same_plan_and_resume(tmp_path):
+    """Layers' greedies in parallel (one per device; "cpu:0" makes the layer move and back): the
+    same trajectories as one device, saved in layer order, and a run cancelled in one worker
+    resumes to the same plan."""
+    model, plan_a = _plan("llama", layers=4, out=tmp_path / "a")
+    one = allocate(model, CharTok(), plan_a, step=0.3, lazy=False)
+    devices = ["cpu", "cpu:0", "cpu"]
+    _, plan_b = _plan("llama", layers=4, out=tmp_path / "b")
+    events = []
+    many = allocate(model, CharTok(), plan_b, step=0.3, lazy=False, devices=devices, on_event=events.append)
+    for t in (many, Plan.load(tmp_path / "b")):
+        assert t.trajectories == one.trajectories and t.trajectory_steps == one.trajectory_steps
+    dones = [e.done for e in events if e.stage == "allocate"]
+    assert dones == sorted(dones) and dones[-1] == events[-1].total
+    assert {e.layer for e in events if "error" in e.metrics} == {0, 1, 2, 3}
+    for p in model.parameters():                        # every layer went back home
+        assert p.device == torch.device("cpu")
+
+    _, plan_c = _plan("llama", layers=4, out=tmp_path / "c")
+
+    def stop(ev):
+        if ev.stage == "allocate" and ev.layer == 2 and ev.metrics.get("row") == 2:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        allocate(model, CharTok(), plan_c, step=0.3, lazy=False, devices=devices, on_event=stop)
+    part = Plan.load(tmp_path / "c", allow_partial=True)
+    assert part.n_allocated <= 2
+    assert part.trajectories[:part.n_allocated] == one.trajectories[:part.n_allocated]
+    resumed = allocate(model, CharTok(), part, step=0.3, lazy=False, devices=devices)
+    assert resumed.trajectories == one.trajectories
+    with pytest.raises(InvalidArgument):
+        allocate(model, CharTok(), plan_c, step=0.3, devices=[])
+
 def test_events_for_the_live_plot():
     model, plan = _plan("llama")
     events = []
@@ -208,3 +243,18 @@ def test_global_mode():
     layer_plan = allocate(model, CharTok(), plan, step=0.3, mode="layer")
     assert layer_plan.global_order is None and layer_plan.allocated
     assert not math.isnan(layer_plan.effective_at(0.4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_allocation_threads_give_the_same_plan():
+    """On a GPU (bf16, the Triton gate): the greedy in worker threads, one of them moving its layers
+    ("cuda" is not "cuda:0"), gives the trajectories of the single-device run."""
+    model = tiny_model("llama", dtype=torch.bfloat16, num_hidden_layers=4).cuda()
+    plan = calibrate(model, CharTok(), method="wina", source="random", samples=4, seq_len=64)
+    one = allocate(model, CharTok(), plan, step=0.2, lazy=False, devices=["cuda:0"])
+    want = ([list(t) for t in one.trajectories], [list(s) for s in one.trajectory_steps])
+    many = allocate(model, CharTok(), plan, step=0.2, lazy=False, max_sparsity=0.85, devices=["cuda:0", "cuda"])
+    again = allocate(model, CharTok(), many, step=0.2, lazy=False, devices=["cuda:0", "cuda"])
+    assert (again.trajectories, again.trajectory_steps) == want
+    assert all(p.device.type == "cuda" for p in model.parameters())

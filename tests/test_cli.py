@@ -226,6 +226,7 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
     assert json.loads((plan / "plan.json").read_text())["allocation"] is None      # left as it was
     assert json.loads((tmp_path / "plan2" / "plan.json").read_text())["allocation"]["step"] == 0.1
     user_error(invoke("allocate", plan, "--out", tmp_path / "plan2"), "not empty")
+    user_error(invoke("allocate", plan, "--gpus", "2", "--device", "cpu"), "--gpus 2 needs the model on a GPU")
     ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))          # in place
     meta = json.loads((plan / "plan.json").read_text())
     assert meta["allocation"] is not None

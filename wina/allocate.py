@@ -50,8 +50,10 @@ re-propagated, deterministically) and gives the same result as an uninterrupted 
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -435,7 +437,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
              cancel: Optional[CancelToken] = None, samples: Optional[int] = None,
              seq_len: Optional[int] = None, grid: tuple[float, ...] = (0.5, 0.8),
              lazy: Optional[bool] = None, chunk_tokens: int = 16384, error: str = "wina",
-             step_norm: str = "wina") -> Plan:
+             step_norm: str = "wina", devices: Optional[Sequence] = None) -> Plan:
     """Greedy per-matrix sparsity allocation; stores the trajectories in ``plan`` (and saves it).
 
     ``samples``/``seq_len``: how much of the plan's calibration data the greedy uses (the first
@@ -446,7 +448,10 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
     (see :func:`_greedy_layer`); default on for small models, off (the seed's full greedy) for large.
     ``mode="global"`` adds the cross-layer allocation (module docstring). ``error`` and
     ``step_norm``: the protocol settings of the module docstring ("seed" reproduces the official
-    greedy); both are recorded in the plan, and changing one restarts the allocation. Events:
+    greedy); both are recorded in the plan, and changing one restarts the allocation. ``devices``:
+    where the layers' greedies run, one layer per device at a time (the layers are independent:
+    each starts from its dense input); default every visible GPU when the model is on one, else
+    the model's device. The plan is the same on any number of devices of one kind. Events:
     ``stage="allocate"`` with ``layer``, ``n_layers`` and metrics ``sparsity`` (the layer's effective
     sparsity), ``error``, ``matrix`` (the projection just committed; None for the first row), ``row``.
     """
@@ -468,6 +473,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
     plan._require_calibrated()
     plan.check_model(model)
+    devs = _devices(devices, next(model.parameters()).device)
     ensure(model, bool(plan.meta["transform"]), rotation=plan.rotation, basis=plan.rotation_basis,
            what="this plan",
            error=PlanError)
@@ -510,39 +516,156 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         runner = LayerRunner(model, chunk_tokens)
         h = runner.inputs(ids)
         inputs_for_global = [] if need_global else None
-        done = sum(per_layer[:plan.n_allocated])
-        for i in range(N):
-            y = runner.run(i, h)
-            if inputs_for_global is not None:
-                inputs_for_global.append(h.cpu() if h.is_cuda else h)
-            if i < plan.n_allocated:
-                h = y
-                continue
-            rep.emit(done, layer=i, message=f"layer {i + 1}/{N}")
-            trials = LayerTrials(model, plan, runner, i, h, y, dense_prefix, error=error)
+        done = {"rows": sum(per_layer[:plan.n_allocated])}
+        lock = threading.Lock()
+
+        def greedy(i: int, h_i: torch.Tensor, y_i: torch.Tensor, dev: torch.device):
+            """Layer i's trajectory on ``dev`` (the layer moves there and back when it is not home)."""
             counter = {"row": 0}
 
-            def emit(row: TrajectoryRow, matrix, _i=i, _c=counter):
-                _c["row"] += 1
-                rep.emit(min(done + _c["row"], total), layer=_i, message=f"layer {_i + 1}/{N}",
-                         sparsity=row.effective, error=row.error, matrix=matrix, row=_c["row"] - 1)
+            def emit(row: TrajectoryRow, matrix):
+                with lock:
+                    counter["row"] += 1
+                    done["rows"] += 1
+                    rep.emit(min(done["rows"], total), layer=i, message=f"layer {i + 1}/{N}",
+                             sparsity=row.effective, error=row.error, matrix=matrix, row=counter["row"] - 1)
 
-            try:
-                rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit, lazy=lazy, weights=sw)
-            finally:
-                trials.close()
-            done += per_layer[i]
-            plan.set_layer_trajectory(i, rows, steps)
+            with _on_device(model, runner, i, dev) as sub:
+                trials = LayerTrials(model, plan, sub, i, h_i.to(dev), y_i.to(dev), dense_prefix, error=error)
+                try:
+                    rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit, lazy=lazy, weights=sw)
+                finally:
+                    trials.close()
+            with lock:                   # rows counted one by one; the layer's rest (a capped matrix)
+                done["rows"] += per_layer[i] - counter["row"]
+            return rows, steps
+
+        def commit(i: int, result) -> None:
+            plan.set_layer_trajectory(i, *result)
             if plan.path is not None:
                 plan.save_layer_trajectory(i)
-            h = y
+
+        with _LayerPool(devs) as pool:     # one layer per device at a time; committed in layer order
+            for i in range(N):
+                y = runner.run(i, h)
+                if inputs_for_global is not None:
+                    inputs_for_global.append(h.cpu() if h.is_cuda else h)
+                if i >= plan.n_allocated:
+                    with lock:
+                        rep.emit(min(done["rows"], total), layer=i, message=f"layer {i + 1}/{N}")
+                    pool.submit(i, greedy, h, y)
+                    for j, result in pool.finished():
+                        commit(j, result)
+                h = y
+            for j, result in pool.drain():
+                commit(j, result)
         del h
         if need_global:
-            _global(model, plan, runner, inputs_for_global, tuple(grid), dense_prefix, rep, done)
+            _global(model, plan, runner, inputs_for_global, tuple(grid), dense_prefix, rep, done["rows"])
         if plan.path is not None:
             plan.save_allocation_done()
     rep.emit(total, message="allocation complete")
     return plan
+
+
+# ---- layers on several devices ---------------------------------------------------------------------
+def _devices(devices: Optional[Sequence], home: torch.device) -> list[torch.device]:
+    """The devices the layers' greedies run on: ``devices`` as given; by default every visible GPU
+    (home first) when the model is on a GPU, else the model's own device."""
+    if devices is not None:
+        out = [torch.device(d) for d in devices]
+        if not out:
+            raise InvalidArgument("devices: give at least one device")
+        return out
+    if home.type == "cuda":
+        home = torch.device("cuda", home.index if home.index is not None else torch.cuda.current_device())
+        return [home] + [torch.device("cuda", k) for k in range(torch.cuda.device_count()) if k != home.index]
+    return [home]
+
+
+class _SubRunner:
+    """What LayerTrials reads of a LayerRunner, on another device."""
+
+    def __init__(self, runner: LayerRunner, device: torch.device) -> None:
+        self.chunk_tokens, self.device = runner.chunk_tokens, device
+        self.kwargs = {k: _to(v, device) for k, v in runner.kwargs.items()}
+
+
+def _to(v, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
+@contextmanager
+def _on_device(model, runner: LayerRunner, i: int, dev: torch.device):
+    """Run decoder layer i on ``dev``: the layer moves there (and back), grad off, ``dev`` current."""
+    home = runner.device
+    block = decoder_layers(model)[i]
+    same = torch.device(dev) == torch.device(home)
+    gpu = torch.cuda.device(dev) if dev.type == "cuda" else _nullctx()
+    with torch.no_grad(), gpu:
+        if same:
+            yield runner
+            return
+        block.to(dev)
+        try:
+            yield _SubRunner(runner, dev)
+        finally:
+            block.to(home)
+
+
+class _LayerPool:
+    """Layers' greedies on a pool of devices, one layer per device at a time; results come back in
+    layer order. With one device the work runs in the caller's thread."""
+
+    def __init__(self, devices: list[torch.device]) -> None:
+        self.devices = list(devices)
+        self.free = list(devices)
+        self.running: dict = {}                  # future -> (layer, device)
+        self.results: dict[int, object] = {}
+        self.order: list[int] = []
+        self.ex = ThreadPoolExecutor(len(devices)) if len(devices) > 1 else None
+
+    def __enter__(self) -> "_LayerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True)
+
+    def submit(self, i: int, fn, *args) -> None:
+        self.order.append(i)
+        if self.ex is None:
+            self.results[i] = fn(i, *args, self.devices[0])
+            return
+        while not self.free:
+            self._collect(block=True)
+        dev = self.free.pop(0)
+        self.running[self.ex.submit(fn, i, *args, dev)] = (i, dev)
+
+    def _collect(self, block: bool) -> None:
+        if not self.running:
+            return
+        done, _ = wait(list(self.running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for f in done:
+            i, dev = self.running.pop(f)
+            self.free.append(dev)
+            self.results[i] = f.result()         # a worker's error (or Cancelled) is raised here
+
+    def finished(self):
+        """The results ready so far, in layer order."""
+        self._collect(block=False)
+        while self.order and self.order[0] in self.results:
+            i = self.order.pop(0)
+            yield i, self.results.pop(i)
+
+    def drain(self):
+        while self.running:
+            self._collect(block=True)
+        yield from self.finished()
 
 
 # ---- cross-layer ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from .errors import InvalidArgument, PlanError
 from .events import CancelToken, ProgressCallback, Reporter
@@ -185,9 +185,12 @@ def calibrate(loaded: Loaded, out: PathLike, cal: Calibration = Calibration(), *
 
 
 def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(), *,
-             on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+             on_event: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+             devices: Optional[Sequence[str]] = None):
     """Greedy allocation for the calibrated plan in ``plan_dir``, stored in the same folder (a
-    finished allocation with other settings is replaced only once the new one is complete)."""
+    finished allocation with other settings is replaced only once the new one is complete).
+    ``devices``: where the layers' greedies run (default: every visible GPU when the model is on
+    one); the plan does not depend on it."""
     import shutil
     from .allocate import allocate as _allocate
     from .files import locked, recover_folder, replace_folder, sweep_temps
@@ -211,7 +214,7 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
             raise PlanError(f"{target}: calibration is not finished; run calibrate first")
         new = _allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=alloc.max_sparsity, step=alloc.step,
                         mode=alloc.mode, samples=alloc.samples, seq_len=alloc.seq_len, error=alloc.error,
-                        step_norm=alloc.step_norm, on_event=on_event, cancel=cancel)
+                        step_norm=alloc.step_norm, on_event=on_event, cancel=cancel, devices=devices)
         if getattr(new, "path", None) is None or Path(new.path).resolve() != work.resolve():
             new.save(str(work))
         if work != target:

@@ -74,6 +74,9 @@ def allocate_cmd(
     out_plan: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the allocated plan here "
                                                                      "(default: update PLAN in place)."),
     model: Optional[str] = typer.Option(None, "--model", help="Load this model instead of the plan's own."),
+    gpus: int = typer.Option(0, "--gpus", min=0, help="GPUs the greedy spreads its layers over, one layer "
+                                                      "each at a time (0: every visible GPU when the "
+                                                      "model is on one). The plan does not depend on it."),
     device: str = O_DEVICE, dtype: str = O_DTYPE,
 ) -> None:
     """Greedy allocation of per-matrix sparsities (the seed's greedyopt.py) for a calibrated plan.
@@ -100,5 +103,21 @@ def allocate_cmd(
     with locked(target, f"plan {target}"), ProgressRenderer() as r:      # a second writer: refused at once
         loaded = _load(spec, device, dtype, r)
         allocate(loaded, target, Allocation(mode=mode, max_sparsity=max_sparsity, step=step,
-                                            error=error_rule, step_norm=step_norm), on_event=r)
+                                            error=error_rule, step_norm=step_norm), on_event=r,
+                 devices=_gpu_devices(gpus, loaded))
     out.print(f"[green]allocated plan written:[/] {escape(str(target))}")
+
+
+def _gpu_devices(gpus: int, loaded) -> Optional[list[str]]:
+    """``--gpus N``: the first N visible GPUs (None, the library's default, for 0)."""
+    if gpus == 0:
+        return None
+    import torch
+    from ..errors import InvalidArgument
+    home = next(loaded.model.parameters()).device
+    if home.type != "cuda":
+        raise InvalidArgument(f"--gpus {gpus} needs the model on a GPU (it is on {home.type}; see --device)")
+    if gpus > torch.cuda.device_count():
+        raise InvalidArgument(f"--gpus {gpus}: only {torch.cuda.device_count()} GPU(s) visible")
+    first = home.index or 0
+    return [f"cuda:{(first + k) % torch.cuda.device_count()}" for k in range(gpus)]

@@ -72,6 +72,7 @@ def gate_rows(x: torch.Tensor, thresholds: torch.Tensor, scale: Optional[torch.T
     sc = scale.to(device=x.device, dtype=x.dtype).contiguous() if scale is not None else thr
     lv = live.to(device=x.device, dtype=torch.int8).contiguous() if live is not None else thr
     grid = (rows, triton.cdiv(K, BLOCK))
-    _gate_rows_kernel[grid](x, out, sc, lv, thr, K, L, rows // n, int(start),
-                            HAS_SCALE=scale is not None, HAS_LIVE=live is not None, BLOCK_K=BLOCK)
+    with torch.cuda.device(x.device):              # Triton launches on the current device
+        _gate_rows_kernel[grid](x, out, sc, lv, thr, K, L, rows // n, int(start),
+                                HAS_SCALE=scale is not None, HAS_LIVE=live is not None, BLOCK_K=BLOCK)
     return out
