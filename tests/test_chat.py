@@ -262,3 +262,46 @@ def test_wina_bench_chat_on_cpu(tiny_folder, tmp_path):
         assert rows[1][m]["ttft_s"] > 0 and rows[1][m]["decode_tokens_per_s"] > 0
     assert 0.3 < rows[0]["sparse"]["sparsity"] < 0.7 and rows[0]["dense"]["sparsity"] == 0.0
     assert "per turn" in res.stdout
+
+
+def test_conversation_ids_tokenize_only_the_new_text(embedded):
+    """Turn by turn (replies, unicode, an edited early message, a dropped turn), the incremental ids
+    equal a whole tokenization of the template, and a later turn tokenizes only its new text."""
+    from wina.generate import ConversationIds, chat_input_ids
+    tok = embedded.tokenizer
+    conv = ConversationIds(tok)
+    conv.verify([{"role": "user", "content": "(warm-up)"}])
+    assert conv.on and conv.checked
+    msgs = [{"role": "system", "content": "Be brief."}]
+    story = "A long story about GPUs, caches and the café ✓ 😀. " * 20
+    for t in range(5):
+        msgs.append({"role": "user", "content": f"question {t}: why?\n\n  (spaces)  "})
+        ids = conv(msgs)
+        assert ids == chat_input_ids(tok, msgs)[0].tolist()
+        if t > 1:
+            assert conv.last_chars < len(story) + 200          # the reply and the question, not the whole
+        msgs.append({"role": "assistant", "content": story + str(t)})
+    msgs[1] = {"role": "user", "content": "an edited first question"}
+    msgs = msgs[:1] + msgs[3:]                                  # and the first exchange dropped
+    assert conv(msgs) == chat_input_ids(tok, msgs)[0].tolist()
+
+
+def test_conversation_ids_fall_back_where_splitting_differs(embedded, monkeypatch):
+    """A tokenizer for which the pieces differ from the whole (simulated) is tokenized whole."""
+    from wina.generate import ConversationIds, chat_input_ids
+    tok = embedded.tokenizer
+    conv = ConversationIds(tok)
+    real = ConversationIds._encode
+
+    def encode(self, text):
+        ids, a, b = real(self, text)
+        return (ids + [0], a + [len(text)], b + [len(text)]) if not text.startswith("<|im_start|>system") else (ids, a, b)
+
+    monkeypatch.setattr(ConversationIds, "_encode", encode)
+    msgs = [{"role": "user", "content": "hello"}]
+    conv(msgs)
+    msgs += [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "more"}]
+    ids = conv(msgs)
+    assert not conv.on and ids == chat_input_ids(tok, msgs)[0].tolist()
+    assert conv([*msgs, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]) == \
+        chat_input_ids(tok, [*msgs, {"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}])[0].tolist()

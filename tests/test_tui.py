@@ -480,10 +480,15 @@ def test_sigterm_ends_the_process_within_2s(tmp_path):
 async def test_chat_commands_are_not_sent_to_the_model(tmp_path, monkeypatch):
     import wina.chat as chat_lib
     seen: list[list[dict]] = []
-    real = chat_lib.chat_input_ids
-    monkeypatch.setattr(chat_lib, "chat_input_ids",          # what reaches the template (not the warm-up's)
-                        lambda tok, msgs: (msgs != chat_lib.WARM_UP_MESSAGES and seen.append(list(msgs)),
-                                           real(tok, msgs))[1])
+    real = chat_lib.ConversationIds.__call__
+    warm = list(chat_lib.WARM_UP_MESSAGES)
+
+    def tokenized(conv, msgs):                                # what reaches the template (not the warm-up's)
+        if list(msgs[:len(warm)]) != warm:
+            seen.append(list(msgs))
+        return real(conv, msgs)
+
+    monkeypatch.setattr(chat_lib.ConversationIds, "__call__", tokenized)
     app = make_app(tmp_path, max_new_tokens=4)
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "teal")

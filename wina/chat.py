@@ -41,7 +41,7 @@ import torch
 
 from .errors import InvalidArgument
 from .events import CancelToken, Progress
-from .generate import (Generation, TextStream, _eos_ids, _sample, chat_input_ids, engine_available, engine_for,
+from .generate import (ConversationIds, Generation, TextStream, _eos_ids, _sample, chat_input_ids, engine_available, engine_for,
                        gating_of)
 
 COUNT_EVERY = 8
@@ -169,7 +169,7 @@ def _cache_kw(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-WARM_UP_MESSAGES = [{"role": "user", "content": "hi"}]   # the warm-up renders the chat template with it
+WARM_UP_MESSAGES = [{"role": "user", "content": "(warm-up)"}]   # the warm-up renders the chat template with it
 
 
 class ChatSession:
@@ -207,6 +207,7 @@ class ChatSession:
         self._cache = None                  # engine: this session's KVCache; transformers: DynamicCache
         self._cached: list[int] = []        # the ids whose keys/values the cache holds
         self._gating_key = None
+        self._ids = ConversationIds(tokenizer)     # each turn tokenizes its new text only
         self.warm = False
 
     @classmethod
@@ -260,8 +261,9 @@ class ChatSession:
         the prefill path once; on any backend, compile the chat template. Progress events have stage
         "warm-up"."""
         emit = on_event or (lambda ev: None)
-        # the chat template is compiled on its first use (tens of ms): here, not in the first reply
-        chat_input_ids(self.tokenizer, WARM_UP_MESSAGES)
+        # the chat template is compiled on its first use (tens of ms), and the incremental tokenizing
+        # is checked against a whole tokenization once: here, not in the first replies
+        self._ids.verify(WARM_UP_MESSAGES)
         if self.backend != "engine":
             self.warm = True
             emit(Progress("warm-up", 1, 1, message="the chat template (transformers: nothing else to prepare)"))
@@ -322,7 +324,7 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         truncated = False
         while True:
-            ids = [int(t) for t in chat_input_ids(self.tokenizer, head + messages)[0].tolist()]
+            ids = self._ids(head + messages)
             if len(ids) + max_new <= self.max_seq_len or len(messages) <= 1:
                 break
             # drop the oldest exchange (a user message and the reply after it)

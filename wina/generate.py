@@ -39,6 +39,76 @@ def chat_input_ids(tokenizer, messages: Sequence[dict]) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+class ConversationIds:
+    """Token ids of a growing conversation, tokenizing each turn's new text only.
+
+    The rendered template of a conversation grows at its end (a new message, the reply, the
+    generation prompt), and a fast tokenizer splits its input at added tokens (``<|im_start|>``,
+    ``</s>``, ...) before anything else, so the text before an added token tokenizes the same whatever
+    follows. A turn keeps the previous ids up to the last added token that ends inside the text both
+    renderings share, and tokenizes from there. The first turn that uses this is compared with a
+    whole tokenization; a tokenizer for which they differ (or a slow one, or no chat template) is
+    tokenized whole every turn. ``last_chars``: how many characters the last call tokenized.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.on = bool(getattr(tokenizer, "is_fast", False) and getattr(tokenizer, "chat_template", None))
+        self.checked = False
+        self.added = set(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        self.text, self.ids, self.starts, self.ends = "", [], [], []
+        self.last_chars = 0
+
+    def verify(self, messages: Sequence[dict]) -> None:
+        """Make the one comparison with a whole tokenization now (a warm-up), on ``messages`` and a
+        reply and a question after them, instead of in a user's turn."""
+        probe = ConversationIds(self.tok)
+        probe(messages)
+        probe([*messages, {"role": "assistant", "content": "A reply."}, {"role": "user", "content": "And then?"}])
+        self.on, self.checked = probe.on, probe.checked
+
+    def _encode(self, text: str) -> tuple[list[int], list[int], list[int]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]], [b for _, b in enc["offset_mapping"]]
+
+    def __call__(self, messages: Sequence[dict]) -> list[int]:
+        if not self.on:
+            ids = [int(t) for t in chat_input_ids(self.tok, messages)[0].tolist()]
+            self.last_chars = -1
+            return ids
+        text = self.tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        shared = _common_prefix(self.text, text)
+        k = len(self.ids) - 1                       # the last added token inside the shared text
+        while k > 0 and not (self.ids[k] in self.added and self.ends[k] <= shared):
+            k -= 1
+        k = max(k, 0)
+        b = self.starts[k] if k > 0 else 0          # kept: the ids before it; tokenized: from it on
+        ids, starts, ends = self._encode(text[b:])
+        self.ids = self.ids[:k] + ids
+        self.starts = self.starts[:k] + [b + a for a in starts]
+        self.ends = self.ends[:k] + [b + e for e in ends]
+        self.text, self.last_chars = text, len(text) - b
+        if k > 0 and not self.checked:
+            self.checked = True
+            whole = self._encode(text)
+            if whole[0] != self.ids:                  # this tokenizer does not split that way
+                self.on = False
+                self.ids, self.starts, self.ends = whole
+        return list(self.ids)
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings (binary search on C-level compares)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _eos_ids(tokenizer, model=None) -> set[int]:
     """The ids that end a reply here: the model's generation config's and the tokenizer's eos ids
     (:func:`wina.engine.decoder.eos_ids`, the one rule for reading them)."""
