@@ -170,6 +170,7 @@ def _cache_kw(model) -> str:
 
 
 WARM_UP_MESSAGES = [{"role": "user", "content": "(warm-up)"}]   # the warm-up renders the chat template with it
+WARM_UP_LENGTHS = (2, 16, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)   # prompt lengths it prefills
 
 
 class ChatSession:
@@ -275,11 +276,13 @@ class ChatSession:
         sampled = self.temperature > 0
         eng.capture(self.sparse, sampled, count=self.count_every > 0)
         emit(Progress("warm-up", 1, 3, message="warming up the prefill"))
-        # the prefill path (cuBLAS, attention, counting) at two lengths at the end of the cache (a
-        # later turn's form), and once from position 0 (a first prompt's causal form) while the
-        # cache holds no conversation: positions are written before they are ever read
+        # the prefill path (cuBLAS, attention, counting) at the end of the cache (a later turn's
+        # form), at lengths from 2 to half the cache: cuBLAS picks a GEMM kernel per range of prompt
+        # lengths and loads each on its first use (a new range cost a dense turn ~45 ms on an H100,
+        # run 32); and once from position 0 (a first prompt's causal form) while the cache holds no
+        # conversation: positions are written before they are ever read
         counts, rows = eng._kept.clone(), eng._count_rows
-        runs = [(min(t, eng.max_seq_len // 2), None) for t in (2, 64)]
+        runs = [(t, None) for t in WARM_UP_LENGTHS if t <= eng.max_seq_len // 2] or [(2, None)]
         if not self._cached:
             runs.append((min(32, eng.max_seq_len // 2), 0))
         for t, start in runs:
