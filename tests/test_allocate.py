@@ -258,3 +258,21 @@ def test_gpu_allocation_threads_give_the_same_plan():
     again = allocate(model, CharTok(), many, step=0.2, lazy=False, devices=["cuda:0", "cuda"])
     assert (again.trajectories, again.trajectory_steps) == want
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+
+def test_replaying_keeps_a_module_s_own_forward_wrapper():
+    """A replayed module whose forward was already wrapped on the instance (accelerate's hooks do
+    that) gets that wrapper back."""
+    from wina.allocate import _replaying
+    lin = torch.nn.Linear(3, 2)
+    wrapped = lambda x: lin.__class__.forward(lin, x) * 2         # noqa: E731
+    lin.forward = wrapped
+    x = torch.randn(4, 3)
+    with _replaying({lin: torch.zeros(4, 2)}):
+        assert torch.equal(lin(x), torch.zeros(4, 2))
+    assert lin.forward is wrapped
+    plain = torch.nn.Linear(3, 2)
+    with _replaying({plain: torch.ones(1)}):
+        assert torch.equal(plain(x), torch.ones(1))
+    assert "forward" not in plain.__dict__ and plain(x).shape == (4, 2)

@@ -231,13 +231,17 @@ class LayerTrials:
 def _replaying(outputs: dict) -> None:
     """Let each module in ``outputs`` return the given tensor instead of computing; its hooks still
     run (a gate on a replaying projection must be off; a norm's transform hook sees its input)."""
-    for lin, out in outputs.items():
-        lin.forward = lambda *args, _out=out, **kwargs: _out
+    own = {m: m.__dict__.get("forward") for m in outputs}     # e.g. accelerate's wrapper: kept
+    for m, out in outputs.items():
+        m.forward = lambda *args, _out=out, **kwargs: _out
     try:
         yield
     finally:
-        for lin in outputs:
-            del lin.forward
+        for m, f in own.items():
+            if f is None:
+                del m.forward
+            else:
+                m.forward = f
 
 
 class RowEvaluator:
@@ -473,7 +477,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
     plan._require_calibrated()
     plan.check_model(model)
-    devs = _devices(devices, next(model.parameters()).device)
+    devs = _devices(devices, next(model.parameters()).device, dispatched=bool(getattr(model, "hf_device_map", None)))
     ensure(model, bool(plan.meta["transform"]), rotation=plan.rotation, basis=plan.rotation_basis,
            what="this plan",
            error=PlanError)
@@ -569,14 +573,20 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
 
 
 # ---- layers on several devices ---------------------------------------------------------------------
-def _devices(devices: Optional[Sequence], home: torch.device) -> list[torch.device]:
+def _devices(devices: Optional[Sequence], home: torch.device, dispatched: bool = False) -> list[torch.device]:
     """The devices the layers' greedies run on: ``devices`` as given; by default every visible GPU
-    (home first) when the model is on a GPU, else the model's own device."""
+    (home first) when the model is on a GPU, else the model's own device. A model spread over
+    devices (``device_map``) keeps its layers where they are: one worker."""
     if devices is not None:
         out = [torch.device(d) for d in devices]
         if not out:
             raise InvalidArgument("devices: give at least one device")
-        return out
+        if dispatched and len(out) > 1:
+            raise InvalidArgument("a model loaded with a device_map allocates on its own devices; "
+                                  "give one device (or none)")
+        return out[:1] if dispatched else out
+    if dispatched:
+        return [home]
     if home.type == "cuda":
         home = torch.device("cuda", home.index if home.index is not None else torch.cuda.current_device())
         return [home] + [torch.device("cuda", k) for k in range(torch.cuda.device_count()) if k != home.index]
