@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -62,6 +61,7 @@ from .calibrate import LayerRunner, _nullctx
 from .scores import default_sizes, gate_scale_and_live, is_weighted, prefix_start
 from .errors import InvalidArgument, PlanError
 from .kernels.masking import gate_rows
+from .layer_pool import LayerPool, layer_devices, layer_on_device
 from .events import CancelToken, ProgressCallback, Reporter
 from .plan import MAX_MATRIX_SPARSITY, Plan, TrajectoryRow
 
@@ -477,7 +477,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
     plan._require_calibrated()
     plan.check_model(model)
-    devs = _devices(devices, next(model.parameters()).device, dispatched=bool(getattr(model, "hf_device_map", None)))
+    devs = layer_devices(devices, next(model.parameters()).device, dispatched=bool(getattr(model, "hf_device_map", None)))
     ensure(model, bool(plan.meta["transform"]), rotation=plan.rotation, basis=plan.rotation_basis,
            what="this plan",
            error=PlanError)
@@ -534,7 +534,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
                     rep.emit(min(done["rows"], total), layer=i, message=f"layer {i + 1}/{N}",
                              sparsity=row.effective, error=row.error, matrix=matrix, row=counter["row"] - 1)
 
-            with _on_device(model, runner, i, dev) as sub:
+            with layer_on_device(model, runner, i, dev) as sub:
                 trials = LayerTrials(model, plan, sub, i, h_i.to(dev), y_i.to(dev), dense_prefix, error=error)
                 try:
                     rows, steps = _greedy_layer(trials, plan, i, step, max_sparsity, emit, lazy=lazy, weights=sw)
@@ -549,7 +549,7 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
             if plan.path is not None:
                 plan.save_layer_trajectory(i)
 
-        with _LayerPool(devs) as pool:     # one layer per device at a time; committed in layer order
+        with LayerPool(devs) as pool:     # one layer per device at a time; committed in layer order
             for i in range(N):
                 y = runner.run(i, h)
                 if inputs_for_global is not None:
@@ -570,112 +570,6 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
             plan.save_allocation_done()
     rep.emit(total, message="allocation complete")
     return plan
-
-
-# ---- layers on several devices ---------------------------------------------------------------------
-def _devices(devices: Optional[Sequence], home: torch.device, dispatched: bool = False) -> list[torch.device]:
-    """The devices the layers' greedies run on: ``devices`` as given; by default every visible GPU
-    (home first) when the model is on a GPU, else the model's own device. A model spread over
-    devices (``device_map``) keeps its layers where they are: one worker."""
-    if devices is not None:
-        out = [torch.device(d) for d in devices]
-        if not out:
-            raise InvalidArgument("devices: give at least one device")
-        if dispatched and len(out) > 1:
-            raise InvalidArgument("a model loaded with a device_map allocates on its own devices; "
-                                  "give one device (or none)")
-        return out[:1] if dispatched else out
-    if dispatched:
-        return [home]
-    if home.type == "cuda":
-        home = torch.device("cuda", home.index if home.index is not None else torch.cuda.current_device())
-        return [home] + [torch.device("cuda", k) for k in range(torch.cuda.device_count()) if k != home.index]
-    return [home]
-
-
-class _SubRunner:
-    """What LayerTrials reads of a LayerRunner, on another device."""
-
-    def __init__(self, runner: LayerRunner, device: torch.device) -> None:
-        self.chunk_tokens, self.device = runner.chunk_tokens, device
-        self.kwargs = {k: _to(v, device) for k, v in runner.kwargs.items()}
-
-
-def _to(v, device):
-    if isinstance(v, torch.Tensor):
-        return v.to(device)
-    if isinstance(v, tuple):
-        return tuple(_to(x, device) for x in v)
-    return v
-
-
-@contextmanager
-def _on_device(model, runner: LayerRunner, i: int, dev: torch.device):
-    """Run decoder layer i on ``dev``: the layer moves there (and back), grad off, ``dev`` current."""
-    home = runner.device
-    block = decoder_layers(model)[i]
-    same = torch.device(dev) == torch.device(home)
-    gpu = torch.cuda.device(dev) if dev.type == "cuda" else _nullctx()
-    with torch.no_grad(), gpu:
-        if same:
-            yield runner
-            return
-        block.to(dev)
-        try:
-            yield _SubRunner(runner, dev)
-        finally:
-            block.to(home)
-
-
-class _LayerPool:
-    """Layers' greedies on a pool of devices, one layer per device at a time; results come back in
-    layer order. With one device the work runs in the caller's thread."""
-
-    def __init__(self, devices: list[torch.device]) -> None:
-        self.devices = list(devices)
-        self.free = list(devices)
-        self.running: dict = {}                  # future -> (layer, device)
-        self.results: dict[int, object] = {}
-        self.order: list[int] = []
-        self.ex = ThreadPoolExecutor(len(devices)) if len(devices) > 1 else None
-
-    def __enter__(self) -> "_LayerPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.ex is not None:
-            self.ex.shutdown(wait=True)
-
-    def submit(self, i: int, fn, *args) -> None:
-        self.order.append(i)
-        if self.ex is None:
-            self.results[i] = fn(i, *args, self.devices[0])
-            return
-        while not self.free:
-            self._collect(block=True)
-        dev = self.free.pop(0)
-        self.running[self.ex.submit(fn, i, *args, dev)] = (i, dev)
-
-    def _collect(self, block: bool) -> None:
-        if not self.running:
-            return
-        done, _ = wait(list(self.running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        for f in done:
-            i, dev = self.running.pop(f)
-            self.free.append(dev)
-            self.results[i] = f.result()         # a worker's error (or Cancelled) is raised here
-
-    def finished(self):
-        """The results ready so far, in layer order."""
-        self._collect(block=False)
-        while self.order and self.order[0] in self.results:
-            i = self.order.pop(0)
-            yield i, self.results.pop(i)
-
-    def drain(self):
-        while self.running:
-            self._collect(block=True)
-        yield from self.finished()
 
 
 # ---- cross-layer ---------------------------------------------------------------------------------
