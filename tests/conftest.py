@@ -57,6 +57,13 @@ def embedded():
         pytest.skip(f"embedded model unavailable: {e}")
 
 
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    """Run from an empty folder: the TUI also lists what `wina run` left under ./runs (a quick start
+    run before the tests must not show up in them)."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: one intra-op thread is faster, and immune to a busy shared CPU."""

@@ -26,7 +26,7 @@ from wina_tui.widgets.chat_pane import ChatPane
 from wina_tui.widgets.score_histogram import ScoreHistogram
 from wina_tui.widgets.trajectory_chart import TrajectoryChart
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # conftest: tiny models run faster on one thread
+pytestmark = pytest.mark.usefixtures("one_thread", "empty_cwd")   # conftest: one thread; no ./runs
 
 
 def make_app(tmp_path: Path, **kw) -> WinaApp:

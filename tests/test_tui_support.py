@@ -104,6 +104,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("empty_cwd")         # conftest: the TUI lists ./runs too
+
 
 @pytest.fixture
 def torch_one_thread():
