@@ -234,21 +234,60 @@ def tables(records: list[dict], variants, allocations, targets, text_names) -> s
                     cs.append(f"{r['perplexity']:.2f} ({r['measured']:.1%})" if r else "–")
                 out.append(f"| {v} | {a} | " + " | ".join(cs) + " |")
         out.append("")
-    for num in [v for v in variants if v != "teal"]:
-        if "teal" not in variants:
-            break
-        out += [f"### perplexity ratio {num} / teal (same allocation rule, same nominal sparsity)", "",
+    pairs = [(x, y) for x, y in (("wina", "teal"), ("wina-pca", "teal"), ("wina-pca", "wina"))
+             if x in variants and y in variants]
+    for num, den in pairs:
+        out += [f"### perplexity ratio {num} / {den}, same allocation rule: at the same nominal sparsity "
+                f"[measured-sparsity difference, points] / at matched measured sparsity ({den} interpolated)", "",
                 "| allocation | sparsity | " + " | ".join(text_names) + " |", "|---|---|" + "---|" * len(text_names)]
         for a in allocations:
             for s in targets:
                 cs = []
                 for name in text_names:
-                    x, y = cell.get((num, a, s, name)), cell.get(("teal", a, s, name))
-                    cs.append(f"{x['perplexity'] / y['perplexity']:.3f} (Δmeas {100 * (x['measured'] - y['measured']):+.1f} pt)"
-                              if x and y else "–")
+                    x, y = cell.get((num, a, s, name)), cell.get((den, a, s, name))
+                    if not (x and y):
+                        cs.append("–")
+                        continue
+                    ref = matched(cell, dense.get(name), den, a, targets, name, x["measured"])
+                    cs.append(f"{x['perplexity'] / y['perplexity']:.3f} [{100 * (x['measured'] - y['measured']):+.1f}]"
+                              + (f" / {x['perplexity'] / ref:.3f}" if ref else " / –"))
                 out.append(f"| {a} | {s:.0%} | " + " | ".join(cs) + " |")
         out.append("")
+    out += ["Matched measured sparsity: the reference's perplexity at the other's measured sparsity on the "
+            "same text, interpolated linearly in log-perplexity between the reference's two neighbouring "
+            "measured points (dense = 0 %); if log-perplexity is convex in sparsity the chord "
+            "overestimates the reference, so a ratio above 1 there is not an artefact of the interpolation.", ""]
+    if "uniform" in allocations:
+        out += ["### greedy / uniform perplexity, same variant, same nominal sparsity "
+                "[measured-sparsity difference, points]", "",
+                "| variant | allocation | sparsity | " + " | ".join(text_names) + " |",
+                "|---|---|---|" + "---|" * len(text_names)]
+        for v in variants:
+            for a in [a for a in allocations if a != "uniform"]:
+                for s in targets:
+                    cs = []
+                    for name in text_names:
+                        x, y = cell.get((v, a, s, name)), cell.get((v, "uniform", s, name))
+                        cs.append(f"{x['perplexity'] / y['perplexity']:.3f} [{100 * (x['measured'] - y['measured']):+.1f}]"
+                                  if x and y else "–")
+                    out.append(f"| {v} | {a} | {s:.0%} | " + " | ".join(cs) + " |")
+        out.append("")
     return "\n".join(out)
+
+
+def matched(cell: dict, dense_ppl, variant: str, allocation: str, targets, text: str, measured: float):
+    """``variant``'s perplexity at ``measured`` sparsity on ``text`` (same allocation rule),
+    interpolated linearly in log-perplexity between its neighbouring measured points; None outside."""
+    import math
+    pts = [(0.0, dense_ppl)] if dense_ppl else []
+    pts += [(r["measured"], r["perplexity"]) for s in targets
+            if (r := cell.get((variant, allocation, s, text)))]
+    pts.sort()
+    for (m0, p0), (m1, p1) in zip(pts, pts[1:]):
+        if m0 <= measured <= m1 and m1 > m0:
+            f = (measured - m0) / (m1 - m0)
+            return math.exp((1 - f) * math.log(p0) + f * math.log(p1))
+    return None
 
 
 if __name__ == "__main__":
