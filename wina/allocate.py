@@ -262,7 +262,7 @@ class RowEvaluator:
         self.down = a.mlp_output
         self.lin = {p: projection(t.model, t.layer, p, a) for p in t.plan.projections}
         B, L, _ = t.h.shape
-        self.B, self.L, self.L4 = B, L, L - t.t0
+        self.B, self.L4 = B, L - t.t0
         self.b_full = max(1, t.tokens // L)          # sequences per chunk, whole sequences
         self.b_tail = max(1, t.tokens // self.L4)    # sequences per chunk, tails
         self.cache: dict[tuple, object] = {}
@@ -282,17 +282,23 @@ class RowEvaluator:
     def _thr(self, cfg: dict[str, float], p: str) -> float:
         return self.trials.thr(p, cfg[p]) if cfg[p] > 0 else -1.0
 
-    def _gated(self, p: str, thr: float, x: torch.Tensor, start: int) -> torch.Tensor:
+    @contextmanager
+    def _only_gate(self, p: str, thr: float, start: int):
+        """Projection p alone gated at ``thr`` (positions before ``start`` dense) inside the block."""
         g = self.trials.gates
         for q in g.thr:
             g.thr[q] = None
         g.thr[p] = torch.tensor([thr], dtype=torch.float32)
         g.start = start
         try:
-            return self.lin[p](x)
+            yield
         finally:
             g.thr[p] = None
             g.start = 0
+
+    def _gated(self, p: str, thr: float, x: torch.Tensor, start: int) -> torch.Tensor:
+        with self._only_gate(p, thr, start):
+            return self.lin[p](x)
 
     # ---- attention side: whole sequences in, the last 25 % of positions out --------------------
     def _x(self) -> torch.Tensor:
@@ -357,20 +363,13 @@ class RowEvaluator:
             t = self.trials
             h1, x1 = self._h1(akey), self._x1(akey)
             gs = [self._mlp_proj(akey, p, th) for p, th in zip(self.mlp_in, mkey)]
-            g = t.gates
-            for q in g.thr:
-                g.thr[q] = None
-            g.thr[self.down] = torch.tensor([mkey[-1]], dtype=torch.float32)
-            g.start = 0
             err = torch.zeros(1, dtype=torch.float64)
-            try:
+            with self._only_gate(self.down, mkey[-1], 0):
                 for s in range(0, self.B, self.b_tail):
                     hc, sl = h1[s:s + self.b_tail], slice(s, s + self.b_tail)
                     with _replaying({**{self.lin[p]: o[sl] for p, o in zip(self.mlp_in, gs)}, t.mlp_norm: x1[sl]}):
                         y = hc + t.mlp(t.mlp_norm(hc))      # the norm's hooks see its input, as in the model
                     err += t.error_sum(y.unsqueeze(0), s)
-            finally:
-                g.thr[self.down] = None
             return float(err[0]) / t.error_count()
         return self._memo(("E", akey, mkey), make)
 
