@@ -350,7 +350,7 @@ def test_prefill_linear_equals_the_kernel_reference(dtype):
         ssq = torch.rand(9, 2) * 50 if g.name in ("attn_in", "mlp_in") else None
         res = torch.randn(9, g.wt.shape[1]).to(dtype)
         for sp, d in ((False, 0), (True, 0), (True, 2)):
-            a = e._prefill_lin(x, g, sp, d, ssq, res, act)
+            a = e._prefill_lin(x, g, sp, d, ssq, res, act, want_ssq=True)
             b = gemv_reference(x, g.wt, g.scales, g.thresholds, g.bounds, g.bias, res, ssq, e.eps, act, sp,
                                compute_dtype=dtype, dense_rows=d)
             assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1])

@@ -378,3 +378,51 @@ def test_triton_gate_rows_matches_reference_bit_for_bit(dtype):
         a = gate_rows(x, thr, scale, live, start)
         want = gate_rows_reference(x, thr, scale, live, start)
         assert torch.equal(a != 0, want != 0) and torch.equal(a, want), (n, b, L, K, start)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_prefill_passes_match_reference(dtype):
+    """The prefill's gated input (one pass for every segment, counts from a row on) and its output
+    pass against the torch rule, on 7B-like widths; the multi-row RoPE + cache write likewise."""
+    from wina.kernels.prefill import (prefill_input, prefill_input_reference, prefill_output,
+                                      prefill_output_reference)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for t, k, act, pre, n_seg in [(512, 4096, 0, True, 3), (37, 11008, 1, False, 1), (120, 4096, 0, False, 1),
+                                  (9, 576, 0, True, 2), (64, 1536, 1, False, 0)]:
+        x = torch.randn(t, 2 * k if act else k, device="cuda", generator=g).to(dtype)
+        ssq = (torch.rand(t, 1, device="cuda", generator=g) * k + 1.0) if pre else None
+        sc = torch.rand(n_seg, k, device="cuda", generator=g) + 0.5 if n_seg else None
+        thr = torch.rand(n_seg, device="cuda", generator=g) * 0.6 + 0.1 if n_seg else None
+        kept = torch.zeros(3, dtype=torch.long, device="cuda")
+        kept_ref = kept.clone()
+        out = prefill_input(x, k, ssq, 1e-6, act, dtype, sc, thr, 5, kept if n_seg else None, 7)
+        ref = prefill_input_reference(x, k, ssq, 1e-6, act, dtype, sc, thr, 5, kept_ref if n_seg else None, 7)
+        assert out.shape == ref.shape == (max(n_seg, 1), t, k)
+        # decisions may differ only where SiLU or 1/RMS round differently right at a threshold
+        assert float((out != 0).ne(ref != 0).float().mean()) < 1e-4
+        assert rel(out, ref) <= 1e-2
+        assert (kept - kept_ref).abs().max() <= max(2, int(1e-4 * t * k))
+    for t, n, has_bias in [(512, 4096, False), (33, 12288, True), (7, 576, True)]:
+        y = torch.randn(t, n, device="cuda", generator=g).to(dtype)
+        bias = torch.randn(n, device="cuda", generator=g).to(dtype) if has_bias else None
+        res = torch.randn(t, n, device="cuda", generator=g).to(dtype)
+        for r in (None, res):
+            o, s = prefill_output(y, bias, r, True, dtype)
+            ro, rs = prefill_output_reference(y, bias, r, True, dtype)
+            assert torch.equal(o, ro) and rel(s, rs) <= 1e-5
+            o2, s2 = prefill_output(y, bias, r, False, dtype)
+            assert torch.equal(o2, ro) and s2 is None
+    from wina.kernels.attention import rope_cache_triton
+    nh, nkv, hd, s_max = 32, 8, 128, 1024
+    for p0, t in [(0, 300), (517, 64)]:
+        qkv = torch.randn(t, (nh + 2 * nkv) * hd, device="cuda", generator=g).to(dtype)
+        f = torch.randn(s_max, hd, device="cuda", generator=g)
+        cos, sin = f.cos(), f.sin()
+        kc = torch.randn(1, nkv, s_max, hd, device="cuda", generator=g).to(dtype)
+        vc = torch.randn(1, nkv, s_max, hd, device="cuda", generator=g).to(dtype)
+        kc2, vc2 = kc.clone(), vc.clone()
+        pos = torch.tensor([p0], device="cuda")
+        q = rope_cache_triton(qkv, cos, sin, pos, kc, vc, nh, nkv, hd)
+        qr = rope_cache_reference(qkv, cos, sin, pos, kc2, vc2, nh, nkv, hd)
+        assert rel(q, qr) <= 1e-2 and rel(kc, kc2) <= 1e-2 and torch.equal(vc, vc2)

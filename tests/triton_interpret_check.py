@@ -1,8 +1,9 @@
 """The Triton GEMV kernels run by Triton's interpreter on the CPU (TRITON_INTERPRET=1, fp32), against
 the torch reference, for every code path of the single-row kernels: dense, per-program compaction,
 two-tile pipeline, pre-compaction (incl. reusing the kept lists), with segments, fused RMSNorm and
-SiLU·up, fused RoPE + cache write; the multi-row kernels (3 rows, dense and sparse); and the
-flash-decoding attention kernel and the RoPE + cache-write kernel. Run as a script (the variable must be set before Triton is imported);
+SiLU·up, fused RoPE + cache write; the multi-row kernels (3 rows, dense and sparse); the
+flash-decoding attention kernel and the RoPE + cache-write kernel (one row and a prefill's rows); and
+the prefill's gated-input and output passes. Run as a script (the variable must be set before Triton is imported);
 ``tests/test_kernels.py::test_triton_kernel_in_the_interpreter`` does that where Triton is installed.
 Prints the worst relative error and exits non-zero above 1e-5."""
 import os
@@ -30,6 +31,8 @@ from wina.kernels.config import GemvConfig  # noqa: E402
 from wina.kernels.gemv_launch import kept_lists, launch_gemv  # noqa: E402
 from wina.kernels.reference import (attention_reference, gemv_reference, prepare_input,  # noqa: E402
                                    rope_cache_reference)
+from wina.kernels.prefill import (prefill_input_reference, prefill_input_triton,  # noqa: E402
+                                  prefill_output_reference, prefill_output_triton)
 from wina.kernels.runtime import counters  # noqa: E402
 
 
@@ -114,19 +117,53 @@ def main() -> int:
                 worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
                             float((caches[0] - caches[2]).norm() / caches[2].norm()),
                             float((caches[1] - caches[3]).norm() / caches[3].norm()))
-        # RoPE + cache write on its own (the kernel rope_cache launches for one row)
-        qkv = torch.randn(1, n, generator=g)
-        cos, sin = torch.randn(24, rot, generator=g), torch.randn(24, rot, generator=g)
-        caches = [torch.randn(1, n_kv, 24, hd, generator=g) for _ in range(2)]
-        caches += [c.clone() for c in caches]
-        pos = torch.tensor([7])
-        q = rope_cache_triton(qkv, cos, sin, pos, caches[0], caches[1], n_heads, n_kv, hd)
-        ref_q = rope_cache_reference(qkv, cos, sin, pos, caches[2], caches[3], n_heads, n_kv, hd)
-        worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
-                    float((caches[0] - caches[2]).norm() / caches[2].norm()),
-                    float((caches[1] - caches[3]).norm() / caches[3].norm()))
+        # RoPE + cache write on its own: one row (rope_cache) and a prefill's 5 rows from position 7
+        for rows in (1, 5):
+            qkv = torch.randn(rows, n, generator=g)
+            cos, sin = torch.randn(24, rot, generator=g), torch.randn(24, rot, generator=g)
+            caches = [torch.randn(1, n_kv, 24, hd, generator=g) for _ in range(2)]
+            caches += [c.clone() for c in caches]
+            pos = torch.tensor([7])
+            q = rope_cache_triton(qkv, cos, sin, pos, caches[0], caches[1], n_heads, n_kv, hd)
+            ref_q = rope_cache_reference(qkv, cos, sin, pos, caches[2], caches[3], n_heads, n_kv, hd)
+            worst = max(worst, float((q - ref_q).norm() / ref_q.norm()),
+                        float((caches[0] - caches[2]).norm() / caches[2].norm()),
+                        float((caches[1] - caches[3]).norm() / caches[3].norm()))
+    worst = max(worst, check_prefill_passes(g))
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-5 else 1
+
+
+def check_prefill_passes(g) -> float:
+    """The prefill's gated input (every flag: SiLU·up, RMSNorm, 1-3 segments, dense prefix, counts
+    from a row on) and its output pass (bias, residual, sums of squares) against their references;
+    the kept decisions and counts must agree exactly (scores away from the thresholds)."""
+    worst = 0.0
+    t, k = 11, 600
+    for act in (0, 1):
+        for pre in (False, True):
+            for n_seg in (0, 1, 3):
+                x = torch.randn(t, 2 * k if act else k, generator=g)
+                ssq = torch.rand(t, 1, generator=g) * k + 1.0 if pre else None
+                sc = torch.rand(n_seg, k, generator=g) + 0.5 if n_seg else None
+                thr = torch.rand(n_seg, generator=g) * 0.5 + 0.2 if n_seg else None
+                kept, kept_ref = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+                args = (x, k, ssq, 1e-6, act, torch.float32, sc, thr, 3, kept if n_seg else None, 4)
+                out = prefill_input_triton(*args)
+                ref = prefill_input_reference(*args[:9], kept_ref if n_seg else None, 4)
+                assert out.shape == ref.shape, (out.shape, ref.shape)
+                assert torch.equal(out != 0, ref != 0) and torch.equal(kept, kept_ref), (act, pre, n_seg)
+                worst = max(worst, float((out - ref).norm() / ref.norm()))
+    y = torch.randn(t, 300, generator=g)
+    for bias in (None, torch.randn(300, generator=g)):
+        for res in (None, torch.randn(t, 300, generator=g)):
+            for want in (False, True):
+                o, s = prefill_output_triton(y, bias, res, want, torch.float32)
+                ro, rs = prefill_output_reference(y, bias, res, want, torch.float32)
+                worst = max(worst, float((o - ro).norm() / ro.norm()))
+                if want:
+                    worst = max(worst, float((s - rs).norm() / rs.norm()))
+    return worst
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
 from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, prepare_input, reserve_workspace,
                        use_triton)
+from ..kernels.attention import rope_cache_triton
+from ..kernels.prefill import prefill_input, prefill_output
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
@@ -494,7 +496,7 @@ class Engine:
         if x.shape[0] > 1:
             # prefill: one (masked) matmul per segment in the model's dtype (cuBLAS on the GPU);
             # the multi-row Triton variants would each compile at their first prompt length
-            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act, count_from)
+            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act, count_from, want_ssq)
         kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
@@ -555,39 +557,23 @@ class Engine:
         return out[0].transpose(0, 1).reshape(t, nh * hd)
 
     def _prefill_lin(self, x, g: Group, sparse: bool, dense_rows: int, ssq_in, res, act,
-                     count_from: Optional[int] = None):
-        """:func:`wina.kernels.gemv_reference` in the model's dtype (the same values), with the
-        sparse masks cheaper: the gates of every segment in one comparison [S, T, K], the cast
-        once, one select. ``count_from``: add the gates' decisions on the rows from there on to the
-        device counters (what :meth:`_count` adds, from the same comparison)."""
+                     count_from: Optional[int] = None, want_ssq: bool = False):
+        """:func:`wina.kernels.gemv_reference` in the model's dtype (the same rule): one pass makes
+        every segment's gated input (:func:`wina.kernels.prefill.prefill_input`, which also adds the
+        gates' decisions on the rows from ``count_from`` on to the device counters, as
+        :meth:`_count` would), one cuBLAS matmul per segment, one pass adds bias and residual
+        (:func:`wina.kernels.prefill.prefill_output`)."""
         k, n = g.wt.shape
-        xf = prepare_input(x, k, ssq_in, self.eps, act)
-        xc = xf.to(self.dtype)
-        if not sparse:
-            y = xc @ g.wt
+        kept = self._kept[g.index] if (sparse and count_from is not None) else None
+        xm = prefill_input(x, k, ssq_in, self.eps, act, self.dtype,
+                           g.scales if sparse else None, g.thresholds if sparse else None,
+                           dense_rows, kept, count_from or 0)
+        if xm.shape[0] == 1:
+            y = xm[0] @ g.wt
         else:
-            keep = xf.abs().unsqueeze(0) * g.scales.unsqueeze(1) > g.thresholds.view(-1, 1, 1)
-            if count_from is not None:
-                self._kept[g.index, :len(g.projs)] += keep[:, count_from:].sum((1, 2))
-            if dense_rows:
-                keep[:, :dense_rows] = True
-            xm = torch.where(keep, xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
-            if not g.bounds:
-                y = xm[0] @ g.wt
-            else:
-                edges = [0, *[int(b) for b in g.bounds], n]
-                y = torch.cat([xm[j] @ g.wt[:, edges[j]:edges[j + 1]] for j in range(len(edges) - 1)], dim=-1)
-        if g.bias is not None or res is not None:
-            yf = y.float()
-            if g.bias is not None:
-                yf = yf + g.bias.float()
-            if res is not None:
-                yf = yf + res.float()
-            y = yf.to(x.dtype)
-        else:
-            y = y.to(x.dtype)
-        yf = y.float()
-        return y, (yf * yf).sum(-1, keepdim=True)
+            edges = [0, *[int(b) for b in g.bounds], n]
+            y = torch.cat([xm[j] @ g.wt[:, edges[j]:edges[j + 1]] for j in range(len(edges) - 1)], dim=-1)
+        return prefill_output(y, g.bias, res, want_ssq, x.dtype)
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
                  record=None, start: Optional[int] = None, last_only: bool = False,
@@ -611,7 +597,9 @@ class Engine:
             else:
                 qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record,
                                    count_from=count_from)
-                q = self._rope_prefill(qkv, L, start)
+                q = (rope_cache_triton(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads,
+                                       self.n_kv, self.head_dim) if use_triton(qkv)
+                     else self._rope_prefill(qkv, L, start))
             att = (attn_decode(q, L.k_cache, L.v_cache, pos, L.window) if ids.shape[0] == 1
                    else self._attn_prefill(q, L, start))
             if L.s_attn is None:

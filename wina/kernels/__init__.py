@@ -12,6 +12,7 @@ Modules, one role each:
 * :mod:`.epilogue` — split-K reduction, bias, residual, sums of squares, fused RoPE of a GEMV program;
 * :mod:`.attention` — RoPE + cache write and flash-decoding of one query row;
 * :mod:`.masking` — the threshold gate over whole activation tensors (the allocation's trials);
+* :mod:`.prefill` — a prompt's passes around its cuBLAS matmuls (gated input, bias + residual);
 * :mod:`.runtime` — Triton availability, per-device scratch and arrival counters.
 """
 from .config import DEFAULT_CONFIG, GemvConfig, config_for, plan_gemv, set_config, set_role_config

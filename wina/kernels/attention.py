@@ -1,9 +1,9 @@
 """The decode step's attention side, one query row: RoPE on q and k with k and v written into the
-static cache at the position held in a device tensor (:func:`rope_cache_triton`; in the decode step it
-runs inside the q/k/v GEMV instead, :mod:`.epilogue`), and flash-decoding over the cache up to that
-position (:func:`attn_decode_triton`: split over the sequence, the partial (max, sum, acc) rows
-combined in a fixed order by the last program of each KV head). Positions are read on the device, so
-one captured CUDA graph serves every step."""
+static cache at the position held in a device tensor (:func:`rope_cache_triton`, which also serves a
+prefill's T rows; in the decode step it runs inside the q/k/v GEMV instead, :mod:`.epilogue`), and
+flash-decoding over the cache up to that position (:func:`attn_decode_triton`: split over the
+sequence, the partial (max, sum, acc) rows combined in a fixed order by the last program of each KV
+head). Positions are read on the device, so one captured CUDA graph serves every step."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,10 @@ if HAS_TRITON:
                            n_heads, n_kv, s_max, rot,
                            HD: tl.constexpr, BLOCK_D: tl.constexpr):
         h = tl.program_id(0)
-        pos = tl.load(pos_ptr).to(tl.int32)
+        row = tl.program_id(1)
+        pos = tl.load(pos_ptr).to(tl.int32) + row
+        qkv_ptr += row * (n_heads + 2 * n_kv) * HD
+        q_ptr += row * n_heads * HD
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HD
         x = tl.load(qkv_ptr + h * HD + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -104,9 +107,10 @@ if HAS_TRITON:
 
 
 def rope_cache_triton(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
-    """RoPE + cache write of one row (see :func:`.reference.rope_cache_reference`); returns q."""
-    q = torch.empty(1, n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(n_heads + 2 * n_kv,)](
+    """RoPE + cache write of T rows at positions pos .. pos + T - 1 (see
+    :func:`.reference.rope_cache_reference`; qkv contiguous); returns q [T, n_heads * head_dim]."""
+    q = torch.empty(qkv.shape[0], n_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(n_heads + 2 * n_kv, qkv.shape[0])](
         qkv, q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1],
         HD=head_dim, BLOCK_D=next_pow2(head_dim), num_warps=1)
     return q
