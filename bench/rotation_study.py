@@ -1,9 +1,12 @@
 """Where the transform loses, and which rotation helps (issue 20), on the embedded model.
 
     python bench/rotation_study.py [--tokens 4096] [--sparsities 0.25,0.4,0.5] [--out docs/rotation-study.md]
+                                   [--pca-text boolq --pca-windows 64]
 
 1. Calibration text: the model's own samples (8 x 256 tokens, as the quick preset), cached in
-   --cache. The activation-PCA rotation's moments come from it, nothing else does.
+   --cache. The activation-PCA rotation's moments come from it, nothing else does; with
+   ``--pca-text boolq`` they come instead from ``--pca-windows`` windows of 256 tokens of BoolQ's
+   validation passages (Wikipedia paragraphs; no text evaluated here).
 2. Per block input (the residual stream after RMSNorm, what q/k/v and gate/up read) and per
    projection input: kurtosis over channels and the share of energy in the top 1 % channels,
    averaged over tokens, for the model as it is, after the SVD transform and after the PCA rotation.
@@ -106,6 +109,8 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/wina-rotation-calib.pt")
     ap.add_argument("--configs", default="teal,wina,wina-all,teal-svd,wina-svd,teal-pca,wina-pca,wina-all-pca,teal-pcab,wina-pcab")
     ap.add_argument("--skip-analysis", action="store_true")
+    ap.add_argument("--pca-text", choices=("self", "boolq"), default="self")
+    ap.add_argument("--pca-windows", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "docs" / "rotation-study.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,7 +129,14 @@ def main() -> None:
              "(`bench/rotation_study.py`).", ""]
 
     t = time.time()
-    moments = block_input_moments(base.model, ids)
+    pca_ids = ids
+    if args.pca_text == "boolq":
+        passages = [json.loads(line)["passage"]
+                    for line in (DATA / "boolq" / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+        text_ids = tok("\n\n".join(passages), return_tensors="pt").input_ids[0]
+        pca_ids = text_ids[:args.pca_windows * 256].reshape(args.pca_windows, 256)
+        lines += [f"The PCA rotations' moments: {args.pca_windows} x 256 tokens of BoolQ validation passages.", ""]
+    moments = block_input_moments(base.model, pca_ids)
     models = {"none": base.model}
     m = copy.deepcopy(base.model)
     transform(m)
@@ -148,7 +160,7 @@ def main() -> None:
                   "wikitext-2 test), except the in-sample column of the error summary (2 × 256 tokens of "
                   "the calibration text).", ""]
         rec = {name: record_inputs(mod, batch) for name, mod in models.items()}
-        rec_in = {name: record_inputs(mod, ids[:2]) for name, mod in models.items()}
+        rec_in = {name: record_inputs(mod, pca_ids[:2]) for name, mod in models.items()}
         n_layers = max(k[0] for k in rec["none"]) + 1
         # 2. activation statistics of the block inputs (q_proj / gate_proj read them) and of o/down
         from wina.adapters import adapter_for
