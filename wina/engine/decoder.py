@@ -6,7 +6,9 @@ consuming weights, q/k/v and gate/up concatenated), keeps a static KV cache, and
 
 * prefill: the prompt (or, in a later chat turn, only its new tokens: ``start``) in one forward, one
   masked cuBLAS matmul per projection (the sparsifier's rule on each row; ``sparse_prefill=False``
-  runs prompts dense), RoPE and attention with the start known on the host,
+  runs prompts dense) between two fused passes (:mod:`wina.kernels.prefill`: the gated input, then
+  bias + residual + sums of squares), RoPE + cache write in one launch, SDPA attention with the
+  start known on the host,
 * decode: one token per step through :mod:`wina.kernels` — five launches per layer (q/k/v GEMV
   with the RMSNorm fused in and RoPE + cache write in its finishing programs, flash-decoding
   attention, o GEMV + residual, gate/up GEMV, SiLU·up + down GEMV + residual; a sparse launch with
