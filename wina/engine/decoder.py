@@ -35,6 +35,7 @@ weights, the config and the model's rotary-embedding module (for the exact RoPE 
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Optional, Sequence
@@ -51,6 +52,18 @@ from ..kernels.prefill import prefill_input, prefill_output
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
+
+
+def _on_device(fn):
+    """Run an engine method with the engine's GPU as the current device: Triton launches and graph
+    captures go to the current device, and an engine may live on another GPU than the default."""
+    @functools.wraps(fn)
+    def run(self, *args, **kwargs):
+        if self.device.type != "cuda":
+            return fn(self, *args, **kwargs)
+        with torch.cuda.device(self.device):
+            return fn(self, *args, **kwargs)
+    return run
 
 
 @dataclass
@@ -630,6 +643,7 @@ class Engine:
         return t - int((1.0 - self.dense_prefix) * t)
 
     @torch.no_grad()
+    @_on_device
     def prefill(self, ids: Sequence[int], sparse: Optional[bool] = None, start: int = 0,
                 count: bool = False, last_only: bool = False) -> torch.Tensor:
         """Run ``ids`` through the model at positions ``start`` .. (the cache must hold the
@@ -728,6 +742,7 @@ class Engine:
         # graphs need the Triton decode path (the torch references read positions on the host)
         return self.use_graphs and self.device.type == "cuda" and self.fast
 
+    @_on_device
     def capture(self, sparse: Optional[bool] = None, sampled: bool = False, count: bool = False) -> None:
         """Capture the decode step now (otherwise the first generate does it), over the bound
         cache; ``count``: also the counting variant of the sparse step (see generate)."""
@@ -738,6 +753,7 @@ class Engine:
                 self._graph(sparse, sampled, True)
 
     @torch.no_grad()
+    @_on_device
     def step(self, token: int, position: int, sparse: Optional[bool] = None) -> torch.Tensor:
         """One decode step for ``token`` at ``position`` (teacher forcing); returns logits [V]."""
         sparse = self.sparse if sparse is None else bool(sparse)
@@ -766,6 +782,7 @@ class Engine:
     # generation
     # --------------------------------------------------------------------------------------------
     @torch.no_grad()
+    @_on_device
     def generate(self, prompt_ids, max_new_tokens: int = 256, *, temperature: float = 0.0,
                  top_p: float = 1.0, seed: Optional[int] = None,
                  on_token: Optional[Callable[[int], None]] = None,

@@ -15,7 +15,8 @@ their bytes. Here they are two passes:
   cast rows that the next RMSNorm needs.
 
 On a CPU (and for dtypes Triton does not serve) both run their ``*_reference``: the plain-torch rule,
-which the Triton kernels match up to fp32 rounding of SiLU and 1/RMS (tests/test_kernels.py).
+which the Triton kernels match up to fp32 rounding of SiLU and 1/RMS (tests/test_kernels.py). As
+every engine kernel they launch on the current CUDA device (the engine's methods make it theirs).
 """
 from __future__ import annotations
 
@@ -115,9 +116,7 @@ def prefill_input(x: torch.Tensor, k: int, ssq_in: Optional[torch.Tensor], eps: 
     if not (use_triton(x) and dtype in (torch.bfloat16, torch.float16)):
         return prefill_input_reference(x, k, ssq_in, eps, act, dtype, scales, thresholds, dense_rows, kept,
                                        count_from)
-    with torch.cuda.device(x.device):               # Triton launches on the current device
-        return prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales, thresholds, dense_rows, kept,
-                                    count_from)
+    return prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales, thresholds, dense_rows, kept, count_from)
 
 
 def prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales=None, thresholds=None, dense_rows=0, kept=None,
@@ -169,8 +168,7 @@ def prefill_output(y: torch.Tensor, bias: Optional[torch.Tensor], res: Optional[
         return y, None
     if not (use_triton(y) and dtype in (torch.bfloat16, torch.float16)):
         return prefill_output_reference(y, bias, res, want_ssq, dtype)
-    with torch.cuda.device(y.device):
-        return prefill_output_triton(y, bias, res, want_ssq, dtype)
+    return prefill_output_triton(y, bias, res, want_ssq, dtype)
 
 
 def prefill_output_triton(y, bias, res, want_ssq: bool, dtype):
