@@ -58,12 +58,13 @@ if triton is not None:
                     counted = keep & mk & (offs_m >= count_from)[:, None]
                     tl.atomic_add(kept_ptr + s, tl.sum(tl.sum(counted.to(tl.int64), 1), 0))
                 keep = keep | dense
-                tl.store(out_ptr + s * T * K + dst, tl.where(keep, xc, tl.zeros_like(xc)), mask=mk)
+                seg = (s * T).to(tl.int64) * K              # segment s's [T, K] block (may pass 2^31)
+                tl.store(out_ptr + seg + dst, tl.where(keep, xc, tl.zeros_like(xc)), mask=mk)
         else:
             tl.store(out_ptr + dst, xc, mask=mk)
 
-    @triton.jit(do_not_specialize=["T"])
-    def _prefill_output_kernel(y_ptr, bias_ptr, res_ptr, out_ptr, ssq_ptr, T, N,
+    @triton.jit
+    def _prefill_output_kernel(y_ptr, bias_ptr, res_ptr, out_ptr, ssq_ptr, N,
                                HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, WANT_SSQ: tl.constexpr,
                                BLOCK_N: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
@@ -178,7 +179,7 @@ def prefill_output_triton(y, bias, res, want_ssq: bool, dtype):
     out = torch.empty(t, n, dtype=dtype, device=y.device)
     ssq = torch.empty(t, 1, dtype=torch.float32, device=y.device) if want_ssq else out
     _prefill_output_kernel[(t,)](
-        y, bias if bias is not None else y, res.contiguous() if res is not None else y, out, ssq, t, n,
+        y, bias if bias is not None else y, res.contiguous() if res is not None else y, out, ssq, n,
         HAS_BIAS=bias is not None, HAS_RES=res is not None, WANT_SSQ=want_ssq, BLOCK_N=OUTPUT_BLOCK_N,
         num_warps=4)
     return out, (ssq if want_ssq else None)
