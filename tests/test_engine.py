@@ -277,6 +277,40 @@ def test_gpu_graph_generate_equals_eager_steps():
     assert engine_available(m)
 
 
+@gpu
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gpu_captured_prefill_equals_the_eager_one(kind):
+    """A prompt replayed as a captured graph at its bucket length (padded rows, start, dense prefix
+    and counted rows read on the device, attention by the prefill kernel) is as close to the fp32
+    engine as the eager bf16 prefill is, for a first turn and a later one, dense and sparse, with
+    the same gate counts (up to decisions that bf16 rounding flips)."""
+    from wina.engine.decoder import PREFILL_BUCKETS
+    m = _gpu_model(kind)
+    thr = engine_thresholds(Engine.from_model(m, max_seq_len=64), ids_for(40, vocab=4096, seed=3)[0].tolist(), 0.5)
+    seq = ids_for(120, vocab=4096, seed=14)[0].tolist()
+    runs = {}
+    for name, model, graphed in (("fp32", _gpu_model(kind).float(), False), ("graph", m, True), ("eager", m, False)):
+        eng = Engine.from_model(model, max_seq_len=256, thresholds=thr)
+        eng.graph_prefill = graphed
+        eng.reset_counts()
+        out = []
+        for sparse in (False, True):
+            out.append(eng.prefill(seq[:37], sparse, start=0, count=True, last_only=True).float())
+            out.append(eng.prefill(seq[37:120], sparse, start=37, count=True, last_only=True).float())
+        runs[name] = (out, eng._kept.clone().float(), eng._count_rows)
+        if graphed:
+            assert eng._prefill_bucket(37, 0) == 64 and eng._prefill_bucket(800, 0) == 0
+            assert eng._prefill_bucket(40, 250) == 0               # the padding would pass the cache
+            assert len([k for k in eng._graphs if k[0] == "prefill"]) == 2 * 2    # (64, 128) x (dense, sparse)
+    errs = [(_rel(g, r), _rel(e, r)) for g, e, r in zip(runs["graph"][0], runs["eager"][0], runs["fp32"][0])]
+    print(kind, "graph / eager relative error vs fp32:", [f"{g:.4f}/{e:.4f}" for g, e in errs])
+    assert all(g <= 1.5 * e + 1e-2 for g, e in errs), errs
+    assert runs["graph"][2] == runs["eager"][2] == 120 - 1           # the first position is dense
+    got, want = runs["graph"][1], runs["eager"][1]
+    assert want.sum() > 0 and float((got - want).abs().sum() / want.sum()) < 1e-2
+    assert PREFILL_BUCKETS[-1] >= 640             # a chat turn of ~620 tokens is captured
+
+
 def test_engine_gate_counts_equal_the_sparsifier_counts():
     """The engine counts its gates on the device (prompt rows and counted decode steps); handed to
     the sparsifier they read as the portable path's own counts of the same positions."""

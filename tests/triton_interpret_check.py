@@ -2,8 +2,9 @@
 the torch reference, for every code path of the single-row kernels: dense, per-program compaction,
 two-tile pipeline, pre-compaction (incl. reusing the kept lists), with segments, fused RMSNorm and
 SiLU·up, fused RoPE + cache write; the multi-row kernels (3 rows, dense and sparse); the
-flash-decoding attention kernel and the RoPE + cache-write kernel (one row and a prefill's rows); and
-the prefill's gated-input and output passes. Run as a script (the variable must be set before Triton is imported);
+flash-decoding attention kernel and the RoPE + cache-write kernel (one row and a prefill's rows); the
+prefill's gated-input and output passes (rows bounded on the host or on the device) and its causal
+attention. Run as a script (the variable must be set before Triton is imported);
 ``tests/test_kernels.py::test_triton_kernel_in_the_interpreter`` does that where Triton is installed.
 Prints the worst relative error and exits non-zero above 1e-5."""
 import os
@@ -26,7 +27,7 @@ def _patch_lang_tensor(tensor, scope):
 
 _interp._patch_lang_tensor = _patch_lang_tensor
 
-from wina.kernels.attention import attn_decode_triton, rope_cache_triton  # noqa: E402
+from wina.kernels.attention import attn_decode_triton, attn_prefill_triton, rope_cache_triton  # noqa: E402
 from wina.kernels.config import GemvConfig  # noqa: E402
 from wina.kernels.gemv_launch import kept_lists, launch_gemv  # noqa: E402
 from wina.kernels.reference import (attention_reference, gemv_reference, prepare_input,  # noqa: E402
@@ -130,6 +131,7 @@ def main() -> int:
                         float((caches[0] - caches[2]).norm() / caches[2].norm()),
                         float((caches[1] - caches[3]).norm() / caches[3].norm()))
     worst = max(worst, check_prefill_passes(g))
+    worst = max(worst, check_prefill_attention(g))
     print(f"worst relative error {worst:.2e}")
     return 0 if worst < 1e-5 else 1
 
@@ -154,6 +156,15 @@ def check_prefill_passes(g) -> float:
                 assert out.shape == ref.shape, (out.shape, ref.shape)
                 assert torch.equal(out != 0, ref != 0) and torch.equal(kept, kept_ref), (act, pre, n_seg)
                 worst = max(worst, float((out - ref).norm() / ref.norm()))
+                if n_seg:
+                    # the captured graph's form: prefix and counted rows (4 .. 9 of 11) read on the device
+                    rows = torch.tensor([3, 4, 9])
+                    kept, kept_ref = torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+                    out = prefill_input_triton(*args[:9], kept, 0, rows)
+                    ref = prefill_input_reference(*args[:9], kept_ref, 0, rows)
+                    assert torch.equal(out != 0, ref != 0) and torch.equal(kept, kept_ref), (act, pre, n_seg)
+                    assert 0 < int(kept.sum()) < int(kept_ref.new_tensor(5 * k * n_seg)), int(kept.sum())
+                    worst = max(worst, float((out - ref).norm() / ref.norm()))
     y = torch.randn(t, 300, generator=g)
     for bias in (None, torch.randn(300, generator=g)):
         for res in (None, torch.randn(t, 300, generator=g)):
@@ -163,6 +174,22 @@ def check_prefill_passes(g) -> float:
                 worst = max(worst, float((o - ro).norm() / ro.norm()))
                 if want:
                     worst = max(worst, float((s - rs).norm() / rs.norm()))
+    return worst
+
+
+def check_prefill_attention(g) -> float:
+    """A prompt's causal attention from a start read on the device: grouped-query heads, a head size
+    that is not a power of two, a sliding window, a start past the first key block."""
+    worst = 0.0
+    for hd, nh, nkv, t, start, window in ((64, 4, 2, 11, 0, 0), (64, 4, 2, 70, 5, 0), (96, 3, 1, 9, 130, 0),
+                                           (64, 2, 2, 80, 40, 16), (32, 4, 4, 3, 200, 0)):
+        kc = torch.randn(1, nkv, 300, hd, generator=g)
+        vc = torch.randn(1, nkv, 300, hd, generator=g)
+        q = torch.randn(t, nh * hd, generator=g)
+        pos = torch.tensor([start])
+        o = attn_prefill_triton(q, kc, vc, pos, window)
+        r = attention_reference(q, kc, vc, pos, window)
+        worst = max(worst, float((o - r).norm() / r.norm()))
     return worst
 
 

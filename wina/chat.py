@@ -275,7 +275,10 @@ class ChatSession:
         eng.bind(self._cache)
         sampled = self.temperature > 0
         eng.capture(self.sparse, sampled, count=self.count_every > 0)
-        emit(Progress("warm-up", 1, 3, message="warming up the prefill"))
+        emit(Progress("warm-up", 1, 3, message="capturing and warming up the prefill"))
+        # prompts of up to 768 tokens replay a graph captured per bucket of lengths (the host's
+        # launches would cost more than the GPU's work); longer ones run eagerly, warmed up below
+        eng.capture_prefill(self.sparse, count=self.sparse and self.count_every > 0)
         # the prefill path (cuBLAS, attention, counting) at the end of the cache (a later turn's
         # form), at lengths from 2 to half the cache: cuBLAS picks a GEMM kernel per range of prompt
         # lengths and loads each on its first use (a new range cost a dense turn ~45 ms on an H100,

@@ -7,8 +7,10 @@ consuming weights, q/k/v and gate/up concatenated), keeps a static KV cache, and
 * prefill: the prompt (or, in a later chat turn, only its new tokens: ``start``) in one forward, one
   masked cuBLAS matmul per projection (the sparsifier's rule on each row; ``sparse_prefill=False``
   runs prompts dense) between two fused passes (:mod:`wina.kernels.prefill`: the gated input, then
-  bias + residual + sums of squares), RoPE + cache write in one launch, SDPA attention with the
-  start known on the host,
+  bias + residual + sums of squares), RoPE + cache write in one launch, then attention; on the GPU a
+  prompt of up to 768 tokens replays a CUDA graph captured at the next bucket length
+  (:data:`PREFILL_BUCKETS`; start, dense prefix and counted rows read on the device, attention by
+  :func:`wina.kernels.attention.attn_prefill_triton`), longer ones run eagerly with SDPA,
 * decode: one token per step through :mod:`wina.kernels` — five launches per layer (q/k/v GEMV
   with the RMSNorm fused in and RoPE + cache write in its finishing programs, flash-decoding
   attention, o GEMV + residual, gate/up GEMV, SiLU·up + down GEMV + residual; a sparse launch with
@@ -47,11 +49,16 @@ from ..adapters import adapter_for, decoder_layers
 from ..errors import Cancelled, InvalidArgument
 from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, prepare_input, reserve_workspace,
                        use_triton)
-from ..kernels.attention import rope_cache_triton
+from ..kernels.attention import attn_prefill_triton, rope_cache_triton
 from ..kernels.prefill import prefill_input, prefill_output
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
+# prompt lengths 2 .. 768 run as a CUDA graph captured at the next of these lengths (padded rows are
+# computed, never counted or returned, and their cache slots are written before they are read): up
+# to ~640 tokens an eager 7B prefill costs the host more than the GPU (docs/gpu-notes.md run 33);
+# longer prompts run eagerly
+PREFILL_BUCKETS = (16, 32, 64, 128, 192, 256, 384, 512, 640, 768)
 
 
 def _on_device(fn):
@@ -311,6 +318,7 @@ class Engine:
         eng._n_caches = 0
         eng.cache = KVCache([L.k_cache for L in eng.layers], [L.v_cache for L in eng.layers], 0)
         eng.sparse_prefill = True
+        eng.graph_prefill = False             # True: prompts up to PREFILL_BUCKETS[-1] tokens replay a captured graph
         for j, (_, g) in enumerate(eng.groups()):
             g.index = j
         eng._stack_gating()
@@ -504,14 +512,15 @@ class Engine:
     # the forward: T tokens at positions pos .. pos+T-1 (prefill: T = prompt, decode: T = 1)
     # --------------------------------------------------------------------------------------------
     def _lin(self, x, g: Group, sparse: bool, dense_rows: int, *, ssq_in=None, res=None, act=0,
-             want_ssq=False, record=None, count_from: Optional[int] = None):
+             want_ssq=False, record=None, count_from: Optional[int] = None, rows=None):
         if record is not None:
             record(g, x, ssq_in, act)
         sp = sparse and g.gating
         if x.shape[0] > 1:
             # prefill: one (masked) matmul per segment in the model's dtype (cuBLAS on the GPU);
             # the multi-row Triton variants would each compile at their first prompt length
-            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act, count_from, want_ssq)
+            return self._prefill_lin(x, g, sp, dense_rows if sp else 0, ssq_in, res, act, count_from, want_ssq,
+                                     rows)
         kw = dict(bounds=g.bounds, bias=g.bias, eps=self.eps, act=act, want_ssq=want_ssq, role=g.name)
         if sp and dense_rows > 0:
             d = dense_rows
@@ -572,7 +581,7 @@ class Engine:
         return out[0].transpose(0, 1).reshape(t, nh * hd)
 
     def _prefill_lin(self, x, g: Group, sparse: bool, dense_rows: int, ssq_in, res, act,
-                     count_from: Optional[int] = None, want_ssq: bool = False):
+                     count_from: Optional[int] = None, want_ssq: bool = False, rows=None):
         """:func:`wina.kernels.gemv_reference` in the model's dtype (the same rule): one pass makes
         every segment's gated input (:func:`wina.kernels.prefill.prefill_input`, which also adds the
         gates' decisions on the rows from ``count_from`` on to the device counters, as
@@ -582,7 +591,7 @@ class Engine:
         kept = self._kept[g.index] if (sparse and count_from is not None) else None
         xm = prefill_input(x, k, ssq_in, self.eps, act, self.dtype,
                            g.scales if sparse else None, g.thresholds if sparse else None,
-                           dense_rows, kept, count_from or 0)
+                           dense_rows, kept, count_from or 0, rows)
         if xm.shape[0] == 1:
             y = xm[0] @ g.wt
         else:
@@ -592,13 +601,17 @@ class Engine:
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, sparse: bool, dense_rows: int = 0,
                  record=None, start: Optional[int] = None, last_only: bool = False,
-                 count_from: Optional[int] = None) -> torch.Tensor:
+                 count_from: Optional[int] = None, rows: Optional[torch.Tensor] = None,
+                 last: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of ``ids`` at positions ``pos`` ..; ``record``: a decode step's hook on each launch's
-        input; ``count_from``: a prefill counts its gates from that row on (see :meth:`prefill`)."""
-        if ids.shape[0] > 1 and start is None:
+        input; ``count_from``: a prefill counts its gates from that row on (see :meth:`prefill`).
+        A captured prefill passes ``rows`` (dense prefix, counted rows, on the device; see
+        :func:`wina.kernels.prefill.prefill_input`) and ``last`` (the row whose logits it returns)."""
+        if ids.shape[0] > 1 and start is None and rows is None:
             start = int(pos.reshape(-1)[0])
         h = self.embed.index_select(0, ids)
         ssq = h.float().pow(2).sum(-1, keepdim=True)
+        kw = dict(record=record, count_from=count_from, rows=rows)
         for L in self.layers:
             if ids.shape[0] == 1:
                 # decode: RoPE and the cache write run in the q/k/v GEMV's finishing programs
@@ -609,30 +622,28 @@ class Engine:
                               self.n_kv, self.head_dim, scales=g.scales, thresholds=g.thresholds,
                               bounds=g.bounds, bias=g.bias, ssq_in=ssq, eps=self.eps,
                               sparse=sparse and g.gating)
+                att = attn_decode(q, L.k_cache, L.v_cache, pos, L.window)
             else:
-                qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, record=record,
-                                   count_from=count_from)
+                qkv, _ = self._lin(h, L.attn_in, sparse, dense_rows, ssq_in=ssq, **kw)
                 q = (rope_cache_triton(qkv, self.cos, self.sin, pos, L.k_cache, L.v_cache, self.n_heads,
                                        self.n_kv, self.head_dim) if use_triton(qkv)
                      else self._rope_prefill(qkv, L, start))
-            att = (attn_decode(q, L.k_cache, L.v_cache, pos, L.window) if ids.shape[0] == 1
-                   else self._attn_prefill(q, L, start))
+                att = (attn_prefill_triton(q, L.k_cache, L.v_cache, pos, L.window) if rows is not None
+                       else self._attn_prefill(q, L, start))
             if L.s_attn is None:
-                h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, record=record,
-                                     count_from=count_from)
+                h, ssq = self._lin(att, L.o, sparse, dense_rows, res=h, want_ssq=True, **kw)
             else:
-                delta, _ = self._lin(att, L.o, sparse, dense_rows, record=record, count_from=count_from)
+                delta, _ = self._lin(att, L.o, sparse, dense_rows, **kw)
                 h, ssq = gemv(h, L.s_attn, res=delta, want_ssq=True)
-            gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, record=record,
-                                   count_from=count_from)
+            gu, _ = self._lin(h, L.mlp_in, sparse, dense_rows, ssq_in=ssq, **kw)
             if L.s_mlp is None:
-                h, ssq = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, res=h, want_ssq=True,
-                                   record=record, count_from=count_from)
+                h, ssq = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, res=h, want_ssq=True, **kw)
             else:
-                delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, record=record,
-                                     count_from=count_from)
+                delta, _ = self._lin(gu, L.down, sparse, dense_rows, act=ACT_SILU_MUL, **kw)
                 h, ssq = gemv(h, L.s_mlp, res=delta, want_ssq=True)
-        if last_only:                          # a prompt needs the next token's logits only
+        if last is not None:                   # a captured prefill: its last real row
+            h, ssq = h.index_select(0, last), ssq.index_select(0, last)
+        elif last_only:                        # a prompt needs the next token's logits only
             h, ssq = h[-1:], ssq[-1:]
         logits, _ = gemv(h, self.head, ssq_in=ssq, bias=self.head_bias, eps=self.eps, role="head")
         return logits
@@ -651,7 +662,9 @@ class Engine:
         [T, V]. The dense prefix covers the first positions of the whole sequence, as a prefill of
         everything from 0 would. ``count``: add the gates' decisions to the device counters.
         ``last_only``: logits [1, V] of the last position only (generation needs no more).
-        With :attr:`sparse_prefill` False, prompts run dense (decode steps stay sparse)."""
+        With :attr:`sparse_prefill` False, prompts run dense (decode steps stay sparse). On the GPU,
+        a ``last_only`` prompt of up to ``PREFILL_BUCKETS[-1]`` tokens replays the prefill captured at
+        its bucket length (:meth:`capture_prefill`; :attr:`graph_prefill` False: always eager)."""
         sparse = self.sparse if sparse is None else bool(sparse)
         t = len(ids)
         if t == 0:
@@ -661,10 +674,15 @@ class Engine:
         if t > 1 and not self.sparse_prefill:
             sparse = False
         d0 = min(t, max(0, self._dense_rows(start + t) - start))
+        counting = count and sparse
+        if last_only and self._prefill_bucket(t, start):
+            if counting:
+                self._count_rows += t - d0
+            return self._prefill_replay(ids, start, d0, sparse, counting)
         x = torch.tensor(list(ids), dtype=torch.long, device=self.device)
         pos = torch.tensor([start], dtype=torch.long, device=self.device)
         record, count_from = None, None
-        if count and sparse:
+        if counting:
             if t > 1:
                 count_from = d0
             else:
@@ -672,6 +690,94 @@ class Engine:
             self._count_rows += t - d0 if t > 1 else 1
         return self._forward(x, pos, sparse, d0 if t > 1 else 0, record=record, start=start,
                              last_only=last_only, count_from=count_from)
+
+    # --------------------------------------------------------------------------------------------
+    # prefill, CUDA graphs at bucketed prompt lengths
+    # --------------------------------------------------------------------------------------------
+    def _prefill_bucket(self, t: int, start: int) -> int:
+        """The captured length a prompt of ``t`` tokens at ``start`` runs at, or 0: eagerly (no graphs
+        here, a prompt longer than the last bucket, padding past the cache, sliding-window
+        attention, or a transformed model's shortcuts, which run through the GEMV)."""
+        if t < 2 or t > PREFILL_BUCKETS[-1] or not self._graphable() or not self.graph_prefill:
+            return 0
+        b = next(b for b in PREFILL_BUCKETS if b >= t)
+        if start + b > self.max_seq_len or any(L.window or L.s_attn is not None for L in self.layers):
+            return 0
+        return b
+
+    def _prefill_inputs(self, bucket: int):
+        """The captured prefills' static inputs, views of one device buffer filled by one copy:
+        ids [bucket] (padded with token 0), start [1], rows [3] (dense prefix, first and end of the
+        counted rows), last [1] (the row whose logits are returned)."""
+        m = PREFILL_BUCKETS[-1]
+        if getattr(self, "_pf_in", None) is None:
+            self._pf_in = torch.zeros(m + 5, dtype=torch.long, device=self.device)
+            self._pf_host = torch.zeros(m + 5, dtype=torch.long).pin_memory()
+        b = self._pf_in
+        return b[:bucket], b[m:m + 1], b[m + 1:m + 4], b[m + 4:m + 5]
+
+    def _prefill_fill(self, ids, start: int, d0: int, counting: bool) -> None:
+        m, t = PREFILL_BUCKETS[-1], len(ids)
+        hb = self._pf_host
+        hb.zero_()
+        hb[:t] = torch.as_tensor(list(ids), dtype=torch.long)
+        hb[m:] = torch.tensor([start, d0, d0 if counting else 0, t if counting else 0, t - 1])
+        self._pf_in.copy_(hb)
+
+    def _prefill_graph(self, bucket: int, sparse: bool, counting: bool):
+        """The prefill of ``bucket`` rows captured over the bound cache (once per bucket, mode and
+        cache; all share one memory pool, as they never run at once)."""
+        pattern = tuple(g.gating for _, g in self.groups()) if sparse else ()
+        key = ("prefill", bucket, sparse, pattern, counting, self.cache.id)
+        if key in self._graphs:
+            return self._graphs[key], key
+        ids, pos, rows, last = self._prefill_inputs(bucket)
+
+        def body():
+            return self._forward(ids, pos, sparse, rows=rows, last=last, start=0,
+                                 count_from=0 if counting else None)
+        # warm-up and capture write the cache's last ``bucket`` slots and count: put both back after
+        slot = self.max_seq_len - bucket
+        saved = [(L.k_cache[:, :, slot:].clone(), L.v_cache[:, :, slot:].clone()) for L in self.layers]
+        kept = self._kept.clone()
+        self._prefill_fill([0] * bucket, slot, 0, counting)
+        s = torch.cuda.Stream(device=self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            body()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        if getattr(self, "_pf_pool", None) is None:
+            self._pf_pool = torch.cuda.graph_pool_handle()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pf_pool):
+            out = body()
+        self._kept.copy_(kept)
+        for L, (k, v) in zip(self.layers, saved):
+            L.k_cache[:, :, slot:].copy_(k)
+            L.v_cache[:, :, slot:].copy_(v)
+        self._graphs[key] = g
+        self._static_logits[key] = out
+        return g, key
+
+    def _prefill_replay(self, ids, start: int, d0: int, sparse: bool, counting: bool) -> torch.Tensor:
+        g, key = self._prefill_graph(self._prefill_bucket(len(ids), start), sparse, counting)
+        self._prefill_fill(ids, start, d0, counting)
+        g.replay()
+        return self._static_logits[key].clone()
+
+    @_on_device
+    def capture_prefill(self, sparse: Optional[bool] = None, count: bool = False) -> int:
+        """Capture the prefill at every bucket length that fits the cache (otherwise a prompt's first
+        use of a bucket does it), over the bound cache; ``count``: the counting form of a sparse
+        prefill. Returns how many buckets are captured."""
+        sparse = self.sparse if sparse is None else bool(sparse)
+        n = 0
+        with torch.no_grad():
+            for b in PREFILL_BUCKETS:
+                if self._prefill_bucket(b, 0):
+                    self._prefill_graph(b, sparse, bool(count and sparse))
+                    n += 1
+        return n
 
     # --------------------------------------------------------------------------------------------
     # decode step, CUDA graph

@@ -3,7 +3,9 @@ static cache at the position held in a device tensor (:func:`rope_cache_triton`,
 prefill's T rows; in the decode step it runs inside the q/k/v GEMV instead, :mod:`.epilogue`), and
 flash-decoding over the cache up to that position (:func:`attn_decode_triton`: split over the
 sequence, the partial (max, sum, acc) rows combined in a fixed order by the last program of each KV
-head). Positions are read on the device, so one captured CUDA graph serves every step."""
+head); and a prompt's causal attention of T rows from a start read on the device
+(:func:`attn_prefill_triton`). Positions are read on the device, so one captured CUDA graph serves
+every step, and one per prompt-length bucket every chat turn."""
 from __future__ import annotations
 
 import math
@@ -106,6 +108,53 @@ if HAS_TRITON:
             tl.store(cnt_ptr + kvh, 0)
 
 
+    @triton.jit(do_not_specialize=["T"])
+    def _attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, T, n_heads, s_max, window, scale,
+                             G: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # query rows m of one head at positions start + m over keys 0 .. start + m (causal, optional
+        # sliding window); start is read on the device and bounds the loop: one launch (and one
+        # captured graph) serves every chat turn
+        mb = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // G
+        start = tl.load(pos_ptr).to(tl.int32)
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < T
+        qpos = start + offs_m
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HD
+        row = n_heads * HD
+        q = tl.load(q_ptr + offs_m[:, None] * row + h * HD + d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        hi = tl.minimum(start + tl.minimum((mb + 1) * BLOCK_M, T), s_max)
+        lo = tl.where(window > 0, tl.maximum(start + mb * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N, 0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        kbase = k_ptr + kvh * s_max * HD
+        vbase = v_ptr + kvh * s_max * HD
+        for j in range(lo, hi, BLOCK_N):
+            offs_n = j + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            k = tl.load(kbase + offs_n[:, None] * HD + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(k)) * scale
+            ok = n_ok[None, :] & (offs_n[None, :] <= qpos[:, None])
+            if window > 0:
+                ok = ok & (offs_n[None, :] > qpos[:, None] - window)
+            sc = tl.where(ok, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vbase + offs_n[:, None] * HD + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + offs_m[:, None] * row + h * HD + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+
 def rope_cache_triton(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
     """RoPE + cache write of T rows at positions pos .. pos + T - 1 (see
     :func:`.reference.rope_cache_reference`; qkv contiguous); returns q [T, n_heads * head_dim]."""
@@ -135,4 +184,22 @@ def attn_decode_triton(q, k_cache, v_cache, pos, window: int, n_split: int):
     _attn_decode_kernel[(n_kv, n_split)](
         q, k_cache, v_cache, o, pos, ws, cnt, n_kv, s_max, n_split, int(window), 1.0 / math.sqrt(hd),
         G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32, NS_P=next_pow2(n_split), num_warps=4)
+    return o
+
+
+ATTN_PREFILL_BLOCK_M = 64
+
+
+def attn_prefill_triton(q, k_cache, v_cache, pos, window: int = 0):
+    """Causal attention of T query rows at positions pos .. pos + T - 1 over the cache, the start read
+    on the device (see :func:`.reference.attention_reference`); q [T, n_heads * head_dim] contiguous.
+    Grouped-query heads read their KV head in place."""
+    n_kv, s_max, hd = k_cache.shape[1:]
+    t, n_heads = q.shape[0], q.shape[1] // hd
+    o = torch.empty_like(q)
+    block_n = 64 if hd <= 128 else 32
+    _attn_prefill_kernel[(triton.cdiv(t, ATTN_PREFILL_BLOCK_M), n_heads)](
+        q, k_cache, v_cache, o, pos, t, n_heads, s_max, int(window), 1.0 / math.sqrt(hd),
+        G=n_heads // n_kv, HD=hd, BLOCK_D=max(16, next_pow2(hd)), BLOCK_M=ATTN_PREFILL_BLOCK_M,
+        BLOCK_N=block_n, num_warps=4)
     return o

@@ -32,11 +32,16 @@ from .scoring import load_input_rows, rows_rstd
 if triton is not None:
 
     @triton.jit(do_not_specialize=["T", "dense_rows", "count_from"])
-    def _prefill_input_kernel(x_ptr, out_ptr, ssq_ptr, c_ptr, t_ptr, kept_ptr, T, K, x_stride, nb_in, eps,
-                              dense_rows, count_from,
+    def _prefill_input_kernel(x_ptr, out_ptr, ssq_ptr, c_ptr, t_ptr, kept_ptr, rows_ptr, T, K, x_stride, nb_in,
+                              eps, dense_rows, count_from,
                               S: tl.constexpr, GATE: tl.constexpr, COUNT: tl.constexpr, ACT: tl.constexpr,
-                              PRE_NORM: tl.constexpr, NB_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
+                              PRE_NORM: tl.constexpr, NB_P: tl.constexpr, ROWS_ON_DEVICE: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        count_to = T
+        if ROWS_ON_DEVICE:       # a captured prefill: the dense prefix and the counted rows vary per call
+            dense_rows = tl.load(rows_ptr).to(tl.int32)
+            count_from = tl.load(rows_ptr + 1).to(tl.int32)
+            count_to = tl.load(rows_ptr + 2).to(tl.int32)
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         m_ok = offs_m < T
@@ -55,7 +60,7 @@ if triton is not None:
                 c = tl.load(c_ptr + s * K + offs_k, mask=k_ok, other=0.0)
                 keep = (a * c[None, :]) > tl.load(t_ptr + s)
                 if COUNT:
-                    counted = keep & mk & (offs_m >= count_from)[:, None]
+                    counted = keep & mk & ((offs_m >= count_from) & (offs_m < count_to))[:, None]
                     tl.atomic_add(kept_ptr + s, tl.sum(tl.sum(counted.to(tl.int64), 1), 0))
                 keep = keep | dense
                 seg = (s * T).to(tl.int64) * K              # segment s's [T, K] block (may pass 2^31)
@@ -92,15 +97,18 @@ OUTPUT_BLOCK_N = 1024
 
 
 def prefill_input_reference(x, k: int, ssq_in, eps: float, act: int, dtype, scales=None, thresholds=None,
-                            dense_rows: int = 0, kept=None, count_from: int = 0) -> torch.Tensor:
+                            dense_rows: int = 0, kept=None, count_from: int = 0, rows=None) -> torch.Tensor:
     """The rule of :func:`prefill_input` in plain torch."""
+    count_to = x.shape[0]
+    if rows is not None:
+        dense_rows, count_from, count_to = (int(v) for v in rows.tolist())
     xf = prepare_input(x, k, ssq_in, eps, act)
     xc = xf.to(dtype)
     if scales is None:
         return xc.unsqueeze(0)
     keep = xf.abs().unsqueeze(0) * scales.unsqueeze(1) > thresholds.view(-1, 1, 1)
     if kept is not None:
-        kept[:keep.shape[0]] += keep[:, count_from:].sum((1, 2))
+        kept[:keep.shape[0]] += keep[:, count_from:count_to].sum((1, 2))
     if dense_rows:
         keep[:, :dense_rows] = True
     return torch.where(keep, xc, torch.zeros((), dtype=xc.dtype, device=xc.device))
@@ -108,20 +116,25 @@ def prefill_input_reference(x, k: int, ssq_in, eps: float, act: int, dtype, scal
 
 def prefill_input(x: torch.Tensor, k: int, ssq_in: Optional[torch.Tensor], eps: float, act: int, dtype,
                   scales: Optional[torch.Tensor] = None, thresholds: Optional[torch.Tensor] = None,
-                  dense_rows: int = 0, kept: Optional[torch.Tensor] = None, count_from: int = 0) -> torch.Tensor:
+                  dense_rows: int = 0, kept: Optional[torch.Tensor] = None, count_from: int = 0,
+                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The matmul inputs [S, T, K] of x [T, K] (or [T, 2K] with SiLU·up): prepared as
     :func:`.reference.prepare_input`, cast to ``dtype``; with ``scales`` [S, K] and ``thresholds``
     [S], segment s keeps ``x_i`` where ``|x_i|·c_si > t_s`` or the row is before ``dense_rows`` and
     zeroes the rest. ``kept``: a device counter of S+ int64 entries to which segment s's kept inputs
-    on rows ``count_from`` .. are added (before the dense prefix is applied). Without scales: [1, T, K]."""
+    on rows ``count_from`` .. are added (before the dense prefix is applied). ``rows``: an int64 device
+    tensor (dense_rows, count_from, count_to) read by the kernel instead of those arguments (a captured
+    CUDA graph's prefill, padded to its bucket: only rows before count_to are counted). Without
+    scales: [1, T, K]."""
     if not (use_triton(x) and dtype in (torch.bfloat16, torch.float16)):
         return prefill_input_reference(x, k, ssq_in, eps, act, dtype, scales, thresholds, dense_rows, kept,
-                                       count_from)
-    return prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales, thresholds, dense_rows, kept, count_from)
+                                       count_from, rows)
+    return prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales, thresholds, dense_rows, kept, count_from,
+                                rows)
 
 
 def prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales=None, thresholds=None, dense_rows=0, kept=None,
-                         count_from=0) -> torch.Tensor:
+                         count_from=0, rows=None) -> torch.Tensor:
     """The Triton launch of :func:`prefill_input` (any device Triton runs on, its interpreter too)."""
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -137,9 +150,10 @@ def prefill_input_triton(x, k, ssq_in, eps, act, dtype, scales=None, thresholds=
     _prefill_input_kernel[grid](
         x, out, ssq_in if ssq_in is not None else dummy,
         scales.contiguous() if gate else dummy, thresholds.contiguous() if gate else dummy,
-        kept if kept is not None else dummy, t, k, x.stride(0), nb_in, float(eps), int(dense_rows),
-        int(count_from), S=s, GATE=gate, COUNT=gate and kept is not None, ACT=int(act),
-        PRE_NORM=ssq_in is not None, NB_P=max(2, next_pow2(nb_in)), BLOCK_M=INPUT_BLOCK_M,
+        kept if kept is not None else dummy, rows if rows is not None else dummy, t, k, x.stride(0), nb_in,
+        float(eps), int(dense_rows), int(count_from), S=s, GATE=gate, COUNT=gate and kept is not None,
+        ACT=int(act), PRE_NORM=ssq_in is not None, NB_P=max(2, next_pow2(nb_in)),
+        ROWS_ON_DEVICE=rows is not None, BLOCK_M=INPUT_BLOCK_M,
         BLOCK_K=INPUT_BLOCK_K, num_warps=4)
     return out
 
