@@ -426,3 +426,22 @@ def test_triton_prefill_passes_match_reference(dtype):
         q = rope_cache_triton(qkv, cos, sin, pos, kc, vc, nh, nkv, hd)
         qr = rope_cache_reference(qkv, cos, sin, pos, kc2, vc2, nh, nkv, hd)
         assert rel(q, qr) <= 1e-2 and rel(kc, kc2) <= 1e-2 and torch.equal(vc, vc2)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_prefill_attention_matches_reference(dtype):
+    """A prompt's causal attention with the start read on the device (the captured prefill's): 7B
+    heads with and without grouped queries, a first turn and a later one, a sliding window."""
+    from wina.kernels.attention import attn_prefill_triton
+    g = torch.Generator(device="cuda").manual_seed(4)
+    for nh, nkv, hd, t, p0, window in [(32, 32, 128, 300, 0, 0), (32, 8, 128, 640, 1420, 0),
+                                       (28, 4, 128, 17, 3, 0), (32, 8, 128, 200, 900, 256), (9, 3, 64, 77, 40, 0)]:
+        s_max = 4096
+        q = torch.randn(t, nh * hd, device="cuda", generator=g).to(dtype)
+        kc = torch.randn(1, nkv, s_max, hd, device="cuda", generator=g).to(dtype)
+        vc = torch.randn(1, nkv, s_max, hd, device="cuda", generator=g).to(dtype)
+        pos = torch.tensor([p0], device="cuda")
+        out = attn_prefill_triton(q, kc, vc, pos, window)
+        ref = attention_reference(q.float(), kc.float(), vc.float(), pos, window)
+        assert rel(out, ref) <= 1e-2, (nh, nkv, t, p0, window, rel(out, ref))

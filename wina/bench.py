@@ -726,7 +726,7 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
         for name, s in (("dense", dense), ("sparse", sparse)):
             r = s.send(text)
             row[name] = {"context": r.context_tokens, "prefilled": r.prefill_tokens, "tokens": r.tokens,
-                         "ttft_s": r.ttft_s, "decode_s": r.decode_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+                         "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "decode_s": r.decode_s, "decode_tokens_per_s": r.decode_tokens_per_s,
                          "stopped": r.stopped, "sparsity": r.sparsity, "counted": r.counted_tokens,
                          "truncated": r.truncated}
         out["turns_detail"].append(row)
@@ -836,7 +836,7 @@ def print_chat_bench(res: dict, console=None) -> None:
               f"{res['gating']} · {res['new_tokens']} new tokens per reply · backend {res.get('backend')} · "
               f"warm-up {res.get('warm_up_s', 0):.1f} s")
     tab = Table(title="per turn (side by side: dense, then sparse, one engine)")
-    for c in ["turn", "context", "prefilled", "mode", "TTFT ms", "prefill alone ms", "decode tok/s",
+    for c in ["turn", "context", "prefilled", "mode", "TTFT ms", "of which ids ms", "prefill alone ms", "decode tok/s",
               "engine tok/s", "chat/engine", "sparsity", "sparse/dense"]:
         tab.add_column(c, justify="right")
     for r in res["turns_detail"]:
@@ -844,7 +844,8 @@ def print_chat_bench(res: dict, console=None) -> None:
             c = r[m]
             pa = c.get("engine_prefill_s")
             tab.add_row(str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
-                        f"{c['ttft_s'] * 1000:.1f}", f"{pa * 1000:.1f}" if pa else "-",
+                        f"{c['ttft_s'] * 1000:.1f}", f"{c.get('prepare_s', 0) * 1000:.1f}",
+                        f"{pa * 1000:.1f}" if pa else "-",
                         f"{c['decode_tokens_per_s']:.1f}",
                         f"{c['engine_decode_tokens_per_s']:.1f}" if c.get("engine_decode_tokens_per_s") else "-",
                         f"{c['decode_ratio']:.3f}" if c.get("decode_ratio") else "-",
@@ -867,16 +868,16 @@ def chat_bench_markdown(res: dict) -> str:
     """The per-turn table of :func:`run_chat_bench` as GitHub markdown (docs/gpu-results.md)."""
     def f(v, fmt, scale=1.0):
         return "-" if v is None else format(v * scale, fmt)
-    lines = ["| turn | context | prefilled | mode | TTFT ms | prefill alone ms | decode tok/s | engine alone tok/s "
-             "| chat / engine | measured sparsity | sparse / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| turn | context | prefilled | mode | TTFT ms | of which ids ms | prefill alone ms | decode tok/s "
+             "| engine alone tok/s | chat / engine | measured sparsity | sparse / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("turns_detail", []):
         for m in ("dense", "sparse"):
             c = r[m]
             sod = f(r.get("sparse_over_dense"), ".2f") + "×" if m == "sparse" else ""
             cells = [str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
-                     f(c["ttft_s"], ".1f", 1000), f(c.get("engine_prefill_s"), ".1f", 1000),
-                     f(c["decode_tokens_per_s"], ".1f"), f(c.get("engine_decode_tokens_per_s"), ".1f"),
+                     f(c["ttft_s"], ".1f", 1000), f(c.get("prepare_s"), ".1f", 1000),
+                     f(c.get("engine_prefill_s"), ".1f", 1000), f(c["decode_tokens_per_s"], ".1f"), f(c.get("engine_decode_tokens_per_s"), ".1f"),
                      f(c.get("decode_ratio"), ".3f"), f(c["sparsity"], ".1%"), sod]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

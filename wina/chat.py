@@ -51,6 +51,7 @@ COUNT_EVERY = 8
 class Reply(Generation):
     """One reply. ``seconds`` (of :class:`wina.generate.Generation`) = ``ttft_s + decode_s``."""
     ttft_s: float = 0.0               # send() → first token: template, tokenization, prefill, first pick
+    prepare_s: float = 0.0            # of which send() → the prompt's ids (template, tokenization, cache match)
     decode_s: float = 0.0             # the rest of the reply
     context_tokens: int = 0           # conversation tokens before the reply (the prompt)
     prefill_tokens: int = 0           # of which prefilled in this turn (the rest came from the cache)
@@ -67,11 +68,17 @@ class Reply(Generation):
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the longest common prefix of two id lists (binary search on C-level list compares:
+    ~20 slices instead of a Python loop over a conversation of thousands of ids)."""
+    a, b = list(a), list(b)
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,11 +359,12 @@ class ChatSession:
         ids, kept_msgs, truncated = self._fit(self.messages + [{"role": "user", "content": text}], max_new)
         max_new = max(1, min(max_new, self.max_seq_len - len(ids)))
         n = min(_lcp(self._cached, ids), len(ids) - 1)
+        prepare_s = time.perf_counter() - t0
         if self.backend == "engine":
             r = self._send_engine(ids, n, max_new, on_text, cancel, t0)
         else:
             r = self._send_transformers(ids, n, max_new, on_text, cancel, t0)
-        r.truncated = truncated
+        r.truncated, r.prepare_s = truncated, prepare_s
         self.messages = kept_msgs + [{"role": "assistant", "content": r.text}]
         return r
 
