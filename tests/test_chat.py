@@ -79,6 +79,7 @@ def test_kv_reuse_equals_full_prefill(backend, sparse):
         assert r.tokens == 6 and r.stopped == "length"
         assert r.ttft_s > 0 and r.decode_s > 0 and r.decode_tokens_per_s > 0
         assert abs(r.seconds - (r.ttft_s + r.decode_s)) < 1e-6
+        assert 0 < r.prepare_s < r.ttft_s          # the prompt's ids, then its prefill and first pick
         if i > 0:        # only what the cache did not hold was prefilled
             assert 0 < r.prefill_tokens < r.context_tokens
         # the same conversation from an empty cache (a full prefill) gives the same tokens
