@@ -309,6 +309,18 @@ def test_gpu_captured_prefill_equals_the_eager_one(kind):
     got, want = runs["graph"][1], runs["eager"][1]
     assert want.sum() > 0 and float((got - want).abs().sum() / want.sum()) < 1e-2
     assert PREFILL_BUCKETS[-1] >= 640             # a chat turn of ~620 tokens is captured
+    # captures in the middle of a long conversation leave its cache as it was (they write the last
+    # slots of the cache, and put back those the conversation holds)
+    outs = []
+    for graphed in (False, True):
+        eng = Engine.from_model(m, max_seq_len=256, thresholds=thr)
+        eng.graph_prefill = False
+        eng.prefill(seq[:100] + seq[:100] + seq[:40], False, start=0)
+        eng.graph_prefill = graphed
+        if graphed:
+            assert eng.capture_prefill(False) == 6                # 16 .. 256 fit the cache
+        outs.append(eng.prefill(seq[40:50], False, start=240, last_only=True).float())
+    assert _rel(outs[1], outs[0]) < 3e-2                     # a lost cache slot would be far off
 
 
 def test_engine_gate_counts_equal_the_sparsifier_counts():

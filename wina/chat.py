@@ -291,7 +291,7 @@ class ChatSession:
         # lengths and loads each on its first use (a new range cost a dense turn ~45 ms on an H100,
         # run 32); and once from position 0 (a first prompt's causal form) while the cache holds no
         # conversation: positions are written before they are ever read
-        counts, rows = eng._kept.clone(), eng._count_rows
+        counts, rows, used = eng._kept.clone(), eng._count_rows, eng.cache.used
         runs = [(t, None) for t in WARM_UP_LENGTHS if t <= eng.max_seq_len // 2] or [(2, None)]
         if not self._cached:
             runs.append((min(32, eng.max_seq_len // 2), 0))
@@ -300,6 +300,7 @@ class ChatSession:
                         count=self.sparse and self.count_every > 0, last_only=True)
         eng._kept.copy_(counts)
         eng._count_rows = rows
+        eng.cache.used = used              # what the warm-up wrote is no conversation to keep
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
         self.warm = True

@@ -115,6 +115,7 @@ class KVCache:
     k: list
     v: list
     id: int
+    used: int = 0         # an upper bound of the positions ever written (a capture saves only these)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
@@ -208,6 +209,7 @@ class Engine:
         self.layers: list[Layer] = []
         self._graphs: dict = {}
         self._static_logits: dict = {}
+        self._pf_in = self._pf_host = self._pf_pool = self._side_stream = None   # captured prefills
 
     # --------------------------------------------------------------------------------------------
     # construction
@@ -675,6 +677,7 @@ class Engine:
             sparse = False
         d0 = min(t, max(0, self._dense_rows(start + t) - start))
         counting = count and sparse
+        self.cache.used = max(self.cache.used, start + t)
         if last_only and self._prefill_bucket(t, start):
             if counting:
                 self._count_rows += t - d0
@@ -710,7 +713,7 @@ class Engine:
         ids [bucket] (padded with token 0), start [1], rows [3] (dense prefix, first and end of the
         counted rows), last [1] (the row whose logits are returned)."""
         m = PREFILL_BUCKETS[-1]
-        if getattr(self, "_pf_in", None) is None:
+        if self._pf_in is None:
             self._pf_in = torch.zeros(m + 5, dtype=torch.long, device=self.device)
             self._pf_host = torch.zeros(m + 5, dtype=torch.long).pin_memory()
         b = self._pf_in
@@ -726,8 +729,9 @@ class Engine:
 
     def _warm_up_stream(self) -> torch.cuda.Stream:
         """The one side stream every capture's warm-up runs on: cuBLAS keeps a workspace per stream
-        (32 MiB on Hopper), so a new stream per capture cost ~0.8 GB over a 7B chat pair's graphs."""
-        if getattr(self, "_side_stream", None) is None:
+        (32 MiB on Hopper), and a new stream per capture held ~400 MB over a small chat pair's
+        twelve prefill graphs (docs/gpu-notes.md run 34)."""
+        if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(device=self.device)
         return self._side_stream
 
@@ -743,9 +747,12 @@ class Engine:
         def body():
             return self._forward(ids, pos, sparse, rows=rows, last=last, start=0,
                                  count_from=0 if counting else None)
-        # warm-up and capture write the cache's last ``bucket`` slots and count: put both back after
+        # warm-up and capture write the cache's last ``bucket`` slots and count: put back after them
+        # the counts and those of the slots that may hold a conversation (none before a first turn)
         slot = self.max_seq_len - bucket
-        saved = [(L.k_cache[:, :, slot:].clone(), L.v_cache[:, :, slot:].clone()) for L in self.layers]
+        end = min(self.cache.used, self.max_seq_len)
+        saved = [(L.k_cache[:, :, slot:end].clone(), L.v_cache[:, :, slot:end].clone())
+                 for L in self.layers] if end > slot else []
         kept = self._kept.clone()
         self._prefill_fill([0] * bucket, slot, 0, counting)
         s = self._warm_up_stream()
@@ -753,15 +760,15 @@ class Engine:
         with torch.cuda.stream(s):
             body()
         torch.cuda.current_stream(self.device).wait_stream(s)
-        if getattr(self, "_pf_pool", None) is None:
+        if self._pf_pool is None:
             self._pf_pool = torch.cuda.graph_pool_handle()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self._pf_pool):
             out = body()
         self._kept.copy_(kept)
         for L, (k, v) in zip(self.layers, saved):
-            L.k_cache[:, :, slot:].copy_(k)
-            L.v_cache[:, :, slot:].copy_(v)
+            L.k_cache[:, :, slot:end].copy_(k)
+            L.v_cache[:, :, slot:end].copy_(v)
         self._graphs[key] = g
         self._static_logits[key] = out
         return g, key
@@ -874,6 +881,7 @@ class Engine:
             raise InvalidArgument(f"position {position} is outside the engine's cache of {self.max_seq_len}")
         self._tok.fill_(int(token))
         self._pos.fill_(int(position))
+        self.cache.used = max(self.cache.used, int(position) + 1)
         if self._graphable():
             self._graph(sparse, False).replay()
             return self._static_logits[self._graph_key(sparse, False)][0].clone()
@@ -922,6 +930,7 @@ class Engine:
                                   f"cache of {self.max_seq_len} (build it with a larger max_seq_len)")
         sparse = self.sparse if sparse is None else bool(sparse)
         count = sparse and count_every > 0
+        self.cache.used = max(self.cache.used, start + len(ids) + max_new_tokens)
         stops = set(self.eos_ids if stop is None else (int(s) for s in stop))
         sampled = temperature > 0
         if seed is not None:
