@@ -375,25 +375,29 @@ def kernel_table(engine, sparsities: Sequence[float], copy_bw: float, n_layers: 
     return rows
 
 
-def _glue_rows(engine, copy_bw: float, n_layers: int, position: int = 256) -> list[dict]:
+def _glue_rows(engine, copy_bw: float, n_layers: int, positions: Sequence[int] = (256, 2048)) -> list[dict]:
     """The decode step's other kernels, timed like the GEMVs: RoPE + cache write on its own (what
-    the fused q/k/v launch saves) and flash-decoding attention at ``position``."""
+    the fused q/k/v launch saves) and flash-decoding attention at each of ``positions`` that fits
+    the cache (a chat's later turns decode at a few thousand; attention costs dense and sparse steps
+    alike, so its share sets how far sparse can get ahead there)."""
     from .kernels import attn_decode, rope_cache
     ls = engine.layers[:n_layers]
     dev, dt = engine.device, engine.dtype
     hd, nh, nkv = engine.head_dim, engine.n_heads, engine.n_kv
-    pos = torch.tensor([position], device=dev)
+    at = [p for p in positions if p < engine.max_seq_len] or [engine.max_seq_len - 1]
+    pos0 = torch.tensor([at[0]], device=dev)
     qkv = torch.randn(1, (nh + 2 * nkv) * hd, device=dev).to(dt)
     saved = [(L.k_cache.clone(), L.v_cache.clone()) for L in ls]
-    q = rope_cache(qkv, engine.cos, engine.sin, pos, ls[0].k_cache, ls[0].v_cache, nh, nkv, hd)
+    q = rope_cache(qkv, engine.cos, engine.sin, pos0, ls[0].k_cache, ls[0].v_cache, nh, nkv, hd)
     out = []
-    cases = [("rope", lambda: [rope_cache(qkv, engine.cos, engine.sin, pos, L.k_cache, L.v_cache, nh, nkv, hd)
-                              for L in ls], qkv.numel() * qkv.element_size() * 2),
-             ("attention", lambda: [attn_decode(q, L.k_cache, L.v_cache, pos, L.window) for L in ls],
-              2 * nkv * (position + 1) * hd * dt.itemsize)]
-    for name, fn, byts in cases:
+    cases = [("rope", at[0], lambda p: [rope_cache(qkv, engine.cos, engine.sin, p, L.k_cache, L.v_cache, nh, nkv, hd)
+                                        for L in ls], qkv.numel() * qkv.element_size() * 2)]
+    cases += [("attention", position, lambda p: [attn_decode(q, L.k_cache, L.v_cache, p, L.window) for L in ls],
+               2 * nkv * (position + 1) * hd * dt.itemsize) for position in at]
+    for name, position, fn, byts in cases:
+        pos = torch.tensor([position], device=dev)
         try:
-            t = _time_graph(fn) / len(ls)
+            t = _time_graph(lambda: fn(pos)) / len(ls)
         except Exception as e:  # report, keep going
             out.append({"kernel": name, "K": hd, "N": nh, "variant": f"pos {position}",
                         "error": str(e).splitlines()[0][:200]})
