@@ -250,6 +250,8 @@ class ChatSession:
         self._cached = []
         if self.backend == "transformers":
             self._cache = None
+        elif self._cache is not None:
+            self._cache.used = 0            # nothing in it is a conversation to keep any more
 
     def close(self) -> None:
         """Give the KV cache back; with ``one_copy`` the engine is released and the model's
