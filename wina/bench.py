@@ -730,7 +730,8 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
         for name, s in (("dense", dense), ("sparse", sparse)):
             r = s.send(text)
             row[name] = {"context": r.context_tokens, "prefilled": r.prefill_tokens, "tokens": r.tokens,
-                         "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "decode_s": r.decode_s, "decode_tokens_per_s": r.decode_tokens_per_s,
+                         "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "decode_s": r.decode_s,
+                         "decode_tokens_per_s": r.decode_tokens_per_s,
                          "stopped": r.stopped, "sparsity": r.sparsity, "counted": r.counted_tokens,
                          "truncated": r.truncated}
         out["turns_detail"].append(row)
@@ -881,7 +882,8 @@ def chat_bench_markdown(res: dict) -> str:
             sod = f(r.get("sparse_over_dense"), ".2f") + "×" if m == "sparse" else ""
             cells = [str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
                      f(c["ttft_s"], ".1f", 1000), f(c.get("prepare_s"), ".1f", 1000),
-                     f(c.get("engine_prefill_s"), ".1f", 1000), f(c["decode_tokens_per_s"], ".1f"), f(c.get("engine_decode_tokens_per_s"), ".1f"),
+                     f(c.get("engine_prefill_s"), ".1f", 1000), f(c["decode_tokens_per_s"], ".1f"),
+                     f(c.get("engine_decode_tokens_per_s"), ".1f"),
                      f(c.get("decode_ratio"), ".3f"), f(c["sparsity"], ".1%"), sod]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

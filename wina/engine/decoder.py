@@ -745,8 +745,7 @@ class Engine:
         ids, pos, rows, last = self._prefill_inputs(bucket)
 
         def body():
-            return self._forward(ids, pos, sparse, rows=rows, last=last, start=0,
-                                 count_from=0 if counting else None)
+            return self._forward(ids, pos, sparse, rows=rows, last=last, count_from=0 if counting else None)
         # warm-up and capture write the cache's last ``bucket`` slots and count: put back after them
         # the counts and those of the slots that may hold a conversation (none before a first turn)
         slot = self.max_seq_len - bucket

@@ -18,6 +18,19 @@ from .runtime import ATTN_COUNTERS, HAS_TRITON, counters, n_sm, tl, triton, work
 if HAS_TRITON:
 
     @triton.jit
+    def _online_softmax_step(sc, v, m_i, l_i, acc):
+        """One key block of flash attention: fold scores ``sc`` [R, N] (-inf where masked) and values
+        ``v`` [N, D] into the running row max, sum and accumulator (a row with every key masked so
+        far stays at zero)."""
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(sc - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _rope_cache_kernel(qkv_ptr, q_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr,
                            n_heads, n_kv, s_max, rot,
                            HD: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -75,13 +88,8 @@ if HAS_TRITON:
             k = tl.load(kbase + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k)) * scale
             sc = tl.where(ok[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vbase + offs[:, None] * HD + d[None, :], mask=ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(sc, v, m_i, l_i, acc)
         n_rows = n_kv * n_split * G_P
         row = (kvh * n_split + sp) * G_P + g
         tl.store(ws_ptr + row, m_i)
@@ -106,7 +114,6 @@ if HAS_TRITON:
                 num = tl.sum(wgt[:, None] * a_t, 0)
                 tl.store(o_ptr + (kvh * G + gi) * HD + d, (num / den).to(o_ptr.dtype.element_ty))
             tl.store(cnt_ptr + kvh, 0)
-
 
     @triton.jit(do_not_specialize=["T"])
     def _attn_prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, T, n_heads, s_max, window, scale,
@@ -143,17 +150,12 @@ if HAS_TRITON:
             if window > 0:
                 ok = ok & (offs_n[None, :] > qpos[:, None] - window)
             sc = tl.where(ok, sc, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vbase + offs_n[:, None] * HD + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(sc, v, m_i, l_i, acc)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + offs_m[:, None] * row + h * HD + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
+
 
 def rope_cache_triton(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: int, head_dim: int):
     """RoPE + cache write of T rows at positions pos .. pos + T - 1 (see
@@ -163,6 +165,11 @@ def rope_cache_triton(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv: 
         qkv, q, k_cache, v_cache, cos, sin, pos, n_heads, n_kv, k_cache.shape[2], cos.shape[1],
         HD=head_dim, BLOCK_D=next_pow2(head_dim), num_warps=1)
     return q
+
+
+def _key_block(head_dim: int) -> int:
+    """Keys per loop step of the attention kernels (half for heads past 128, to bound registers)."""
+    return 64 if head_dim <= 128 else 32
 
 
 def attn_splits(q, k_cache) -> int:
@@ -183,7 +190,7 @@ def attn_decode_triton(q, k_cache, v_cache, pos, window: int, n_split: int):
     cnt = counters(q.device)[ATTN_COUNTERS:]
     _attn_decode_kernel[(n_kv, n_split)](
         q, k_cache, v_cache, o, pos, ws, cnt, n_kv, s_max, n_split, int(window), 1.0 / math.sqrt(hd),
-        G=g, G_P=g_p, HD=hd, BLOCK_S=64 if hd <= 128 else 32, NS_P=next_pow2(n_split), num_warps=4)
+        G=g, G_P=g_p, HD=hd, BLOCK_S=_key_block(hd), NS_P=next_pow2(n_split), num_warps=4)
     return o
 
 
@@ -197,9 +204,8 @@ def attn_prefill_triton(q, k_cache, v_cache, pos, window: int = 0):
     n_kv, s_max, hd = k_cache.shape[1:]
     t, n_heads = q.shape[0], q.shape[1] // hd
     o = torch.empty_like(q)
-    block_n = 64 if hd <= 128 else 32
     _attn_prefill_kernel[(triton.cdiv(t, ATTN_PREFILL_BLOCK_M), n_heads)](
         q, k_cache, v_cache, o, pos, t, n_heads, s_max, int(window), 1.0 / math.sqrt(hd),
         G=n_heads // n_kv, HD=hd, BLOCK_D=max(16, next_pow2(hd)), BLOCK_M=ATTN_PREFILL_BLOCK_M,
-        BLOCK_N=block_n, num_warps=4)
+        BLOCK_N=_key_block(hd), num_warps=4)
     return o
