@@ -104,7 +104,7 @@ if not args.skip_probe:
     ctx = torch.randint(0, cfg.vocab_size, (2048,), generator=g).tolist()
     eng.set_sparsity(engine_thresholds(eng, ctx[:512], 0.5))
     probe = {}
-    for every in (0, 8, 1):
+    for every in (0, 64, 32, 8, 1):
         eng.generate(ctx[:64], 8, stop=(), count_every=every)            # capture
         r = eng.generate(ctx, 128, stop=(), count_every=every)
         probe[f"sparse_decode_count_every_{every}"] = r.decode_tokens_per_s

@@ -720,6 +720,7 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     if sparse is None:
         raise InvalidArgument("the model has no active sparsifier")
     out["backend"] = dense.backend
+    out["count_every"] = sparse.count_every
     t = time.perf_counter()
     dense.warm_up(emit)
     sparse.warm_up(emit)
@@ -833,13 +834,19 @@ def chat_targets(res: dict) -> dict:
     return t
 
 
+def _count_note(every) -> str:
+    if every is None:
+        return ""
+    return "gates not counted · " if every == 0 else f"gates counted on every {every}th decode step · "
+
+
 def print_chat_bench(res: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
     con = console or Console()
     con.print(f"[bold]wina bench --chat[/] {res['date']} · {res['device']} · {res['dtype']} · {res.get('model', '')} · "
               f"{res['gating']} · {res['new_tokens']} new tokens per reply · backend {res.get('backend')} · "
-              f"warm-up {res.get('warm_up_s', 0):.1f} s")
+              f"{_count_note(res.get('count_every'))}warm-up {res.get('warm_up_s', 0):.1f} s")
     tab = Table(title="per turn (side by side: dense, then sparse, one engine)")
     for c in ["turn", "context", "prefilled", "mode", "TTFT ms", "of which ids ms", "prefill alone ms", "decode tok/s",
               "engine tok/s", "chat/engine", "sparsity", "sparse/dense"]:

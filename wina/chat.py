@@ -41,10 +41,8 @@ import torch
 
 from .errors import InvalidArgument
 from .events import CancelToken, Progress
-from .generate import (ConversationIds, Generation, TextStream, _eos_ids, _sample, chat_input_ids, engine_available, engine_for,
-                       gating_of)
-
-COUNT_EVERY = 8
+from .generate import (COUNT_EVERY, ConversationIds, Generation, TextStream, _eos_ids, _sample, chat_input_ids,
+                       engine_available, engine_for, gating_of)
 
 
 @dataclass

@@ -318,7 +318,7 @@ def stream_reply(model, tokenizer, input_ids: torch.Tensor, **kw) -> Generation:
     return stream_generate(model, tokenizer, input_ids, **kw)
 
 
-COUNT_EVERY = 8        # engine replies: the gates are counted on the prompt and every 8th decode step
+COUNT_EVERY = 32       # engine replies: the gates are counted on the prompt and every 32nd decode step
 
 
 def give_counts_to_sparsifier(model, engine) -> None:

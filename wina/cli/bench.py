@@ -43,6 +43,10 @@ def bench_cmd(
                                                                "the first (~110)."),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="--chat with a shape name: the tokenizer "
                                                                       "folder to use (the vocabulary grows to fit)."),
+    count_every: Optional[int] = typer.Option(None, "--count-every", help="--chat: the sparse chat counts its "
+                                                                          "gates on every N-th decode step (and "
+                                                                          "the prompt); 0 never. Default: the "
+                                                                          "chat's own."),
 ) -> None:
     """Decode speed (batch 1): transformers generate vs our dense engine vs the sparse engine, next to the
     memory floor; per-kernel bandwidth on CUDA. With --chat: the chat as users run it.
@@ -53,7 +57,7 @@ def bench_cmd(
     from ..errors import InvalidArgument
     if chat:
         _bench_chat((models or ["llama-2-7b"]), plan, chat_sparsity, method, turns, new_tokens, user_tokens,
-                    tokenizer, device, dtype, layers, seed, json_out)
+                    tokenizer, device, dtype, layers, seed, json_out, count_every)
         return
     try:
         sps = [float(x) for x in sparsities.split(",") if x.strip()]
@@ -86,7 +90,7 @@ def bench_cmd(
 
 
 def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, tokenizer, device, dtype,
-                layers, seed, json_out) -> None:
+                layers, seed, json_out, count_every=None) -> None:
     """wina bench --chat: load (or build) the model, attach the gating, run wina.bench.run_chat_bench."""
     from ..errors import InvalidArgument
     if len(models) != 1:
@@ -95,6 +99,8 @@ def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, 
         raise InvalidArgument("--turns must be >= 1 and --new-tokens >= 2")
     if not 0.0 < sparsity < 1.0:
         raise InvalidArgument(f"--sparsity must be in (0, 1), got {sparsity}")
+    if count_every is not None and count_every < 0:
+        raise InvalidArgument(f"--count-every must be >= 0, got {count_every}")
     if json_out is not None:
         from ..api import check_writable
         check_writable(json_out)
@@ -118,6 +124,7 @@ def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, 
             _prepare(type("L", (), {"model": model})(), _opts(None, sparsity, False, plan, "threshold"))
         res = run_chat_bench(model, tok, turns=turns, new_tokens=new_tokens, user_tokens=user_tokens,
                              sparsity=sparsity, method=method, seed=seed, label=spec, on_event=r,
+                             count_every=count_every,
                              json_path=str(json_out) if json_out else None)
     print_chat_bench(res, out)
     if json_out is not None:
