@@ -88,6 +88,10 @@ def test_kv_reuse_equals_full_prefill(backend, sparse):
         f = fresh.send(text)
         assert f.prefill_tokens == f.context_tokens == r.context_tokens
         assert f.ids == r.ids, (i, f.ids, r.ids)
+        # what the cache holds: this turn's prompt, then the reply but its last token
+        held = s.context_ids()
+        assert held[:r.context_tokens] == fresh.context_ids()[:r.context_tokens]
+        assert held[r.context_tokens:] == r.ids[:-1] and s.context_tokens == len(held)
         if sparse:
             assert 0.2 < r.sparsity < 0.8 and r.counted_tokens > 0
         else:

@@ -687,7 +687,8 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     :class:`wina.chat.ChatSession`, dense and sparse side by side (one engine, two KV caches), greedy,
     ``new_tokens`` per reply (eos ignored). Per turn and mode: time to first token, decode tokens/s,
     the tokens prefilled, the measured sparsity; then the engine alone at each turn's context (a
-    generate from a prompt of that length, and the prefill of that turn's new tokens), and the ratios.
+    generate from that turn's prompt, the same ids, and the prefill of that turn's new tokens), and
+    the ratios.
     Also: peak GPU memory against the weight and KV-cache bytes, and a 512-token prefill dense vs
     sparse. If the model has no active sparsifier, one is attached (threshold gating, each matrix at
     ``sparsity``, calibrated on the script). Returns a JSON-serialisable dict."""
@@ -725,11 +726,13 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     dense.warm_up(emit)
     sparse.warm_up(emit)
     out["warm_up_s"] = time.perf_counter() - t
+    prompts: dict[tuple[int, str], list[int]] = {}      # each turn's prompt ids, for the engine alone
     for i, text in enumerate(script):
         emit(Progress("chat-bench", i, turns, message=f"turn {i + 1}"))
         row: dict[str, Any] = {"turn": i + 1}
         for name, s in (("dense", dense), ("sparse", sparse)):
             r = s.send(text)
+            prompts[(i, name)] = list(s.context_ids()[:r.context_tokens])
             row[name] = {"context": r.context_tokens, "prefilled": r.prefill_tokens, "tokens": r.tokens,
                          "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "decode_s": r.decode_s,
                          "decode_tokens_per_s": r.decode_tokens_per_s,
@@ -756,10 +759,11 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
         eng.bind(scratch)
         g = torch.Generator().manual_seed(seed)
         vocab = eng.vocab
-        for row in out["turns_detail"]:
+        for i, row in enumerate(out["turns_detail"]):
             for name in ("dense", "sparse"):
                 c = row[name]
-                ids = torch.randint(0, vocab, (c["context"],), generator=g).tolist()
+                # the same tokens as the chat's turn: a sparse step's time depends on what it keeps
+                ids = prompts[(i, name)]
                 res = eng.generate(ids, c["tokens"] if c["tokens"] > 1 else 2, sparse=(name == "sparse"), stop=())
                 alone = res.decode_tokens_per_s
                 # the prefill of this turn's new tokens alone (the rest already in the cache)

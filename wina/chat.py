@@ -242,6 +242,11 @@ class ChatSession:
         """Tokens the cache holds now."""
         return len(self._cached)
 
+    def context_ids(self) -> list[int]:
+        """The token ids the cache holds now: the conversation's template and text up to the last
+        reply's last token (which is not yet fed back)."""
+        return list(self._cached)
+
     def reset(self) -> None:
         """A new conversation (the cache is cleared; the system prompt stays)."""
         self.messages = []
