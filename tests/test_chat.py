@@ -267,6 +267,13 @@ def test_wina_bench_chat_on_cpu(tiny_folder, tmp_path):
         assert rows[1][m]["ttft_s"] > 0 and rows[1][m]["decode_tokens_per_s"] > 0
     assert 0.3 < rows[0]["sparse"]["sparsity"] < 0.7 and rows[0]["dense"]["sparsity"] == 0.0
     assert "per turn" in res.stdout
+    assert data["count_every"] == 1 and "gates counted on every decode step" in res.stdout
+
+
+def test_wina_bench_chat_rejects_a_negative_count_interval(tiny_folder):
+    res = _invoke("bench", "--chat", tiny_folder, "--device", "cpu", "--count-every", "-1")
+    assert res.exit_code == 2
+    assert "--count-every must be >= 0" in res.output and "internal error" not in res.output
 
 
 def test_conversation_ids_tokenize_only_the_new_text(embedded):

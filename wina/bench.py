@@ -721,7 +721,8 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     if sparse is None:
         raise InvalidArgument("the model has no active sparsifier")
     out["backend"] = dense.backend
-    out["count_every"] = sparse.count_every
+    # the engine counts the prompt and every count_every-th step; the portable path's gates count every row
+    out["count_every"] = sparse.count_every if dense.backend == "engine" else 1
     t = time.perf_counter()
     dense.warm_up(emit)
     sparse.warm_up(emit)
@@ -841,7 +842,9 @@ def chat_targets(res: dict) -> dict:
 def _count_note(every) -> str:
     if every is None:
         return ""
-    return "gates not counted · " if every == 0 else f"gates counted on every {every}th decode step · "
+    if every == 0:
+        return "gates not counted · "
+    return "gates counted on every decode step · " if every == 1 else f"gates counted once every {every} decode steps · "
 
 
 def print_chat_bench(res: dict, console=None) -> None:
