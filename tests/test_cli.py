@@ -276,11 +276,12 @@ def test_tui_command_is_wired():
 
 def test_bench_tiny_shape_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    res = ok(invoke("bench", "tiny-llama", "--device", "cpu", "--dtype", "float32", "--prompt-len", "8",
+    res = ok(invoke("bench", "tiny-llama", "--device", "cpu", "--prompt-len", "8",
                     "--new-tokens", "4", "--hf-new-tokens", "2", "--sparsities", "0.5", "--no-kernels",
                     "--json", out))
     assert "tiny-llama" in res.stdout
     data = json.loads(out.read_text())
+    assert data["dtype"] == "float32"                   # --dtype auto: float32 on a CPU
     m = data["models"][0]
     assert "error" not in m, m.get("error")
     assert m["dense"]["decode_tokens_per_s"] > 0 and "0.50" in m["sparse"]

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from .app import app, out, err
-from .common import _device, _load, _opts, _prepare, _quiet_libraries
+from .common import O_DTYPE, _device, _load, _opts, _prepare, _quiet_libraries
 from .render import ProgressRenderer
 from ..errors import WinaError
 
@@ -25,7 +25,7 @@ def bench_cmd(
     hf_new_tokens: Optional[int] = typer.Option(None, "--hf-new-tokens", help="Tokens for the transformers "
                                                                               "baseline (default --new-tokens; 0 skips it)."),
     device: str = typer.Option("cuda", "--device", help="cuda | cuda:N | cpu (slow, for smoke runs)."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16 | float16 | float32."),
+    dtype: str = O_DTYPE,
     kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Also the per-kernel bandwidth table (CUDA)."),
     kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
