@@ -3,8 +3,10 @@
     python3 bench/calibrate_bench.py                                  # embedded model, its defaults, CPU
     python3 bench/calibrate_bench.py --shape llama-2-7b --device cuda # Llama-2-7B shape, random weights,
                                                                       # the seed's 20×2048, greedy to 0.9
-Options: --method wina|teal, --transform, --mode layer|global, --threads N, --out DIR (plan dir),
---samples/--seq-len (calibration), --alloc-samples/--alloc-seq-len, --json FILE (append a result line).
+Options: --method wina|teal, --transform (the seed's SVD rotation) or --rotation pca (the basis from
+the calibration text, made inside the calibration and timed with it), --no-allocate (calibration
+only), --mode layer|global, --threads N, --out DIR (plan dir), --samples/--seq-len (calibration),
+--alloc-samples/--alloc-seq-len, --json FILE (append a result line).
 Prints one JSON line: date, machine, settings, seconds per stage, peak RSS (GiB), peak GPU memory (GiB).
 
 Resumable across processes: with --out DIR, the plan is saved layer by layer (as `wina calibrate`
@@ -134,6 +136,9 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--method", default="wina", choices=["wina", "teal"])
     ap.add_argument("--transform", action="store_true")
+    ap.add_argument("--rotation", default=None, choices=["svd", "pca"],
+                    help="transform inside the calibration (timed with it); pca: its basis from the calibration text")
+    ap.add_argument("--no-allocate", action="store_true", help="time the calibration only")
     ap.add_argument("--mode", default="layer", choices=["layer", "global"])
     ap.add_argument("--source", default=None, help="default: self (embedded), random (random-weight shapes)")
     ap.add_argument("--samples", type=int, default=None)
@@ -146,6 +151,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    if args.transform and args.rotation:
+        ap.error("--transform is the svd rotation before the calibration; give --rotation alone")
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,7 +227,7 @@ def main() -> None:
     c1 = cpu()
     t1 = time.perf_counter()
     plan = calibrate(model, tok, method=args.method, source=source, samples=samples, seq_len=seq_len,
-                     out=out, model_id=model_id, on_event=on_event)
+                     out=out, model_id=model_id, on_event=on_event, rotation=args.rotation)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t_cal = time.perf_counter() - t1
@@ -228,8 +235,9 @@ def main() -> None:
     c2 = cpu()
     t2 = time.perf_counter()
     t_alloc0["t"] = t2
-    plan = allocate(model, tok, plan, mode=args.mode, samples=a_samples, seq_len=a_seq,
-                    max_sparsity=args.max_sparsity, on_event=on_event)
+    if not args.no_allocate:
+        plan = allocate(model, tok, plan, mode=args.mode, samples=a_samples, seq_len=a_seq,
+                        max_sparsity=args.max_sparsity, on_event=on_event)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     t_alloc = time.perf_counter() - t2
@@ -238,10 +246,13 @@ def main() -> None:
     res = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(args.device), "shape": args.shape, "device": args.device,
-        "method": args.method, "transform": args.transform, "mode": args.mode,
+        "method": args.method, "transform": args.transform or args.rotation is not None,
+        "rotation": args.rotation or ("svd" if args.transform else None),
+        "mode": None if args.no_allocate else args.mode,
         "calibration": f"{plan.meta['calibration']['samples']}x{plan.meta['calibration']['seq_len']} {source}",
-        "allocation_data": f"{plan.meta['allocation']['samples']}x{plan.meta['allocation']['seq_len']}",
-        "rows_per_layer": sum(len(t) for t in plan.trajectories) / plan.n_layers,
+        "allocation_data": (None if args.no_allocate else
+                            f"{plan.meta['allocation']['samples']}x{plan.meta['allocation']['seq_len']}"),
+        "rows_per_layer": None if args.no_allocate else sum(len(t) for t in plan.trajectories) / plan.n_layers,
         "load_s": round(t_load, 1), "calibrate_s": round(acc["calibrate_s"], 1),
         "allocate_s": round(acc["allocate_s"], 1), "runs": acc["runs"],
         "calibrate_allocate_min": round((acc["calibrate_s"] + acc["allocate_s"]) / 60, 2),
