@@ -298,6 +298,42 @@ def test_conversation_ids_tokenize_only_the_new_text(embedded):
     assert conv(msgs) == chat_input_ids(tok, msgs)[0].tolist()
 
 
+def test_conversation_ids_tokenize_a_long_message_in_pieces(embedded, monkeypatch):
+    """A long message is tokenized in pieces cut between words, in one batch: the ids equal a whole
+    tokenization turn by turn; a cut rule that changes the ids is found at verify() and not used."""
+    import wina.generate as G
+    from wina.generate import ConversationIds, chat_input_ids
+    tok = embedded.tokenizer
+    conv = ConversationIds(tok)
+    assert not conv.pieces                              # never before verify() compared them
+    conv.verify([{"role": "user", "content": "(warm-up)"}])
+    assert conv.pieces
+    calls = []
+
+    class Spy:                                          # the tokenizer, noting what it is called on
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, x, **kw):
+            calls.append(x)
+            return tok(x, **kw)
+
+    conv.tok = Spy()
+    long = ("The river ran past 3 bridges, a café and the old mill — naïve, résumé, 東京 😀!\n" * 40)
+    msgs = [{"role": "user", "content": long}]
+    for t in range(3):
+        ids = conv(msgs)
+        assert ids == chat_input_ids(tok, msgs)[0].tolist(), t
+        msgs += [{"role": "assistant", "content": "Yes. " * 30 + str(t)}, {"role": "user", "content": long[t:]}]
+    assert any(isinstance(x, list) and len(x) >= 4 for x in calls)     # batches of pieces were used
+    # a cut rule that splits words apart is caught by the comparison in verify()
+    monkeypatch.setattr(G, "_CUT", __import__("re").compile(r"(?<=[a-z])(?=[a-z])"))
+    bad = ConversationIds(tok)
+    bad.verify([{"role": "user", "content": "(warm-up)"}])
+    assert bad.on and not bad.pieces
+    assert bad([{"role": "user", "content": long}]) == chat_input_ids(tok, [{"role": "user", "content": long}])[0].tolist()
+
+
 def test_conversation_ids_fall_back_where_splitting_differs(embedded, monkeypatch):
     """A tokenizer for which the pieces differ from the whole (simulated) is tokenized whole."""
     from wina.generate import ConversationIds, chat_input_ids
@@ -305,8 +341,8 @@ def test_conversation_ids_fall_back_where_splitting_differs(embedded, monkeypatc
     conv = ConversationIds(tok)
     real = ConversationIds._encode
 
-    def encode(self, text):
-        ids, a, b = real(self, text)
+    def encode(self, text, pieces=None):
+        ids, a, b = real(self, text, pieces)
         return (ids + [0], a + [len(text)], b + [len(text)]) if not text.startswith("<|im_start|>system") else (ids, a, b)
 
     monkeypatch.setattr(ConversationIds, "_encode", encode)

@@ -7,6 +7,7 @@ characters split across tokens come out whole.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -39,6 +40,28 @@ def chat_input_ids(tokenizer, messages: Sequence[dict]) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+# a long new text is tokenized in pieces of about this many characters, in one batch call (the
+# tokenizer runs a batch on several threads), each cut at a space between two letters
+PIECE_CHARS = 512
+_CUT = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")
+_PROBE_TEXT = ("Rivers, bridges & 3 cities: the café's 12,345 visitors (2024) said \"très bien\" — twice!\n"
+               "  Indented    spaces\tand tabs; naïve résumé 😀 über straße. 東京 and القاهرة cities.\n\n") * 24
+
+
+def _cuts(text: str, size: int) -> list[int]:
+    """Cut points (0, ..., len(text)) of ``text`` into pieces of about ``size`` characters, each cut
+    just before a space that sits between two letters."""
+    cuts, at = [0], size
+    while at < len(text):
+        m = _CUT.search(text, at)
+        if m is None:
+            break
+        cuts.append(m.start())
+        at = m.start() + size
+    cuts.append(len(text))
+    return cuts
+
+
 class ConversationIds:
     """Token ids of a growing conversation, tokenizing each turn's new text only.
 
@@ -49,13 +72,22 @@ class ConversationIds:
     renderings share, and tokenizes from there. The first turn that uses this is compared with a
     whole tokenization; a tokenizer for which they differ (or a slow one, or no chat template) is
     tokenized whole every turn. ``last_chars``: how many characters the last call tokenized.
+
+    A long new text (a pasted document) is tokenized in pieces cut between words, in one batch call
+    that the tokenizer spreads over threads; :meth:`verify` checks once, on a sample of mixed text,
+    that the pieces give the whole text's ids (and gives up the pieces if not, or if an added token
+    holds a space, where a cut could fall inside it).
     """
 
     def __init__(self, tokenizer) -> None:
         self.tok = tokenizer
         self.on = bool(getattr(tokenizer, "is_fast", False) and getattr(tokenizer, "chat_template", None))
         self.checked = False
-        self.added = set(int(i) for i in getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.added = set(int(i) for i in decoder)
+        # pieces only once verify() found them equal to the whole (never where an added token holds a space)
+        self._may_cut = not any(" " in str(getattr(t, "content", t)) for t in decoder.values())
+        self.pieces = False
         self.text, self.ids, self.starts, self.ends = "", [], [], []
         self.last_chars = 0
 
@@ -66,10 +98,23 @@ class ConversationIds:
         probe(messages)
         probe([*messages, {"role": "assistant", "content": "A reply."}, {"role": "user", "content": "And then?"}])
         self.on, self.checked = probe.on, probe.checked
+        self.pieces = bool(self.on and self._may_cut
+                           and self._encode(_PROBE_TEXT, pieces=True) == self._encode(_PROBE_TEXT, pieces=False))
 
-    def _encode(self, text: str) -> tuple[list[int], list[int], list[int]]:
-        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]], [b for _, b in enc["offset_mapping"]]
+    def _encode(self, text: str, pieces: Optional[bool] = None) -> tuple[list[int], list[int], list[int]]:
+        """(ids, start offsets, end offsets) of ``text``, whole or in pieces (default: as verified)."""
+        if not (self.pieces if pieces is None else pieces) or len(text) < 2 * PIECE_CHARS:
+            enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]], [b for _, b in enc["offset_mapping"]]
+        cuts = _cuts(text, PIECE_CHARS)
+        enc = self.tok([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False,
+                       return_offsets_mapping=True)
+        ids, starts, ends = [], [], []
+        for a, part, offsets in zip(cuts, enc["input_ids"], enc["offset_mapping"]):
+            ids += part
+            starts += [a + b for b, _ in offsets]
+            ends += [a + e for _, e in offsets]
+        return ids, starts, ends
 
     def __call__(self, messages: Sequence[dict]) -> list[int]:
         if not self.on:
@@ -90,7 +135,7 @@ class ConversationIds:
         self.text, self.last_chars = text, len(text) - b
         if k > 0 and not self.checked:
             self.checked = True
-            whole = self._encode(text)
+            whole = self._encode(text, pieces=False)
             if whole[0] != self.ids:                  # this tokenizer does not split that way
                 self.on = False
                 self.ids, self.starts, self.ends = whole
