@@ -81,7 +81,7 @@ class _OfficialTopK:
 def _environment(got: dict):
     """The pinned environment these figures come from: its dense figure to 2e-6 and its first sparse
     figure (TEAL 25 %) to 1e-4. The dense figure alone cannot tell two machines apart (issue 23's and
-    the Xeon's agree to 1e-7), the sparse one can; the other three figures are then checked."""
+    the Xeon's agree to every pinned digit), the sparse one can; the other three figures are then checked."""
     first = ("teal", 0.25)
     return next((k for k, v in PINNED.items()
                  if abs(got[("dense", 0.0)] / v[("dense", 0.0)] - 1) < 2e-6
