@@ -50,3 +50,46 @@ def test_local_directory_roundtrip(tmp_path):
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(loaded.model(ids).logits, model(ids).logits)
     assert loaded.tokenizer.pad_token is not None
+
+
+def _load_in_process(q, start, cache):
+    """Child: convert-or-read the cache with a slow converter that counts its calls in a file."""
+    import os
+    import time
+    from pathlib import Path
+
+    import wina.models as m
+    os.environ["WINA_CACHE"] = cache
+
+    def slow(gguf, target):
+        with open(Path(cache) / "conversions", "a") as f:
+            f.write("x")
+        tmp = target.parent / (target.name + ".tmp")
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+        time.sleep(0.5)                               # a reader racing in now must wait, not read
+        (tmp / "model.safetensors").write_text("w")
+        os.replace(tmp, target)
+
+    m._convert_gguf = slow
+    start.wait(timeout=60)                            # all three ask at the same moment
+    folder = m._converted(Path(cache) / "model.gguf")
+    q.put(sorted(p.name for p in folder.iterdir()))
+
+
+def test_gguf_conversion_once_across_processes(tmp_path):
+    """Several processes loading one GGUF at once (lm-eval runs side by side): one converts, the others
+    wait on the lock and then read the finished folder; none reads a folder being written or removed."""
+    import multiprocessing as mp
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    ctx = mp.get_context("spawn")
+    q, start = ctx.Queue(), ctx.Barrier(3)
+    procs = [ctx.Process(target=_load_in_process, args=(q, start, str(tmp_path))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    seen = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert seen == [["config.json", "model.safetensors"]] * 3
+    assert (tmp_path / "conversions").read_text() == "x"

@@ -74,6 +74,22 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+def _converted(gguf: Path) -> Path:
+    """The transformers folder of ``gguf`` in the cache, converting it first if it is not there.
+    Processes loading the same file at once convert it once: the others wait on a lock beside the
+    folder, then read the finished one (a complete folder is never replaced while others read it)."""
+    import fcntl
+    cached = _gguf_cache_path(gguf)
+    if (cached / "config.json").exists():
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with open(cached.parent / (cached.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)     # released when the file closes, or the process dies
+        if not (cached / "config.json").exists():
+            _convert_gguf(gguf, cached)
+    return cached
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF once and store it as a transformers directory (atomic rename)."""
     import torch
@@ -166,9 +182,7 @@ def load(spec: str = EMBEDDED, *, dtype=None, device: str = "cpu", device_map=No
     torch_dtype = resolve_dtype(dtype, device)
     if kind in ("embedded", "gguf"):
         gguf = embedded_gguf() if kind == "embedded" else path
-        cached = _gguf_cache_path(gguf)
-        if not (cached / "config.json").exists():
-            _convert_gguf(gguf, cached)
+        cached = _converted(gguf)
         model, tok = _from_dir_or_hub(str(cached), torch_dtype, device)
         source = str(cached)
     else:
