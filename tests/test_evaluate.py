@@ -162,14 +162,18 @@ def test_wina_ppl_json_parses(shared_data):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3"])
 @pytest.mark.parametrize("method", ["dense", "teal"])
-def test_shared_context_scores_equal_one_pass_per_choice(arch, method):
+@pytest.mark.parametrize("chunk", ["whole", "one row"])
+def test_shared_context_scores_equal_one_pass_per_choice(arch, method, chunk, monkeypatch):
     """Choices that share a context run it once; the log-likelihoods and greedy flags are those of one
     whole forward pass per (context + continuation), dense and sparsified (the dense prefix stays in
-    the context)."""
+    the context), whether the continuations are scored all at once or one per chunk."""
     import torch
     from conftest import tiny_model
+    import wina.evaluate
     from wina.evaluate import shared_context_scores
     from wina.sparsify import sparsify
+    if chunk == "one row":
+        monkeypatch.setattr(wina.evaluate, "_SCORE_ELEMENTS", 1)
     m = tiny_model(arch)
     sp = sparsify(m, "teal", 0.5) if method == "teal" else None
     ctxs = [[1, 5, 9, 11, 3], [1, 7, 8], [1, 4, 4, 4, 4, 4, 4, 4]]

@@ -330,18 +330,34 @@ def _shared_context_scores(torch, model, contexts, continuations, pad_id):
         finally:
             if sp is not None:
                 sp.dense_prefix = keep
+    # every row's scores on the device at once, read back once: a host sync per row would make the
+    # scoring, not the model, set the pace on a GPU
+    g = torch.tensor([j for j, _ in rows], device=last.device)
+    c0 = torch.tensor([c[0] for _, c in rows], device=last.device)
+    first_lp = last[g, c0].tolist()
+    first_ok = (last.argmax(-1)[g] == c0).tolist()
+    tail_lp, tail_ok = [0.0] * len(rows), [True] * len(rows)
+    if tail is not None:
+        want = torch.zeros((len(rows), ls), dtype=torch.long)
+        for r, (_, c) in enumerate(rows):
+            want[r, :len(c) - 1] = torch.tensor(c[1:], dtype=torch.long)
+        real = torch.arange(ls).unsqueeze(0) < torch.tensor([len(c) - 1 for _, c in rows]).unsqueeze(1)
+        want, real = want.to(tail.device), real.to(tail.device)
+        step = max(1, _SCORE_ELEMENTS // (ls * tail.shape[-1]))      # bound the float copy's memory
+        lps, oks = [], []
+        for a in range(0, len(rows), step):
+            t, w, m = tail[a:a + step].float(), want[a:a + step], real[a:a + step]
+            lp = t.gather(2, w.unsqueeze(2)).squeeze(2) - t.logsumexp(-1)
+            lps.append(lp.masked_fill(~m, 0.0).sum(1))                # the real positions, not padding
+            oks.append(((t.argmax(-1) == w) | ~m).all(1))
+        tail_lp, tail_ok = torch.cat(lps).tolist(), torch.cat(oks).tolist()
     out: list[list[tuple[float, bool]]] = [[] for _ in contexts]
-    for r, (j, c) in enumerate(rows):
-        first = last[j]
-        total = float(first[c[0]])
-        greedy = int(first.argmax()) == c[0]
-        if len(c) > 1:
-            t = tail[r, :len(c) - 1].float()                  # the real positions only, not the padding
-            want = torch.tensor(c[1:], device=t.device)
-            total += float((t.gather(1, want.unsqueeze(1)).squeeze(1) - t.logsumexp(-1)).sum())
-            greedy = greedy and bool((t.argmax(-1) == want).all())
-        out[j].append((total, greedy))
+    for r, (j, _) in enumerate(rows):
+        out[j].append((first_lp[r] + tail_lp[r], bool(first_ok[r] and tail_ok[r])))
     return out
+
+
+_SCORE_ELEMENTS = 1 << 26        # logits scored per chunk (256 MiB in float32)
 
 
 def _keeps_logits(model) -> bool:
