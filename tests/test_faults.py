@@ -45,6 +45,16 @@ def test_out_is_an_existing_file_fails_before_loading(tiny, tmp_path, monkeypatc
     assert f.read_text() == "not a folder"
 
 
+def test_model_cache_that_cannot_be_made(tmp_path, monkeypatch):
+    """The GGUF's conversion cache (and its lock) under a file: one line, exit 2, before any conversion."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("WINA_CACHE", str(tmp_path / "file" / "wina"))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 50)
+    user_error(invoke("ppl", "smollm2-135m", "--text", text), "a part of the path is a file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
 @pytest.mark.parametrize("code,needle", [(errno.EROFS, "read-only file system"),
                                          (errno.EACCES, "permission denied")])
 def test_output_folder_not_writable(tiny, text_file, tmp_path, monkeypatch, code, needle):

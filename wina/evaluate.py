@@ -346,10 +346,10 @@ def _shared_context_scores(torch, model, contexts, continuations, pad_id):
         step = max(1, _SCORE_ELEMENTS // (ls * tail.shape[-1]))      # bound the float copy's memory
         lps, oks = [], []
         for a in range(0, len(rows), step):
-            t, w, m = tail[a:a + step].float(), want[a:a + step], real[a:a + step]
+            t, w, on = tail[a:a + step].float(), want[a:a + step], real[a:a + step]
             lp = t.gather(2, w.unsqueeze(2)).squeeze(2) - t.logsumexp(-1)
-            lps.append(lp.masked_fill(~m, 0.0).sum(1))                # the real positions, not padding
-            oks.append(((t.argmax(-1) == w) | ~m).all(1))
+            lps.append(lp.masked_fill(~on, 0.0).sum(1))               # the real positions, not padding
+            oks.append(((t.argmax(-1) == w) | ~on).all(1))
         tail_lp, tail_ok = torch.cat(lps).tolist(), torch.cat(oks).tolist()
     out: list[list[tuple[float, bool]]] = [[] for _ in contexts]
     for r, (j, _) in enumerate(rows):
