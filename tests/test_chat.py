@@ -276,6 +276,46 @@ def test_wina_bench_chat_rejects_a_negative_count_interval(tiny_folder):
     assert "--count-every must be >= 0" in res.output and "internal error" not in res.output
 
 
+def test_conversation_ids_primed_with_the_reply_tokenize_only_the_next_message(embedded):
+    """After a reply, priming tokenizes it between turns: the next turn tokenizes the user's message
+    and the template around it only, and its ids equal a whole tokenization."""
+    from wina.generate import ConversationIds, chat_input_ids
+    tok = embedded.tokenizer
+    conv = ConversationIds(tok)
+    conv.verify([{"role": "user", "content": "(warm-up)"}])
+    reply = "A long reply about GPUs, caches and the café ✓ 😀. " * 30
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for t in range(4):
+        question = f"question {t}: and why is that so?  "
+        msgs.append({"role": "user", "content": question})
+        ids = conv(msgs)
+        assert ids == chat_input_ids(tok, msgs)[0].tolist()
+        if t > 0:
+            assert conv.last_chars < len(question) + 60          # not the reply before it
+        msgs.append({"role": "assistant", "content": reply + str(t)})
+        conv.prime(msgs)
+
+
+def test_a_chat_turn_primes_the_reply_for_the_next_one(embedded):
+    """ChatSession.send tokenizes its reply after answering, so the next turn's ids cover its message."""
+    from wina.chat import ChatSession
+    from wina.generate import ConversationIds
+    tokenized: list[int] = []
+
+    class Spy(ConversationIds):
+        def __call__(self, messages):
+            ids = super().__call__(messages)
+            tokenized.append(self.last_chars)
+            return ids
+
+    s = ChatSession(embedded.model, embedded.tokenizer, sparse=False, max_new_tokens=24, backend="transformers",
+                    ignore_eos=True)
+    s._ids = Spy(embedded.tokenizer)
+    s.send("Tell me about rivers.")
+    s.send("And lakes?")
+    assert len(tokenized) == 2 and 0 < tokenized[1] < len("And lakes?") + 60
+
+
 def test_conversation_ids_tokenize_only_the_new_text(embedded):
     """Turn by turn (replies, unicode, an edited early message, a dropped turn), the incremental ids
     equal a whole tokenization of the template, and a later turn tokenizes only its new text."""

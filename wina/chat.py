@@ -338,12 +338,14 @@ class ChatSession:
             self._gating_key = key
 
     # --- a turn -----------------------------------------------------------------------------------
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + messages
+
     def _fit(self, messages: list[dict], max_new: int) -> tuple[list[int], list[dict], bool]:
         """The conversation's ids, dropping the oldest turns until they and ``max_new`` tokens fit."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
         truncated = False
         while True:
-            ids = self._ids(head + messages)
+            ids = self._ids(self._with_system(messages))
             if len(ids) + max_new <= self.max_seq_len or len(messages) <= 1:
                 break
             # drop the oldest exchange (a user message and the reply after it)
@@ -372,6 +374,8 @@ class ChatSession:
             r = self._send_transformers(ids, n, max_new, on_text, cancel, t0)
         r.truncated, r.prepare_s = truncated, prepare_s
         self.messages = kept_msgs + [{"role": "assistant", "content": r.text}]
+        # the reply's text is tokenized now, not in the next turn's time to first token
+        self._ids.prime(self._with_system(self.messages))
         return r
 
     def _send_engine(self, ids, n, max_new, on_text, cancel, t0) -> Reply:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+from jinja2 import TemplateError
 
 from .events import CancelToken
 
@@ -121,6 +122,19 @@ class ConversationIds:
             ids = [int(t) for t in chat_input_ids(self.tok, messages)[0].tolist()]
             self.last_chars = -1
             return ids
+        return list(self._update(messages))
+
+    def prime(self, messages: Sequence[dict]) -> None:
+        """Tokenize ``messages`` (a conversation that ends with a reply) now, between turns, so that
+        the next call, the same messages and the user's next one, tokenizes only that message."""
+        if not self.on:
+            return
+        try:
+            self._update(messages)
+        except TemplateError:               # a template that wants a user's message last: the next call
+            pass                            # tokenizes the reply with it, as without priming
+
+    def _update(self, messages: Sequence[dict]) -> list[int]:
         text = self.tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         shared = _common_prefix(self.text, text)
         k = len(self.ids) - 1                       # the last added token inside the shared text
@@ -139,7 +153,7 @@ class ConversationIds:
             if whole[0] != self.ids:                  # this tokenizer does not split that way
                 self.on = False
                 self.ids, self.starts, self.ends = whole
-        return list(self.ids)
+        return self.ids
 
 
 def _common_prefix(a: str, b: str) -> int:
