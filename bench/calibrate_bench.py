@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--method", default="wina", choices=["wina", "teal"])
     ap.add_argument("--transform", action="store_true")
-    ap.add_argument("--rotation", default=None, choices=["svd", "pca"],
+    ap.add_argument("--rotation", default=None, choices=["svd", "pca", "pca-block"],
                     help="transform inside the calibration (timed with it); pca: its basis from the calibration text")
     ap.add_argument("--no-allocate", action="store_true", help="time the calibration only")
     ap.add_argument("--mode", default="layer", choices=["layer", "global"])

@@ -4,7 +4,8 @@
                                    [--pca-text boolq --pca-windows 64]
 
 1. Calibration text: the model's own samples (8 x 256 tokens, as the quick preset), cached in
-   --cache. The activation-PCA rotation's moments come from it, nothing else does; with
+   --cache. The activation-PCA rotation's moments come from it, nothing else does (with another
+   ``--pca-windows``, from that many windows of 256 tokens of the model's own text); with
    ``--pca-text boolq`` they come instead from ``--pca-windows`` windows of 256 tokens of BoolQ's
    validation passages (Wikipedia paragraphs; no text evaluated here).
 2. Per block input (the residual stream after RMSNorm, what q/k/v and gate/up read) and per
@@ -136,6 +137,9 @@ def main() -> None:
         text_ids = tok("\n\n".join(passages), return_tensors="pt").input_ids[0]
         pca_ids = text_ids[:args.pca_windows * 256].reshape(args.pca_windows, 256)
         lines += [f"The PCA rotations' moments: {args.pca_windows} x 256 tokens of BoolQ validation passages.", ""]
+    elif args.pca_windows != ids.shape[0]:
+        pca_ids = calibration_ids(base.model, tok, "self", args.pca_windows, 256)
+        lines += [f"The PCA rotations' moments: {args.pca_windows} x 256 tokens of the model's own text.", ""]
     moments = block_input_moments(base.model, pca_ids)
     models = {"none": base.model}
     m = copy.deepcopy(base.model)

@@ -238,6 +238,23 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
                       "--text", text_file), "does not match")
 
 
+def test_calibrate_with_the_per_block_pca_rotation(tiny, text_file, tmp_path):
+    """--rotation pca-block: the plan holds a basis per block and says so; a plan applied to the model
+    as loaded transforms it (same logits as dense before gating: the rotation is exact); the label
+    names the rotation."""
+    plan = tmp_path / "pcab"
+    ok(invoke("calibrate", tiny, "--method", "wina", "--rotation", "pca-block", "--data", text_file,
+              "--samples", "2", "--seq-len", "32", "--out", plan))
+    meta = json.loads((plan / "plan.json").read_text())
+    assert meta["transform"] is True and meta["rotation"] == "pca-block"
+    assert "rotation.safetensors" in meta["files"]
+    dense = json.loads(ok(invoke("ppl", tiny, "--text", text_file, "--context", "64", "--json")).stdout)
+    rot = json.loads(ok(invoke("ppl", tiny, "--plan", plan, "--sparsity", "0.0", "--text", text_file,
+                               "--context", "64", "--json")).stdout)
+    assert rot["transform"] is True and abs(rot["perplexity"] - dense["perplexity"]) < 1e-3 * dense["perplexity"]
+    user_error(invoke("calibrate", tiny, "--rotation", "hadamard", "--out", tmp_path / "x"), "unknown rotation")
+
+
 def test_eval_and_compare(tiny, shared_data, tmp_path):
     outs = []
     for args in (["--method", "dense"], ["--method", "wina", "--sparsity", "0.5"],

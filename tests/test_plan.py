@@ -188,26 +188,31 @@ def test_uniform_without_allocation(tmp_path):
 
 
 @torch.no_grad()
-def test_pca_plan_carries_its_rotation(tmp_path):
-    """calibrate(rotation="pca") fits the basis on the calibration text, stores it in the plan, and
-    applying the plan to a fresh copy of the model rotates it the same way (same logits as the
-    calibrated model); a model with another transform is refused; the basis file is checked."""
+@pytest.mark.parametrize("rotation", ["pca", "pca-block"])
+def test_pca_plan_carries_its_rotation(tmp_path, rotation):
+    """calibrate(rotation=pca | pca-block) fits the basis (one, or one per block) on the calibration
+    text, stores it in the plan, and applying the plan to a fresh copy of the model rotates it the
+    same way (same logits as the calibrated model); a model with another transform is refused; the
+    basis file is checked."""
     import copy
     from wina.transform import transform
     base = tiny_model("llama")
     fresh, svd = copy.deepcopy(base), copy.deepcopy(base)
     ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(3))
     plan = calibrate(base, CharTok(), source="random", samples=3, seq_len=64, out=tmp_path / "p",
-                     model_id="tiny", rotation="pca")
-    assert plan.meta["transform"] is True and plan.meta["rotation"] == "pca"
-    assert base._wina_transform.rotation == "pca" and base._wina_transform.n_shortcuts == 0
+                     model_id="tiny", rotation=rotation)
+    assert plan.meta["transform"] is True and plan.meta["rotation"] == rotation
+    n_blocks = 2 * base.config.num_hidden_layers
+    assert base._wina_transform.rotation == rotation
+    assert base._wina_transform.n_shortcuts == (0 if rotation == "pca" else n_blocks - 1)
+    assert plan.rotation_basis.shape == ((64, 64) if rotation == "pca" else (n_blocks, 64, 64))
     loaded = Plan.load(tmp_path / "p")
     assert torch.equal(loaded.rotation_basis, plan.rotation_basis)
     sp = apply_plan(fresh, loaded, 0.5, gating="topk")
     sp.remove()
     assert (fresh(ids).logits - base(ids).logits).abs().max() < 1e-5
     transform(svd)
-    with pytest.raises(PlanError, match="pca transform.*another"):
+    with pytest.raises(PlanError, match=f"{rotation} transform.*another"):
         apply_plan(svd, loaded, 0.5)
     with pytest.raises(PlanError, match="calibration made with other arguments"):
         calibrate(tiny_model("llama"), CharTok(), source="random", samples=3, seq_len=64, out=tmp_path / "p",

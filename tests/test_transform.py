@@ -111,7 +111,13 @@ def test_pca_rotations_are_exact(arch, rotation, exact_rmsnorm):
         assert (c - torch.diag(torch.diagonal(c))).abs().max() <= 1e-6 * c.abs().max()
         assert torch.all(torch.diagonal(c)[:-1] >= torch.diagonal(c)[1:] - 1e-9)
     else:
-        assert info.n_shortcuts == n_blocks - 1
+        assert info.n_shortcuts == n_blocks - 1 and info.basis.shape == (n_blocks, 64, 64)
+        for m, q in zip(moments, info.basis.double()):  # each block's inputs decorrelated in its basis
+            c = q.T @ m @ q
+            assert (c - torch.diag(torch.diagonal(c))).abs().max() <= 1e-5 * c.abs().max()
+        again = tiny_model(arch, dtype=torch.float64, tie_word_embeddings=(arch == "llama"))
+        transform(again, rotation=rotation, basis=info.basis)   # what a plan gives back: the same model
+        assert (again(ids).logits - model(ids).logits).abs().max().item() <= 1e-5
 
 
 def test_pca_needs_calibration_text():

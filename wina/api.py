@@ -32,7 +32,7 @@ from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, alloc
                        apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, sparse_options)
 from .plan import (LayerHistogram, Plan, TrajectoryRow, nearest_row, plan_folders, plan_histogram,  # noqa: F401
                    plan_trajectory)
-from .plan_meta import PLAN_ROTATIONS as ROTATIONS  # noqa: F401
+from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS as ROTATIONS  # noqa: F401
 from .presets import Preset, PresetError, Variant, list_presets, load_preset  # noqa: F401
 from .results import Run, load_run, load_runs  # noqa: F401
 from .scores import BINS_PER_OCTAVE, LO_EXP, N_BINS, matrix_threshold  # noqa: F401

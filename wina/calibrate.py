@@ -455,13 +455,13 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
     ``out``: plan directory, written as layers finish and resumed if it holds an unfinished
     calibration made with the same arguments (a finished one with the same arguments is returned
     as is). The model may be transformed already (:func:`wina.transform.transform`); the plan
-    records it. ``rotation`` ("svd" or "pca"): transform the model first (pca: its basis from the
-    calibration text, stored in the plan); None: calibrate the model as it is. Progress: ``stage="calibrate"`` events, one per layer (``done`` = layers finished).
+    records it. ``rotation`` ("svd", "pca" or "pca-block"): transform the model first (the pca
+    rotations: their bases from the calibration text, stored in the plan); None: calibrate the model as it is. Progress: ``stage="calibrate"`` events, one per layer (``done`` = layers finished).
     """
     from . import __version__
     from .plan import Plan, plan_from_model
-    from .plan_meta import PLAN_ROTATIONS
-    from .transform import block_input_moments, ensure, global_pca_basis, is_transformed
+    from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS
+    from .transform import block_input_moments, data_basis, ensure, is_transformed
 
     if rotation is not None and rotation not in PLAN_ROTATIONS:
         raise InvalidArgument(f"unknown rotation {rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
@@ -491,8 +491,8 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
             "field": field if kind in ("file", "hub") else None,
             "samples": samples, "seq_len": seq_len, "seed": seed, "dense_prefix": dense_prefix,
             "transform": rotation is not None}
-    if rotation == "pca":
-        args["rotation"] = "pca"
+    if rotation in DATA_ROTATIONS:
+        args["rotation"] = rotation
 
     rep = Reporter("calibrate", n_layers, on_event, cancel, n_layers=n_layers)
     plan = None
@@ -511,12 +511,12 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
             model, tokenizer, source, samples, seq_len, field=field, seed=seed, reporter=rep)
         basis = None
         if rotation is not None:
-            if rotation == "pca":
+            if rotation in DATA_ROTATIONS:
                 if is_transformed(model):
                     basis = model._wina_transform.basis
                 else:
-                    rep.emit(0, message="the pca rotation's basis from the calibration text")
-                    basis = global_pca_basis(block_input_moments(model, ids)).float()
+                    rep.emit(0, message=f"the {rotation} rotation's basis from the calibration text")
+                    basis = data_basis(rotation, block_input_moments(model, ids)).float()   # as the plan stores it
             ensure(model, True, rotation=rotation, basis=basis, what="this calibration", on_event=on_event)
         plan = plan_from_model(model, ids, model_id=model_id, args=args, version=__version__)
         plan.rotation_basis = basis

@@ -36,6 +36,7 @@ from .errors import InvalidArgument, PlanError
 from .events import CancelToken, ProgressCallback, Reporter
 from .models import EMBEDDED, Loaded
 from .sparsify import GATINGS, METHODS, WEIGHTED, _check_sparsity
+from .plan_meta import rotation_suffix
 
 PathLike = Union[str, Path]
 
@@ -48,7 +49,7 @@ class SparseOptions:
     method: str = "wina"            # dense | teal | wina
     sparsity: float = 0.5           # target (uniform with top-k; plan-allocated with a plan)
     transform: bool = False
-    rotation: str = "svd"           # with transform: svd | pca (pca needs a plan: its basis is there)
+    rotation: str = "svd"           # with transform: svd | pca | pca-block (the pca ones need a plan: their bases are there)
     gating: str = "topk"            # topk | threshold (threshold needs a plan)
     weighted: str = "default"       # default (k/gate only, as the official code) | all
     plan: Optional[str] = None      # calibration plan directory
@@ -65,12 +66,12 @@ class SparseOptions:
         _check_sparsity(self.sparsity)
         if self.gating == "threshold" and not self.plan and self.method != "dense":
             raise InvalidArgument("threshold gating needs a calibration plan (--plan)")
-        from .plan_meta import PLAN_ROTATIONS
+        from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS
         if self.rotation not in PLAN_ROTATIONS:
             raise InvalidArgument(f"unknown rotation {self.rotation!r}; choose one of {', '.join(PLAN_ROTATIONS)}")
-        if self.transform and self.rotation == "pca" and not self.plan:
-            raise InvalidArgument("the pca rotation comes from a calibration plan: calibrate with "
-                                  "--transform --rotation pca and pass --plan")
+        if self.transform and self.rotation in DATA_ROTATIONS and not self.plan:
+            raise InvalidArgument(f"the {self.rotation} rotation comes from a calibration plan: calibrate with "
+                                  f"--rotation {self.rotation} and pass --plan")
         return self
 
     def as_dict(self) -> dict:
@@ -80,7 +81,7 @@ class SparseOptions:
     def label(self) -> str:
         if self.method == "dense":
             return "dense"
-        name = self.method.upper() + (("-pca" if self.rotation == "pca" else "-transform") if self.transform else "")
+        name = self.method.upper() + (rotation_suffix(self.rotation) if self.transform else "")
         return f"{name} {self.sparsity:.0%}"
 
 
@@ -89,7 +90,7 @@ class Calibration:
     """What ``calibrate`` records: the gating score of ``method`` on ``source`` text."""
     method: str = "wina"            # teal | wina
     transform: bool = False
-    rotation: str = "svd"           # with transform: svd (the seed's) | pca (activation PCA, no shortcuts)
+    rotation: str = "svd"           # with transform: svd (the seed's) | pca (activation PCA, no shortcuts) | pca-block
     source: str = "self"            # self | wikitext | a .txt/.jsonl file | hub:<dataset>
     samples: Optional[int] = None   # None: the library's default for the model's size
     seq_len: Optional[int] = None

@@ -36,7 +36,7 @@ import torch
 
 from .errors import InvalidArgument, PlanError
 from .files import write_bytes
-from .plan_meta import FORMAT, VERSION
+from .plan_meta import DATA_ROTATIONS, FORMAT, VERSION
 MAX_MATRIX_SPARSITY = 0.99
 THRESHOLD_TARGETS = tuple(round(0.05 * i, 2) for i in range(20))
 
@@ -380,9 +380,9 @@ class Plan:
         if "calibration.safetensors" not in files:
             raise PlanError(f"partial or corrupt plan {path}: no calibration data listed")
         plan = cls(meta, read("calibration.safetensors")["input_ids"], root)
-        if meta.get("rotation") == "pca":
+        if meta.get("rotation") in DATA_ROTATIONS:
             if "rotation.safetensors" not in files:
-                raise PlanError(f"partial or corrupt plan {path}: the pca transform's basis is missing")
+                raise PlanError(f"partial or corrupt plan {path}: the {meta['rotation']} transform's basis is missing")
             plan.rotation_basis = read("rotation.safetensors")["basis"]
         n_cal = plan.n_calibrated
         for i in range(n_cal):
@@ -419,7 +419,7 @@ class Plan:
 
     @property
     def rotation(self) -> str:
-        """The transform's rotation (svd or pca) when the plan was calibrated on a transformed model."""
+        """The transform's rotation (svd, pca or pca-block) when the plan was calibrated on a transformed model."""
         return self.meta.get("rotation") or "svd"
 
     def __repr__(self) -> str:

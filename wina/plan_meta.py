@@ -16,7 +16,13 @@ from typing import Any, Union
 from .errors import PlanError
 
 FORMAT = "wina-plan"
-PLAN_ROTATIONS = ("svd", "pca")     # the transform's rotations a plan records (wina.transform)
+PLAN_ROTATIONS = ("svd", "pca", "pca-block")     # the transform's rotations a plan records (wina.transform)
+DATA_ROTATIONS = ("pca", "pca-block")    # their bases come from the calibration text and live in the plan
+
+
+def rotation_suffix(rotation: str) -> str:
+    """How a transformed variant's label names its rotation: "-transform" (the seed's), "-pca", "-pca-block"."""
+    return f"-{rotation}" if rotation in DATA_ROTATIONS else "-transform"
 VERSION = 1
 SEAL = "meta_sha256"
 UNSEALED = (SEAL, "saved_at")

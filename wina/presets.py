@@ -50,7 +50,8 @@ Schema (every key but ``model`` is optional; unknown keys are errors)::
     method = "wina"                 # dense | teal | wina
     transform = true                # column-orthogonal transform first (default false)
     rotation = "pca"                # the transform's rotation: svd (the seed's, default) | pca
-                                    # (activation PCA from the calibration text; implies transform)
+                                    # (activation PCA from the calibration text, one basis; implies
+                                    # transform) | pca-block (a PCA basis per block, with shortcuts)
     allocation = "greedy"           # greedy (calibrate + allocate; the default) | uniform (plain top-k)
 
 Paths (``calibration.source`` when it is a file, ``eval.data_dir``, ``eval.ppl_text``) are relative
@@ -73,7 +74,7 @@ from typing import Any, Optional, Union
 from .errors import WinaError
 from .files import name_problem
 from .perplexity import PROTOCOLS as PPL_PROTOCOLS, max_tokens_problem
-from .plan_meta import PLAN_ROTATIONS
+from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS
 
 try:  # Python >= 3.11
     import tomllib as _toml
@@ -472,12 +473,12 @@ def parse_preset(data: dict, *, path: Optional[Path] = None, name: Optional[str]
         if any(x.name == vname for x in variants):
             v.fail("name", f"{vname!r} is used by two variants")
         rotation = v.choice("rotation", PLAN_ROTATIONS, "svd")
-        transform = v.get("transform", bool, rotation == "pca")
-        if rotation == "pca" and not transform:
-            v.fail("rotation", "the pca rotation is a transform: drop transform = false")
+        transform = v.get("transform", bool, rotation in DATA_ROTATIONS)
+        if rotation in DATA_ROTATIONS and not transform:
+            v.fail("rotation", f"the {rotation} rotation is a transform: drop transform = false")
         allocation = v.choice("allocation", ALLOCATIONS, "greedy")
-        if rotation == "pca" and allocation != "greedy":
-            v.fail("rotation", "the pca rotation's basis comes from the calibration: use allocation = \"greedy\"")
+        if rotation in DATA_ROTATIONS and allocation != "greedy":
+            v.fail("rotation", f"the {rotation} rotation's basis comes from the calibration: use allocation = \"greedy\"")
         variants.append(Variant(vname, method, transform, allocation, rotation))
     if any(x.method != "dense" for x in variants) and not sparsities:
         e.fail("sparsities", "must list at least one sparsity for the sparse variants")

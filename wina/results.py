@@ -45,6 +45,7 @@ from typing import Any, Iterable, Optional, Union
 from .errors import DataError, InvalidArgument
 from . import files
 from .files import write_text
+from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS, rotation_suffix
 
 SCHEMA = 1
 REQUIRED = ("schema", "model", "method", "transform", "allocation", "nominal_sparsity",
@@ -98,7 +99,7 @@ def method_label(wina: dict) -> str:
         return "dense"
     label = METHOD_LABELS.get(method, method)
     if wina.get("transform"):
-        label += "-pca" if wina.get("rotation") == "pca" else "-transform"
+        label += rotation_suffix(wina.get("rotation") or "svd")
     alloc = wina.get("allocation")
     if alloc and alloc != "uniform":
         label += f" ({alloc})"
@@ -242,7 +243,7 @@ def default_filename(wina: dict) -> str:
     model = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(wina.get("model", "model"))).name)[:40]
     method = wina.get("method") or "dense"
     s = wina.get("nominal_sparsity") or 0.0
-    rot = ("-pca" if wina.get("rotation") == "pca" else "-tr") if wina.get("transform") else ""
+    rot = (f"-{wina['rotation']}" if wina.get("rotation") in DATA_ROTATIONS else "-tr") if wina.get("transform") else ""
     tag = f"{method}{rot}-s{round(100 * s):02d}"
     return f"{date}_{model}_{tag}.json"
 
@@ -355,7 +356,7 @@ def check_wina_block(w: dict, where: str = "results") -> None:
     c.kind(w, "model", "model", (str,), "a string", optional=False)
     c.kind(w, "method", "method", (str,), "a string", optional=False, choices=tuple(METHOD_LABELS))
     c.kind(w, "transform", "transform", (bool,), "true or false", optional=False)
-    c.kind(w, "rotation", "rotation", (str,), "a string", choices=("svd", "pca"))
+    c.kind(w, "rotation", "rotation", (str,), "a string", choices=PLAN_ROTATIONS)
     for key in ("allocation", "plan", "gating", "weighted", "model_type", "date"):
         c.kind(w, key, key, (str,), "a string")
     c.number(w, "n_params", "n_params", lo=0, integer=True)

@@ -35,6 +35,7 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for, decoder_layers
 from .errors import TransformError
+from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS
 
 SHORTCUT = "wina_shortcut"
 
@@ -45,7 +46,7 @@ class TransformInfo:
     hidden_size: int
     untied: bool
     rotation: str = "svd"
-    basis: Optional[torch.Tensor] = None    # the pca rotation's d×d basis (what a plan stores)
+    basis: Optional[torch.Tensor] = None    # pca: the d×d basis; pca-block: [2 × layers, d, d] (what a plan stores)
 
     @property
     def shortcut_macs_per_token(self) -> int:
@@ -60,7 +61,7 @@ def ensure(model, transformed: bool, *, rotation: str = "svd", basis=None, what:
            error=TransformError, on_event=None) -> None:
     """Put a loaded model in the state a step needs, the one rule every step follows: the attached
     sparsifier (if any) is removed, and the model is transformed in place when ``transformed`` and it
-    is not yet (``rotation`` and, for "pca", its ``basis``: a tensor, or a function that computes
+    is not yet (``rotation`` and, for a data rotation, its ``basis``: a tensor, or a function that computes
     it, called only when needed). A transformed model cannot go back, nor change its rotation: that
     is a :class:`TransformError` asking for a reload (``what`` names who needs the other state; the
     error's ``needs_reload`` is True)."""
@@ -72,7 +73,7 @@ def ensure(model, transformed: bool, *, rotation: str = "svd", basis=None, what:
         transform(model, rotation=rotation, basis=basis() if callable(basis) else basis, on_event=on_event)
     elif transformed:
         same = current.rotation == rotation
-        if same and rotation == "pca" and basis is not None:
+        if same and rotation in DATA_ROTATIONS and basis is not None:
             b = basis() if callable(basis) else basis
             same = current.basis is not None and torch.equal(current.basis, b.float().cpu())
         if not same:
@@ -203,7 +204,17 @@ def pca_basis(moment: torch.Tensor) -> torch.Tensor:
     return (q * sign).contiguous()
 
 
-ROTATIONS = ("svd", "pca", "pca-block")
+ROTATIONS = PLAN_ROTATIONS
+
+
+def data_basis(rotation: str, moments: list[torch.Tensor]) -> torch.Tensor:
+    """A data rotation's basis from the block inputs' moments (:func:`block_input_moments`): one d×d
+    basis (``pca``) or one per block, stacked [2 × layers, d, d] (``pca-block``), float64."""
+    if rotation == "pca":
+        return global_pca_basis(moments)
+    if rotation == "pca-block":
+        return torch.stack([pca_basis(m) for m in moments])
+    raise TransformError(f"the {rotation} rotation does not come from calibration text")
 
 
 def global_pca_basis(moments: list[torch.Tensor]) -> torch.Tensor:
@@ -224,19 +235,20 @@ def transform(model, *, on_event=None, rotation: str = "svd", basis: Optional[to
       second moment on calibration text (``basis``, or computed from ``moments`` of
       :func:`block_input_moments`): the coordinates a gate sees are decorrelated, the energy in
       few of them; no shortcuts (the residual stream stays in one basis, decoding costs nothing).
-    - ``"pca-block"``: a PCA basis per block (from ``moments``) with shortcuts; for study.
+    - ``"pca-block"``: a PCA basis per block (``basis`` stacked [2 × layers, d, d], or computed from
+      ``moments``), with a d×d shortcut between blocks as the seed's transform: it fits each block's
+      inputs, and it helps at 50 % once the moments come from enough text (docs/rotation-study.md).
 
     ``on_event`` receives :class:`wina.events.Progress` (stage "transform", one unit per layer for
     the bases and one per layer for the rotations). Not cancellable: a half-rotated model is wrong.
     """
     if rotation not in ROTATIONS:
         raise TransformError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
-    if rotation == "pca" and basis is None and moments is None:
-        raise TransformError("the pca rotation needs its basis or the block inputs' moments (calibration text)")
-    if rotation == "pca-block" and moments is None:
-        raise TransformError("the pca-block rotation needs the block inputs' moments (calibration text)")
-    if rotation == "pca" and basis is None:
-        basis = global_pca_basis(moments)
+    if rotation in DATA_ROTATIONS and basis is None:
+        if moments is None:
+            raise TransformError(f"the {rotation} rotation needs its basis or the block inputs' moments "
+                                 "(calibration text)")
+        basis = data_basis(rotation, moments)
     from .events import Reporter
     adapter = adapter_for(model)
     _check(model, adapter)
@@ -278,7 +290,7 @@ def transform(model, *, on_event=None, rotation: str = "svd", basis: Optional[to
             if rotation == "svd":
                 v, rotated = _basis(lin(layer, key).weight.data)
             elif rotation == "pca-block":
-                v, rotated = pca_basis(moments[2 * i + j]), None
+                v, rotated = basis[2 * i + j].double(), None
             else:                               # the same object: no shortcut between blocks
                 v, rotated = (bases[0] if bases else basis.double()), None
             bases.append(v)
@@ -316,7 +328,7 @@ def transform(model, *, on_event=None, rotation: str = "svd", basis: Optional[to
     _rotate_inputs(head, bases[-1])
 
     info = TransformInfo(n_shortcuts=n_short, hidden_size=d, untied=untied, rotation=rotation,
-                         basis=bases[0].float().cpu() if rotation == "pca" else None)
+                         basis=basis.float().cpu() if rotation in DATA_ROTATIONS else None)
     model._wina_transform = info
     return info
 

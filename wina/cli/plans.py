@@ -20,7 +20,8 @@ def calibrate_cmd(
     transform: bool = O_TRANSFORM,
     rotation: str = typer.Option("svd", "--rotation", help="The transform's rotation: svd (the seed's: "
                                  "orthogonal columns of k/gate) | pca (activation PCA from the calibration "
-                                 "text, one basis, no decode cost; implies --transform)."),
+                                 "text, one basis, no decode cost) | pca-block (a PCA basis per block, a d×d "
+                                 "shortcut between blocks; wants ≥ 16k tokens of text). The pca ones imply --transform."),
     data: str = typer.Option("self", "--data", help="Calibration text: 'self' (model-generated, offline), "
                                                     "a .txt/.jsonl file, or a hub dataset such as tatsu-lab/alpaca."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Sequences (default: 16 for small "
@@ -40,7 +41,8 @@ def calibrate_cmd(
     from ..api import ROTATIONS
     if rotation not in ROTATIONS:
         raise InvalidArgument(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
-    transform = transform or rotation == "pca"
+    from ..api import DATA_ROTATIONS
+    transform = transform or rotation in DATA_ROTATIONS
     if samples is not None and samples < 1:
         raise InvalidArgument(f"--samples must be at least 1, got {samples}")
     if seq_len is not None and seq_len < 8:
