@@ -237,7 +237,8 @@ def transform(model, *, on_event=None, rotation: str = "svd", basis: Optional[to
       few of them; no shortcuts (the residual stream stays in one basis, decoding costs nothing).
     - ``"pca-block"``: a PCA basis per block (``basis`` stacked [2 × layers, d, d], or computed from
       ``moments``), with a d×d shortcut between blocks as the seed's transform: it fits each block's
-      inputs, and it helps at 50 % once the moments come from enough text (docs/rotation-study.md).
+      inputs; fitted on enough real text it helps under a uniform split, not under the greedy
+      allocation, and its shortcuts cost decode bytes (docs/rotation-study.md).
 
     ``on_event`` receives :class:`wina.events.Progress` (stage "transform", one unit per layer for
     the bases and one per layer for the rotations). Not cancellable: a half-rotated model is wrong.
