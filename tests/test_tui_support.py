@@ -116,30 +116,31 @@ def torch_one_thread():
     torch.set_num_threads(old)
 
 
-def _pca_plan(out: Path) -> Path:
+def _pca_plan(out: Path, rotation: str = "pca") -> Path:
     from wina import api
-    api.calibrate(tiny_loaded(), out, api.Calibration(method="wina", transform=True, rotation="pca",
+    api.calibrate(tiny_loaded(), out, api.Calibration(method="wina", transform=True, rotation=rotation,
                                                       source="random", samples=2, seq_len=32))
     return out
 
 
-def test_session_prepares_a_pca_plan_through_the_api(tmp_path, torch_one_thread):
-    """A plan calibrated with the pca rotation: the session leaves the transform to api.apply (the
+@pytest.mark.parametrize("rotation", ["pca", "pca-block"])
+def test_session_prepares_a_pca_plan_through_the_api(tmp_path, torch_one_thread, rotation):
+    """A plan calibrated with a pca rotation: the session leaves the transform to api.apply (the
     plan's own rotation); a model that carries another transform is loaded again, not refused."""
     from wina import api
     from wina_tui.state import Session, Settings
-    plan = _pca_plan(tmp_path / "pca")
+    plan = _pca_plan(tmp_path / "pca", rotation)
     s = Session(tiny_loader, state_dir=tmp_path / "state")
     settings = Settings(model="tiny", options=api.SparseOptions(method="wina", sparsity=0.5, transform=True))
     s.ensure_loaded("tiny", True)
     assert s.prepare(settings, plan_path=plan) is not None
-    assert s.loaded.model._wina_transform.rotation == "pca"
+    assert s.loaded.model._wina_transform.rotation == rotation
     assert s.applied.options.plan == str(plan)
     first = s.loaded
     s.prepare(settings)                                 # uniform top-k with the (svd) transform
     assert s.loaded is not first and s.loaded.model._wina_transform.rotation == "svd"
     s.prepare(settings, plan_path=plan)                 # and the pca plan again
-    assert s.loaded.model._wina_transform.rotation == "pca" and s.sparsifier is not None
+    assert s.loaded.model._wina_transform.rotation == rotation and s.sparsifier is not None
 
 
 def _app(tmp_path: Path, **kw):
