@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wina.plan_meta import PLAN_ROTATIONS  # noqa: E402  (torch-free)
+
 SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
@@ -136,7 +138,7 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--method", default="wina", choices=["wina", "teal"])
     ap.add_argument("--transform", action="store_true")
-    ap.add_argument("--rotation", default=None, choices=["svd", "pca", "pca-block"],
+    ap.add_argument("--rotation", default=None, choices=PLAN_ROTATIONS,
                     help="transform inside the calibration (timed with it); pca: its basis from the calibration text")
     ap.add_argument("--no-allocate", action="store_true", help="time the calibration only")
     ap.add_argument("--mode", default="layer", choices=["layer", "global"])

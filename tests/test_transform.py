@@ -124,5 +124,7 @@ def test_pca_needs_calibration_text():
     model = tiny_model("llama")
     with pytest.raises(TransformError, match="basis or the block inputs"):
         transform(model, rotation="pca")
+    with pytest.raises(TransformError, match="one basis per block"):
+        transform(model, rotation="pca-block", basis=torch.eye(64))
     with pytest.raises(TransformError, match="unknown rotation"):
         transform(model, rotation="hadamard")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from jinja2 import TemplateError
 
 from .events import CancelToken
 
@@ -129,6 +128,7 @@ class ConversationIds:
         the next call, the same messages and the user's next one, tokenizes only that message."""
         if not self.on:
             return
+        from jinja2 import TemplateError        # what apply_chat_template raises; loaded with it
         try:
             self._update(messages)
         except TemplateError:               # a template that wants a user's message last: the next call

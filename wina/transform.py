@@ -254,6 +254,9 @@ def transform(model, *, on_event=None, rotation: str = "svd", basis: Optional[to
     adapter = adapter_for(model)
     _check(model, adapter)
     layers = list(decoder_layers(model, adapter))
+    if rotation == "pca-block" and (basis.dim() != 3 or basis.shape[0] != 2 * len(layers)):
+        raise TransformError(f"the pca-block rotation needs one basis per block ({2 * len(layers)}), got a "
+                             f"tensor of shape {tuple(basis.shape)}")
     rep = Reporter("transform", 2 * len(layers), on_event, None, n_layers=len(layers))
     rep.emit(0, message="folding norms")
     emb = model.get_submodule(adapter.embed)

@@ -21,7 +21,7 @@ def calibrate_cmd(
     rotation: str = typer.Option("svd", "--rotation", help="The transform's rotation: svd (the seed's: "
                                  "orthogonal columns of k/gate) | pca (activation PCA from the calibration "
                                  "text, one basis, no decode cost) | pca-block (a PCA basis per block, a d×d "
-                                 "shortcut between blocks; wants ≥ 16k tokens of text). The pca ones imply --transform."),
+                                 "shortcut between blocks; wants ≥ 64k tokens of real text, --data FILE). The pca ones imply --transform."),
     data: str = typer.Option("self", "--data", help="Calibration text: 'self' (model-generated, offline), "
                                                     "a .txt/.jsonl file, or a hub dataset such as tatsu-lab/alpaca."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Sequences (default: 16 for small "
