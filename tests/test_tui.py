@@ -730,7 +730,8 @@ async def test_histogram_and_heatmap_update_while_running(tmp_path, monkeypatch)
         hist, heat = cal.query_one(ScoreHistogram), cal.query_one(AllocationHeatmap)
         await wait_for(pilot, gates["calibrate"][0].is_set)
         await wait_for(pilot, lambda: 0 in hist.hists, timeout=10)
-        await pilot.pause(0.3)                           # the chart is redrawn at most every 0.2 s
+        # the chart is redrawn at most every 0.2 s: wait for the redraw (a loaded machine is slower)
+        await wait_for(pilot, lambda: "layer 1/2 · q_proj" in str(hist.render()), timeout=10)
         assert cal.state == "running" and cal.phase == "calibration" and sorted(hist.hists) == [0]
         assert cal.query_one(TabbedContent).active == "tab-scores"
         shown = str(hist.render())
