@@ -106,6 +106,29 @@ def test_dense_prefix_and_single_token():
     assert g.measured() == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("gating", ["topk", "threshold"])
+@torch.no_grad()
+def test_dense_prefix_rows_pass_unchanged_and_the_rest_is_the_reference_gate(gating):
+    from wina.sparsify import gate_reference
+    model = tiny_model("llama")
+    sp = sparsify(model, "wina", 0.5, gating=gating, dense_prefix=0.05)
+    if gating == "threshold":
+        sp.set_thresholds({k: 0.3 for k in sp.gates})
+    key = (1, "down_proj")
+    lin, gate = sp._modules[key], sp.gates[key]
+    seen = {}
+    lin.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0].clone()), prepend=True)
+    lin.register_forward_pre_hook(lambda m, a: seen.__setitem__("out", a[0].clone()))
+    model(_ids(2, 100))
+    x, y = seen["in"], seen["out"]
+    start = 100 - int(0.95 * 100)                     # 5 dense positions
+    assert torch.equal(y[:, :start], x[:, :start])
+    tail, dropped = gate_reference(x[:, start:], gate, gating)
+    assert torch.equal(y[:, start:], tail)
+    assert int(gate.dropped) == int(dropped) > 0
+    assert int(gate.seen) == x.numel()
+
+
 @torch.no_grad()
 def test_per_matrix_sparsity_and_report():
     model = tiny_model("llama")
