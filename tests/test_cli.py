@@ -225,7 +225,18 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
     ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8", "--out", tmp_path / "plan2"))
     assert json.loads((plan / "plan.json").read_text())["allocation"] is None      # left as it was
     assert json.loads((tmp_path / "plan2" / "plan.json").read_text())["allocation"]["step"] == 0.1
-    user_error(invoke("allocate", plan, "--out", tmp_path / "plan2"), "not empty")
+    done = (tmp_path / "plan2" / "plan.json").read_bytes()
+    # the same command again: the finished allocation stands (an interrupted one would resume)
+    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8", "--out", tmp_path / "plan2"))
+    assert (tmp_path / "plan2" / "plan.json").read_bytes() == done
+    import shutil
+    shutil.copytree(plan, tmp_path / "plan3")         # what an allocation stopped after its copy leaves
+    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8", "--out", tmp_path / "plan3"))
+    assert json.loads((tmp_path / "plan3" / "plan.json").read_text())["allocation"]["step"] == 0.1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    user_error(invoke("allocate", plan, "--out", tmp_path / "other"), "is not a copy of")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     user_error(invoke("allocate", plan, "--gpus", "2", "--device", "cpu"), "--gpus 2 needs the model on a GPU")
     ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))          # in place
     meta = json.loads((plan / "plan.json").read_text())

@@ -158,6 +158,37 @@ def test_evaluation_settings_are_checked_before_the_model_loads(tiny, text_file,
     assert not (tmp_path / "r.json").exists()
 
 
+def test_unknown_or_absent_device_is_one_line(tiny, text_file, tmp_path, no_model_load):
+    import torch
+    user_error(invoke("ppl", tiny, "--text", text_file, "--device", "tpu"), "unknown device 'tpu'")
+    user_error(invoke("calibrate", tiny, "--device", "gpu0", "--out", tmp_path / "p"), "unknown device")
+    if not torch.cuda.is_available():
+        user_error(invoke("ppl", tiny, "--text", text_file, "--device", "cuda"), "device 'cuda'", "--device cpu")
+        user_error(invoke("chat", tiny, "--prompt", "hi", "--device", "cuda:1"), "device 'cuda:1'")
+    assert not (tmp_path / "p").exists()
+
+
+def test_chat_text_that_is_not_utf8(tiny, no_model_load):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (argv, a pipe): refused in one line."""
+    user_error(invoke("chat", tiny, "--prompt", "hi \udcff\udcfe"), "--prompt", "not UTF-8", "character 3")
+    user_error(invoke("chat", tiny, "--prompt", "hi", "--system", "\udcff"), "--system", "not UTF-8")
+
+
+def test_chat_session_refuses_text_that_is_not_utf8_and_keeps_the_conversation(tiny):
+    from wina import api
+    from wina.errors import InvalidArgument
+    loaded = api.load(str(tiny), device="cpu")
+    s = api.ChatSession(loaded.model, loaded.tokenizer, max_new_tokens=2, backend="transformers")
+    s.send("hello")
+    before = list(s.messages)
+    with pytest.raises(InvalidArgument, match="not UTF-8"):
+        s.send("bad \udcff")
+    assert s.messages == before
+    assert s.send("again").tokens >= 1
+    with pytest.raises(InvalidArgument, match="system prompt"):
+        api.ChatSession(loaded.model, loaded.tokenizer, system="\udcff")
+
+
 def test_wikitext_calibration_without_a_data_folder(tiny, tmp_path, monkeypatch, no_model_load):
     import wina.data
     monkeypatch.delenv("WINA_DATA", raising=False)
@@ -205,6 +236,21 @@ def test_plan_json_with_wrong_types(plan, tiny, tmp_path):
     (bad / "plan.json").write_text(json.dumps(meta))
     user_error(invoke("eval", tiny, "--plan", bad, "--sparsity", "0.5", "--ppl-text", bad / "plan.json"),
                "wrong type")
+
+
+def test_calibration_text_edited_after_the_plan_is_refused(tiny, text_file, tmp_path):
+    """The same command on an edited text is another calibration: refused, the plan kept as it was."""
+    text = tmp_path / "cal.txt"
+    text.write_text(text_file.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "plan"
+    cmd = ("calibrate", tiny, "--method", "teal", "--data", text, "--samples", "2", "--seq-len", "32", "--out", out)
+    ok(invoke(*cmd))
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".wina-lock"}
+    ok(invoke(*cmd))                                  # unchanged text: the finished plan stands
+    text.write_text("A new first sentence. " + text.read_text(encoding="utf-8"), encoding="utf-8")
+    user_error(invoke(*cmd), "other arguments", "the text file has changed")
+    after = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".wina-lock"}
+    assert after == before
 
 
 def test_edited_plan_is_refused(plan, tiny, text_file, tmp_path):

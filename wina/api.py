@@ -14,7 +14,7 @@ from . import __version__, distributed  # noqa: F401
 from .accounting import FlopCount, SparsityReport, flops_per_token, report  # noqa: F401
 from .adapters import ADAPTERS, SUPPORTED, adapter_for  # noqa: F401
 from .bench import SHAPES, print_bench, print_chat_bench, random_model, run_bench, run_chat_bench, shape_config  # noqa: F401
-from .chat import ChatSession, Reply, release_engine  # noqa: F401
+from .chat import ChatSession, Reply, check_text, release_engine  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
 from .compare import SHORT  # noqa: F401
 from .calibrate import source_file as calibration_file, wikitext_path  # noqa: F401
@@ -29,7 +29,8 @@ from .generate import Generation, chat_input_ids, generation_backend, stream_gen
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
 from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_label,  # noqa: F401
-                       apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, sparse_options)
+                       apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, same_calibration,
+                       sparse_options)
 from .plan import (LayerHistogram, Plan, TrajectoryRow, nearest_row, plan_folders, plan_histogram,  # noqa: F401
                    plan_trajectory)
 from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS as ROTATIONS  # noqa: F401

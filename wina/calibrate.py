@@ -443,6 +443,23 @@ def _gate_scores(x, scale):
     return gate_scores(x, scale)
 
 
+def _same_args(stored: Optional[dict], args: dict) -> bool:
+    """Whether a plan's recorded calibration arguments are ``args`` (a plan from before the text's
+    checksum was recorded is compared without it)."""
+    if stored is None:
+        return False
+    if "source_sha256" not in stored:
+        args = {k: v for k, v in args.items() if k != "source_sha256"}
+    return stored == args
+
+
+def _text_changed(meta: dict, args: dict) -> bool:
+    stored = meta.get("calibration_args") or {}
+    return ("source_sha256" in stored and stored.get("source_sha256") != args.get("source_sha256")
+            and {k: v for k, v in stored.items() if k != "source_sha256"}
+            == {k: v for k, v in args.items() if k != "source_sha256"})
+
+
 def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
               samples: Optional[int] = None, seq_len: Optional[int] = None,
               out: Optional[str | Path] = None, weighted: str = "default", model_id: str = "",
@@ -493,14 +510,18 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
             "transform": rotation is not None}
     if rotation in DATA_ROTATIONS:
         args["rotation"] = rotation
+    if kind == "file" and input_ids is None:
+        from .files import sha256
+        args["source_sha256"] = sha256(src)         # an edited text is another calibration
 
     rep = Reporter("calibrate", n_layers, on_event, cancel, n_layers=n_layers)
     plan = None
     if out is not None and Path(out).exists() and (Path(out) / "plan.json").exists():
         plan = Plan.load(out, allow_partial=True)
         plan.check_model(model)
-        if plan.meta.get("calibration_args") != args:
-            raise PlanError(f"{out} holds a calibration made with other arguments; "
+        if not _same_args(plan.meta.get("calibration_args"), args):
+            raise PlanError(f"{out} holds a calibration made with other arguments"
+                            f"{' (the text file has changed)' if _text_changed(plan.meta, args) else ''}; "
                             "use another directory or delete it")
         if rotation is not None:
             ensure(model, True, rotation=rotation, basis=plan.rotation_basis, what="this calibration",

@@ -178,6 +178,19 @@ WARM_UP_MESSAGES = [{"role": "user", "content": "(warm-up)"}]   # the warm-up re
 WARM_UP_LENGTHS = (2, 16, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)   # prompt lengths it prefills
 
 
+def check_text(text: str, what: str = "the message") -> str:
+    """``text`` itself, if it is a string a tokenizer can take: the bytes of a terminal or a pipe that
+    are not UTF-8 reach Python as lone surrogates, which no tokenizer accepts."""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"{what} must be text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgument(f"{what} is not UTF-8 text (at character {e.start}); check the "
+                              "terminal's or the file's encoding") from None
+    return text
+
+
 class ChatSession:
     """A multi-turn conversation with ``model`` (see the module docstring).
 
@@ -200,7 +213,7 @@ class ChatSession:
             raise InvalidArgument(f"backend must be auto, engine or transformers, got {backend!r}")
         self.model, self.tokenizer = model, tokenizer
         self.want_sparse = bool(sparse)
-        self.system = system
+        self.system = None if system is None else check_text(system, "the system prompt")
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.backend = ("engine" if engine_available(model) else "transformers") if backend == "auto" else backend
         limit = int(getattr(model.config, "max_position_embeddings", 4096) or 4096)
@@ -361,6 +374,7 @@ class ChatSession:
              cancel: Optional[CancelToken] = None, max_new_tokens: Optional[int] = None) -> Reply:
         """Answer ``text`` (streamed through ``on_text`` deltas); the exchange joins the conversation."""
         t0 = time.perf_counter()
+        check_text(text)
         max_new = int(max_new_tokens or self.max_new_tokens)
         if max_new < 1:
             raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new}")

@@ -144,11 +144,29 @@ class Evaluation:
 # --- 1. load --------------------------------------------------------------------------------------
 
 def resolve_device(device: Optional[str] = "auto") -> str:
-    """``auto`` is cuda when a GPU is visible, else cpu."""
-    if device not in (None, "", "auto"):
-        return str(device)
+    """``auto`` is cuda when a GPU is visible, else cpu. Any other name must be a device this
+    machine has (cpu, cuda, cuda:N, mps): an unknown name or a GPU that is not there is an
+    InvalidArgument, before anything loads."""
     import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    name = str(device)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InvalidArgument(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise InvalidArgument(f"device {name!r}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgument(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InvalidArgument(f"device {name!r}: no Apple GPU is available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise InvalidArgument(f"device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return name
 
 
 def load(model: str = EMBEDDED, *, device: Optional[str] = "auto", dtype: Optional[str] = "auto",
@@ -206,7 +224,7 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         # a finished allocation is replaced only when the new one is complete: work on a copy
         work = allocating_folder(target) if finished else target
         copy = allocating_folder(target)
-        if copy.exists() and (not finished or not _same_calibration(copy, meta)):
+        if copy.exists() and (not finished or not same_calibration(copy, meta)):
             shutil.rmtree(copy)         # a copy left by an earlier allocation of another calibration
         if finished and not work.exists():
             shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
@@ -224,7 +242,7 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         return new
 
 
-def _same_calibration(copy: Path, meta: dict) -> bool:
+def same_calibration(copy: PathLike, meta: dict) -> bool:
     """Whether the plan folder ``copy`` holds the calibration of the plan whose metadata is ``meta``
     (the same checksums of its calibration ids, rotation and histograms)."""
     def calibration(m: dict) -> dict:

@@ -37,6 +37,11 @@ def chat_cmd(
         raise InvalidArgument(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or not (0 < top_p <= 1):
         raise InvalidArgument("--temperature must be >= 0 and --top-p in (0, 1]")
+    from ..api import check_text
+    if system is not None:
+        check_text(system, "--system")                # before the model loads
+    if prompt is not None:
+        check_text(prompt, "--prompt")
     with ProgressRenderer(transient=True) as r:
         loaded = _load(model, device, dtype, r)
         sp = _prepare(loaded, opts)
@@ -62,6 +67,12 @@ def chat_cmd(
 
         try:
             g = session.send(user, on_text=emit, cancel=cancel)
+        except InvalidArgument as e:
+            if prompt is not None:
+                raise
+            sys.stdout.write("\n")
+            err.print(f"[red]error:[/] {escape(str(e))}")   # the conversation goes on
+            return
         except KeyboardInterrupt:
             cancel.cancel()
             sys.stdout.write("\n")

@@ -13,10 +13,8 @@ from .render import ProgressRenderer
 # --- shared helpers ---------------------------------------------------------------------------------
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ..api import resolve_device
+    return resolve_device(device)
 
 
 def _quiet_libraries() -> None:

@@ -97,10 +97,15 @@ def allocate_cmd(
         raise InvalidArgument(f"{plan} does not name its model; give --model")
     target = Path(out_plan) if out_plan is not None else Path(plan)
     if target.resolve() != Path(plan).resolve():
+        from ..api import same_calibration
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise InvalidArgument(f"--out {target} exists and is not empty (or not a folder)")
-        import shutil
-        shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
+            # the same command again (an interrupted allocation) resumes; anything else is refused
+            if not (target.is_dir() and same_calibration(target, meta)):
+                raise InvalidArgument(f"--out {target} exists and is not a copy of {plan} "
+                                      "(not empty, not a folder, or another calibration)")
+        else:
+            import shutil
+            shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
     from ..api import Allocation, allocate, locked
     with locked(target, f"plan {target}"), ProgressRenderer() as r:      # a second writer: refused at once
         loaded = _load(spec, device, dtype, r)
