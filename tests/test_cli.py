@@ -3,6 +3,7 @@ Llama (2 layers, hidden 64, a word-level tokenizer built in code, no downloads) 
 (one red line, exit code 2, no traceback unless --debug)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -247,6 +248,17 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
     assert 0.3 < d["measured_sparsity"] < 0.7
     user_error(invoke("ppl", tiny, "--plan", plan, "--method", "teal", "--sparsity", "0.5",
                       "--text", text_file), "does not match")
+    # a results file carries what made its plan and its text, not just the path it was given
+    ok(invoke("eval", tiny, "--plan", plan, "--sparsity", "0.5", "--ppl-text", text_file,
+              "--ppl-max-tokens", "512", "--output", tmp_path / "r.json"))
+    w = json.loads((tmp_path / "r.json").read_text())["wina"]
+    ps = w["plan_settings"]
+    assert ps["path"] == str(plan.resolve()) and ps["method"] == "wina"
+    assert ps["calibration"]["samples"] == 2 and ps["calibration"]["seq_len"] == 32
+    assert ps["calibration"]["source_sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
+    assert ps["allocation"]["step"] == 0.1 and ps["allocation"]["max_sparsity"] == 0.8
+    assert ps["plan_json_sha256"] == hashlib.sha256((plan / "plan.json").read_bytes()).hexdigest()
+    assert w["perplexity"]["sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
 
 
 def test_calibrate_with_the_per_block_pca_rotation(tiny, text_file, tmp_path):

@@ -549,7 +549,9 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
         r = perplexity(model, tokenizer, text, context=ppl_context, max_tokens=ppl_max_tokens,
                        protocol=ppl_protocol, on_event=on_event, cancel=cancel)
         measured_ppl = _measured(sparsifier)
-        ppl_block = {"file": str(ppl_file), "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
+        from .files import sha256
+        ppl_block = {"file": str(ppl_file), "sha256": sha256(ppl_file),
+                     "perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens,
                      "windows": r.windows, "context": r.context, "max_tokens": ppl_max_tokens,
                      "protocol": r.protocol, "measured_sparsity": measured_ppl}
     if names:
@@ -569,8 +571,23 @@ def run_evaluation(model, tokenizer, tasks: Union[str, Sequence[str], None] = No
         {"tasks": [], "limit": None, "data_dir": None, "num_fewshot": None},
         headline=headlines(lm_res, names) if lm_res else {},
         perplexity=ppl_block, elapsed_s=time.perf_counter() - t0, extra=extra)
+    if plan:
+        wina["plan_settings"] = plan_settings(plan)
     record = _results.make_record(lm_res, wina)
     return _results.write_run(record, out) if out is not None else _results.Run(None, record)
+
+
+def plan_settings(plan) -> dict:
+    """What made a plan, for a results file to carry: its folder, the checksum of its plan.json (which
+    holds its files' checksums), the calibration's arguments and the allocation's settings."""
+    from .files import sha256
+    from .plan_meta import read_meta
+    folder = Path(plan).expanduser().resolve()
+    meta = read_meta(folder)
+    return {"path": str(folder), "plan_json_sha256": sha256(folder / "plan.json"),
+            "method": meta.get("method"), "transform": meta.get("transform"), "rotation": meta.get("rotation"),
+            "model": meta.get("model_id") or meta.get("model"),
+            "calibration": meta.get("calibration_args"), "allocation": meta.get("allocation")}
 
 
 def _measured(sparsifier) -> Optional[float]:
