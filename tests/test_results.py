@@ -123,3 +123,96 @@ def test_chart_renders(run_dir):
     assert "piqa" in quality_chart(runs, y="piqa", color=False)
     with pytest.raises(InvalidArgument, match="nothing to plot"):
         quality_chart(runs, y="mmlu")
+
+
+# --- `wina compare` never drops a value: files merged per model × method × sparsity ------------------
+
+def _ppl_only(model="tiny", ppl=27.53, method="dense", sparsity=0.0, date=None):
+    """A results file as `wina ppl --output` writes it: no lm-eval part, no headline."""
+    w = make_wina_block(model_id=model, method=method, sparsity=sparsity, measured=sparsity,
+                        eval_info={"tasks": [], "limit": None, "data_dir": None, "num_fewshot": None},
+                        perplexity={"file": "wiki.test.raw", "perplexity": ppl, "tokens": 1000})
+    if date:
+        w["date"] = date
+    return make_record(None, w)
+
+
+def _piqa_only(model="tiny", acc=0.40, date=None):
+    """A results file as `wina eval --tasks piqa` (no --ppl-text) writes it: no perplexity."""
+    from wina.evaluate import headlines
+    lm = {"results": {"piqa": {"alias": "piqa", "acc_norm,none": acc}},
+          "n-samples": {"piqa": {"original": 100, "effective": 10}}}
+    w = make_wina_block(model_id=model, method="dense", headline=headlines(lm, ("piqa",)),
+                        eval_info={"tasks": ["piqa"], "limit": 10, "data_dir": "/data"}, perplexity=None)
+    if date:
+        w["date"] = date
+    return make_record(lm, w)
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+    from wina.cli import app
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, (res.output, res.exception)
+    return res.stdout
+
+
+@pytest.mark.parametrize("ppl_first", [True, False])
+def test_compare_merges_ppl_and_eval_files_of_one_config(tmp_path, ppl_first):
+    a = write_run(_ppl_only(date="2026-01-01T00:00:00+00:00"), tmp_path / "a.json").path
+    b = write_run(_piqa_only(date="2026-02-01T00:00:00+00:00"), tmp_path / "b.json").path
+    files = [a, b] if ppl_first else [b, a]
+    cmp = comparison_rows(load_runs(files))
+    assert cmp.acc_columns == ["piqa"] and cmp.low_columns == ["ppl"] and not cmp.warnings
+    assert len(cmp.rows) == 1
+    row = cmp.rows[0]
+    assert row.label == "dense" and row.values == {"piqa": pytest.approx(0.40), "ppl": pytest.approx(27.53)}
+    assert {r.path for r in row.runs} == {a, b}
+    for out in (_cli("compare", *files), _cli("compare", *files, "--markdown"), comparison_markdown(load_runs(files))):
+        assert "40.00" in out and "27.53" in out, out
+        assert "warning" not in out
+    assert "27.53" in _cli("compare", tmp_path)
+
+
+def test_compare_keeps_rows_of_different_models(tmp_path):
+    t = write_run(_ppl_only(model="tiny", ppl=27.53), tmp_path / "tiny.json").path
+    s = write_run(_ppl_only(model="smol", ppl=15.25), tmp_path / "smol.json").path
+    cmp = comparison_rows(load_runs([t, s]))
+    assert cmp.models == ["smol", "tiny"] and not cmp.warnings
+    assert [(r.model, r.label, r.values["ppl"]) for r in cmp.rows] == [("smol", "dense", 15.25),
+                                                                       ("tiny", "dense", 27.53)]
+    out = _cli("compare", t, s)
+    assert "model" in out and "27.53" in out and "15.25" in out
+    assert any("tiny" in line and "27.53" in line for line in out.splitlines())
+    assert any("smol" in line and "15.25" in line for line in out.splitlines())
+    md = comparison_markdown(load_runs([t, s]))
+    assert md.startswith("| model | sparsity | method")
+    assert "| tiny | 0 % | dense | 27.53 |" in md and "| smol | 0 % | dense | 15.25 |" in md
+    # the chart: one line per model and method, each sparse line from its own model's dense value
+    write_run(_ppl_only(model="tiny", ppl=40.0, method="wina", sparsity=0.5), tmp_path / "tw.json")
+    write_run(_ppl_only(model="smol", ppl=20.0, method="wina", sparsity=0.5), tmp_path / "sw.json")
+    series = chart_series(load_runs([tmp_path]), "ppl")
+    assert series == {"smol: dense": [(0.0, 15.25)], "smol: WINA": [(0.0, 15.25), (50.0, 20.0)],
+                      "tiny: dense": [(0.0, 27.53)], "tiny: WINA": [(0.0, 27.53), (50.0, 40.0)]}
+    assert "tiny: WINA" in quality_chart(load_runs([tmp_path]), y="ppl", color=False)
+    # one model: no model column, as before
+    assert comparison_markdown(load_runs([t])).startswith("| sparsity | method")
+
+
+def test_compare_warns_when_files_disagree_on_a_cell(tmp_path):
+    old = write_run(_ppl_only(ppl=27.53, date="2026-01-01T00:00:00+00:00"), tmp_path / "old.json").path
+    new = write_run(_ppl_only(ppl=30.00, date="2026-02-01T00:00:00+00:00"), tmp_path / "new.json").path
+    for files in ([old, new], [new, old]):
+        cmp = comparison_rows(load_runs(files))
+        assert len(cmp.rows) == 1 and cmp.rows[0].values["ppl"] == 30.0     # the latest
+        assert len(cmp.warnings) == 1
+        w = cmp.warnings[0]
+        assert str(old) in w and str(new) in w and "ppl" in w and "dense" in w
+        out = _cli("compare", *files)
+        assert "30.00" in out and "warning" in out and "old.json" in out and "new.json" in out
+        md = comparison_markdown(load_runs(files))
+        assert "> warning:" in md and str(old) in md
+    # the same value (as shown) in two files: one row, no warning
+    write_run(_ppl_only(ppl=30.0000001, date="2026-03-01T00:00:00+00:00"), tmp_path / "again.json")
+    cmp = comparison_rows(load_runs([new, tmp_path / "again.json"]))
+    assert len(cmp.rows) == 1 and not cmp.warnings

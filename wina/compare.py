@@ -5,7 +5,11 @@ CLI and the TUI can show as they are: :func:`comparison_table` a ``rich.table.Ta
 :func:`quality_chart` a string (plotext; ANSI colours unless ``color=False``), and
 :func:`comparison_rows` the plain numbers behind them.
 
-Rows are method × sparsity (dense first, then each sparsity with TEAL, TEAL-transform, WINA, ...);
+Rows are method × sparsity (dense first, then each sparsity with TEAL, TEAL-transform, WINA, ...),
+for each model when the runs come from more than one (a model column then tells them apart). Files
+of one model, method and sparsity make one row, their metrics merged (a ``wina ppl`` file and a
+``wina eval`` file of the same configuration fill the same row); where two of them measured the same
+metric the latest wins, and if they disagree a warning line names the files (never a silent pick);
 columns are the tasks' headline metrics (accuracy in %, see :func:`wina.evaluate.headline_metric`),
 their average, and perplexities (lm-eval's wikitext word perplexity, and the fast perplexity of
 ``wina ppl``) which are not averaged. The best value in each column at each sparsity is bold.
@@ -32,7 +36,9 @@ class Row:
     measured: Optional[float]
     values: dict[str, Optional[float]] = field(default_factory=dict)   # column -> value
     average: Optional[float] = None
-    run: Optional[Run] = None
+    run: Optional[Run] = None            # the latest of ``runs``
+    model: str = "?"                     # the ``wina.model`` of the row's runs
+    runs: list[Run] = field(default_factory=list)   # every run merged into this row, oldest first
 
 
 @dataclass
@@ -41,6 +47,8 @@ class Comparison:
     low_columns: list[str]               # perplexities, lower is better, not averaged
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)     # more than one: rows are told apart by model
+    warnings: list[str] = field(default_factory=list)   # one line per row whose files disagree
 
 
 def _method_key(label: str) -> tuple:
@@ -48,47 +56,92 @@ def _method_key(label: str) -> tuple:
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
+def _claims(r: Run) -> dict[str, tuple[bool, Optional[float]]]:
+    """{column: (higher_is_better, value)} for every metric this run measured (a measured value may be
+    None: a perplexity that overflowed)."""
+    out: dict[str, tuple[bool, Optional[float]]] = {}
+    for task, h in r.headline.items():
+        out[task] = (h.get("higher_is_better", True) is not False, h.get("value"))
+    if r.wina.get("perplexity"):
+        out[PPL_COLUMN] = (False, r.perplexity)
+    return out
+
+
+def _where(r: Run) -> str:
+    return str(r.path) if r.path is not None else "(unsaved run)"
+
+
 def comparison_rows(runs: Sequence[Run]) -> Comparison:
-    """Collect the headline numbers of each run; the latest run wins where two share a row."""
+    """Collect the headline numbers of each run, one row per model × method × sparsity.
+
+    Runs of the same row are merged metric by metric (a perplexity-only file and an lm-eval file of
+    the same configuration make one row with both); where two runs measured the same metric, the
+    latest (``wina.date``, then the order given) wins, and when their values differ as shown a
+    warning line names the files (:attr:`Comparison.warnings`)."""
     if not runs:
         raise InvalidArgument("nothing to compare: no runs")
-    latest: dict[tuple[str, float], Run] = {}
-    for r in runs:
-        key = (r.label, round(r.sparsity, 4))
-        if key not in latest or (r.wina.get("date") or "") >= (latest[key].wina.get("date") or ""):
-            latest[key] = r
+    groups: dict[tuple[str, str, float], list[tuple[str, int, Run]]] = {}
+    for i, r in enumerate(runs):
+        key = (str(r.wina.get("model", "?")), r.label, round(r.sparsity, 4))
+        groups.setdefault(key, []).append((r.wina.get("date") or "", i, r))
+    models = sorted({m for m, _, _ in groups})
     acc_cols: list[str] = []
     low_cols: list[str] = []
-    for r in latest.values():
-        for task, h in r.headline.items():
-            cols = acc_cols if h.get("higher_is_better", True) else low_cols
-            if task not in cols:
-                cols.append(task)
-        if r.perplexity is not None and PPL_COLUMN not in low_cols:
-            low_cols.append(PPL_COLUMN)
+    for r in runs:
+        for col, (higher, _) in _claims(r).items():
+            cols = acc_cols if higher else low_cols
+            if col not in acc_cols and col not in low_cols:
+                cols.append(col)
     acc_cols.sort(key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t))
     low_cols.sort(key=lambda t: (t == PPL_COLUMN, t))
-    rows = []
-    for (label, s), r in latest.items():
-        vals: dict[str, Optional[float]] = {}
-        for c in acc_cols + low_cols:
-            if c == PPL_COLUMN:
-                vals[c] = r.perplexity
-            else:
-                h = r.headline.get(c)
-                vals[c] = None if h is None else h.get("value")
+    rows: list[Row] = []
+    warnings: list[str] = []
+    used: set[int] = set()                               # the runs a shown value comes from
+    for (model, label, s), members in groups.items():
+        members.sort(key=lambda m: (m[0], m[1]))          # oldest first: the latest claim wins
+        group = [r for _, _, r in members]
+        vals: dict[str, Optional[float]] = {c: None for c in acc_cols + low_cols}
+        shown: dict[str, tuple[str, Run]] = {}           # column -> (value as shown, run that set it)
+        disagree: dict[str, None] = {}                   # columns whose files disagree (ordered)
+        losers: dict[str, None] = {}
+        for r in group:
+            for col, (_, v) in _claims(r).items():
+                fmt = _fmt_acc if col in acc_cols else _fmt_ppl
+                text = fmt(v)
+                if col in shown and shown[col][0] != text:
+                    disagree[col] = None
+                    losers[_where(shown[col][1])] = None
+                vals[col] = v
+                shown[col] = (text, r)
+        used.update(id(r) for _, r in shown.values())
+        measured = next((r.wina.get("measured_sparsity") for r in reversed(group)
+                         if r.wina.get("measured_sparsity") is not None), None)
         acc = [vals[c] for c in acc_cols]
         avg = sum(acc) / len(acc) if acc and all(v is not None for v in acc) else None
-        rows.append(Row(label, s, r.wina.get("measured_sparsity"), vals, avg, r))
-    rows.sort(key=lambda row: (row.label != "dense", row.sparsity, _method_key(row.label)))
+        row = Row(label, s, measured, vals, avg, group[-1], model, group)
+        rows.append(row)
+        if disagree:
+            winners = {_where(shown[c][1]): None for c in disagree}
+            others = [w for w in losers if w not in winners]
+            what = f"{label} at {_fmt_sparsity(row)}" + (f" of {model}" if len(models) > 1 else "")
+            warnings.append(f"warning: {what}: {', '.join(others)} and {', '.join(winners)} disagree on "
+                            f"{', '.join(SHORT.get(c, c) for c in disagree)}; showing the latest "
+                            f"({', '.join(winners)})")
+    rows.sort(key=lambda row: (models.index(row.model), row.label != "dense", row.sparsity,
+                               _method_key(row.label)))
     notes = []
-    limits = {(r.wina.get("eval") or {}).get("limit") for r in latest.values() if r.headline}
+    runs = [r for r in runs if id(r) in used]
+    limits = {(r.wina.get("eval") or {}).get("limit") for r in runs if r.headline}
     limits.discard(None)
     if limits:
         notes.append(f"lm-eval --limit {', '.join(str(x) for x in sorted(limits, key=str))} documents per task")
-    if any((r.wina.get("eval") or {}).get("data_dir") and "hellaswag" in r.headline for r in latest.values()):
+    if any((r.wina.get("eval") or {}).get("data_dir") and "hellaswag" in r.headline for r in runs):
         notes.append("hellaswag from llama.cpp's preprocessed text: close to the harness's scores, not identical")
-    return Comparison(acc_cols, low_cols, rows, notes)
+    return Comparison(acc_cols, low_cols, rows, notes, models, warnings)
+
+
+def _fmt_sparsity(row: Row) -> str:
+    return "0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %"
 
 
 def _fmt_acc(v: Optional[float]) -> str:
@@ -101,21 +154,30 @@ def _fmt_ppl(v: Optional[float]) -> str:
     return f"{v:.2f}" if v < 1000 else f"{v:.4g}"
 
 
+def _caption(cmp: Comparison) -> Optional[str]:
+    lines = (["; ".join(cmp.notes)] if cmp.notes else []) + cmp.warnings
+    return "\n".join(lines) or None
+
+
 def comparison_table(runs: Sequence[Run], *, title: Optional[str] = None):
-    """A rich Table: rows method × sparsity, columns tasks + average (+ perplexities)."""
+    """A rich Table: rows (model ×) method × sparsity, columns tasks + average (+ perplexities); a
+    model column when the runs come from more than one model, and the warnings in the caption."""
     from rich.table import Table
     from rich import box
     cmp = comparison_rows(runs)
-    models = sorted({r.run.wina.get("model", "?") for r in cmp.rows if r.run is not None})
-    table = Table(title=title or f"Quality vs sparsity — {', '.join(models)}", box=box.SIMPLE_HEAVY,
-                  caption="; ".join(cmp.notes) or None, caption_justify="left", collapse_padding=True,
+    many = len(cmp.models) > 1
+    table = Table(title=title or f"Quality vs sparsity — {', '.join(cmp.models)}", box=box.SIMPLE_HEAVY,
+                  caption=_caption(cmp), caption_justify="left", collapse_padding=True,
                   pad_edge=False)
     # every column at least as wide as its widest value: a narrow console folds headers, not numbers
-    widths = {"sparsity": 4, "method": max(len(r.label) for r in cmp.rows), "avg": 5, "measured": 7}
+    widths = {"sparsity": 4, "method": max(len(r.label) for r in cmp.rows), "avg": 5, "measured": 7,
+              "model": max(len(r.model) for r in cmp.rows)}
 
     def col(header, key=None, **kw):
         table.add_column(header, min_width=widths.get(key or header, 5), overflow="fold", **kw)
 
+    if many:
+        col("model")
     col("sparsity", justify="right")
     col("method")
     for c in cmp.acc_columns:
@@ -128,30 +190,32 @@ def comparison_table(runs: Sequence[Run], *, title: Optional[str] = None):
                          overflow="fold")
     col("measured", justify="right", style="dim")
 
-    best: dict[tuple[float, str], float] = {}
+    best: dict[tuple[str, float, str], float] = {}       # (model, sparsity, column): best value
     for row in cmp.rows:
         for c in cmp.acc_columns + ["avg"]:
             v = row.average if c == "avg" else row.values.get(c)
+            k = (row.model, row.sparsity, c)
             if v is not None and row.label != "dense":
-                best[(row.sparsity, c)] = max(best.get((row.sparsity, c), -math.inf), v)
+                best[k] = max(best.get(k, -math.inf), v)
         for c in cmp.low_columns:
             v = row.values.get(c)
+            k = (row.model, row.sparsity, c)
             if v is not None and row.label != "dense":
-                best[(row.sparsity, c)] = min(best.get((row.sparsity, c), math.inf), v)
+                best[k] = min(best.get(k, math.inf), v)
 
     def cell(row: Row, c: str, v: Optional[float], fmt) -> str:
         s = fmt(v)
-        n_at = sum(1 for r in cmp.rows if r.sparsity == row.sparsity and r.label != "dense")
-        if v is not None and row.label != "dense" and n_at > 1 and best.get((row.sparsity, c)) == v:
+        n_at = sum(1 for r in cmp.rows if (r.model, r.sparsity) == (row.model, row.sparsity) and r.label != "dense")
+        if v is not None and row.label != "dense" and n_at > 1 and best.get((row.model, row.sparsity, c)) == v:
             return f"[bold green]{s}[/]"
         return s
 
     prev = None
     for row in cmp.rows:
-        if prev is not None and row.sparsity != prev:
+        if prev is not None and (row.model, row.sparsity) != prev:
             table.add_section()
-        prev = row.sparsity
-        cells = ["0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %", row.label]
+        prev = (row.model, row.sparsity)
+        cells = ([row.model] if many else []) + [_fmt_sparsity(row), row.label]
         cells += [cell(row, c, row.values.get(c), _fmt_acc) for c in cmp.acc_columns]
         if cmp.acc_columns:
             cells.append(cell(row, "avg", row.average, _fmt_acc))
@@ -162,30 +226,35 @@ def comparison_table(runs: Sequence[Run], *, title: Optional[str] = None):
 
 
 def comparison_markdown(runs: Sequence[Run]) -> str:
-    """The same table as GitHub markdown (for docs/)."""
+    """The same table as GitHub markdown (for docs/); the warnings, if any, below it."""
     cmp = comparison_rows(runs)
-    head = ["sparsity", "method"] + [SHORT.get(c, c) for c in cmp.acc_columns]
+    many = len(cmp.models) > 1
+    head = (["model"] if many else []) + ["sparsity", "method"] + [SHORT.get(c, c) for c in cmp.acc_columns]
     head += ["avg"] if cmp.acc_columns else []
     head += [("ppl" if c == PPL_COLUMN else f"{c} word ppl") + " ↓" for c in cmp.low_columns] + ["measured"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in cmp.rows:
-        cells = ["0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %", row.label]
+        cells = ([row.model] if many else []) + [_fmt_sparsity(row), row.label]
         cells += [_fmt_acc(row.values.get(c)) for c in cmp.acc_columns]
         cells += [_fmt_acc(row.average)] if cmp.acc_columns else []
         cells += [_fmt_ppl(row.values.get(c)) for c in cmp.low_columns]
         cells.append("—" if row.measured is None else f"{100 * row.measured:.1f} %")
         lines.append("| " + " | ".join(cells) + " |")
+    if cmp.warnings:
+        lines += [""] + [f"> {w}  " for w in cmp.warnings]
     return "\n".join(lines)
 
 
 def chart_series(runs: Sequence[Run], y: str = "avg") -> dict[str, list[tuple[float, float]]]:
-    """{method label: [(sparsity %, value), ...]} for ``y`` = "avg", a task name or "ppl".
+    """{method label: [(sparsity %, value), ...]} for ``y`` = "avg", a task name or "ppl"; with runs
+    of more than one model the keys are ``"<model>: <method label>"``.
 
-    Each sparse method's line starts at the dense run's value (sparsity 0) when there is one."""
+    Each sparse method's line starts at its model's dense value (sparsity 0) when there is one."""
     cmp = comparison_rows(runs)
     if y not in ("avg", *cmp.acc_columns, *cmp.low_columns):
         raise InvalidArgument(f"nothing to plot for {y!r}; choose avg, "
                               f"{', '.join(cmp.acc_columns + cmp.low_columns)}")
+    many = len(cmp.models) > 1
 
     def value(row: Row) -> Optional[float]:
         v = row.average if y == "avg" else row.values.get(y)
@@ -193,18 +262,22 @@ def chart_series(runs: Sequence[Run], y: str = "avg") -> dict[str, list[tuple[fl
             return None
         return 100 * v if (y == "avg" or y in cmp.acc_columns) else v
 
-    dense = next((value(r) for r in cmp.rows if r.label == "dense" and value(r) is not None), None)
-    series: dict[str, list[tuple[float, float]]] = {}
+    dense = {}
+    for r in cmp.rows:
+        if r.label == "dense" and value(r) is not None:
+            dense.setdefault(r.model, value(r))
+    series: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for row in cmp.rows:
         v = value(row)
         if v is None:
             continue
-        series.setdefault(row.label, []).append((100 * row.sparsity, v))
-    for label, pts in series.items():
-        if label != "dense" and dense is not None and all(x > 0 for x, _ in pts):
-            pts.insert(0, (0.0, dense))
+        series.setdefault((row.model, row.label), []).append((100 * row.sparsity, v))
+    for (model, label), pts in series.items():
+        if label != "dense" and model in dense and all(x > 0 for x, _ in pts):
+            pts.insert(0, (0.0, dense[model]))
         pts.sort()
-    return dict(sorted(series.items(), key=lambda kv: _method_key(kv[0])))
+    ordered = sorted(series.items(), key=lambda kv: (cmp.models.index(kv[0][0]), _method_key(kv[0][1])))
+    return {(f"{model}: {label}" if many else label): pts for (model, label), pts in ordered}
 
 
 def quality_chart(runs: Sequence[Run], *, y: str = "avg", width: int = 80, height: int = 20,
@@ -221,7 +294,7 @@ def quality_chart(runs: Sequence[Run], *, y: str = "avg", width: int = 80, heigh
     markers = ["dot", "x", "+", "o", "*", "#", "@", "$"]
     for i, (label, pts) in enumerate(series.items()):
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        sig = fig.signal(xs, ys, marker="D" if label == "dense" else markers[i % len(markers)])
+        sig = fig.signal(xs, ys, marker="D" if label.split(": ")[-1] == "dense" else markers[i % len(markers)])
         sig.label(label)
         if len(pts) > 1:
             sig.lines()
