@@ -387,3 +387,115 @@ def test_parallel_eval_step_failure_is_one_clear_error(tiny_preset, tmp_path, mo
                                          r"boom: no such thing"):
         run_preset(preset, tmp_path / "out", procs=2)
     assert not (tmp_path / "out" / "runs" / "dense.json").exists()
+
+
+def _piqa_folder(root: Path, flip: bool = False) -> Path:
+    """A data folder holding the shipped piqa subset (``flip``: every label swapped)."""
+    import shutil
+    import wina.data
+    shutil.copytree(wina.data.SHIPPED_DIR / "piqa", root / "piqa")
+    if flip:
+        labels = root / "piqa" / "valid-labels.lst"
+        labels.write_text("".join(f"{1 - int(x)}\n" for x in labels.read_text().split()))
+    return root
+
+
+def _piqa_acc(path: Path) -> float:
+    return json.loads(path.read_text())["results"]["piqa"]["acc,none"]
+
+
+def test_another_data_folder_reruns_the_evaluations(tiny_preset, tmp_path, monkeypatch):
+    """The ledger records the data folder an evaluation read (``auto`` resolved), not the preset's
+    "auto": pointing $WINA_DATA at another folder reruns the evaluations, saying so; a ledger from
+    before (which recorded "auto") is judged by the folder its results file says was read."""
+    from wina.runner import _key
+    a, b = _piqa_folder(tmp_path / "a"), _piqa_folder(tmp_path / "b", flip=True)
+    f = tmp_path / "tasks.toml"
+    f.write_text(f'name = "tasks"\nmodel = "{load_preset(tiny_preset).model}"\ndevice = "cpu"\n'
+                 'dtype = "float32"\n[eval]\nsparsities = [0.5]\ntasks = ["piqa"]\nlimit = 2\n'
+                 'data_dir = "auto"\n[[variants]]\nname = "dense"\nmethod = "dense"\n')
+    out, dense = tmp_path / "out", tmp_path / "out" / "runs" / "dense.json"
+
+    def run(folder: Path):
+        monkeypatch.setenv("WINA_DATA", str(folder))
+        seen = []
+        s = run_preset(load_preset(f), out, on_step=lambda st, status: seen.append((st.title, status, st.why)))
+        return [x.title for x in s.ran], {t: w for t, status, w in seen if status == "rerun"}
+
+    assert run(a)[0] == ["eval dense", "compare all runs"]
+    assert json.loads(dense.read_text())["wina"]["eval"]["data_dir"] == str(a.resolve())
+    acc_a = _piqa_acc(dense)
+    assert run(a) == ([], {})
+
+    # 1. another folder: the evaluation reads it (its labels are flipped: every answer's score flips)
+    ran, why = run(b)
+    assert ran == ["eval dense", "compare all runs"]
+    assert why["eval dense"].startswith("settings changed: eval.data_dir '") and "/a' → '" in why["eval dense"]
+    assert why["eval dense"].endswith("/b'"), why
+    assert json.loads(dense.read_text())["wina"]["eval"]["data_dir"] == str(b.resolve())
+    assert _piqa_acc(dense) == pytest.approx(1 - acc_a)
+    assert run(b) == ([], {})
+
+    # 2. a ledger written before data folders were resolved ("auto"): the results file decides
+    led = json.loads((out / "steps.json").read_text())
+    entry = led["eval runs/dense.json"]
+    assert entry["settings"]["eval"]["data_dir"] == str(b.resolve())
+    entry["settings"]["eval"]["data_dir"] = "auto"
+    entry["key"] = _key(entry["settings"])
+    (out / "steps.json").write_text(json.dumps(led))
+    assert run(b) == ([], {})                          # results of b, asked for b: kept
+    ran, why = run(a)
+    assert ran == ["eval dense", "compare all runs"] and "/b' → '" in why["eval dense"], why
+    assert _piqa_acc(dense) == pytest.approx(acc_a)
+
+
+def test_damaged_outputs_are_made_again(tiny_preset, tmp_path):
+    """A results file or a plan file damaged after its step finished is not "done": the dry run shows
+    the step as a rerun and the run makes it again, each saying why (no late "not a JSON results
+    file" error)."""
+    from wina.plan import Plan
+    f = tmp_path / "tiny.toml"
+    f.write_text(tiny_preset.read_text().replace('name = "wina"\nmethod = "wina"\ntransform = true\n',
+                                                 'name = "teal2"\nmethod = "teal"\n')
+                 .replace('source = "text.txt"', f'source = "{tiny_preset.parent / "text.txt"}"')
+                 .replace('ppl_text = "text.txt"', f'ppl_text = "{tiny_preset.parent / "text.txt"}"')
+                 .replace("sparsities = [0.25, 0.5]", "sparsities = [0.5]"))
+    out = tmp_path / "out"
+    assert len(run_preset(load_preset(f), out).ran) == 8
+
+    def run():
+        seen = []
+        s = run_preset(load_preset(f), out, on_step=lambda st, status: seen.append((st.title, status, st.why)))
+        return [x.title for x in s.ran], {t: w for t, status, w in seen if status == "rerun"}
+
+    # 1. a truncated results file: the dry run and the run redo that evaluation (and the comparison)
+    dense = out / "runs" / "dense.json"
+    with open(dense, "r+b") as fh:
+        fh.truncate(100)
+    res = CliRunner().invoke(app, ["run", str(f), "--out", str(out), "--dry-run"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "damaged" in res.stdout and res.stdout.count("done, skipped") == 6, res.stdout
+    ran, why = run()
+    assert ran == ["eval dense", "compare all runs"]
+    assert "results file is damaged" in why["eval dense"] and "not a JSON results file" in why["eval dense"]
+    assert json.loads(dense.read_text())["wina"]["method"] == "dense"
+
+    # 2. a plan file that no longer matches its checksum: that plan is made again (with the same
+    #    settings: the evaluations made from it before the damage are kept)
+    hist = out / "plans" / "teal" / "histograms" / "layer_001.safetensors"
+    data = bytearray(hist.read_bytes())
+    data[-1] ^= 0xFF
+    hist.write_bytes(bytes(data))
+    ran, why = run()
+    assert ran == ["calibrate teal", "allocate teal"], ran
+    assert "histograms/layer_001.safetensors does not match its checksum" in why["calibrate teal"], why
+    assert not any(p.name.endswith((".new", ".replaced", ".allocating")) for p in (out / "plans").iterdir())
+    assert Plan.load(out / "plans" / "teal").allocated
+
+    # 3. an unreadable plan.json: the same
+    (out / "plans" / "teal2" / "plan.json").write_text("{")
+    ran, why = run()
+    assert ran == ["calibrate teal2", "allocate teal2"], ran
+    assert "plan is damaged" in why["calibrate teal2"] and "not valid JSON" in why["calibrate teal2"], why
+    assert Plan.load(out / "plans" / "teal2").allocated
+    assert run() == ([], {})

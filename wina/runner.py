@@ -16,8 +16,10 @@ loaded only when a step has to run, and only after every input of the steps to r
 The ledger (``steps.json``) records the settings that made each output (text inputs by their
 sha256), and, while a calibrate or allocate step runs, that it started (so that a killed step
 resumes where it stopped). An output is kept only when the ledger proves it was made, to the end,
-with the settings asked for now: an edited setting or text reruns it (saying what changed), and an
-output the ledger does not know (a folder without ``steps.json``) is made again. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
+with the settings asked for now: an edited setting or text, or another data folder (``auto``
+resolved), reruns it (saying what changed), and an output the ledger does not know (a folder
+without ``steps.json``) or that is damaged (a results file that does not load, a plan file that
+does not match its checksum) is made again. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
 that quick checks never mix with full results. Nothing here draws anything: the CLI passes
 ``on_step`` and ``on_event`` callbacks.
 
@@ -34,6 +36,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -96,7 +99,7 @@ class Step:
             o.pop("plan", None)                      # the folder; what made it is recorded above
             d["options"] = o
             d["eval"] = {"tasks": list(e.tasks or []), "limit": self.limit if self.limit is not None else e.limit,
-                         "data_dir": e.data_dir, "num_fewshot": e.num_fewshot, "batch_size": e.batch_size,
+                         "data_dir": self.data_folder, "num_fewshot": e.num_fewshot, "batch_size": e.batch_size,
                          "ppl_text": str(p.resolved_ppl_text()) if e.ppl_text else None,
                          "ppl_max_tokens": e.ppl_max_tokens, "ppl_protocol": getattr(e, "ppl_protocol", None)}
             if e.ppl_text:
@@ -105,10 +108,23 @@ class Step:
             d = {"kind": COMPARE, "inputs": [x.name for x in self.inputs]}
         return d
 
+    @cached_property
+    def data_folder(self) -> Optional[str]:
+        """The folder an evaluation reads its tasks from (``auto`` resolved, once per step: it depends
+        on $WINA_DATA and on which folders exist), or "hub"; the preset's own ``data_dir`` when there
+        are no tasks (nothing is read) or when it resolves to nothing here (the run stops on it)."""
+        e = self.preset.eval
+        if not e.tasks:
+            return e.data_dir
+        try:
+            path = self.preset.resolved_data_dir(self.limit)
+        except DataError:
+            return e.data_dir
+        return str(path) if path is not None else "hub"
+
     @property
     def key(self) -> str:
-        import hashlib
-        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _key(self.settings())
 
     @property
     def rel(self) -> str:
@@ -130,8 +146,8 @@ class Step:
         return self.output.exists()
 
     def stale(self, ledger: Optional[dict] = None) -> Optional[str]:
-        """Why the existing output no longer fits the preset (which settings changed, or that no
-        settings are recorded for it), or None. An output the ledger does not know (a run folder
+        """Why the existing output no longer fits the preset (which settings changed, that no
+        settings are recorded for it, or that it is damaged: :meth:`_damage`), or None. An output the ledger does not know (a run folder
         without steps.json, or from before it) is never adopted: nothing proves how it was made."""
         if self.root is None or self.kind == COMPARE or not self._has_output():
             return None
@@ -139,11 +155,39 @@ class Step:
         rec = led.get(self.rel)
         if rec is None:
             return UNKNOWN
-        if rec.get("key") == self.key:
-            return None
-        changed = _diff(rec.get("settings") or {}, self.settings())
-        return "settings changed: " + (", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
-                                       if changed else "unknown")
+        if rec.get("key") != self.key:
+            old = self._with_folder_read(rec.get("settings") or {})
+            if _key(old) != self.key:
+                changed = _diff(old, self.settings())
+                return "settings changed: " + (", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
+                                               if changed else "unknown")
+        return self._damage()
+
+    def _with_folder_read(self, old: dict) -> dict:
+        """Recorded settings with the data folder the results file says was read, where the ledger
+        (written before data folders were resolved) records the preset's ``data_dir`` ("auto")."""
+        ev = old.get("eval")
+        if self.kind != EVAL or not isinstance(ev, dict) or ev.get("data_dir") != self.preset.eval.data_dir:
+            return old
+        try:
+            read = api.load_run(self.output).wina["eval"].get("data_dir")
+        except (DataError, KeyError, AttributeError):
+            return old
+        return {**old, "eval": {**ev, "data_dir": read if read is not None else "hub"}}
+
+    def _damage(self) -> Optional[str]:
+        """Why the output on disk cannot be used (an unreadable results file, a plan whose files are
+        missing or do not match their checksums), or None."""
+        if self.kind == EVAL and self.output.exists():
+            try:
+                api.load_run(self.output)
+            except DataError as e:
+                return f"its results file is damaged ({e})"
+        if self.kind in (CALIBRATE, ALLOCATE) and self.output.exists():
+            problem = _plan_damage(self.output)
+            if problem is not None:
+                return f"its plan is damaged ({problem})"
+        return None
 
     def done(self, ledger: Optional[dict] = None) -> bool:
         """Whether the output exists, is complete, and was made with this step's settings, to the
@@ -193,6 +237,25 @@ def _plan_json(path: Path) -> Optional[dict]:
         return api.plan_info(path)
     except (PlanError, OSError):
         return None
+
+
+def _plan_damage(path: Path) -> Optional[str]:
+    """What is wrong with the plan folder ``path``: an unreadable plan.json, or a file it lists
+    missing or not matching its sha256 (hashes are cached while a file's size and time stay). A
+    folder without plan.json is a calibration that has not saved anything yet: not damaged."""
+    if not (path / "plan.json").is_file():
+        return None
+    try:
+        meta = api.plan_info(path)
+    except PlanError as e:
+        return str(e)
+    for rel, sha in meta["files"].items():
+        try:
+            if api.file_sha256(path / rel) != sha:
+                return f"{rel} does not match its checksum"
+        except OSError:
+            return f"{rel} is missing"
+    return None
 
 
 def _calibrated(meta: dict) -> bool:
@@ -251,6 +314,11 @@ def _ledger(root: Path) -> dict:
     return d
 
 
+def _key(settings: dict) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _record(step: Step, *, rel: Optional[str] = None, started: bool = False) -> None:
     """Write in the ledger the settings that made (``started``: that are making) ``rel`` (default:
     the step's own output)."""
@@ -285,8 +353,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _short(v) -> str:
+    """``v`` in at most 40 characters, its start and its end (a folder's name ends a path)."""
     text = repr(v)
-    return text if len(text) <= 40 else text[:13] + "…" + text[-1]
+    return text if len(text) <= 40 else text[:13] + "…" + text[-26:]
 
 
 # --- planning ------------------------------------------------------------------------------------
