@@ -168,6 +168,25 @@ def test_unknown_or_absent_device_is_one_line(tiny, text_file, tmp_path, no_mode
     assert not (tmp_path / "p").exists()
 
 
+def test_values_that_mean_nothing_are_refused(tiny, text_file, tmp_path, no_model_load):
+    user_error(invoke("--threads", "0", "models"), "--threads")
+    user_error(invoke("ppl", tiny, "--text", text_file, "--method", "dense", "--sparsity", "0.5"),
+               "--method dense", "drop one")
+    user_error(invoke("ppl", tiny, "--text", tmp_path), "is a folder")
+    user_error(invoke("chat", tiny, "--prompt", "  "), "--prompt is empty")
+    user_error(invoke("bench", "tiny-llama", "--layers", "0"), "--layers")
+
+
+def test_model_folder_without_a_tokenizer(tiny, text_file, tmp_path):
+    import shutil
+    folder = tmp_path / "notok"
+    folder.mkdir()
+    for f in tiny.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    user_error(invoke("ppl", folder, "--text", text_file), "no tokenizer files")
+
+
 def test_chat_text_that_is_not_utf8(tiny, no_model_load):
     """Bytes that are not UTF-8 reach Python as lone surrogates (argv, a pipe): refused in one line."""
     user_error(invoke("chat", tiny, "--prompt", "hi \udcff\udcfe"), "--prompt", "not UTF-8", "character 3")

@@ -164,7 +164,8 @@ def _read_texts(path: Path, field: str) -> list[str]:
                 texts.append("\n\n".join(str(rec[k]) for k in ("instruction", "input", "output")
                                          if rec.get(k)))
             else:
-                raise DataError(f"{path}:{n}: no field {field!r} (choose one with field=)")
+                raise DataError(f"{path}:{n}: no {field!r} field (every JSON line needs one, or alpaca's "
+                                "instruction/input/output)")
         return texts
     return [read_text(path)]
 

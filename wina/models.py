@@ -130,6 +130,11 @@ def _from_dir_or_hub(name: str, dtype, device: str, *, hub_id: bool = False, **k
     kw["trust_remote_code"] = False
     if hub_id and not hub.usable():
         kw["local_files_only"] = True            # the cache only: fail at once, not after retries
+    folder = Path(name).expanduser()
+    if not hub_id and folder.is_dir() and not any(
+            any(folder.glob(g)) for g in ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.tiktoken")):
+        raise ModelLoadError(f"cannot load model {name!r}: the folder has no tokenizer files "
+                             "(tokenizer.json, tokenizer_config.json, vocab/merges or a .model file)")
     try:
         tok = AutoTokenizer.from_pretrained(name, **kw)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)

@@ -85,6 +85,8 @@ def check_max_tokens(max_tokens, protocol: str = "windows", context: int = CONTE
 
 def read_text(path: Union[str, Path]) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{path} is a folder, not a text file")
     if not p.is_file():
         raise DataError(f"text file not found: {path}")
     return files.read_text(p)

@@ -280,6 +280,9 @@ def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = Non
         rotation = "svd"
     if method is None:
         method = "wina" if sparsity is not None else "dense"
+    if method == "dense" and sparsity:
+        raise InvalidArgument(f"--sparsity {sparsity} with --method dense: a dense model gates nothing; "
+                              "drop one of them")
     if sparsity is None:
         sparsity = 0.0 if method == "dense" else 0.5
     return SparseOptions(method=method, sparsity=sparsity, transform=transform, rotation=rotation, gating=gating,

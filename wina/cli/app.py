@@ -121,7 +121,7 @@ app = typer.Typer(
 @app.callback(invoke_without_command=True)
 def _root(ctx: typer.Context,
           debug: bool = typer.Option(False, "--debug", help="Show tracebacks instead of one-line errors."),
-          threads: Optional[int] = typer.Option(None, "--threads", envvar="WINA_THREADS",
+          threads: Optional[int] = typer.Option(None, "--threads", envvar="WINA_THREADS", min=1,
                                                 help="CPU threads for torch (default: torch's choice)."),
           version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
     _STATE["threads"] = threads

@@ -28,7 +28,7 @@ def bench_cmd(
     dtype: str = O_DTYPE,
     kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Also the per-kernel bandwidth table (CUDA)."),
     kernel_layers: int = typer.Option(8, "--kernel-layers", help="Layers the kernel table covers."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Shrink shape-only models to N layers."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Shrink shape-only models to N layers."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and prompt."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     chat: bool = typer.Option(False, "--chat", help="Measure the user's path instead: a scripted multi-turn "

@@ -42,6 +42,8 @@ def chat_cmd(
         check_text(system, "--system")                # before the model loads
     if prompt is not None:
         check_text(prompt, "--prompt")
+        if not prompt.strip():
+            raise InvalidArgument("--prompt is empty: give the message to answer")
     with ProgressRenderer(transient=True) as r:
         loaded = _load(model, device, dtype, r)
         sp = _prepare(loaded, opts)
