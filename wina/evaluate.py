@@ -123,6 +123,27 @@ def _quiet(level: str):
             os.environ["TQDM_DISABLE"] = old_tqdm
 
 
+@contextlib.contextmanager
+def _git_hash_without_noise():
+    """lm-eval records ``git describe`` of the working folder; outside a repository git prints
+    "fatal: not a git repository" on the user's terminal. The same lookup, its stderr dropped."""
+    import subprocess
+    from lm_eval import evaluator
+
+    def git_hash():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"],   # noqa: S607
+                                           stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return None
+    old = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = old
+
+
 # --- lm-eval glue ---------------------------------------------------------------------------------
 
 _CLASSES: dict[str, Any] = {}
@@ -457,6 +478,7 @@ def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, 
             stack.enter_context(offline())
         import lm_eval
         from lm_eval.utils import handle_non_serializable
+        stack.enter_context(_git_hash_without_noise())
         LM, TM = _classes()
         fewshot = {n: s.fewshot for n, s in _tasks.TASKS.items() if s.fewshot is not None}
         if data_dir is not None:
