@@ -187,6 +187,24 @@ def test_model_folder_without_a_tokenizer(tiny, text_file, tmp_path):
     user_error(invoke("ppl", folder, "--text", text_file), "no tokenizer files")
 
 
+def test_preset_on_a_device_that_is_not_here_leaves_no_folder(tiny_preset, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    f = tmp_path / "gpu.toml"
+    f.write_text(tiny_preset.read_text().replace('device = "cpu"', 'device = "cuda"'), encoding="utf-8")
+    (tmp_path / "text.txt").write_text((tiny_preset.parent / "text.txt").read_text())
+    user_error(invoke("run", f, "--out", tmp_path / "out"), "device 'cuda'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_perplexity_text_is_refused_before_the_model_loads(tiny, tmp_path, no_model_load):
+    e = tmp_path / "empty.txt"
+    e.write_text("  \n\n", encoding="utf-8")
+    user_error(invoke("eval", tiny, "--ppl-text", e, "--output", tmp_path / "r.json"), "is empty")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_chat_text_that_is_not_utf8(tiny, no_model_load):
     """Bytes that are not UTF-8 reach Python as lone surrogates (argv, a pipe): refused in one line."""
     user_error(invoke("chat", tiny, "--prompt", "hi \udcff\udcfe"), "--prompt", "not UTF-8", "character 3")

@@ -423,7 +423,8 @@ def check_settings(*, tasks=(), limit=None, num_fewshot: Optional[int] = None,
     from .perplexity import check_options, read_text
     check_options(ppl_max_tokens, ppl_protocol, ppl_context, name="ppl_max_tokens")
     if ppl_text is not None:
-        read_text(ppl_text)                  # missing, a folder, binary or not UTF-8: refused here
+        if not read_text(ppl_text).strip():  # missing, a folder, binary or not UTF-8: refused there
+            raise DataError(f"{ppl_text} is empty: nothing to measure the perplexity of")
     return names
 
 

@@ -548,6 +548,7 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
     out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
     steps = plan_steps(preset, out, limit=limit)     # names and outputs checked
     describe(preset, limit)                          # fail early on a bad path / task / data folder
+    api.resolve_device(resolve_device(preset, device))   # an unknown or absent device, before any folder
     api.check_writable(out, folder=True)
     with api.locked(out, f"run folder {out}"):
         api.sweep_temps(out)                             # what a killed run left half-written
@@ -574,7 +575,6 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
     _check_inputs(preset, limit, todo)
     if on_plan is not None:
         on_plan(steps, todo)
-    api.atomic_write_text(out / "preset.json", json.dumps(preset.as_dict(), indent=1, default=str))
     summary = Summary(out)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
@@ -606,14 +606,25 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
             _compare(step, preset)
         if step.kind != COMPARE:
             _record(step)
+        _write_preset(out, preset)                   # once a step has made something from it
         summary.ran.append(step)
         summary.seconds[step.title] = time.perf_counter() - t0
         notify(step, "done")
+    _write_preset(out, preset)
     compare = next(s for s in steps if s.kind == COMPARE)
     summary.runs = [api.load_run(p) for p in compare.inputs if p.is_file()]
     summary.compare_path = compare.output if compare.output.is_file() else None
     summary.total_s = time.perf_counter() - t_start
     return summary
+
+
+def _write_preset(out: Path, preset: Preset) -> None:
+    """The preset the folder's outputs were made with (written once a step has finished, so a run
+    that stops at its first step, e.g. at the model's load, leaves no folder that holds only this)."""
+    text = json.dumps(preset.as_dict(), indent=1, default=str)
+    f = out / "preset.json"
+    if not (f.is_file() and f.read_text(encoding="utf-8") == text):
+        api.atomic_write_text(f, text)
 
 
 def _calibrate_work(step: Step) -> Path:
