@@ -961,3 +961,15 @@ async def test_calibration_checks_and_locks_its_plan_before_loading_the_model(tm
         new = " ".join(line.text for line in cal.query_one("#cal-log").lines[n:])
         assert cal.state == "failed" and "UTF-8" in new, new
         assert app.session.loaded is None
+
+
+@pytest.mark.parametrize("args,needle", [(["--max-new-tokens", "-1"], "--max-new-tokens"),
+                                         (["--temperature", "-2"], "--temperature"),
+                                         (["--threads", "0"], "--threads"),
+                                         (["--results", __file__], "is a file")])
+def test_bad_startup_options_are_refused_before_the_app_starts(args, needle, capsys):
+    from wina_tui.app import main
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err

@@ -414,6 +414,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--light", action="store_true", help="start with the light theme")
     p.add_argument("--threads", type=int, help="torch threads (default: CPUs − 1 on machines of ≤ 4 CPUs)")
     a = p.parse_args(argv)
+    # what the app cannot use is refused here, in one line (exit 2), not at the first message
+    if a.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    if not a.temperature >= 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be at least 1, got {a.threads}")
+    if a.results is not None and Path(a.results).expanduser().exists() and not Path(a.results).expanduser().is_dir():
+        p.error(f"--results {a.results} is a file, not a folder")
     run(a.model, preset=a.preset, results_dir=a.results, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, light=a.light, threads=a.threads)
 
