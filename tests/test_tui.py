@@ -150,6 +150,15 @@ async def test_pick_calibrate_chat_evaluate(tmp_path):
         ev.load_paths([str(f) for f in files])
         await pilot.pause()
         assert table.row_count == 2
+        # a run of another model gets its own row, and a model column says whose row is whose
+        other = json.loads(files[0].read_text())
+        other["wina"]["model"] = "another-model"
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        ev.load_paths([str(tmp_path / "other.json")])
+        await pilot.pause()
+        assert table.row_count == 3
+        assert str(table.ordered_columns[0].label) == "model"
+        assert "another-model" in {str(table.get_row_at(i)[0]) for i in range(3)}
 
 
 # --- responsiveness, cancel and resume -----------------------------------------------------------

@@ -468,31 +468,36 @@ class EvaluateScreen(Screen):
         if not self.runs:
             return
         cmp = comparison_rows(self.runs)
-        cols = ["sparsity", "method"] + [SHORT.get(c, c) for c in cmp.acc_columns]
+        several = len(cmp.models) > 1                   # runs of more than one model: say whose row
+        cols = (["model"] if several else []) + ["sparsity", "method"] + [SHORT.get(c, c) for c in cmp.acc_columns]
         cols += ["avg"] if cmp.acc_columns else []
         cols += [f"{c} ↓" for c in cmp.low_columns] + ["measured"]
         table.add_columns(*cols)
-        best: dict[tuple[float, str], float] = {}
+        best: dict[tuple[str, float, str], float] = {}
         for row in cmp.rows:
             if row.label == "dense":
                 continue
             for c in cmp.acc_columns:
                 v = row.values.get(c)
                 if v is not None:
-                    best[(row.sparsity, c)] = max(best.get((row.sparsity, c), -1.0), v)
+                    k = (row.model, row.sparsity, c)
+                    best[k] = max(best.get(k, -1.0), v)
             if row.average is not None:
-                best[(row.sparsity, "avg")] = max(best.get((row.sparsity, "avg"), -1.0), row.average)
+                k = (row.model, row.sparsity, "avg")
+                best[k] = max(best.get(k, -1.0), row.average)
         for row in cmp.rows:
-            n_at = sum(1 for r in cmp.rows if r.sparsity == row.sparsity and r.label != "dense")
+            n_at = sum(1 for r in cmp.rows
+                       if r.model == row.model and r.sparsity == row.sparsity and r.label != "dense")
 
             def cell(c, v, pct=True):
                 if v is None:
                     return Text("—", style="dim", justify="right")
                 s = f"{100 * v:.1f}" if pct else (f"{v:.2f}" if v < 1000 else f"{v:.4g}")
-                win = row.label != "dense" and n_at > 1 and best.get((row.sparsity, c)) == v
+                win = row.label != "dense" and n_at > 1 and best.get((row.model, row.sparsity, c)) == v
                 return Text(s, style="bold green" if win else "", justify="right")
 
-            cells = [Text("0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %", justify="right"),
+            cells = [Text(row.model)] if several else []
+            cells += [Text("0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %", justify="right"),
                      Text(row.label, style="bold" if row.label == "dense" else "")]
             cells += [cell(c, row.values.get(c)) for c in cmp.acc_columns]
             if cmp.acc_columns:
@@ -500,7 +505,7 @@ class EvaluateScreen(Screen):
             cells += [cell(c, row.values.get(c), pct=False) for c in cmp.low_columns]
             cells.append(Text(fmt_pct(row.measured), style="dim", justify="right"))
             table.add_row(*cells)
-        notes = [metric_note(self.runs, SHORT)] + list(cmp.notes)
+        notes = [metric_note(self.runs, SHORT)] + list(cmp.notes) + list(cmp.warnings)
         notes = "; ".join(n for n in notes if n)
         self.query_one("#results-notes", Static).update(Text(notes, style="dim") if notes else "")
         self.query_one(PlotView).replot()
