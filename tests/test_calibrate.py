@@ -115,7 +115,7 @@ def test_sources(tmp_path, monkeypatch):
     jl = tmp_path / "c.jsonl"
     jl.write_text("\n".join(json.dumps({"body": f"record {i} " * 20}) for i in range(20)))
     assert calibration_ids(model, tok, str(jl), 4, 32, field="body").shape == (4, 32)
-    with pytest.raises(DataError, match="no field"):
+    with pytest.raises(DataError, match="no .text. field"):
         calibration_ids(model, tok, str(jl), 4, 32)
     with pytest.raises(DataError, match="fewer than"):
         calibration_ids(model, tok, str(txt), 100, 64)
