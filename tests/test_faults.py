@@ -194,6 +194,8 @@ def test_preset_on_a_device_that_is_not_here_leaves_no_folder(tiny_preset, tmp_p
     f = tmp_path / "gpu.toml"
     f.write_text(tiny_preset.read_text().replace('device = "cpu"', 'device = "cuda"'), encoding="utf-8")
     (tmp_path / "text.txt").write_text((tiny_preset.parent / "text.txt").read_text())
+    res = ok(invoke("run", f, "--out", tmp_path / "out", "--dry-run"))     # a dry run shows it
+    assert "device: cuda: NOT AVAILABLE here" in res.stdout
     user_error(invoke("run", f, "--out", tmp_path / "out"), "device 'cuda'")
     assert not (tmp_path / "out").exists()
 

@@ -431,6 +431,10 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
     (model spec, data folder, task names and files, calibration file, perplexity text)."""
     kind, path = api.resolve_source(preset.model)
     info: dict[str, str] = {"model": f"{preset.model} ({kind})"}
+    try:                                 # shown, not raised: a dry run may look at a GPU preset anywhere
+        info["device"] = api.resolve_device(preset.device)
+    except InvalidArgument as err:
+        info["device"] = f"{preset.device}: NOT AVAILABLE here ({err})"
     if preset.description:
         info["description"] = preset.description
     greedy = [v for v in preset.variants if v.needs_plan]
