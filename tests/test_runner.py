@@ -137,8 +137,13 @@ def test_run_skip_and_resume(tiny_preset, tmp_path, monkeypatch):
         raise AssertionError("the model was loaded although every step was done")
 
     monkeypatch.setattr(wina.models, "load", no_load)
+    # (what a re-calibration for other settings, stopped and then given up, leaves beside a plan)
+    abandoned = out / "plans" / "teal.new"
+    abandoned.mkdir()
+    (abandoned / "plan.json").write_text("{}")
     s = run_preset(preset, out)
     assert s.ran == [] and len(s.skipped) == 10 and len(s.runs) == 5
+    assert not abandoned.exists()                     # stale: the plan beside it is done
     monkeypatch.undo()
 
     # 4. one results file lost: only that evaluation and the comparison run again

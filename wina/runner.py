@@ -579,6 +579,7 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
     _check_inputs(preset, limit, todo)
     if on_plan is not None:
         on_plan(steps, todo)
+    _drop_abandoned_calibrations(steps, todo)
     summary = Summary(out)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
@@ -620,6 +621,17 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
     summary.compare_path = compare.output if compare.output.is_file() else None
     summary.total_s = time.perf_counter() - t_start
     return summary
+
+
+def _drop_abandoned_calibrations(steps: list[Step], todo: list[Step]) -> None:
+    """A ``<variant>.new`` beside a plan that is done with the settings asked for now is what is left
+    of a re-calibration for other settings, stopped and then given up (the preset went back): stale."""
+    import shutil
+    running = {id(s) for s in todo}
+    for s in steps:
+        scratch = s.output.with_name(s.output.name + ".new")
+        if s.kind == CALIBRATE and id(s) not in running and scratch.is_dir():
+            shutil.rmtree(scratch)
 
 
 def _write_preset(out: Path, preset: Preset) -> None:
