@@ -16,7 +16,7 @@ from .adapters import ADAPTERS, SUPPORTED, adapter_for  # noqa: F401
 from .bench import SHAPES, print_bench, print_chat_bench, random_model, run_bench, run_chat_bench, shape_config  # noqa: F401
 from .chat import ChatSession, Reply, check_text, release_engine  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
-from .compare import SHORT  # noqa: F401
+from .compare import SHORT, is_best  # noqa: F401
 from .calibrate import source_file as calibration_file, wikitext_path  # noqa: F401
 from .data import DataSource, find_data_dir, resolve as resolve_data  # noqa: F401
 from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, PlanError,  # noqa: F401

@@ -444,21 +444,16 @@ def _gate_scores(x, scale):
     return gate_scores(x, scale)
 
 
-def _same_args(stored: Optional[dict], args: dict) -> bool:
-    """Whether a plan's recorded calibration arguments are ``args`` (a plan from before the text's
-    checksum was recorded is compared without it)."""
-    if stored is None:
-        return False
-    if "source_sha256" not in stored:
-        args = {k: v for k, v in args.items() if k != "source_sha256"}
-    return stored == args
-
-
-def _text_changed(meta: dict, args: dict) -> bool:
-    stored = meta.get("calibration_args") or {}
-    return ("source_sha256" in stored and stored.get("source_sha256") != args.get("source_sha256")
-            and {k: v for k, v in stored.items() if k != "source_sha256"}
-            == {k: v for k, v in args.items() if k != "source_sha256"})
+def _args_mismatch(stored: Optional[dict], args: dict) -> Optional[str]:
+    """None when a plan's recorded calibration arguments are ``args`` (a plan from before the text's
+    checksum was recorded is compared without it); else what to add to the refusal ("" or why)."""
+    if stored == args:
+        return None
+    def rest(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "source_sha256"}
+    if isinstance(stored, dict) and rest(stored) == rest(args):
+        return None if "source_sha256" not in stored else " (the text file has changed)"
+    return ""
 
 
 def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
@@ -520,9 +515,9 @@ def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
     if out is not None and Path(out).exists() and (Path(out) / "plan.json").exists():
         plan = Plan.load(out, allow_partial=True)
         plan.check_model(model)
-        if not _same_args(plan.meta.get("calibration_args"), args):
-            raise PlanError(f"{out} holds a calibration made with other arguments"
-                            f"{' (the text file has changed)' if _text_changed(plan.meta, args) else ''}; "
+        why = _args_mismatch(plan.meta.get("calibration_args"), args)
+        if why is not None:
+            raise PlanError(f"{out} holds a calibration made with other arguments{why}; "
                             "use another directory or delete it")
         if rotation is not None:
             ensure(model, True, rotation=rotation, basis=plan.rotation_basis, what="this calibration",

@@ -190,25 +190,9 @@ def comparison_table(runs: Sequence[Run], *, title: Optional[str] = None):
                          overflow="fold")
     col("measured", justify="right", style="dim")
 
-    best: dict[tuple[str, float, str], float] = {}       # (model, sparsity, column): best value
-    for row in cmp.rows:
-        for c in cmp.acc_columns + ["avg"]:
-            v = row.average if c == "avg" else row.values.get(c)
-            k = (row.model, row.sparsity, c)
-            if v is not None and row.label != "dense":
-                best[k] = max(best.get(k, -math.inf), v)
-        for c in cmp.low_columns:
-            v = row.values.get(c)
-            k = (row.model, row.sparsity, c)
-            if v is not None and row.label != "dense":
-                best[k] = min(best.get(k, math.inf), v)
-
     def cell(row: Row, c: str, v: Optional[float], fmt) -> str:
         s = fmt(v)
-        n_at = sum(1 for r in cmp.rows if (r.model, r.sparsity) == (row.model, row.sparsity) and r.label != "dense")
-        if v is not None and row.label != "dense" and n_at > 1 and best.get((row.model, row.sparsity, c)) == v:
-            return f"[bold green]{s}[/]"
-        return s
+        return f"[bold green]{s}[/]" if is_best(cmp, row, c) else s
 
     prev = None
     for row in cmp.rows:
@@ -223,6 +207,24 @@ def comparison_table(runs: Sequence[Run], *, title: Optional[str] = None):
         cells.append("—" if row.measured is None else f"{100 * row.measured:.1f} %")
         table.add_row(*cells)
     return table
+
+
+def _value(row: Row, column: str) -> Optional[float]:
+    return row.average if column == "avg" else row.values.get(column)
+
+
+def is_best(cmp: Comparison, row: Row, column: str) -> bool:
+    """Whether ``row``'s value in ``column`` ("avg" for the average) is the best among the sparse rows
+    of its model and sparsity (the highest accuracy, the lowest perplexity), where there are at least
+    two such rows: the cell the tables put in bold."""
+    v = _value(row, column)
+    if v is None or row.label == "dense":
+        return False
+    peers = [r for r in cmp.rows if (r.model, r.sparsity) == (row.model, row.sparsity) and r.label != "dense"]
+    values = [x for x in (_value(r, column) for r in peers) if x is not None]
+    if len(peers) < 2:
+        return False
+    return v == (min(values) if column in cmp.low_columns else max(values))
 
 
 def comparison_markdown(runs: Sequence[Run]) -> str:

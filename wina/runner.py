@@ -525,10 +525,9 @@ class _Model:
 
 
 def resolve_device(preset: Preset, device: Optional[str]) -> str:
-    """The device a run uses: the override, else the preset's, else cuda when there is one."""
-    import torch
-    return (device if device not in (None, "auto") else None) or (
-        preset.device if preset.device != "auto" else None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device a run uses: the override, else the preset's ("auto": cuda when there is one),
+    checked by the one rule (:func:`wina.api.resolve_device`)."""
+    return api.resolve_device(device if device not in (None, "auto") else preset.device)
 
 
 def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=None,
@@ -552,7 +551,7 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
     out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
     steps = plan_steps(preset, out, limit=limit)     # names and outputs checked
     describe(preset, limit)                          # fail early on a bad path / task / data folder
-    api.resolve_device(resolve_device(preset, device))   # an unknown or absent device, before any folder
+    resolve_device(preset, device)                   # an unknown or absent device, before any folder
     api.check_writable(out, folder=True)
     with api.locked(out, f"run folder {out}"):
         api.sweep_temps(out)                             # what a killed run left half-written

@@ -462,7 +462,7 @@ class EvaluateScreen(Screen):
 
     # --- results -----------------------------------------------------------------------------------
     def refresh_results(self) -> None:
-        from wina.api import SHORT, comparison_rows
+        from wina.api import SHORT, comparison_rows, is_best
         table = self.query_one("#results", DataTable)
         table.clear(columns=True)
         if not self.runs:
@@ -473,27 +473,12 @@ class EvaluateScreen(Screen):
         cols += ["avg"] if cmp.acc_columns else []
         cols += [f"{c} ↓" for c in cmp.low_columns] + ["measured"]
         table.add_columns(*cols)
-        best: dict[tuple[str, float, str], float] = {}
         for row in cmp.rows:
-            if row.label == "dense":
-                continue
-            for c in cmp.acc_columns:
-                v = row.values.get(c)
-                if v is not None:
-                    k = (row.model, row.sparsity, c)
-                    best[k] = max(best.get(k, -1.0), v)
-            if row.average is not None:
-                k = (row.model, row.sparsity, "avg")
-                best[k] = max(best.get(k, -1.0), row.average)
-        for row in cmp.rows:
-            n_at = sum(1 for r in cmp.rows
-                       if r.model == row.model and r.sparsity == row.sparsity and r.label != "dense")
-
             def cell(c, v, pct=True):
                 if v is None:
                     return Text("—", style="dim", justify="right")
                 s = f"{100 * v:.1f}" if pct else (f"{v:.2f}" if v < 1000 else f"{v:.4g}")
-                win = row.label != "dense" and n_at > 1 and best.get((row.model, row.sparsity, c)) == v
+                win = pct and is_best(cmp, row, c)          # accuracies and their average
                 return Text(s, style="bold green" if win else "", justify="right")
 
             cells = [Text(row.model)] if several else []
