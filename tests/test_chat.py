@@ -374,6 +374,42 @@ def test_conversation_ids_tokenize_a_long_message_in_pieces(embedded, monkeypatc
     assert bad([{"role": "user", "content": long}]) == chat_input_ids(tok, [{"role": "user", "content": long}])[0].tolist()
 
 
+def test_long_message_pieces_use_the_tokenizer_threads_the_quiet_default_turned_off(embedded, monkeypatch):
+    """The command line turns the tokenizer's threads off by default (quiet forks); the batch call of
+    a long message's pieces still runs on them, and the setting is back after it. A user's own
+    setting is kept."""
+    import os
+    import wina.generate as G
+    from wina.generate import ConversationIds, chat_input_ids
+    tok = embedded.tokenizer
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, x, **kw):
+            if isinstance(x, list):
+                seen.append(os.environ.get("TOKENIZERS_PARALLELISM"))
+            return tok(x, **kw)
+
+    long = "The river ran past the old mill and the bridges of the town. " * 40
+    msgs = [{"role": "user", "content": long}]
+    for user_false in (False, True):
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+        monkeypatch.setattr(G, "_quiet_default", False)
+        if user_false:
+            monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+        G.quiet_tokenizer_threads()
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+        conv = ConversationIds(tok)
+        conv.verify([{"role": "user", "content": "(warm-up)"}])
+        conv.tok, seen[:] = Spy(), []
+        assert conv(msgs) == chat_input_ids(tok, msgs)[0].tolist()
+        assert seen == ["false" if user_false else "true"]
+        assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
 def test_conversation_ids_fall_back_where_splitting_differs(embedded, monkeypatch):
     """A tokenizer for which the pieces differ from the whole (simulated) is tokenized whole."""
     from wina.generate import ConversationIds, chat_input_ids

@@ -981,4 +981,5 @@ def test_bad_startup_options_are_refused_before_the_app_starts(args, needle, cap
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 2
-    assert needle in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err      # one line, no usage block

@@ -21,6 +21,7 @@ import datetime as _dt
 import json
 import statistics
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -756,39 +757,57 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     # the engine alone, at each turn's context, on a scratch cache
     if engine_available(model) or dense.backend == "engine":
         emit(Progress("chat-bench", turns, turns, message="the engine alone at the same contexts"))
-        scratch = eng.new_cache()
-        eng.bind(scratch)
-        g = torch.Generator().manual_seed(seed)
-        vocab = eng.vocab
-        for i, row in enumerate(out["turns_detail"]):
-            for name in ("dense", "sparse"):
-                c = row[name]
-                # the same tokens as the chat's turn: a sparse step's time depends on what it keeps
-                ids = prompts[(i, name)]
-                res = eng.generate(ids, c["tokens"] if c["tokens"] > 1 else 2, sparse=(name == "sparse"), stop=())
-                alone = res.decode_tokens_per_s
-                # the prefill of this turn's new tokens alone (the rest already in the cache)
-                n = c["prefilled"]
-                pre = _time_prefill(eng, ids[-n:], len(ids) - n, name == "sparse")
-                c["engine_decode_tokens_per_s"] = alone
-                c["decode_ratio"] = c["decode_tokens_per_s"] / alone if alone else None
-                c["engine_prefill_s"] = pre
-                c["ttft_over_prefill"] = c["ttft_s"] / pre if pre else None
-            row["sparse_over_dense"] = (row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
-                                        if row["dense"]["decode_tokens_per_s"] else None)
-        # 512-token prefill, dense vs sparse (masked cuBLAS) vs sparse with dense prompts
-        ids = torch.randint(0, vocab, (512,), generator=g).tolist()
-        p_d = _time_prefill(eng, ids, 0, False)
-        p_s = _time_prefill(eng, ids, 0, True)
-        out["prefill_512"] = {"dense_s": p_d, "sparse_s": p_s, "sparse_over_dense": p_s / p_d if p_d else None}
-        eng.bind(dense._cache)
-        eng.drop_cache(scratch)
-        del scratch
+        with scratch_cache(dense) as eng:
+            engine_alone(eng, out["turns_detail"], prompts)
+            # 512-token prefill, dense vs sparse
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, eng.vocab, (512,), generator=g).tolist()
+            p_d = _time_prefill(eng, ids, 0, False)
+            p_s = _time_prefill(eng, ids, 0, True)
+            out["prefill_512"] = {"dense_s": p_d, "sparse_s": p_s, "sparse_over_dense": p_s / p_d if p_d else None}
     out["targets"] = chat_targets(out)
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
     return out
+
+
+@contextmanager
+def scratch_cache(session):
+    """``session``'s engine bound to a scratch KV cache for the duration (the session's cache, and
+    the conversation in it, are left alone and bound again after)."""
+    eng = session.engine
+    scratch = eng.new_cache()
+    eng.bind(scratch)
+    try:
+        yield eng
+    finally:
+        eng.bind(session._cache)
+        eng.drop_cache(scratch)
+
+
+def engine_alone(eng, rows: list[dict], prompts: dict) -> None:
+    """The engine alone at each chat turn's context: for ``rows`` (a chat bench's ``turns_detail``:
+    per mode ``tokens``, ``prefilled``, ``decode_tokens_per_s``, ``ttft_s``) and ``prompts`` ((turn
+    index, mode) → that turn's prompt ids), a generate from the same ids (a sparse step's time
+    depends on what it keeps) and the prefill of the turn's new tokens alone; adds
+    ``engine_decode_tokens_per_s``, ``decode_ratio``, ``engine_prefill_s``, ``ttft_over_prefill`` per
+    mode and ``sparse_over_dense`` per row. ``eng`` is bound to a scratch cache
+    (:func:`scratch_cache`)."""
+    for i, row in enumerate(rows):
+        for name in ("dense", "sparse"):
+            c = row[name]
+            ids = prompts[(i, name)]
+            res = eng.generate(ids, c["tokens"] if c["tokens"] > 1 else 2, sparse=(name == "sparse"), stop=())
+            alone = res.decode_tokens_per_s
+            n = c["prefilled"]
+            pre = _time_prefill(eng, ids[-n:], len(ids) - n, name == "sparse")
+            c["engine_decode_tokens_per_s"] = alone
+            c["decode_ratio"] = c["decode_tokens_per_s"] / alone if alone and c["decode_tokens_per_s"] else None
+            c["engine_prefill_s"] = pre
+            c["ttft_over_prefill"] = c["ttft_s"] / pre if pre else None
+        row["sparse_over_dense"] = (row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
+                                    if row["dense"]["decode_tokens_per_s"] else None)
 
 
 def chat_script_ids(tokenizer, script: Sequence[str]) -> list[int]:

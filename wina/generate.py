@@ -7,8 +7,10 @@ characters split across tokens come out whole.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -40,12 +42,41 @@ def chat_input_ids(tokenizer, messages: Sequence[dict]) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-# a long new text is tokenized in pieces of about this many characters, in one batch call (the
-# tokenizer runs a batch on several threads), each cut at a space between two letters
-PIECE_CHARS = 512
+# a new text of at least CUT_CHARS characters is tokenized in pieces of about PIECE_CHARS, in one
+# batch call (the tokenizer runs a batch on its threads), each cut at a space between two letters
+PIECE_CHARS = 256
+CUT_CHARS = 1024
+_THREADS_ENV = "TOKENIZERS_PARALLELISM"
+_quiet_default = False      # True: the "false" in _THREADS_ENV was set by quiet_tokenizer_threads()
 _CUT = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")
 _PROBE_TEXT = ("Rivers, bridges & 3 cities: the café's 12,345 visitors (2024) said \"très bien\" — twice!\n"
                "  Indented    spaces\tand tabs; naïve résumé 😀 über straße. 東京 and القاهرة cities.\n\n") * 24
+
+
+def quiet_tokenizer_threads() -> None:
+    """Keep the fast tokenizer off its threads in this process by default, so that a process forked
+    after they ran gets no warning (the command line calls this; a user's own
+    ``TOKENIZERS_PARALLELISM`` is left as it is). The chat's batch call of a long message's pieces
+    still uses them (:func:`_tokenizer_threads`)."""
+    global _quiet_default
+    if _THREADS_ENV not in os.environ:
+        os.environ[_THREADS_ENV] = "false"
+        _quiet_default = True
+
+
+@contextmanager
+def _tokenizer_threads():
+    """The tokenizer's threads for one batch call, where only :func:`quiet_tokenizer_threads` turned
+    them off (the variable is read at each call); set back after it, so that it stays configured
+    and a later fork stays quiet. A user's own setting is kept."""
+    if not (_quiet_default and os.environ.get(_THREADS_ENV) == "false"):
+        yield
+        return
+    os.environ[_THREADS_ENV] = "true"
+    try:
+        yield
+    finally:
+        os.environ[_THREADS_ENV] = "false"
 
 
 def _cuts(text: str, size: int) -> list[int]:
@@ -103,12 +134,13 @@ class ConversationIds:
 
     def _encode(self, text: str, pieces: Optional[bool] = None) -> tuple[list[int], list[int], list[int]]:
         """(ids, start offsets, end offsets) of ``text``, whole or in pieces (default: as verified)."""
-        if not (self.pieces if pieces is None else pieces) or len(text) < 2 * PIECE_CHARS:
+        if not (self.pieces if pieces is None else pieces) or len(text) < CUT_CHARS:
             enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
             return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]], [b for _, b in enc["offset_mapping"]]
         cuts = _cuts(text, PIECE_CHARS)
-        enc = self.tok([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False,
-                       return_offsets_mapping=True)
+        with _tokenizer_threads():
+            enc = self.tok([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False,
+                           return_offsets_mapping=True)
         ids, starts, ends = [], [], []
         for a, part, offsets in zip(cuts, enc["input_ids"], enc["offset_mapping"]):
             ids += part

@@ -384,7 +384,9 @@ def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_di
         loader: Optional[Loader] = None, start: str = "setup", threads: Optional[int] = None) -> None:
     """Start the app (blocking). ``model``: a spec for setup's model field; ``preset``: a preset name/path;
     ``threads``: torch threads (see :func:`set_threads`)."""
+    from wina.generate import quiet_tokenizer_threads
     set_threads(threads)
+    quiet_tokenizer_threads()        # no tokenizer warning from a forked process across the screen
     app = WinaApp(loader=loader, model=model, preset=preset,
                   results_dir=Path(results_dir) if results_dir else None, max_new_tokens=max_new_tokens,
                   temperature=temperature, theme="textual-light" if light else None, start=start,
@@ -404,8 +406,15 @@ def _flush() -> None:
             pass
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a refused option as one line (and exit 2) instead of the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="wina-tui", description="WINA / TEAL activation sparsity: the Textual app")
+    p = _Parser(prog="wina-tui", description="WINA / TEAL activation sparsity: the Textual app")
     p.add_argument("--model", help="model spec (default: the embedded smollm2-135m)")
     p.add_argument("--preset", help="a preset name or .toml path")
     p.add_argument("--results", help="results store folder (default: ~/.cache/wina/results)")

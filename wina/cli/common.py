@@ -19,7 +19,8 @@ def _device(device: str) -> str:
 
 def _quiet_libraries() -> None:
     """Our own bars replace transformers' and datasets' tqdm bars and their info logs."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..generate import quiet_tokenizer_threads
+    quiet_tokenizer_threads()
     os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,182 @@
+"""The TUI's side-by-side chat, timed as a user meets it: the real app (headless, 160×48), its setup
+screen filled in and Load & chat pressed, then the chat bench's scripted conversation typed into the
+chat screen one message at a time. Per turn and pane it reads the figures the pane shows (time to
+first token, decode tokens/s, tokens prefilled) and, where the model runs on the decode engine, times
+the engine alone on each turn's own prompt ids (``wina.bench.engine_alone``, as ``wina bench --chat``
+does), so that the app's cost (the event loop, the Markdown rendering of the streamed reply, both
+in the same process as the decode loop) shows as TUI ÷ engine.
+
+    python bench/tui_chat.py                                    # the embedded model, CPU
+    python bench/tui_chat.py --shape llama-2-7b --tokenizer .devtok --turns 4 --new-tokens 128
+
+``--shape`` writes a model folder of random weights of that shape (the tokenizer folder's vocabulary)
+and loads it through the app's model field, on the GPU when there is one. The sparse pane uses WINA
+with threshold gating at ``--sparsity`` per matrix, calibrated by the app on random tokens
+(uniform allocation). One JSON object goes to ``--json``; a markdown table to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as _dt
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def model_folder(shape: str, tokenizer_dir: str, folder: Path, layers=None) -> str:
+    """Random weights of ``shape`` with the tokenizer of ``tokenizer_dir``, saved to ``folder``."""
+    import torch
+    from transformers import AutoTokenizer
+    from wina.bench import random_model, shape_config
+    if (folder / "config.json").exists():
+        return str(folder)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = shape_config(shape, layers)
+    cfg.vocab_size = max(cfg.vocab_size, len(tok))
+    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = random_model(cfg, dev, torch.bfloat16 if dev == "cuda" else torch.float32, 0)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return str(folder)
+
+
+async def drive(app, args, out: dict) -> None:
+    from textual.widgets import Input, Select
+    from wina.bench import chat_script, engine_alone, scratch_cache
+    from wina_tui.widgets.chat_pane import ChatPane
+    size = (160, 48)
+    async with app.run_test(size=size) as pilot:
+        async def wait(cond, timeout):
+            t0 = time.monotonic()
+            while not cond():
+                if time.monotonic() - t0 > timeout:
+                    raise SystemExit(f"timed out after {timeout} s")
+                await pilot.pause(0.05)
+
+        setup = app.setup_screen
+        setup.query_one("#method", Select).value = "wina"
+        setup.query_one("#sparsity", Input).value = f"{args.sparsity:g}"
+        setup.query_one("#gating", Select).value = "threshold"
+        setup.query_one("#allocation", Select).value = "uniform"
+        setup.query_one("#calib-source", Input).value = "random"
+        await pilot.pause()
+        t = time.perf_counter()
+        await pilot.press("ctrl+g")
+        await wait(lambda: app.screen is app.chat_screen and app.session.loaded is not None
+                   and app.session.sparsifier is not None, args.timeout)
+        out["load_and_calibrate_s"] = time.perf_counter() - t
+        chat = app.chat_screen
+        panes = {pid: chat.query_one(f"#{pid}", ChatPane) for pid in ("dense", "sparse")}
+        tok = app.session.loaded.tokenizer
+        script = chat_script(tok, args.turns, 90, 500, 0)
+        rows, prompts = [], {}
+        for i, text in enumerate(script):
+            t = time.perf_counter()
+            assert chat.send(text), "the chat refused the message"
+            await wait(lambda: not chat.is_generating and not any(p.streaming for p in panes.values()), args.timeout)
+            await pilot.pause(0.1)
+            if not all(len(p.replies) == i + 1 and p.stats is not None for p in panes.values()):
+                status = chat.query_one("#chat-status").render() if chat.query("#chat-status") else ""
+                raise SystemExit(f"turn {i + 1} gave no reply in a pane: {status}")
+            row = {"turn": i + 1, "wall_s": time.perf_counter() - t}
+            if i == 0:
+                row["wall_s_note"] = "includes the sessions' warm-up"
+            for pid, pane in panes.items():
+                st = pane.stats                         # what the pane shows for this reply
+                sess = chat.sessions[pid]
+                row[pid] = {"context": st.context_tokens, "prefilled": st.prefill_tokens, "tokens": st.tokens,
+                            "ttft_s": st.ttft, "decode_tokens_per_s": st.decode_tps, "stopped": st.stopped,
+                            "sparsity": st.sparsity, "truncated": st.truncated}
+                prompts[(i, pid)] = list(sess.context_ids()[:st.context_tokens or 0])
+            rows.append(row)
+            print(f"turn {i + 1}: " + " · ".join(
+                f"{pid} ttft {row[pid]['ttft_s'] * 1e3:.1f} ms, {row[pid]['decode_tokens_per_s'] or 0:.1f} tok/s"
+                for pid in panes), flush=True)
+        out["backend"] = chat.sessions["dense"].backend
+        if out["backend"] == "engine":
+            with scratch_cache(chat.sessions["dense"]) as eng:
+                engine_alone(eng, rows, prompts)
+        else:
+            for row in rows:
+                d, s = row["dense"]["decode_tokens_per_s"], row["sparse"]["decode_tokens_per_s"]
+                row["sparse_over_dense"] = s / d if d and s else None
+        out["turns_detail"] = rows
+        out["screen"] = f"{size[0]}x{size[1]}"
+        t = time.perf_counter()
+    out["app_exit_s"] = time.perf_counter() - t
+
+
+def markdown(res: dict) -> str:
+    eng = res.get("backend") == "engine"
+    head = ["turn", "context", "prefilled d / s", "TTFT dense / sparse ms", "decode dense / sparse tok/s"]
+    if eng:
+        head += ["engine alone d / s tok/s", "TUI ÷ engine d / s", "TTFT ÷ prefill alone d / s"]
+    head += ["sparse ÷ dense"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["turns_detail"]:
+        d, s = r["dense"], r["sparse"]
+
+        def pair(key, fmt):
+            return " / ".join(fmt.format(x[key]) if x.get(key) is not None else "–" for x in (d, s))
+        cells = [str(r["turn"]), str(d["context"]), pair("prefilled", "{}"),
+                 " / ".join(f"{x['ttft_s'] * 1e3:.1f}" for x in (d, s)), pair("decode_tokens_per_s", "{:.1f}")]
+        if eng:
+            cells += [pair("engine_decode_tokens_per_s", "{:.1f}"), pair("decode_ratio", "{:.3f}"),
+                      pair("ttft_over_prefill", "{:.2f}")]
+        sod = r.get("sparse_over_dense")
+        cells.append(f"{sod:.3f}" if sod else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="the app's model field (default: the embedded model)")
+    ap.add_argument("--shape", help="instead: random weights of this shape (wina bench's shapes), in a folder")
+    ap.add_argument("--tokenizer", help="with --shape: the tokenizer folder")
+    ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "wina-tui-chat-model"))
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    from wina.generate import quiet_tokenizer_threads
+    quiet_tokenizer_threads()                  # as wina-tui does
+    spec = args.model
+    if args.shape:
+        if not args.tokenizer:
+            ap.error("--shape needs --tokenizer")
+        t = time.perf_counter()
+        spec = model_folder(args.shape, args.tokenizer, Path(args.folder), args.layers)
+        print(f"model folder {spec} ({time.perf_counter() - t:.1f} s)", flush=True)
+    import torch
+    from wina_tui.app import WinaApp
+    work = Path(tempfile.mkdtemp(prefix="wina-tui-chat-"))
+    app = WinaApp(model=spec, max_new_tokens=args.new_tokens, results_dir=work / "runs", state_dir=work / "state",
+                  plans_dir=work / "plans", config_dir=work / "config")
+    res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "model": args.shape or args.model, "turns": args.turns, "new_tokens": args.new_tokens,
+           "gating": f"wina threshold, {args.sparsity:.0%} per matrix (uniform, calibrated by the app on random tokens)"}
+    asyncio.run(drive(app, args, res))
+    print(markdown(res))
+    print(json.dumps({k: v for k, v in res.items() if k != "turns_detail"}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
