@@ -53,7 +53,7 @@ def model_folder(shape: str, tokenizer_dir: str, folder: Path, layers=None) -> s
 
 async def drive(app, args, out: dict) -> None:
     from textual.widgets import Input, Select
-    from wina.bench import chat_script, engine_alone, scratch_cache
+    from wina.bench import chat_script, engine_alone, scratch_cache, sparse_over_dense
     from wina_tui.widgets.chat_pane import ChatPane
     size = (160, 48)
     async with app.run_test(size=size) as pilot:
@@ -99,6 +99,7 @@ async def drive(app, args, out: dict) -> None:
                             "ttft_s": st.ttft, "decode_tokens_per_s": st.decode_tps, "stopped": st.stopped,
                             "sparsity": st.sparsity, "truncated": st.truncated}
                 prompts[(i, pid)] = list(sess.context_ids()[:st.context_tokens or 0])
+            row["sparse_over_dense"] = sparse_over_dense(row)
             rows.append(row)
             print(f"turn {i + 1}: " + " · ".join(
                 f"{pid} ttft {row[pid]['ttft_s'] * 1e3:.1f} ms, {row[pid]['decode_tokens_per_s'] or 0:.1f} tok/s"
@@ -107,10 +108,6 @@ async def drive(app, args, out: dict) -> None:
         if out["backend"] == "engine":
             with scratch_cache(chat.sessions["dense"]) as eng:
                 engine_alone(eng, rows, prompts)
-        else:
-            for row in rows:
-                d, s = row["dense"]["decode_tokens_per_s"], row["sparse"]["decode_tokens_per_s"]
-                row["sparse_over_dense"] = s / d if d and s else None
         out["turns_detail"] = rows
         out["screen"] = f"{size[0]}x{size[1]}"
         t = time.perf_counter()
@@ -172,6 +169,8 @@ def main() -> None:
            "model": args.shape or args.model, "turns": args.turns, "new_tokens": args.new_tokens,
            "gating": f"wina threshold, {args.sparsity:.0%} per matrix (uniform, calibrated by the app on random tokens)"}
     asyncio.run(drive(app, args, res))
+    from wina.bench import chat_targets
+    res["targets"] = chat_targets(res)
     print(markdown(res))
     print(json.dumps({k: v for k, v in res.items() if k != "turns_detail"}, indent=1))
     if args.json:

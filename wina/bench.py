@@ -740,6 +740,7 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
                          "decode_tokens_per_s": r.decode_tokens_per_s,
                          "stopped": r.stopped, "sparsity": r.sparsity, "counted": r.counted_tokens,
                          "truncated": r.truncated}
+        row["sparse_over_dense"] = sparse_over_dense(row)
         out["turns_detail"].append(row)
         if json_path:
             with open(json_path, "w") as f:
@@ -772,6 +773,12 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     return out
 
 
+def sparse_over_dense(row: dict) -> Optional[float]:
+    """A chat turn's sparse decode rate over its dense one (None where either is unknown)."""
+    d, s = row["dense"].get("decode_tokens_per_s"), row["sparse"].get("decode_tokens_per_s")
+    return s / d if d and s else None
+
+
 @contextmanager
 def scratch_cache(session):
     """``session``'s engine bound to a scratch KV cache for the duration (the session's cache, and
@@ -791,8 +798,8 @@ def engine_alone(eng, rows: list[dict], prompts: dict) -> None:
     per mode ``tokens``, ``prefilled``, ``decode_tokens_per_s``, ``ttft_s``) and ``prompts`` ((turn
     index, mode) → that turn's prompt ids), a generate from the same ids (a sparse step's time
     depends on what it keeps) and the prefill of the turn's new tokens alone; adds
-    ``engine_decode_tokens_per_s``, ``decode_ratio``, ``engine_prefill_s``, ``ttft_over_prefill`` per
-    mode and ``sparse_over_dense`` per row. ``eng`` is bound to a scratch cache
+    ``engine_decode_tokens_per_s``, ``decode_ratio``, ``engine_prefill_s`` and ``ttft_over_prefill`` per
+    mode. ``eng`` is bound to a scratch cache
     (:func:`scratch_cache`)."""
     for i, row in enumerate(rows):
         for name in ("dense", "sparse"):
@@ -806,8 +813,6 @@ def engine_alone(eng, rows: list[dict], prompts: dict) -> None:
             c["decode_ratio"] = c["decode_tokens_per_s"] / alone if alone and c["decode_tokens_per_s"] else None
             c["engine_prefill_s"] = pre
             c["ttft_over_prefill"] = c["ttft_s"] / pre if pre else None
-        row["sparse_over_dense"] = (row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
-                                    if row["dense"]["decode_tokens_per_s"] else None)
 
 
 def chat_script_ids(tokenizer, script: Sequence[str]) -> list[int]:

@@ -18,7 +18,8 @@ from ..errors import Cancelled, WinaError
 
 
 _STATE = {"debug": False}
-out = Console(highlight=False)                  # results (stdout)
+# results (stdout); into a file or a pipe, tables keep their columns instead of an 80-column cut
+out = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 err = Console(stderr=True, highlight=False)     # progress, notes and errors (stderr)
 
 EPILOG_MODEL = ("MODEL: smollm2-135m (the embedded default), a .gguf file, a local transformers "
