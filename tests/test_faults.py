@@ -632,3 +632,25 @@ def test_two_processes_writing_one_run_folder(tiny_preset, tmp_path):
     assert _plan_status(teal)["calibrated_layers"] == 1          # the second writers changed nothing
     with locked(out), locked(teal):                              # a killed writer leaves no lock behind
         pass
+
+
+def test_dry_run_says_whether_a_hub_model_can_be_had_here(monkeypatch):
+    """A hub id in a preset: the dry run says whether the local cache holds it, and when it does not
+    and the hub cannot be reached (offline, or no answer), that the run would fail, and what to do."""
+    import wina.hub as hub
+    from wina.api import load_preset
+    from wina.runner import describe
+    preset = load_preset("llama2-7b")
+    monkeypatch.setattr(hub, "cached", lambda repo, filename="config.json": True)
+    assert "in the local Hugging Face cache" in describe(preset, strict=False)["model"]
+    monkeypatch.setattr(hub, "cached", lambda repo, filename="config.json": False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = describe(preset, strict=False)["model"]
+    assert "NOT AVAILABLE here" in line and "HF_HUB_OFFLINE" in line and "local model folder" in line
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    assert "does not answer" in describe(preset, strict=False)["model"]
+    monkeypatch.setattr(hub, "reachable", lambda: True)
+    assert "downloaded from the hub when run" in describe(preset, strict=False)["model"]

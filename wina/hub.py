@@ -47,3 +47,25 @@ def reachable() -> bool:
 def usable() -> bool:
     """Whether hub files may be fetched now: not offline, and the hub answers."""
     return not offline() and reachable()
+
+
+def cached(repo_id: str, filename: str = "config.json") -> bool:
+    """Whether the local Hugging Face cache holds ``filename`` of the model ``repo_id`` (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:       # an id the library refuses, an unreadable cache: not usable offline either
+        return False
+
+
+def model_availability(repo_id: str) -> str:
+    """One line for a dry run: where a hub model would come from, and whether it can here."""
+    if cached(repo_id):
+        return "in the local Hugging Face cache"
+    if offline():
+        return ("NOT AVAILABLE here (not in the local Hugging Face cache, and HF_HUB_OFFLINE is set: "
+                "download it on a machine with network, or give a local model folder)")
+    if not reachable():
+        return (f"NOT AVAILABLE here (not in the local Hugging Face cache, and {endpoint()} does not answer: "
+                "download it where there is network, or give a local model folder)")
+    return "not in the local Hugging Face cache: downloaded from the hub when run"
