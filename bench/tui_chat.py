@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json")
     args = ap.parse_args()
-    from wina.generate import quiet_tokenizer_threads
+    from wina.api import quiet_tokenizer_threads
     quiet_tokenizer_threads()                  # as wina-tui does
     spec = args.model
     if args.shape:

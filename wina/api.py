@@ -25,7 +25,9 @@ from .evaluate import _check_limit as check_limit  # noqa: F401
 from .events import CancelToken, Progress, ProgressCallback, format_duration  # noqa: F401
 from .files import (check_name, check_writable, locked, name_problem, recover_folder, replace_folder,  # noqa: F401
                     sha256 as file_sha256, sweep_temps, write_json, write_text as atomic_write_text)
-from .generate import Generation, chat_input_ids, generation_backend, stream_generate, stream_reply, warm_up  # noqa: F401
+from .hub import model_availability  # noqa: F401
+from .generate import (Generation, chat_input_ids, generation_backend, quiet_tokenizer_threads,  # noqa: F401
+                       stream_generate, stream_reply, warm_up)
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
 from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_label,  # noqa: F401

@@ -432,8 +432,7 @@ def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, st
     kind, path = api.resolve_source(preset.model)
     info: dict[str, str] = {"model": f"{preset.model} ({kind})"}
     if kind == "hub":                    # shown, not raised, like the device: the run fails at load, clearly
-        from .hub import model_availability
-        info["model"] = f"{preset.model} (hub; {model_availability(preset.model)})"
+        info["model"] = f"{preset.model} (hub; {api.model_availability(preset.model)})"
     try:                                 # shown, not raised: a dry run may look at a GPU preset anywhere
         info["device"] = api.resolve_device(preset.device)
     except InvalidArgument as err:

@@ -384,7 +384,7 @@ def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_di
         loader: Optional[Loader] = None, start: str = "setup", threads: Optional[int] = None) -> None:
     """Start the app (blocking). ``model``: a spec for setup's model field; ``preset``: a preset name/path;
     ``threads``: torch threads (see :func:`set_threads`)."""
-    from wina.generate import quiet_tokenizer_threads
+    from wina.api import quiet_tokenizer_threads
     set_threads(threads)
     quiet_tokenizer_threads()        # no tokenizer warning from a forked process across the screen
     app = WinaApp(loader=loader, model=model, preset=preset,

@@ -19,7 +19,7 @@ def _device(device: str) -> str:
 
 def _quiet_libraries() -> None:
     """Our own bars replace transformers' and datasets' tqdm bars and their info logs."""
-    from ..generate import quiet_tokenizer_threads
+    from ..api import quiet_tokenizer_threads
     quiet_tokenizer_threads()
     os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
     import warnings
