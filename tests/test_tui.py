@@ -806,6 +806,29 @@ def test_run_eta_ignores_what_a_resume_skipped():
     assert eta.update(12, 30) == pytest.approx(10.0 * 18)   # 10 s per layer, 18 layers left
 
 
+async def test_a_preset_fills_the_evaluate_form_on_the_first_visit_and_a_bad_limit_is_refused(tmp_path):
+    """``--preset``: the evaluate form shows the preset's limit and sparsities the first time it is
+    opened (not only the second); a limit of nan / inf / 0 is an inline message, not a crash."""
+    src = (Path(__file__).parents[1] / "presets" / "smollm2-tasks.toml").read_text()
+    p = tmp_path / "mini.toml"
+    p.write_text(src.replace("limit = 100", "limit = 10").replace("sparsities = [0.50]", "sparsities = [0.4]"))
+    app = make_app(tmp_path, preset=str(p))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+e")
+        await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+        await pilot.pause()
+        ev = app.evaluate_screen
+        assert ev.query_one("#limit", Input).value == "10"
+        assert ev.query_one("#sparsities", Input).value == "0.4"
+        for bad, words in (("nan", "finite"), ("1e400", "finite"), ("0", "at least 1"), ("2.5", "whole number")):
+            ev.query_one("#limit", Input).value = bad
+            await pilot.pause()
+            form, err = ev.read_form()
+            assert form is None and words in err, (bad, err)
+        assert app.is_running
+
+
 # --- the app remembers --------------------------------------------------------------------------------
 
 async def test_last_settings_come_back_at_launch(tmp_path):
@@ -837,6 +860,7 @@ async def test_last_settings_come_back_at_launch(tmp_path):
         assert s.query_one("#calib-source", Input).value == "random"
         await pilot.press("f5")
         await wait_for(pilot, lambda: app2.screen is app2.evaluate_screen)
+        await pilot.pause()
         assert app2.evaluate_screen.query_one("#limit", Input).value == "7"
         assert app2.chat_screen.system == "Be brief."
 

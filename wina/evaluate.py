@@ -391,6 +391,8 @@ def _check_limit(limit) -> Optional[Union[int, float]]:
         return None
     if isinstance(limit, bool) or not isinstance(limit, (int, float)):
         raise InvalidArgument(f"limit must be a number, got {limit!r}")
+    if limit != limit or limit in (float("inf"), float("-inf")):
+        raise InvalidArgument(f"limit must be a finite number of documents, got {limit}")
     if isinstance(limit, float) and not limit.is_integer():
         if not 0.0 < limit < 1.0:
             raise InvalidArgument(f"a fractional limit must be in (0, 1), got {limit}")

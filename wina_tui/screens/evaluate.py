@@ -6,6 +6,7 @@ of this session plus any earlier runs loaded from the store.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,7 @@ from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, Se
 from textual.widgets.selection_list import Selection
 from textual.worker import Worker, WorkerState
 
-from wina.api import Cancelled, CancelToken
+from wina.api import Cancelled, CancelToken, InvalidArgument, check_limit
 
 from ..state import METHOD_NAMES, describe_error, event_dict, fmt_pct
 from ..widgets.plot_view import PlotView
@@ -56,13 +57,12 @@ def parse_limit(text: str) -> tuple[Optional[float], Optional[str]]:
         v = float(t)
     except ValueError:
         return None, f"limit must be a number of documents (or empty for all), got {t!r}"
-    if v <= 0:
-        return None, f"limit must be positive, got {t}"
-    if v < 1:
-        return v, None
-    if v != int(v):
+    if math.isfinite(v) and v >= 1 and v != int(v):
         return None, f"limit must be a whole number of documents or a fraction < 1, got {t}"
-    return int(v), None
+    try:
+        return check_limit(v), None          # the library's rule (nan, inf, 0 and negatives refused)
+    except InvalidArgument as e:
+        return None, str(e)
 
 
 def metric_note(runs, short: dict) -> str:
@@ -156,6 +156,11 @@ class EvaluateScreen(Screen):
         self.query_one("#results-notes", Static).update(Text(
             "No runs yet: ctrl+r runs the form, ctrl+l loads earlier runs from the results store.",
             style="dim"))
+        # after the first refresh: the form's own widgets set their initial values when they mount,
+        # which would undo a preset or the remembered form applied before them
+        self.call_after_refresh(self._fill_pending)
+
+    def _fill_pending(self) -> None:
         if self._restore_data is not None:
             self._fill(self._restore_data)
             self._restore_data = None
