@@ -91,8 +91,9 @@ def test_disk_full_while_writing_leaves_nothing(tiny, text_file, tmp_path, monke
     out = tmp_path / "runs"
     ok(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "600", "--output", out / "first.json"))
     monkeypatch.setattr(wina.files.os, "fdopen", fdopen)
-    user_error(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "600",
-                      "--output", out / "first.json"), "no space left")
+    line = user_error(invoke("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "600",
+                            "--output", out / "first.json"), "no space left")
+    assert str(out / "first.json") in line and "--out " not in line          # the file named
     monkeypatch.undo()
     json.loads((out / "first.json").read_text())              # the earlier file is intact
     _no_leftovers(tmp_path)
@@ -654,3 +655,21 @@ def test_dry_run_says_whether_a_hub_model_can_be_had_here(monkeypatch):
     assert "does not answer" in describe(preset, strict=False)["model"]
     monkeypatch.setattr(hub, "reachable", lambda: True)
     assert "downloaded from the hub when run" in describe(preset, strict=False)["model"]
+
+
+def test_an_atomic_write_names_the_file_asked_for(tmp_path, monkeypatch):
+    """A write that fails names the file it was asked to write (not its temporary name, not "a
+    file"), and a path through a file says which part is the file."""
+    from wina.errors import DataError, user_error as translate
+    from wina.files import write_text
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="afile is a file, not a folder"):
+        write_text(tmp_path / "afile" / "sub" / "x.json", "{}")
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".x.json.abc.tmp"))
+    monkeypatch.setattr("wina.files.tempfile.mkstemp", refuse)
+    with pytest.raises(OSError) as e:
+        write_text(tmp_path / "x.json", "{}")
+    assert e.value.filename == str(tmp_path / "x.json")
+    assert str(translate(e.value)) == f"{tmp_path / 'x.json'}: read-only file system"

@@ -88,7 +88,7 @@ def user_error(exc: BaseException, context: str = "") -> "WinaError | None":
                errno.EISDIR: "is a folder, not a file", errno.EEXIST: "already exists",
                errno.EIO: "input/output error", errno.ENAMETOOLONG: "file name too long"}.get(exc.errno)
         if msg is not None:
-            hint = "; free some space or choose another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            hint = "; free some space or write elsewhere" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             return DataError(f"{path}: {msg}{hint}")
     names = _names(exc)
     text = str(exc)

@@ -32,8 +32,15 @@ def _umask() -> int:
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (the parent folder is created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path.parent, *path.parent.parents) if p.exists() and not p.is_dir()), path.parent)
+        raise DataError(f"cannot write {path}: {blocker} is a file, not a folder") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:                # a fault names the file asked for, not a temporary name
+        raise _named(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -41,12 +48,22 @@ def write_bytes(path: PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise _named(e, path) from None
         raise
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` with ``path`` as its file name (a disk-full write names none, a failed temporary file
+    names itself)."""
+    if e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror, str(path))
 
 
 def write_text(path: PathLike, text: str) -> None:

@@ -273,7 +273,7 @@ class Session:
         models = [spec] + [m for m in self.recent_models() if m != spec]
         try:
             atomic_write_text(self._recent_file, json.dumps({"models": models[:8]}))
-        except OSError:
+        except (OSError, WinaError):
             pass
 
 
@@ -306,9 +306,12 @@ def fmt_eta(s: Optional[float]) -> str:
 
 
 def describe_error(e: BaseException) -> str:
-    """One line for the user: library errors as they are, anything else with its type."""
-    if isinstance(e, WinaError):
-        return str(e)
+    """One line for the user: library errors as they are, an environment fault (disk full, read-only,
+    a path through a file, a truncated file) as the command line says it, anything else with its type."""
+    from wina.errors import user_error
+    fault = user_error(e)
+    if fault is not None:
+        return str(fault)
     msg = str(e).splitlines()[0] if str(e) else ""
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
@@ -428,8 +431,8 @@ class SettingsStore:
         try:
             atomic_write_text(self.path, json.dumps({"version": SETTINGS_VERSION, **data}, indent=1,
                                                     sort_keys=True))
-        except OSError as e:
-            return f"settings not saved to {self.path}: {e.strerror or e}"
+        except (OSError, WinaError) as e:
+            return f"settings not saved: {describe_error(e)}"
         return None
 
 

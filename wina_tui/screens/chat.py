@@ -33,7 +33,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 from textual.worker import Worker, WorkerState
 
-from wina.api import CancelToken, ChatSession
+from wina.api import CancelToken, ChatSession, InvalidArgument, WinaError
 
 from ..state import Throttle, atomic_write_text, busy_text, describe_error
 from ..widgets.chat_pane import ChatPane, ReplyStats, format_ttft
@@ -313,10 +313,10 @@ class ChatScreen(Screen):
         md = path.suffix.lower() in (".md", ".markdown")
         try:
             if path.is_dir():
-                raise IsADirectoryError(f"{path} is a folder")
+                raise InvalidArgument(f"{path} is a folder; give a file name")
             atomic_write_text(path, conversation_markdown(doc) if md else json.dumps(doc, indent=1,
                                                                                      ensure_ascii=False))
-        except OSError as e:
+        except (OSError, WinaError) as e:
             self.notify(f"not saved: {describe_error(e)}", severity="error", timeout=8)
             return False
         n = sum(len(p["replies"]) for p in doc["panes"])
