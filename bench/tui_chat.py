@@ -37,7 +37,7 @@ def model_folder(shape: str, tokenizer_dir: str, folder: Path, layers=None) -> s
     from wina.bench import random_model, shape_config
     if (folder / "config.json").exists():
         return str(folder)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     cfg = shape_config(shape, layers)
     cfg.vocab_size = max(cfg.vocab_size, len(tok))
     cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id

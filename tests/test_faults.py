@@ -673,3 +673,37 @@ def test_an_atomic_write_names_the_file_asked_for(tmp_path, monkeypatch):
         write_text(tmp_path / "x.json", "{}")
     assert e.value.filename == str(tmp_path / "x.json")
     assert str(translate(e.value)) == f"{tmp_path / 'x.json'}: read-only file system"
+
+
+def test_a_folder_inside_one_another_process_writes_is_refused(tmp_path):
+    """A run folder held by another process (a `wina run`): a calibrate into a plan folder inside it
+    is refused at once, naming the run folder and its process; this process's own nesting (a run's
+    steps) is fine. A folder a failed writer made holding only the lock and empty folders is removed."""
+    import subprocess
+    import sys
+    from wina.errors import DataError
+    from wina.files import locked
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r)\n"
+        "from wina.files import locked\n"
+        "with locked(%r):\n    print('held', flush=True); time.sleep(60)\n") % (str(Path(__file__).parents[1]), str(run))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DataError, match=f"inside {run}, which process {holder.pid} is writing"):
+            with locked(run / "plans" / "teal"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked(run):
+        with locked(run / "plans" / "teal"):               # a run's own step
+            (run / "plans" / "teal" / "x").write_text("1")
+    assert (run / "plans" / "teal" / "x").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with locked(fresh):
+            (fresh / "runs" / "deeper").mkdir(parents=True)
+            raise RuntimeError("disk full")
+    assert not fresh.exists()

@@ -951,6 +951,36 @@ async def test_every_offered_calibration_source_works(tmp_path):
         assert app.session.plan_path.name.endswith("-wikitext-2x32")
 
 
+async def test_a_damaged_saved_plan_is_made_again(tmp_path):
+    """The app's own saved plan for these settings, damaged (plan.json cut short): calibrate says so
+    in its log and makes it again, instead of failing on it every time."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        await wait_for(pilot, lambda: cal.state in ("done", "failed", "cancelled"))
+        assert cal.state == "done"
+        out = app.session.plan_dir_for(app.setup_screen.read(show=False)[0])
+        text = (out / "plan.json").read_text()
+        (out / "plan.json").write_text(text[: len(text) // 2])
+        await pilot.press("f2")
+        await wait_for(pilot, lambda: app.screen is app.setup_screen)
+        n = len(cal.query_one("#cal-log").lines)
+        await pilot.press("ctrl+b")
+
+        def new_log() -> str:
+            return " ".join(line.text for line in cal.query_one("#cal-log").lines[n:])
+        await wait_for(pilot, lambda: "was damaged" in new_log() or cal.state == "failed", timeout=30)
+        await wait_for(pilot, lambda: cal.state in ("done", "failed", "cancelled"))
+        log = new_log()
+        assert cal.state == "done", log[-300:]
+        assert "was damaged" in log and "made again" in log
+        from wina.api import Plan
+        assert Plan.load(str(out)).n_allocated == Plan.load(str(out)).n_layers
+
+
 async def test_calibration_checks_and_locks_its_plan_before_loading_the_model(tmp_path):
     """A plan folder another writer holds, or a calibration text that is not UTF-8, stops the
     calibration at once with one line, and the model is never loaded."""

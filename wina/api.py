@@ -23,7 +23,7 @@ from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, Plan
                      TransformError, UnsupportedArchitecture, WinaError, user_error)
 from .evaluate import _check_limit as check_limit  # noqa: F401
 from .events import CancelToken, Progress, ProgressCallback, format_duration  # noqa: F401
-from .files import (check_name, check_writable, locked, name_problem, recover_folder, replace_folder,  # noqa: F401
+from .files import (LOCK_NAME, check_name, check_writable, locked, name_problem, recover_folder, replace_folder,  # noqa: F401
                     sha256 as file_sha256, sweep_temps, write_json, write_text as atomic_write_text)
 from .hub import model_availability  # noqa: F401
 from .generate import (Generation, chat_input_ids, generation_backend, quiet_tokenizer_threads,  # noqa: F401

@@ -211,6 +211,12 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
             pid = f.read().strip() or "?"
             raise DataError(f"{what or d} is being written by process {pid}; wait for it to finish "
                             "or stop it") from None
+        above = _held_above(Path(key))
+        if above is not None:
+            if created:
+                _remove_if_only_lock(d)
+            raise DataError(f"{what or d} is inside {above[0]}, which process {above[1]} is writing; wait "
+                            "for it to finish or choose another folder")
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
@@ -229,13 +235,45 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
 
 
 def _remove_if_only_lock(d: Path) -> None:
-    """Remove the folder ``d`` if it holds nothing but the lock file (called while holding it)."""
+    """Remove the folder ``d`` if it holds nothing but the lock file and empty folders (called while
+    holding it)."""
+    def empty(folder: Path) -> bool:
+        return all(p.is_dir() and not p.is_symlink() and empty(p) for p in folder.iterdir())
     try:
-        if [p.name for p in d.iterdir()] == [LOCK_NAME]:
-            (d / LOCK_NAME).unlink()
-            d.rmdir()
+        rest = [p for p in d.iterdir() if p.name != LOCK_NAME]
+        if len(rest) == len(list(d.iterdir())) or not all(p.is_dir() and not p.is_symlink() and empty(p) for p in rest):
+            return
+        for p in rest:
+            for sub in sorted(p.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+                sub.rmdir()
+            p.rmdir()
+        (d / LOCK_NAME).unlink()
+        d.rmdir()
     except OSError:
         pass
+
+
+def _held_above(d: Path) -> Optional[tuple[Path, str]]:
+    """The nearest folder above ``d`` whose lock another process holds now (its folder and pid), or
+    None: a plan written into a folder that a running ``wina run`` holds would be taken over by it."""
+    import fcntl
+    for up in d.parents:
+        lock = up / LOCK_NAME
+        if not lock.is_file():
+            continue
+        with _HELD_GUARD:
+            if str(up) in _HELD:                 # this process's own (a run's step, the TUI)
+                return None
+        try:
+            with open(lock, "r", encoding="utf-8") as f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return up, f.read().strip() or "?"
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        except OSError:
+            continue
+    return None
 
 
 def replace_folder(new: PathLike, target: PathLike) -> None:

@@ -663,18 +663,23 @@ def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> 
     scratch_rel = f"{CALIBRATE} {scratch.relative_to(step.root) if step.root else scratch}"
     if scratch.exists() and (work != scratch or (_ledger(step.root).get(scratch_rel) or {}).get("key") != step.key):
         shutil.rmtree(scratch)                       # left by a calibration with other settings
-    _record(step, rel=scratch_rel if work == scratch else None, started=True)
-    api.calibrate(holder.get(v.transform, on_event, v.rotation), work, calibration_of(preset, v),
-                  on_event=on_event, cancel=cancel)
+    # the plan is ours (locked) before the ledger says this calibration started in it: a plan another
+    # process is writing stops the step without a record that would vouch for that writer's plan
+    with api.locked(work, f"plan {work}"):
+        _record(step, rel=scratch_rel if work == scratch else None, started=True)
+        api.calibrate(holder.get(v.transform, on_event, v.rotation), work, calibration_of(preset, v),
+                      on_event=on_event, cancel=cancel)
     if work != step.output:
         api.replace_folder(work, step.output)
         _forget(step.root, scratch_rel)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
-    _record(step, started=True)                      # a killed allocation resumes (wina.pipeline.allocate)
-    api.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output, allocation_of(preset),
-                 on_event=on_event, cancel=cancel)
+    api.recover_folder(step.output)                  # a swap of plan folders cut short, before the lock
+    with api.locked(step.output, f"plan {step.output}"):
+        _record(step, started=True)                  # a killed allocation resumes (wina.pipeline.allocate)
+        api.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output,
+                     allocation_of(preset), on_event=on_event, cancel=cancel)
 
 
 def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:

@@ -221,6 +221,30 @@ class Session:
                        plan=str(self.plan_path) if use_plan else None,
                        mode=settings.allocation if use_plan else None)
 
+    def discard_damaged_plan(self, out: Path) -> Optional[str]:
+        """The app's own saved plan ``out`` (under :attr:`plans_dir`) when it cannot be read (a truncated
+        ``plan.json``, a file missing or failing its checksum): emptied, so that calibration makes it
+        again, and what was wrong returned; None for a readable or absent plan (or one elsewhere).
+        Called holding the folder's lock, which stays."""
+        from wina.api import LOCK_NAME, Plan, PlanError
+        out = Path(out)
+        if not (out / "plan.json").exists() or self.plans_dir.resolve() not in out.resolve().parents:
+            return None
+        try:
+            Plan.load(str(out), allow_partial=True)
+            return None
+        except PlanError as e:
+            problem = str(e).split(": ", 1)[-1]
+        import shutil
+        for p in out.iterdir():
+            if p.name == LOCK_NAME:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        return problem
+
     def plan_dir_for(self, settings: Settings) -> Path:
         o = settings.options
         src = settings.calib_source

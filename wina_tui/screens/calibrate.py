@@ -292,6 +292,10 @@ class CalibrateScreen(Screen):
                                       "finished": True, "elapsed": time.perf_counter() - t0}))
                 cancel.check()
                 live["out"] = out
+                damage = s.discard_damaged_plan(out)
+                if damage:
+                    post(self.Progressed({"stage": "note", "message": f"the saved plan {out.name} was damaged "
+                                          f"({damage}); it is made again"}))
                 info = read_plan_info(out)
                 if info is not None:
                     post(self.Progressed({"stage": "resume", "what": "calibrate", "from": info.calibrated,
@@ -366,6 +370,9 @@ class CalibrateScreen(Screen):
         metrics = ev.get("metrics") or {}
         if stage == "resume":
             self._resumed(ev)
+            return
+        if stage == "note":
+            self.log_line(ev["message"], "yellow")
             return
         if stage == "phase":
             self.phase = ev["phase"]
