@@ -42,6 +42,8 @@ NO_MODEL = "No model loaded yet: press F2 for setup, then Load & chat (ctrl+g)."
 COMMANDS = ("/reset (or ctrl+n): a new conversation · /system TEXT: the system prompt (no text: none) · "
             "/save FILE: the conversation as JSON, or Markdown for .md · //text sends /text")
 BACKENDS = {"engine": "decode engine (CUDA)", "transformers": "torch"}
+STREAM_INTERVAL = 0.1    # seconds between two updates of a streamed reply (each lays out its Markdown)
+SHOWN_TIMEOUT = 5.0      # the worker waits at most this for a pane to show a message
 
 
 def reply_stats(reply, sparsity: Optional[float], flops: Optional[float]) -> ReplyStats:
@@ -437,10 +439,13 @@ class ChatScreen(Screen):
             return
         sess.system = system or None
         self.backend = BACKENDS.get(sess.backend, sess.backend)
-        pane.post_message(ChatPane.Start(prompt))
-        out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), 0.04)
+        shown = threading.Event()
+        pane.post_message(ChatPane.Start(prompt, shown=shown))
+        self._wait_shown(shown, cancel)      # the prompt laid out first: not inside the time to first token
+        out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), STREAM_INTERVAL)
         try:
-            r = sess.send(prompt, on_text=out.push, cancel=cancel, max_new_tokens=self.max_new_tokens)
+            with _gil_handover():
+                r = sess.send(prompt, on_text=out.push, cancel=cancel, max_new_tokens=self.max_new_tokens)
         finally:
             out.flush()
         kept = bool(r.text.strip())
@@ -457,8 +462,31 @@ class ChatScreen(Screen):
             # measured on the reply itself (device counts on the engine); nominal if nothing was
             sparsity = r.sparsity if r.sparsity is not None else sp.nominal_sparsity()
             flops = s.flop_fraction(measured=True)
+        shown = threading.Event()
         pane.post_message(ChatPane.Done(reply_stats(r, sparsity, flops), prompt=prompt,
-                                        history=list(sess.messages), kept=kept))
+                                        history=list(sess.messages), kept=kept, shown=shown))
+        self._wait_shown(shown, cancel)      # the finished reply laid out before the next pane's starts
+
+    def _wait_shown(self, shown: threading.Event, cancel: CancelToken) -> None:
+        """Wait (a few seconds at most; not when quitting) until the pane has shown a message."""
+        deadline = time.monotonic() + SHOWN_TIMEOUT
+        while not shown.wait(0.05):
+            if cancel.cancelled or time.monotonic() > deadline or not self.app.is_running:
+                return
+
+
+@contextlib.contextmanager
+def _gil_handover(interval: float = 0.0005):
+    """While a reply decodes, the worker gets Python's lock back within ``interval`` of asking
+    (default 5 ms): between two GPU steps the decode loop needs it for a moment, and the app's
+    thread, laying out the streamed text, would otherwise keep it for up to 5 ms a token."""
+    import sys
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, interval))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 __all__ = ["ChatScreen", "NO_MODEL", "reply_stats", "format_ttft"]

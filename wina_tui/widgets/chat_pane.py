@@ -11,6 +11,7 @@ empty one, is shown but not kept (by the session either), so the history never h
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -75,9 +76,13 @@ class ChatPane(Vertical):
     """
 
     class Start(Message):
-        def __init__(self, prompt: str) -> None:
+        """A reply starts; ``shown`` (if given) is set once the pane shows the prompt and an empty
+        reply, so that the worker starts the model after the layout work, not while it runs."""
+
+        def __init__(self, prompt: str, shown: Optional[threading.Event] = None) -> None:
             super().__init__()
             self.prompt = prompt
+            self.shown = shown
 
     class Delta(Message):
         def __init__(self, text: str) -> None:
@@ -91,8 +96,10 @@ class ChatPane(Vertical):
         copy); ``kept``: whether the session kept the exchange (default: the reply has text)."""
 
         def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None, prompt: str = "",
-                     history: Optional[list[dict]] = None, kept: Optional[bool] = None) -> None:
+                     history: Optional[list[dict]] = None, kept: Optional[bool] = None,
+                 shown: Optional[threading.Event] = None) -> None:
             super().__init__()
+            self.shown = shown           # set once the pane shows the finished reply
             self.stats = stats
             self.error = error
             self.prompt = prompt
@@ -154,6 +161,9 @@ class ChatPane(Vertical):
             await self._start(message)
         except MountError:           # the app is closing
             pass
+        finally:
+            if message.shown is not None:
+                message.shown.set()
 
     async def _start(self, message: "ChatPane.Start") -> None:
         scroll = self.query_one(VerticalScroll)
@@ -181,6 +191,9 @@ class ChatPane(Vertical):
             await self._done(message)
         except MountError:           # the app is closing (quit while a reply streamed): nothing to show
             self.streaming = False
+        finally:
+            if message.shown is not None:
+                message.shown.set()
 
     async def _done(self, message: "ChatPane.Done") -> None:
         text = "".join(self._buffer)
