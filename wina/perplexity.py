@@ -59,7 +59,7 @@ def max_tokens_problem(max_tokens, protocol: str = "windows", context: int = CON
     if protocol == "seed":
         need, what = SEED_STRIDE + 1, f"more than the {SEED_STRIDE} scored tokens of one window of the seed protocol"
     else:
-        need, what = max(int(context), 2), f"one window of {context} tokens"
+        need, what = max(int(context), 2), f"one window of {context} tokens; or give a shorter context"
     if max_tokens < need:
         return f"must be at least {need} ({what}), got {max_tokens}"
     return None

@@ -39,7 +39,7 @@ def check_sparsity(text: str) -> tuple[Optional[float], Optional[str]]:
         return None, f"not a number: {raw!r}"
     if v != v or not (0.0 <= v < 1.0):
         return None, f"target sparsity must be in [0, 1), got {raw}"
-    return v, None
+    return v + 0.0, None               # -0 is 0
 
 
 def check_model(spec: str) -> Optional[str]:
