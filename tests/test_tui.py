@@ -908,6 +908,31 @@ async def test_plan_browser_opens_a_saved_plan_for_chat_and_evaluation(tmp_path)
         await wait_for(pilot, lambda: app2.screen is app2.evaluate_screen)
         assert s.plan is not None and s.plan_path.resolve() == plan_dir.resolve()
 
+    # damaged copies: one with a listed file missing, one whose plan.json is cut short; both are
+    # listed as damaged (counted in the title) and neither opens
+    import shutil
+    missing, cut = plans / "missing", plans / "cut"
+    shutil.copytree(plan_dir, missing)
+    shutil.copytree(plan_dir, cut)
+    next(missing.glob("histograms/*.safetensors")).unlink()
+    text = (cut / "plan.json").read_text()
+    (cut / "plan.json").write_text(text[: len(text) // 3])
+    app3 = make_app(tmp_path, plans_dir=plans)
+    async with app3.run_test(size=(110, 32)) as pilot:
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app3.screen, PlansScreen))
+        browser = app3.screen
+        states = {p.path.name: p.describe_state() for p in browser.plans}
+        assert states[plan_dir.name] == "ready", states
+        assert states["missing"].startswith("damaged:") and "missing" in states["missing"], states
+        assert states["cut"].startswith("damaged:"), states
+        assert "(1, 2 damaged)" in str(browser.query_one(".modal-title").render())
+        table = browser.query_one(DataTable)
+        table.move_cursor(row=[p.path.name for p in browser.plans].index("missing"))
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app3.screen, PlansScreen)            # refused, with a message
+
 
 # --- small things -------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from .generate import (Generation, chat_input_ids, generation_backend, quiet_tok
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
 from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_label,  # noqa: F401
-                       apply, calibrate, evaluate, load, perplexity, plan_info, resolve_device, same_calibration,
+                       apply, calibrate, evaluate, load, perplexity, plan_damage, plan_info, resolve_device, same_calibration,
                        sparse_options)
 from .plan import (LayerHistogram, Plan, TrajectoryRow, nearest_row, plan_folders, plan_histogram,  # noqa: F401
                    plan_trajectory)

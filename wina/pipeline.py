@@ -261,6 +261,31 @@ def plan_info(path: PathLike) -> dict:
     return read_meta(path)
 
 
+def plan_damage(path: PathLike, *, checksums: bool = True) -> Optional[str]:
+    """What is wrong with the plan folder ``path``: an unreadable plan.json, or a file it lists
+    missing or (``checksums``) not matching its sha256 (hashes are cached while a file's size and
+    time stay); None for a sound plan. A folder without plan.json is a calibration that has not
+    saved anything yet: not damaged."""
+    from .files import sha256
+    path = Path(path)
+    if not (path / "plan.json").is_file():
+        return None
+    try:
+        meta = plan_info(path)
+    except PlanError as e:
+        return str(e)
+    for rel, sha in meta["files"].items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        try:
+            if checksums and sha256(f) != sha:
+                return f"{rel} does not match its checksum"
+        except OSError:
+            return f"{rel} cannot be read"
+    return None
+
+
 # --- 3. apply ---------------------------------------------------------------------------------------
 
 def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = None, transform: bool = False,

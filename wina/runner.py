@@ -184,7 +184,7 @@ class Step:
             except DataError as e:
                 return f"its results file is damaged ({e})"
         if self.kind in (CALIBRATE, ALLOCATE) and self.output.exists():
-            problem = _plan_damage(self.output)
+            problem = api.plan_damage(self.output)
             if problem is not None:
                 return f"its plan is damaged ({problem})"
         return None
@@ -237,25 +237,6 @@ def _plan_json(path: Path) -> Optional[dict]:
         return api.plan_info(path)
     except (PlanError, OSError):
         return None
-
-
-def _plan_damage(path: Path) -> Optional[str]:
-    """What is wrong with the plan folder ``path``: an unreadable plan.json, or a file it lists
-    missing or not matching its sha256 (hashes are cached while a file's size and time stay). A
-    folder without plan.json is a calibration that has not saved anything yet: not damaged."""
-    if not (path / "plan.json").is_file():
-        return None
-    try:
-        meta = api.plan_info(path)
-    except PlanError as e:
-        return str(e)
-    for rel, sha in meta["files"].items():
-        try:
-            if api.file_sha256(path / rel) != sha:
-                return f"{rel} does not match its checksum"
-        except OSError:
-            return f"{rel} is missing"
-    return None
 
 
 def _calibrated(meta: dict) -> bool:

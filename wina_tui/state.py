@@ -505,6 +505,14 @@ class PlanInfo:
     allocated: int
     max_sparsity: Optional[float]
     date: str
+    problem: Optional[str] = None       # why it cannot be opened (a file missing, plan.json unreadable)
+
+    @classmethod
+    def damaged(cls, path: Path, problem: str) -> "PlanInfo":
+        """A folder holding a plan.json that cannot be read: listed, never opened."""
+        return cls(path=Path(path), model=Path(path).name, method="?", transform=False, weighted="?", source="",
+                   calibrated=0, n_layers=0, allocation=None, allocated=0, max_sparsity=None, date="",
+                   problem=problem)
 
     @property
     def complete(self) -> bool:
@@ -518,6 +526,8 @@ class PlanInfo:
         return "uniform"
 
     def describe_state(self) -> str:
+        if self.problem:
+            return f"damaged: {self.problem}"
         if not self.complete:
             return f"partial: {self.calibrated}/{self.n_layers} layers"
         if self.allocation and self.allocated < self.n_layers:
@@ -528,7 +538,7 @@ class PlanInfo:
 def read_plan_info(folder: Path) -> Optional[PlanInfo]:
     """What the plan browser shows of a plan folder, from :func:`wina.api.plan_info` (the checked
     reader of its metadata); None for a folder that is not a readable plan."""
-    from wina.api import plan_info
+    from wina.api import plan_damage, plan_info
     try:
         meta = plan_info(folder)
         status = meta.get("status") or {}
@@ -546,9 +556,22 @@ def read_plan_info(folder: Path) -> Optional[PlanInfo]:
                         allocated=int(status.get("allocated_layers", 0)),
                         max_sparsity=(float(alloc["max_sparsity"]) if isinstance(alloc, dict)
                                       and isinstance(alloc.get("max_sparsity"), (int, float)) else None),
-                        date=date[:16].replace("T", " "))
+                        date=date[:16].replace("T", " "),
+                        problem=plan_damage(folder, checksums=False))    # a listed file missing
     except (WinaError, ValueError, TypeError, KeyError, AttributeError):
         return None
+
+
+def browse_plans(*roots: Path) -> list[PlanInfo]:
+    """Every plan folder under ``roots`` (:func:`plan_folders`) for the plan browser: readable ones
+    with their state, unreadable ones listed as damaged with the reason."""
+    from wina.api import plan_damage
+    out = []
+    for d in plan_folders(*roots):
+        info = read_plan_info(d)
+        out.append(info if info is not None else PlanInfo.damaged(d, plan_damage(d, checksums=False)
+                                                                   or "plan.json cannot be read"))
+    return out
 
 
 def plan_folders(*roots: Path) -> list[Path]:

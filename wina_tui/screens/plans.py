@@ -14,7 +14,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label
 
-from ..state import METHOD_NAMES, PlanInfo, plan_folders, read_plan_info
+from ..state import METHOD_NAMES, PlanInfo, browse_plans
 
 ALLOC_SHORT = {"layer": "greedy layer", "global": "greedy cross", None: "—"}
 
@@ -25,7 +25,7 @@ def plan_row(p: PlanInfo) -> list:
     state = p.describe_state()
     return [Text(p.model[:26]), METHOD_NAMES.get(p.method, p.method), "yes" if p.transform else "no",
             ALLOC_SHORT.get(p.allocation, str(p.allocation)), sparsities, p.source[:14], p.date,
-            Text(state, style="green" if state == "ready" else "yellow")]
+            Text(state, style="green" if state == "ready" else "red" if p.problem else "yellow")]
 
 
 class PlansScreen(ModalScreen[Optional[tuple[str, PlanInfo]]]):
@@ -37,13 +37,14 @@ class PlansScreen(ModalScreen[Optional[tuple[str, PlanInfo]]]):
     def __init__(self, roots: list[Path], **kw) -> None:
         super().__init__(**kw)
         self.roots = roots
-        self.plans: list[PlanInfo] = [p for p in (read_plan_info(d) for d in plan_folders(*roots))
-                                      if p is not None]
+        self.plans: list[PlanInfo] = browse_plans(*roots)
 
     def compose(self) -> ComposeResult:
         where = " · ".join(str(r) for r in self.roots)
         with Vertical(id="plans", classes="modal"):
-            yield Label(f"Saved plans ({len(self.plans)}) in {where}" if self.plans else
+            bad = sum(1 for p in self.plans if p.problem)
+            count = f"{len(self.plans) - bad}, {bad} damaged" if bad else f"{len(self.plans)}"
+            yield Label(f"Saved plans ({count}) in {where}" if self.plans else
                         f"No saved plans in {where} (or runs/*/plans here): calibrate first (F3)",
                         classes="modal-title")
             table = DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
@@ -92,6 +93,10 @@ class PlansScreen(ModalScreen[Optional[tuple[str, PlanInfo]]]):
     def action_open(self, target: str) -> None:
         p = self.selected()
         if p is None:
+            return
+        if p.problem:
+            self.notify(f"this plan cannot be opened ({p.problem}): delete {p.path} or calibrate again",
+                        severity="warning")
             return
         if not p.complete:
             self.notify(f"this plan is partial ({p.describe_state()}): calibrate with the same settings "
