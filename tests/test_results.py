@@ -216,3 +216,19 @@ def test_compare_warns_when_files_disagree_on_a_cell(tmp_path):
     write_run(_ppl_only(ppl=30.0000001, date="2026-03-01T00:00:00+00:00"), tmp_path / "again.json")
     cmp = comparison_rows(load_runs([new, tmp_path / "again.json"]))
     assert len(cmp.rows) == 1 and not cmp.warnings
+
+
+def test_compare_says_how_the_perplexities_were_measured_and_warns_when_they_differ(tmp_path):
+    """One perplexity setting: a note says it (tokens, text, window). Two (say, a run over 1,000
+    tokens beside one over 2,000): a warning says the column does not compare."""
+    a = write_run(_ppl_only(ppl=27.53), tmp_path / "a.json").path
+    b = write_run(_ppl_only(ppl=40.0, method="wina", sparsity=0.5), tmp_path / "b.json").path
+    cmp = comparison_rows(load_runs([a, b]))
+    assert "ppl over 1000 tokens of wiki.test.raw" in cmp.notes and not cmp.warnings
+    rec = _ppl_only(ppl=41.0, method="teal", sparsity=0.5)
+    rec["wina"]["perplexity"]["tokens"] = 2000
+    c = write_run(rec, tmp_path / "c.json").path
+    cmp = comparison_rows(load_runs([a, b, c]))
+    assert len(cmp.warnings) == 1 and "not measured alike" in cmp.warnings[0]
+    assert "1000 tokens" in cmp.warnings[0] and "2000 tokens" in cmp.warnings[0]
+    assert "not measured alike" in " ".join(_cli("compare", a, b, c).split())

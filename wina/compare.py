@@ -17,6 +17,7 @@ their average, and perplexities (lm-eval's wikitext word perplexity, and the fas
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -135,10 +136,31 @@ def comparison_rows(runs: Sequence[Run]) -> Comparison:
     limits.discard(None)
     if limits:
         notes.append(f"lm-eval --limit {', '.join(str(x) for x in sorted(limits, key=str))} documents per task")
+    ppl = _ppl_settings(runs)
+    if len(ppl) == 1:
+        notes.append(f"ppl over {next(iter(ppl))}")
+    elif len(ppl) > 1:
+        warnings.append(f"warning: the perplexities were not measured alike ({'; '.join(sorted(ppl))}): "
+                        "their column does not compare")
     if any((r.wina.get("eval") or {}).get("data_dir") and "hellaswag" in r.headline for r in runs):
         notes.append("hellaswag from llama.cpp's preprocessed text: close to the harness's scores, not identical")
     return Comparison(acc_cols, low_cols, rows, notes, models, warnings)
 
+
+
+def _ppl_settings(runs) -> set[str]:
+    """How each run's perplexity was measured (text, tokens, window, protocol), as one phrase each."""
+    out = set()
+    for r in runs:
+        p = r.wina.get("perplexity")
+        if not isinstance(p, dict) or p.get("perplexity") is None:
+            continue
+        name = Path(str(p.get("file") or "?")).name
+        protocol = p.get("protocol") or "windows"
+        how = (f" (windows of {p['context']})" if protocol == "windows" and p.get("context")
+               else f" (the {protocol} protocol)" if protocol != "windows" else "")
+        out.add(f"{p.get('tokens', '?')} tokens of {name}{how}")
+    return out
 
 def _fmt_sparsity(row: Row) -> str:
     return "0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %"
