@@ -133,17 +133,9 @@ if not args.skip_probe:
 
 if not args.skip_folder:
     stamp("model folder")
-    from transformers import AutoTokenizer  # noqa: E402
-    from wina.bench import random_model, shape_config  # noqa: E402
-    tok = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
-    cfg = shape_config(args.shape, args.layers)
-    cfg.vocab_size = max(cfg.vocab_size, len(tok))
-    cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
-    model = random_model(cfg, "cuda", torch.bfloat16, 0)
-    folder = "/tmp/m7b"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    del model
+    sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+    from tui_chat import model_folder  # noqa: E402
+    folder = model_folder(args.shape, args.tokenizer, "/tmp/m7b", args.layers)
     torch.cuda.empty_cache()
     stamp("folder written")
     plan = "/tmp/plan7b"

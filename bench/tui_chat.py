@@ -30,9 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def model_folder(shape: str, tokenizer_dir: str, folder: Path, layers=None) -> str:
-    """Random weights of ``shape`` with the tokenizer of ``tokenizer_dir``, saved to ``folder``."""
+def model_folder(shape: str, tokenizer_dir: str, folder, layers=None) -> str:
+    """Random weights of ``shape`` with the tokenizer of ``tokenizer_dir``, saved to ``folder`` (kept
+    when it is there already; bench/chat_gpu.py uses it too)."""
     import torch
+    folder = Path(folder)
     from transformers import AutoTokenizer
     from wina.bench import random_model, shape_config
     if (folder / "config.json").exists():

@@ -877,12 +877,7 @@ async def test_plan_browser_opens_a_saved_plan_for_chat_and_evaluation(tmp_path)
     plans = tmp_path / "plans"
     app = make_app(tmp_path, plans_dir=plans)
     async with app.run_test(size=SIZE) as pilot:           # make a plan
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        await wait_for(pilot, lambda: app.calibrate_screen.state in ("done", "failed"))
-        assert app.calibrate_screen.state == "done"
-    plan_dir = next(plans.iterdir())
+        plan_dir = (await calibrate_a_plan(app, pilot)).resolve()
 
     app2 = make_app(tmp_path, plans_dir=plans)             # a new launch
     async with app2.run_test(size=(110, 32)) as pilot:
@@ -976,18 +971,24 @@ async def test_every_offered_calibration_source_works(tmp_path):
         assert app.session.plan_path.name.endswith("-wikitext-2x32")
 
 
+async def calibrate_a_plan(app, pilot) -> Path:
+    """Setup's greedy settings calibrated and allocated into the app's saved plan (ctrl+b); its folder."""
+    set_greedy(app)
+    await pilot.pause()
+    await pilot.press("ctrl+b")
+    cal = app.calibrate_screen
+    await wait_for(pilot, lambda: cal.state in ("done", "failed", "cancelled"))
+    assert cal.state == "done", [line.text for line in cal.query_one("#cal-log").lines[-3:]]
+    return app.session.plan_dir_for(app.setup_screen.read(show=False)[0])
+
+
 async def test_a_damaged_saved_plan_is_made_again(tmp_path):
     """The app's own saved plan for these settings, damaged (plan.json cut short): calibrate says so
     in its log and makes it again, instead of failing on it every time."""
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
+        out = await calibrate_a_plan(app, pilot)
         cal = app.calibrate_screen
-        await wait_for(pilot, lambda: cal.state in ("done", "failed", "cancelled"))
-        assert cal.state == "done"
-        out = app.session.plan_dir_for(app.setup_screen.read(show=False)[0])
         text = (out / "plan.json").read_text()
         (out / "plan.json").write_text(text[: len(text) // 2])
         await pilot.press("f2")

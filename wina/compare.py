@@ -17,8 +17,8 @@ their average, and perplexities (lm-eval's wikitext word perplexity, and the fas
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import InvalidArgument
@@ -147,7 +147,6 @@ def comparison_rows(runs: Sequence[Run]) -> Comparison:
     return Comparison(acc_cols, low_cols, rows, notes, models, warnings)
 
 
-
 def _ppl_settings(runs) -> set[str]:
     """How each run's perplexity was measured (text, tokens, window, protocol), as one phrase each."""
     out = set()
@@ -161,6 +160,7 @@ def _ppl_settings(runs) -> set[str]:
                else f" (the {protocol} protocol)" if protocol != "windows" else "")
         out.add(f"{p.get('tokens', '?')} tokens of {name}{how}")
     return out
+
 
 def _fmt_sparsity(row: Row) -> str:
     return "0 %" if row.label == "dense" else f"{100 * row.sparsity:.0f} %"
@@ -243,9 +243,9 @@ def is_best(cmp: Comparison, row: Row, column: str) -> bool:
     if v is None or row.label == "dense":
         return False
     peers = [r for r in cmp.rows if (r.model, r.sparsity) == (row.model, row.sparsity) and r.label != "dense"]
-    values = [x for x in (_value(r, column) for r in peers) if x is not None]
     if len(peers) < 2:
         return False
+    values = [x for x in (_value(r, column) for r in peers) if x is not None]
     return v == (min(values) if column in cmp.low_columns else max(values))
 
 

@@ -222,20 +222,18 @@ class Session:
                        mode=settings.allocation if use_plan else None)
 
     def discard_damaged_plan(self, out: Path) -> Optional[str]:
-        """The app's own saved plan ``out`` (under :attr:`plans_dir`) when it cannot be read (a truncated
-        ``plan.json``, a file missing or failing its checksum): emptied, so that calibration makes it
-        again, and what was wrong returned; None for a readable or absent plan (or one elsewhere).
-        Called holding the folder's lock, which stays."""
-        from wina.api import LOCK_NAME, Plan, PlanError
-        out = Path(out)
-        if not (out / "plan.json").exists() or self.plans_dir.resolve() not in out.resolve().parents:
-            return None
-        try:
-            Plan.load(str(out), allow_partial=True)
-            return None
-        except PlanError as e:
-            problem = str(e).split(": ", 1)[-1]
+        """The app's own saved plan ``out`` (under :attr:`plans_dir`) when it is damaged
+        (:func:`wina.api.plan_damage`: plan.json unreadable, a file missing or failing its checksum):
+        emptied, so that calibration makes it again, and what was wrong returned; None for a sound or
+        absent plan (or one elsewhere). Called holding the folder's lock, which stays."""
         import shutil
+        from wina.api import LOCK_NAME, plan_damage
+        out = Path(out)
+        if self.plans_dir.resolve() not in out.resolve().parents:
+            return None
+        problem = plan_damage(out)
+        if problem is None:
+            return None
         for p in out.iterdir():
             if p.name == LOCK_NAME:
                 continue
