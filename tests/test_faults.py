@@ -673,6 +673,9 @@ def test_an_atomic_write_names_the_file_asked_for(tmp_path, monkeypatch):
         write_text(tmp_path / "x.json", "{}")
     assert e.value.filename == str(tmp_path / "x.json")
     assert str(translate(e.value)) == f"{tmp_path / 'x.json'}: read-only file system"
+    with pytest.raises(OSError):
+        write_text(tmp_path / "new" / "deeper" / "x.json", "{}")
+    assert not (tmp_path / "new").exists()                 # the folders the failed write made are gone
 
 
 def test_a_folder_inside_one_another_process_writes_is_refused(tmp_path):

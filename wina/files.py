@@ -32,6 +32,7 @@ def _umask() -> int:
 def write_bytes(path: PathLike, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically (the parent folder is created)."""
     path = Path(path)
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]     # removed again on failure
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -40,6 +41,7 @@ def write_bytes(path: PathLike, data: bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:                # a fault names the file asked for, not a temporary name
+        _remove_empty(made)
         raise _named(e, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
@@ -53,9 +55,19 @@ def write_bytes(path: PathLike, data: bytes) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+        _remove_empty(made)
         if isinstance(e, OSError):
             raise _named(e, path) from None
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed write made (innermost first), where they are still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _named(e: OSError, path: Path) -> OSError:
