@@ -30,6 +30,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+class GcWatch:
+    """Python's cyclic garbage collections while the app runs (every thread): a collection holds the
+    interpreter's lock for its whole length, whatever the switch interval, so a long one stalls the
+    decode loop. ``take()`` returns and forgets the ones since the last call."""
+
+    def __init__(self):
+        self.seen: list[tuple[int, float]] = []
+        self._t0 = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seen.append((info["generation"], time.perf_counter() - self._t0))
+
+    def take(self) -> dict:
+        seen, self.seen = self.seen, []
+        full = [d for g, d in seen if g == 2]
+        return {"collections": len(seen), "full": len(full), "total_ms": round(sum(d for _, d in seen) * 1e3, 1),
+                "longest_full_ms": round(max(full, default=0.0) * 1e3, 1)}
+
+
 def model_folder(shape: str, tokenizer_dir: str, folder, layers=None) -> str:
     """Random weights of ``shape`` with the tokenizer of ``tokenizer_dir``, saved to ``folder`` (kept
     when it is there already; bench/chat_gpu.py uses it too)."""
@@ -83,6 +105,10 @@ async def drive(app, args, out: dict) -> None:
         tok = app.session.loaded.tokenizer
         script = chat_script(tok, args.turns, 90, 500, 0)
         rows, prompts = [], {}
+        import gc
+        watch = GcWatch()
+        gc.callbacks.append(watch)
+        out["objects_before_chat"] = len(gc.get_objects())
         for i, text in enumerate(script):
             t = time.perf_counter()
             assert chat.send(text), "the chat refused the message"
@@ -102,10 +128,13 @@ async def drive(app, args, out: dict) -> None:
                             "sparsity": st.sparsity, "truncated": st.truncated}
                 prompts[(i, pid)] = list(sess.context_ids()[:st.context_tokens or 0])
             row["sparse_over_dense"] = sparse_over_dense(row)
+            row["gc"] = watch.take()
             rows.append(row)
             print(f"turn {i + 1}: " + " · ".join(
                 f"{pid} ttft {row[pid]['ttft_s'] * 1e3:.1f} ms, {row[pid]['decode_tokens_per_s'] or 0:.1f} tok/s"
-                for pid in panes), flush=True)
+                for pid in panes) + f" · gc {row['gc']}", flush=True)
+        gc.callbacks.remove(watch)
+        out["objects_after_chat"] = len(gc.get_objects())
         out["backend"] = chat.sessions["dense"].backend
         if out["backend"] == "engine":
             with scratch_cache(chat.sessions["dense"]) as eng:

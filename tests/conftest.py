@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models of every supported architecture, and the shared data dir."""
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -86,3 +87,11 @@ def shared_data():
 def data_dir(shared_data):
     """The same folder, under the name the perplexity tests use."""
     return shared_data
+
+
+@pytest.fixture(autouse=True)
+def _thawed():
+    """A chat's warm-up freezes the objects alive out of full collections (wina.collector): undone
+    after each test, so that one test's models never outlive it as frozen cycles."""
+    yield
+    gc.unfreeze()

@@ -156,6 +156,87 @@ def test_context_overflow_drops_old_turns(backend):
     assert fresh.send(s.messages[-2]["content"]).ids == r.ids
 
 
+def _full_collections(fn):
+    """How many full (generation 2) collections ran while ``fn`` ran."""
+    import gc
+    seen = []
+
+    def watch(phase, info):
+        if phase == "start" and info["generation"] == 2:
+            seen.append(1)
+    gc.callbacks.append(watch)
+    try:
+        fn()
+    finally:
+        gc.callbacks.remove(watch)
+    return len(seen)
+
+
+def _garbage(n=3000, keep=None):
+    """Cyclic garbage (young collections), some of it kept alive in ``keep`` until the caller drops
+    it (survivors that bring a full collection due)."""
+    for i in range(n):
+        a = []
+        a.append(a)
+        if keep is not None and i % 3 == 0:
+            keep.append(a)
+
+
+def _churn(rounds=40):
+    keep = []
+    for _ in range(rounds):
+        _garbage(keep=keep)
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_no_full_collection_inside_a_reply(backend):
+    import gc
+    from wina.collector import no_full_collection
+    before = gc.get_threshold()
+    gc.freeze()                         # settled, as after a warm-up: few long-lived objects to walk
+    gc.collect()
+    assert _full_collections(_churn) > 0                                       # what a reply would meet
+    with no_full_collection():
+        with no_full_collection():                                             # nested: still off
+            pass
+        assert _full_collections(_churn) == 0
+        assert gc.get_threshold()[:2] == before[:2]                            # young ones still collected
+    assert gc.get_threshold() == before
+    with pytest.raises(RuntimeError), no_full_collection():
+        raise RuntimeError("boom")
+    assert gc.get_threshold() == before                                        # put back after a failure
+    # the chat: a streaming callback that makes as much garbage meets no full collection
+    m = tiny()
+    s = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=40, max_seq_len=200)
+    keep = []
+    n = _full_collections(lambda: s.send(TURNS[0], on_text=lambda d: _garbage(keep=keep)))
+    assert n == 0 and gc.get_threshold() == before
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_warm_up_freezes_what_is_alive_and_a_load_or_release_thaws_it(backend, tiny_folder):
+    import gc
+    from wina.chat import release_engine
+    from wina.models import load
+    gc.unfreeze()
+    m = tiny()
+    s = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=4, max_seq_len=200)
+    s.warm_up()
+    assert gc.get_freeze_count() > 10000          # the libraries' and the model's objects
+    assert s.send(TURNS[0]).tokens == 4
+    if backend == "engine":
+        release_engine(m)                         # the engine's cycles (and the frozen ones) are freed
+    else:
+        # a model dropped after a warm-up is freed before the next one loads: a cycle held it
+        import weakref
+        m.loop = m                                 # a cycle only the collector frees
+        gone = weakref.ref(m)
+        del s, m
+        load(str(tiny_folder))
+        assert gone() is None
+    assert gc.get_freeze_count() == 0
+
+
 def test_pair_shares_one_engine_and_warm_up_reports_progress():
     m = tiny()
     _sparsify(m)

@@ -39,6 +39,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .collector import no_full_collection, settle, thaw
 from .errors import InvalidArgument
 from .events import CancelToken, Progress
 from .generate import (COUNT_EVERY, ConversationIds, Generation, TextStream, _eos_ids, _sample, chat_input_ids,
@@ -124,6 +125,7 @@ def release_engine(model) -> None:
     if getattr(model, "_wina_engine", None) is not None:
         model._wina_engine = None
     import gc
+    thaw()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -284,13 +286,15 @@ class ChatSession:
     def warm_up(self, on_event: Optional[Callable[[Progress], None]] = None) -> None:
         """Everything a first reply would otherwise pay once: on the engine, build it (shared by the
         model's sessions), compile the kernels and capture this session's decode step(s), and run
-        the prefill path once; on any backend, compile the chat template. Progress events have stage
-        "warm-up"."""
+        the prefill path once; on any backend, compile the chat template, and settle the objects
+        alive out of later full collections (:func:`wina.collector.settle`). Progress events have
+        stage "warm-up"."""
         emit = on_event or (lambda ev: None)
         # the chat template is compiled on its first use (tens of ms), and the incremental tokenizing
         # is checked against a whole tokenization once: here, not in the first replies
         self._ids.verify(WARM_UP_MESSAGES)
         if self.backend != "engine":
+            settle()
             self.warm = True
             emit(Progress("warm-up", 1, 1, message="the chat template (transformers: nothing else to prepare)"))
             return
@@ -321,6 +325,7 @@ class ChatSession:
         eng.cache.used = used              # what the warm-up wrote is no conversation to keep
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
+        settle()          # what is alive now (libraries, model, engine) is never walked again (wina.collector)
         self.warm = True
         emit(Progress("warm-up", 3, 3, message="ready"))
 
@@ -373,6 +378,10 @@ class ChatSession:
     def send(self, text: str, *, on_text: Optional[Callable[[str], None]] = None,
              cancel: Optional[CancelToken] = None, max_new_tokens: Optional[int] = None) -> Reply:
         """Answer ``text`` (streamed through ``on_text`` deltas); the exchange joins the conversation."""
+        with no_full_collection():       # a full collection would stall the reply (wina.collector)
+            return self._send(text, on_text, cancel, max_new_tokens)
+
+    def _send(self, text, on_text, cancel, max_new_tokens) -> Reply:
         t0 = time.perf_counter()
         check_text(text)
         max_new = int(max_new_tokens or self.max_new_tokens)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .collector import thaw
 from .errors import ModelLoadError
 
 EMBEDDED = "smollm2-135m"
@@ -185,6 +186,7 @@ def load(spec: str = EMBEDDED, *, dtype=None, device: str = "cpu", device_map=No
     """
     kind, path = resolve_source(spec)
     torch_dtype = resolve_dtype(dtype, device)
+    thaw()            # a model dropped since a chat's warm-up froze it is freed before this one loads
     if kind in ("embedded", "gguf"):
         gguf = embedded_gguf() if kind == "embedded" else path
         cached = _converted(gguf)
