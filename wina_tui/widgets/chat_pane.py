@@ -162,8 +162,7 @@ class ChatPane(Vertical):
         except MountError:           # the app is closing
             pass
         finally:
-            if message.shown is not None:
-                message.shown.set()
+            self._set_when_painted(message.shown)
 
     async def _start(self, message: "ChatPane.Start") -> None:
         scroll = self.query_one(VerticalScroll)
@@ -192,8 +191,18 @@ class ChatPane(Vertical):
         except MountError:           # the app is closing (quit while a reply streamed): nothing to show
             self.streaming = False
         finally:
-            if message.shown is not None:
-                message.shown.set()
+            self._set_when_painted(message.shown)
+
+    def _set_when_painted(self, shown: Optional[threading.Event]) -> None:
+        """Set ``shown`` once the screen has been laid out and painted with what was just mounted,
+        so that the worker's next reply does not share the interpreter with that work (at once when
+        the pane is no longer mounted: the app is closing)."""
+        if shown is None:
+            return
+        if self.is_attached and self.app.is_running:
+            self.call_after_refresh(shown.set)
+        else:
+            shown.set()
 
     async def _done(self, message: "ChatPane.Done") -> None:
         text = "".join(self._buffer)
