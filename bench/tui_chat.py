@@ -52,6 +52,20 @@ class GcWatch:
                 "longest_full_ms": round(max(full, default=0.0) * 1e3, 1)}
 
 
+def _record_replies() -> dict:
+    """Each session's last Reply (its TTFT split: the ids, then the prefill), from ChatSession.send."""
+    from wina.api import ChatSession
+    last: dict = {}
+    send = ChatSession.send
+
+    def recording(self, *args, **kw):
+        r = send(self, *args, **kw)
+        last[self] = r
+        return r
+    ChatSession.send = recording
+    return last
+
+
 def model_folder(shape: str, tokenizer_dir: str, folder, layers=None) -> str:
     """Random weights of ``shape`` with the tokenizer of ``tokenizer_dir``, saved to ``folder`` (kept
     when it is there already; bench/chat_gpu.py uses it too)."""
@@ -105,6 +119,7 @@ async def drive(app, args, out: dict) -> None:
         tok = app.session.loaded.tokenizer
         script = chat_script(tok, args.turns, 90, 500, 0)
         rows, prompts = [], {}
+        replies = _record_replies()
         import gc
         watch = GcWatch()
         gc.callbacks.append(watch)
@@ -125,7 +140,8 @@ async def drive(app, args, out: dict) -> None:
                 sess = chat.sessions[pid]
                 row[pid] = {"context": st.context_tokens, "prefilled": st.prefill_tokens, "tokens": st.tokens,
                             "ttft_s": st.ttft, "decode_tokens_per_s": st.decode_tps, "stopped": st.stopped,
-                            "sparsity": st.sparsity, "truncated": st.truncated}
+                            "sparsity": st.sparsity, "truncated": st.truncated,
+                            "ids_s": replies[sess].prepare_s}    # of the TTFT: the template and tokenization
                 prompts[(i, pid)] = list(sess.context_ids()[:st.context_tokens or 0])
             row["sparse_over_dense"] = sparse_over_dense(row)
             row["gc"] = watch.take()
@@ -147,7 +163,8 @@ async def drive(app, args, out: dict) -> None:
 
 def markdown(res: dict) -> str:
     eng = res.get("backend") == "engine"
-    head = ["turn", "context", "prefilled d / s", "TTFT dense / sparse ms", "decode dense / sparse tok/s"]
+    head = ["turn", "context", "prefilled d / s", "TTFT dense / sparse ms", "of which ids ms",
+            "decode dense / sparse tok/s"]
     if eng:
         head += ["engine alone d / s tok/s", "TUI ÷ engine d / s", "TTFT ÷ prefill alone d / s"]
     head += ["sparse ÷ dense"]
@@ -158,7 +175,8 @@ def markdown(res: dict) -> str:
         def pair(key, fmt):
             return " / ".join(fmt.format(x[key]) if x.get(key) is not None else "–" for x in (d, s))
         cells = [str(r["turn"]), str(d["context"]), pair("prefilled", "{}"),
-                 " / ".join(f"{x['ttft_s'] * 1e3:.1f}" for x in (d, s)), pair("decode_tokens_per_s", "{:.1f}")]
+                 " / ".join(f"{x['ttft_s'] * 1e3:.1f}" for x in (d, s)),
+                 " / ".join(f"{x['ids_s'] * 1e3:.1f}" for x in (d, s)), pair("decode_tokens_per_s", "{:.1f}")]
         if eng:
             cells += [pair("engine_decode_tokens_per_s", "{:.1f}"), pair("decode_ratio", "{:.3f}"),
                       pair("ttft_over_prefill", "{:.2f}")]
