@@ -189,6 +189,41 @@ def test_edited_preset_reruns_what_changed(tiny_preset, tmp_path):
     assert s.ran == []
     assert before.keys() == {p.name for p in (out / "runs").iterdir()}
 
+    # 4. a sparsity and a variant taken out: their outputs are moved aside, with their ledger
+    # entries, never left among the preset's results nor deleted; a user's own file stays
+    (out / "runs" / "mine.json").write_text("{}")
+    teal_plan = (out / "plans" / "teal" / "plan.json").read_bytes()
+    wina25 = (out / "runs" / "wina-s25.json").read_bytes()
+    fewer = tmp_path / "fewer.toml"
+    text = edited.read_text().replace("sparsities = [0.25, 0.5]", "sparsities = [0.5]")
+    fewer.write_text(text[:text.index('[[variants]]\nname = "teal"')])
+    from typer.testing import CliRunner
+    from wina.cli import app
+    dry = CliRunner().invoke(app, ["run", str(fewer), "--out", str(out), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "no longer in the preset" in dry.stdout and "runs/teal-s50.json" in dry.stdout
+    assert (out / "runs" / "teal-s50.json").exists()                   # a dry run moves nothing
+    res = CliRunner().invoke(app, ["run", str(fewer), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "moved aside 4 output(s)" in " ".join(res.stdout.split()), res.stdout
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["dense.json", "mine.json", "wina-s50.json"]
+    [where] = list((out / "retired").iterdir())
+    assert sorted(p.name for p in (where / "runs").iterdir()) == ["teal-s25.json", "teal-s50.json", "wina-s25.json"]
+    assert (where / "runs" / "wina-s25.json").read_bytes() == wina25
+    assert (where / "plans" / "teal" / "plan.json").read_bytes() == teal_plan
+    moved = json.loads((where / "steps.json").read_text())
+    assert set(moved) == {"eval runs/teal-s25.json", "eval runs/teal-s50.json", "eval runs/wina-s25.json",
+                          "calibrate plans/teal", "allocate plans/teal"}
+    led = json.loads((out / "steps.json").read_text())
+    assert not set(moved) & set(led)
+    compare = (out / "compare.md").read_text()
+    assert "TEAL" not in compare and "25 %" not in compare and "WINA" in compare
+    s = run_preset(load_preset(fewer), out)                            # nothing left to move or run
+    assert s.ran == [] and s.retired == [] and len(list((out / "retired").iterdir())) == 1
+    # the comparison knows its inputs: one taken out of the folder by hand is noticed
+    assert json.loads((out / "steps.json").read_text())["compare compare.md"]["settings"]["inputs"] == [
+        "dense.json", "wina-s50.json"]
+
 
 def _header_and_footer(res) -> tuple[tuple[int, int], tuple[int, int]]:
     """(steps, already done) from `wina run`'s header and (run, skipped) from its last line."""

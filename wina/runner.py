@@ -149,12 +149,13 @@ class Step:
         """Why the existing output no longer fits the preset (which settings changed, that no
         settings are recorded for it, or that it is damaged: :meth:`_damage`), or None. An output the ledger does not know (a run folder
         without steps.json, or from before it) is never adopted: nothing proves how it was made."""
-        if self.root is None or self.kind == COMPARE or not self._has_output():
+        if self.root is None or not self._has_output():
             return None
         led = _ledger(self.root) if ledger is None else ledger
         rec = led.get(self.rel)
         if rec is None:
-            return UNKNOWN
+            # a comparison made before the ledger recorded comparisons: its inputs' times decide
+            return None if self.kind == COMPARE else UNKNOWN
         if rec.get("key") != self.key:
             old = self._with_folder_read(rec.get("settings") or {})
             if _key(old) != self.key:
@@ -225,6 +226,8 @@ class Summary:
     compare_path: Optional[Path] = None
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step run (title -> s)
     total_s: float = 0.0
+    retired_to: Optional[Path] = None                         # where outputs the preset no longer makes went
+    retired: list[str] = field(default_factory=list)          # those outputs (relative paths)
 
 
 # --- plan.json reading (no torch) ------------------------------------------------------------------
@@ -355,11 +358,14 @@ def pending(steps: list[Step]) -> list[Step]:
     todo: list[Step] = []
     ledgers: dict[Path, dict] = {}
     eval_runs = False
+    current = {s.rel for s in steps}
     for s in steps:
         led = ledgers.setdefault(s.root, _ledger(s.root)) if s.root is not None else {}
         s.why = s.stale(led)
         if s.kind == COMPARE:
-            if eval_runs or not s._complete():
+            # also when results the preset no longer makes are still recorded (retire moves them)
+            retiring = any(k.split(" ", 1)[0] == EVAL and k not in current for k in led)
+            if eval_runs or retiring or s.why is not None or not s._complete():
                 todo.append(s)
         elif s.why is not None or not s.done(led):
             todo.append(s)
@@ -563,6 +569,7 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
         on_plan(steps, todo)
     _drop_abandoned_calibrations(steps, todo)
     summary = Summary(out)
+    summary.retired_to, summary.retired = retire(out, steps)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
     notify = on_step or (lambda s, st: None)
@@ -591,8 +598,7 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
                 _evaluate(step, preset, holder, limit, on_event, cancel)
         elif step.kind == COMPARE:
             _compare(step, preset)
-        if step.kind != COMPARE:
-            _record(step)
+        _record(step)
         _write_preset(out, preset)                   # once a step has made something from it
         summary.ran.append(step)
         summary.seconds[step.title] = time.perf_counter() - t0
@@ -603,6 +609,50 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
     summary.compare_path = compare.output if compare.output.is_file() else None
     summary.total_s = time.perf_counter() - t_start
     return summary
+
+
+RETIRED = "retired"
+
+
+def superseded(steps: list[Step]) -> list[str]:
+    """The ledger's outputs that the preset no longer makes (a variant or a sparsity taken out, a
+    variant renamed): what :func:`retire` moves aside. Only outputs the ledger records as this
+    runner's are ever moved; a user's own files in the folder are left where they are."""
+    roots = {s.root for s in steps if s.root is not None}
+    current = {s.rel for s in steps}
+    out = []
+    for root in roots:
+        out += sorted(k for k in _ledger(root) if k not in current and k.split(" ", 1)[0] in (CALIBRATE, ALLOCATE, EVAL))
+    return out
+
+
+def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
+    """Move the outputs the preset no longer makes (:func:`superseded`) into
+    ``retired/<date-time>/`` (same relative paths, with their ledger entries in its own
+    ``steps.json``), so that the folder's ``runs/`` holds only the preset's results (``wina compare``
+    on it, the TUI's run list) and nothing is lost. Returns that folder (None: nothing to move) and
+    the outputs moved."""
+    gone = superseded(steps)
+    if not gone:
+        return None, []
+    led = _ledger(root)
+    dest = Path(root) / RETIRED / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    moved: dict[str, dict] = {}
+    paths: list[str] = []
+    for key in gone:
+        where = key.split(" ", 1)[1]
+        src, to = Path(root) / where, dest / where
+        if src.exists() and not to.exists():
+            to.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, to)
+            paths.append(where)
+        moved[key] = led.pop(key)
+    if paths:
+        api.atomic_write_text(dest / LEDGER, json.dumps(moved, indent=1, sort_keys=True, default=str) + "\n")
+    _write_ledger(root, led)                         # last: a kill before it only leaves entries to drop again
+    return (dest if paths else None), paths
 
 
 def _drop_abandoned_calibrations(steps: list[Step], todo: list[Step]) -> None:

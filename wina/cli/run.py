@@ -71,6 +71,10 @@ def run_cmd(
         out.print(comparison_table(summary.runs, title=f"{p.name}: {p.model}"))
     if summary.seconds:
         _print_stage_times(summary)
+    if summary.retired:
+        out.print(f"[yellow]moved aside[/] {len(summary.retired)} output(s) the preset no longer makes "
+                  f"({escape(', '.join(summary.retired[:4]))}{' …' if len(summary.retired) > 4 else ''}) "
+                  f"to {escape(str(summary.retired_to))}", soft_wrap=True)
     out.print(f"[green]finished:[/] {len(summary.ran)} steps run, {len(summary.skipped)} skipped; "
               f"outputs in {escape(str(folder))}", soft_wrap=True)
 
@@ -111,7 +115,7 @@ def _step_status(s, todo) -> str:
 
 def _print_steps(p, folder: Path, steps, limit) -> None:
     from rich.table import Table
-    from ..runner import describe, pending
+    from ..runner import describe, pending, superseded
     info = describe(p, limit, strict=False)      # a dry run shows what is missing instead of stopping
     todo = pending(steps)                        # the rule wina run follows
     out.print(f"[bold]preset[/] {escape(p.name)} ({escape(str(p.path))})", soft_wrap=True)
@@ -127,4 +131,9 @@ def _print_steps(p, folder: Path, steps, limit) -> None:
         t.add_row(str(i), s.title, str(s.output.relative_to(folder)) if s.output.is_relative_to(folder)
                   else str(s.output), _step_status(s, todo))
     out.print(t)
+    gone = superseded(steps)
+    if gone:
+        names = sorted({k.split(" ", 1)[1] for k in gone})
+        out.print(f"  no longer in the preset, moved to {escape(str(folder))}/retired/ by the run: "
+                  f"{escape(', '.join(names))}", soft_wrap=True)
     out.print("dry run: nothing was executed")
