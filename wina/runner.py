@@ -19,7 +19,9 @@ resumes where it stopped). An output is kept only when the ledger proves it was 
 with the settings asked for now: an edited setting or text, or another data folder (``auto``
 resolved), reruns it (saying what changed), and an output the ledger does not know (a folder
 without ``steps.json``) or that is damaged (a results file that does not load, a plan file that
-does not match its checksum) is made again. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
+does not match its checksum) is made again. Outputs the ledger records that the preset no longer
+makes (a variant or a sparsity taken out) are moved to ``retired/<date-time>/`` (:func:`retire`),
+never deleted. ``--limit N`` writes to ``runs/<preset>-limitN`` by default so
 that quick checks never mix with full results. Nothing here draws anything: the CLI passes
 ``on_step`` and ``on_event`` callbacks.
 
