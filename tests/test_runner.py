@@ -539,3 +539,39 @@ def test_damaged_outputs_are_made_again(tiny_preset, tmp_path):
     assert "plan is damaged" in why["calibrate teal2"] and "not valid JSON" in why["calibrate teal2"], why
     assert Plan.load(out / "plans" / "teal2").allocated
     assert run() == ([], {})
+
+
+def test_retire_moves_what_it_can_and_keeps_every_record_after_a_failure(tiny_preset, tmp_path, monkeypatch):
+    """A move that fails (a read-only folder, say) is one clear error; what was moved before it is
+    in retired/ with its ledger entries, and what was not is still recorded where it is."""
+    import errno
+    import os
+    from wina.errors import DataError
+    from wina.runner import LEDGER, plan_steps, retire
+    out = tmp_path / "out"
+    steps = plan_steps(load_preset(tiny_preset), out)
+    (out / "runs").mkdir(parents=True)
+    led = {s.rel: {"key": s.key, "settings": {}} for s in steps if s.kind == "eval"}
+    for name in ("old-s10.json", "old-s20.json"):
+        (out / "runs" / name).write_text('{"x": 1}')
+        led[f"eval runs/{name}"] = {"key": "k", "settings": {"sparsity": name}}
+    (out / LEDGER).write_text(json.dumps(led))
+    real = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith("old-s20.json"):
+            raise OSError(errno.EROFS, "Read-only file system", str(src))
+        return real(src, dst)
+    monkeypatch.setattr("wina.runner.os.replace", replace)
+    with pytest.raises(DataError, match=r"cannot move .*old-s20.json, which the preset no longer makes, "
+                                        r"to .*retired/.*: Read-only file system"):
+        retire(out, steps)
+    [where] = list((out / "retired").iterdir())
+    assert (where / "runs" / "old-s10.json").read_text() == '{"x": 1}'
+    assert json.loads((where / LEDGER).read_text()) == {"eval runs/old-s10.json": led["eval runs/old-s10.json"]}
+    now = json.loads((out / LEDGER).read_text())
+    assert "eval runs/old-s10.json" not in now and "eval runs/old-s20.json" in now
+    assert (out / "runs" / "old-s20.json").exists()
+    monkeypatch.setattr("wina.runner.os.replace", real)
+    later, moved = retire(out, steps)                                  # the next run moves the rest
+    assert moved == ["runs/old-s20.json"] and later != where and (later / "runs" / "old-s20.json").exists()

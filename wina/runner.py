@@ -643,17 +643,24 @@ def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
         dest = dest.with_name(dest.name + "+")
     moved: dict[str, dict] = {}
     paths: list[str] = []
-    for key in gone:
-        where = key.split(" ", 1)[1]
-        src, to = Path(root) / where, dest / where
-        if src.exists() and not to.exists():
-            to.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, to)
-            paths.append(where)
-        moved[key] = led.pop(key)
-    if paths:
-        api.atomic_write_text(dest / LEDGER, json.dumps(moved, indent=1, sort_keys=True, default=str) + "\n")
-    _write_ledger(root, led)                         # last: a kill before it only leaves entries to drop again
+    try:
+        for key in gone:
+            where = key.split(" ", 1)[1]
+            src, to = Path(root) / where, dest / where
+            if src.exists() and not to.exists():
+                try:
+                    to.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, to)
+                except OSError as e:
+                    raise DataError(f"cannot move {src}, which the preset no longer makes, to {to}: "
+                                    f"{e.strerror or e}") from None
+                paths.append(where)
+            moved[key] = led.pop(key)
+    finally:                                         # what was moved keeps its record, even after a failure
+        if paths:
+            api.atomic_write_text(dest / LEDGER, json.dumps(moved, indent=1, sort_keys=True, default=str) + "\n")
+        if moved:
+            _write_ledger(root, led)                 # last: a kill before it only leaves entries to drop again
     return (dest if paths else None), paths
 
 
