@@ -563,6 +563,34 @@ async def test_reply_stats_show_ttft_and_decode_rate(tmp_path):
         assert "streaming" not in status and status.startswith("greedy")   # the busy line is gone
 
 
+async def test_a_reply_starts_once_its_pane_is_painted_even_behind_another_screen(tmp_path, monkeypatch):
+    """The worker starts each reply once its pane has painted the prompt (and the reply before it):
+    the pane says so after the screen's refresh, also when the user has moved to another screen
+    meanwhile, so the worker never waits out its timeout."""
+    from wina_tui.screens.chat import ChatScreen
+    waits: list[bool] = []
+    real = ChatScreen._wait_shown
+
+    def wait_shown(self, shown, cancel):
+        real(self, shown, cancel)
+        waits.append(shown.is_set())
+    monkeypatch.setattr(ChatScreen, "_wait_shown", wait_shown)
+    monkeypatch.setattr("wina_tui.screens.chat.SHOWN_TIMEOUT", 30.0)   # a missed signal would show as a hang
+    app = make_app(tmp_path, max_new_tokens=6)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "wina")
+        chat = app.chat_screen
+        panes = [chat.query_one(f"#{pid}", ChatPane) for pid in ("dense", "sparse")]
+        assert chat.send("hello there")
+        await pilot.press("f5")                                   # away while the replies run
+        await wait_for(pilot, lambda: not chat.is_generating and all(len(p.replies) == 1 for p in panes))
+        assert app.screen is app.evaluate_screen
+        await pilot.press("f4")
+        assert chat.send("and then?")
+        await wait_for(pilot, lambda: not chat.is_generating and all(len(p.replies) == 2 for p in panes))
+    assert waits == [True] * 8                                    # prompt and reply, two panes, two turns
+
+
 async def test_chat_two_turns_keep_the_kv_cache_and_show_ttft_and_decode_rate(tmp_path, monkeypatch):
     """Each pane is one ChatSession kept across turns: the second turn prefills only the new tokens
     (the rest comes from the KV cache), and both panes show the time to first token and the decode
