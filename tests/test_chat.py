@@ -223,6 +223,18 @@ def test_warm_up_freezes_what_is_alive_and_a_load_or_release_thaws_it(backend, t
     s = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=4, max_seq_len=200)
     s.warm_up()
     assert gc.get_freeze_count() > 10000          # the libraries' and the model's objects
+    import weakref
+
+    class Holder:
+        pass
+    h = Holder()
+    h.loop = h                                     # frozen, then dropped: freed by the next settle
+    gone = weakref.ref(h)
+    from wina.collector import settle
+    settle()
+    del h
+    settle()
+    assert gone() is None
     assert s.send(TURNS[0]).tokens == 4
     if backend == "engine":
         release_engine(m)                         # the engine's cycles (and the frozen ones) are freed

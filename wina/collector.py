@@ -8,7 +8,8 @@ of the engine's rate (docs/gpu-notes.md run 46). Two rules keep them out of repl
 
 * :func:`settle` (after a chat's warm-up): collect once, then move every object alive into the
   permanent generation (``gc.freeze``), so that a later full collection walks only what was made
-  since (the libraries' modules and the model's objects are never walked again);
+  since (the libraries' modules and the model's objects are never walked again); a frozen object
+  that dies in a cycle waits for the next settle or thaw;
 * :func:`no_full_collection` (around a reply): the oldest generation is not collected automatically
   while a reply runs; the young ones still are (a few thousand objects, well under a millisecond).
 
@@ -29,7 +30,9 @@ _saved: tuple[int, ...] = ()
 
 
 def settle() -> None:
-    """Collect, then freeze every object alive now out of later collections' walks."""
+    """Collect (what an earlier settle froze too: a frozen object that died since is freed now),
+    then freeze every object alive out of later collections' walks."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
