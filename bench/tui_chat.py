@@ -96,11 +96,14 @@ async def drive(app, args, out: dict) -> None:
     size = (160, 48)
     async with app.run_test(size=size) as pilot:
         async def wait(cond, timeout):
+            # a plain sleep between looks: the Pilot's pause walks every widget of the screen and
+            # waits for each, work of the bench's that a user's app never does (on the app's thread,
+            # beside the decode loop, every 50 ms)
             t0 = time.monotonic()
             while not cond():
                 if time.monotonic() - t0 > timeout:
                     raise SystemExit(f"timed out after {timeout} s")
-                await pilot.pause(0.05)
+                await asyncio.sleep(0.05)
 
         setup = app.setup_screen
         setup.query_one("#method", Select).value = "wina"
