@@ -125,8 +125,8 @@ def release_engine(model) -> None:
     if getattr(model, "_wina_engine", None) is not None:
         model._wina_engine = None
     import gc
-    thaw()
-    gc.collect()
+    if not thaw():                 # a thaw collects already
+        gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     restore_weights(model)

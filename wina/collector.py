@@ -37,12 +37,14 @@ def settle() -> None:
     gc.freeze()
 
 
-def thaw() -> None:
+def thaw() -> bool:
     """Undo :func:`settle` and collect what became garbage since (a dropped model, say); nothing
-    when nothing is frozen."""
-    if gc.get_freeze_count():
-        gc.unfreeze()
-        gc.collect()
+    when nothing is frozen. Whether it collected."""
+    if not gc.get_freeze_count():
+        return False
+    gc.unfreeze()
+    gc.collect()
+    return True
 
 
 @contextmanager

@@ -249,17 +249,14 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
 def _remove_if_only_lock(d: Path) -> None:
     """Remove the folder ``d`` if it holds nothing but the lock file and empty folders (called while
     holding it)."""
-    def empty(folder: Path) -> bool:
-        return all(p.is_dir() and not p.is_symlink() and empty(p) for p in folder.iterdir())
+    def empty(folder: Path, skip: str = "") -> bool:
+        return all(p.name == skip or (p.is_dir() and not p.is_symlink() and empty(p)) for p in folder.iterdir())
     try:
-        rest = [p for p in d.iterdir() if p.name != LOCK_NAME]
-        if len(rest) == len(list(d.iterdir())) or not all(p.is_dir() and not p.is_symlink() and empty(p) for p in rest):
+        if not (d / LOCK_NAME).is_file() or not empty(d, skip=LOCK_NAME):
             return
-        for p in rest:
-            for sub in sorted(p.rglob("*"), key=lambda q: len(q.parts), reverse=True):
-                sub.rmdir()
-            p.rmdir()
         (d / LOCK_NAME).unlink()
+        for sub in sorted(d.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            sub.rmdir()                              # empty folders, deepest first
         d.rmdir()
     except OSError:
         pass

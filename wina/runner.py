@@ -360,13 +360,12 @@ def pending(steps: list[Step]) -> list[Step]:
     todo: list[Step] = []
     ledgers: dict[Path, dict] = {}
     eval_runs = False
-    current = {s.rel for s in steps}
     for s in steps:
         led = ledgers.setdefault(s.root, _ledger(s.root)) if s.root is not None else {}
         s.why = s.stale(led)
         if s.kind == COMPARE:
             # also when results the preset no longer makes are still recorded (retire moves them)
-            retiring = any(k.split(" ", 1)[0] == EVAL and k not in current for k in led)
+            retiring = any(k.startswith(EVAL + " ") for k in _superseded(led, steps))
             if eval_runs or retiring or s.why is not None or not s._complete():
                 todo.append(s)
         elif s.why is not None or not s.done(led):
@@ -616,16 +615,20 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
 RETIRED = "retired"
 
 
-def superseded(steps: list[Step]) -> list[str]:
-    """The ledger's outputs that the preset no longer makes (a variant or a sparsity taken out, a
-    variant renamed): what :func:`retire` moves aside. Only outputs the ledger records as this
-    runner's are ever moved; a user's own files in the folder are left where they are."""
-    roots = {s.root for s in steps if s.root is not None}
+def _superseded(led: dict, steps: list[Step]) -> list[str]:
+    """The ledger entries (``"<kind> <output>"``) of outputs that none of ``steps`` makes: a variant
+    or a sparsity taken out of the preset, a variant renamed."""
     current = {s.rel for s in steps}
-    out = []
-    for root in roots:
-        out += sorted(k for k in _ledger(root) if k not in current and k.split(" ", 1)[0] in (CALIBRATE, ALLOCATE, EVAL))
-    return out
+    return sorted(k for k in led if k not in current and k.split(" ", 1)[0] in (CALIBRATE, ALLOCATE, EVAL))
+
+
+def superseded(steps: list[Step]) -> list[str]:
+    """The outputs (paths in the run folder) that the preset no longer makes and that
+    :func:`retire` moves aside. Only outputs the ledger records as this runner's are ever moved; a
+    user's own files in the folder are left where they are."""
+    root = steps[0].root if steps else None
+    gone = _superseded(_ledger(root), steps) if root is not None else []
+    return sorted({k.split(" ", 1)[1] for k in gone})
 
 
 def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
@@ -634,10 +637,10 @@ def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
     ``steps.json``), so that the folder's ``runs/`` holds only the preset's results (``wina compare``
     on it, the TUI's run list) and nothing is lost. Returns that folder (None: nothing to move) and
     the outputs moved."""
-    gone = superseded(steps)
+    led = _ledger(root)
+    gone = _superseded(led, steps)
     if not gone:
         return None, []
-    led = _ledger(root)
     dest = Path(root) / RETIRED / time.strftime("%Y%m%d-%H%M%S")
     while dest.exists():
         dest = dest.with_name(dest.name + "+")

@@ -133,7 +133,6 @@ def _print_steps(p, folder: Path, steps, limit) -> None:
     out.print(t)
     gone = superseded(steps)
     if gone:
-        names = sorted({k.split(" ", 1)[1] for k in gone})
         out.print(f"  no longer in the preset, moved to {escape(str(folder))}/retired/ by the run: "
-                  f"{escape(', '.join(names))}", soft_wrap=True)
+                  f"{escape(', '.join(gone))}", soft_wrap=True)
     out.print("dry run: nothing was executed")

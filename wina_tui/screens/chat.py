@@ -478,8 +478,9 @@ class ChatScreen(Screen):
 @contextlib.contextmanager
 def _gil_handover(interval: float = 0.0001):
     """While a reply decodes, the worker gets Python's lock back within ``interval`` of asking
-    (default 5 ms): between two GPU steps the decode loop needs it for a moment, and the app's
-    thread, laying out the streamed text, would otherwise keep it for up to 5 ms a token."""
+    (Python's default switch interval is 5 ms): between two GPU steps the decode loop needs it for a
+    moment, and the app's thread, laying out the streamed text, would otherwise keep it for up to
+    5 ms a token."""
     import sys
     old = sys.getswitchinterval()
     sys.setswitchinterval(min(old, interval))

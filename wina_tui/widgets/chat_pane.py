@@ -97,7 +97,7 @@ class ChatPane(Vertical):
 
         def __init__(self, stats: Optional[ReplyStats], error: Optional[str] = None, prompt: str = "",
                      history: Optional[list[dict]] = None, kept: Optional[bool] = None,
-                 shown: Optional[threading.Event] = None) -> None:
+                     shown: Optional[threading.Event] = None) -> None:
             super().__init__()
             self.shown = shown           # set once the pane shows the finished reply
             self.stats = stats
