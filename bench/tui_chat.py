@@ -144,7 +144,8 @@ async def drive(app, args, out: dict) -> None:
                 row[pid] = {"context": st.context_tokens, "prefilled": st.prefill_tokens, "tokens": st.tokens,
                             "ttft_s": st.ttft, "decode_tokens_per_s": st.decode_tps, "stopped": st.stopped,
                             "sparsity": st.sparsity, "truncated": st.truncated,
-                            "ids_s": replies[sess].prepare_s}    # of the TTFT: the template and tokenization
+                            "ids_s": replies[sess].prepare_s,    # of the TTFT: the template and tokenization
+                            "ahead_s": replies[sess].ahead_s}    # ids made while the pane before decoded
                 prompts[(i, pid)] = list(sess.context_ids()[:st.context_tokens or 0])
             row["sparse_over_dense"] = sparse_over_dense(row)
             row["gc"] = watch.take()
@@ -167,7 +168,7 @@ async def drive(app, args, out: dict) -> None:
 def markdown(res: dict) -> str:
     eng = res.get("backend") == "engine"
     head = ["turn", "context", "prefilled d / s", "TTFT dense / sparse ms", "of which ids ms",
-            "decode dense / sparse tok/s"]
+            "ids made ahead ms", "decode dense / sparse tok/s"]
     if eng:
         head += ["engine alone d / s tok/s", "TUI ÷ engine d / s", "TTFT ÷ prefill alone d / s"]
     head += ["sparse ÷ dense"]
@@ -179,7 +180,8 @@ def markdown(res: dict) -> str:
             return " / ".join(fmt.format(x[key]) if x.get(key) is not None else "–" for x in (d, s))
         cells = [str(r["turn"]), str(d["context"]), pair("prefilled", "{}"),
                  " / ".join(f"{x['ttft_s'] * 1e3:.1f}" for x in (d, s)),
-                 " / ".join(f"{x['ids_s'] * 1e3:.1f}" for x in (d, s)), pair("decode_tokens_per_s", "{:.1f}")]
+                 " / ".join(f"{x['ids_s'] * 1e3:.1f}" for x in (d, s)),
+                 " / ".join(f"{x.get('ahead_s', 0) * 1e3:.1f}" for x in (d, s)), pair("decode_tokens_per_s", "{:.1f}")]
         if eng:
             cells += [pair("engine_decode_tokens_per_s", "{:.1f}"), pair("decode_ratio", "{:.3f}"),
                       pair("ttft_over_prefill", "{:.2f}")]

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from wina.bench import engine_thresholds
 from wina.chat import ChatSession, Reply
 from wina.engine import Engine
+from wina.errors import InvalidArgument
 from wina.events import Progress
 from wina.sparsify import sparsify
 
@@ -154,6 +155,88 @@ def test_context_overflow_drops_old_turns(backend):
     fresh = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=8, max_seq_len=48)
     fresh.messages = [dict(x) for x in s.messages[:-2]]
     assert fresh.send(s.messages[-2]["content"]).ids == r.ids
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_the_next_session_prepares_its_prompt_while_the_reply_before_decodes(backend):
+    """send(prepare_next=other): after this reply's first token, the other session makes the same
+    message's ids on a thread; its own send then uses them (Reply.ahead_s, no tokenizing in its
+    TTFT) and answers exactly as without them."""
+    import threading
+    m = tiny()
+    _sparsify(m)
+    kw = dict(backend=backend, max_new_tokens=5, max_seq_len=200, system="be brief")
+    dense, sparse = ChatSession.pair(m, Tok(), **kw)
+    _, plain = ChatSession.pair(m, Tok(), **kw)          # the control: no preparing ahead
+    fits: list[tuple[str, int]] = []                   # (thread, dense tokens out by then)
+    streamed: list[str] = []
+    real_fit = sparse._fit
+
+    def fit(messages, max_new):
+        fits.append((threading.current_thread().name, len(streamed)))
+        return real_fit(messages, max_new)
+    sparse._fit = fit
+    for text in TURNS:
+        d = dense.send(text, on_text=streamed.append, prepare_next=sparse)
+        s = sparse.send(text)
+        p = plain.send(text)
+        assert fits[-1][0] == "wina-chat-prepare" and fits[-1][1] >= 1    # on its thread, after a token
+        assert s.ahead_s > 0 and d.ahead_s == 0 == p.ahead_s
+        assert s.ids == p.ids and s.context_tokens == p.context_tokens and s.prefill_tokens == p.prefill_tokens
+        assert sparse.messages == plain.messages and sparse.context_ids() == plain.context_ids()
+        streamed.clear()
+    assert len(fits) == len(TURNS)                     # send() itself tokenized nothing
+    with pytest.raises(InvalidArgument, match="another session"):
+        dense.send("x", prepare_next=dense)
+
+
+@pytest.mark.parametrize("backend", ["engine", "transformers"])
+def test_prepared_ids_are_used_only_for_the_message_and_conversation_they_were_made_for(backend):
+    from wina.errors import InvalidArgument as Bad
+    m = tiny(max_pos=64)
+    s = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=4, max_seq_len=40)
+    ref = ChatSession(m, Tok(), sparse=False, backend=backend, max_new_tokens=4, max_seq_len=40)
+    assert s.prepare(TURNS[0]) > 0
+    r = s.send(TURNS[1])                               # another message: made anew
+    assert r.ahead_s == 0 and r.ids == ref.send(TURNS[1]).ids
+    s.prepare(TURNS[0])
+    s.system = "be brief"                              # another system prompt
+    ref.system = "be brief"
+    assert s.send(TURNS[0]).ahead_s == 0
+    ref.send(TURNS[0])
+    s.prepare(TURNS[2])
+    s.reset()                                          # another conversation
+    ref.reset()
+    r = s.send(TURNS[2])
+    assert r.ahead_s == 0 and r.ids == ref.send(TURNS[2]).ids
+    s.prepare(TURNS[1], max_new_tokens=3)              # another reply length
+    assert s.send(TURNS[1]).ahead_s == 0
+    ref.send(TURNS[1])
+    # a message that does not fit: nothing prepared, send() says why
+    long = " ".join(["word"] * 60)
+    assert s.prepare(long) == 0
+    with pytest.raises(Bad, match="does not fit"):
+        s.send(long)
+    # a prepared message is used once
+    s.prepare(TURNS[0])
+    assert s.send(TURNS[0]).ahead_s > 0
+    ref.send(TURNS[0])
+    assert s.messages == ref.messages and s.context_ids() == ref.context_ids()
+
+
+def test_a_failed_preparation_leaves_send_to_do_it(monkeypatch):
+    m = tiny()
+    s = ChatSession(m, Tok(), sparse=False, backend="transformers", max_new_tokens=3)
+
+    def boom(messages, max_new):
+        raise RuntimeError("tokenizer fault")
+    monkeypatch.setattr(s, "_fit", boom)
+    s.prepare_in_background(TURNS[0])
+    s._join_preparing()
+    assert s._prepared is None
+    monkeypatch.undo()
+    r = s.send(TURNS[0])
+    assert r.ahead_s == 0 and r.tokens == 3
 
 
 def _full_collections(fn):

@@ -625,6 +625,9 @@ async def test_chat_two_turns_keep_the_kv_cache_and_show_ttft_and_decode_rate(tm
                 assert pane.history == chat.sessions[pid].messages   # the session holds the conversation
         assert [sp for sp, _ in replies] == [False, True, False, True]
         assert made["sparse"].sparse and not made["dense"].sparse
+        # the sparse pane's prompt was tokenized while the dense pane decoded, not in its own TTFT
+        assert all(r.ahead_s > 0 for sparse, r in replies if sparse)
+        assert all(r.ahead_s == 0 for sparse, r in replies if not sparse)
         for sparse, r in replies[:2]:                      # turn 1: everything prefilled
             assert r.prefill_tokens == r.context_tokens > 0
         for sparse, r in replies[2:]:                      # turn 2: only the new tokens

@@ -33,6 +33,7 @@ before anything reads the model's weights directly (calibration, the transform).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -51,6 +52,7 @@ class Reply(Generation):
     """One reply. ``seconds`` (of :class:`wina.generate.Generation`) = ``ttft_s + decode_s``."""
     ttft_s: float = 0.0               # send() → first token: template, tokenization, prefill, first pick
     prepare_s: float = 0.0            # of which send() → the prompt's ids (template, tokenization, cache match)
+    ahead_s: float = 0.0              # the prompt's ids made before send(), by prepare(): not in ttft_s
     decode_s: float = 0.0             # the rest of the reply
     context_tokens: int = 0           # conversation tokens before the reply (the prompt)
     prefill_tokens: int = 0           # of which prefilled in this turn (the rest came from the cache)
@@ -193,6 +195,17 @@ def check_text(text: str, what: str = "the message") -> str:
     return text
 
 
+@dataclass
+class _Prepared:
+    """A next message's ids, made by :meth:`ChatSession.prepare` for the conversation as it was then."""
+    key: tuple                        # (text, max_new, system, max_seq_len)
+    messages: list                    # the conversation they were made for
+    ids: list
+    kept: list                        # the messages kept (the oldest dropped to fit the context)
+    truncated: bool
+    seconds: float
+
+
 class ChatSession:
     """A multi-turn conversation with ``model`` (see the module docstring).
 
@@ -229,6 +242,8 @@ class ChatSession:
         self._cached: list[int] = []        # the ids whose keys/values the cache holds
         self._gating_key = None
         self._ids = ConversationIds(tokenizer)     # each turn tokenizes its new text only
+        self._prepared: Optional[_Prepared] = None  # the next message's ids, made by prepare()
+        self._preparing: Optional[threading.Thread] = None
         self.warm = False
 
     @classmethod
@@ -264,6 +279,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """A new conversation (the cache is cleared; the system prompt stays)."""
+        self._forget_prepared()
         self.messages = []
         self._cached = []
         if self.backend == "transformers":
@@ -274,6 +290,7 @@ class ChatSession:
     def close(self) -> None:
         """Give the KV cache back; with ``one_copy`` the engine is released and the model's
         weights return to the GPU once no session of the model is left open."""
+        self._forget_prepared()
         if self.engine is not None and self._cache is not None:
             self.engine.drop_cache(self._cache)
             claimed = getattr(self.engine, "_wina_claimed", set())
@@ -356,6 +373,59 @@ class ChatSession:
             self._gating_key = key
 
     # --- a turn -----------------------------------------------------------------------------------
+    def prepare(self, text: str, max_new_tokens: Optional[int] = None) -> float:
+        """Make the ids of ``text`` as the next message now (the template, the tokenization, the fit
+        into the context), for a :meth:`send` of the same text with the conversation, the system
+        prompt and ``max_new_tokens`` unchanged: that send then does no tokenizing in its time to
+        first token (``Reply.ahead_s`` says what it took here). Anything else, send() does itself, as
+        without this. Returns the seconds taken (0: nothing prepared, e.g. a message send() refuses,
+        which send() reports)."""
+        t0 = time.perf_counter()
+        self._prepared = None
+        try:
+            max_new = int(max_new_tokens or self.max_new_tokens)
+            if max_new < 1:
+                return 0.0
+            key = (check_text(text), max_new, self.system, self.max_seq_len)
+            messages = list(self.messages)
+            ids, kept, truncated = self._fit(messages + [{"role": "user", "content": text}], max_new)
+        except InvalidArgument:
+            return 0.0
+        dt = time.perf_counter() - t0
+        self._prepared = _Prepared(key, messages, ids, kept, truncated, dt)
+        return dt
+
+    def prepare_in_background(self, text: str, max_new_tokens: Optional[int] = None) -> None:
+        """:meth:`prepare` on a thread of its own (while another session's reply decodes: the GPU works
+        and the CPU is free); this session's next send(), reset() or close() waits for it. A failure
+        there leaves nothing prepared, and send() does the work itself."""
+        self._join_preparing()
+
+        def run() -> None:
+            try:
+                self.prepare(text, max_new_tokens)
+            except Exception:                   # noqa: BLE001 (send() redoes it and reports)
+                self._prepared = None
+        self._preparing = threading.Thread(target=run, name="wina-chat-prepare", daemon=True)
+        self._preparing.start()
+
+    def _join_preparing(self) -> None:
+        t, self._preparing = self._preparing, None
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def _forget_prepared(self) -> None:
+        self._join_preparing()
+        self._prepared = None
+
+    def _take_prepared(self, text: str, max_new: int) -> Optional[_Prepared]:
+        """The prepared ids if they were made for this message and this conversation, else None."""
+        self._join_preparing()
+        p, self._prepared = self._prepared, None
+        if p is None or p.key != (text, max_new, self.system, self.max_seq_len) or p.messages != self.messages:
+            return None
+        return p
+
     def _with_system(self, messages: list[dict]) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + messages
 
@@ -376,32 +446,44 @@ class ChatSession:
 
     @torch.no_grad()
     def send(self, text: str, *, on_text: Optional[Callable[[str], None]] = None,
-             cancel: Optional[CancelToken] = None, max_new_tokens: Optional[int] = None) -> Reply:
-        """Answer ``text`` (streamed through ``on_text`` deltas); the exchange joins the conversation."""
-        with no_full_collection():       # a full collection would stall the reply (wina.collector)
-            return self._send(text, on_text, cancel, max_new_tokens)
+             cancel: Optional[CancelToken] = None, max_new_tokens: Optional[int] = None,
+             prepare_next: Optional["ChatSession"] = None) -> Reply:
+        """Answer ``text`` (streamed through ``on_text`` deltas); the exchange joins the conversation.
 
-    def _send(self, text, on_text, cancel, max_new_tokens) -> Reply:
+        ``prepare_next``: the session that answers the same message after this one (side by side);
+        once this reply's first token is out, that session prepares the message on a thread
+        (:meth:`prepare_in_background`) while this one decodes."""
+        if prepare_next is self:
+            raise InvalidArgument("prepare_next must be another session")
+        then = None if prepare_next is None else (lambda: prepare_next.prepare_in_background(text, max_new_tokens))
+        with no_full_collection():       # a full collection would stall the reply (wina.collector)
+            return self._send(text, on_text, cancel, max_new_tokens, then)
+
+    def _send(self, text, on_text, cancel, max_new_tokens, then) -> Reply:
         t0 = time.perf_counter()
         check_text(text)
         max_new = int(max_new_tokens or self.max_new_tokens)
         if max_new < 1:
             raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new}")
-        ids, kept_msgs, truncated = self._fit(self.messages + [{"role": "user", "content": text}], max_new)
+        p = self._take_prepared(text, max_new)
+        if p is not None:
+            ids, kept_msgs, truncated = p.ids, p.kept, p.truncated
+        else:
+            ids, kept_msgs, truncated = self._fit(self.messages + [{"role": "user", "content": text}], max_new)
         max_new = max(1, min(max_new, self.max_seq_len - len(ids)))
         n = min(_lcp(self._cached, ids), len(ids) - 1)
         prepare_s = time.perf_counter() - t0
         if self.backend == "engine":
-            r = self._send_engine(ids, n, max_new, on_text, cancel, t0)
+            r = self._send_engine(ids, n, max_new, TextStream(self.tokenizer, on_text, then), cancel, t0)
         else:
-            r = self._send_transformers(ids, n, max_new, on_text, cancel, t0)
-        r.truncated, r.prepare_s = truncated, prepare_s
+            r = self._send_transformers(ids, n, max_new, TextStream(self.tokenizer, on_text, then), cancel, t0)
+        r.truncated, r.prepare_s, r.ahead_s = truncated, prepare_s, (p.seconds if p is not None else 0.0)
         self.messages = kept_msgs + [{"role": "assistant", "content": r.text}]
         # the reply's text is tokenized now, not in the next turn's time to first token
         self._ids.prime(self._with_system(self.messages))
         return r
 
-    def _send_engine(self, ids, n, max_new, on_text, cancel, t0) -> Reply:
+    def _send_engine(self, ids, n, max_new, stream, cancel, t0) -> Reply:
         if self.engine is None:
             self._ensure_engine(lambda ev: None)
         else:
@@ -413,7 +495,6 @@ class ChatSession:
         if counting:
             eng.reset_counts()
         stops = set() if self.ignore_eos else set(eng.eos_ids) | _eos_ids(self.tokenizer)
-        stream = TextStream(self.tokenizer, on_text)
         self._cached = self._cached[:n]            # what stays valid whatever happens below
         t_pre = time.perf_counter() - t0           # template + tokenization
         res = eng.generate(ids[n:], max_new, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
@@ -434,7 +515,7 @@ class ChatSession:
                      prefill_tokens=len(ids) - n, sparsity=sparsity, counted_tokens=rows, backend="engine",
                      sparse=sparse)
 
-    def _send_transformers(self, ids, n, max_new, on_text, cancel, t0) -> Reply:
+    def _send_transformers(self, ids, n, max_new, stream, cancel, t0) -> Reply:
         from transformers import DynamicCache
         model = self.model
         device = next(model.parameters()).device
@@ -456,7 +537,6 @@ class ChatSession:
         self._cached = self._cached[:n]
         gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         eos = set() if self.ignore_eos else _eos_ids(self.tokenizer, model)
-        stream = TextStream(self.tokenizer, on_text)
         ctx = sp.paused() if (sp is not None and not sparse) else contextlib.nullcontext()
         if sparse:
             sp.reset_counters()

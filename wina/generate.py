@@ -349,17 +349,24 @@ def engine_stream_generate(engine, tokenizer, input_ids, *, max_new_tokens: int 
 
 
 class TextStream:
-    """Token ids in, text deltas out (multi-byte characters split across tokens come out whole)."""
+    """Token ids in, text deltas out (multi-byte characters split across tokens come out whole).
+    ``after_first``: called once, after the first token has been passed on."""
 
-    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]) -> None:
-        self.tokenizer, self.on_text = tokenizer, on_text
+    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]],
+                 after_first: Optional[Callable[[], None]] = None) -> None:
+        self.tokenizer, self.on_text, self.after_first = tokenizer, on_text, after_first
         self.ids: list[int] = []
         self.shown = ""
 
     def push(self, tok: int) -> None:
         self.ids.append(int(tok))
-        if self.on_text is None:
-            return
+        if self.on_text is not None:
+            self._show()
+        if self.after_first is not None:
+            first, self.after_first = self.after_first, None
+            first()
+
+    def _show(self) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if len(text) > len(self.shown) and not text.endswith("\ufffd"):
             self.on_text(text[len(self.shown):])

@@ -395,9 +395,13 @@ class ChatScreen(Screen):
                 todo = [pid for pid in cancels if pid in sessions]
                 self._warm_up({pid: sessions[pid] for pid in todo})
                 for pid in todo:
+                    sessions[pid].system = system or None
+                for i, pid in enumerate(todo):
                     started.add(pid)
                     self._ui(self._set_generating, pid)
-                    self._one_reply(panes[pid], sessions[pid], prompt, system, cancels[pid])
+                    # the next pane's prompt is tokenized while this one decodes, not in its own TTFT
+                    after = sessions[todo[i + 1]] if i + 1 < len(todo) else None
+                    self._one_reply(panes[pid], sessions[pid], prompt, cancels[pid], after)
         except Exception as e:  # Busy, WinaError, or a model failure: show it, never crash
             msg = describe_error(e)
             self._ui(lambda: self.notify(msg, severity="error"))
@@ -431,13 +435,13 @@ class ChatScreen(Screen):
         finally:
             self._ui(self.refresh_titles)
 
-    def _one_reply(self, pane: ChatPane, sess: ChatSession, prompt: str, system: str,
-                   cancel: CancelToken) -> None:
-        """One turn of ``sess`` (its KV cache kept from the turns before), streamed into ``pane``."""
+    def _one_reply(self, pane: ChatPane, sess: ChatSession, prompt: str, cancel: CancelToken,
+                   after: Optional[ChatSession]) -> None:
+        """One turn of ``sess`` (its KV cache kept from the turns before), streamed into ``pane``;
+        ``after``, the session that answers next, prepares the prompt while this one decodes."""
         s = self.session
         if cancel.cancelled:         # only quitting cancels a reply before it starts
             return
-        sess.system = system or None
         self.backend = BACKENDS.get(sess.backend, sess.backend)
         shown = threading.Event()
         pane.post_message(ChatPane.Start(prompt, shown=shown))
@@ -445,7 +449,8 @@ class ChatScreen(Screen):
         out = Throttle(lambda parts: pane.post_message(ChatPane.Delta("".join(parts))), STREAM_INTERVAL)
         try:
             with _gil_handover():
-                r = sess.send(prompt, on_text=out.push, cancel=cancel, max_new_tokens=self.max_new_tokens)
+                r = sess.send(prompt, on_text=out.push, cancel=cancel, max_new_tokens=self.max_new_tokens,
+                              prepare_next=after)
         finally:
             out.flush()
         kept = bool(r.text.strip())
