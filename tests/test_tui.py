@@ -22,7 +22,8 @@ from textual.widgets import Checkbox, DataTable, Input, Label, Select, Selection
 from wina_tui.app import WinaApp
 from wina_tui.screens.help import HelpScreen
 from wina_tui.widgets.allocation_heatmap import AllocationHeatmap
-from wina_tui.widgets.chat_pane import ChatPane
+from textual.containers import VerticalScroll
+from wina_tui.widgets.chat_pane import ChatPane, ReplyStats
 from wina_tui.widgets.score_histogram import ScoreHistogram
 from wina_tui.widgets.trajectory_chart import TrajectoryChart
 
@@ -267,9 +268,19 @@ async def test_uniform_load_and_chat_stop_and_new_chat(tmp_path):
         await wait_for(pilot, lambda: not chat.worker.is_running)
         await pilot.pause(0.2)
         assert dense.stats.stopped == "cancelled" and dense.stats.tokens < 400
+        sparse = chat.query_one("#sparse", ChatPane)
+        await wait_for(pilot, lambda: sparse.stats is not None)
+        for _ in range(2):                               # enough text to scroll both panes
+            assert chat.send("and another long one")
+            await wait_for(pilot, lambda: not chat.is_generating and not sparse.streaming)
+        await pilot.pause(0.2)
+        assert all(p.query_one(VerticalScroll).max_scroll_y > 0 for p in (dense, sparse))
         await pilot.press("ctrl+n")
         await pilot.pause()
         assert dense.history == [] and dense.stats is None
+        for pane in (dense, sparse):                     # the placeholder back at the top, not the bottom
+            scroll, ph = pane.query_one(VerticalScroll), pane.query_one(".placeholder")
+            assert scroll.scroll_y == 0 and ph.region.y - scroll.region.y <= 1
 
 
 async def test_dense_method_and_transform(tmp_path):
@@ -561,6 +572,17 @@ async def test_reply_stats_show_ttft_and_decode_rate(tmp_path):
         assert "sparse" in str(panes[1].border_subtitle) and "tok/s" in str(panes[1].border_subtitle)
         status = str(chat.query_one("#chat-status").render())
         assert "streaming" not in status and status.startswith("greedy")   # the busy line is gone
+
+
+def test_a_one_token_reply_shows_no_rate_mixing_prefill_and_decode():
+    """A reply stopped after its first token has no decode rate: the border and the line under it
+    both say so, never tokens over prefill and decode together."""
+    st = ReplyStats(tokens=1, seconds=0.28, stopped="cancelled", sparsity=0.49, flops=0.6, ttft=0.28,
+                    decode_tps=None)
+    assert ChatPane.format_stats(st).startswith("— tok/s")
+    assert "— tok/s decode" in ChatPane.format_reply(st)
+    st.decode_tps = 12.34
+    assert ChatPane.format_stats(st).startswith("12.3 tok/s") and "12.3 tok/s decode" in ChatPane.format_reply(st)
 
 
 async def test_a_reply_starts_once_its_pane_is_painted_even_behind_another_screen(tmp_path, monkeypatch):

@@ -43,11 +43,6 @@ class ReplyStats:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
-    @property
-    def rate(self) -> float:
-        """The decode rate where known, else tokens/s over the whole reply."""
-        return self.decode_tps if self.decode_tps is not None else self.tokens_per_s
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["stop_reason"] = STOP_REASONS.get(self.stopped, self.stopped)
@@ -142,8 +137,10 @@ class ChatPane(Vertical):
         self.reply_stats.clear()
         self.stats = None
         scroll = self.query_one(VerticalScroll)
-        scroll.remove_children()
+        scroll.anchor(False)            # anchored, an emptied scroll would keep its old offset: the
+        scroll.remove_children()        # placeholder would sit at the bottom
         scroll.mount(Static(self.placeholder, classes="placeholder"))
+        scroll.scroll_home(animate=False, immediate=True)
         self.border_subtitle = "— tok/s · — sparse · FLOPs —"
 
     def note(self, text: str, classes: str = "system-msg") -> None:
@@ -252,7 +249,8 @@ class ChatPane(Vertical):
     @staticmethod
     def format_stats(st: ReplyStats) -> str:
         flops = "—" if st.flops is None else f"{st.flops:.2f}×"
-        return f"{st.rate:.1f} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"
+        rate = "—" if st.decode_tps is None else f"{st.decode_tps:.1f}"      # never prefill and decode mixed
+        return f"{rate} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"
 
     @staticmethod
     def format_reply(st: ReplyStats) -> str:
