@@ -15,6 +15,9 @@ Rules, the same on both backends:
 * time to first token (``ttft_s``: template, tokenization and prefill of the new tokens) and decode
   tokens/s (``decode_tokens_per_s``: the tokens after the first over the time after it) are
   reported apart;
+* side by side, the session that answers second makes the message's ids while the first one
+  decodes (``send(..., prepare_next=other)``; ``Reply.ahead_s``), so that its time to first token
+  holds no tokenizing that nobody waited for;
 * the measured sparsity comes from the generation itself, never from a second forward: on the
   engine the sparse step counts its gates on the device (the prompt and every
   ``count_every``-th decode step, read once per reply); on the transformers path the sparsifier's
