@@ -1,6 +1,6 @@
 """The TUI's side-by-side chat, timed as a user meets it: the real app (headless, 160×48), its setup
-screen filled in and Load & chat pressed, then the chat bench's scripted conversation typed into the
-chat screen one message at a time. Per turn and pane it reads the figures the pane shows (time to
+screen filled in and Load & chat pressed, then the chat bench's scripted conversation put into the
+chat screen's input one message at a time (pasted, Enter pressed ``--enter-after`` seconds later). Per turn and pane it reads the figures the pane shows (time to
 first token, decode tokens/s, tokens prefilled) and, where the model runs on the decode engine, times
 the engine alone on each turn's own prompt ids (``wina.bench.engine_alone``, as ``wina bench --chat``
 does), so that the app's cost (the event loop, the Markdown rendering of the streamed reply, both
@@ -127,9 +127,14 @@ async def drive(app, args, out: dict) -> None:
         watch = GcWatch()
         gc.callbacks.append(watch)
         out["objects_before_chat"] = len(gc.get_objects())
+        box = chat.query_one("#prompt", Input)
         for i, text in enumerate(script):
+            box.value = text                            # pasted into the input, as a user would
+            await asyncio.sleep(args.enter_after)       # then Enter, a moment later
             t = time.perf_counter()
-            assert chat.send(text), "the chat refused the message"
+            await pilot.press("enter")
+            if box.value:
+                raise SystemExit(f"turn {i + 1}: the chat refused the message")
             await wait(lambda: not chat.is_generating and not any(p.streaming for p in panes.values()), args.timeout)
             await pilot.pause(0.1)
             if not all(len(p.replies) == i + 1 and p.stats is not None for p in panes.values()):
@@ -199,6 +204,8 @@ def main() -> None:
     ap.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "wina-tui-chat-model"))
     ap.add_argument("--layers", type=int)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--enter-after", type=float, default=0.3,
+                    help="seconds between pasting a message into the input and pressing Enter")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--timeout", type=float, default=900.0)
@@ -221,6 +228,7 @@ def main() -> None:
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "model": args.shape or args.model, "turns": args.turns, "new_tokens": args.new_tokens,
+           "enter_after_s": args.enter_after,
            "gating": f"wina threshold, {args.sparsity:.0%} per matrix (uniform, calibrated by the app on random tokens)"}
     asyncio.run(drive(app, args, res))
     from wina.bench import chat_targets

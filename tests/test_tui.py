@@ -664,6 +664,70 @@ async def test_chat_two_turns_keep_the_kv_cache_and_show_ttft_and_decode_rate(tm
         assert panes["dense"].stats.sparsity == 0.0
 
 
+async def test_a_typed_message_is_tokenized_before_it_is_sent(tmp_path, monkeypatch):
+    """Once the sessions exist, the first pane's session makes the ids of what the user types (on a
+    thread) and its send uses them if the message goes as typed; the second pane's session makes
+    them while the first decodes. A command is not prepared; a message typed while the replies
+    stream is prepared once they end."""
+    from textual.widgets import Input
+    from wina.chat import ChatSession
+    import threading
+    replies: list[tuple[bool, str, object]] = []
+    real = ChatSession.send
+    hold = threading.Event()
+
+    def send(self, text, **kw):
+        if text == "one more":
+            hold.wait(30)                              # a reply that streams until the test lets it end
+        r = real(self, text, **kw)
+        replies.append((self.want_sparse, text, r))
+        return r
+    monkeypatch.setattr(ChatSession, "send", send)
+    app = make_app(tmp_path, max_new_tokens=8)
+    async with app.run_test(size=SIZE) as pilot:
+        await load_and_chat(app, pilot, "wina")
+        chat = app.chat_screen
+        box = chat.query_one("#prompt", Input)
+        panes = [chat.query_one(f"#{pid}", ChatPane) for pid in ("dense", "sparse")]
+
+        async def turn(n):
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not chat.is_generating and all(len(p.replies) == n for p in panes))
+            await pilot.pause(0.1)
+
+        box.value = "hello there"                  # no sessions yet: nothing to prepare with
+        await pilot.pause()
+        await turn(1)
+        dense = chat.sessions["dense"]
+        assert [(sp, r.ahead_s > 0) for sp, _, r in replies] == [(False, False), (True, True)]
+        box.value = "/help"                        # a command: nothing prepared
+        await pilot.pause()
+        dense._join_preparing()
+        assert dense._prepared is None
+        box.value = "and then"
+        await pilot.pause()
+        box.value = "and then?"                    # edited: the last text is the one prepared
+        await pilot.pause()
+        dense._join_preparing()
+        assert dense._prepared is not None and dense._prepared.key[0] == "and then?"
+        await turn(2)
+        assert [(sp, t, r.ahead_s > 0) for sp, t, r in replies[2:]] == [(False, "and then?", True),
+                                                                       (True, "and then?", True)]
+        assert panes[0].history[-2] == {"role": "user", "content": "and then?"}
+        # typed while the replies stream: prepared when they end
+        assert chat.send("one more")
+        box.value = "and the last one"
+        await pilot.pause(0.2)
+        assert chat.is_generating and dense._prepared is None      # not while the sessions are in use
+        hold.set()
+        await wait_for(pilot, lambda: not chat.is_generating and all(len(p.replies) == 3 for p in panes))
+        await pilot.pause(0.1)
+        dense._join_preparing()
+        assert dense._prepared is not None and dense._prepared.key[0] == "and the last one"
+        await turn(4)
+        assert replies[-2][1] == "and the last one" and replies[-2][2].ahead_s > 0
+
+
 async def test_chat_a_new_model_closes_the_sessions_and_new_ones_take_the_conversation(tmp_path, monkeypatch):
     from wina.chat import ChatSession
     closed: list[ChatSession] = []

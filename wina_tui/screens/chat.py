@@ -254,17 +254,53 @@ class ChatScreen(Screen):
         self.set_status(f"⏳ {pane_id} reply streaming (esc stops it){rest}")
 
     # --- actions -------------------------------------------------------------------------------------
+    @staticmethod
+    def _message_of(line: str) -> Optional[str]:
+        """The message a line of the input sends (None: empty, or a ``/`` command; ``//`` sends one
+        ``/``)."""
+        line = line.strip()
+        if not line or (line.startswith("/") and not line.startswith("//")):
+            return None
+        return line[1:] if line.startswith("//") else line
+
+    def _panes(self) -> list[str]:
+        """The panes that answer the next message, in the order they answer."""
+        sp = self.session.sparsifier
+        return ([] if (self.sparse_only and sp is not None) else ["dense"]) + (["sparse"] if sp is not None else [])
+
+    @on(Input.Changed, "#prompt")
+    def _typed(self, event: Input.Changed) -> None:
+        """While the user types, the session that answers first makes the message's ids on a thread
+        (its send() uses them if the message is sent as it is): its time to first token then holds
+        no tokenizing that the user waited for. The one that answers next does it while the first
+        decodes (ChatSession.send's prepare_next)."""
+        self._prepare_typed(event.value)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """A message typed while the replies streamed is prepared once they are done."""
+        if event.worker is self.worker and not self.is_generating:
+            self._prepare_typed(self.query_one("#prompt", Input).value)
+
+    def _prepare_typed(self, line: str) -> None:
+        text = self._message_of(line)
+        if text is None or self.is_generating or not self.sessions or not self._sessions_current():
+            return
+        first = next(iter(self._panes()), None)
+        sess = self.sessions.get(first or "")
+        if sess is not None and sess.warm:
+            sess.system = self.system or None
+            sess.prepare_in_background(text, self.max_new_tokens)
+
     @on(Input.Submitted, "#prompt")
     def _submitted(self, event: Input.Submitted) -> None:
-        prompt = event.value.strip()
-        if not prompt:
+        line = event.value.strip()
+        if not line:
             return
-        if prompt.startswith("/") and not prompt.startswith("//"):
-            if self.command(prompt):
+        prompt = self._message_of(line)
+        if prompt is None:
+            if self.command(line):
                 event.input.value = ""
             return
-        if prompt.startswith("//"):
-            prompt = prompt[1:]
         if self.send(prompt):
             event.input.value = ""
 
@@ -336,13 +372,7 @@ class ChatScreen(Screen):
         if self.is_generating:
             self.notify("still generating: press esc to stop", severity="warning")
             return False
-        sp = s.sparsifier
-        panes = []
-        if not (self.sparse_only and sp is not None):
-            panes.append("dense")
-        if sp is not None:
-            panes.append("sparse")
-        self.cancels = {p: CancelToken() for p in panes}
+        self.cancels = {p: CancelToken() for p in self._panes()}
         self.turns += 1
         self.worker = self.generate(prompt, dict(self.cancels), self.system)
         return True
