@@ -1,10 +1,11 @@
 """The TUI's side-by-side chat, timed as a user meets it: the real app (headless, 160×48), its setup
 screen filled in and Load & chat pressed, then the chat bench's scripted conversation put into the
-chat screen's input one message at a time (pasted, Enter pressed ``--enter-after`` seconds later). Per turn and pane it reads the figures the pane shows (time to
-first token, decode tokens/s, tokens prefilled) and, where the model runs on the decode engine, times
-the engine alone on each turn's own prompt ids (``wina.bench.engine_alone``, as ``wina bench --chat``
-does), so that the app's cost (the event loop, the Markdown rendering of the streamed reply, both
-in the same process as the decode loop) shows as TUI ÷ engine.
+chat screen's input one message at a time (pasted, Enter pressed ``--enter-after`` seconds later).
+Per turn and pane it reads the figures the pane shows (time to first token, decode tokens/s, tokens
+prefilled) and, where the model runs on the decode engine, times the engine alone on each turn's own
+prompt ids (``wina.bench.engine_alone``, as ``wina bench --chat`` does), so that the app's cost (the
+event loop, the Markdown rendering of the streamed reply, both in the same process as the decode
+loop) shows as TUI ÷ engine.
 
     python bench/tui_chat.py                                    # the embedded model, CPU
     python bench/tui_chat.py --shape llama-2-7b --tokenizer .devtok --turns 4 --new-tokens 128

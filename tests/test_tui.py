@@ -613,19 +613,27 @@ async def test_a_reply_starts_once_its_pane_is_painted_even_behind_another_scree
     assert waits == [True] * 8                                    # prompt and reply, two panes, two turns
 
 
+def _replies_of_send(monkeypatch, before=None) -> list:
+    """(sparse?, text, Reply) of every ChatSession.send, in order; ``before(text)`` runs first."""
+    from wina.chat import ChatSession
+    replies: list = []
+    real = ChatSession.send
+
+    def send(self, text, **kw):
+        if before is not None:
+            before(text)
+        r = real(self, text, **kw)
+        replies.append((self.want_sparse, text, r))
+        return r
+    monkeypatch.setattr(ChatSession, "send", send)
+    return replies
+
+
 async def test_chat_two_turns_keep_the_kv_cache_and_show_ttft_and_decode_rate(tmp_path, monkeypatch):
     """Each pane is one ChatSession kept across turns: the second turn prefills only the new tokens
     (the rest comes from the KV cache), and both panes show the time to first token and the decode
     rate of each reply."""
-    from wina.chat import ChatSession
-    replies: list[tuple[bool, object]] = []
-    real = ChatSession.send
-
-    def send(self, text, **kw):
-        r = real(self, text, **kw)
-        replies.append((self.want_sparse, r))
-        return r
-    monkeypatch.setattr(ChatSession, "send", send)
+    replies = _replies_of_send(monkeypatch)
     app = make_app(tmp_path, max_new_tokens=8)
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "wina")
@@ -645,21 +653,21 @@ async def test_chat_two_turns_keep_the_kv_cache_and_show_ttft_and_decode_rate(tm
                 line = str(pane.query(".reply-stats").last().render())
                 assert "first token" in line and "tok/s decode" in line
                 assert pane.history == chat.sessions[pid].messages   # the session holds the conversation
-        assert [sp for sp, _ in replies] == [False, True, False, True]
+        assert [sp for sp, _, _ in replies] == [False, True, False, True]
         assert made["sparse"].sparse and not made["dense"].sparse
         # the sparse pane's prompt was tokenized while the dense pane decoded, not in its own TTFT
-        assert all(r.ahead_s > 0 for sparse, r in replies if sparse)
-        assert all(r.ahead_s == 0 for sparse, r in replies if not sparse)
-        for sparse, r in replies[:2]:                      # turn 1: everything prefilled
+        assert all(r.ahead_s > 0 for sparse, _, r in replies if sparse)
+        assert all(r.ahead_s == 0 for sparse, _, r in replies if not sparse)
+        for sparse, _, r in replies[:2]:                      # turn 1: everything prefilled
             assert r.prefill_tokens == r.context_tokens > 0
-        for sparse, r in replies[2:]:                      # turn 2: only the new tokens
+        for sparse, _, r in replies[2:]:                   # turn 2: only the new tokens
             assert 0 < r.prefill_tokens < r.context_tokens
             assert r.ttft_s > 0 and r.decode_tokens_per_s > 0
         for pid, pane in panes.items():
             st = pane.stats
             assert 0 < st.prefill_tokens < st.context_tokens
             assert [m["role"] for m in pane.history] == ["user", "assistant"] * 2
-        sp = replies[3][1]
+        sp = replies[3][2]
         assert sp.sparsity is not None and panes["sparse"].stats.sparsity == pytest.approx(sp.sparsity)
         assert panes["dense"].stats.sparsity == 0.0
 
@@ -669,20 +677,11 @@ async def test_a_typed_message_is_tokenized_before_it_is_sent(tmp_path, monkeypa
     thread) and its send uses them if the message goes as typed; the second pane's session makes
     them while the first decodes. A command is not prepared; a message typed while the replies
     stream is prepared once they end."""
-    from textual.widgets import Input
-    from wina.chat import ChatSession
     import threading
-    replies: list[tuple[bool, str, object]] = []
-    real = ChatSession.send
+    from textual.widgets import Input
     hold = threading.Event()
-
-    def send(self, text, **kw):
-        if text == "one more":
-            hold.wait(30)                              # a reply that streams until the test lets it end
-        r = real(self, text, **kw)
-        replies.append((self.want_sparse, text, r))
-        return r
-    monkeypatch.setattr(ChatSession, "send", send)
+    # "one more" streams until the test lets it end
+    replies = _replies_of_send(monkeypatch, before=lambda text: text == "one more" and hold.wait(30))
     app = make_app(tmp_path, max_new_tokens=8)
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "wina")

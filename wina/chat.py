@@ -201,7 +201,7 @@ def check_text(text: str, what: str = "the message") -> str:
 @dataclass
 class _Prepared:
     """A next message's ids, made by :meth:`ChatSession.prepare` for the conversation as it was then."""
-    key: tuple                        # (text, max_new, system, max_seq_len)
+    key: tuple                        # (text, max_new, system)
     messages: list                    # the conversation they were made for
     ids: list
     kept: list                        # the messages kept (the oldest dropped to fit the context)
@@ -389,7 +389,7 @@ class ChatSession:
             max_new = int(max_new_tokens or self.max_new_tokens)
             if max_new < 1:
                 return 0.0
-            key = (check_text(text), max_new, self.system, self.max_seq_len)
+            key = (check_text(text), max_new, self.system)
             messages = list(self.messages)
             ids, kept, truncated = self._fit(messages + [{"role": "user", "content": text}], max_new)
         except InvalidArgument:
@@ -401,10 +401,13 @@ class ChatSession:
     def prepare_in_background(self, text: str, max_new_tokens: Optional[int] = None) -> None:
         """:meth:`prepare` on a thread of its own (while another session's reply decodes: the GPU works
         and the CPU is free); this session's next send(), reset() or close() waits for it. A failure
-        there leaves nothing prepared, and send() does the work itself."""
-        self._join_preparing()
+        there leaves nothing prepared, and send() does the work itself. The caller never waits: the
+        new thread waits for one still running (a user typing faster than a long message tokenizes)."""
+        before = self._preparing
 
         def run() -> None:
+            if before is not None:
+                before.join()
             try:
                 self.prepare(text, max_new_tokens)
             except Exception:                   # noqa: BLE001 (send() redoes it and reports)
@@ -425,7 +428,7 @@ class ChatSession:
         """The prepared ids if they were made for this message and this conversation, else None."""
         self._join_preparing()
         p, self._prepared = self._prepared, None
-        if p is None or p.key != (text, max_new, self.system, self.max_seq_len) or p.messages != self.messages:
+        if p is None or p.key != (text, max_new, self.system) or p.messages != self.messages:
             return None
         return p
 

@@ -49,6 +49,12 @@ class ReplyStats:
         return d
 
 
+def format_rate(st: ReplyStats) -> str:
+    """The decode rate (tokens after the first over the time after it), or "—" for a reply of one
+    token: never tokens over prefill and decode together."""
+    return "—" if st.decode_tps is None else f"{st.decode_tps:.1f}"
+
+
 def format_ttft(s: Optional[float]) -> str:
     if s is None:
         return "—"
@@ -249,12 +255,10 @@ class ChatPane(Vertical):
     @staticmethod
     def format_stats(st: ReplyStats) -> str:
         flops = "—" if st.flops is None else f"{st.flops:.2f}×"
-        rate = "—" if st.decode_tps is None else f"{st.decode_tps:.1f}"      # never prefill and decode mixed
-        return f"{rate} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"
+        return f"{format_rate(st)} tok/s · {fmt_pct(st.sparsity)} sparse · FLOPs {flops}"
 
     @staticmethod
     def format_reply(st: ReplyStats) -> str:
         """The line under a reply: tokens, time to first token, decode rate, stop reason, sparsity."""
-        rate = "—" if st.decode_tps is None else f"{st.decode_tps:.1f}"
-        return (f"{st.tokens} tok · first token {format_ttft(st.ttft)} · {rate} tok/s decode · "
+        return (f"{st.tokens} tok · first token {format_ttft(st.ttft)} · {format_rate(st)} tok/s decode · "
                 f"{STOP_REASONS.get(st.stopped, st.stopped)} · {fmt_pct(st.sparsity)} sparse")
