@@ -74,7 +74,7 @@ run("bench_chat", [sys.executable, "-m", "wina.cli", "--debug", "bench", "--chat
                    *layers], tail=45)
 
 try:
-    from wina.bench import chat_bench_markdown  # noqa: E402
+    from wina.chat_bench import chat_bench_markdown  # noqa: E402
     with open(f"{OUT}/chat.json") as f:
         _res = json.load(f)
     print(chat_bench_markdown(_res), flush=True)

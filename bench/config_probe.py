@@ -43,6 +43,7 @@ def stamp(msg):
 import torch  # noqa: E402
 
 from wina import bench  # noqa: E402
+from wina.cli.bench_tables import print_bench  # noqa: E402
 from wina.engine import Engine  # noqa: E402
 from wina.kernels import GemvConfig, set_role_config  # noqa: E402
 from wina.kernels.config import clear_shape_configs  # noqa: E402
@@ -118,7 +119,7 @@ if args.final:
         if "error" in m:
             print(m.get("traceback", m["error"]), flush=True)
     stamp("done")
-    bench.print_bench(res)
+    print_bench(res)
 print("probe, decode tokens/s at", args.sparsity)
 cols = list(next(iter(probe.values())).keys())
 for m in models:

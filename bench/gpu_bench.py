@@ -55,6 +55,7 @@ if not args.skip_tests:
     stamp(f"pytest rc={r.returncode}")
 
 from wina import bench  # noqa: E402
+from wina.cli.bench_tables import print_bench  # noqa: E402
 from wina.kernels import GemvConfig, config_for, set_config  # noqa: E402
 
 # the Llama-2-7B GEMV shapes and their roles in the decode step
@@ -133,4 +134,4 @@ for i, mname in enumerate(models):
             print(m.get("traceback", m["error"]), flush=True)
     torch.cuda.empty_cache()
 stamp("done")
-bench.print_bench(res_all)
+print_bench(res_all)

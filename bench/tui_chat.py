@@ -3,7 +3,7 @@ screen filled in and Load & chat pressed, then the chat bench's scripted convers
 chat screen's input one message at a time (pasted, Enter pressed ``--enter-after`` seconds later).
 Per turn and pane it reads the figures the pane shows (time to first token, decode tokens/s, tokens
 prefilled) and, where the model runs on the decode engine, times the engine alone on each turn's own
-prompt ids (``wina.bench.engine_alone``, as ``wina bench --chat`` does), so that the app's cost (the
+prompt ids (``wina.chat_bench.engine_alone``, as ``wina bench --chat`` does), so that the app's cost (the
 event loop, the Markdown rendering of the streamed reply, both in the same process as the decode
 loop) shows as TUI ÷ engine.
 
@@ -92,7 +92,7 @@ def model_folder(shape: str, tokenizer_dir: str, folder, layers=None) -> str:
 
 async def drive(app, args, out: dict) -> None:
     from textual.widgets import Input, Select
-    from wina.bench import chat_script, engine_alone, scratch_cache, sparse_over_dense
+    from wina.chat_bench import chat_script, engine_alone, scratch_cache, sparse_over_dense
     from wina_tui.widgets.chat_pane import ChatPane
     size = (160, 48)
     async with app.run_test(size=size) as pilot:
@@ -232,7 +232,7 @@ def main() -> None:
            "enter_after_s": args.enter_after,
            "gating": f"wina threshold, {args.sparsity:.0%} per matrix (uniform, calibrated by the app on random tokens)"}
     asyncio.run(drive(app, args, res))
-    from wina.bench import chat_targets
+    from wina.chat_bench import chat_targets
     res["targets"] = chat_targets(res)
     print(markdown(res))
     print(json.dumps({k: v for k, v in res.items() if k != "turns_detail"}, indent=1))

@@ -13,7 +13,8 @@ from __future__ import annotations
 from . import __version__, distributed  # noqa: F401
 from .accounting import FlopCount, SparsityReport, flops_per_token, report  # noqa: F401
 from .adapters import ADAPTERS, SUPPORTED, adapter_for  # noqa: F401
-from .bench import SHAPES, print_bench, print_chat_bench, random_model, run_bench, run_chat_bench, shape_config  # noqa: F401
+from .bench import SHAPES, random_model, run_bench, shape_config  # noqa: F401
+from .chat_bench import run_chat_bench  # noqa: F401
 from .chat import ChatSession, Reply, check_text, release_engine  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
 from .compare import SHORT, is_best  # noqa: F401

@@ -12,22 +12,22 @@ One call of :func:`run_bench` measures, on the current GPU (or CPU, slowly):
   vectors) and achieved bandwidth against the copy bandwidth, for cuBLAS (``x @ Wᵀ``), our dense
   GEMV, our sparse GEMV at 0 % and at each sparsity.
 
-It returns a JSON-serialisable dict and can print rich tables. The CLI's ``wina bench`` is a thin
-wrapper around :func:`run_bench`.
+It returns a JSON-serialisable dict; the CLI's ``wina bench`` is a thin wrapper around :func:`run_bench`
+that renders it (``wina.cli.bench_tables``). The chat path's benchmark (``--chat``) is
+:mod:`wina.chat_bench`.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import statistics
 import time
-from contextlib import contextmanager
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .errors import InvalidArgument
 from .events import Progress
+from .files import write_json
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -454,7 +454,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
               kernels: bool = True, kernel_layers: int = 8, num_hidden_layers: Optional[int] = None,
               precompact_at: Optional[float] = None, copy_bw: Optional[float] = None,
               seed: int = 0, on_event: Optional[Callable[[Progress], None]] = None,
-              print_tables: bool = False, console=None, json_path: Optional[str] = None) -> dict:
+              json_path: Optional[str] = None) -> dict:
     """Benchmark decode speed; returns a JSON-serialisable dict (see the module docstring).
 
     ``models``: shape names from :data:`SHAPES` (random weights) and/or model ids / paths loaded
@@ -555,15 +555,11 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
                 torch.cuda.empty_cache()
         out["models"].append(rec)
         if json_path:
-            with open(json_path, "w") as f:
-                json.dump(out, f, indent=1)
+            write_json(json_path, out)
         emit(Progress("bench", mi + 1, len(models), message=f"{spec}: done"))
     out["targets"] = evaluate_targets(out)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(out, f, indent=1)
-    if print_tables:
-        print_bench(out, console)
+        write_json(json_path, out)
     return out
 
 
@@ -591,351 +587,3 @@ def evaluate_targets(res: dict) -> dict:
             if s50:
                 t[f"{name}: sparse@0.5 of copy bw >= 0.85"] = (round(s50["of_copy_bw"], 3), s50["of_copy_bw"] >= 0.85)
     return t
-
-
-def print_bench(res: dict, console=None) -> None:
-    """Rich tables of a :func:`run_bench` result."""
-    from rich.console import Console
-    from rich.table import Table
-    con = console or Console()
-    con.print(f"[bold]wina bench[/] {res['date']} · {res['device']} · {res['dtype']} · method {res['method']} · "
-              f"copy bandwidth {res['copy_bw_tb_s']:.2f} TB/s · prompt {res['prompt_len']} · new {res['new_tokens']}")
-    tab = Table(title="decode tokens/s (batch 1)")
-    for c in ["model", "floor", "transformers", "dense", "dense/floor",
-              *[f"sparse {float(s):.0%}" for s in res["sparsities"]]]:
-        tab.add_column(c, justify="right")
-    for r in res["models"]:
-        if "error" in r:
-            tab.add_row(r["model"], f"[red]{r['error'][:60]}[/]")
-            continue
-        cells = [r["model"], f"{r['floor_tokens_per_s']:.0f}",
-                 f"{r['hf']['tokens_per_s']:.1f}" if "hf" in r else "-",
-                 f"{r['dense']['decode_tokens_per_s']:.0f}", f"{r['dense']['of_floor']:.2f}"]
-        for s in res["sparsities"]:
-            x = r["sparse"].get(f"{float(s):.2f}")
-            cells.append(f"{x['decode_tokens_per_s']:.0f} ({x['speedup_vs_dense']:.2f}×, "
-                         f"{x['realized_sparsity']:.0%})" if x else "-")
-        tab.add_row(*cells)
-    con.print(tab)
-    if res.get("kernels"):
-        kt = Table(title=f"GEMV kernels ({res.get('kernel_model')}, batch 1)")
-        for c in ["kernel", "K×N", "variant", "time µs", "MB read", "TB/s", "of copy bw", "programs", "regs"]:
-            kt.add_column(c, justify="right")
-        for r in res["kernels"]:
-            v = r["variant"] + ("" if r.get("sparsity") is None else f" {r['sparsity']:.0%}")
-            if "error" in r:
-                kt.add_row(r["kernel"], f"{r['K']}×{r['N']}", v, f"[red]{r['error'][:40]}[/]")
-                continue
-            kt.add_row(r["kernel"], f"{r['K']}×{r['N']}", v, f"{r['time_us']:.1f}", f"{r['bytes_read'] / 1e6:.1f}",
-                       f"{r['tb_per_s']:.2f}", f"{r['of_copy_bw']:.2f}", str(r.get("programs", "")),
-                       str(r.get("regs", "")) + (f" ({r['spills']} spilled)" if r.get("spills") else ""))
-        con.print(kt)
-    _print_targets(con, res, "targets")
-
-
-# ------------------------------------------------------------------------------------------------
-# the user's path: a scripted multi-turn chat through wina.chat.ChatSession, dense and sparse side
-# by side on one engine, against the engine alone at the same context
-# ------------------------------------------------------------------------------------------------
-_WORDS = ("the river city light stone bridge market morning evening garden window story music "
-          "winter summer road friend teacher question answer letter paper table island forest "
-          "mountain village harbor station library museum kitchen history science number").split()
-
-
-def chat_script(tokenizer, turns: int = 5, first_tokens: int = 90, user_tokens: int = 500,
-                seed: int = 0) -> list[str]:
-    """User messages of about ``first_tokens`` (the first) and ``user_tokens`` tokens (the rest)."""
-    import random
-    rng = random.Random(seed)
-    out = []
-    for t in range(turns):
-        want = first_tokens if t == 0 else user_tokens
-        words = [f"Turn {t + 1}: please read this and answer."]
-        text = " ".join(words)
-        while _n_ids(tokenizer(text).input_ids) < want:
-            words.extend(rng.choice(_WORDS) for _ in range(16))
-            text = " ".join(words)
-        out.append(text)
-    return out
-
-
-def _n_ids(x) -> int:
-    return int(x.shape[-1]) if hasattr(x, "shape") else len(x)
-
-
-def _threshold_sparsifier(model, method: str, sparsity: float, ids: list[int], max_seq_len: int):
-    """Attach threshold gating at ``sparsity`` calibrated on ``ids`` (uniform per matrix: each
-    drops that fraction of its scores in a dense forward), as run_bench does for the engine alone."""
-    from .engine import Engine
-    from .sparsify import sparsify
-    tmp_sp = sparsify(model, method, sparsity, gating="topk")
-    scales = tmp_sp.scales
-    tmp_sp.remove()
-    tmp = Engine.from_model(model, scales=scales, max_seq_len=max(len(ids) + 8, 64), use_sparsifier=False)
-    thr = engine_thresholds(tmp, ids, sparsity)
-    del tmp
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return sparsify(model, method, sparsity, gating="threshold", thresholds=thr)
-
-
-def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, first_tokens: int = 90,
-                   user_tokens: int = 500, sparsity: float = 0.5, method: str = "wina",
-                   max_seq_len: int = 4096, one_copy: bool = True, count_every: Optional[int] = None,
-                   seed: int = 0, label: str = "", on_event: Optional[Callable[[Progress], None]] = None,
-                   json_path: Optional[str] = None) -> dict:
-    """A scripted conversation (``turns`` user messages, the context growing past 2k tokens) through
-    :class:`wina.chat.ChatSession`, dense and sparse side by side (one engine, two KV caches), greedy,
-    ``new_tokens`` per reply (eos ignored). Per turn and mode: time to first token, decode tokens/s,
-    the tokens prefilled, the measured sparsity; then the engine alone at each turn's context (a
-    generate from that turn's prompt, the same ids, and the prefill of that turn's new tokens), and
-    the ratios.
-    Also: peak GPU memory against the weight and KV-cache bytes, and a 512-token prefill dense vs
-    sparse. If the model has no active sparsifier, one is attached (threshold gating, each matrix at
-    ``sparsity``, calibrated on the script). Returns a JSON-serialisable dict."""
-    from .chat import ChatSession
-    from .generate import engine_available
-    emit = on_event or (lambda ev: None)
-    dev = next(model.parameters()).device
-    cuda = dev.type == "cuda"
-    script = chat_script(tokenizer, turns, first_tokens, user_tokens, seed)
-    out: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
-        "model": label, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "turns": turns, "new_tokens": new_tokens, "turns_detail": []}
-    sp = getattr(model, "_wina_sparsifier", None)
-    if sp is None or not sp.enabled or sp.method == "dense":
-        emit(Progress("chat-bench", 0, turns, message=f"calibrating thresholds at {sparsity:.0%}"))
-        ids = chat_script_ids(tokenizer, script)
-        sp = _threshold_sparsifier(model, method, sparsity, ids[:2048], max_seq_len)
-        out["gating"] = f"{method} threshold, {sparsity:.0%} per matrix (calibrated on the script)"
-    else:
-        out["gating"] = f"{sp.method} {sp.gating}, nominal {sp.nominal_sparsity():.1%}"
-    if cuda:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-    kw = dict(max_new_tokens=new_tokens, max_seq_len=max_seq_len, one_copy=one_copy, ignore_eos=True)
-    if count_every is not None:
-        kw["count_every"] = count_every
-    dense, sparse = ChatSession.pair(model, tokenizer, **kw)
-    if sparse is None:
-        raise InvalidArgument("the model has no active sparsifier")
-    out["backend"] = dense.backend
-    # the engine counts the prompt and every count_every-th step; the portable path's gates count every row
-    out["count_every"] = sparse.count_every if dense.backend == "engine" else 1
-    t = time.perf_counter()
-    dense.warm_up(emit)
-    sparse.warm_up(emit)
-    out["warm_up_s"] = time.perf_counter() - t
-    prompts: dict[tuple[int, str], list[int]] = {}      # each turn's prompt ids, for the engine alone
-    for i, text in enumerate(script):
-        emit(Progress("chat-bench", i, turns, message=f"turn {i + 1}"))
-        row: dict[str, Any] = {"turn": i + 1}
-        for name, s in (("dense", dense), ("sparse", sparse)):
-            r = s.send(text)
-            prompts[(i, name)] = list(s.context_ids()[:r.context_tokens])
-            row[name] = {"context": r.context_tokens, "prefilled": r.prefill_tokens, "tokens": r.tokens,
-                         "ttft_s": r.ttft_s, "prepare_s": r.prepare_s, "decode_s": r.decode_s,
-                         "decode_tokens_per_s": r.decode_tokens_per_s,
-                         "stopped": r.stopped, "sparsity": r.sparsity, "counted": r.counted_tokens,
-                         "truncated": r.truncated}
-        row["sparse_over_dense"] = sparse_over_dense(row)
-        out["turns_detail"].append(row)
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(out, f, indent=1)
-    eng = dense.engine
-    if cuda:
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev)
-        wb = weight_bytes(eng) + eng.embed.numel() * eng.embed.element_size()
-        kv = dense._cache.nbytes() + sparse._cache.nbytes()
-        out["memory"] = {"peak_allocated_gib": peak / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved(dev) / 2**30,
-                         "weight_gib": wb / 2**30, "kv_caches_gib": kv / 2**30,
-                         "peak_over_weights_plus_kv": peak / (wb + kv),
-                         "peak_minus_kv_over_weights": (peak - kv) / wb}
-    # the engine alone, at each turn's context, on a scratch cache
-    if engine_available(model) or dense.backend == "engine":
-        emit(Progress("chat-bench", turns, turns, message="the engine alone at the same contexts"))
-        with scratch_cache(dense) as eng:
-            engine_alone(eng, out["turns_detail"], prompts)
-            # 512-token prefill, dense vs sparse
-            g = torch.Generator().manual_seed(seed)
-            ids = torch.randint(0, eng.vocab, (512,), generator=g).tolist()
-            p_d = _time_prefill(eng, ids, 0, False)
-            p_s = _time_prefill(eng, ids, 0, True)
-            out["prefill_512"] = {"dense_s": p_d, "sparse_s": p_s, "sparse_over_dense": p_s / p_d if p_d else None}
-    out["targets"] = chat_targets(out)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
-
-
-def sparse_over_dense(row: dict) -> Optional[float]:
-    """A chat turn's sparse decode rate over its dense one (None where either is unknown)."""
-    d, s = row["dense"].get("decode_tokens_per_s"), row["sparse"].get("decode_tokens_per_s")
-    return s / d if d and s else None
-
-
-@contextmanager
-def scratch_cache(session):
-    """``session``'s engine bound to a scratch KV cache for the duration (the session's cache, and
-    the conversation in it, are left alone and bound again after)."""
-    eng = session.engine
-    scratch = eng.new_cache()
-    eng.bind(scratch)
-    try:
-        yield eng
-    finally:
-        eng.bind(session._cache)
-        eng.drop_cache(scratch)
-
-
-def engine_alone(eng, rows: list[dict], prompts: dict) -> None:
-    """The engine alone at each chat turn's context: for ``rows`` (a chat bench's ``turns_detail``:
-    per mode ``tokens``, ``prefilled``, ``decode_tokens_per_s``, ``ttft_s``) and ``prompts`` ((turn
-    index, mode) → that turn's prompt ids), a generate from the same ids (a sparse step's time
-    depends on what it keeps) and the prefill of the turn's new tokens alone; adds
-    ``engine_decode_tokens_per_s``, ``decode_ratio``, ``engine_prefill_s`` and ``ttft_over_prefill`` per
-    mode. ``eng`` is bound to a scratch cache
-    (:func:`scratch_cache`)."""
-    for i, row in enumerate(rows):
-        for name in ("dense", "sparse"):
-            c = row[name]
-            ids = prompts[(i, name)]
-            res = eng.generate(ids, c["tokens"] if c["tokens"] > 1 else 2, sparse=(name == "sparse"), stop=())
-            alone = res.decode_tokens_per_s
-            n = c["prefilled"]
-            pre = _time_prefill(eng, ids[-n:], len(ids) - n, name == "sparse")
-            c["engine_decode_tokens_per_s"] = alone
-            c["decode_ratio"] = c["decode_tokens_per_s"] / alone if alone and c["decode_tokens_per_s"] else None
-            c["engine_prefill_s"] = pre
-            c["ttft_over_prefill"] = c["ttft_s"] / pre if pre else None
-
-
-def chat_script_ids(tokenizer, script: Sequence[str]) -> list[int]:
-    ids: list[int] = []
-    for text in script:
-        x = tokenizer(text).input_ids
-        ids.extend(int(v) for v in (x[0].tolist() if hasattr(x, "shape") else x))
-    return ids
-
-
-def _time_prefill(eng, ids: list[int], start: int, sparse: bool, reps: int = 3) -> float:
-    sync = (lambda: torch.cuda.synchronize(eng.device)) if eng.device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        eng.prefill(ids, sparse, start=start, last_only=True)
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def chat_targets(res: dict) -> dict:
-    """Issue 19's targets against a chat bench."""
-    t: dict[str, Any] = {}
-    rows = res.get("turns_detail", [])
-    if not rows:
-        return t
-    if "engine_decode_tokens_per_s" in rows[0]["dense"]:
-        worst = min(min(r[m]["decode_ratio"] or 0 for m in ("dense", "sparse")) for r in rows)
-        t["chat decode / engine decode >= 0.95 (worst turn)"] = (round(worst, 3), worst >= 0.95)
-        sod = min(r["sparse_over_dense"] or 0 for r in rows)
-        t["sparse / dense decode in chat >= 1.5x (worst turn)"] = (round(sod, 3), sod >= 1.5)
-        later = [r[m]["ttft_over_prefill"] for r in rows[1:] for m in ("dense", "sparse")
-                 if r[m].get("ttft_over_prefill")]
-        if later:
-            w = max(later)
-            t["later TTFT <= 1.2x prefill of the new tokens (worst)"] = (round(w, 3), w <= 1.2)
-    first = rows[0]["sparse"]["ttft_s"]
-    t[f"first TTFT ({rows[0]['sparse']['context']}-token prompt) <= 150 ms (sparse)"] = (
-        round(first * 1000, 1), first <= 0.150)
-    if res.get("prefill_512"):
-        v = res["prefill_512"]["sparse_over_dense"]
-        t["512-token prefill sparse / dense <= 1.2"] = (round(v, 3), v <= 1.2)
-    if res.get("memory"):
-        v = res["memory"]["peak_minus_kv_over_weights"]
-        t["peak GPU memory - KV caches <= 1.15 x weight bytes"] = (round(v, 3), v <= 1.15)
-    return t
-
-
-def _count_note(every) -> str:
-    if every is None:
-        return ""
-    if every == 0:
-        return "gates not counted · "
-    return "gates counted on every decode step · " if every == 1 else f"gates counted once every {every} decode steps · "
-
-
-def print_chat_bench(res: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    con = console or Console()
-    con.print(f"[bold]wina bench --chat[/] {res['date']} · {res['device']} · {res['dtype']} · {res.get('model', '')} · "
-              f"{res['gating']} · {res['new_tokens']} new tokens per reply · backend {res.get('backend')} · "
-              f"{_count_note(res.get('count_every'))}warm-up {res.get('warm_up_s', 0):.1f} s")
-    tab = Table(title="per turn (side by side: dense, then sparse, one engine)")
-    for c in ["turn", "context", "prefilled", "mode", "TTFT ms", "of which ids ms", "prefill alone ms", "decode tok/s",
-              "engine tok/s", "chat/engine", "sparsity", "sparse/dense"]:
-        tab.add_column(c, justify="right")
-    for r in res["turns_detail"]:
-        for m in ("dense", "sparse"):
-            c = r[m]
-            pa = c.get("engine_prefill_s")
-            tab.add_row(str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
-                        f"{c['ttft_s'] * 1000:.1f}", f"{c.get('prepare_s', 0) * 1000:.1f}",
-                        f"{pa * 1000:.1f}" if pa else "-",
-                        f"{c['decode_tokens_per_s']:.1f}",
-                        f"{c['engine_decode_tokens_per_s']:.1f}" if c.get("engine_decode_tokens_per_s") else "-",
-                        f"{c['decode_ratio']:.3f}" if c.get("decode_ratio") else "-",
-                        "-" if c["sparsity"] is None else f"{c['sparsity']:.1%}",
-                        f"{r['sparse_over_dense']:.2f}×" if (m == "sparse" and r.get("sparse_over_dense")) else "")
-    con.print(tab)
-    if res.get("memory"):
-        mm = res["memory"]
-        con.print(f"peak GPU memory {mm['peak_allocated_gib']:.2f} GiB allocated ({mm['peak_reserved_gib']:.2f} reserved) · "
-                  f"weights {mm['weight_gib']:.2f} GiB · two KV caches {mm['kv_caches_gib']:.2f} GiB · "
-                  f"(peak − KV) / weights {mm['peak_minus_kv_over_weights']:.3f}")
-    if res.get("prefill_512"):
-        p = res["prefill_512"]
-        con.print(f"512-token prefill: dense {p['dense_s'] * 1000:.1f} ms, sparse {p['sparse_s'] * 1000:.1f} ms "
-                  f"({p['sparse_over_dense']:.2f}×)")
-    _print_targets(con, res, "targets (issue 19)")
-
-
-def chat_bench_markdown(res: dict) -> str:
-    """The per-turn table of :func:`run_chat_bench` as GitHub markdown (docs/gpu-results.md)."""
-    def f(v, fmt, scale=1.0):
-        return "-" if v is None else format(v * scale, fmt)
-    lines = ["| turn | context | prefilled | mode | TTFT ms | of which ids ms | prefill alone ms | decode tok/s "
-             "| engine alone tok/s | chat / engine | measured sparsity | sparse / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res.get("turns_detail", []):
-        for m in ("dense", "sparse"):
-            c = r[m]
-            sod = f(r.get("sparse_over_dense"), ".2f") + "×" if m == "sparse" else ""
-            cells = [str(r["turn"]) if m == "dense" else "", str(c["context"]), str(c["prefilled"]), m,
-                     f(c["ttft_s"], ".1f", 1000), f(c.get("prepare_s"), ".1f", 1000),
-                     f(c.get("engine_prefill_s"), ".1f", 1000), f(c["decode_tokens_per_s"], ".1f"),
-                     f(c.get("engine_decode_tokens_per_s"), ".1f"),
-                     f(c.get("decode_ratio"), ".3f"), f(c["sparsity"], ".1%"), sod]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _print_targets(con, res: dict, title: str) -> None:
-    """The ``targets`` block of a benchmark result as a table: value and whether it is met."""
-    if not res.get("targets"):
-        return
-    from rich.table import Table
-    tt = Table(title=title)
-    tt.add_column("target")
-    tt.add_column("value", justify="right")
-    tt.add_column("met")
-    for k, (v, ok) in res["targets"].items():
-        tt.add_row(k, f"{v}", "[green]yes[/]" if ok else "[red]no[/]")
-    con.print(tt)

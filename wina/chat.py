@@ -46,7 +46,7 @@ import torch
 from .collector import no_full_collection, settle, thaw
 from .errors import InvalidArgument
 from .events import CancelToken, Progress
-from .generate import (COUNT_EVERY, ConversationIds, Generation, TextStream, _eos_ids, _sample, chat_input_ids,
+from .generate import (COUNT_EVERY, ConversationIds, Generation, TextStream, _eos_ids, _sample,
                        engine_available, engine_for, gating_of)
 
 

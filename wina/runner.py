@@ -779,7 +779,6 @@ def _evaluate_parallel(step: Step, index: int, preset: Preset, out: Path, limit,
                        procs: int, on_event, cancel) -> None:
     """One eval step in ``procs`` processes (``wina eval-step`` under accelerate launch)."""
     import subprocess
-    import sys
     distributed = api.distributed
     argv = ["eval-step", _preset_ref(preset), "--out", str(out), "--index", str(index)]
     if limit is not None:

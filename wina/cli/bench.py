@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from .app import app, out, err
+from .bench_tables import print_bench, print_chat_bench
 from .common import O_DTYPE, _device, _load, _opts, _prepare, _quiet_libraries
 from .render import ProgressRenderer
 from ..errors import WinaError
@@ -78,7 +79,6 @@ def bench_cmd(
                         new_tokens=new_tokens, hf_new_tokens=hf_new_tokens, device=device, dtype=dtype,
                         kernels=kernels, kernel_layers=kernel_layers, num_hidden_layers=layers, seed=seed,
                         on_event=r, json_path=str(json_out) if json_out else None)
-    from ..api import print_bench
     print_bench(res, out)
     failed = [m for m in res.get("models", []) if "error" in m]
     for m in failed:
@@ -106,7 +106,7 @@ def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, 
         check_writable(json_out)
     spec = models[0]
     _quiet_libraries()
-    from ..api import SHAPES, print_chat_bench, random_model, run_chat_bench, shape_config
+    from ..api import SHAPES, random_model, run_chat_bench, shape_config
     with ProgressRenderer() as r:
         if spec in SHAPES:
             if tokenizer is None:

@@ -7,7 +7,6 @@ of this session plus any earlier runs loaded from the store.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Optional
 
