@@ -93,3 +93,28 @@ def test_gguf_conversion_once_across_processes(tmp_path):
         assert p.exitcode == 0
     assert seen == [["config.json", "model.safetensors"]] * 3
     assert (tmp_path / "conversions").read_text() == "x"
+
+
+def test_a_gguf_copied_elsewhere_is_converted_once(tmp_path, monkeypatch):
+    """The conversion cache is keyed by the GGUF's content, not its path or time: the same file in a
+    new clone's venv (or reinstalled) reuses the converted folder; a changed file gets its own."""
+    import os
+    import shutil
+    import wina.models as m
+    monkeypatch.setenv("WINA_CACHE", str(tmp_path / "cache"))
+    a = tmp_path / "a" / "model.gguf"
+    a.parent.mkdir()
+    a.write_bytes(b"GGUF" + bytes(range(256)) * 90000)          # ~23 MiB: head and tail read apart
+    b = tmp_path / "b" / "model.gguf"
+    b.parent.mkdir()
+    shutil.copy(a, b)
+    os.utime(b, (1, 1))
+    assert m._gguf_cache_path(a) == m._gguf_cache_path(b)
+    data = bytearray(b.read_bytes())
+    data[-1] ^= 1                                                 # the last tensor's last byte
+    b.write_bytes(bytes(data))
+    assert m._gguf_cache_path(a) != m._gguf_cache_path(b)
+    data[-1] ^= 1
+    data[5] ^= 1                                                  # the header
+    b.write_bytes(bytes(data))
+    assert m._gguf_cache_path(a) != m._gguf_cache_path(b)

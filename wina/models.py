@@ -69,10 +69,27 @@ def resolve_dtype(dtype: Union[str, "torch.dtype", None], device: str):
     return getattr(torch, name)
 
 
+_PRINT_BYTES = 8 << 20          # a GGUF's fingerprint: its size and its first and last 8 MiB
+
+
+def gguf_fingerprint(gguf: Path) -> str:
+    """A key of a GGUF's content: the same file copied into another environment (a new clone's venv, a
+    reinstall) has the same key, so it is converted once per machine; an edited one gets a new key.
+    The size and the first and last 8 MiB (the header with its metadata, the last tensors): 16 MiB read
+    at most, whatever the file's size."""
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(_PRINT_BYTES))
+        if size > 2 * _PRINT_BYTES:
+            f.seek(size - _PRINT_BYTES)
+        h.update(f.read(_PRINT_BYTES))
+    return h.hexdigest()[:16]
+
+
 def _gguf_cache_path(gguf: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
 
 
 def _converted(gguf: Path) -> Path:
