@@ -523,6 +523,11 @@ async def test_chat_commands_are_not_sent_to_the_model(tmp_path, monkeypatch):
 
         await type_line("/bogus")                       # unknown: a message, nothing sent, line kept
         assert chat.worker is None and prompt.value == "/bogus" and not seen
+        assert prompt.selected_text == "/bogus"         # selected: what is typed next replaces it
+        await pilot.press("x")
+        assert prompt.value == "x"
+        await type_line(f"/save {tmp_path / 'no-such-folder' / 'chat.json'}")
+        assert not (tmp_path / "no-such-folder").exists() and prompt.value.startswith("/save")
         await type_line("/system You are terse.")
         assert chat.system == "You are terse." and chat.worker is None and not seen
         await type_line("hi")
@@ -727,7 +732,10 @@ async def test_a_typed_message_is_tokenized_before_it_is_sent(tmp_path, monkeypa
         assert replies[-2][1] == "and the last one" and replies[-2][2].ahead_s > 0
 
 
-async def test_chat_a_new_model_closes_the_sessions_and_new_ones_take_the_conversation(tmp_path, monkeypatch):
+async def test_chat_a_new_setup_closes_the_sessions_and_starts_a_new_conversation(tmp_path, monkeypatch):
+    """Another sparse setup (here: WINA after TEAL, on the same model) ends the conversation: the
+    panes are cleared with a note when the chat is shown again, the old sessions are closed, and the
+    new ones start empty, so that no model continues what another one wrote."""
     from wina.chat import ChatSession
     closed: list[ChatSession] = []
     real = ChatSession.close
@@ -736,22 +744,31 @@ async def test_chat_a_new_model_closes_the_sessions_and_new_ones_take_the_conver
     async with app.run_test(size=SIZE) as pilot:
         await load_and_chat(app, pilot, "teal")
         chat = app.chat_screen
+        dense, sparse = chat.query_one("#dense", ChatPane), chat.query_one("#sparse", ChatPane)
         assert chat.send("hi")
-        await wait_for(pilot, lambda: not chat.is_generating and len(chat.query_one("#sparse", ChatPane).replies) == 1)
+        await wait_for(pilot, lambda: not chat.is_generating and len(sparse.replies) == 1)
+        assert len(dense.history) == len(sparse.history) == 2
         old = dict(chat.sessions)
-        history = {pid: list(sess.messages) for pid, sess in old.items()}
         await pilot.press("f2")
         await wait_for(pilot, lambda: app.screen is app.setup_screen)
         app.setup_screen.query_one("#sparsity", Input).value = "0.3"
         await load_and_chat(app, pilot, "wina")          # a new sparsifier on the same model
-        await wait_for(pilot, lambda: app.session.applied.options.method == "wina")
+        await wait_for(pilot, lambda: app.session.applied.options.method == "wina" and app.screen is chat)
+        await wait_for(pilot, lambda: dense.history == [] and sparse.history == [])
+        assert chat.turns == 0 and not dense.replies and not sparse.replies
+        notes = [str(w.render()) for w in sparse.query(".system-msg")]
+        assert any("a new conversation" in n for n in notes)
         assert chat.send("more")
-        await wait_for(pilot, lambda: not chat.is_generating and len(chat.query_one("#sparse", ChatPane).replies) == 2)
+        await wait_for(pilot, lambda: not chat.is_generating and len(sparse.replies) == 1)
         assert set(closed) == set(old.values())
         assert all(chat.sessions[pid] is not old[pid] for pid in old)
-        for pid, sess in chat.sessions.items():        # the conversation went on where it was
-            assert sess.messages[:2] == history[pid] and len(sess.messages) in (2, 4)
+        for pid, sess in chat.sessions.items():        # only the new turn, in the session and the pane
+            assert [m["role"] for m in sess.messages] == ["user", "assistant"]
+            assert sess.messages[0]["content"] == "more"
             assert chat.query_one(f"#{pid}", ChatPane).history == sess.messages
+        assert chat.send("again")                      # the same setup: the conversation goes on
+        await wait_for(pilot, lambda: not chat.is_generating and len(sparse.replies) == 2)
+        assert len(sparse.history) == 4
 
 
 async def test_esc_stops_only_the_pane_that_generates(tmp_path, monkeypatch):

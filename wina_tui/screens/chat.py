@@ -6,7 +6,9 @@ session pauses the sparse gates), a lone dense session otherwise. The sessions a
 applied model (model, sparsifier, settings) and kept across turns, so a turn prefills only the
 tokens its session's KV cache does not hold yet. They hold the conversation: a pane's
 ``history`` is a copy of its session's messages, handed over with each finished reply. When the
-applied model changes, the old sessions are closed and new ones take the conversation over.
+model or its sparse setup changes (setup applied anew, a plan opened, a calibration), the
+conversation ends there: the panes are cleared with a note, and the new sessions start empty, so
+that no model continues a conversation another one wrote.
 
 The model is not thread-safe: one worker warms the sessions up (once, before their first reply)
 and runs the dense reply and then the sparse one, each streaming into its pane through messages.
@@ -98,7 +100,7 @@ class ChatScreen(Screen):
         # worker (inside session.using) or, when nothing generates, on the UI thread
         self.sessions: dict[str, ChatSession] = {}
         self._made_for: Optional[tuple] = None     # (model, sparsifier, applied settings)
-        self._carry: dict[str, list[dict]] = {}    # the conversation of sessions closed for a new model
+        self._talked_with: Optional[tuple] = None  # the same, for the conversation on screen
 
     @property
     def cancel(self) -> Optional[CancelToken]:
@@ -144,19 +146,35 @@ class ChatScreen(Screen):
             return None
         return (s.loaded.model, s.sparsifier, s.applied)
 
-    def _sessions_current(self) -> bool:
-        old, now = self._made_for, self._applied_key()
+    @staticmethod
+    def _same_setup(old: Optional[tuple], now: Optional[tuple]) -> bool:
         return (old is not None and now is not None and old[0] is now[0] and old[1] is now[1]
                 and old[2] == now[2])
 
+    def _sessions_current(self) -> bool:
+        return self._same_setup(self._made_for, self._applied_key())
+
     def _close_sessions(self) -> None:
-        """Close the sessions (their KV caches go), keeping their conversation for the next ones."""
-        for pid, sess in self.sessions.items():
-            self._carry[pid] = list(sess.messages)
+        """Close the sessions (their KV caches go)."""
+        for sess in self.sessions.values():
             with contextlib.suppress(Exception):
                 sess.close()
         self.sessions = {}
         self._made_for = None
+
+    def _end_conversation_of_another_setup(self) -> None:
+        """UI thread: the conversation on screen was had with another model or sparse setup; it ends
+        here (the new sessions start empty) and the panes say why."""
+        was = self._talked_with
+        if was is None or self.is_generating or self._same_setup(was, self._applied_key()):
+            return
+        self._talked_with = None
+        self.turns = 0
+        for pane in self.query(ChatPane):
+            pane.clear()
+            pane.note("The model or its sparse setup changed: a new conversation.")
+            if self.system:
+                pane.note(f"system prompt: {self.system}")
 
     def _drop_sessions_of_another_model(self) -> None:
         """UI thread: sessions of a model that is no longer loaded (a new one loads, or has) are closed
@@ -189,15 +207,14 @@ class ChatScreen(Screen):
         else:
             dense, sparse = ChatSession(model, tok, sparse=False, **kw), None
         sessions = {"dense": dense} if sparse is None else {"dense": dense, "sparse": sparse}
-        for pid, sess in sessions.items():
-            sess.messages = list(self._carry.get(pid, []))
-        self._carry = {}
         self.sessions, self._made_for = sessions, self._applied_key()
         return sessions
 
     # --- titles --------------------------------------------------------------------------------------
     def refresh_titles(self) -> None:
         self._drop_sessions_of_another_model()
+        if self.is_mounted:
+            self._end_conversation_of_another_setup()
         if not self.is_mounted:
             return
         dense, sparse = self.query_one("#dense", ChatPane), self.query_one("#sparse", ChatPane)
@@ -300,6 +317,8 @@ class ChatScreen(Screen):
         if prompt is None:
             if self.command(line):
                 event.input.value = ""
+            else:                               # refused: typing replaces it, an arrow key edits it
+                event.input.select_all()
             return
         if self.send(prompt):
             event.input.value = ""
@@ -352,6 +371,8 @@ class ChatScreen(Screen):
         try:
             if path.is_dir():
                 raise InvalidArgument(f"{path} is a folder; give a file name")
+            if not path.parent.is_dir():
+                raise InvalidArgument(f"no folder {path.parent}: save into one that exists")
             atomic_write_text(path, conversation_markdown(doc) if md else json.dumps(doc, indent=1,
                                                                                      ensure_ascii=False))
         except (OSError, WinaError) as e:
@@ -372,6 +393,8 @@ class ChatScreen(Screen):
         if self.is_generating:
             self.notify("still generating: press esc to stop", severity="warning")
             return False
+        self._end_conversation_of_another_setup()
+        self._talked_with = self._applied_key()
         self.cancels = {p: CancelToken() for p in self._panes()}
         self.turns += 1
         self.worker = self.generate(prompt, dict(self.cancels), self.system)
@@ -394,7 +417,6 @@ class ChatScreen(Screen):
             return False
         for sess in self.sessions.values():     # a new conversation: the KV caches are cleared
             sess.reset()
-        self._carry = {}
         for pane in self.query(ChatPane):
             pane.clear()
             if self.system:
