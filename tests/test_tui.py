@@ -1004,6 +1004,15 @@ async def test_last_settings_come_back_at_launch(tmp_path):
         assert set(app3.settings_ignored) == {"sparsity", "method", "model"}
         assert app3.setup_screen.query_one("#sparsity", Input).value == "0.5"
 
+    good = {"setup": {"model": "tiny", "method": "teal", "sparsity": 0.3}}
+    path.write_text(json.dumps(good))
+    app4 = make_app(tmp_path, model=str(tmp_path / "no-such-model"))     # a one-off, mistyped --model
+    async with app4.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app4.setup_screen.read(show=False)[0] is None
+        await pilot.press("ctrl+q")
+    assert json.loads(path.read_text())["setup"] == good["setup"]      # the last good setup stays
+
 
 async def test_plan_browser_opens_a_saved_plan_for_chat_and_evaluation(tmp_path):
     from wina_tui.screens.plans import PlansScreen

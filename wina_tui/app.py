@@ -171,15 +171,24 @@ class WinaApp(App):
         self.exit()
 
     def remember(self) -> None:
-        """Save the setup form (as shown, if valid), the evaluate form and the system prompt."""
-        settings = self.session.settings
+        """Save the setup form (as shown, if valid), the evaluate form and the system prompt. A form
+        that does not pass its checks (a mistyped path, a one-off ``--model`` that is not there) is
+        not saved: the last good setup stays."""
+        form = None
         try:
             if self.setup_screen.is_mounted:
-                settings = self.setup_screen.read(show=False)[0] or settings
+                form = self.setup_screen.read(show=False)[0]
         except Exception:
             pass
-        data = {"setup": {**settings_to_dict(settings), "preset": self.session.settings.preset},
-                "chat": {"system": self.chat_screen.system}}
+        if form is not None:
+            setup = {**settings_to_dict(form), "preset": self.session.settings.preset}
+        elif isinstance(self.saved.get("setup"), dict):
+            setup = self.saved["setup"]
+        else:
+            setup = None
+        data: dict = {"chat": {"system": self.chat_screen.system}}
+        if setup is not None:
+            data["setup"] = setup
         try:
             ev = self.evaluate_screen.snapshot()
         except Exception:
