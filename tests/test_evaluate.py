@@ -189,3 +189,33 @@ def test_shared_context_scores_equal_one_pass_per_choice(arch, method, chunk, mo
             assert greedy == bool((lg.argmax(-1) == want).all())
     if sp is not None:
         sp.remove()
+
+
+def test_a_cancel_stops_inside_a_long_forward_within_one_layer(tiny):
+    """One unit of work can be a single long forward (a wikitext document on a CPU): a cancel set
+    while it runs stops it before the next decoder layer, and no hook is left on the model."""
+    from wina.perplexity import perplexity
+    model, tok = tiny
+    token = CancelToken()
+    layers = model.model.layers
+    ran: list[int] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(layers)]
+    hooks.append(layers[0].register_forward_hook(lambda m, a, o: token.cancel()))   # mid-forward
+    try:
+        with pytest.raises(Cancelled):
+            perplexity(model, tok, CORPUS, context=256, cancel=token)
+        assert ran == [0]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert not any(layer._forward_pre_hooks for layer in layers)
+
+
+def test_wikitext_reports_progress_per_document(tiny, shared_data):
+    """lm-eval's wikitext scores whole documents (many windows each): progress moves per document,
+    not once for the whole task."""
+    model, tok = tiny
+    events = []
+    evaluate(model, tok, ["wikitext"], limit=3, data_dir=shared_data, on_event=events.append)
+    done = [e.metrics["task_done"] for e in events if e.stage == "evaluate" and e.total]
+    assert done == [0, 1, 2, 3]

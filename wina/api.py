@@ -27,7 +27,7 @@ from .events import CancelToken, Progress, ProgressCallback, format_duration  # 
 from .files import (LOCK_NAME, check_name, check_writable, locked, name_problem, recover_folder, replace_folder,  # noqa: F401
                     sha256 as file_sha256, sweep_temps, write_json, write_text as atomic_write_text)
 from .hub import model_availability  # noqa: F401
-from .generate import (Generation, chat_input_ids, generation_backend, quiet_tokenizer_threads,  # noqa: F401
+from .generate import (Generation, chat_input_ids, generation_backend, quiet_libraries, quiet_tokenizer_threads,  # noqa: F401
                        stream_generate, stream_reply, warm_up)
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401

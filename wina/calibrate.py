@@ -53,6 +53,7 @@ from .adapters import adapter_for, decoder_layers, projection
 from .files import read_text
 from .errors import DataError, InvalidArgument, PlanError
 from .events import CancelToken, ProgressCallback, Reporter
+from .interrupt import honours_cancel
 from .scores import (BINS_PER_OCTAVE, LO_EXP, N_BINS, bin_scores, default_sizes,  # noqa: F401 (histogram API)
                      gate_scale_and_live, hist_threshold, is_weighted, matrix_threshold, prefix_start)
 
@@ -456,6 +457,7 @@ def _args_mismatch(stored: Optional[dict], args: dict) -> Optional[str]:
     return ""
 
 
+@honours_cancel
 def calibrate(model, tokenizer, *, method: str = "wina", source: str = "self",
               samples: Optional[int] = None, seq_len: Optional[int] = None,
               out: Optional[str | Path] = None, weighted: str = "default", model_id: str = "",

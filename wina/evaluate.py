@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .errors import DataError, InvalidArgument
 from .events import CancelToken, ProgressCallback, Reporter
+from .interrupt import honours_cancel
 from . import tasks as _tasks
 
 DEFAULT_BATCH_SIZE = 8
@@ -280,7 +281,12 @@ def _classes():
             return out
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm)
+            chunk = self._chunk                 # one document is many windows: progress per document
+            self._chunk = 1
+            try:
+                return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm)
+            finally:
+                self._chunk = chunk
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             return self._chunked(super().generate_until, requests, disable_tqdm)
@@ -453,6 +459,7 @@ def check_tasks(tasks: Union[str, Sequence[str]], data_dir=None, *, task_manager
     return names
 
 
+@honours_cancel                          # a long document stops within a layer
 def evaluate(model, tokenizer, tasks: Union[str, Sequence[str]], *, limit=None, data_dir=None,
              num_fewshot: Optional[int] = None, batch_size: int = DEFAULT_BATCH_SIZE,
              max_length: Optional[int] = None, on_event: Optional[ProgressCallback] = None,

@@ -64,6 +64,28 @@ def quiet_tokenizer_threads() -> None:
         _quiet_default = True
 
 
+def quiet_libraries() -> None:
+    """The front-ends draw progress from our events: transformers', datasets' and lm-eval's own tqdm
+    bars and info logs are turned off (they would land on the command line's bars, across the TUI's
+    screen, or in the shell after the TUI has ended while a model load still finishes), and the
+    tokenizer stays off its threads (:func:`quiet_tokenizer_threads`)."""
+    import contextlib
+    import warnings
+    quiet_tokenizer_threads()
+    os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    with contextlib.suppress(Exception):
+        import datasets
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+
+
 @contextmanager
 def _tokenizer_threads():
     """The tokenizer's threads for one batch call, where only :func:`quiet_tokenizer_threads` turned

@@ -26,6 +26,7 @@ from typing import Optional, Union
 from . import files
 from .errors import DataError, InvalidArgument
 from .events import CancelToken, ProgressCallback, Reporter
+from .interrupt import honours_cancel
 
 
 PROTOCOLS = ("windows", "seed")
@@ -117,6 +118,7 @@ def seed_windows(n_tokens: int, context: int = SEED_CONTEXT, stride: int = SEED_
     return out
 
 
+@honours_cancel
 def perplexity(model, tokenizer, text: str, *, context: int = CONTEXT, max_tokens: Optional[int] = None,
                batch_size: int = 1, on_event: Optional[ProgressCallback] = None,
                cancel: Optional[CancelToken] = None, protocol: str = "windows") -> PerplexityResult:

@@ -393,9 +393,9 @@ def run(model: Optional[str] = None, *, preset: Optional[str] = None, results_di
         loader: Optional[Loader] = None, start: str = "setup", threads: Optional[int] = None) -> None:
     """Start the app (blocking). ``model``: a spec for setup's model field; ``preset``: a preset name/path;
     ``threads``: torch threads (see :func:`set_threads`)."""
-    from wina.api import quiet_tokenizer_threads
+    from wina.api import quiet_libraries
     set_threads(threads)
-    quiet_tokenizer_threads()        # no tokenizer warning from a forked process across the screen
+    quiet_libraries()                # no library's bar or warning across the screen (or after it)
     app = WinaApp(loader=loader, model=model, preset=preset,
                   results_dir=Path(results_dir) if results_dir else None, max_new_tokens=max_new_tokens,
                   temperature=temperature, theme="textual-light" if light else None, start=start,

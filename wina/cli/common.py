@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import typer
@@ -18,21 +17,9 @@ def _device(device: str) -> str:
 
 
 def _quiet_libraries() -> None:
-    """Our own bars replace transformers' and datasets' tqdm bars and their info logs."""
-    from ..api import quiet_tokenizer_threads
-    quiet_tokenizer_threads()
-    os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
-    import warnings
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    with _suppress():
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    with _suppress():
-        import datasets
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+    """Our own bars replace the libraries' (:func:`wina.api.quiet_libraries`); torch's threads as asked."""
+    from ..api import quiet_libraries
+    quiet_libraries()
     _threads()
 
 
@@ -41,11 +28,6 @@ def _threads() -> None:
     if n:
         import torch
         torch.set_num_threads(max(1, int(n)))
-
-
-def _suppress():
-    import contextlib
-    return contextlib.suppress(Exception)
 
 
 def _load(spec: str, device: str, dtype: str, r: Optional[ProgressRenderer] = None):

@@ -53,7 +53,7 @@ def parse_limit(text: str) -> tuple[Optional[float], Optional[str]]:
     if not t or t.lower() in ("all", "none"):
         return None, None
     try:
-        v = float(t)
+        v = int(t) if t.lstrip("+-").isdigit() else float(t)    # "-5" is said back as -5, not -5.0
     except ValueError:
         return None, f"limit must be a number of documents (or empty for all), got {t!r}"
     if math.isfinite(v) and v >= 1 and v != int(v):
