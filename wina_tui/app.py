@@ -366,7 +366,7 @@ def set_threads(n: Optional[int] = None) -> int:
     return torch.get_num_threads()
 
 
-def run_app(app: WinaApp, *, headless: bool = False, grace: float = 1.0) -> int:
+def run_app(app: WinaApp, *, headless: bool = False, grace: float = 0.3) -> int:
     """Run ``app`` to its end and return its exit code; then leave quickly. Textual runs thread
     workers in asyncio's default executor, which ``asyncio.run`` joins at the end and Python joins
     again at exit: a calibration layer or a model load still in flight kept the process alive (with
