@@ -155,6 +155,9 @@ def test_missing_plan(text_file, tmp_path):
 def test_threshold_needs_plan(text_file):
     user_error(invoke("ppl", "smollm2-135m", "--sparsity", "0.5", "--gating", "threshold",
                       "--text", text_file), "plan")
+    # without --sparsity the method defaults to dense: refused too, not a quiet dense run
+    user_error(invoke("ppl", "smollm2-135m", "--gating", "threshold", "--text", text_file), "plan")
+    user_error(invoke("chat", "smollm2-135m", "--gating", "threshold", "--prompt", "hi"), "plan")
 
 
 def test_bad_option_value_is_one_line():
@@ -327,3 +330,8 @@ def test_bench_tiny_shape_on_cpu(tmp_path):
     assert m["dense"]["decode_tokens_per_s"] > 0 and "0.50" in m["sparse"]
     user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "half"), "--sparsities")
     user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "1.5"), "1.5")
+    res = invoke("bench", tmp_path / "no-such-model", "--device", "cpu", "--no-kernels")
+    user_error(res, "no-such-model")                    # one line, no table of the failure
+    assert res.stdout.strip() == ""
+    user_error(invoke("bench", "--chat", "tiny-llama", "--device", "cpu", "--tokenizer", tmp_path / "none"),
+               "--tokenizer", "no such folder")

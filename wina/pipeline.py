@@ -303,6 +303,8 @@ def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = Non
         rotation = meta.get("rotation") or "svd"
     else:
         rotation = "svd"
+        if gating == "threshold":        # else it would quietly run dense: the method's default
+            raise InvalidArgument("threshold gating needs a calibration plan (--plan)")
     if method is None:
         method = "wina" if sparsity is not None else "dense"
     if method == "dense" and sparsity:

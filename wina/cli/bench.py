@@ -79,14 +79,16 @@ def bench_cmd(
                         new_tokens=new_tokens, hf_new_tokens=hf_new_tokens, device=device, dtype=dtype,
                         kernels=kernels, kernel_layers=kernel_layers, num_hidden_layers=layers, seed=seed,
                         on_event=r, json_path=str(json_out) if json_out else None)
+        failed = [m for m in res.get("models", []) if "error" in m]
+        if failed and len(failed) == len(res.get("models", [])):     # nothing to show: one line, no bars
+            if len(failed) == 1:
+                raise WinaError(f"{failed[0]['model']}: {failed[0]['error']}")
+            raise WinaError(f"every benchmark failed; first: {failed[0]['model']}: {failed[0]['error']}")
     print_bench(res, out)
-    failed = [m for m in res.get("models", []) if "error" in m]
     for m in failed:
         err.print(f"[red]{escape(m['model'])}: {escape(m['error'])}[/]", soft_wrap=True)
     if json_out is not None:
         out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)
-    if failed and len(failed) == len(res.get("models", [])):
-        raise WinaError(f"every benchmark failed; first: {failed[0]['model']}: {failed[0]['error']}")
 
 
 def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, tokenizer, device, dtype,
@@ -111,6 +113,9 @@ def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, 
         if spec in SHAPES:
             if tokenizer is None:
                 raise InvalidArgument(f"{spec} is a shape with random weights: --chat needs --tokenizer DIR")
+            if not Path(tokenizer).expanduser().is_dir():
+                raise InvalidArgument(f"--tokenizer {tokenizer}: no such folder (give a folder with a "
+                                      "tokenizer.json, e.g. one from tokenizer.save_pretrained)")
             from transformers import AutoTokenizer
             from ..api import resolve_dtype
             tok = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)   # never the repo's code
