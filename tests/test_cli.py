@@ -124,6 +124,9 @@ def test_run_dry_run_quick_preset():
     res = ok(invoke("run", "smollm2-quick", "--dry-run", "--limit", "2"))
     assert "calibrate wina" in res.stdout and "compare" in res.stdout
     assert "dry run" in res.stdout
+    res = ok(invoke("run", "smollm2-quick", "--dry-run", "--device", "cpu", "--gpus", "2"))
+    assert "device: cpu (--device)" in res.stdout and "2 processes" in res.stdout
+    user_error(invoke("run", "smollm2-quick", "--dry-run", "--device", "foo"), "unknown device 'foo'")
 
 
 # --- bad inputs -------------------------------------------------------------------------------------

@@ -414,17 +414,25 @@ def plan_steps(preset: Preset, out_dir: Union[str, Path], *, limit=None) -> list
     return steps
 
 
-def describe(preset: Preset, limit=None, *, strict: bool = True) -> dict[str, str]:
+def describe(preset: Preset, limit=None, *, strict: bool = True, device: Optional[str] = None,
+             procs: int = 1) -> dict[str, str]:
     """What a dry run shows about a preset, after resolving and checking what can be checked cheaply
-    (model spec, data folder, task names and files, calibration file, perplexity text)."""
+    (model spec, data folder, task names and files, calibration file, perplexity text). ``device``
+    and ``procs``: the run's overrides (``--device``, ``--gpus``); a device typed for this run must
+    exist here (InvalidArgument), the preset's own is shown either way."""
     kind, path = api.resolve_source(preset.model)
     info: dict[str, str] = {"model": f"{preset.model} ({kind})"}
     if kind == "hub":                    # shown, not raised, like the device: the run fails at load, clearly
         info["model"] = f"{preset.model} (hub; {api.model_availability(preset.model)})"
-    try:                                 # shown, not raised: a dry run may look at a GPU preset anywhere
-        info["device"] = api.resolve_device(preset.device)
-    except InvalidArgument as err:
-        info["device"] = f"{preset.device}: NOT AVAILABLE here ({err})"
+    if device not in (None, "auto"):
+        info["device"] = f"{resolve_device(preset, device)} (--device)"
+    else:
+        try:                             # shown, not raised: a dry run may look at a GPU preset anywhere
+            info["device"] = api.resolve_device(preset.device)
+        except InvalidArgument as err:
+            info["device"] = f"{preset.device}: NOT AVAILABLE here ({err})"
+    if procs > 1:
+        info["evaluation"] = f"{procs} processes each (--gpus)"
     if preset.description:
         info["description"] = preset.description
     greedy = [v for v in preset.variants if v.needs_plan]

@@ -45,7 +45,7 @@ def run_cmd(
     folder = out_dir or default_out_dir(p, lim)
     steps = plan_steps(p, folder, limit=lim)
     if dry_run:
-        _print_steps(p, folder, steps, lim)
+        _print_steps(p, folder, steps, lim, device, procs)
         return
     with ProgressRenderer(steps=len(steps)) as r:
         def on_plan(all_steps, todo) -> None:        # decided once, under the run folder's lock
@@ -113,10 +113,10 @@ def _step_status(s, todo) -> str:
     return f"[yellow]rerun[/] ({escape(s.why)})" if s.why is not None else "to run"
 
 
-def _print_steps(p, folder: Path, steps, limit) -> None:
+def _print_steps(p, folder: Path, steps, limit, device: str = "auto", procs: int = 1) -> None:
     from rich.table import Table
     from ..runner import describe, pending, superseded
-    info = describe(p, limit, strict=False)      # a dry run shows what is missing instead of stopping
+    info = describe(p, limit, strict=False, device=device, procs=procs)   # shows what is missing, goes on
     todo = pending(steps)                        # the rule wina run follows
     out.print(f"[bold]preset[/] {escape(p.name)} ({escape(str(p.path))})", soft_wrap=True)
     for k, v in info.items():
