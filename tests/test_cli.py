@@ -120,6 +120,18 @@ def test_models_lists_architectures_embedded_and_presets():
                                                     "llama3-8b", "qwen2.5-7b", "phi4"}
 
 
+def test_a_broken_preset_file_is_named_and_the_others_still_listed(tmp_path, monkeypatch):
+    (tmp_path / "garbage.toml").write_bytes(b"\xff\xfe not toml")
+    (tmp_path / "half.toml").write_text('name = "half"\nmodel = ')
+    monkeypatch.setenv("WINA_PRESETS", str(tmp_path))
+    res = ok(invoke("models"))
+    assert "smollm2-quick" in res.stdout
+    warned = [ln for ln in res.stderr.splitlines() if "skipped a preset" in ln]
+    assert len(warned) == 2 and "garbage.toml" in warned[0] and "half.toml" in warned[1]
+    data = json.loads(ok(invoke("models", "--json")).stdout)
+    assert "smollm2-quick" in {p["name"] for p in data["presets"]} and len(data["broken_presets"]) == 2
+
+
 def test_run_dry_run_quick_preset():
     res = ok(invoke("run", "smollm2-quick", "--dry-run", "--limit", "2"))
     assert "calibrate wina" in res.stdout and "compare" in res.stdout

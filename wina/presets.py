@@ -240,14 +240,22 @@ def preset_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
-def list_presets() -> list[Preset]:
-    """Every preset in the search folders (first one wins per name), validated, sorted by name."""
-    seen: dict[str, Preset] = {}
+def list_presets(problems: Optional[list[str]] = None) -> list[Preset]:
+    """Every valid preset in the search folders (first one wins per name), sorted by name. A broken
+    file is left out, and its one-line error is appended to ``problems`` when given: one bad
+    ``.toml`` in ``./presets`` does not hide the others."""
+    seen: dict[str, Optional[Preset]] = {}
     for d in preset_dirs():
         for f in sorted(d.glob("*.toml")):
-            if f.stem not in seen:
+            if f.stem in seen:
+                continue
+            try:
                 seen[f.stem] = load_preset(f)
-    return [seen[k] for k in sorted(seen)]
+            except WinaError as e:          # unparsable, invalid, not UTF-8, unreadable
+                seen[f.stem] = None
+                if problems is not None:
+                    problems.append(str(e))
+    return [p for k, p in sorted(seen.items()) if p is not None]
 
 
 def find_preset(name_or_path: Union[str, Path]) -> Path:

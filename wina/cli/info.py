@@ -6,7 +6,7 @@ import json
 import typer
 from rich.markup import escape
 
-from .app import app, out
+from .app import app, err, out
 from ..errors import WinaError
 
 
@@ -27,14 +27,18 @@ def models_cmd(as_json: bool = typer.Option(False, "--json", help="One JSON obje
     except WinaError as e:
         gguf = None
         gguf_note = str(e)
-    presets = list_presets()
+    problems: list[str] = []
+    presets = list_presets(problems)
+    for why in problems:                     # a broken preset file is named, the others still listed
+        err.print(f"[yellow]warning: skipped a preset: {escape(why)}[/]", soft_wrap=True)
     if as_json:
         print(json.dumps({
             "architectures": {k: {"projections": list(a.projections), "examples": examples.get(k, "")}
                               for k, a in ADAPTERS.items()},
             "embedded": {"name": EMBEDDED, "package": EMBEDDED_PACKAGE, "gguf": gguf},
             "presets": [{"name": p.name, "model": p.model, "description": p.description,
-                         "path": str(p.path)} for p in presets]}, indent=1))
+                         "path": str(p.path)} for p in presets],
+            "broken_presets": problems}, indent=1))
         return
     t = Table(title="Supported architectures (config.model_type)", title_justify="left")
     t.add_column("model_type", style="bold")

@@ -81,19 +81,15 @@ def check_source(src: str) -> Optional[str]:
     return None
 
 
-PRESET_ERRORS: list[str] = []      # why the preset list is empty, when a preset file is broken
+PRESET_ERRORS: list[str] = []      # why a preset file was left out of the list (broken)
 
 
 def list_presets() -> list[tuple[str, object]]:
-    """(name, Preset) for every preset (``wina.api.list_presets``). One broken preset file makes the
-    library refuse the whole list: then none is offered and the error is kept in PRESET_ERRORS."""
+    """(name, Preset) for every valid preset (``wina.api.list_presets``); why a broken preset file
+    was left out is kept in PRESET_ERRORS."""
     from wina.api import list_presets as _list
     PRESET_ERRORS.clear()
-    try:
-        return [(p.name, p) for p in _list()]
-    except WinaError as e:
-        PRESET_ERRORS.append(str(e))
-        return []
+    return [(p.name, p) for p in _list(PRESET_ERRORS)]
 
 
 class SetupScreen(Screen):
@@ -189,6 +185,8 @@ class SetupScreen(Screen):
         self._sync_visibility()
         self._update_summary()
         self.query_one("#model", Select).focus()
+        for why in PRESET_ERRORS:               # the valid presets are offered; a broken file is named
+            self.notify(f"preset skipped: {why}", severity="warning", timeout=10)
 
     def on_screen_resume(self) -> None:
         self.refresh_model_info()
