@@ -260,6 +260,21 @@ def test_calibrate_allocate_and_use_the_plan(tiny, text_file, tmp_path):
     ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))          # in place
     meta = json.loads((plan / "plan.json").read_text())
     assert meta["allocation"] is not None
+    # a copy cut short by a kill (plan.json copied, a histogram not yet): made again, not an error
+    partial = tmp_path / "plan.allocating"
+    shutil.copytree(plan, partial)
+    next(iter(sorted((partial / "histograms").iterdir()))).unlink()
+    ok(invoke("allocate", plan, "--step", "0.2", "--max-sparsity", "0.8"))
+    assert json.loads((plan / "plan.json").read_text())["allocation"]["step"] == 0.2
+    assert not partial.exists()
+    # a finished plan that is damaged: named as the user's plan, and no copy of it is left
+    hist = next(iter(sorted((plan / "histograms").iterdir())))
+    good = hist.read_bytes()
+    hist.write_bytes(good[:len(good) // 2])
+    line = user_error(invoke("allocate", plan, "--step", "0.1"), "corrupt plan", "does not match its checksum")
+    assert ".allocating" not in line and not partial.exists()
+    hist.write_bytes(good)
+    ok(invoke("allocate", plan, "--step", "0.1", "--max-sparsity", "0.8"))
     d = json.loads(ok(invoke("ppl", tiny, "--plan", plan, "--sparsity", "0.5", "--text", text_file,
                              "--context", "64", "--json")).stdout)
     assert d["method"] == "wina" and d["plan"] == str(plan)

@@ -221,14 +221,29 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         meta = plan_info(target)
         st = meta["status"]
         finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]
+        if finished:                    # a damaged plan is named as the user's, and no copy is made of it
+            why = plan_damage(target)
+            if why is not None:
+                raise PlanError(f"corrupt plan {target}: {why}; calibrate it again (or delete it)")
         # a finished allocation is replaced only when the new one is complete: work on a copy
         work = allocating_folder(target) if finished else target
         copy = allocating_folder(target)
         if copy.exists() and (not finished or not same_calibration(copy, meta)):
             shutil.rmtree(copy)         # a copy left by an earlier allocation of another calibration
-        if finished and not work.exists():
+
+        def copy_plan() -> None:
             shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
-        plan = Plan.load(str(work), allow_partial=True)
+
+        if finished and not work.exists():
+            copy_plan()
+        try:
+            plan = Plan.load(str(work), allow_partial=True)
+        except PlanError:
+            if work == target:
+                raise
+            shutil.rmtree(work)         # a copy cut short (killed while copying): made again
+            copy_plan()
+            plan = Plan.load(str(work), allow_partial=True)
         if not plan.calibrated:
             raise PlanError(f"{target}: calibration is not finished; run calibrate first")
         new = _allocate(loaded.model, loaded.tokenizer, plan, max_sparsity=alloc.max_sparsity, step=alloc.step,
