@@ -284,6 +284,11 @@ def test_text_inputs_by_content_and_outputs_without_a_ledger(tiny_preset, tmp_pa
     assert all("unknown settings" in w for w in reruns.values()), reruns
     assert not any(p.name.endswith((".new", ".replaced", ".allocating")) for p in (out / "plans").iterdir())
     assert run_preset(load_preset(f), out).ran == []
+    # what was there is not overwritten but kept aside (the run cannot tell it from a user's own file)
+    kept = list((out / "retired").glob("*/runs/dense.json"))
+    assert len(kept) == 1 and kept[0].read_bytes() == dense
+    assert len(list((out / "retired").glob("*/plans/*/plan.json"))) == 2
+    assert all("kept in" in w for t, w in reruns.items() if not t.startswith("allocate")), reruns
 
 
 @contextlib.contextmanager

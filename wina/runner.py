@@ -590,6 +590,10 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
             summary.skipped.append(step)
             notify(step, "skip")
             continue
+        if step.why == UNKNOWN and step.kind in (CALIBRATE, EVAL):
+            kept = _set_aside(out, step)
+            if kept is not None:
+                step.why = f"{UNKNOWN}; what was there is kept in {kept}"
         if step.why is not None:
             notify(step, "rerun")
         notify(step, "start")
@@ -673,6 +677,24 @@ def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
         if moved:
             _write_ledger(root, led)                 # last: a kill before it only leaves entries to drop again
     return (dest if paths else None), paths
+
+
+def _set_aside(root: Path, step: Step) -> Optional[Path]:
+    """An output this runner has no record of making (a user's own file at that path, a folder from
+    an older version) is moved into ``retired/<date-time>/`` before the step makes its own, never
+    overwritten. Returns where it went (None: nothing there)."""
+    src = step.output
+    if not src.exists():
+        return None
+    dest = Path(root) / RETIRED / time.strftime("%Y%m%d-%H%M%S") / step.output.relative_to(root)
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dest)
+    except OSError as e:
+        raise DataError(f"cannot move {src}, which this run did not make, to {dest}: {e.strerror or e}") from None
+    return dest
 
 
 def _drop_abandoned_calibrations(steps: list[Step], todo: list[Step]) -> None:
