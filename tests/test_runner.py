@@ -494,6 +494,23 @@ def test_another_data_folder_reruns_the_evaluations(tiny_preset, tmp_path, monke
     assert _piqa_acc(dense) == pytest.approx(acc_a)
 
 
+def test_a_perplexity_only_run_names_only_the_setting_that_changed(tiny_preset, tmp_path):
+    """A preset without tasks reads no data folder: its "auto" is not compared with a folder the
+    results file never names (the reason once said eval.data_dir 'hub' → 'auto' as well)."""
+    text = tiny_preset.read_text().replace('data_dir = "hub"', 'data_dir = "auto"')
+    text = text.replace("sparsities = [0.25, 0.5]", "sparsities = [0.5]")
+    text = text[:text.index("[[variants]]")] + '[[variants]]\nname = "wina"\nmethod = "wina"\n'
+    f = tiny_preset.parent / "ppl-only.toml"
+    f.write_text(text)
+    out = tmp_path / "out"
+    assert len(run_preset(load_preset(f), out).ran) == 4
+    f.write_text(text.replace("step = 0.1", "step = 0.2"))
+    seen = []
+    run_preset(load_preset(f), out, on_step=lambda st, status: seen.append((st.title, status, st.why)))
+    why = {t: w for t, status, w in seen if status == "rerun"}
+    assert why["eval wina @ 50%"] == "settings changed: allocation.step 0.1 → 0.2", why
+
+
 def test_damaged_outputs_are_made_again(tiny_preset, tmp_path):
     """A results file or a plan file damaged after its step finished is not "done": the dry run shows
     the step as a rerun and the run makes it again, each saying why (no late "not a JSON results

@@ -173,8 +173,11 @@ class Step:
         if self.kind != EVAL or not isinstance(ev, dict) or ev.get("data_dir") != self.preset.eval.data_dir:
             return old
         try:
-            read = api.load_run(self.output).wina["eval"].get("data_dir")
+            info = api.load_run(self.output).wina["eval"]
+            read = info.get("data_dir")
         except (DataError, KeyError, AttributeError):
+            return old
+        if not info.get("tasks"):          # no task was read (perplexity only): no folder to compare
             return old
         return {**old, "eval": {**ev, "data_dir": read if read is not None else "hub"}}
 
