@@ -223,6 +223,10 @@ def test_edited_preset_reruns_what_changed(tiny_preset, tmp_path):
     # the comparison knows its inputs: one taken out of the folder by hand is noticed
     assert json.loads((out / "steps.json").read_text())["compare compare.md"]["settings"]["inputs"] == [
         "dense.json", "wina-s50.json"]
+    # a table damaged (or edited) since it was written is made again
+    (out / "compare.md").write_bytes(b"\x00\xff garbage")
+    s = run_preset(load_preset(fewer), out)
+    assert [x.title for x in s.ran] == ["compare all runs"] and (out / "compare.md").read_text() == compare
 
 
 def _header_and_footer(res) -> tuple[tuple[int, int], tuple[int, int]]:

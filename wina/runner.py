@@ -164,6 +164,8 @@ class Step:
                 changed = _diff(old, self.settings())
                 return "settings changed: " + (", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
                                                if changed else "unknown")
+        if self.kind == COMPARE and rec.get("sha256") and _sha256(self.output) != rec["sha256"]:
+            return "the table was changed or damaged since it was written"
         return self._damage()
 
     def _with_folder_read(self, old: dict) -> dict:
@@ -315,6 +317,8 @@ def _record(step: Step, *, rel: Optional[str] = None, started: bool = False) -> 
     entry = {"key": step.key, "settings": step.settings()}
     if started:
         entry["state"] = STARTED
+    elif step.kind == COMPARE and rel is None:
+        entry["sha256"] = _sha256(step.output)       # a table changed or damaged since is made again
     led[rel or step.rel] = entry
     _write_ledger(step.root, led)
 
