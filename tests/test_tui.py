@@ -939,6 +939,45 @@ def test_run_eta_ignores_what_a_resume_skipped():
     assert eta.update(12, 30) == pytest.approx(10.0 * 18)   # 10 s per layer, 18 layers left
 
 
+async def test_a_perplexity_preset_fills_the_form_with_its_perplexity_and_runs_it(tmp_path):
+    """smollm2-quick measures wikitext-2 perplexity on its first 2048 tokens and no lm-eval task: the
+    evaluate form says so (no task ticked, perplexity 2048) and runs that, not lm-eval's wikitext
+    documents; a bad perplexity field is an inline message."""
+    app = make_app(tmp_path, preset="smollm2-quick")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("ctrl+e")
+        await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+        await pilot.pause()
+        ev = app.evaluate_screen
+        assert list(ev.query_one("#tasks", SelectionList).selected) == []
+        ppl = ev.query_one("#ppl-tokens", Input)
+        assert ppl.value == "2048"
+        for bad, words in (("many", "a number of tokens"), ("0", "perplexity")):
+            ppl.value = bad
+            await pilot.pause()
+            form, err = ev.read_form()
+            assert form is None and words in err, (bad, err)
+        ppl.value = ""
+        await pilot.pause()
+        assert "perplexity" in ev.read_form()[1]            # nothing to measure
+        ppl.value = "512"
+        methods = ev.query_one("#methods", SelectionList)
+        methods.deselect("teal")
+        methods.deselect("wina")
+        await pilot.pause()
+        await pilot.press("ctrl+r")
+        await wait_for(pilot, lambda: ev.state in ("done", "failed", "cancelled"), timeout=120)
+        assert ev.state == "done", ev.events[-3:]
+        [run] = ev.runs
+        assert run.perplexity is not None and run.wina["perplexity"]["max_tokens"] == 512
+        assert run.wina["eval"]["tasks"] == []
+        assert any(e["stage"] == "ppl" for e in ev.events)
+        await pilot.press("ctrl+q")
+    saved = json.loads((tmp_path / "config" / "settings.json").read_text())
+    assert saved["evaluate"]["ppl_tokens"] == "512"
+
+
 async def test_a_preset_fills_the_evaluate_form_on_the_first_visit_and_a_bad_limit_is_refused(tmp_path):
     """``--preset``: the evaluate form shows the preset's limit and sparsities the first time it is
     opened (not only the second); a limit of nan / inf / 0 is an inline message, not a crash."""

@@ -19,7 +19,7 @@ from .chat import ChatSession, Reply, check_text, release_engine  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
 from .compare import SHORT, is_best  # noqa: F401
 from .calibrate import source_file as calibration_file, wikitext_path  # noqa: F401
-from .data import DataSource, find_data_dir, resolve as resolve_data  # noqa: F401
+from .data import DataSource, data_text, find_data_dir, resolve as resolve_data  # noqa: F401
 from .errors import (Cancelled, DataError, InvalidArgument, ModelLoadError, PlanError,  # noqa: F401
                      TransformError, UnsupportedArchitecture, WinaError, user_error)
 from .evaluate import _check_limit as check_limit  # noqa: F401

@@ -64,6 +64,29 @@ def parse_limit(text: str) -> tuple[Optional[float], Optional[str]]:
         return None, str(e)
 
 
+PPL_TEXT = "wikitext2/wiki.test.raw"     # the perplexity text: the data folder's, or the shipped excerpt
+
+
+def parse_ppl_tokens(text: str) -> tuple[Optional[int], bool, Optional[str]]:
+    """The perplexity field: (tokens, wanted, error). Empty: no perplexity; ``all``: the whole text;
+    else the first N tokens (at least one window, the library's rule)."""
+    from wina.api import check_max_tokens
+    t = text.strip().lower()
+    if not t:
+        return None, False, None
+    if t == "all":
+        return None, True, None
+    try:
+        n = int(t)
+    except ValueError:
+        return None, False, f"perplexity: a number of tokens, 'all' or empty, got {text.strip()!r}"
+    try:
+        check_max_tokens(n)
+    except InvalidArgument as e:
+        return None, False, f"perplexity: {e}"
+    return n, True, None
+
+
 def metric_note(runs, short: dict) -> str:
     """Which lm-eval metric each task's column shows (acc_norm where the task has it), e.g.
     ``accuracy %: piqa acc_norm · arc-e acc_norm · boolq acc``."""
@@ -127,6 +150,10 @@ class EvaluateScreen(Screen):
                 yield Horizontal(Label("Limit", classes="field-label"),
                                  Input("20", placeholder="docs per task; empty: all", compact=True, id="limit"),
                                  classes="field")
+                yield Horizontal(Label("Perplexity", classes="field-label"),
+                                 Input("", placeholder="wikitext-2 tokens: 2048, all; empty: none",
+                                       compact=True, id="ppl-tokens"),
+                                 classes="field")
                 yield Label("Methods", classes="form-title")
                 yield SelectionList(Selection("dense", "dense", True), Selection("TEAL", "teal", True),
                                     Selection("WINA", "wina", True), id="methods", compact=True)
@@ -185,6 +212,7 @@ class EvaluateScreen(Screen):
             return self._restore_data
         return {"tasks": list(self.query_one("#tasks", SelectionList).selected),
                 "limit": self.query_one("#limit", Input).value,
+                "ppl_tokens": self.query_one("#ppl-tokens", Input).value,
                 "methods": list(self.query_one("#methods", SelectionList).selected),
                 "sparsities": self.query_one("#sparsities", Input).value}
 
@@ -206,7 +234,7 @@ class EvaluateScreen(Screen):
                         sel.select(v)
                     except Exception:
                         pass
-        for key, wid in (("limit", "#limit"), ("sparsities", "#sparsities")):
+        for key, wid in (("limit", "#limit"), ("ppl_tokens", "#ppl-tokens"), ("sparsities", "#sparsities")):
             if isinstance(data.get(key), str):
                 self.query_one(wid, Input).value = data[key]
 
@@ -216,15 +244,17 @@ class EvaluateScreen(Screen):
             self._pending_preset = preset
             return
         ev = preset.eval
-        if ev.tasks:
-            sel = self.query_one("#tasks", SelectionList)
-            sel.deselect_all()
-            for t in ev.tasks:
-                try:
-                    sel.select(t)
-                except Exception:
-                    pass
+        sel = self.query_one("#tasks", SelectionList)
+        sel.deselect_all()                  # a preset without tasks measures perplexity alone
+        for t in ev.tasks:
+            try:
+                sel.select(t)
+            except Exception:
+                pass
         self.query_one("#limit", Input).value = "" if ev.limit is None else f"{ev.limit:g}"
+        wikitext = bool(ev.ppl_text) and ev.ppl_text.replace("\\", "/").endswith(PPL_TEXT)
+        self.query_one("#ppl-tokens", Input).value = (
+            "" if not wikitext else "all" if ev.ppl_max_tokens is None else str(ev.ppl_max_tokens))
         self.query_one("#sparsities", Input).value = ", ".join(f"{s:g}" for s in ev.sparsities)
         methods = self.query_one("#methods", SelectionList)
         methods.deselect_all()
@@ -243,8 +273,11 @@ class EvaluateScreen(Screen):
     # --- form ------------------------------------------------------------------------------------
     def read_form(self) -> tuple[Optional[dict], Optional[str]]:
         tasks = list(self.query_one("#tasks", SelectionList).selected)
-        if not tasks:
-            return None, "choose at least one task"
+        ppl_tokens, ppl, err = parse_ppl_tokens(self.query_one("#ppl-tokens", Input).value)
+        if err:
+            return None, err
+        if not tasks and not ppl:
+            return None, "choose at least one task, or a perplexity (wikitext-2 tokens)"
         limit, err = parse_limit(self.query_one("#limit", Input).value)
         if err:
             return None, err
@@ -258,7 +291,8 @@ class EvaluateScreen(Screen):
                 return None, err
             if any(s == 0 for s in sparsities):
                 return None, "sparsity 0 is the dense run: tick dense instead"
-        return {"tasks": tasks, "limit": limit, "methods": methods, "sparsities": sparsities}, None
+        return {"tasks": tasks, "limit": limit, "ppl": ppl, "ppl_tokens": ppl_tokens, "methods": methods,
+                "sparsities": sparsities}, None
 
     def show_error(self, msg: str) -> None:
         lab = self.query_one("#eval-error", Label)
@@ -380,13 +414,15 @@ class EvaluateScreen(Screen):
     # --- worker ------------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="evaluate")
     def run_jobs(self, jobs: list[tuple[str, float]], form: dict, cancel: CancelToken) -> None:
-        from wina.api import Evaluation, evaluate
+        from wina.api import Evaluation, data_text, evaluate
         s = self.session
         post = self.post_message
         settings = s.settings
         try:
-            # checked before the model loads: tasks, limit, data
-            ev = Evaluation(tasks=tuple(form["tasks"]), limit=form["limit"], data_dir=s.data_dir or "auto").validate()
+            # checked before the model loads: tasks, limit, data, the perplexity text
+            text = data_text(PPL_TEXT, s.data_dir, form["ppl_tokens"]) if form["ppl"] else None
+            ev = Evaluation(tasks=tuple(form["tasks"]), limit=form["limit"], data_dir=s.data_dir or "auto",
+                            ppl_text=text, ppl_max_tokens=form["ppl_tokens"]).validate()
             with s.using("evaluate"):
                 loaded = s.ensure_loaded(settings.model, settings.options.transform)
                 for i, (method, sparsity) in enumerate(jobs):
