@@ -219,8 +219,8 @@ async def test_cancel_then_resume(tmp_path, monkeypatch):
 
         def ev(e):
             on_event(e)
-            if seen["calls"] == 1 and e.layer == 0:
-                app.calibrate_screen.cancel.cancel()    # as esc does: stops before layer 1
+            if seen["calls"] == 1 and e.layer == 1:
+                app.calibrate_screen.cancel.cancel()    # as esc does: layer 1 stops inside its forward
         kw["on_event"] = ev
         return real(*a, **kw)
 
@@ -906,7 +906,7 @@ async def test_resume_says_where_and_eta_counts_this_run(tmp_path, monkeypatch):
 
         def ev(e):
             on_event(e)
-            if calls["n"] == 1 and e.layer == 0:        # cancelled in layer 1: it is finished, not 2
+            if calls["n"] == 1 and e.layer == 1:        # cancelled in layer 2: layer 1 is finished, not 2
                 app.calibrate_screen.cancel.cancel()
         kw["on_event"] = ev
         return real(*a, **kw)
@@ -1036,11 +1036,12 @@ async def test_last_settings_come_back_at_launch(tmp_path):
         assert app2.evaluate_screen.query_one("#limit", Input).value == "7"
         assert app2.chat_screen.system == "Be brief."
 
-    path.write_text('{"setup": {"sparsity": 7, "method": "magic", "model": 3}}')   # odd values: ignored
+    path.write_text('{"setup": {"sparsity": 7, "method": "magic", "model": 3}, '     # odd values: ignored,
+                    '"evaluate": {"limit": -3, "tasks": ["piqa"]}, "chat": {"system": 12}}')   # and named
     app3 = make_app(tmp_path)
     async with app3.run_test(size=SIZE) as pilot:
         await pilot.pause()
-        assert set(app3.settings_ignored) == {"sparsity", "method", "model"}
+        assert set(app3.settings_ignored) == {"sparsity", "method", "model", "evaluate.limit", "chat.system"}
         assert app3.setup_screen.query_one("#sparsity", Input).value == "0.5"
 
     good = {"setup": {"model": "tiny", "method": "teal", "sparsity": 0.3}}

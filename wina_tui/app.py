@@ -100,11 +100,18 @@ class WinaApp(App):
         for name, scr in zip(MODES_ORDER, (self.setup_screen, self.calibrate_screen, self.chat_screen,
                                            self.evaluate_screen)):
             self.add_mode(name, lambda scr=scr: scr)
-        if isinstance(self.saved.get("evaluate"), dict):
-            self.evaluate_screen.restore(self.saved["evaluate"])
+        ev = self.saved.get("evaluate")
+        if isinstance(ev, dict):
+            kinds = {"tasks": list, "methods": list, "limit": str, "ppl_tokens": str, "sparsities": str}
+            self.settings_ignored += [f"evaluate.{k}" for k, t in kinds.items() if k in ev and not isinstance(ev[k], t)]
+            self.evaluate_screen.restore(ev)         # what has the wrong type is left as the form has it
+        elif ev is not None:
+            self.settings_ignored.append("evaluate")
         chat = self.saved.get("chat")
         if isinstance(chat, dict) and isinstance(chat.get("system"), str):
             self.chat_screen.system = chat["system"]
+        elif chat is not None and not (isinstance(chat, dict) and "system" not in chat):
+            self.settings_ignored.append("chat.system")
 
     def on_mount(self) -> None:
         self.switch_mode(self._start)

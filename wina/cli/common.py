@@ -33,9 +33,11 @@ def _threads() -> None:
 def _load(spec: str, device: str, dtype: str, r: Optional[ProgressRenderer] = None):
     from .. import api
     from ..api import resolve_source
-    resolve_source(spec)                     # a bad path fails before any slow import
+    resolve_source(spec)                     # a bad path, device or dtype fails before any slow import
+    dev = _device(device)
+    api.resolve_dtype(dtype, dev)
     _quiet_libraries()
-    return api.load(spec, device=_device(device), dtype=dtype, on_event=r)
+    return api.load(spec, device=dev, dtype=dtype, on_event=r)
 
 
 def _limit(v: Optional[float]):

@@ -61,6 +61,8 @@ class ProgressRenderer:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:             # an error: leave only its one red line on the screen
             self.progress.live.transient = True
+            self.progress.live.stop()        # not Progress.stop: off a terminal it adds an empty line
+            return
         self.progress.stop()
 
     def __call__(self, ev) -> None:

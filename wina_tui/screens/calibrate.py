@@ -190,7 +190,10 @@ class CalibrateScreen(Screen):
 
     def action_open_chat(self) -> None:
         if self.state != "done":
-            self.notify("calibration has not finished", severity="warning")
+            why = ("no calibration has run yet: ctrl+r starts one" if self.state == "idle"
+                   else "calibration is running: the chat opens when it is done" if self.state == "running"
+                   else "the calibration did not finish: ctrl+r resumes it")
+            self.notify(why, severity="warning")
             return
         self.app.switch_mode("chat")
 
@@ -269,6 +272,8 @@ class CalibrateScreen(Screen):
 
         def on_event(ev) -> None:
             batch.push(event_dict(ev))
+            if ev.stage == "allocate" and ev.total:
+                live["alloc_total"] = ev.total          # the row ends on its own count, not 1/1
             if ev.layer is None and not (ev.total and ev.done >= ev.total):
                 return
             n = ev.n_layers or ev.total
@@ -314,7 +319,8 @@ class CalibrateScreen(Screen):
                     post(self.Progressed({"stage": "phase", "phase": "allocation"}))
                     plan = allocate(loaded, out, alloc, on_event=on_event, cancel=cancel)
                     post_rows(plan.n_layers, plan.n_layers)
-                    post(self.Progressed({"stage": "allocate", "done": 1, "total": 1, "finished": True,
+                    n = live.get("alloc_total", 1)
+                    post(self.Progressed({"stage": "allocate", "done": n, "total": n, "finished": True,
                                           "message": f"{ALLOCATIONS[settings.allocation]} allocation saved in the plan"}))
                 s.adopt_plan(settings, out, plan)
             post(self.Finished(True, "done"))
@@ -470,7 +476,7 @@ class CalibrateScreen(Screen):
             self.state = "cancelled" if message.cancelled else "failed"
             for key in ("calibrate", "allocate"):
                 row = panel.rows.get(key)
-                if row is not None and row.is_mounted and not row.has_class("-done") and row.done:
+                if row is not None and row.is_mounted and not row.has_class("-done"):
                     row.set(row.done, row.total, message="cancelled" if message.cancelled else "failed", failed=True)
             self.log_line(message.message, "yellow" if message.cancelled else "bold red")
             if not message.cancelled:

@@ -35,9 +35,7 @@ DEFAULT_TASKS = ("arc_easy",)
 
 def parse_sparsities(text: str) -> tuple[list[float], Optional[str]]:
     out: list[float] = []
-    for part in text.replace(";", ",").split(","):
-        if not part.strip():
-            continue
+    for part in text.replace(";", ",").replace(",", " ").split():    # commas, semicolons or spaces
         v, err = check_sparsity(part)
         if err:
             return [], err
@@ -151,7 +149,7 @@ class EvaluateScreen(Screen):
                                  Input("20", placeholder="docs per task; empty: all", compact=True, id="limit"),
                                  classes="field")
                 yield Horizontal(Label("Perplexity", classes="field-label"),
-                                 Input("", placeholder="wikitext-2 tokens: 2048, all; empty: none",
+                                 Input("", placeholder="wikitext tokens, all",
                                        compact=True, id="ppl-tokens"),
                                  classes="field")
                 yield Label("Methods", classes="form-title")
@@ -461,11 +459,15 @@ class EvaluateScreen(Screen):
         ev = message.ev
         self.events.append(ev)
         panel = self.query_one(ProgressPanel)
-        if ev["stage"] == "runs":
+        if ev["stage"] == "runs":            # a run starts: the last run's task bars go
+            panel.clear_rows(keep=("runs",), reset=False)
             panel.update_stage("runs", ev["done"], ev["total"], message=ev.get("message", ""))
             return
         metrics = ev.get("metrics") or {}
         tasks = metrics.get("tasks")
+        row = panel.rows.get("runs")
+        if row is not None and row.is_mounted and (tasks or ev["stage"] == "ppl"):
+            row.query_one(".stage-status", Label).update(row.status)   # "loading tasks" is over
         if isinstance(tasks, dict) and tasks:
             for name, dt in tasks.items():
                 done, total = int(dt[0]), int(dt[1])

@@ -102,9 +102,11 @@ class ProgressPanel(Vertical):
         else:
             self.call_after_refresh(r.set, done, total, **kw)
 
-    def clear_rows(self, keep: tuple[str, ...] = ()) -> None:
+    def clear_rows(self, keep: tuple[str, ...] = (), reset: bool = True) -> None:
+        """Remove every row but those in ``keep`` (which are reset, unless ``reset`` is False)."""
         for key in list(self.rows):
             if key in keep:
-                self.rows[key].reset()
+                if reset:
+                    self.rows[key].reset()
             else:
                 self.rows.pop(key).remove()
