@@ -199,6 +199,19 @@ def test_edited_preset_reruns_what_changed(tiny_preset, tmp_path):
     fewer.write_text(text[:text.index('[[variants]]\nname = "teal"')])
     from typer.testing import CliRunner
     from wina.cli import app
+    import wina.api as api_mod
+    real_write = api_mod.atomic_write_text
+
+    def ledger_refused(path, *a, **kw):                # steps.json cannot be replaced (an immutable file)
+        if Path(path).name == "steps.json":
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return real_write(path, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api_mod, "atomic_write_text", ledger_refused)
+        with pytest.raises(OSError):
+            run_preset(load_preset(fewer), out)
+    assert (out / "runs" / "wina-s25.json").read_bytes() == wina25 and not (out / "retired").exists()
     dry = CliRunner().invoke(app, ["run", str(fewer), "--out", str(out), "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "no longer in the preset" in dry.stdout and "runs/teal-s50.json" in dry.stdout

@@ -471,7 +471,7 @@ def run_bench(models: Sequence[str] = ("llama-2-7b",), *, sparsities: Sequence[f
         if not 0.0 < float(s) < 1.0:
             raise InvalidArgument(f"sparsities must be in (0, 1), got {s}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgument("no CUDA device: use device='cpu'")
+        raise InvalidArgument("no CUDA device here: --device cpu runs a (slow) CPU benchmark")
     tdtype = resolve_dtype(dtype, device)
     emit = on_event or (lambda ev: None)
     hf_new = new_tokens if hf_new_tokens is None else int(hf_new_tokens)

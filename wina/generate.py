@@ -72,7 +72,8 @@ def quiet_libraries() -> None:
     import contextlib
     import warnings
     quiet_tokenizer_threads()
-    os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' own bars
+    os.environ.setdefault("TQDM_DISABLE", "1")            # lm-eval's and datasets' bars, if tqdm is not
+    #                                                       imported yet (the entry points set it first)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -262,6 +262,8 @@ def find_preset(name_or_path: Union[str, Path]) -> Path:
     s = str(name_or_path)
     p = Path(s).expanduser()
     if p.suffix == ".toml" or os.sep in s or p.is_file():
+        if p.is_dir():
+            raise PresetError(f"{s} is a folder, not a preset file (.toml)")
         if not p.is_file():
             raise PresetError(f"preset file not found: {s}")
         return p

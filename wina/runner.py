@@ -34,6 +34,7 @@ processes print goes to ``logs/<results file>.log`` in the output folder.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -474,7 +475,10 @@ def describe(preset: Preset, limit=None, *, strict: bool = True, device: Optiona
         if src is None:
             pass
         elif src.path is not None:
-            api.check_local(names, src.path)
+            try:
+                api.check_local(names, src.path)
+            except (InvalidArgument, DataError) as err:      # named as the preset's key, like its other errors
+                raise type(err)(f"{preset.where}: eval.tasks: {err}") from None
             where = src.label
         else:
             hub = [n for n in names if n not in api.TASKS]
@@ -585,6 +589,8 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
         on_plan(steps, todo)
     _drop_abandoned_calibrations(steps, todo)
     summary = Summary(out)
+    if (out / LEDGER).is_file():         # the ledger can be written: else fail before anything moves
+        _write_ledger(out, _ledger(out))
     summary.retired_to, summary.retired = retire(out, steps)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
@@ -679,6 +685,11 @@ def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
                 paths.append(where)
             moved[key] = led.pop(key)
     finally:                                         # what was moved keeps its record, even after a failure
+        if not paths and dest.exists():
+            import shutil                            # nothing moved: no empty folders left behind
+            shutil.rmtree(dest, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                dest.parent.rmdir()                  # retired/ itself, when it was made for this
         if paths:
             api.atomic_write_text(dest / LEDGER, json.dumps(moved, indent=1, sort_keys=True, default=str) + "\n")
         if moved:

@@ -430,6 +430,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")    # read when tqdm is imported: no bar across the screen
     p = _Parser(prog="wina-tui", description="WINA / TEAL activation sparsity: the Textual app")
     p.add_argument("--model", help="model spec (default: the embedded smollm2-135m)")
     p.add_argument("--preset", help="a preset name or .toml path")

@@ -137,5 +137,7 @@ def _root(ctx: typer.Context,
 
 def main() -> None:
     """Console-script entry point (``wina``)."""
+    import os
+    os.environ.setdefault("TQDM_DISABLE", "1")    # read when tqdm is imported: our bars replace its bars
     app()
 

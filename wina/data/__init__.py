@@ -164,5 +164,5 @@ def resolve(spec: "str | Path | None" = "auto", tasks: Sequence[str] = (),
         return DataSource("hub", None, "asked for")
     p = Path(spec).expanduser().resolve()
     if not p.is_dir():
-        raise DataError(f"data folder not found: {p}")
+        raise DataError(f"{p} is a file, not a data folder" if p.exists() else f"data folder not found: {p}")
     return DataSource("folder", p, "asked for")

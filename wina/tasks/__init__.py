@@ -94,7 +94,7 @@ def check_local(tasks: Sequence[str], data_dir) -> None:
             raise unknown_task_error(t)
     root = Path(data_dir).expanduser()
     if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+        raise DataError(f"{root} is a file, not a data folder" if root.exists() else f"data folder not found: {root}")
     for t in tasks:
         for p in expected_files(t, root):
             if not p.is_file():

@@ -39,7 +39,7 @@ def data_root(data_dir: Optional[str] = None) -> Path:
         raise DataError("no data folder given or found: pass data_dir (--data-dir) or set WINA_DATA")
     p = Path(d).expanduser()
     if not p.is_dir():
-        raise DataError(f"data folder not found: {p}")
+        raise DataError(f"{p} is a file, not a data folder" if p.exists() else f"data folder not found: {p}")
     return p
 
 
