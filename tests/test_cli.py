@@ -326,6 +326,9 @@ def test_eval_and_compare(tiny, shared_data, tmp_path):
     assert "WINA" in res.stdout and "TEAL" in res.stdout and "dense" in res.stdout
     res = ok(invoke("compare", tmp_path, "--plot"))
     assert "sparsity" in res.stdout
+    res = invoke("compare", tmp_path, "--plot", "--y", "nosuch")
+    user_error(res, "nothing to plot for 'nosuch'")
+    assert res.stdout.strip() == ""                                       # no table before the error
     md = ok(invoke("compare", *outs, "--markdown")).stdout
     assert md.lstrip().startswith("| sparsity")
 
@@ -333,10 +336,11 @@ def test_eval_and_compare(tiny, shared_data, tmp_path):
 def test_chat_one_shot_and_interactive(tiny):
     res = ok(invoke("chat", tiny, "--prompt", "what is the answer ?", "--max-new-tokens", "5",
                     "--sparsity", "0.5"))
-    assert "tokens/s" in res.stderr
-    res = ok(invoke("chat", tiny, "--max-new-tokens", "4", input="hello there\n/reset\nthe city\n/exit\n"))
-    assert res.stdout.count("bot>") == 2
-    assert "conversation cleared" in res.stderr
+    assert "tokens/s" in res.stderr and "/exit" not in res.stderr        # one answer: no keys to learn
+    res = ok(invoke("chat", tiny, "--max-new-tokens", "4",
+                    input="hello there\n/reset\n/rest\n//slash\nthe city\n/exit\n"))
+    assert res.stdout.count("bot>") == 3                                    # /rest is not sent, //slash is
+    assert "conversation cleared" in res.stderr and "unknown command /rest" in res.stderr
     res = ok(invoke("chat", tiny, "--max-new-tokens", "3", input="hi\n"))        # EOF ends the chat
     assert res.stdout.count("bot>") == 1
 
@@ -360,6 +364,7 @@ def test_bench_tiny_shape_on_cpu(tmp_path):
     assert m["dense"]["decode_tokens_per_s"] > 0 and "0.50" in m["sparse"]
     user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "half"), "--sparsities")
     user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--sparsities", "1.5"), "1.5")
+    user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--hf-new-tokens", "-1"), "--hf-new-tokens")
     res = invoke("bench", tmp_path / "no-such-model", "--device", "cpu", "--no-kernels")
     user_error(res, "no-such-model")                    # one line, no table of the failure
     assert res.stdout.strip() == ""

@@ -1245,3 +1245,13 @@ def test_bad_startup_options_are_refused_before_the_app_starts(args, needle, cap
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err      # one line, no usage block
+
+
+def test_the_app_without_a_terminal_is_one_line(capsys):
+    """Run from a script or with its output piped, the app would draw escape codes into it."""
+    from wina_tui.app import main
+    with pytest.raises(SystemExit) as e:
+        main([])                                    # pytest's captured stdin/stdout are not terminals
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs a terminal" in err and len(err.strip().splitlines()) == 1, err

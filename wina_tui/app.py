@@ -449,6 +449,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         p.error(f"--threads must be at least 1, got {a.threads}")
     if a.results is not None and Path(a.results).expanduser().exists() and not Path(a.results).expanduser().is_dir():
         p.error(f"--results {a.results} is a file, not a folder")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        p.error("needs a terminal (its input or output is redirected); scripts use wina run, wina chat --prompt")
     run(a.model, preset=a.preset, results_dir=a.results, max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, light=a.light, threads=a.threads)
 

@@ -69,6 +69,8 @@ def bench_cmd(
     for name, v in (("--prompt-len", prompt_len), ("--new-tokens", new_tokens)):
         if v < 1:
             raise InvalidArgument(f"{name} must be at least 1, got {v}")
+    if hf_new_tokens is not None and hf_new_tokens < 0:
+        raise InvalidArgument(f"--hf-new-tokens must be >= 0 (0 skips the transformers baseline), got {hf_new_tokens}")
     if json_out is not None:
         from ..api import check_writable
         check_writable(json_out)

@@ -56,9 +56,9 @@ def chat_cmd(
     if session.backend == "engine":
         with ProgressRenderer(transient=True) as r:      # compile + capture now, not in the first reply
             session.warm_up(on_event=r)
-    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))} — {session.backend}. "
-              f"/reset clears the conversation, "
-              f"/exit or Ctrl-D quits.[/]", soft_wrap=True)
+    keys = "" if prompt is not None else " /reset clears the conversation, /exit or Ctrl-D quits."
+    err.print(f"[dim]{escape(model)} — {escape(_sparsity_line(sp, opts))} — {session.backend}.{keys}[/]",
+              soft_wrap=True)
 
     def turn(user: str) -> None:
         cancel = CancelToken()
@@ -111,6 +111,12 @@ def chat_cmd(
         if line == "/reset":
             session.reset()
             err.print("[dim](conversation cleared)[/]")
+            continue
+        if line.startswith("//"):
+            line = line[1:]                   # //text sends /text
+        elif line.startswith("/"):            # a mistyped command is not sent to the model
+            err.print(f"[yellow]unknown command {escape(line.split()[0])}: /reset, /exit; //text sends /text[/]",
+                      soft_wrap=True)
             continue
         sys.stdout.write("bot> ")
         sys.stdout.flush()

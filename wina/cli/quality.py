@@ -177,12 +177,13 @@ def compare_cmd(
     from ..api import comparison_markdown, comparison_table, quality_chart
     from ..api import load_runs
     loaded = load_runs(runs)
+    # the chart first: a --y it cannot draw is one error line, not a table and then an error
+    chart = quality_chart(loaded, y=y, width=min(100, max(60, out.width)), color=out.is_terminal) if plot else None
     if markdown:
         print(comparison_markdown(loaded))
     else:
         out.print(comparison_table(loaded))
-    if plot:
-        chart = quality_chart(loaded, y=y, width=min(100, max(60, out.width)), color=out.is_terminal)
+    if chart is not None:
         if out.is_terminal:
             from rich.text import Text
             out.print(Text.from_ansi(chart))
