@@ -245,6 +245,26 @@ async def test_cancel_then_resume(tmp_path, monkeypatch):
         assert seen["calls"] == 2 and 1 in layers
 
 
+async def test_an_allocation_found_done_still_shows_a_trajectory(tmp_path):
+    """Run again with the same settings, calibration and allocation are found done and nothing
+    streams: the trajectory tab shows the plan's last layer, not its empty placeholder."""
+    from wina_tui.widgets.trajectory_chart import TrajectoryChart
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        set_greedy(app)
+        await pilot.pause()
+        await pilot.press("ctrl+b")
+        cal = app.calibrate_screen
+        await wait_for(pilot, lambda: cal.state not in ("idle", "running"))
+        chart = cal.query_one(TrajectoryChart)
+        cal.action_start()                                  # as ctrl+r: the views start empty
+        assert cal.state == "running" and chart.current_layer is None
+        await wait_for(pilot, lambda: cal.state not in ("idle", "running"))
+        assert cal.state == "done"
+        n = app.session.plan.n_layers
+        assert chart.current_layer == n - 1 and chart.points[n - 1]
+
+
 # --- smaller things ----------------------------------------------------------------------------------
 
 async def load_and_chat(app, pilot, method: str) -> None:

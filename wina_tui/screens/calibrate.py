@@ -9,6 +9,7 @@ cancelled run leaves only whole layers behind and starting again resumes at the 
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Optional
@@ -218,7 +219,7 @@ class CalibrateScreen(Screen):
         self.query_one(ScoreHistogram).next_matrix()
         self.query_one(TabbedContent).active = "tab-scores"
 
-    def _show_plan_trajectory(self, layer: int) -> None:
+    def _show_plan_trajectory(self, layer: int, switch: bool = True) -> None:
         plan = self.session.plan
         rows = plan.trajectories[layer]
         steps = plan.trajectory_steps[layer] if layer < len(plan.trajectory_steps) else []
@@ -226,7 +227,8 @@ class CalibrateScreen(Screen):
         chart = self.query_one(TrajectoryChart)
         chart.n_layers = plan.n_layers
         chart.set_trajectory(layer, pts)
-        self.query_one(TabbedContent).active = "tab-trajectory"
+        if switch:
+            self.query_one(TabbedContent).active = "tab-trajectory"
 
     # --- the worker --------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="calibrate")
@@ -501,4 +503,9 @@ class CalibrateScreen(Screen):
             self.log_line(f"allocation at target {settings.options.sparsity:.0%} ({mode}): effective {eff:.1%}")
         except Exception:
             pass
+        # an allocation found done (nothing streamed): its last layer's trajectory, not an empty tab
+        if self.query_one(TrajectoryChart).current_layer is None and any(plan.trajectories):
+            last = max(i for i, t in enumerate(plan.trajectories) if t)
+            with contextlib.suppress(Exception):
+                self._show_plan_trajectory(last, switch=False)
         self.query_one(TabbedContent).active = "tab-allocation"
