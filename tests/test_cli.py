@@ -308,6 +308,10 @@ def test_calibrate_with_the_per_block_pca_rotation(tiny, text_file, tmp_path):
     rot = json.loads(ok(invoke("ppl", tiny, "--plan", plan, "--sparsity", "0.0", "--text", text_file,
                                "--context", "64", "--json")).stdout)
     assert rot["transform"] is True and abs(rot["perplexity"] - dense["perplexity"]) < 1e-3 * dense["perplexity"]
+    user_error(invoke("ppl", tiny, "--plan", plan, "--no-transform", "--sparsity", "0.5", "--text", text_file),
+               "transformed model", "--no-transform")          # refused, not quietly transformed
+    user_error(invoke("calibrate", tiny, "--rotation", "pca", "--no-transform", "--out", tmp_path / "y"),
+               "--no-transform")
     user_error(invoke("calibrate", tiny, "--rotation", "hadamard", "--out", tmp_path / "x"), "unknown rotation")
 
 

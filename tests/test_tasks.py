@@ -126,3 +126,13 @@ def test_parse_tasks():
     assert T.parse_tasks("piqa, arc_easy,piqa") == ["piqa", "arc_easy"]
     with pytest.raises(InvalidArgument):
         T.parse_tasks(" , ")
+
+
+def test_a_damaged_task_file_is_named_with_its_line(tmp_path):
+    from wina.errors import DataError
+    from wina.tasks.loaders import read_piqa
+    (tmp_path / "piqa").mkdir()
+    f = tmp_path / "piqa" / "valid.jsonl"
+    f.write_text('{"goal": "a", "sol1": "b", "sol2": "c"}\n{"goal": "trunc\n')
+    with pytest.raises(DataError, match=r"valid\.jsonl: line 2 is not JSON"):
+        read_piqa(tmp_path)

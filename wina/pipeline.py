@@ -303,18 +303,22 @@ def plan_damage(path: PathLike, *, checksums: bool = True) -> Optional[str]:
 
 # --- 3. apply ---------------------------------------------------------------------------------------
 
-def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = None, transform: bool = False,
-                   plan: Optional[str] = None, gating: str = "topk", weighted: str = "default",
-                   mode: Optional[str] = None) -> SparseOptions:
+def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = None,
+                   transform: Optional[bool] = None, plan: Optional[str] = None, gating: str = "topk",
+                   weighted: str = "default", mode: Optional[str] = None) -> SparseOptions:
     """Options from what a user typed, with the defaults: dense unless a sparsity is given (then
-    wina), or the plan's method and transform when a plan is given."""
+    wina), or the plan's method and transform when a plan is given. ``transform``: None when not
+    asked for; False (``--no-transform``) with a plan made on the transformed model is refused, not
+    overridden."""
     if plan is not None:
         meta = plan_info(plan)
         pm = meta.get("method")
         if method is not None and pm and method != pm:
             raise InvalidArgument(f"--method {method} does not match the plan's method {pm} ({plan})")
         method = method or pm or "wina"
-        transform = transform or bool(meta.get("transform"))
+        if transform is False and meta.get("transform"):
+            raise InvalidArgument(f"the plan {plan} was made on the transformed model: drop --no-transform")
+        transform = bool(transform) or bool(meta.get("transform"))
         rotation = meta.get("rotation") or "svd"
     else:
         rotation = "svd"
@@ -327,8 +331,8 @@ def sparse_options(method: Optional[str] = None, sparsity: Optional[float] = Non
                               "drop one of them")
     if sparsity is None:
         sparsity = 0.0 if method == "dense" else 0.5
-    return SparseOptions(method=method, sparsity=sparsity, transform=transform, rotation=rotation, gating=gating,
-                         weighted=weighted, plan=plan, mode=mode).validate()
+    return SparseOptions(method=method, sparsity=sparsity, transform=bool(transform), rotation=rotation,
+                         gating=gating, weighted=weighted, plan=plan, mode=mode).validate()
 
 
 def apply(loaded: Loaded, opts: SparseOptions):

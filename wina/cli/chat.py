@@ -17,7 +17,7 @@ from .render import ProgressRenderer
 def chat_cmd(
     model: str = typer.Argument("smollm2-135m", help=EPILOG_MODEL),
     method: Optional[str] = O_METHOD, sparsity: Optional[float] = O_SPARSITY,
-    transform: bool = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
+    transform: Optional[bool] = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
     weighted: str = O_WEIGHTED,
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Answer this one message and exit."),

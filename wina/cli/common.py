@@ -75,7 +75,7 @@ def _sparsity_line(sp, opts) -> str:
 O_METHOD = typer.Option(None, "--method", "-m", help="dense | teal | wina (default: dense, or wina when "
                                                      "--sparsity is given, or the plan's method).")
 O_SPARSITY = typer.Option(None, "--sparsity", "-s", help="Target sparsity in [0, 1), e.g. 0.5.")
-O_TRANSFORM = typer.Option(False, "--transform/--no-transform",
+O_TRANSFORM = typer.Option(None, "--transform/--no-transform", show_default=False,
                            help="Apply the column-orthogonal transform first (exact; the seed's --transform).")
 O_PLAN = typer.Option(None, "--plan", "-p", help="A calibration plan (from wina calibrate / allocate).")
 O_GATING = typer.Option("topk", "--gating", help="topk (exact per-token top-k) | threshold (needs --plan).")

@@ -17,7 +17,7 @@ from .render import ProgressRenderer
 def calibrate_cmd(
     model: str = typer.Argument(..., help=EPILOG_MODEL),
     method: str = typer.Option("wina", "--method", "-m", help="teal | wina: the gating score to record."),
-    transform: bool = O_TRANSFORM,
+    transform: Optional[bool] = O_TRANSFORM,
     rotation: str = typer.Option("svd", "--rotation", help="The transform's rotation: svd (the seed's: "
                                  "orthogonal columns of k/gate) | pca (activation PCA from the calibration "
                                  "text, one basis, no decode cost) | pca-block (a PCA basis per block, a d×d "
@@ -42,7 +42,9 @@ def calibrate_cmd(
     if rotation not in ROTATIONS:
         raise InvalidArgument(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
     from ..api import DATA_ROTATIONS
-    transform = transform or rotation in DATA_ROTATIONS
+    if transform is False and rotation in DATA_ROTATIONS:
+        raise InvalidArgument(f"--rotation {rotation} is a transform's rotation: drop --no-transform")
+    transform = bool(transform) or rotation in DATA_ROTATIONS
     if samples is not None and samples < 1:
         raise InvalidArgument(f"--samples must be at least 1, got {samples}")
     if seq_len is not None and seq_len < 8:

@@ -20,7 +20,7 @@ from .render import ProgressRenderer
 def eval_cmd(
     model: str = typer.Argument(..., help=EPILOG_MODEL),
     method: Optional[str] = O_METHOD, sparsity: Optional[float] = O_SPARSITY,
-    transform: bool = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
+    transform: Optional[bool] = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
     weighted: str = O_WEIGHTED,
     tasks: Optional[str] = typer.Option(None, "--tasks", "-t", help="Comma-separated lm-eval tasks, e.g. "
                                                                     "piqa,winogrande,hellaswag,arc_challenge,mmlu,gsm8k."),
@@ -120,7 +120,7 @@ def ppl_cmd(
     model: str = typer.Argument(..., help=EPILOG_MODEL),
     text: Path = typer.Option(..., "--text", help="A UTF-8 text file, e.g. ../shared/data/wikitext2/wiki.test.raw."),
     method: Optional[str] = O_METHOD, sparsity: Optional[float] = O_SPARSITY,
-    transform: bool = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
+    transform: Optional[bool] = O_TRANSFORM, plan: Optional[str] = O_PLAN, gating: str = O_GATING,
     weighted: str = O_WEIGHTED,
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Use only the first N tokens."),
     context: int = typer.Option(512, "--context", help="Window length in tokens (non-overlapping windows)."),

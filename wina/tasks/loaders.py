@@ -50,8 +50,16 @@ def _need(path: Path) -> Path:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
     with open(_need(path), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:          # named: which file, which line
+                raise DataError(f"{path}: line {n} is not JSON ({e}); the file is damaged or truncated") from None
+    return rows
 
 
 def _labels(path: Path) -> list[str]:
