@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA_DIR
-from test_tui_support import SIZE, set_greedy, signal_child, tiny_app, wait_for
+from test_tui_support import SIZE, set_greedy, signal_child, start_calibration, tiny_app, wait_for
 
 from textual.widgets import Checkbox, DataTable, Input, Label, Select, SelectionList, TabbedContent
 
@@ -183,10 +183,7 @@ async def test_key_press_handled_while_calibration_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(calmod, "calibrate", gated)
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        cal = app.calibrate_screen
+        cal = await start_calibration(app, pilot)
         await wait_for(pilot, entered.is_set)
         assert cal.state == "running" and cal.worker.is_running
         handled: list[float] = []
@@ -226,10 +223,7 @@ async def test_cancel_then_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(calmod, "calibrate", cancelling)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        cal = app.calibrate_screen
+        cal = await start_calibration(app, pilot)
         await wait_for(pilot, lambda: cal.state not in ("idle", "running"))
         assert cal.state == "cancelled"
         plan_dir = app.session.plan_dir_for(app.session.settings)
@@ -251,10 +245,7 @@ async def test_an_allocation_found_done_still_shows_a_trajectory(tmp_path):
     from wina_tui.widgets.trajectory_chart import TrajectoryChart
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        cal = app.calibrate_screen
+        cal = await start_calibration(app, pilot)
         await wait_for(pilot, lambda: cal.state not in ("idle", "running"))
         chart = cal.query_one(TrajectoryChart)
         cal.action_start()                                  # as ctrl+r: the views start empty
@@ -453,10 +444,7 @@ async def test_quit_while_calibrating_asks_then_exits_within_2s(tmp_path, monkey
     held = hold_calibration(monkeypatch)
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        cal = app.calibrate_screen
+        cal = await start_calibration(app, pilot)
         await wait_for(pilot, held.is_set)
         await pilot.press("ctrl+q")                     # asks first
         await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen), timeout=5)
@@ -885,10 +873,7 @@ async def test_histogram_and_heatmap_update_while_running(tmp_path, monkeypatch)
     gate(allocmod, "allocate")
     app = make_app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        cal = app.calibrate_screen
+        cal = await start_calibration(app, pilot)
         hist, heat = cal.query_one(ScoreHistogram), cal.query_one(AllocationHeatmap)
         await wait_for(pilot, gates["calibrate"][0].is_set)
         await wait_for(pilot, lambda: 0 in hist.hists, timeout=10)
@@ -1175,10 +1160,7 @@ async def test_every_offered_calibration_source_works(tmp_path):
 
 async def calibrate_a_plan(app, pilot) -> Path:
     """Setup's greedy settings calibrated and allocated into the app's saved plan (ctrl+b); its folder."""
-    set_greedy(app)
-    await pilot.pause()
-    await pilot.press("ctrl+b")
-    cal = app.calibrate_screen
+    cal = await start_calibration(app, pilot)
     await wait_for(pilot, lambda: cal.state in ("done", "failed", "cancelled"))
     assert cal.state == "done", [line.text for line in cal.query_one("#cal-log").lines[-3:]]
     return app.session.plan_dir_for(app.setup_screen.read(show=False)[0])

@@ -74,6 +74,14 @@ def tiny_app(tmp_path, **kw):
     return app
 
 
+async def start_calibration(app, pilot, **greedy):
+    """Setup form: a greedy allocation (:func:`set_greedy`'s options), then ctrl+b; the calibrate screen."""
+    set_greedy(app, **greedy)
+    await pilot.pause()
+    await pilot.press("ctrl+b")
+    return app.calibrate_screen
+
+
 async def wait_for(pilot, cond, timeout: float = 60.0, step: float = 0.05) -> None:
     """Let the app run until ``cond()`` holds (an AssertionError after ``timeout`` seconds)."""
     t0 = time.monotonic()
@@ -279,10 +287,7 @@ async def test_quit_while_allocating_asks_then_exits_within_2s(tmp_path, monkeyp
     _hold(monkeypatch, wina.allocate, "allocate", ready)
     app = _app(tmp_path)
     async with app.run_test(size=SIZE) as pilot:
-        set_greedy(app)
-        await pilot.pause()
-        await pilot.press("ctrl+b")
-        cal = app.calibrate_screen
+        cal = await start_calibration(app, pilot)
         await wait_for(pilot, lambda: ready.is_set() and cal.phase == "allocation")
         t0 = await _confirm_quit(app, pilot, "allocation running: quit anyway?")
     assert app.wait_idle(2.0), "the allocation worker still holds the model"

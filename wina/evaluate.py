@@ -218,11 +218,12 @@ def _classes():
                 self._rep = Reporter(STAGE, sum(v[1] for v in per.values()), self._on_event, self._cancel)
             return self._rep
 
-        def _chunked(self, method, requests, disable_tqdm):
+        def _chunked(self, method, requests, disable_tqdm, chunk: Optional[int] = None):
             rep = self._totals()
             out: list = []
-            for i in range(0, len(requests), self._chunk):
-                part = requests[i:i + self._chunk]
+            chunk = chunk or self._chunk
+            for i in range(0, len(requests), chunk):
+                part = requests[i:i + chunk]
                 cur = self._top(getattr(part[0], "task_name", None))
                 rep.emit(message=cur, **self._metrics(cur))          # raises Cancelled if asked
                 out.extend(method(part, disable_tqdm=True))
@@ -281,12 +282,8 @@ def _classes():
             return out
 
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            chunk = self._chunk                 # one document is many windows: progress per document
-            self._chunk = 1
-            try:
-                return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm)
-            finally:
-                self._chunk = chunk
+            # one document is many windows: progress (and the cancel check between chunks) per document
+            return self._chunked(super().loglikelihood_rolling, requests, disable_tqdm, chunk=1)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             return self._chunked(super().generate_until, requests, disable_tqdm)

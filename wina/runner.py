@@ -656,6 +656,14 @@ def superseded(steps: list[Step]) -> list[str]:
     return sorted({k.split(" ", 1)[1] for k in gone})
 
 
+def _retired_folder(root: Path) -> Path:
+    """A new ``retired/<date-time>/`` in the run folder (not made yet), never one that exists."""
+    dest = Path(root) / RETIRED / time.strftime("%Y%m%d-%H%M%S")
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    return dest
+
+
 def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
     """Move the outputs the preset no longer makes (:func:`superseded`) into
     ``retired/<date-time>/`` (same relative paths, with their ledger entries in its own
@@ -666,9 +674,7 @@ def retire(root: Path, steps: list[Step]) -> tuple[Optional[Path], list[str]]:
     gone = _superseded(led, steps)
     if not gone:
         return None, []
-    dest = Path(root) / RETIRED / time.strftime("%Y%m%d-%H%M%S")
-    while dest.exists():
-        dest = dest.with_name(dest.name + "+")
+    dest = _retired_folder(root)
     moved: dict[str, dict] = {}
     paths: list[str] = []
     try:
@@ -704,9 +710,7 @@ def _set_aside(root: Path, step: Step) -> Optional[Path]:
     src = step.output
     if not src.exists():
         return None
-    dest = Path(root) / RETIRED / time.strftime("%Y%m%d-%H%M%S") / step.output.relative_to(root)
-    while dest.exists():
-        dest = dest.with_name(dest.name + "+")
+    dest = _retired_folder(root) / step.output.relative_to(root)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dest)

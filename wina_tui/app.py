@@ -101,16 +101,15 @@ class WinaApp(App):
                                            self.evaluate_screen)):
             self.add_mode(name, lambda scr=scr: scr)
         ev = self.saved.get("evaluate")
-        if isinstance(ev, dict):
-            kinds = {"tasks": list, "methods": list, "limit": str, "ppl_tokens": str, "sparsities": str}
-            self.settings_ignored += [f"evaluate.{k}" for k, t in kinds.items() if k in ev and not isinstance(ev[k], t)]
-            self.evaluate_screen.restore(ev)         # what has the wrong type is left as the form has it
+        if isinstance(ev, dict):                     # what has the wrong type is left as the form has it
+            self.settings_ignored += [f"evaluate.{k}" for k in self.evaluate_screen.restore(ev)]
         elif ev is not None:
             self.settings_ignored.append("evaluate")
         chat = self.saved.get("chat")
-        if isinstance(chat, dict) and isinstance(chat.get("system"), str):
-            self.chat_screen.system = chat["system"]
-        elif chat is not None and not (isinstance(chat, dict) and "system" not in chat):
+        system = chat.get("system") if isinstance(chat, dict) else None
+        if isinstance(system, str):
+            self.chat_screen.system = system
+        elif chat is not None and (not isinstance(chat, dict) or "system" in chat):
             self.settings_ignored.append("chat.system")
 
     def on_mount(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+
 def print_bench(res: dict, console=None) -> None:
     """Rich tables of a :func:`run_bench` result."""
     con = console or Console()

@@ -213,10 +213,9 @@ class ChatScreen(Screen):
     # --- titles --------------------------------------------------------------------------------------
     def refresh_titles(self) -> None:
         self._drop_sessions_of_another_model()
-        if self.is_mounted:
-            self._end_conversation_of_another_setup()
         if not self.is_mounted:
             return
+        self._end_conversation_of_another_setup()
         dense, sparse = self.query_one("#dense", ChatPane), self.query_one("#sparse", ChatPane)
         s = self.session
         busy = s.busy if not (self.is_generating or s.busy == "chat") else None

@@ -208,33 +208,37 @@ class EvaluateScreen(Screen):
         """The form as the settings file keeps it (None before the screen was shown)."""
         if not self.is_mounted:
             return self._restore_data
-        return {"tasks": list(self.query_one("#tasks", SelectionList).selected),
-                "limit": self.query_one("#limit", Input).value,
-                "ppl_tokens": self.query_one("#ppl-tokens", Input).value,
-                "methods": list(self.query_one("#methods", SelectionList).selected),
-                "sparsities": self.query_one("#sparsities", Input).value}
+        return {k: self.query_one(wid, Input).value if kind is str else list(self.query_one(wid, SelectionList).selected)
+                for k, (wid, kind) in self.FIELDS.items()}
 
-    def restore(self, data: dict) -> None:
-        """Fill the form from :meth:`snapshot`'s dict (values of the wrong type are skipped)."""
+    # the form's remembered fields: key → (widget, the type the settings file holds it as)
+    FIELDS = {"tasks": ("#tasks", list), "methods": ("#methods", list), "limit": ("#limit", str),
+              "ppl_tokens": ("#ppl-tokens", str), "sparsities": ("#sparsities", str)}
+
+    def restore(self, data: dict) -> list[str]:
+        """Fill the form from :meth:`snapshot`'s dict; returns the keys skipped for their type."""
+        wrong = [k for k, (_, kind) in self.FIELDS.items() if k in data and not isinstance(data[k], kind)]
         if not self.is_mounted:
             self._restore_data = dict(data)
-            return
-        self._fill(data)
+        else:
+            self._fill(data)
+        return wrong
 
     def _fill(self, data: dict) -> None:
-        for key, wid in (("tasks", "#tasks"), ("methods", "#methods")):
-            vals = data.get(key)
-            if isinstance(vals, list) and vals:
+        for key, (wid, kind) in self.FIELDS.items():
+            val = data.get(key)
+            if not isinstance(val, kind):
+                continue
+            if kind is str:
+                self.query_one(wid, Input).value = val
+            elif val:
                 sel = self.query_one(wid, SelectionList)
                 sel.deselect_all()
-                for v in vals:
+                for v in val:
                     try:
                         sel.select(v)
                     except Exception:
                         pass
-        for key, wid in (("limit", "#limit"), ("ppl_tokens", "#ppl-tokens"), ("sparsities", "#sparsities")):
-            if isinstance(data.get(key), str):
-                self.query_one(wid, Input).value = data[key]
 
     def apply_preset(self, preset) -> None:
         """Fill the form from a :class:`wina.presets.Preset` (tasks, limit, methods, sparsities)."""
