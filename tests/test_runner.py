@@ -580,6 +580,68 @@ def test_damaged_outputs_are_made_again(tiny_preset, tmp_path):
     assert run() == ([], {})
 
 
+def _edited(tiny_preset, path, old, new):
+    path.write_text(tiny_preset.read_text().replace(old, new)
+                    .replace('"text.txt"', f'"{tiny_preset.parent / "text.txt"}"'))
+    return load_preset(path)
+
+
+def _killed_in(preset, out, title):
+    """Run ``preset`` into ``out`` and cancel it at the step ``title``'s first progress event of its
+    own stage (after the model's load)."""
+    cancel, current = CancelToken(), {}
+
+    def on_event(ev):
+        if current.get("title") == title and ev.stage == title.split()[0]:
+            cancel.cancel()
+
+    with pytest.raises(Cancelled):
+        run_preset(preset, out, on_step=lambda st, status: current.update(title=st.title),
+                   on_event=on_event, cancel=cancel)
+
+
+def test_a_plan_made_again_for_other_settings_resumes_or_is_kept(tiny_preset, tmp_path):
+    """A plan calibrated or allocated again with other settings is made beside the finished one. Killed,
+    it resumes where it stopped when run again (never moved aside as if the preset had dropped it);
+    given up (the preset goes back), the finished plan is still done and nothing runs."""
+    from safetensors.torch import load_file
+    out = tmp_path / "out"
+    run_preset(load_preset(tiny_preset), out)
+
+    def leftovers():
+        led = json.loads((out / "steps.json").read_text())
+        return ([p.name for p in (out / "plans").iterdir() if p.name.endswith((".new", ".allocating"))],
+                [k for k in led if k.endswith((".new", ".allocating"))])
+
+    # 1. a re-allocation killed, then given up: the old allocation is still the plan's, nothing runs
+    wider = _edited(tiny_preset, tmp_path / "wider.toml", "max_sparsity = 0.8", "max_sparsity = 0.7")
+    _killed_in(wider, out, "allocate teal")
+    assert leftovers() == (["teal.allocating"], ["allocate plans/teal.allocating"])
+    s = run_preset(load_preset(tiny_preset), out)
+    assert s.ran == [] and s.retired == [] and leftovers() == ([], [])
+
+    # 2. killed again, then run with the new settings: it is finished, and replaces the old one
+    _killed_in(wider, out, "allocate teal")
+    s = run_preset(wider, out)
+    assert [x.title for x in s.ran][:2] == ["allocate teal", "eval teal @ 25%"] and s.retired == []
+    assert json.loads((out / "plans" / "teal" / "plan.json").read_text())["allocation"]["max_sparsity"] == 0.7
+    assert leftovers() == ([], []) and run_preset(wider, out).ran == []
+
+    # 3. a re-calibration killed, then run again: it resumes beside the plan (not moved aside), and
+    #    gives the histograms of an uninterrupted calibration with those settings
+    more = _edited(tiny_preset, tmp_path / "more.toml", "samples = 2\n", "samples = 3\n")
+    _killed_in(more, out, "calibrate teal")
+    assert leftovers() == (["teal.new"], ["calibrate plans/teal.new"])
+    s = run_preset(more, out)
+    assert s.retired == [] and "calibrate teal" in [x.title for x in s.ran] and leftovers() == ([], [])
+    whole = tmp_path / "whole"
+    run_preset(more, whole)
+    for name in ("layer_000", "layer_001"):
+        got = load_file(out / "plans" / "teal" / "histograms" / f"{name}.safetensors")
+        want = load_file(whole / "plans" / "teal" / "histograms" / f"{name}.safetensors")
+        assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
+
+
 def test_retire_moves_what_it_can_and_keeps_every_record_after_a_failure(tiny_preset, tmp_path, monkeypatch):
     """A move that fails (a read-only folder, say) is one clear error; what was moved before it is
     in retired/ with its ledger entries, and what was not is still recorded where it is."""

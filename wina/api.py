@@ -31,11 +31,11 @@ from .generate import (Generation, chat_input_ids, generation_backend, quiet_lib
                        stream_generate, stream_reply, warm_up)
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
-from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_label,  # noqa: F401
-                       apply, calibrate, evaluate, load, perplexity, plan_damage, plan_info, resolve_device, same_calibration,
-                       sparse_options)
-from .plan import (LayerHistogram, Plan, TrajectoryRow, nearest_row, plan_folders, plan_histogram,  # noqa: F401
-                   plan_trajectory)
+from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_finished,  # noqa: F401
+                       allocation_label, allocation_work, apply, calibrate, evaluate, load, perplexity, plan_damage,
+                       plan_info, resolve_device, same_calibration, sparse_options)
+from .plan import (LayerHistogram, Plan, TrajectoryRow, allocating_folder, nearest_row, plan_folders,  # noqa: F401
+                   plan_histogram, plan_trajectory)
 from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS as ROTATIONS  # noqa: F401
 from .presets import Preset, PresetError, Variant, list_presets, load_preset  # noqa: F401
 from .results import Run, load_run, load_runs  # noqa: F401

@@ -219,8 +219,7 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
     with locked(target, f"plan {target}"):
         sweep_temps(target)
         meta = plan_info(target)
-        st = meta["status"]
-        finished = meta.get("allocation") is not None and st.get("allocated_layers", 0) == meta["n_layers"]
+        finished = allocation_finished(meta)
         if finished:                    # a damaged plan is named as the user's, and no copy is made of it
             why = plan_damage(target)
             if why is not None:
@@ -255,6 +254,27 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
             replace_folder(work, target)
             new.path = target
         return new
+
+
+def allocation_finished(meta: dict) -> bool:
+    """Whether the plan whose metadata is ``meta`` holds a finished allocation (every layer's
+    trajectory): a new allocation of it is then made in a copy (:func:`wina.plan.allocating_folder`)
+    and replaces it only once complete."""
+    try:
+        return meta.get("allocation") is not None and int(meta["status"].get("allocated_layers", 0)) == int(meta["n_layers"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+
+
+def allocation_work(plan_dir: PathLike) -> Path:
+    """Where :func:`allocate` writes the allocation of ``plan_dir``: beside it
+    (:func:`wina.plan.allocating_folder`) when its allocation is finished, else in it."""
+    from .plan import allocating_folder
+    try:
+        finished = allocation_finished(plan_info(plan_dir))
+    except (PlanError, OSError):
+        finished = False
+    return allocating_folder(plan_dir) if finished else Path(plan_dir)
 
 
 def same_calibration(copy: PathLike, meta: dict) -> bool:

@@ -135,6 +135,23 @@ class Step:
         where = self.output.relative_to(self.root) if self.root else self.output
         return f"{self.kind} {where}"
 
+    @property
+    def scratch(self) -> Optional[Path]:
+        """Where this step makes a new output beside one it replaces only once complete (a plan
+        calibrated or allocated again with other settings), or None for steps that write in place."""
+        if self.kind == CALIBRATE:
+            return self.output.with_name(self.output.name + ".new")
+        if self.kind == ALLOCATE:
+            return api.allocating_folder(self.output)
+        return None
+
+    @property
+    def scratch_rel(self) -> Optional[str]:
+        """The ledger's name for :attr:`scratch` (its record says which settings started it)."""
+        if self.scratch is None:
+            return None
+        return f"{self.kind} {self.scratch.relative_to(self.root) if self.root else self.scratch}"
+
     def recorded(self) -> Optional[dict]:
         """What the ledger says made this step's output (None: nothing recorded)."""
         if self.root is None:
@@ -258,13 +275,9 @@ def _calibrated(meta: dict) -> bool:
 
 
 def _allocated(meta: dict, preset: Optional[Preset]) -> bool:
-    alloc = meta.get("allocation")
-    try:
-        done = alloc is not None and int(meta["status"].get("allocated_layers", 0)) == int(meta["n_layers"])
-    except (KeyError, TypeError, ValueError):
+    if not api.allocation_finished(meta):
         return False
-    if not done:
-        return False
+    alloc = meta["allocation"]
     if alloc.get("mode") == "global" and "global.safetensors" not in (meta.get("files") or {}):
         return False
     if preset is not None:
@@ -587,7 +600,7 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
     _check_inputs(preset, limit, todo)
     if on_plan is not None:
         on_plan(steps, todo)
-    _drop_abandoned_calibrations(steps, todo)
+    _drop_abandoned_scratch(steps, todo)
     summary = Summary(out)
     if (out / LEDGER).is_file():         # the ledger can be written: else fail before anything moves
         _write_ledger(out, _ledger(out))
@@ -643,7 +656,7 @@ RETIRED = "retired"
 def _superseded(led: dict, steps: list[Step]) -> list[str]:
     """The ledger entries (``"<kind> <output>"``) of outputs that none of ``steps`` makes: a variant
     or a sparsity taken out of the preset, a variant renamed."""
-    current = {s.rel for s in steps}
+    current = {s.rel for s in steps} | {s.scratch_rel for s in steps if s.scratch is not None}
     return sorted(k for k in led if k not in current and k.split(" ", 1)[0] in (CALIBRATE, ALLOCATE, EVAL))
 
 
@@ -719,15 +732,19 @@ def _set_aside(root: Path, step: Step) -> Optional[Path]:
     return dest
 
 
-def _drop_abandoned_calibrations(steps: list[Step], todo: list[Step]) -> None:
-    """A ``<variant>.new`` beside a plan that is done with the settings asked for now is what is left
-    of a re-calibration for other settings, stopped and then given up (the preset went back): stale."""
+def _drop_abandoned_scratch(steps: list[Step], todo: list[Step]) -> None:
+    """A :attr:`Step.scratch` (``<variant>.new``, ``<variant>.allocating``) beside a plan that is done
+    with the settings asked for now is what is left of a re-calibration or re-allocation for other
+    settings, stopped and then given up (the preset went back): stale, with its ledger record."""
     import shutil
     running = {id(s) for s in todo}
     for s in steps:
-        scratch = s.output.with_name(s.output.name + ".new")
-        if s.kind == CALIBRATE and id(s) not in running and scratch.is_dir():
-            shutil.rmtree(scratch)
+        if s.scratch is None or id(s) in running:
+            continue
+        if s.scratch.is_dir():
+            shutil.rmtree(s.scratch)
+        if s.root is not None:
+            _forget(s.root, s.scratch_rel)
 
 
 def _write_preset(out: Path, preset: Preset) -> None:
@@ -744,7 +761,7 @@ def _calibrate_work(step: Step) -> Path:
     existing plan made with other or unknown settings) ``<variant>.new`` beside it."""
     if not step.output.exists() or step.why is None:
         return step.output
-    return step.output.with_name(step.output.name + ".new")
+    return step.scratch
 
 
 def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
@@ -754,8 +771,7 @@ def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> 
     import shutil
     v = step.variant
     work = _calibrate_work(step)
-    scratch = step.output.with_name(step.output.name + ".new")
-    scratch_rel = f"{CALIBRATE} {scratch.relative_to(step.root) if step.root else scratch}"
+    scratch, scratch_rel = step.scratch, step.scratch_rel
     if scratch.exists() and (work != scratch or (_ledger(step.root).get(scratch_rel) or {}).get("key") != step.key):
         shutil.rmtree(scratch)                       # left by a calibration with other settings
     # the plan is ours (locked) before the ledger says this calibration started in it: a plan another
@@ -766,15 +782,25 @@ def _calibrate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> 
                       on_event=on_event, cancel=cancel)
     if work != step.output:
         api.replace_folder(work, step.output)
+        _record(step)                                # the plan's record first: a kill between leaves no doubt
         _forget(step.root, scratch_rel)
 
 
 def _allocate(step: Step, preset: Preset, holder: _Model, on_event, cancel) -> None:
+    """Allocate in the plan folder. A finished allocation made with other settings stays the ledger's
+    record of the plan until the new one replaces it (it is made in :attr:`Step.scratch`, whose own
+    record says which settings started it): a re-allocation killed and then given up (the preset went
+    back) leaves the old allocation done, not to be made again."""
     api.recover_folder(step.output)                  # a swap of plan folders cut short, before the lock
     with api.locked(step.output, f"plan {step.output}"):
-        _record(step, started=True)                  # a killed allocation resumes (wina.pipeline.allocate)
+        beside = api.allocation_work(step.output) != step.output
+        # a killed allocation resumes (wina.pipeline.allocate)
+        _record(step, rel=step.scratch_rel if beside else None, started=True)
         api.allocate(holder.get(step.variant.transform, on_event, step.variant.rotation), step.output,
                      allocation_of(preset), on_event=on_event, cancel=cancel)
+    if beside:
+        _record(step)                                # the plan's record first: a kill between leaves no doubt
+        _forget(step.root, step.scratch_rel)
 
 
 def _evaluate(step: Step, preset: Preset, holder: _Model, limit, on_event, cancel) -> None:
