@@ -1049,12 +1049,17 @@ async def test_last_settings_come_back_at_launch(tmp_path):
         assert set(app3.settings_ignored) == {"sparsity", "method", "model", "evaluate.limit", "chat.system"}
         assert app3.setup_screen.query_one("#sparsity", Input).value == "0.5"
 
-    good = {"setup": {"model": "tiny", "method": "teal", "sparsity": 0.3}}
+    good = {"setup": {"model": "tiny", "method": "teal", "sparsity": 0.3, "preset": "smollm2-quick"}}
     path.write_text(json.dumps(good))
     app4 = make_app(tmp_path, model=str(tmp_path / "no-such-model"))     # a one-off, mistyped --model
     async with app4.run_test(size=SIZE) as pilot:
         await pilot.pause()
+        await pilot.pause()
         assert app4.setup_screen.read(show=False)[0] is None
+        # the saved preset does not come back with another model: its label would describe another setup
+        from wina_tui.screens.setup import NO_PRESET
+        assert app4.setup_screen.query_one("#preset", Select).value == NO_PRESET
+        assert app4.session.settings.preset is None
         await pilot.press("ctrl+q")
     assert json.loads(path.read_text())["setup"] == good["setup"]      # the last good setup stays
 

@@ -84,7 +84,8 @@ class WinaApp(App):
             self.settings_ignored = []
         if model:
             self.session.settings.model = model
-        restore_preset = self.session.settings.preset if not preset else None
+        # the saved preset comes back only with its setup: a one-off --model is another setup
+        restore_preset = self.session.settings.preset if not (preset or model) else None
         self.session.settings.preset = None          # set again when the preset is applied
         self._preset_name = preset or restore_preset
         self._restoring_preset = bool(restore_preset)
