@@ -485,6 +485,18 @@ def test_reallocation_keeps_the_finished_allocation_until_the_new_one_is_done(pl
     api.plan_info(p)
     from wina.plan import Plan
     assert Plan.load(p).allocated                                 # still whole and usable
+    # given up (allocated again with the finished allocation's own settings): no layer is redone
+    import wina.allocate as allocate_mod
+    greedy = allocate_mod._greedy_layer
+    layers = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(allocate_mod, "_greedy_layer", lambda *a, **k: layers.append(a[2]) or greedy(*a, **k))
+        api.allocate(loaded, p, api.Allocation(step=0.2, max_sparsity=0.8))
+    assert layers == [] and json.loads((p / "plan.json").read_text())["allocation"] == before
+    assert not (tmp_path / "plan.allocating").exists()
+    cancel = CancelToken()                                        # stopped again, then finished
+    with pytest.raises(Cancelled):
+        api.allocate(loaded, p, api.Allocation(step=0.1, max_sparsity=0.8), on_event=stop, cancel=cancel)
     api.allocate(loaded, p, api.Allocation(step=0.1, max_sparsity=0.8))
     assert json.loads((p / "plan.json").read_text())["allocation"]["step"] == 0.1
     assert not (tmp_path / "plan.allocating").exists() and not (tmp_path / "plan.replaced").exists()

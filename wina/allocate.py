@@ -434,6 +434,35 @@ def expected_steps(plan: Plan, layer: int, step: float, max_sparsity: float, ste
     return max(0, math.ceil((max_sparsity - eff0) * sum(w.values()) / step - 1e-9))
 
 
+def allocation_args(config, plan, *, max_sparsity: float = 0.9, step: Optional[float] = None,
+                    samples: Optional[int] = None, seq_len: Optional[int] = None, lazy: Optional[bool] = None,
+                    error: str = "wina", step_norm: str = "wina") -> dict:
+    """The settings that :func:`allocate` records in ``plan`` for these arguments, with the defaults of
+    a model of ``config`` resolved (see there); a plan's allocation made with other ones starts over.
+    ``plan``: a :class:`Plan` or a plan folder's metadata (its calibration's sample count and length)."""
+    d = default_sizes(config)
+    if step is None:
+        step = float(d["alloc_step"])
+    if not (0.0 < step < 1.0):
+        raise InvalidArgument(f"step must be in (0, 1), got {step}")
+    if not (0.0 < max_sparsity < 1.0):
+        raise InvalidArgument(f"max_sparsity must be in (0, 1), got {max_sparsity}")
+    if isinstance(plan, Plan):
+        n, length = (int(x) for x in plan.calib_ids.shape)
+    else:
+        n, length = int(plan["calibration"]["samples"]), int(plan["calibration"]["seq_len"])
+    samples = min(int(samples or d["alloc_samples"] or n), n)
+    seq_len = min(int(seq_len or d["alloc_seq_len"] or length), length)
+    args = {"max_sparsity": max_sparsity, "step": step, "samples": samples, "seq_len": seq_len,
+            "lazy": bool(d["alloc_lazy"] if lazy is None else lazy),
+            "error": ERROR_DESCRIPTIONS[error], "gating": "threshold"}
+    if step_norm != "wina":            # absent for the default, so plans made before this stay valid
+        args["step_norm"] = step_norm
+    if error != "wina":
+        args["error_rule"] = error
+    return args
+
+
 @torch.no_grad()
 def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: Optional[float] = None,
              mode: str = "layer", on_event: Optional[ProgressCallback] = None,
@@ -465,36 +494,18 @@ def allocate(model, tokenizer, plan: Plan, *, max_sparsity: float = 0.9, step: O
         raise InvalidArgument(f"unknown error rule {error!r}; choose {' or '.join(ERROR_RULES)}")
     if step_norm not in STEP_NORMS:
         raise InvalidArgument(f"unknown step normalisation {step_norm!r}; choose {' or '.join(STEP_NORMS)}")
-    d = default_sizes(model.config)
-    if step is None:
-        step = float(d["alloc_step"])
-    if not (0.0 < step < 1.0):
-        raise InvalidArgument(f"step must be in (0, 1), got {step}")
-    if not (0.0 < max_sparsity < 1.0):
-        raise InvalidArgument(f"max_sparsity must be in (0, 1), got {max_sparsity}")
     if not isinstance(plan, Plan):
         raise InvalidArgument("allocate needs a Plan (from calibrate or Plan.load)")
+    traj_args = allocation_args(model.config, plan, max_sparsity=max_sparsity, step=step, samples=samples,
+                                seq_len=seq_len, lazy=lazy, error=error, step_norm=step_norm)
+    step, samples, seq_len, lazy = traj_args["step"], traj_args["samples"], traj_args["seq_len"], traj_args["lazy"]
     plan._require_calibrated()
     plan.check_model(model)
     devs = layer_devices(devices, next(model.parameters()).device, dispatched=bool(getattr(model, "hf_device_map", None)))
     ensure(model, bool(plan.meta["transform"]), rotation=plan.rotation, basis=plan.rotation_basis,
            what="this plan",
            error=PlanError)
-    d = default_sizes(model.config)
-    ids = plan.calib_ids
-    samples = int(samples or d["alloc_samples"] or ids.shape[0])
-    seq_len = int(seq_len or d["alloc_seq_len"] or ids.shape[1])
-    samples, seq_len = min(samples, ids.shape[0]), min(seq_len, ids.shape[1])
-    ids = ids[:samples, :seq_len]
-    if lazy is None:
-        lazy = bool(d["alloc_lazy"])
-    traj_args = {"max_sparsity": max_sparsity, "step": step, "samples": samples, "seq_len": seq_len,
-                 "lazy": bool(lazy),
-                 "error": ERROR_DESCRIPTIONS[error], "gating": "threshold"}
-    if step_norm != "wina":            # absent for the default, so plans made before this stay valid
-        traj_args["step_norm"] = step_norm
-    if error != "wina":
-        traj_args["error_rule"] = error
+    ids = plan.calib_ids[:samples, :seq_len]
     old = plan.meta.get("allocation") or {}
     if {k: v for k, v in old.items() if k not in ("mode", "grid")} != traj_args:
         plan.reset_allocation({**traj_args, "mode": mode, "grid": list(grid) if mode == "global" else None})

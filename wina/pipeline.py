@@ -227,8 +227,9 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         # a finished allocation is replaced only when the new one is complete: work on a copy
         work = allocating_folder(target) if finished else target
         copy = allocating_folder(target)
-        if copy.exists() and (not finished or not same_calibration(copy, meta)):
-            shutil.rmtree(copy)         # a copy left by an earlier allocation of another calibration
+        if copy.exists() and (not finished or not same_calibration(copy, meta)
+                              or _allocation_args_of(copy) != _requested_args(loaded, meta, alloc)):
+            shutil.rmtree(copy)         # left by an allocation of another calibration or with other settings
 
         def copy_plan() -> None:
             shutil.copytree(target, work, ignore=shutil.ignore_patterns(".wina-lock"))
@@ -254,6 +255,23 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
             replace_folder(work, target)
             new.path = target
         return new
+
+
+def _allocation_args_of(plan_dir: Path) -> Optional[dict]:
+    """The settings a plan folder's allocation was (or is being) made with, as
+    :func:`wina.allocate.allocation_args` gives them (None: unreadable)."""
+    try:
+        recorded = plan_info(plan_dir).get("allocation") or {}
+    except (PlanError, OSError):
+        return None
+    return {k: v for k, v in recorded.items() if k not in ("mode", "grid")}
+
+
+def _requested_args(loaded: Loaded, meta: dict, alloc: Allocation) -> dict:
+    from .allocate import allocation_args
+    return allocation_args(loaded.model.config, meta, max_sparsity=alloc.max_sparsity, step=alloc.step,
+                           samples=alloc.samples, seq_len=alloc.seq_len, error=alloc.error,
+                           step_norm=alloc.step_norm)
 
 
 def allocation_finished(meta: dict) -> bool:
