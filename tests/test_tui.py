@@ -8,6 +8,7 @@ models tens of times slower.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,15 +16,18 @@ from pathlib import Path
 import pytest
 
 from conftest import DATA_DIR
-from test_tui_support import SIZE, set_greedy, signal_child, start_calibration, tiny_app, wait_for
+from test_tui_support import (SIZE, set_greedy, signal_child, start_calibration, tiny_app, tiny_loaded,
+                               wait_for)
 
-from textual.widgets import Checkbox, DataTable, Input, Label, Select, SelectionList, TabbedContent
+from textual.widgets import (Button, Checkbox, DataTable, Footer, Input, Label, Select, SelectionList,
+                             TabbedContent)
 
 from wina_tui.app import WinaApp
 from wina_tui.screens.help import HelpScreen
 from wina_tui.widgets.allocation_heatmap import AllocationHeatmap
 from textual.containers import VerticalScroll
 from wina_tui.widgets.chat_pane import ChatPane, ReplyStats
+from wina_tui.widgets.plot_view import SERIES_COLORS, PlotView
 from wina_tui.widgets.score_histogram import ScoreHistogram
 from wina_tui.widgets.trajectory_chart import TrajectoryChart
 
@@ -1145,6 +1149,187 @@ async def test_small_terminal_keeps_the_buttons_on_screen(tmp_path):
             b = app.setup_screen.query_one(bid)
             r = b.region
             assert r.height > 0 and r.bottom <= 24 and r.right <= 80, (bid, r)
+
+
+# --- layout at 80×24 (a common terminal) as at 100×30 (the documented one) ----------------------------
+
+def screen_rows(app) -> list[str]:
+    """What the terminal shows, one string per row (the screen as Textual's compositor draws it)."""
+    return ["".join(seg.text for seg in strip) for strip in app.screen._compositor.render_strips()]
+
+
+def tab_rows(app) -> list[str]:
+    return [r for r in screen_rows(app) if "Results" in r and "Chart" in r]
+
+
+@pytest.mark.parametrize("size", [(80, 24), SIZE])
+async def test_the_evaluate_tab_row_is_drawn_once(tmp_path, size):
+    """One row of tabs on the evaluate screen, on the first visit, after another screen and after
+    a resize (a probe saw it twice until the terminal was resized)."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=size) as pilot:
+        for key in ("f5", "f3", "f5"):
+            await pilot.press(key)
+            await pilot.pause(0.2)
+            if key == "f5":
+                assert len(tab_rows(app)) == 1, screen_rows(app)
+        assert len(app.evaluate_screen.query("ContentTabs")) == 1
+        await pilot.resize_terminal(*((80, 24) if size == SIZE else SIZE))
+        await pilot.pause(0.2)
+        assert len(tab_rows(app)) == 1, screen_rows(app)
+
+
+@pytest.mark.parametrize("width", [60, 80, 100])
+async def test_the_footer_ends_with_the_palette_key(tmp_path, width):
+    """The compact footer's palette key ends the row: no letter of the keys scrolled under it after."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(width, 24)) as pilot:
+        for key in ("f2", "f5"):
+            await pilot.press(key)
+            await pilot.pause(0.2)
+            palette = app.screen.query_one(Footer).query_one(".-command-palette")
+            assert palette.region.right == width
+            assert screen_rows(app)[-1].endswith("▏^p palette"), screen_rows(app)[-1]
+
+
+async def test_the_heat_map_narrows_its_cells_then_scrolls_to_every_column(tmp_path):
+    """A 30-layer, 7-matrix allocation: full cells at 100×30, two-digit ones that all fit at 80×24,
+    and narrower still the tab scrolls sideways to the last column."""
+    from wina_tui.widgets.allocation_heatmap import heatmap_table, table_width
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    alloc = {(layer, p): 0.2 + 0.02 * (layer % 10 + i) for layer in range(30) for i, p in enumerate(projs)}
+    app = make_app(tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        cal = app.calibrate_screen
+        heat = cal.query_one(AllocationHeatmap)
+        heat.show_allocation(alloc, target=0.5)
+        cal.query_one(TabbedContent).active = "tab-allocation"
+        await pilot.pause(0.2)
+        scroll = heat.parent
+
+        def header() -> list[str]:
+            return next(r for r in screen_rows(app) if r.rstrip().endswith("mean")).split()[-9:]
+        assert not heat.compact and header() == ["layer", "q", "k", "v", "o", "gate", "up", "down", "mean"]
+        await pilot.resize_terminal(80, 24)
+        await pilot.pause(0.2)
+        assert heat.compact and scroll.max_scroll_x == 0                  # every column shown
+        assert header() == ["L", "q", "k", "v", "o", "ga", "up", "do", "mean"]
+        await pilot.resize_terminal(64, 20)
+        await pilot.pause(0.2)
+        assert heat.compact and scroll.max_scroll_x > 0                   # or reachable sideways
+        assert heat.size.width >= table_width(heat, heatmap_table(alloc, target=0.5, compact=True))
+        scroll.scroll_to(x=scroll.max_scroll_x, animate=False)
+        await pilot.pause(0.2)
+        assert any(r.rstrip().endswith("mean") for r in screen_rows(app))
+        await pilot.resize_terminal(*SIZE)
+        await pilot.pause(0.2)
+        assert not heat.compact and scroll.max_scroll_x == 0
+
+
+async def test_the_quality_chart_names_its_lines_under_the_plot(tmp_path):
+    """The legend is a line under the plot in the lines' colours, not a box drawn over them."""
+    from rich.style import Style
+    from wina.results import make_record, make_wina_block, write_run
+    files = []
+    for method, s, v in (("dense", 0.0, 0.62), ("teal", 0.25, 0.6), ("teal", 0.5, 0.55), ("wina", 0.25, 0.61),
+                         ("wina", 0.5, 0.58)):
+        w = make_wina_block(model_id="tiny", method=method, sparsity=s, measured=s,
+                            headline={"piqa": {"metric": "acc_norm", "filter": "none", "value": v,
+                                               "stderr": 0.01, "higher_is_better": True}})
+        files.append(str(tmp_path / "store" / f"{method}-{s}.json"))
+        write_run(make_record(None, w), files[-1])
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f5")
+        ev = app.evaluate_screen
+        await wait_for(pilot, lambda: app.screen is ev)
+        ev.load_paths(files)
+        assert len(ev.runs) == len(files)
+        ev.query_one(TabbedContent).active = "tab-chart"
+        await pilot.pause(0.3)
+        chart = ev.query_one("#quality-chart", PlotView)
+        text = chart.content
+        lines = text.plain.splitlines()
+        assert len(lines) == chart.content_region.height                 # the legend line is not cut
+        assert lines[-1].split() == ["━━", "dense", "━━", "TEAL", "━━", "WINA"]
+        assert not any(name in line for line in lines[:-1] for name in ("dense", "TEAL", "WINA"))
+        assert "dense" in screen_rows(app)[chart.content_region.bottom - 1]
+        start = len(text.plain) - len(lines[-1])
+        legend = [Style.parse(str(sp.style)).color for sp in text.spans if sp.start >= start]
+        plot = {Style.parse(str(sp.style)).color for sp in text.spans if sp.end <= start}
+        assert legend == [Style.parse(f"color({c})").color for c in SERIES_COLORS[:3]]
+        assert set(legend) <= plot                                         # the colours of the lines
+
+
+LONG_MODEL = "/home/someone/models/Meta-Llama-3.1-8B-Instruct"
+
+
+async def test_the_plan_browser_keeps_model_method_and_sparsity_in_view_at_80_columns(tmp_path):
+    """The dialog on screen whole; a local model path named by its folder; model, method and sparsity
+    in view, the other columns a scroll away; the buttons on screen with more plans than rows."""
+    import shutil
+    from wina import api
+    from wina_tui.screens.plans import PlansScreen
+    plans = tmp_path / "plans"
+    api.calibrate(tiny_loaded(LONG_MODEL), plans / "llama", api.Calibration(method="wina", source="random",
+                                                                            samples=2, seq_len=32))
+    for i in range(20):                                   # more than the table shows at 24 rows
+        shutil.copytree(plans / "llama", plans / f"copy-{i}")
+    app = make_app(tmp_path, plans_dir=plans)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, PlansScreen))
+        await pilot.pause(0.2)
+        browser = app.screen
+        box = browser.query_one("#plans").region
+        assert box.x >= 0 and box.right <= 80 and box.bottom <= 24       # the whole dialog on screen
+        table = browser.query_one(DataTable)
+        names = [str(c.label) for c in table.ordered_columns]
+        widths = [c.get_render_width(table) for c in table.ordered_columns]
+        assert names[:3] == ["model", "method", "sparsity"]
+        assert sum(widths[:3]) <= table.scrollable_content_region.width
+        assert str(table.get_row_at(0)[0]) == "Meta-Llama-3.1-8B-Instruct"    # a path by its folder's name
+        assert any("Meta-Llama-3.1-8B-Instruct" in r and "WINA" in r and "any" in r for r in screen_rows(app))
+        assert table.max_scroll_x > 0 and table.virtual_size.width >= sum(widths)   # the rest sideways
+        assert str(browser.query_one("#plan-path", Label).render()).startswith(str(plans.resolve()))
+        for b in browser.query(Button):                   # the table scrolls; the buttons stay on screen
+            assert b.region.height and b.region.bottom <= box.bottom - 1, (b.id, b.region, box)
+
+
+async def test_the_results_browser_keeps_method_sparsity_and_model_in_view_at_80_columns(tmp_path):
+    """The dialog on screen whole; each option starts with method, sparsity and model; the line under
+    the list shows the highlighted file in full (wrapped) with its path; the buttons stay on screen."""
+    from wina.results import make_record, make_wina_block, write_run
+    from wina_tui.screens.load_runs import LoadRunsScreen
+    tasks = ("arc_challenge", "arc_easy", "boolq", "piqa", "hellaswag", "winogrande")
+    w = make_wina_block(model_id=LONG_MODEL, method="wina", sparsity=0.5, measured=0.5,
+                        headline={t: {"metric": "acc", "filter": "none", "value": 0.5, "stderr": 0.01,
+                                      "higher_is_better": True} for t in tasks})
+    path = tmp_path / "runs" / "wina-50.json"
+    write_run(make_record(None, w), path)
+    for i in range(20):                                   # more than the list shows at 24 rows
+        (tmp_path / "runs" / f"old-{i}.json").write_bytes(path.read_bytes())
+        os.utime(tmp_path / "runs" / f"old-{i}.json", (1e9, 1e9))      # older: the first one stays on top
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f5")
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(app.screen, LoadRunsScreen))
+        await pilot.pause(0.2)
+        browser = app.screen
+        box = browser.query_one("#load-runs").region
+        assert box.x >= 0 and box.right <= 80 and box.bottom <= 24
+        label = browser.labels[str(path)]
+        assert label.startswith("WINA 50% · Meta-Llama-3.1-8B-Instruct · avg 50.0 · ")
+        assert any("WINA 50% · Meta-Llama-3.1-8B-Instruct · avg 50.0" in r for r in screen_rows(app))
+        detail = browser.query_one("#run-detail", Label)          # the highlighted file in full, wrapped
+        r = detail.region
+        assert r.right <= box.right and r.height >= 3
+        shown = "".join(row[r.x:r.right].strip() for row in screen_rows(app)[r.y:r.bottom])
+        assert "winogrande" in shown and path.name in shown
+        for b in browser.query(Button):
+            assert b.region.height and b.region.bottom <= box.bottom - 1, (b.id, b.region, box)
 
 
 async def test_every_offered_calibration_source_works(tmp_path):

@@ -541,7 +541,8 @@ class EvaluateScreen(Screen):
         self.query_one("#results-notes", Static).update(Text(notes, style="dim") if notes else "")
         self.query_one(PlotView).replot()
 
-    def _draw_chart(self, fig, width: int, height: int) -> bool:
+    def _draw_chart(self, fig, width: int, height: int) -> bool | list[str]:
+        """One line per method; returns the methods, named in a legend line under the chart."""
         from wina.api import chart_series, comparison_rows
         if not self.runs:
             return False
@@ -556,14 +557,13 @@ class EvaluateScreen(Screen):
         series = chart_series(self.runs, metric)
         if not series:
             return False
-        for label, pts in series.items():
+        for pts in series.values():
             sig = fig.signal([p[0] for p in pts], [p[1] for p in pts])
             if len(pts) > 1:
                 sig.lines()
-            sig.label(label)
             fig.draw(sig)
         what = "average accuracy (%)" if metric == "avg" else (
             f"{metric} (%)" if metric in cmp.acc_columns else f"{metric} (lower is better)")
         fig.title(f"{what} vs sparsity")
         fig.label("sparsity (%)", "x")
-        return True
+        return list(series)

@@ -7,24 +7,45 @@ from pathlib import Path
 from typing import Optional
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.geometry import Size
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label
 
 from ..state import METHOD_NAMES, PlanInfo, browse_plans
 
 ALLOC_SHORT = {"layer": "greedy layer", "global": "greedy cross", None: "—"}
+COLUMNS = ("model", "method", "sparsity", "allocation", "transform", "data", "date", "state")
+
+
+def model_name(spec: str, width: int = 26) -> str:
+    """How the browsers name a model: a local path by its folder's name (a hub id as it is), at
+    most ``width`` characters (an ellipsis at the end)."""
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec:
+        spec = Path(spec).name or spec
+    return spec if len(spec) <= width else spec[:width - 1] + "…"
+
+
+def list_rows(screen: Size, title: str, console, most: int, width: int = 96) -> int:
+    """Rows for a browser's list (or table) on a ``screen``-sized terminal, at most ``most``: its
+    dialog (``width`` wide) keeps the rest for its border, its title (``title`` wrapped), the line
+    under the list (up to four rows) and the buttons, so that the whole dialog stays on screen."""
+    title_rows = len(Text(title).wrap(console, max(min(width, screen.width) - 4, 10)))
+    return max(3, min(most, screen.height - 10 - title_rows))
 
 
 def plan_row(p: PlanInfo) -> list:
+    """The cells of :data:`COLUMNS`: what tells plans apart first (model, method, sparsity), so that
+    they stay in view at 80 columns; a damaged plan's reason is said under the table."""
     sparsities = "any" if p.usable_allocation == "uniform" else (
         f"≤ {p.max_sparsity:.0%}" if p.max_sparsity is not None else "any")
-    state = p.describe_state()
-    return [Text(p.model[:26]), METHOD_NAMES.get(p.method, p.method), "yes" if p.transform else "no",
-            ALLOC_SHORT.get(p.allocation, str(p.allocation)), sparsities, p.source[:14], p.date,
+    state = "damaged" if p.problem else p.describe_state()
+    return [Text(model_name(p.model)), METHOD_NAMES.get(p.method, p.method), sparsities,
+            ALLOC_SHORT.get(p.allocation, str(p.allocation)), "yes" if p.transform else "no",
+            p.source[:14], p.date,
             Text(state, style="green" if state == "ready" else "red" if p.problem else "yellow")]
 
 
@@ -48,8 +69,7 @@ class PlansScreen(ModalScreen[Optional[tuple[str, PlanInfo]]]):
                         f"No saved plans in {where} (or runs/*/plans here): calibrate first (F3)",
                         classes="modal-title")
             table = DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
-            table.add_columns("model", "method", "transform", "allocation", "sparsity", "data", "date",
-                              "state")
+            table.add_columns(*COLUMNS)
             for p in self.plans:
                 table.add_row(*plan_row(p))
             yield table
@@ -63,10 +83,16 @@ class PlansScreen(ModalScreen[Optional[tuple[str, PlanInfo]]]):
         self.query_one(DataTable).focus()
         self._show_path()
 
+    def on_resize(self, event: events.Resize) -> None:
+        title = str(self.query_one(".modal-title", Label).render())
+        self.query_one(DataTable).styles.max_height = list_rows(event.size, title, self.app.console, 18)
+
     @on(DataTable.RowHighlighted)
     def _show_path(self) -> None:
         p = self.selected()
-        self.query_one("#plan-path", Label).update(str(p.path) if p else "")
+        state = p.describe_state() if p else "ready"
+        self.query_one("#plan-path", Label).update(
+            "" if p is None else str(p.path) if state == "ready" else f"{p.path} · {state}")
 
     def selected(self) -> Optional[PlanInfo]:
         t = self.query_one(DataTable)
