@@ -133,9 +133,12 @@ def test_a_broken_preset_file_is_named_and_the_others_still_listed(tmp_path, mon
 
 
 def test_run_dry_run_quick_preset():
-    res = ok(invoke("run", "smollm2-quick", "--dry-run", "--limit", "2"))
+    res = ok(invoke("run", "smollm2-quick", "--dry-run"))
     assert "calibrate wina" in res.stdout and "compare" in res.stdout
     assert "dry run" in res.stdout
+    # perplexity only: --limit (documents per task) would change nothing but the output folder
+    user_error(invoke("run", "smollm2-quick", "--dry-run", "--limit", "2"), "has no tasks")
+    assert "runs/smollm2-tasks-limit2" in ok(invoke("run", "smollm2-tasks", "--dry-run", "--limit", "2")).stdout
     res = ok(invoke("run", "smollm2-quick", "--dry-run", "--device", "cpu", "--gpus", "2"))
     assert "device: cpu (--device)" in res.stdout and "2 processes" in res.stdout
     user_error(invoke("run", "smollm2-quick", "--dry-run", "--device", "foo"), "unknown device 'foo'")

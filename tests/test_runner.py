@@ -531,7 +531,8 @@ def test_a_perplexity_only_run_names_only_the_setting_that_changed(tiny_preset, 
 def test_damaged_outputs_are_made_again(tiny_preset, tmp_path):
     """A results file or a plan file damaged after its step finished is not "done": the dry run shows
     the step as a rerun and the run makes it again, each saying why (no late "not a JSON results
-    file" error)."""
+    file" error); what was there is kept in retired/, never overwritten."""
+    from wina import api
     from wina.plan import Plan
     f = tmp_path / "tiny.toml"
     f.write_text(tiny_preset.read_text().replace('name = "wina"\nmethod = "wina"\ntransform = true\n',
@@ -554,30 +555,54 @@ def test_damaged_outputs_are_made_again(tiny_preset, tmp_path):
     res = CliRunner().invoke(app, ["run", str(f), "--out", str(out), "--dry-run"])
     assert res.exit_code == 0, (res.output, res.exception)
     assert "damaged" in res.stdout and res.stdout.count("done, skipped") == 6, res.stdout
+    truncated = dense.read_bytes()
     ran, why = run()
     assert ran == ["eval dense", "compare all runs"]
     assert "results file is damaged" in why["eval dense"] and "not a JSON results file" in why["eval dense"]
     assert json.loads(dense.read_text())["wina"]["method"] == "dense"
+    [kept] = (out / "retired").glob("*/runs/dense.json")          # kept aside, not overwritten
+    assert kept.read_bytes() == truncated and str(kept.parent.parent) in why["eval dense"]
 
-    # 2. a plan file that no longer matches its checksum: that plan is made again (with the same
-    #    settings: the evaluations made from it before the damage are kept)
+    # 2. a plan file that no longer matches its checksum: that plan is made again, and the
+    #    evaluations made from it (their results name the plan they were made with); the damaged
+    #    plan is kept aside
     hist = out / "plans" / "teal" / "histograms" / "layer_001.safetensors"
     data = bytearray(hist.read_bytes())
     data[-1] ^= 0xFF
     hist.write_bytes(bytes(data))
     ran, why = run()
-    assert ran == ["calibrate teal", "allocate teal"], ran
+    assert ran == ["calibrate teal", "allocate teal", "eval teal @ 50%", "compare all runs"], ran
     assert "histograms/layer_001.safetensors does not match its checksum" in why["calibrate teal"], why
+    assert why["eval teal @ 50%"] == "its plan is made again"
     assert not any(p.name.endswith((".new", ".replaced", ".allocating")) for p in (out / "plans").iterdir())
     assert Plan.load(out / "plans" / "teal").allocated
+    assert [p.read_bytes() for p in (out / "retired").glob("*/plans/teal/histograms/layer_001.safetensors")] == [
+        bytes(data)]
+    sha = api.file_sha256(out / "plans" / "teal" / "plan.json")
+    assert json.loads((out / "runs" / "teal-s50.json").read_text())["wina"]["plan_settings"]["plan_json_sha256"] == sha
 
     # 3. an unreadable plan.json: the same
     (out / "plans" / "teal2" / "plan.json").write_text("{")
     ran, why = run()
-    assert ran == ["calibrate teal2", "allocate teal2"], ran
+    assert ran == ["calibrate teal2", "allocate teal2", "eval teal2 @ 50%", "compare all runs"], ran
     assert "plan is damaged" in why["calibrate teal2"] and "not valid JSON" in why["calibrate teal2"], why
     assert Plan.load(out / "plans" / "teal2").allocated
     assert run() == ([], {})
+
+    # 4. a plan allocated again by hand with other settings: its allocation and evaluations run again,
+    #    and the dry run says why
+    loaded = api.load(load_preset(f).model, device="cpu")
+    api.allocate(loaded, out / "plans" / "teal", api.Allocation(mode="layer", step=0.2, max_sparsity=0.8))
+    res = CliRunner().invoke(app, ["run", str(f), "--out", str(out), "--dry-run"])
+    assert "made again outside this run" in " ".join(res.stdout.split()), res.stdout
+    ran, why = run()
+    assert ran == ["allocate teal", "eval teal @ 50%", "compare all runs"], ran
+
+    # 5. the comparison edited by hand: kept aside, made again
+    (out / "compare.md").write_text("my notes\n")
+    ran, why = run()
+    assert ran == ["compare all runs"] and "kept in" in why["compare all runs"]
+    assert [p.read_text() for p in (out / "retired").glob("*/compare.md")] == ["my notes\n"]
 
 
 def _edited(tiny_preset, path, old, new):
@@ -586,13 +611,13 @@ def _edited(tiny_preset, path, old, new):
     return load_preset(path)
 
 
-def _killed_in(preset, out, title):
-    """Run ``preset`` into ``out`` and cancel it at the step ``title``'s first progress event of its
-    own stage (after the model's load)."""
+def _killed_in(preset, out, title, stage=None):
+    """Run ``preset`` into ``out`` and cancel it at the step ``title``'s first progress event of
+    ``stage`` (default: the step's kind: after the model's load)."""
     cancel, current = CancelToken(), {}
 
     def on_event(ev):
-        if current.get("title") == title and ev.stage == title.split()[0]:
+        if current.get("title") == title and ev.stage == (stage or title.split()[0]):
             cancel.cancel()
 
     with pytest.raises(Cancelled):
@@ -617,13 +642,17 @@ def test_a_plan_made_again_for_other_settings_resumes_or_is_kept(tiny_preset, tm
     wider = _edited(tiny_preset, tmp_path / "wider.toml", "max_sparsity = 0.8", "max_sparsity = 0.7")
     _killed_in(wider, out, "allocate teal")
     assert leftovers() == (["teal.allocating"], ["allocate plans/teal.allocating"])
+    assert (out / "compare.md").exists()                     # no result has changed yet
     s = run_preset(load_preset(tiny_preset), out)
     assert s.ran == [] and s.retired == [] and leftovers() == ([], [])
 
     # 2. killed again, then run with the new settings: it is finished, and replaces the old one
     _killed_in(wider, out, "allocate teal")
+    _killed_in(wider, out, "eval teal @ 25%", stage="ppl")
+    # the table of the old results went before the first evaluation ran: none is left beside new results
+    assert not (out / "compare.md").exists() and "compare compare.md" not in json.loads((out / "steps.json").read_text())
     s = run_preset(wider, out)
-    assert [x.title for x in s.ran][:2] == ["allocate teal", "eval teal @ 25%"] and s.retired == []
+    assert [x.title for x in s.ran][:2] == ["eval teal @ 25%", "eval teal @ 50%"] and s.retired == []
     assert json.loads((out / "plans" / "teal" / "plan.json").read_text())["allocation"]["max_sparsity"] == 0.7
     assert leftovers() == ([], []) and run_preset(wider, out).ran == []
 

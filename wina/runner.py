@@ -70,6 +70,7 @@ class Step:
     limit: Optional[float] = None
     root: Optional[Path] = None              # the run folder (where the ledger steps.json lives)
     why: Optional[str] = None                # set by run_preset: why an existing output is rerun
+    aside: bool = False                      # set with ``why``: what is there is kept aside, not overwritten
 
     @property
     def title(self) -> str:
@@ -169,12 +170,14 @@ class Step:
         """Why the existing output no longer fits the preset (which settings changed, that no
         settings are recorded for it, or that it is damaged: :meth:`_damage`), or None. An output the ledger does not know (a run folder
         without steps.json, or from before it) is never adopted: nothing proves how it was made."""
+        self.aside = False
         if self.root is None or not self._has_output():
             return None
         led = _ledger(self.root) if ledger is None else ledger
         rec = led.get(self.rel)
         if rec is None:
             # a comparison made before the ledger recorded comparisons: its inputs' times decide
+            self.aside = self.kind != COMPARE
             return None if self.kind == COMPARE else UNKNOWN
         if rec.get("key") != self.key:
             old = self._with_folder_read(rec.get("settings") or {})
@@ -182,9 +185,22 @@ class Step:
                 changed = _diff(old, self.settings())
                 return "settings changed: " + (", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
                                                if changed else "unknown")
+        why = None
         if self.kind == COMPARE and rec.get("sha256") and _sha256(self.output) != rec["sha256"]:
-            return "the table was changed or damaged since it was written"
-        return self._damage()
+            why = "the table was changed or damaged since it was written"
+        why = why or self._damage() or self._replaced_by_hand()
+        self.aside = why is not None
+        return why
+
+    def _replaced_by_hand(self) -> Optional[str]:
+        """Why a finished allocation in the plan is not this step's (made again with other settings
+        outside this run, e.g. by ``wina allocate``), or None."""
+        if self.kind != ALLOCATE:
+            return None
+        meta = _plan_json(self.output)
+        if meta is None or not api.allocation_finished(meta) or _allocated(meta, self.preset):
+            return None
+        return "the plan's allocation was made again outside this run, with other settings"
 
     def _with_folder_read(self, old: dict) -> dict:
         """Recorded settings with the data folder the results file says was read, where the ledger
@@ -381,6 +397,7 @@ def pending(steps: list[Step]) -> list[Step]:
     todo: list[Step] = []
     ledgers: dict[Path, dict] = {}
     eval_runs = False
+    remade: set[Path] = set()                        # the plans that will be made (again)
     for s in steps:
         led = ledgers.setdefault(s.root, _ledger(s.root)) if s.root is not None else {}
         s.why = s.stale(led)
@@ -389,9 +406,14 @@ def pending(steps: list[Step]) -> list[Step]:
             retiring = any(k.startswith(EVAL + " ") for k in _superseded(led, steps))
             if eval_runs or retiring or s.why is not None or not s._complete():
                 todo.append(s)
-        elif s.why is not None or not s.done(led):
+            continue
+        if s.why is None and s.kind == EVAL and remade.intersection(s.inputs) and s.output.exists():
+            s.why = "its plan is made again"         # results name the plan they were made with
+        if s.why is not None or not s.done(led):
             todo.append(s)
             eval_runs = eval_runs or s.kind == EVAL
+            if s.kind in (CALIBRATE, ALLOCATE):
+                remade.add(s.output)
     return todo
 
 
@@ -568,8 +590,7 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
     """
     if procs < 1:
         raise InvalidArgument(f"procs must be at least 1, got {procs}")
-    if limit is not None:
-        limit = api.check_limit(limit)
+    limit = check_run_limit(preset, limit)
     out = Path(out_dir) if out_dir is not None else default_out_dir(preset, limit)
     steps = plan_steps(preset, out, limit=limit)     # names and outputs checked
     describe(preset, limit)                          # fail early on a bad path / task / data folder
@@ -582,6 +603,18 @@ def run_preset(preset: Preset, out_dir: Union[str, Path, None] = None, *, limit=
                 api.recover_folder(s.output)             # a swap of plan folders cut short
         return _run_steps(preset, out, steps, limit, device, on_step, on_event, cancel, renderer, procs,
                           on_plan)
+
+
+def check_run_limit(preset: Preset, limit):
+    """``limit`` (documents per lm-eval task) checked for this preset: a preset without tasks (perplexity
+    only) has nothing it would limit, and a run with it would only go to another folder."""
+    if limit is None:
+        return None
+    limit = api.check_limit(limit)
+    if not preset.eval.tasks:
+        raise InvalidArgument(f"--limit sets documents per lm-eval task, and preset {preset.name} has no tasks "
+                              "(it measures perplexity only); run it without --limit")
+    return limit
 
 
 def _check_inputs(preset: Preset, limit, todo: list[Step]) -> None:
@@ -605,6 +638,8 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
     if (out / LEDGER).is_file():         # the ledger can be written: else fail before anything moves
         _write_ledger(out, _ledger(out))
     summary.retired_to, summary.retired = retire(out, steps)
+    if any(p.startswith("runs/") for p in summary.retired):
+        _drop_table_to_remake(out, steps, todo)
     t_start = time.perf_counter()
     holder = _Model(preset, device, renderer)
     notify = on_step or (lambda s, st: None)
@@ -616,10 +651,12 @@ def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_s
             summary.skipped.append(step)
             notify(step, "skip")
             continue
-        if step.why == UNKNOWN and step.kind in (CALIBRATE, EVAL):
+        if step.kind == EVAL:
+            _drop_table_to_remake(out, steps, todo)  # the results change from here on
+        if step.aside and step.kind in (CALIBRATE, EVAL, COMPARE):
             kept = _set_aside(out, step)
             if kept is not None:
-                step.why = f"{UNKNOWN}; what was there is kept in {kept}"
+                step.why = f"{step.why}; what was there is kept in {kept}"
         if step.why is not None:
             notify(step, "rerun")
         notify(step, "start")
@@ -730,6 +767,23 @@ def _set_aside(root: Path, step: Step) -> Optional[Path]:
     except OSError as e:
         raise DataError(f"cannot move {src}, which this run did not make, to {dest}: {e.strerror or e}") from None
     return dest
+
+
+def _drop_table_to_remake(out: Path, steps: list[Step], todo: list[Step]) -> None:
+    """The comparison table, when it is to be made again, goes as soon as the results it shows begin
+    to change (before the first evaluation runs, or once results are retired): a run stopped half-way
+    never leaves a table of the old results beside new ones. One changed by hand (or damaged) is
+    kept in ``retired/<date-time>/``; the run's own is removed (``wina compare`` on ``runs/`` shows
+    the results at any time)."""
+    compare = next(s for s in steps if s.kind == COMPARE)
+    if not any(s is compare for s in todo) or not compare.output.is_file():
+        return
+    if compare.aside:
+        compare.why = f"{compare.why}; what was there is kept in {_set_aside(out, compare)}"
+        compare.aside = False
+    else:
+        compare.output.unlink()
+    _forget(out, compare.rel)
 
 
 def _drop_abandoned_scratch(steps: list[Step], todo: list[Step]) -> None:

@@ -34,14 +34,11 @@ def run_cmd(
     Example: [bold]wina run smollm2-quick[/]   ·   [bold]wina run llama2-7b --dry-run[/]
     """
     from ..api import load_preset
-    from ..runner import default_out_dir, plan_steps, run_preset
+    from ..runner import check_run_limit, default_out_dir, plan_steps, run_preset
     p = load_preset(preset)
     if not dry_run:
         _quiet_libraries()
-    lim = _limit(limit)
-    if lim is not None:
-        from ..api import check_limit as _check_limit
-        _check_limit(lim)
+    lim = check_run_limit(p, _limit(limit))
     folder = out_dir or default_out_dir(p, lim)
     steps = plan_steps(p, folder, limit=lim)
     if dry_run:
