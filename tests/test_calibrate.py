@@ -251,3 +251,12 @@ def test_refined_thresholds_hit_the_target_on_calibration_data():
         worst[refine] = max(abs(v * 128 / 127 - 0.7) for v in meas.values())   # 1 of 128 positions dense
     assert worst[True] < 0.01, worst
     assert worst[False] > 2 * worst[True], worst      # the dense thresholds miss; refining is what hits
+
+
+def test_durations_read_as_people_read_them():
+    """The one rule for ETAs and wall times: tenths below 10 s, whole seconds below a minute, and
+    what would round to "60 s" reads 1:00."""
+    from wina.events import format_duration
+    cases = {None: "", -1.0: "", float("inf"): "", float("nan"): "", 0.04: "0.0 s", 9.94: "9.9 s",
+             9.96: "10 s", 42.4: "42 s", 59.4: "59 s", 59.6: "1:00", 187.0: "3:07", 3725.0: "1:02:05"}
+    assert {s: format_duration(s) for s in cases} == cases

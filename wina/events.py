@@ -38,8 +38,10 @@ def format_duration(s: Optional[float]) -> str:
     ``1:02:05``; "" for an unknown, negative or infinite duration."""
     if s is None or s != s or s < 0 or s == float("inf"):
         return ""
-    if s < 60:
-        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
+    if s < 9.95:
+        return f"{s:.1f} s"
+    if s < 59.5:                    # what rounds to 60 s reads 1:00
+        return f"{s:.0f} s"
     t = int(round(s))
     h, rem = divmod(t, 3600)
     m, sec = divmod(rem, 60)

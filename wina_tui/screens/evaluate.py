@@ -14,7 +14,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import (Button, DataTable, Footer, Header, Input, Label, SelectionList, Static,
@@ -141,7 +141,7 @@ class EvaluateScreen(Screen):
         from wina.api import TASKS, known_tasks
         yield Header()
         with Horizontal(id="eval-columns"):
-            with Vertical(id="eval-form", classes="box"):
+            with VerticalScroll(id="eval-form", classes="box", can_focus=False):   # scrolls on a short terminal
                 yield Label("Tasks", classes="form-title")
                 yield SelectionList(*[Selection(f"{t} ({TASKS[t].docs} docs)", t, t in DEFAULT_TASKS)
                                       for t in known_tasks()], id="tasks", compact=True)
@@ -231,7 +231,7 @@ class EvaluateScreen(Screen):
                 continue
             if kind is str:
                 self.query_one(wid, Input).value = val
-            elif val:
+            else:                                   # an empty list too: a perplexity-only form has no task
                 sel = self.query_one(wid, SelectionList)
                 sel.deselect_all()
                 for v in val:
@@ -478,7 +478,8 @@ class EvaluateScreen(Screen):
                 panel.update_stage(f"task-{name}", done, total, title=f"  {name}",
                                    finished=bool(total) and done >= total)
         elif ev["stage"] == "ppl":
-            panel.update_stage("ppl", ev["done"], ev["total"], title="  perplexity", eta=ev.get("eta_s"))
+            panel.update_stage("ppl", ev["done"], ev["total"], title="  perplexity", eta=ev.get("eta_s"),
+                               finished=bool(ev["total"]) and ev["done"] >= ev["total"])
         elif ev.get("message"):
             row = panel.rows.get("runs")
             if row is not None and row.is_mounted:

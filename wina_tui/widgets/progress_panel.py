@@ -25,6 +25,7 @@ class StageRow(Horizontal):
         self.key = key
         self.title = title
         self.done = 0
+        self.pending: Optional[tuple] = None     # the latest update made before the row was mounted
         self.total: Optional[int] = None
         self.status = ""
 
@@ -97,10 +98,19 @@ class ProgressPanel(Vertical):
                      failed: bool = False, count: bool = True) -> None:
         r = self.row(key, title)
         kw = dict(eta=eta, message=message, finished=finished, failed=failed, count=count)
-        if r.is_mounted:
+        if r.is_mounted and r.pending is None:
             r.set(done, total, **kw)
-        else:
-            self.call_after_refresh(r.set, done, total, **kw)
+        else:                       # a row still mounting shows the latest update once it can, not an older one
+            first = r.pending is None
+            r.pending = (done, total, kw)
+            if first:
+                self.call_after_refresh(self._show_pending, r)
+
+    @staticmethod
+    def _show_pending(r: "StageRow") -> None:
+        if r.pending is not None:
+            (done, total, kw), r.pending = r.pending, None
+            r.set(done, total, **kw)
 
     def clear_rows(self, keep: tuple[str, ...] = (), reset: bool = True) -> None:
         """Remove every row but those in ``keep`` (which are reset, unless ``reset`` is False)."""
