@@ -42,7 +42,7 @@ class CalibrateScreen(Screen):
         Binding("ctrl+r", "start", "Start/resume", priority=True),
         Binding("escape", "cancel", "Cancel", priority=True),
         Binding("ctrl+o", "open_chat", "Chat", priority=True),
-        Binding("left_square_bracket", "layer(-1)", "Layers [ ]"),
+        Binding("left_square_bracket", "layer(-1)", "Layer", key_display="[ ]"),   # [ and ] step
         Binding("right_square_bracket", "layer(1)", "Next layer", show=False),
         Binding("m", "next_matrix", "Matrix"),
         Binding("s", "tab('tab-scores')", "Scores", show=False),
