@@ -95,6 +95,18 @@ def test_mismatched_model(made):
     other_weights = tiny_model("llama", seed=7)
     with pytest.raises(PlanError, match="different weights"):
         apply_plan(other_weights, plan, 0.5)
+    # a fine-tune: the same weights but for the last layer's MLP
+    import copy
+    import torch
+    tuned = tiny_model("llama")
+    with torch.no_grad():
+        tuned.model.layers[-1].mlp.down_proj.weight.mul_(1.5)
+    with pytest.raises(PlanError, match="different weights"):
+        apply_plan(tuned, plan, 0.5)
+    # a plan made before the per-layer norms (the first layer's 16 only) is checked on those
+    older = copy.deepcopy(plan)
+    older.meta["weights_fingerprint"] = older.meta["weights_fingerprint"][:16]
+    apply_plan(tuned, older, 0.5).remove()
 
 
 def test_transform_recorded_and_applied(tmp_path):

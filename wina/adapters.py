@@ -132,8 +132,14 @@ def config_hash(config) -> str:
 
 
 def weight_fingerprint(model) -> list[float]:
-    """16 column norms of the first down/o projection: unchanged by the transform (only its output
-    side is rotated), different for different weights."""
+    """Column norms of the MLP's output projection: 16 of the first layer's, then 4 of every layer's
+    (so a model whose MLP changed in any layer, a fine-tune, is told apart). The transform leaves them
+    alone (only that projection's output side is rotated). Plans made before the per-layer norms
+    hold the first 16 only, and are checked on those."""
+    import torch
     a = adapter_for(model)
-    w = projection(model, 0, a.mlp_output, a).weight.detach()
-    return [float(v) for v in w[:, :16].float().norm(dim=0).cpu()]
+    n_layers = len(decoder_layers(model))
+    first = projection(model, 0, a.mlp_output, a).weight.detach()
+    norms = [first[:, :16].float().norm(dim=0)]
+    norms += [projection(model, i, a.mlp_output, a).weight.detach()[:, :4].float().norm(dim=0) for i in range(n_layers)]
+    return [float(v) for v in torch.cat([t.cpu() for t in norms])]
