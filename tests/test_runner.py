@@ -671,6 +671,33 @@ def test_a_plan_made_again_for_other_settings_resumes_or_is_kept(tiny_preset, tm
         assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in got)
 
 
+def test_a_folder_it_cannot_write_stops_the_run_before_the_model_loads(tiny_preset, tmp_path, monkeypatch):
+    """runs/ read-only (or on a full disk): the run stops on one line before the model loads, not
+    after an evaluation whose result it then cannot write."""
+    import errno
+    import os
+    import wina.files
+    import wina.models
+    out = tmp_path / "out"
+    run_preset(load_preset(tiny_preset), out)
+    (out / "runs" / "teal-s50.json").unlink()
+    real = wina.files.tempfile.mkstemp
+
+    def refuse(*a, dir=None, **k):
+        if Path(dir).name == "runs":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+        return real(*a, dir=dir, **k)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the folder was checked")
+
+    monkeypatch.setattr(wina.files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(wina.models, "load", no_load)
+    from wina.errors import DataError
+    with pytest.raises(DataError, match="read-only file system"):
+        run_preset(load_preset(tiny_preset), out)
+
+
 def test_retire_moves_what_it_can_and_keeps_every_record_after_a_failure(tiny_preset, tmp_path, monkeypatch):
     """A move that fails (a read-only folder, say) is one clear error; what was moved before it is
     in retired/ with its ledger entries, and what was not is still recorded where it is."""
@@ -705,3 +732,12 @@ def test_retire_moves_what_it_can_and_keeps_every_record_after_a_failure(tiny_pr
     monkeypatch.setattr("wina.runner.os.replace", real)
     later, moved = retire(out, steps)                                  # the next run moves the rest
     assert moved == ["runs/old-s20.json"] and later != where and (later / "runs" / "old-s20.json").exists()
+
+
+def test_a_changed_list_setting_names_what_went_and_what_came():
+    """A rerun's reason for a list (tasks, the comparison's inputs) names the items, not a cut repr."""
+    from wina.runner import _diff
+    old = {"inputs": ["dense.json", "teal-s25.json", "teal-s50.json", "wina-s50.json"], "eval": {"tasks": ["piqa"]}}
+    new = {"inputs": ["dense.json", "wina-s50.json"], "eval": {"tasks": ["piqa", "mmlu"]}}
+    assert _diff(old, new) == ["eval.tasks +'mmlu'", "inputs −'teal-s25.json', −'teal-s50.json'"]
+    assert _diff({"a": [1, 2]}, {"a": [2, 1]}) == ["a [1, 2] → [2, 1]"]       # only the order changed

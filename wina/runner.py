@@ -370,6 +370,9 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _diff(a, b, f"{prefix}{k}.")
+        elif isinstance(a, list) and isinstance(b, list) and a != b and (set(map(repr, a)) != set(map(repr, b))):
+            gone, added = [x for x in a if x not in b], [x for x in b if x not in a]   # what went, what came
+            out.append(f"{prefix}{k} " + ", ".join([f"−{_short(x)}" for x in gone] + [f"+{_short(x)}" for x in added]))
         elif a != b:
             out.append(f"{prefix}{k} {_short(a)} → {_short(b)}")
     return out
@@ -625,6 +628,8 @@ def _check_inputs(preset: Preset, limit, todo: list[Step]) -> None:
     for s in todo:
         if s.kind == CALIBRATE:
             calibration_of(preset, s.variant).validate(out=_calibrate_work(s))
+    for where in dict.fromkeys(s.output.parent for s in todo):   # runs/, plans/: a read-only one shows here
+        api.check_writable(where, folder=True)
 
 
 def _run_steps(preset: Preset, out: Path, steps: list[Step], limit, device, on_step, on_event, cancel,
