@@ -446,6 +446,27 @@ def test_wina_bench_chat_on_cpu(tiny_folder, tmp_path):
     assert data["count_every"] == 1 and "gates counted on every decode step" in res.stdout
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature=-0.5), dict(top_p=float("nan")), dict(top_p=1.5),
+                                dict(max_new_tokens=0)])
+def test_session_and_engine_refuse_what_they_cannot_sample_with(kw):
+    """One rule (wina.generate.check_sampling) for the chat session and the engine: a NaN or infinite
+    temperature is refused, not handed to the sampler ('invalid multinomial distribution')."""
+    m = tiny()
+    with pytest.raises(InvalidArgument, match=next(iter(kw))):
+        ChatSession(m, Tok(), **kw)
+    eng = Engine.from_model(m, max_seq_len=64)
+    with pytest.raises(InvalidArgument, match=next(iter(kw))):
+        eng.generate([5, 6, 7], **{"max_new_tokens": 4, **kw})
+
+
+def test_a_tiny_temperature_samples_as_the_engine_does():
+    """A temperature far below the engine's floor (1e-6) keeps the logits finite: the likeliest token."""
+    from wina.generate import _sample
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(0)) * 10
+    assert _sample(logits, 1e-40, 0.95, torch.Generator().manual_seed(1)) == int(logits.argmax())
+
+
 def test_wina_bench_chat_rejects_a_negative_count_interval(tiny_folder):
     res = _invoke("bench", "--chat", tiny_folder, "--device", "cpu", "--count-every", "-1")
     assert res.exit_code == 2

@@ -377,3 +377,63 @@ def test_bench_tiny_shape_on_cpu(tmp_path):
     assert res.stdout.strip() == ""
     user_error(invoke("bench", "--chat", "tiny-llama", "--device", "cpu", "--tokenizer", tmp_path / "none"),
                "--tokenizer", "no such folder")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--user-tokens", "-5"], "--user-tokens must be at least 1, got -5"),
+    (["--turns", "0"], "--turns must be at least 1, got 0"),
+    (["--new-tokens", "0"], "--new-tokens must be at least 2"),
+    (["--count-every", "-1"], "--count-every must be >= 0"),
+    (["--sparsity", "nan"], "--sparsity must be in (0, 1), got nan"),
+    (["--method", "dense"], "--method must be wina or teal"),
+    (["--prompt-len", "0"], "--prompt-len is not used with --chat"),
+    (["--sparsities", "0.5", "--no-kernels"], "--sparsities, --kernels/--no-kernels are not used with --chat")])
+def test_bench_chat_refuses_each_setting_it_cannot_use_by_name(args, needle):
+    """Each bad --chat setting is its own line naming the value given (--turns and --new-tokens used
+    to share one message, --user-tokens -5 ran); an option only the decode bench reads is refused
+    with --chat, not ignored. All before any model is made."""
+    line = user_error(invoke("bench", "--chat", "tiny-llama", "--device", "cpu", *args), needle)
+    assert "and --new-tokens" not in line
+
+
+def test_bench_refuses_chat_options_without_chat():
+    user_error(invoke("bench", "tiny-llama", "--device", "cpu", "--turns", "2", "--plan", "p"),
+               "--plan, --turns are only used with --chat")
+
+
+def test_bench_chat_with_a_plan(tiny, text_file, tmp_path):
+    """`wina bench --chat --plan` gates the chat with the plan's thresholds (it used to hand the plan
+    check a stand-in for the model: 'unsupported architecture None'), as `wina chat --plan` applies a
+    plan: a plan only calibrated at uniform sparsity, then allocated, and a TEAL plan of the
+    transformed model; a --method that is not the plan's is refused."""
+    def bench(plan, *extra):
+        out = tmp_path / f"bench-{len(list(tmp_path.glob('bench-*.json')))}.json"
+        ok(invoke("bench", "--chat", tiny, "--device", "cpu", "--plan", plan, "--turns", "2", "--user-tokens",
+                  "12", "--new-tokens", "3", "--json", out, *extra))
+        data = json.loads(out.read_text())
+        assert all(0.05 < row["sparse"]["sparsity"] < 0.95 for row in data["turns_detail"]), data["turns_detail"]
+        return data
+
+    wina, teal = tmp_path / "wina", tmp_path / "teal"
+    for plan, method, more in ((wina, "wina", []), (teal, "teal", ["--transform"])):
+        ok(invoke("calibrate", tiny, "--method", method, *more, "--data", text_file, "--samples", "2",
+                  "--seq-len", "32", "--out", plan))
+    assert bench(wina)["gating"] == "wina threshold, nominal 50.0%"              # calibrated: uniform
+    ok(invoke("allocate", wina, "--step", "0.2", "--max-sparsity", "0.8"))
+    assert bench(wina, "--sparsity", "0.4")["gating"].startswith("wina threshold, nominal ")
+    assert bench(teal)["gating"] == "teal threshold, nominal 50.0%"
+    user_error(invoke("bench", "--chat", tiny, "--device", "cpu", "--plan", teal, "--method", "wina"),
+               "does not match the plan's method teal")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 is greedy), got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0 is greedy), got inf"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0")])
+def test_chat_refuses_sampling_settings_it_cannot_sample_with(tiny, args, needle):
+    """--temperature nan was an internal error at the first token ('invalid multinomial
+    distribution'), inf was taken; the library's one rule refuses them before the model loads."""
+    user_error(invoke("chat", tiny, "--prompt", "hi", *args), needle)

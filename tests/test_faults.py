@@ -3,6 +3,7 @@
 the command, and what the line must say. Tiny random Llama (tests/test_cli.py), no downloads."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -310,6 +311,47 @@ def test_results_file_with_wrong_types(tmp_path):
     user_error(invoke("compare", f))
 
 
+def test_results_file_of_a_newer_wina(tmp_path):
+    """A results file a newer wina wrote: say so and to upgrade, not 'must be an integer in [1, 1]'."""
+    from wina.results import SCHEMA
+    f = _results_file(tmp_path)
+    data = json.loads(f.read_text())
+    data["wina"]["schema"] = SCHEMA + 1
+    f.write_text(json.dumps(data))
+    line = user_error(invoke("compare", f))
+    assert line == (f"error: {f} was written by a newer wina (wina.schema {SCHEMA + 1}; this version reads "
+                    f"schema {SCHEMA}): upgrade wina to read it"), line
+
+
+def test_compare_given_a_run_folder_points_at_its_runs(tmp_path):
+    """`wina compare R` on a `wina run` folder read its preset.json as a results file ('has no
+    'wina' block'); it names the folder to compare."""
+    run = tmp_path / "R"
+    (run / "runs").mkdir(parents=True)
+    _results_file(run / "runs")
+    (run / "preset.json").write_text("{}")
+    (run / "steps.json").write_text("{}")
+    line = user_error(invoke("compare", run))
+    assert line == f"error: {run} is a wina run folder: compare {run / 'runs'}", line
+    ok(invoke("compare", run / "runs"))
+
+
+def test_output_folder_that_refuses_new_files_is_named_once(tiny, tmp_path, monkeypatch, no_model_load):
+    """'cannot write R: R: operation not permitted' named the folder twice."""
+    import wina.files
+    out = tmp_path / "plan"
+    out.mkdir()
+
+    def refuse(*a, **k):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM), str(out))
+
+    monkeypatch.setattr(wina.files.tempfile, "mkstemp", refuse)
+    line = user_error(invoke("calibrate", tiny, "--out", out))
+    assert line == f"error: cannot write {out}: operation not permitted", line
+    line = user_error(invoke("calibrate", tiny, "--out", out / "sub"))          # the folder above: both named
+    assert line == f"error: cannot write {out / 'sub'}: {out}: operation not permitted", line
+
+
 def _results_file(folder: Path) -> Path:
     """A real results file, as `wina eval` writes it (lm-eval part reduced to its results)."""
     from wina.evaluate import headlines
@@ -461,6 +503,78 @@ def test_second_writer_of_a_plan_is_refused_before_loading(plan, tiny, tmp_path,
             user_error(invoke(*cmd), "being written by process")
 
 
+@contextlib.contextmanager
+def _held_by_another_process(path: Path, file: bool = False):
+    """``path`` (a folder, or with ``file`` a results file) held for writing by another process, as
+    wina's writers hold it, and killed (SIGKILL: its lock goes with it) after; yields its pid."""
+    import subprocess
+    import sys
+    code = ("import sys, time\nfrom wina.files import locked, locked_file\n"
+            f"with {'locked_file' if file else 'locked'}(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
+def _cut_short(plan: Path, out: Path, allocated: bool) -> Path:
+    """A copy of ``plan`` as a writer stopped half-way leaves it: allocated one of two layers
+    (``allocated``), or calibrated one of two."""
+    import shutil
+    from wina.plan_meta import SEAL, seal
+    shutil.copytree(plan, out)
+    if allocated:
+        ok(invoke("allocate", out, "--step", "0.2", "--max-sparsity", "0.8"))
+    meta = json.loads((out / "plan.json").read_text())
+    meta["status"]["allocated_layers" if allocated else "calibrated_layers"] = 1
+    meta[SEAL] = seal(meta)                             # as the library writes a partial plan
+    (out / "plan.json").write_text(json.dumps(meta))
+    return out
+
+
+@pytest.mark.parametrize("allocated", [True, False])
+def test_partial_plan_that_another_process_is_writing_says_wait(plan, tiny, text_file, tmp_path, allocated):
+    """`wina eval --plan` on a plan another process is still allocating (or calibrating) names that
+    process and says to wait (it said to re-run allocate, which that process's lock then refused);
+    once no process holds it, the partial plan says how to finish it."""
+    p = _cut_short(plan, tmp_path / "plan", allocated)
+    cmd = ("eval", tiny, "--plan", p, "--sparsity", "0.5", "--ppl-text", text_file, "--ppl-max-tokens", "512",
+           "--output", tmp_path / "r.json")
+    with _held_by_another_process(p) as pid:
+        line = user_error(invoke(*cmd))
+    assert line == f"error: plan {p} is being written by process {pid}; wait for it to finish", line
+    finish = "re-run allocate" if allocated else "re-run calibrate"
+    user_error(invoke(*cmd), "partial plan", finish)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_second_evaluation_into_one_results_file_is_refused_at_once(tiny, text_file, tmp_path, monkeypatch):
+    """Two `wina eval --output same.json` at once both ran, the last one silently replacing the
+    other's results: the second now stops before loading the model, naming the writer; the file is
+    free again once that writer is gone (a lock it leaves behind when killed is taken over and
+    removed)."""
+    import wina.models
+    out = tmp_path / "runs" / "same.json"
+    cmd = ("eval", tiny, "--ppl-text", text_file, "--ppl-max-tokens", "512", "--output", out)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the results file was held")
+
+    with _held_by_another_process(out, file=True) as pid, monkeypatch.context() as m:
+        m.setattr(wina.models, "load", no_load)
+        line = user_error(invoke(*cmd))
+    assert line == f"error: results file {out} is being written by process {pid}; wait for it to finish " \
+                   "or stop it", line
+    assert not out.exists()
+    ok(invoke(*cmd))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["same.json"]    # the lock went with its writer
+
+
 def test_reallocation_keeps_the_finished_allocation_until_the_new_one_is_done(plan, tiny, tmp_path):
     """`wina allocate` with new settings on an allocated plan, interrupted: the old allocation is
     still there and usable; run again, the new one replaces it."""
@@ -500,6 +614,11 @@ def test_reallocation_keeps_the_finished_allocation_until_the_new_one_is_done(pl
     api.allocate(loaded, p, api.Allocation(step=0.1, max_sparsity=0.8))
     assert json.loads((p / "plan.json").read_text())["allocation"]["step"] == 0.1
     assert not (tmp_path / "plan.allocating").exists() and not (tmp_path / "plan.replaced").exists()
+    # the command says what it replaces: a finished allocation with other settings, named
+    res = ok(invoke("allocate", p, "--step", "0.2", "--max-sparsity", "0.8"))
+    said = " ".join((res.stdout + res.stderr).split())
+    assert "replaces the finished allocation (step 0.1 → 0.2)" in said, said
+    assert "replaces" not in " ".join(ok(invoke("allocate", p, "--step", "0.2", "--max-sparsity", "0.8")).stdout.split())
 
 
 # --- no "internal error" for environment faults ---------------------------------------------------

@@ -982,6 +982,10 @@ async def test_a_perplexity_preset_fills_the_form_with_its_perplexity_and_runs_i
         assert run.perplexity is not None and run.wina["perplexity"]["max_tokens"] == 512
         assert run.wina["eval"]["tasks"] == []
         assert any(e["stage"] == "ppl" for e in ev.events)
+        from wina_tui.widgets.progress_panel import ProgressPanel
+        await pilot.pause()
+        row = ev.query_one(ProgressPanel).rows["ppl"]
+        assert row.status.endswith("done") and "ETA" not in row.status, row.status   # as task rows end
         await pilot.press("ctrl+q")
     saved = json.loads((tmp_path / "config" / "settings.json").read_text())
     assert saved["evaluate"]["ppl_tokens"] == "512"
@@ -1044,6 +1048,18 @@ async def test_last_settings_come_back_at_launch(tmp_path):
         await pilot.pause()
         assert app2.evaluate_screen.query_one("#limit", Input).value == "7"
         assert app2.chat_screen.system == "Be brief."
+        app2.evaluate_screen.query_one("#tasks", SelectionList).deselect_all()   # perplexity only
+        app2.evaluate_screen.query_one("#ppl-tokens", Input).value = "512"
+        await pilot.pause()
+        await pilot.press("ctrl+q")
+    assert json.loads(path.read_text())["evaluate"]["tasks"] == []
+    app2b = make_app(tmp_path)
+    async with app2b.run_test(size=SIZE) as pilot:
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app2b.screen is app2b.evaluate_screen)
+        await pilot.pause()
+        assert list(app2b.evaluate_screen.query_one("#tasks", SelectionList).selected) == []
+        assert app2b.evaluate_screen.query_one("#ppl-tokens", Input).value == "512"
 
     path.write_text('{"setup": {"sparsity": 7, "method": "magic", "model": 3}, '     # odd values: ignored,
                     '"evaluate": {"limit": -3, "tasks": ["piqa"]}, "chat": {"system": 12}}')   # and named
@@ -1177,6 +1193,25 @@ async def test_the_evaluate_tab_row_is_drawn_once(tmp_path, size):
         await pilot.resize_terminal(*((80, 24) if size == SIZE else SIZE))
         await pilot.pause(0.2)
         assert len(tab_rows(app)) == 1, screen_rows(app)
+
+
+async def test_the_evaluate_form_scrolls_to_its_buttons_at_80x24(tmp_path):
+    """At 80×24 the evaluate form is taller than its box: it scrolls, so Sparsities and the Run and
+    Load runs buttons can be reached (at 100×30 it fits, with nothing to scroll)."""
+    app = make_app(tmp_path)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.screen is app.evaluate_screen)
+        await pilot.pause()
+        form = app.evaluate_screen.query_one("#eval-form")
+        run = app.evaluate_screen.query_one("#eval-run", Button)
+        assert form.max_scroll_y > 0 and not form.region.contains_region(run.region)
+        form.scroll_end(animate=False)
+        await pilot.pause()
+        assert form.region.contains_region(run.region)
+        await pilot.resize_terminal(*SIZE)
+        await pilot.pause()
+        assert form.max_scroll_y == 0 and form.region.contains_region(run.region)
 
 
 @pytest.mark.parametrize("width", [60, 80, 100])
@@ -1428,6 +1463,8 @@ async def test_calibration_checks_and_locks_its_plan_before_loading_the_model(tm
 
 @pytest.mark.parametrize("args,needle", [(["--max-new-tokens", "-1"], "--max-new-tokens"),
                                          (["--temperature", "-2"], "--temperature"),
+                                         (["--temperature", "inf"], "--temperature must be a finite number"),
+                                         (["--temperature", "nan"], "--temperature must be a finite number"),
                                          (["--threads", "0"], "--threads"),
                                          (["--results", __file__], "is a file")])
 def test_bad_startup_options_are_refused_before_the_app_starts(args, needle, capsys):

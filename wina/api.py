@@ -14,7 +14,7 @@ from . import __version__, distributed  # noqa: F401
 from .accounting import FlopCount, SparsityReport, flops_per_token, report  # noqa: F401
 from .adapters import ADAPTERS, SUPPORTED, adapter_for  # noqa: F401
 from .bench import SHAPES, random_model, run_bench, shape_config  # noqa: F401
-from .chat_bench import run_chat_bench  # noqa: F401
+from .chat_bench import check_settings as check_chat_bench, run_chat_bench  # noqa: F401
 from .chat import ChatSession, Reply, check_text, release_engine  # noqa: F401
 from .compare import chart_series, comparison_markdown, comparison_rows, comparison_table, quality_chart  # noqa: F401
 from .compare import SHORT, is_best  # noqa: F401
@@ -31,14 +31,15 @@ from .generate import (Generation, chat_input_ids, generation_backend, quiet_lib
                        stream_generate, stream_reply, warm_up)
 from .models import EMBEDDED, EMBEDDED_PACKAGE, Loaded, cache_dir, embedded_gguf, resolve_dtype, resolve_source  # noqa: F401
 from .perplexity import PerplexityResult, check_max_tokens, read_text  # noqa: F401
-from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_finished,  # noqa: F401
-                       allocation_label, allocation_work, apply, calibrate, evaluate, load, perplexity, plan_damage,
-                       plan_info, resolve_device, same_calibration, sparse_options)
+from .pipeline import (Allocation, Calibration, Evaluation, SparseOptions, allocate, allocation_change,  # noqa: F401
+                       allocation_finished, allocation_label, allocation_work, apply, calibrate, evaluate, load,
+                       perplexity, plan_damage, plan_info, resolve_device, same_calibration, sparse_options)
 from .plan import (LayerHistogram, Plan, TrajectoryRow, allocating_folder, nearest_row, plan_folders,  # noqa: F401
                    plan_histogram, plan_trajectory)
 from .plan_meta import DATA_ROTATIONS, PLAN_ROTATIONS as ROTATIONS  # noqa: F401
 from .presets import Preset, PresetError, Variant, list_presets, load_preset  # noqa: F401
-from .results import Run, load_run, load_runs  # noqa: F401
+from .results import Run, load_run, load_runs, locked_output  # noqa: F401
+from .sampling import check_sampling  # noqa: F401
 from .scores import BINS_PER_OCTAVE, LO_EXP, N_BINS, matrix_threshold  # noqa: F401
 from .sparsify import GATINGS, METHODS, Sparsifier, sparsify  # noqa: F401
 from .tasks import TASKS, check_local, known_tasks, parse_tasks, read_docs  # noqa: F401

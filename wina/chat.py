@@ -48,6 +48,7 @@ from .errors import InvalidArgument
 from .events import CancelToken, Progress
 from .generate import (COUNT_EVERY, ConversationIds, Generation, TextStream, _eos_ids, _sample,
                        engine_available, engine_for, gating_of)
+from .sampling import check_sampling
 
 
 @dataclass
@@ -223,10 +224,7 @@ class ChatSession:
                  max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 0.95,
                  seed: Optional[int] = None, backend: str = "auto", max_seq_len: Optional[int] = None,
                  count_every: int = COUNT_EVERY, one_copy: bool = False, ignore_eos: bool = False) -> None:
-        if max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if temperature < 0 or not (0 < top_p <= 1):
-            raise InvalidArgument("temperature must be >= 0 and top_p in (0, 1]")
+        check_sampling(max_new_tokens, temperature, top_p)
         if backend not in ("auto", "engine", "transformers"):
             raise InvalidArgument(f"backend must be auto, engine or transformers, got {backend!r}")
         self.model, self.tokenizer = model, tokenizer

@@ -62,6 +62,30 @@ def _threshold_sparsifier(model, method: str, sparsity: float, ids: list[int], m
     return sparsify(model, method, sparsity, gating="threshold", thresholds=thr)
 
 
+def check_settings(*, turns: int, new_tokens: int, user_tokens: int, count_every: Optional[int] = None,
+                   sparsity: float = 0.5, method: Optional[str] = "wina", options: bool = False) -> None:
+    """The one check of a chat bench's settings, made before any model is loaded (by
+    :func:`run_chat_bench` and ``wina bench --chat``): at least one turn, two new tokens per reply
+    (the first is the time to first token, the rest the decode rate), one token per later user
+    message, a gate-count interval >= 0, a sparsity in (0, 1), the method wina or teal (None: a
+    plan's). ``options``: the error names them as the command line does (``--new-tokens``, ...)."""
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if options else key
+
+    for key, v, least, why in (("turns", turns, 1, ""),
+                               ("new_tokens", new_tokens, 2, " (the first token, then one to time the decode)"),
+                               ("user_tokens", user_tokens, 1, "")):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise InvalidArgument(f"{name(key)} must be at least {least}{why}, got {v}")
+    if count_every is not None and (isinstance(count_every, bool) or not isinstance(count_every, int)
+                                    or count_every < 0):
+        raise InvalidArgument(f"{name('count_every')} must be >= 0 (0: never count), got {count_every}")
+    if not 0.0 < sparsity < 1.0:                 # NaN fails this too
+        raise InvalidArgument(f"{name('sparsity')} must be in (0, 1), got {sparsity}")
+    if method is not None and method not in ("wina", "teal"):
+        raise InvalidArgument(f"{name('method')} must be wina or teal, got {method!r}")
+
+
 def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, first_tokens: int = 90,
                    user_tokens: int = 500, sparsity: float = 0.5, method: str = "wina",
                    max_seq_len: int = 4096, one_copy: bool = True, count_every: Optional[int] = None,
@@ -78,6 +102,8 @@ def run_chat_bench(model, tokenizer, *, turns: int = 5, new_tokens: int = 200, f
     ``sparsity``, calibrated on the script). Returns a JSON-serialisable dict."""
     from .chat import ChatSession
     from .generate import engine_available
+    check_settings(turns=turns, new_tokens=new_tokens, user_tokens=user_tokens, count_every=count_every,
+                   sparsity=sparsity, method=method)
     emit = on_event or (lambda ev: None)
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"

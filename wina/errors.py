@@ -66,12 +66,28 @@ def network_error(what: str, exc: BaseException, cls=None) -> "WinaError":
     return (cls or DataError)(f"cannot fetch {what} from the Hugging Face hub ({first}); {OFFLINE_HINT}")
 
 
+def os_reason(exc: OSError) -> "str | None":
+    """What an environment fault of the file system means, in words, without the file's name
+    ("permission denied", "no space left on the device; free some space or write elsewhere"), or
+    None for an error number this list does not know. The one translation: :func:`user_error` and
+    :func:`wina.files.check_writable` name the file around it, once."""
+    import errno
+    msg = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+           errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+           errno.EDQUOT: "disk quota exceeded", errno.ENOENT: "no such file or folder",
+           errno.ENOTDIR: "a part of the path is a file, not a folder",
+           errno.EISDIR: "is a folder, not a file", errno.EEXIST: "already exists",
+           errno.EIO: "input/output error", errno.ENAMETOOLONG: "file name too long"}.get(exc.errno)
+    if msg is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        msg += "; free some space or write elsewhere"
+    return msg
+
+
 def user_error(exc: BaseException, context: str = "") -> "WinaError | None":
     """The project's one-line error for an environment fault (permissions, disk full, read-only file
     system, truncated or corrupt files, text that is not UTF-8, the network), or None for a bug.
 
     ``context`` names what was being done ("writing runs/x.json") when the exception does not."""
-    import errno
     if isinstance(exc, WinaError):
         return exc
     where = f" ({context})" if context else ""
@@ -81,15 +97,9 @@ def user_error(exc: BaseException, context: str = "") -> "WinaError | None":
         return DataError(f"not UTF-8 text{where}: byte {exc.start} cannot be decoded ({exc.reason})")
     if isinstance(exc, OSError) and exc.errno is not None:
         path = exc.filename or context or "a file"
-        msg = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-               errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
-               errno.EDQUOT: "disk quota exceeded", errno.ENOENT: "no such file or folder",
-               errno.ENOTDIR: "a part of the path is a file, not a folder",
-               errno.EISDIR: "is a folder, not a file", errno.EEXIST: "already exists",
-               errno.EIO: "input/output error", errno.ENAMETOOLONG: "file name too long"}.get(exc.errno)
+        msg = os_reason(exc)
         if msg is not None:
-            hint = "; free some space or write elsewhere" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-            return DataError(f"{path}: {msg}{hint}")
+            return DataError(f"{path}: {msg}")
     names = _names(exc)
     text = str(exc)
     if "SafetensorError" in names or "SafetensorsParsingError" in names or "HeaderTooLarge" in text \

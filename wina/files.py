@@ -16,7 +16,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .errors import DataError, InvalidArgument
 
@@ -121,7 +121,10 @@ def check_writable(out: PathLike, *, folder: bool = False) -> None:
             # the folder exists, yet no file can be made in it: /proc, /sys and their like
             raise DataError(f"cannot write {out}: {probe} does not accept new files (a special "
                             "file system?); choose another place") from None
-        raise DataError(f"cannot write {out}: {probe}: {e.strerror.lower() if e.strerror else e}") from None
+        from .errors import os_reason
+        where = "" if probe == p else f"{probe}: "         # the path once, where the folder is the output
+        why = os_reason(e) or (e.strerror.lower() if e.strerror else str(e))
+        raise DataError(f"cannot write {out}: {where}{why}") from None
 
 
 def sha256(path: PathLike) -> str:
@@ -177,9 +180,10 @@ def check_name(name: Any, what: str = "name") -> str:
 
 
 LOCK_NAME = ".wina-lock"
+LOCK_SUFFIX = ".wina-lock"      # a file's lock: the hidden file ``.NAME.wina-lock`` beside it (locked_file)
 
 
-_HELD: dict[str, tuple[int, int]] = {}        # folder -> (thread holding it, depth)
+_HELD: dict[str, tuple[int, int]] = {}        # what is held (a folder, a file) -> (thread holding it, depth)
 _HELD_GUARD = threading.Lock()
 
 
@@ -191,18 +195,56 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
     takes it before loading a model, the pipeline's step inside). A folder this call created and that
     holds nothing but the lock when it is released is removed: a writer that failed before writing
     anything leaves nothing behind."""
-    import fcntl
     d = Path(folder)
-    key = str(d.expanduser().resolve())
+    created = not d.exists()
+
+    def cleanup() -> None:
+        if created:
+            _remove_if_only_lock(d)
+
+    with _holding(str(d.expanduser().resolve()), d / LOCK_NAME, what or str(d),
+                  lambda: d.mkdir(parents=True, exist_ok=True), cleanup, above=True):
+        yield
+
+
+@contextlib.contextmanager
+def locked_file(path: PathLike, what: str = "") -> Iterator[None]:
+    """Hold the file ``path`` for writing, as :func:`locked` holds a folder (a results file two
+    commands were told to write): a second writer gets one clear error naming the process that holds
+    it, and the thread holding it may take it again. The lock is a hidden file beside it
+    (``.NAME.wina-lock``), removed on release, as are the folders made for it while still empty.
+    Unlike a folder's, it does not ask the folders above: ``wina run`` holds its run folder while its
+    data-parallel processes write their results into it."""
+    p = Path(path).expanduser()
+    lock = p.with_name(f".{p.name}{LOCK_SUFFIX}")
+    made = [q for q in (p.parent, *p.parent.parents) if not q.exists()]     # removed again if left empty
+
+    def cleanup() -> None:
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+        _remove_empty(made)
+
+    with _holding(str(p.resolve()), lock, what or str(path),
+                  lambda: p.parent.mkdir(parents=True, exist_ok=True), cleanup, above=False):
+        yield
+
+
+@contextlib.contextmanager
+def _holding(key: str, lock: Path, what: str, prepare: Callable[[], None],
+             cleanup: Callable[[], None], *, above: bool) -> Iterator[None]:
+    """The writer's hold on ``key`` (a resolved folder or file) through the lock file ``lock``, for
+    :func:`locked` and :func:`locked_file`: taken again by the thread that holds it; else ``prepare``
+    (makes the lock's folder), the ``flock``, and (``above``) the check of the folders above;
+    ``cleanup`` runs, still holding it, when it is let go or refused by a writer above."""
     me = threading.get_ident()
     with _HELD_GUARD:
         held = _HELD.get(key)
-        if held is not None and held[0] == me:
+        mine = held is not None and held[0] == me
+        if mine:
             _HELD[key] = (me, held[1] + 1)
-            reenter = True
-        else:
-            reenter = False
-    if reenter:
+    if mine:
         try:
             yield
         finally:
@@ -210,24 +252,14 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
                 _HELD[key] = (me, _HELD[key][1] - 1)
         return
     if held is not None:
-        raise DataError(f"{what or d} is being written by process {os.getpid()} (this one); wait for it "
+        raise DataError(f"{what} is being written by process {os.getpid()} (this one); wait for it "
                         "to finish or stop it")
-    created = not d.exists()
-    d.mkdir(parents=True, exist_ok=True)
-    f = open(d / LOCK_NAME, "a+", encoding="utf-8")
+    f = _take(lock, prepare, what)
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            raise DataError(f"{what or d} is being written by process {pid}; wait for it to finish "
-                            "or stop it") from None
-        above = _held_above(Path(key))
-        if above is not None:
-            if created:
-                _remove_if_only_lock(d)
-            raise DataError(f"{what or d} is inside {above[0]}, which process {above[1]} is writing; wait "
+        up = _held_above(Path(key)) if above else None
+        if up is not None:
+            cleanup()
+            raise DataError(f"{what} is inside {up[0]}, which process {up[1]} is writing; wait "
                             "for it to finish or choose another folder")
         f.seek(0)
         f.truncate()
@@ -240,10 +272,71 @@ def locked(folder: PathLike, what: str = "") -> Iterator[None]:
         finally:
             with _HELD_GUARD:
                 _HELD.pop(key, None)
-            if created:
-                _remove_if_only_lock(d)
+            cleanup()
     finally:
         f.close()
+
+
+def _take(lock: Path, prepare: Callable[[], None], what: str):
+    """The lock file ``lock`` open and ``flock``-ed by this process, or :class:`DataError` naming the
+    process that holds it. A lock file its last holder removed as this one opened it is taken anew:
+    the lock must be on the file that is there."""
+    import fcntl
+    for _ in range(20):
+        prepare()
+        f = open(lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            f.close()
+            raise DataError(f"{what} is being written by process {pid}; wait for it to finish "
+                            "or stop it") from None
+        except BaseException:
+            f.close()
+            raise
+        try:
+            there = os.stat(lock)
+            mine = os.fstat(f.fileno())
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+    raise DataError(f"{what}: its lock file {lock} keeps being replaced; try again")
+
+
+def writer(folder: PathLike) -> Optional[str]:
+    """The process id of the writer that holds ``folder`` now (:func:`locked`), or that holds a folder
+    above it (a run folder ``wina run`` is writing); None when none does (a killed writer holds
+    nothing). A writer in this process counts."""
+    d = Path(folder).expanduser().resolve()
+    with _HELD_GUARD:
+        if str(d) in _HELD:
+            return str(os.getpid())
+    pid = _holder(d / LOCK_NAME)
+    if pid is not None:
+        return pid
+    above = _held_above(d)
+    return above[1] if above is not None else None
+
+
+def _holder(lock: Path) -> Optional[str]:
+    """The process id written in the lock file ``lock`` while a live process holds it, else None."""
+    import fcntl
+    if not lock.is_file():
+        return None
+    try:
+        with open(lock, "r", encoding="utf-8") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "?"
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return None
 
 
 def _remove_if_only_lock(d: Path) -> None:
@@ -265,7 +358,6 @@ def _remove_if_only_lock(d: Path) -> None:
 def _held_above(d: Path) -> Optional[tuple[Path, str]]:
     """The nearest folder above ``d`` whose lock another process holds now (its folder and pid), or
     None: a plan written into a folder that a running ``wina run`` holds would be taken over by it."""
-    import fcntl
     for up in d.parents:
         lock = up / LOCK_NAME
         if not lock.is_file():
@@ -273,15 +365,9 @@ def _held_above(d: Path) -> Optional[tuple[Path, str]]:
         with _HELD_GUARD:
             if str(up) in _HELD:                 # this process's own (a run's step, the TUI)
                 return None
-        try:
-            with open(lock, "r", encoding="utf-8") as f:
-                try:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    return up, f.read().strip() or "?"
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        except OSError:
-            continue
+        pid = _holder(lock)
+        if pid is not None:
+            return up, pid
     return None
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .events import CancelToken
+from .sampling import MIN_TEMPERATURE, check_sampling
 
 
 @dataclass
@@ -233,7 +234,7 @@ def _eos_ids(tokenizer, model=None) -> set[int]:
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: Optional[torch.Generator]) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p
@@ -247,6 +248,7 @@ def stream_generate(model, tokenizer, input_ids: torch.Tensor, *, max_new_tokens
                     on_text: Optional[Callable[[str], None]] = None,
                     cancel: Optional[CancelToken] = None) -> Generation:
     from transformers import DynamicCache
+    check_sampling(None, temperature, top_p)
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     if ids.dim() == 1:

@@ -257,6 +257,25 @@ def allocate(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation(
         return new
 
 
+def allocation_change(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Allocation()) -> Optional[str]:
+    """What :func:`allocate` with ``alloc`` does to an allocation the plan already holds with other
+    settings (a finished one is replaced once the new one is complete; an unfinished one starts
+    over), in words naming the settings that differ; None when there is none to replace."""
+    try:
+        meta = plan_info(plan_dir)
+    except (PlanError, OSError):
+        return None
+    old, new = _allocation_args_of(Path(plan_dir)), _requested_args(loaded, meta, alloc)
+    if not old or old == new:
+        return None
+    changed = ", ".join(f"{k} {old.get(k)} → {new.get(k)}" for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k))
+    if allocation_finished(meta):
+        return f"replaces the finished allocation ({changed}); it stays until the new one is complete"
+    done = meta["status"].get("allocated_layers", 0)
+    return f"starts over: the unfinished allocation ({done} of {meta['n_layers']} layers) has other settings ({changed})"
+
+
 def _allocation_args_of(plan_dir: Path) -> Optional[dict]:
     """The settings a plan folder's allocation was (or is being) made with, as
     :func:`wina.allocate.allocation_args` gives them (None: unreadable)."""
@@ -409,24 +428,28 @@ def evaluate(loaded: Loaded, opts: SparseOptions, ev: Evaluation, *, out: Option
              extra: Optional[dict] = None, on_event: Optional[ProgressCallback] = None,
              cancel: Optional[CancelToken] = None):
     """lm-eval tasks and/or perplexity of the model under ``opts``; one results file at ``out``
-    (written atomically; None writes nothing). Returns a :class:`wina.results.Run`."""
+    (written atomically, and held while it is made: :func:`wina.results.locked_output`; None writes
+    nothing). Returns a :class:`wina.results.Run`."""
+    import contextlib
     from . import data, tasks as _tasks
     from .evaluate import run_evaluation
+    from .results import locked_output
     ev.validate()
     names = _tasks.parse_tasks(ev.tasks) if ev.tasks else []
     data_dir = data.resolve(ev.data_dir, names, ev.limit).path if names else None
-    sp = apply(loaded, opts)
-    try:
-        return run_evaluation(
-            loaded.model, loaded.tokenizer, names, model_id=loaded.model_id, sparsifier=sp,
-            method=opts.method, sparsity=opts.sparsity if opts.method != "dense" else 0.0,
-            allocation=allocation_label(opts), plan=opts.plan, out=out, ppl_file=ev.ppl_text,
-            ppl_max_tokens=ev.ppl_max_tokens, ppl_protocol=ev.ppl_protocol, limit=ev.limit,
-            data_dir=data_dir, num_fewshot=ev.num_fewshot, batch_size=ev.batch_size,
-            on_event=on_event, cancel=cancel, extra=extra)
-    finally:
-        if sp is not None:
-            sp.remove()
+    with (locked_output(out) if out is not None else contextlib.nullcontext()):
+        sp = apply(loaded, opts)
+        try:
+            return run_evaluation(
+                loaded.model, loaded.tokenizer, names, model_id=loaded.model_id, sparsifier=sp,
+                method=opts.method, sparsity=opts.sparsity if opts.method != "dense" else 0.0,
+                allocation=allocation_label(opts), plan=opts.plan, out=out, ppl_file=ev.ppl_text,
+                ppl_max_tokens=ev.ppl_max_tokens, ppl_protocol=ev.ppl_protocol, limit=ev.limit,
+                data_dir=data_dir, num_fewshot=ev.num_fewshot, batch_size=ev.batch_size,
+                on_event=on_event, cancel=cancel, extra=extra)
+        finally:
+            if sp is not None:
+                sp.remove()
 
 
 def perplexity(loaded: Loaded, opts: SparseOptions, text_file: PathLike, *, context: int = 512,

@@ -408,14 +408,26 @@ class Plan:
             plan.global_order = g["order"]
             plan.sensitivity = g.get("sensitivity")
         if not allow_partial:
-            plan._require_calibrated()
-            if meta.get("allocation") is not None and not plan.allocated:
-                raise PlanError(f"partial plan {path}: allocation finished {plan.n_allocated} of {n} layers; "
-                                "re-run allocate with the same arguments to finish it")
-            if (meta.get("allocation") or {}).get("mode") == "global" and plan.global_order is None:
-                raise PlanError(f"partial plan {path}: the cross-layer allocation did not finish; "
-                                "re-run allocate with the same arguments")
+            plan._require_finished(path)
         return plan
+
+    def _require_finished(self, path: Union[str, Path]) -> None:
+        """Refuse a plan whose calibration or allocation did not finish: the process still writing it
+        is named (wait for it), else the command that finishes it."""
+        a = self.meta.get("allocation")
+        if self.calibrated and (a is None or self.allocated) and not (
+                (a or {}).get("mode") == "global" and self.global_order is None):
+            return
+        from .files import writer
+        pid = writer(path)
+        if pid is not None:
+            raise PlanError(f"plan {path} is being written by process {pid}; wait for it to finish")
+        self._require_calibrated()
+        if not self.allocated:
+            raise PlanError(f"partial plan {path}: allocation finished {self.n_allocated} of {self.n_layers} "
+                            "layers; re-run allocate with the same arguments to finish it")
+        raise PlanError(f"partial plan {path}: the cross-layer allocation did not finish; "
+                        "re-run allocate with the same arguments")
 
     @property
     def rotation(self) -> str:

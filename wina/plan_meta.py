@@ -85,6 +85,10 @@ def read_meta(path: Union[str, Path]) -> dict:
         raise PlanError(f"{path} is a file, not a plan (a plan is a folder holding plan.json, made by "
                         "wina calibrate)")
     if not f.is_file():
+        from .files import writer
+        pid = writer(p) if p.is_dir() else None
+        if pid is not None:             # a calibration that has not saved its first layer yet
+            raise PlanError(f"plan {path} is being written by process {pid}; wait for it to finish")
         raise PlanError(f"{path} is not a plan (no plan.json)")
     try:
         meta = json.loads(f.read_bytes().decode("utf-8"))

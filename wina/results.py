@@ -253,12 +253,31 @@ def check_writable(out: Union[str, Path], *, folder: bool = False) -> None:
     files.check_writable(out, folder=folder)
 
 
+def _is_folder(out: Union[str, Path]) -> bool:
+    """Whether ``out`` names a folder to make a results file's name up in (an existing folder, or a
+    path without a suffix) rather than the file itself."""
+    p = Path(out).expanduser()
+    return p.is_dir() or p.suffix == ""
+
+
+def locked_output(out: Union[str, Path]):
+    """Hold the results file ``out`` for writing (:func:`wina.files.locked_file`), to be taken before
+    the model loads: a second command told to write the same file stops at once, naming the process
+    that writes it, instead of overwriting its results. A folder (a name is made up in it) is not
+    held; of data-parallel processes only the one that writes the file holds it."""
+    import contextlib
+    from .distributed import world
+    if _is_folder(out) or not world().is_main:
+        return contextlib.nullcontext()
+    return files.locked_file(out, f"results file {out}")
+
+
 def write_run(record: dict, out: Union[str, Path]) -> Run:
     """Write one run file atomically. ``out``: a ``.json`` path, or a folder (a name is made up)."""
     if "wina" not in record:
         raise InvalidArgument("a run record needs a 'wina' block")
     p = Path(out).expanduser()
-    if p.is_dir() or p.suffix == "":
+    if _is_folder(p):
         p = p / default_filename(record["wina"])
     text = json.dumps(record, indent=1, sort_keys=False, default=str, allow_nan=True)
     write_text(p, text)
@@ -352,6 +371,10 @@ def check_wina_block(w: dict, where: str = "results") -> None:
     """Raise :class:`~wina.errors.DataError` naming ``where`` and the key at the first value of the
     ``wina`` block that has the wrong type or lies out of its range (module docstring)."""
     c = _Checker(where)
+    s = w.get("schema")
+    if isinstance(s, int) and not isinstance(s, bool) and s > SCHEMA:
+        raise DataError(f"{where} was written by a newer wina (wina.schema {s}; this version reads schema "
+                        f"{SCHEMA}): upgrade wina to read it")
     c.number(w, "schema", "schema", lo=1, hi=SCHEMA, integer=True, optional=False)
     c.kind(w, "model", "model", (str,), "a string", optional=False)
     c.kind(w, "method", "method", (str,), "a string", optional=False, choices=tuple(METHOD_LABELS))
@@ -403,12 +426,23 @@ def check_wina_block(w: dict, where: str = "results") -> None:
             c.fail(f"eval.tasks[{i}]", "a task name", t)
 
 
+RUN_FOLDER_FILES = ("preset.json", "steps.json")     # what wina run keeps beside its runs/ folder
+
+
+def is_run_folder(folder: Union[str, Path]) -> bool:
+    """Whether ``folder`` is a ``wina run`` output folder (its results are in its ``runs/``)."""
+    p = Path(folder)
+    return (p / "runs").is_dir() and any((p / name).is_file() for name in RUN_FOLDER_FILES)
+
+
 def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
     """Load run files; a folder stands for every ``*.json`` in it (sorted)."""
     runs: list[Run] = []
     for path in paths:
         p = Path(path).expanduser()
         if p.is_dir():
+            if is_run_folder(p):        # its preset.json and steps.json are no results
+                raise DataError(f"{p} is a wina run folder: compare {p / 'runs'}")
             files = sorted(p.glob("*.json"))
             if not files:
                 raise DataError(f"no results files (*.json) in {p}")

@@ -441,10 +441,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: CPUs − 1 on machines of ≤ 4 CPUs)")
     a = p.parse_args(argv)
     # what the app cannot use is refused here, in one line (exit 2), not at the first message
-    if a.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
-    if not a.temperature >= 0:
-        p.error(f"--temperature must be >= 0, got {a.temperature}")
+    from wina.api import InvalidArgument, check_sampling
+    try:
+        check_sampling(a.max_new_tokens, a.temperature, options=True)      # the library's one rule
+    except InvalidArgument as e:
+        p.error(str(e))
     if a.threads is not None and a.threads < 1:
         p.error(f"--threads must be at least 1, got {a.threads}")
     if a.results is not None and Path(a.results).expanduser().exists() and not Path(a.results).expanduser().is_dir():

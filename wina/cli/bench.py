@@ -16,11 +16,14 @@ from ..errors import WinaError
 
 @app.command("bench")
 def bench_cmd(
+    ctx: typer.Context,
     models: Optional[List[str]] = typer.Argument(None, help="Shape names with random weights (llama-2-7b, "
                                                             "llama-3-8b, qwen-2.5-7b, phi-4, tiny-llama) and/or "
                                                             "model specs. Default: llama-2-7b."),
     sparsities: str = typer.Option("0.25,0.40,0.50,0.65", "--sparsities", help="Comma-separated targets in (0, 1)."),
-    method: str = typer.Option("wina", "--method", "-m", help="wina | teal: the score the sparse engine gates by."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="wina | teal: the score the sparse engine "
+                                                                     "gates by (default wina; --chat --plan: "
+                                                                     "the plan's)."),
     prompt_len: int = typer.Option(128, "--prompt-len", help="Prompt tokens."),
     new_tokens: int = typer.Option(256, "--new-tokens", help="Decoded tokens per measurement."),
     hf_new_tokens: Optional[int] = typer.Option(None, "--hf-new-tokens", help="Tokens for the transformers "
@@ -57,9 +60,13 @@ def bench_cmd(
     """
     from ..errors import InvalidArgument
     if chat:
+        _refuse_unused(ctx, _DECODE_ONLY, "not used with --chat (it times a scripted chat: --turns, "
+                                          "--user-tokens, --new-tokens); drop {them}")
         _bench_chat((models or ["llama-2-7b"]), plan, chat_sparsity, method, turns, new_tokens, user_tokens,
                     tokenizer, device, dtype, layers, seed, json_out, count_every)
         return
+    _refuse_unused(ctx, _CHAT_ONLY, "only used with --chat; add --chat or drop {them}")
+    method = method or "wina"
     try:
         sps = [float(x) for x in sparsities.split(",") if x.strip()]
     except ValueError:
@@ -93,18 +100,41 @@ def bench_cmd(
         out.print(f"[green]results written:[/] {escape(str(json_out))}", soft_wrap=True)
 
 
+# the options one mode of wina bench reads and the other does not (parameter name -> option)
+_DECODE_ONLY = {"sparsities": "--sparsities", "prompt_len": "--prompt-len", "hf_new_tokens": "--hf-new-tokens",
+                "kernels": "--kernels/--no-kernels", "kernel_layers": "--kernel-layers"}
+_CHAT_ONLY = {"plan": "--plan", "chat_sparsity": "--sparsity", "turns": "--turns", "user_tokens": "--user-tokens",
+              "tokenizer": "--tokenizer", "count_every": "--count-every"}
+
+
+def _refuse_unused(ctx: typer.Context, options: dict, why: str) -> None:
+    """Refuse, naming them, the ``options`` given on the command line that this mode does not use
+    (they would be ignored without a word); ``why`` says so, ``{them}`` in it is "it" or "them"."""
+    def typed(name: str) -> bool:          # by the source's name: typer may carry its own copy of click
+        src = ctx.get_parameter_source(name)
+        return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
+
+    given = [flag for name, flag in options.items() if typed(name)]
+    if given:
+        from ..errors import InvalidArgument
+        one = len(given) == 1
+        raise InvalidArgument(f"{', '.join(given)} {'is' if one else 'are'} "
+                              + why.format(them="it" if one else "them"))
+
+
 def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, tokenizer, device, dtype,
                 layers, seed, json_out, count_every=None) -> None:
-    """wina bench --chat: load (or build) the model, attach the gating, run wina.bench.run_chat_bench."""
+    """wina bench --chat: load (or build) the model, attach the gating (a plan's thresholds, as
+    ``wina chat --plan`` attaches them; else the chat bench calibrates its own), run
+    wina.api.run_chat_bench."""
     from ..errors import InvalidArgument
     if len(models) != 1:
         raise InvalidArgument("--chat measures one model at a time")
-    if turns < 1 or new_tokens < 2:
-        raise InvalidArgument("--turns must be >= 1 and --new-tokens >= 2")
-    if not 0.0 < sparsity < 1.0:
-        raise InvalidArgument(f"--sparsity must be in (0, 1), got {sparsity}")
-    if count_every is not None and count_every < 0:
-        raise InvalidArgument(f"--count-every must be >= 0, got {count_every}")
+    from ..api import check_chat_bench
+    check_chat_bench(turns=turns, new_tokens=new_tokens, user_tokens=user_tokens, count_every=count_every,
+                     sparsity=sparsity, method=method, options=True)
+    # the plan's method (a --method given must match it), transform and thresholds: before loading
+    opts = _opts(method, sparsity, None, plan, "threshold") if plan is not None else None
     if json_out is not None:
         from ..api import check_writable
         check_writable(json_out)
@@ -125,12 +155,16 @@ def _bench_chat(models, plan, sparsity, method, turns, new_tokens, user_tokens, 
             cfg.vocab_size = max(cfg.vocab_size, len(tok))
             model = random_model(cfg, _device(device), resolve_dtype(dtype, _device(device)), seed)
         else:
+            if tokenizer is not None:
+                raise InvalidArgument(f"--tokenizer is for a shape name with random weights; {spec} brings "
+                                      "its own tokenizer: drop --tokenizer")
             loaded = _load(spec, device, dtype, r)
             model, tok = loaded.model, loaded.tokenizer
-        if plan is not None:
-            _prepare(type("L", (), {"model": model})(), _opts(None, sparsity, False, plan, "threshold"))
+        if opts is not None:
+            _prepare(model, opts)                # the bare model: the api applies options to it too
         res = run_chat_bench(model, tok, turns=turns, new_tokens=new_tokens, user_tokens=user_tokens,
-                             sparsity=sparsity, method=method, seed=seed, label=spec, on_event=r,
+                             sparsity=sparsity, method=opts.method if opts else (method or "wina"), seed=seed,
+                             label=spec, on_event=r,
                              count_every=count_every,
                              json_path=str(json_out) if json_out else None)
     print_chat_bench(res, out)

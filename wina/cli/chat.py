@@ -33,11 +33,8 @@ def chat_cmd(
     """
     from ..errors import InvalidArgument
     opts = _opts(method, sparsity, transform, plan, gating, weighted)
-    if max_new_tokens < 1:
-        raise InvalidArgument(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not (0 < top_p <= 1):
-        raise InvalidArgument("--temperature must be >= 0 and --top-p in (0, 1]")
-    from ..api import check_text
+    from ..api import check_sampling, check_text
+    check_sampling(max_new_tokens, temperature, top_p, options=True)
     if system is not None:
         check_text(system, "--system")                # before the model loads
     if prompt is not None:

@@ -108,12 +108,14 @@ def allocate_cmd(
         else:
             import shutil
             shutil.copytree(plan, target, dirs_exist_ok=True)      # the calibrated plan stays as it is
-    from ..api import Allocation, allocate, locked
+    from ..api import Allocation, allocate, allocation_change, locked
+    alloc = Allocation(mode=mode, max_sparsity=max_sparsity, step=step, error=error_rule, step_norm=step_norm)
     with locked(target, f"plan {target}"), ProgressRenderer() as r:      # a second writer: refused at once
         loaded = _load(spec, device, dtype, r)
-        allocate(loaded, target, Allocation(mode=mode, max_sparsity=max_sparsity, step=step,
-                                            error=error_rule, step_norm=step_norm), on_event=r,
-                 devices=_gpu_devices(gpus, loaded))
+        change = allocation_change(loaded, target, alloc)
+        if change:
+            r.print(f"[yellow]note:[/] this allocation {escape(change)}", soft_wrap=True)
+        allocate(loaded, target, alloc, on_event=r, devices=_gpu_devices(gpus, loaded))
     out.print(f"[green]allocated plan written:[/] {escape(str(target))}")
 
 

@@ -69,7 +69,7 @@ def eval_cmd(
         raise typer.Exit(distributed.relaunch(_without_procs(sys.argv[1:]), procs,
                                               cpu=not _device(device).startswith("cuda")))
     main_rank = distributed.world().is_main
-    with ProgressRenderer() as r:
+    with api.locked_output(output), ProgressRenderer() as r:       # a second writer of it: refused at once
         loaded = _load(model, distributed.device_for_rank(_device(device)), dtype, r if main_rank else None)
         run = api.evaluate(loaded, opts, ev, out=output, on_event=r if main_rank else None)
     if run is not None:

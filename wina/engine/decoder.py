@@ -51,6 +51,7 @@ from ..kernels import (ACT_SILU_MUL, attn_decode, gemv, gemv_rope, prepare_input
                        use_triton)
 from ..kernels.attention import attn_prefill_triton, rope_cache_triton
 from ..kernels.prefill import prefill_input, prefill_output
+from ..sampling import MIN_TEMPERATURE, check_sampling
 
 Key = tuple[int, str]
 NEG_INF = float("-inf")
@@ -920,10 +921,7 @@ class Engine:
         with :meth:`gate_counts`) for the prompt and every N-th decode step (a second captured
         step with the counting in it; N = 1 counts every step, at some cost per step)."""
         ids = _as_ids(prompt_ids)
-        if max_new_tokens < 1:
-            raise InvalidArgument("max_new_tokens must be at least 1")
-        if temperature < 0 or not (0.0 < top_p <= 1.0):
-            raise InvalidArgument("temperature must be >= 0 and top_p in (0, 1]")
+        check_sampling(max_new_tokens, temperature, top_p)
         if start + len(ids) + max_new_tokens > self.max_seq_len:
             raise InvalidArgument(f"{start + len(ids)} prompt + {max_new_tokens} new tokens exceed the engine's "
                                   f"cache of {self.max_seq_len} (build it with a larger max_seq_len)")
@@ -936,7 +934,7 @@ class Engine:
             torch.manual_seed(seed)
             if self.device.type == "cuda":
                 torch.cuda.manual_seed(seed)
-        self._temp.fill_(max(float(temperature), 1e-6))
+        self._temp.fill_(max(float(temperature), MIN_TEMPERATURE))
         self._top_p.fill_(float(top_p))
         graph = self._graph(sparse, sampled) if self._graphable() else None
         cgraph = self._graph(sparse, sampled, True) if (graph is not None and count) else None
