@@ -265,6 +265,8 @@ def allocation_change(loaded: Loaded, plan_dir: PathLike, alloc: Allocation = Al
         meta = plan_info(plan_dir)
     except (PlanError, OSError):
         return None
+    if plan_damage(plan_dir) is not None:       # nothing is replaced: allocate refuses it, naming why
+        return None
     old, new = _allocation_args_of(Path(plan_dir)), _requested_args(loaded, meta, alloc)
     if not old or old == new:
         return None
